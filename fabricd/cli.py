@@ -1,0 +1,189 @@
+"""Command lines: ``fabricd run`` (the daemon) and ``fabricctl`` (talk to one, or compute offline)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from fabric_client import protocol
+from fabric_client.errors import FabricError
+
+from .config import load_job_spec, load_node_config
+from .ctl import ControlClient
+from .errors import FabricdError
+
+__all__ = ["fabricd_main", "fabricctl_main"]
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:7700"
+
+
+@click.group()
+def fabricd_main() -> None:
+    """fabricd: the data-loading fabric daemon."""
+
+
+@fabricd_main.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Node config (TOML), e.g. /etc/fabricd/fabricd.toml.")
+def run_cmd(config_path: str) -> None:
+    """Run the daemon in the foreground, logging to stdout, until SIGTERM or SIGINT."""
+    from .daemon import Daemon
+
+    try:
+        cfg = load_node_config(config_path)
+    except FabricdError as e:
+        raise click.ClickException(str(e)) from e
+    logging.basicConfig(level=cfg.log_level, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s [fabricd pid=%(process)d] %(name)s: %(message)s")
+    os.environ.setdefault("FABRICD_LOG_LEVEL", cfg.log_level)
+    daemon = Daemon(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    daemon.serve()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _address(address: str | None, config: str | None) -> str:
+    if address:
+        return address
+    if config:
+        cfg = load_node_config(config)
+        if cfg.endpoint_file.exists():
+            return cfg.endpoint_file.read_text().strip()
+        return cfg.control.replace("0.0.0.0", "127.0.0.1")
+    return os.environ.get("FABRICD_ADDRESS", DEFAULT_ADDRESS)
+
+
+@click.group()
+@click.option("--address", envvar="FABRICD_ADDRESS", default=None,
+              help=f"Control endpoint of a daemon (default {DEFAULT_ADDRESS}, or $FABRICD_ADDRESS).")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Read the daemon's endpoint from this node config instead.")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for each answer.")
+@click.pass_context
+def fabricctl_main(ctx: click.Context, address: str | None, config_path: str | None, timeout: float) -> None:
+    """Control a fabricd daemon, or compute what a job should deliver."""
+    ctx.obj = {"address": address, "config": config_path, "timeout": timeout}
+
+
+def _client(ctx: click.Context) -> ControlClient:
+    try:
+        address = _address(ctx.obj["address"], ctx.obj["config"])
+    except FabricdError as e:
+        raise click.ClickException(str(e)) from e
+    return ControlClient(address, timeout_s=ctx.obj["timeout"])
+
+
+def _request(ctx: click.Context, msg: protocol.Message) -> protocol.Message:
+    with _client(ctx) as client:
+        try:
+            reply, _ = client.request(msg)
+        except FabricError as e:
+            raise click.ClickException(str(e)) from e
+    return reply
+
+
+@fabricctl_main.command("submit")
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--wait/--no-wait", default=False, help="Wait until the job is ready to serve trainers.")
+@click.option("--wait-timeout", default=600.0, show_default=True, help="Seconds --wait waits at most.")
+@click.pass_context
+def submit_cmd(ctx: click.Context, job_file: str, wait: bool, wait_timeout: float) -> None:
+    """Validate JOB_FILE here, then submit it to the daemon."""
+    try:
+        spec = load_job_spec(job_file)
+    except FabricdError as e:
+        raise click.ClickException(str(e)) from e
+    reply = _request(ctx, protocol.SubmitJob(spec_toml=Path(job_file).read_text(encoding="utf-8"),
+                                             spec_path=spec.file))
+    click.echo(f"job {reply.job}: {reply.state}")
+    if not wait:
+        return
+    deadline = time.monotonic() + wait_timeout
+    last = None
+    while time.monotonic() < deadline:
+        status = _request(ctx, protocol.StatusRequest()).status
+        job = status["jobs"].get(spec.name, {})
+        state = job.get("state")
+        if state != last:
+            click.echo(f"job {spec.name}: {state}", err=True)
+            last = state
+        if state == "ready":
+            click.echo(f"job {spec.name}: ready (fingerprint {job['fingerprint']})")
+            return
+        if state == "failed":
+            raise click.ClickException(f"job {spec.name} failed: {job.get('error')}")
+        time.sleep(0.3)
+    raise click.ClickException(f"job {spec.name} not ready after {wait_timeout:.0f}s (state {last})")
+
+
+@fabricctl_main.command("cancel")
+@click.argument("job")
+@click.pass_context
+def cancel_cmd(ctx: click.Context, job: str) -> None:
+    """Stop a job's roles and forget it."""
+    _request(ctx, protocol.CancelJob(job=job))
+    click.echo(f"job {job}: cancelled")
+
+
+@fabricctl_main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status document.")
+@click.pass_context
+def status_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Show the daemon, its jobs, their roles and counters."""
+    status = _request(ctx, protocol.StatusRequest()).status
+    if as_json:
+        click.echo(json.dumps(status, indent=2, sort_keys=True))
+        return
+    tel = status["telemetry"]
+    click.echo(f"node {status['node']} (fabricd {status['version']}, pid {status['pid']}) on {status['endpoint']}, "
+               f"leader {status['leader']}, up {status['uptime_s']:.0f}s, cpu {tel['cpu_percent']:.0f}%, "
+               f"mem {tel['mem_used_percent']:.0f}%")
+    click.echo(f"  malformed dropped: {status['counters']['malformed_dropped']}")
+    for name, job in status["jobs"].items():
+        topo = job["topology"]
+        click.echo(f"job {name}: {job['state']}  dp={topo['dp_size']} mp={topo['mp_size']} "
+                   f"constructors={topo['constructors']}  fingerprint={job['fingerprint'] or '-'}")
+        if job["error"]:
+            click.echo(f"  error: {job['error']}")
+        c = job["counters"]
+        click.echo(f"  plans {c['plans_computed']} (max {c['plan_ms_max']} ms), skipped units {c['skipped_units']}")
+        for src, info in job["sources"].items():
+            click.echo(f"  source {src}: {info['samples']} samples, {info['files_skipped']} files and "
+                       f"{info['rows_skipped']} rows skipped at indexing")
+        for role in job["roles"]:
+            stats = role.get("stats", {})
+            extra = ", ".join(f"{k}={stats[k]}" for k in ("units", "built_batches", "sent", "skipped_units")
+                              if k in stats)
+            click.echo(f"  {role['id']:<32} pid={role['pid']} {'up' if role['alive'] else 'DOWN'} "
+                       f"restarts={role['restarts']} rss={role.get('rss_mb', '-')}MB {extra}")
+
+
+@fabricctl_main.command("expect")
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--steps", default="0:10", show_default=True, help="Step range START:STOP (STOP excluded).")
+@click.option("--dp-size", type=int, default=None, help="DP world size (default: the spec's).")
+def expect_cmd(job_file: str, steps: str, dp_size: int | None) -> None:
+    """Print the expected batches of JOB_FILE (one JSON object per micro-batch), computed offline."""
+    from .expect import expected_batches
+
+    try:
+        start, stop = (int(x) for x in steps.split(":"))
+    except ValueError as e:
+        raise click.BadParameter(f"{steps!r} is not START:STOP", param_hint="--steps") from e
+    try:
+        spec = load_job_spec(job_file)
+        for batch in expected_batches(spec, range(start, stop), dp_size=dp_size):
+            click.echo(json.dumps(batch.to_dict()))
+    except FabricdError as e:
+        raise click.ClickException(str(e)) from e
+

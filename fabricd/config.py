@@ -1,0 +1,422 @@
+"""Node configs and job specs: TOML loaded once into frozen dataclasses, validated, passed explicitly.
+
+Every error is a :class:`ConfigError` naming the file, the key (dotted path) and the bad value.
+Unknown keys are errors: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "NodeConfig",
+    "JobSpec",
+    "Topology",
+    "BatchShape",
+    "TokenSpec",
+    "CostSpec",
+    "BucketSpec",
+    "SourceSpec",
+    "MixtureSpec",
+    "load_node_config",
+    "load_job_spec",
+    "parse_job_spec",
+]
+
+log = logging.getLogger(__name__)
+
+_JOB_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+COMPRESSIONS = ("lz4", "none")
+BALANCE_METHODS = ("lpt", "kk")
+SCHEDULE_KINDS = ("constant", "piecewise", "linear")
+LONG_SAMPLE_POLICIES = ("split", "truncate")
+SOURCE_FORMATS = ("parquet", "jsonl")
+
+
+class _Table:
+    """One TOML table being validated: typed getters that record which keys were used."""
+
+    def __init__(self, file: str, prefix: str, data: Any) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(file, prefix or "<root>", data, "expected a table")
+        self.file = file
+        self.prefix = prefix
+        self.data = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, value: Any, reason: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), value, reason)
+
+    def _get(self, name: str, default: Any, required: bool) -> Any:
+        self.used.add(name)
+        if name in self.data:
+            return self.data[name]
+        if required:
+            raise self.error(name, None, "required key is missing")
+        return default
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False,
+            choices: tuple[str, ...] | None = None) -> str:
+        value = self._get(name, default, required)
+        if not isinstance(value, str) or not value:
+            raise self.error(name, value, "expected a non-empty string")
+        if choices is not None and value not in choices:
+            raise self.error(name, value, f"expected one of {', '.join(choices)}")
+        return value
+
+    def int(self, name: str, default: int | None = None, *, required: bool = False,
+            min: int | None = None, max: int | None = None) -> int:
+        value = self._get(name, default, required)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.error(name, value, "expected an integer")
+        if min is not None and value < min:
+            raise self.error(name, value, f"must be >= {min}")
+        if max is not None and value > max:
+            raise self.error(name, value, f"must be <= {max}")
+        return value
+
+    def float(self, name: str, default: float | None = None, *, required: bool = False,
+              min: float | None = None, positive: bool = False) -> float:
+        value = self._get(name, default, required)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise self.error(name, value, "expected a finite number")
+        if min is not None and value < min:
+            raise self.error(name, value, f"must be >= {min}")
+        if positive and value <= 0:
+            raise self.error(name, value, "must be > 0")
+        return float(value)
+
+    def table(self, name: str, *, required: bool = False) -> _Table:
+        value = self._get(name, {}, required)
+        return _Table(self.file, self.key(name), value)
+
+    def tables(self, name: str, *, required: bool = False) -> list[_Table]:
+        value = self._get(name, [], required)
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise self.error(name, value, "expected an array of tables ([[" + self.key(name) + "]])")
+        if required and not value:
+            raise self.error(name, value, "at least one entry is required")
+        return [_Table(self.file, f"{self.key(name)}[{i}]", v) for i, v in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], self.data[unknown[0]], "unknown key")
+
+
+def _read_toml(path: Path) -> tuple[str, dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(path), "<file>", str(path), f"cannot read: {e.strerror or e}") from e
+    return text, _parse_toml(text, str(path))
+
+
+def _parse_toml(text: str, file: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, "<syntax>", None, f"invalid TOML: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Node config
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One daemon's settings (``/etc/fabricd/fabricd.toml``)."""
+
+    file: str
+    node_id: str
+    control: str           # endpoint the daemon binds; port 0 picks a free port
+    advertise_host: str    # how trainers and peers reach this node's role endpoints
+    state_dir: Path
+    log_level: str
+    loader_workers: int    # source-loader processes per source (a job may override per source)
+    restart_backoff_s: float
+    restart_backoff_max_s: float
+    heartbeat_s: float
+    max_message_bytes: int
+
+    @property
+    def endpoint_file(self) -> Path:
+        """Where the daemon writes the control endpoint it actually bound (for port 0)."""
+        return self.state_dir / "control.endpoint"
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    """Load and validate a node config file."""
+    path = Path(path)
+    _, data = _read_toml(path)
+    file = str(path)
+    root = _Table(file, "", data)
+    node = root.table("node", required=True)
+    roles = root.table("roles")
+    limits = root.table("limits")
+    control = node.str("control", "tcp://127.0.0.1:7700")
+    if not control.startswith(("tcp://", "ipc://")):
+        raise node.error("control", control, "expected a tcp:// or ipc:// endpoint")
+    state_dir = Path(node.str("state_dir", "/var/lib/fabricd"))
+    if not state_dir.is_absolute():
+        state_dir = (path.parent / state_dir).resolve()
+    backoff = roles.float("restart_backoff_s", 0.2, positive=True)
+    backoff_max = roles.float("restart_backoff_max_s", 10.0, positive=True)
+    if backoff_max < backoff:
+        raise roles.error("restart_backoff_max_s", backoff_max, f"must be >= restart_backoff_s ({backoff})")
+    cfg = NodeConfig(
+        file=file,
+        node_id=node.str("id", required=True),
+        control=control,
+        advertise_host=node.str("advertise_host", "127.0.0.1"),
+        state_dir=state_dir,
+        log_level=node.str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+        loader_workers=roles.int("loader_workers", 1, min=1, max=256),
+        restart_backoff_s=backoff,
+        restart_backoff_max_s=backoff_max,
+        heartbeat_s=roles.float("heartbeat_s", 1.0, positive=True),
+        max_message_bytes=limits.int("max_message_bytes", 256 << 20, min=1 << 16),
+    )
+    for table in (node, roles, limits, root):
+        table.done()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Job spec
+
+
+@dataclass(frozen=True)
+class Topology:
+    dp_size: int
+    mp_size: int                # trainer ranks per DP rank (TP × PP × CP) that receive the same batch
+    ranks_per_constructor: int  # DP ranks served by one data constructor
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    samples_per_step: int       # global batch in units; independent of dp_size
+    micro_batch_tokens: int     # packing budget of one micro-batch
+    prefetch: int               # unconsumed batches a trainer may hold
+    compression: str
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    image_tokens: int
+    image_size: int
+
+
+@dataclass(frozen=True)
+class CostSpec:
+    attention: float
+    linear: float
+    per_image: float
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    name: str
+    max_seq_len: int
+    long_samples: str
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    path: Path                  # resolved against the spec file's directory
+    format: str | None
+    bucket: str
+    workers: int | None         # source-loader processes; None = node default
+
+
+@dataclass(frozen=True)
+class MixtureSpec:
+    kind: str
+    points: tuple[tuple[int, tuple[tuple[str, float], ...]], ...]
+
+    def as_points(self) -> list[tuple[int, dict[str, float]]]:
+        return [(step, dict(weights)) for step, weights in self.points]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A training run's data spec. ``fingerprint`` covers everything that decides batch content."""
+
+    file: str
+    text: str
+    name: str
+    seed: int
+    topology: Topology
+    batch: BatchShape
+    tokens: TokenSpec
+    cost: CostSpec
+    balance: str
+    buckets: tuple[BucketSpec, ...]
+    sources: tuple[SourceSpec, ...]
+    mixture: MixtureSpec
+
+    def bucket(self, name: str) -> BucketSpec:
+        for b in self.buckets:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def content_key(self) -> dict:
+        """Everything that decides what a batch contains (not dp_size, not prefetch, not placement)."""
+        return {
+            "seed": self.seed,
+            "samples_per_step": self.batch.samples_per_step,
+            "micro_batch_tokens": self.batch.micro_batch_tokens,
+            "tokens": asdict(self.tokens),
+            "cost": asdict(self.cost),
+            "balance": self.balance,
+            "buckets": [asdict(b) for b in self.buckets],
+            "sources": [[s.name, str(s.path), s.format, s.bucket] for s in self.sources],
+            "mixture": [self.mixture.kind, [[st, list(map(list, w))] for st, w in self.mixture.points]],
+        }
+
+    def fingerprint(self, source_fingerprints: Mapping[str, str]) -> str:
+        """Content fingerprint of the job given its sources' index fingerprints."""
+        key = {"spec": self.content_key(), "sources": dict(sorted(source_fingerprints.items()))}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Load and validate a job spec file; relative source paths are relative to the file."""
+    path = Path(path).absolute()
+    text, data = _read_toml(path)
+    return _build_job(text, data, path)
+
+
+def parse_job_spec(text: str, origin: str | Path) -> JobSpec:
+    """Validate a job spec given as text; ``origin`` is the file it came from (anchors paths)."""
+    origin = Path(origin).absolute()
+    return _build_job(text, _parse_toml(text, str(origin)), origin)
+
+
+def _build_job(text: str, data: dict, path: Path) -> JobSpec:
+    file = str(path)
+    root = _Table(file, "", data)
+    job = root.table("job", required=True)
+    name = job.str("name", required=True)
+    if not set(name) <= _JOB_NAME_CHARS or len(name) > 128:
+        raise job.error("name", name, "use at most 128 letters, digits, '-', '_' or '.'")
+    seed = job.int("seed", 0, min=0, max=2**63 - 1)
+
+    topo_t = root.table("topology", required=True)
+    topology = Topology(
+        dp_size=topo_t.int("dp_size", required=True, min=1, max=1 << 20),
+        mp_size=topo_t.int("mp_size", 1, min=1, max=4096),
+        ranks_per_constructor=topo_t.int("ranks_per_constructor", 8, min=1),
+    )
+
+    batch_t = root.table("batch", required=True)
+    batch = BatchShape(
+        samples_per_step=batch_t.int("samples_per_step", required=True, min=1),
+        micro_batch_tokens=batch_t.int("micro_batch_tokens", required=True, min=16),
+        prefetch=batch_t.int("prefetch", 4, min=1, max=1024),
+        compression=batch_t.str("compression", "lz4", choices=COMPRESSIONS),
+    )
+    if batch.samples_per_step < topology.dp_size:
+        raise batch_t.error("samples_per_step", batch.samples_per_step,
+                            f"must be >= topology.dp_size ({topology.dp_size}) so every rank gets data")
+
+    tok_t = root.table("tokens")
+    tokens = TokenSpec(
+        image_tokens=tok_t.int("image_tokens", 64, min=1, max=1 << 16),
+        image_size=tok_t.int("image_size", 224, min=8, max=4096),
+    )
+    cost_t = root.table("cost")
+    cost = CostSpec(
+        attention=cost_t.float("attention", 1.0, min=0.0),
+        linear=cost_t.float("linear", 8192.0, min=0.0),
+        per_image=cost_t.float("per_image", 0.0, min=0.0),
+    )
+    if cost.attention == 0 and cost.linear == 0:
+        raise cost_t.error("linear", cost.linear, "attention and linear cannot both be 0")
+    bal_t = root.table("balance")
+    balance = bal_t.str("method", "lpt", choices=BALANCE_METHODS)
+
+    buckets = []
+    for t in root.tables("buckets", required=True):
+        b = BucketSpec(
+            name=t.str("name", required=True),
+            max_seq_len=t.int("max_seq_len", required=True, min=2),
+            long_samples=t.str("long_samples", "truncate", choices=LONG_SAMPLE_POLICIES),
+        )
+        if b.max_seq_len > batch.micro_batch_tokens:
+            raise t.error("max_seq_len", b.max_seq_len,
+                          f"exceeds batch.micro_batch_tokens ({batch.micro_batch_tokens}): a unit must fit a micro-batch")
+        if any(o.name == b.name for o in buckets):
+            raise t.error("name", b.name, "duplicate bucket name")
+        t.done()
+        buckets.append(b)
+    bucket_names = tuple(b.name for b in buckets)
+
+    sources = []
+    for t in root.tables("sources", required=True):
+        sname = t.str("name", required=True)
+        if any(o.name == sname for o in sources):
+            raise t.error("name", sname, "duplicate source name")
+        raw_path = t.str("path", required=True)
+        spath = Path(raw_path).expanduser()
+        if not spath.is_absolute():
+            spath = (path.parent / spath).resolve()
+        fmt = t.str("format", "auto", choices=(*SOURCE_FORMATS, "auto"))
+        workers = t.int("workers", 0, min=0, max=256)
+        sources.append(SourceSpec(
+            name=sname,
+            path=spath,
+            format=None if fmt == "auto" else fmt,
+            bucket=t.str("bucket", bucket_names[0], choices=bucket_names),
+            workers=workers or None,
+        ))
+        t.done()
+    source_names = tuple(s.name for s in sources)
+
+    mix_t = root.table("mixture", required=True)
+    kind = mix_t.str("kind", "constant", choices=SCHEDULE_KINDS)
+    points = []
+    for t in mix_t.tables("points", required=True):
+        step = t.int("step", required=True, min=0)
+        weights_t = t.table("weights", required=True)
+        weights = []
+        for sname in weights_t.data:
+            if sname not in source_names:
+                raise weights_t.error(sname, weights_t.data[sname],
+                                      f"not a source of this job (sources: {', '.join(source_names)})")
+            weights.append((sname, weights_t.float(sname, min=0.0)))
+        if sum(w for _, w in weights) <= 0:
+            raise t.error("weights", dict(weights), "weights must not all be 0")
+        if points and step <= points[-1][0]:
+            raise t.error("step", step, f"steps must increase (previous point is at {points[-1][0]})")
+        if not points and step != 0:
+            raise t.error("step", step, "the first point must be at step 0")
+        weights_t.done()
+        t.done()
+        points.append((step, tuple(weights)))
+    if kind == "constant" and len(points) != 1:
+        raise mix_t.error("points", len(points), "a constant mixture has exactly one point")
+    mixture = MixtureSpec(kind=kind, points=tuple(points))
+
+    for table in (job, topo_t, batch_t, tok_t, cost_t, bal_t, mix_t, root):
+        table.done()
+    return JobSpec(
+        file=file, text=text, name=name, seed=seed, topology=topology, batch=batch,
+        tokens=tokens, cost=cost, balance=balance, buckets=tuple(buckets), sources=tuple(sources),
+        mixture=mixture,
+    )

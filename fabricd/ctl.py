@@ -1,0 +1,58 @@
+"""Request/reply to a daemon's control endpoint, for fabricctl and tests.
+
+Lazy-pirate style: every request has a timeout; on a timeout the socket is closed (linger 0)
+and a fresh one is used for the next try, so a dead daemon never leaves the caller hanging.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from fabric_client import protocol
+from fabric_client.errors import FabricUnavailable, RemoteError
+
+__all__ = ["ControlClient"]
+
+
+class ControlClient:
+    """Blocking requests to one daemon, each bounded by ``timeout_s`` × ``retries``."""
+
+    def __init__(self, address: str, *, timeout_s: float = 5.0, retries: int = 2,
+                 context: zmq.Context | None = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.ctx = context or zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self.sock is None:
+            self.sock = self.ctx.socket(zmq.DEALER)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.connect(self.address)
+        return self.sock
+
+    def request(self, msg: protocol.Message, payload: tuple = ()) -> tuple[protocol.Message, list]:
+        """Send ``msg``; return the reply. Raises RemoteError for an ErrorReply, FabricUnavailable on timeouts."""
+        for _ in range(self.retries + 1):
+            sock = self._socket()
+            sock.send_multipart(protocol.encode(msg, payload))
+            if sock.poll(int(self.timeout_s * 1000)):
+                reply, frames = protocol.decode(sock.recv_multipart(copy=False))
+                if isinstance(reply, protocol.ErrorReply):
+                    raise RemoteError(reply.code, reply.reason)
+                return reply, frames
+            self.close()
+        raise FabricUnavailable(f"no answer from {self.address} to {msg.TYPE} after "
+                                f"{self.retries + 1} tries of {self.timeout_s:.1f}s")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

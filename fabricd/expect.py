@@ -1,0 +1,81 @@
+"""Expected batches, computed offline from the job spec alone (no daemon, no sockets).
+
+The same planner (``fabricd.job.build_planner``), the same sample loader and the same assembly
+function (``fabricd.assemble``) as the fabric's data path, run in this process. Comparing what
+trainers received with this, batch for batch, is how delivery is verified: nothing lost,
+nothing repeated, nothing altered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .assemble import assemble_micro_batch
+from .config import JobSpec
+from .job import build_planner, open_sources
+from .planner import Planner
+from .sources.transform import SampleLoader, TransformSpec
+
+__all__ = ["ExpectedBatch", "BatchOracle", "expected_batches"]
+
+
+@dataclass(frozen=True)
+class ExpectedBatch:
+    step: int
+    dp_rank: int
+    micro_batch: int
+    num_micro_batches: int
+    checksum: str
+    samples: int
+    tokens: int
+    skipped: int
+
+    def key(self) -> tuple[int, int, int]:
+        return (self.step, self.dp_rank, self.micro_batch)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class BatchOracle:
+    """Computes any (step, rank) batch of a job in-process, exactly as the fabric builds it."""
+
+    def __init__(self, spec: JobSpec, *, dp_size: int | None = None, progress: bool = False) -> None:
+        self.spec = spec
+        self.dp_size = dp_size or spec.topology.dp_size
+        indexes = open_sources(spec, progress=progress)
+        self.planner: Planner = build_planner(spec, indexes)
+        self.loaders = []
+        for s in spec.sources:
+            bucket = spec.bucket(s.bucket)
+            tspec = TransformSpec(max_seq_len=bucket.max_seq_len, long_samples=bucket.long_samples,
+                                  image_tokens=spec.tokens.image_tokens, image_size=spec.tokens.image_size)
+            self.loaders.append(SampleLoader(indexes[s.name], tspec))
+
+    def step(self, step: int) -> Iterator[ExpectedBatch]:
+        """Every micro-batch of every rank at ``step``, in (rank, micro) order."""
+        plan = self.planner.plan(step, self.dp_size)
+        loaded: list = [None] * len(plan.rank)
+        for src in np.unique(plan.source).tolist():
+            sel = np.flatnonzero(plan.source == src)
+            for i, unit in zip(sel.tolist(), self.loaders[src].load(plan.sample_id[sel], plan.piece[sel])):
+                loaded[i] = unit if not isinstance(unit, Exception) else unit.reason
+        for rank in range(self.dp_size):
+            micro_rows = plan.micro_batches(rank)
+            for micro, rows in enumerate(micro_rows):
+                mb = assemble_micro_batch([loaded[i] for i in rows.tolist()], source_ids=plan.source[rows],
+                                          sample_ids=plan.sample_id[rows], pieces=plan.piece[rows],
+                                          image_size=self.spec.tokens.image_size)
+                yield ExpectedBatch(step=step, dp_rank=rank, micro_batch=micro, num_micro_batches=len(micro_rows),
+                                    checksum=mb.checksum, samples=mb.samples, tokens=mb.tokens,
+                                    skipped=len(mb.skipped))
+
+
+def expected_batches(spec: JobSpec, steps: Iterable[int], *, dp_size: int | None = None) -> Iterator[ExpectedBatch]:
+    """The expected batches of ``steps``, for ``dp_size`` ranks (the spec's by default)."""
+    oracle = BatchOracle(spec, dp_size=dp_size)
+    for step in steps:
+        yield from oracle.step(step)

@@ -1,0 +1,219 @@
+"""A submitted job on a daemon: its sources' indexes, its planner, its role processes.
+
+``open_sources`` and ``build_planner`` are shared with ``fabricd.expect`` so the offline expected
+checksums come from the very planner the daemon runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fabric_client import protocol
+
+from .config import JobSpec, NodeConfig
+from .planner import CostModel, MixtureSchedule, Planner, StepPlan, build_units
+from .roles.base import RoleArgs
+from .roles.supervisor import RoleProcess, Supervisor
+from .sources.index import SourceIndex, open_index
+
+__all__ = ["JobRuntime", "open_sources", "build_planner", "constructor_groups", "PLAN_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+PLAN_COLUMNS = (("rank", "int32"), ("micro", "int32"), ("source", "int32"), ("sample_id", "int64"),
+                ("piece", "int32"))
+PLAN_CACHE_STEPS = 128
+
+
+def open_sources(spec: JobSpec, *, progress: bool = False) -> dict[str, SourceIndex]:
+    """Open (building or reusing) the index of every source of ``spec``."""
+    return {s.name: open_index(s.name, s.path, format=s.format, progress=progress) for s in spec.sources}
+
+
+def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
+    """The job's planner from its spec and its sources' metadata (nothing else)."""
+    units = []
+    for s in spec.sources:
+        bucket = spec.bucket(s.bucket)
+        idx = indexes[s.name]
+        units.append(build_units(s.name, idx.text_tokens, idx.num_images, max_seq_len=bucket.max_seq_len,
+                                 long_samples=bucket.long_samples, image_tokens=spec.tokens.image_tokens))
+    names = [s.name for s in spec.sources]
+    return Planner(
+        seed=spec.seed,
+        samples_per_step=spec.batch.samples_per_step,
+        micro_batch_tokens=spec.batch.micro_batch_tokens,
+        schedule=MixtureSchedule(spec.mixture.kind, spec.mixture.as_points(), names),
+        cost=CostModel(attention=spec.cost.attention, linear=spec.cost.linear, per_image=spec.cost.per_image),
+        method=spec.balance,
+        sources=units,
+    )
+
+
+def constructor_groups(dp_size: int, ranks_per_constructor: int) -> list[list[int]]:
+    """DP ranks of each data constructor: contiguous groups of ``ranks_per_constructor``."""
+    return [list(range(lo, min(dp_size, lo + ranks_per_constructor)))
+            for lo in range(0, dp_size, ranks_per_constructor)]
+
+
+class JobRuntime:
+    """One job's lifecycle on this daemon: indexing → starting → ready (or failed)."""
+
+    def __init__(self, spec: JobSpec, spec_path: Path, node: NodeConfig, control_endpoint: str,
+                 supervisor: Supervisor) -> None:
+        self.spec = spec
+        self.spec_path = spec_path
+        self.node = node
+        self.control_endpoint = control_endpoint
+        self.supervisor = supervisor
+        self.state = "indexing"
+        self.error: str | None = None
+        self.fingerprint = ""
+        self.indexes: dict[str, SourceIndex] = {}
+        self.planner: Planner | None = None
+        self.plans: OrderedDict[int, StepPlan] = OrderedDict()
+        self.groups = constructor_groups(spec.topology.dp_size, spec.topology.ranks_per_constructor)
+        self.role_ids: list[str] = []
+        self.counters = {"plans_computed": 0, "plan_requests": 0, "skipped_units": 0, "plan_ms_max": 0.0}
+        self.skips: list[dict[str, Any]] = []  # most recent skip reports, bounded
+        self.submitted_at = time.time()
+        self._thread = threading.Thread(target=self._prepare, name=f"index-{spec.name}", daemon=True)
+        self._thread.start()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        try:
+            started = time.monotonic()
+            indexes = open_sources(self.spec)
+            planner = build_planner(self.spec, indexes)
+            self.fingerprint = self.spec.fingerprint({n: i.fingerprint for n, i in indexes.items()})
+            self.indexes, self.planner = indexes, planner
+            log.info("job %s: %d sources indexed in %.1fs (fingerprint %s)", self.spec.name, len(indexes),
+                     time.monotonic() - started, self.fingerprint)
+            self.state = "starting"
+        except Exception as e:  # surfaced through status and Locate; the daemon keeps serving
+            log.exception("job %s failed to prepare", self.spec.name)
+            self.error = f"{type(e).__name__}: {e}"
+            self.state = "failed"
+
+    def tick(self) -> None:
+        """Advance the lifecycle; called from the daemon's loop."""
+        if self.state == "starting" and not self.role_ids:
+            self._start_roles()
+        if self.state == "starting" and all(self.supervisor.roles[r].endpoint for r in self.role_ids):
+            self.state = "ready"
+            log.info("job %s ready: %d roles", self.spec.name, len(self.role_ids))
+
+    def _role_args(self, kind: str, role_id: str, **extra: Any) -> RoleArgs:
+        return RoleArgs(kind=kind, role_id=role_id, daemon=self.control_endpoint, job=self.spec.name,
+                        spec_path=str(self.spec_path), spec_origin=self.spec.file,
+                        bind_host=self.node.advertise_host, heartbeat_s=self.node.heartbeat_s,
+                        max_message_bytes=self.node.max_message_bytes, extra=extra)
+
+    def _start_roles(self) -> None:
+        for s in self.spec.sources:
+            for w in range(s.workers or self.node.loader_workers):
+                rid = f"{self.spec.name}/loader/{s.name}/{w}"
+                self.supervisor.start(self._role_args("source_loader", rid, source=s.name))
+                self.role_ids.append(rid)
+        for g, ranks in enumerate(self.groups):
+            rid = f"{self.spec.name}/constructor/{g}"
+            self.supervisor.start(self._role_args("constructor", rid, ranks=ranks, fingerprint=self.fingerprint))
+            self.role_ids.append(rid)
+
+    def stop(self) -> None:
+        self.supervisor.stop(self.role_ids)
+        self.role_ids = []
+        self.state = "stopped"
+
+    def roles(self) -> list[RoleProcess]:
+        return [self.supervisor.roles[r] for r in self.role_ids if r in self.supervisor.roles]
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def locate(self, req: protocol.Locate) -> protocol.Message:
+        topo = self.spec.topology
+        if self.state == "failed":
+            return protocol.ErrorReply(code=protocol.ErrorCode.INVALID_SPEC, reason=f"job {self.spec.name} failed: {self.error}")
+        if req.dp_size != topo.dp_size:
+            return protocol.ErrorReply(code=protocol.ErrorCode.BAD_REQUEST,
+                                       reason=f"job {self.spec.name} runs with dp_size {topo.dp_size}, not {req.dp_size}")
+        if not 0 <= req.dp_rank < topo.dp_size or not 0 <= req.mp_rank < topo.mp_size:
+            return protocol.ErrorReply(code=protocol.ErrorCode.BAD_REQUEST,
+                                       reason=f"rank dp={req.dp_rank} mp={req.mp_rank} outside dp_size {topo.dp_size} × mp_size {topo.mp_size}")
+        if self.state != "ready":
+            return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=f"job {self.spec.name} is {self.state}")
+        group = req.dp_rank // topo.ranks_per_constructor
+        endpoint = self.supervisor.roles[f"{self.spec.name}/constructor/{group}"].endpoint
+        if endpoint is None:
+            return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
+                                       reason=f"the constructor of dp rank {req.dp_rank} is restarting")
+        return protocol.Located(job=self.spec.name, fingerprint=self.fingerprint, endpoint=endpoint,
+                                dp_size=topo.dp_size, mp_size=topo.mp_size, prefetch=self.spec.batch.prefetch)
+
+    def plan(self, req: protocol.PlanRequest) -> tuple[protocol.Message, tuple]:
+        self.counters["plan_requests"] += 1
+        if self.planner is None:
+            return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason="planner not ready"), ()
+        if req.step < 0 or any(not 0 <= r < self.spec.topology.dp_size for r in req.ranks):
+            return protocol.ErrorReply(code=protocol.ErrorCode.BAD_REQUEST, reason=f"bad plan request {req}"), ()
+        plan = self.plans.get(req.step)
+        if plan is None:
+            started = time.perf_counter()
+            plan = self.planner.plan(req.step, self.spec.topology.dp_size)
+            ms = (time.perf_counter() - started) * 1e3
+            self.counters["plans_computed"] += 1
+            self.counters["plan_ms_max"] = max(self.counters["plan_ms_max"], round(ms, 2))
+            self.plans[req.step] = plan
+            while len(self.plans) > PLAN_CACHE_STEPS:
+                self.plans.popitem(last=False)
+        else:
+            self.plans.move_to_end(req.step)
+        part = plan.for_ranks(req.ranks)
+        frames = tuple(np.ascontiguousarray(getattr(part, name), dtype) for name, dtype in PLAN_COLUMNS)
+        reply = protocol.PlanReply(job=self.spec.name, step=req.step, dp_size=plan.dp_size, rows=len(part.rank),
+                                   columns=[n for n, _ in PLAN_COLUMNS], dtypes=[d for _, d in PLAN_COLUMNS],
+                                   num_micro=[int(plan.num_micro[r]) for r in req.ranks])
+        return reply, frames
+
+    def pools(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {s.name: [] for s in self.spec.sources}
+        for role in self.roles():
+            if role.args.kind == "source_loader" and role.endpoint and role.alive:
+                out[role.args.extra["source"]].append(role.endpoint)
+        return out
+
+    def on_skip(self, msg: protocol.SkipReport) -> None:
+        self.counters["skipped_units"] += 1
+        log.warning("job %s step %d: skipped %s sample %d piece %d: %s", msg.job, msg.step, msg.source,
+                    msg.sample_id, msg.piece, msg.reason)
+        self.skips = (self.skips + [{"step": msg.step, "source": msg.source, "sample_id": msg.sample_id,
+                                     "piece": msg.piece, "reason": msg.reason}])[-20:]
+
+    def status(self) -> dict[str, Any]:
+        roles = []
+        for role in self.roles():
+            roles.append({"id": role.role_id, "kind": role.args.kind, "pid": role.pid, "alive": role.alive,
+                          "endpoint": role.endpoint, "restarts": role.restarts,
+                          **self.supervisor.telemetry(role), "stats": role.stats})
+        return {
+            "state": self.state,
+            "error": self.error,
+            "fingerprint": self.fingerprint,
+            "topology": {"dp_size": self.spec.topology.dp_size, "mp_size": self.spec.topology.mp_size,
+                         "constructors": len(self.groups)},
+            "sources": {n: {"samples": i.num_samples, "files_skipped": len(i.files_skipped),
+                            "rows_skipped": i.rows_skipped} for n, i in self.indexes.items()},
+            "counters": dict(self.counters),
+            "recent_skips": list(self.skips),
+            "roles": roles,
+        }

@@ -1,0 +1,33 @@
+"""Entry point of a role process: ``python -m fabricd.roles ARGS_JSON`` (started by the supervisor)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .base import RoleArgs, set_parent_death_signal
+
+
+def main(argv: list[str]) -> int:
+    set_parent_death_signal()
+    args = RoleArgs.from_json(argv[1])
+    logging.basicConfig(
+        level=os.environ.get("FABRICD_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s %(levelname)s [{args.role_id} pid={os.getpid()}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.kind == "source_loader":
+        from .source_loader import run_source_loader
+
+        return run_source_loader(args)
+    if args.kind == "constructor":
+        from .constructor import run_constructor
+
+        return run_constructor(args)
+    logging.getLogger(__name__).error("unknown role kind %r", args.kind)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

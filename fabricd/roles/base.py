@@ -1,0 +1,131 @@
+"""What every role process shares: its arguments, its link to the daemon, its exit conditions.
+
+A role process is started by the daemon's supervisor as ``python -m fabricd.roles ARGS_JSON``.
+It binds its own endpoint, announces it to the daemon (``RoleHello``), sends ``RoleStats``
+heartbeats, and exits when the daemon is gone (parent-death signal and a parent-pid check), so a
+killed daemon never leaves orphans behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from fabric_client import protocol
+from fabric_client.errors import ProtocolError
+
+__all__ = ["RoleArgs", "DaemonLink", "set_parent_death_signal", "StopFlag", "configure_socket"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoleArgs:
+    """The arguments the supervisor passes to a role process (as one JSON document)."""
+
+    kind: str
+    role_id: str
+    daemon: str           # the daemon's control endpoint
+    job: str
+    spec_path: str        # persisted copy of the job spec
+    spec_origin: str      # the file the spec came from (anchors relative paths)
+    bind_host: str
+    heartbeat_s: float
+    max_message_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> RoleArgs:
+        return cls(**json.loads(text))
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to kill this process when its parent dies (no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except OSError:
+        log.debug("prctl unavailable; relying on the parent-pid check")
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT or by the parent's death; role loops check it every iteration."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.parent = os.getppid()
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, *_: Any) -> None:
+        self.stopping = True
+
+    def should_stop(self) -> bool:
+        if os.getppid() != self.parent:
+            log.warning("daemon (pid %d) is gone; exiting", self.parent)
+            self.stopping = True
+        return self.stopping
+
+
+def configure_socket(sock: zmq.Socket, *, max_message_bytes: int, hwm: int = 1000) -> None:
+    """Bounded queues, no hang on close, oversized messages dropped by ZeroMQ before reading."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+
+
+class DaemonLink:
+    """A role's DEALER connection to its daemon: hello, heartbeats, and request/reply."""
+
+    def __init__(self, ctx: zmq.Context, args: RoleArgs, endpoint: str) -> None:
+        self.args = args
+        self.endpoint = endpoint
+        self.sock = ctx.socket(zmq.DEALER)
+        configure_socket(self.sock, max_message_bytes=args.max_message_bytes)
+        self.sock.connect(args.daemon)
+        self._next_beat = 0.0
+        self.malformed = 0
+
+    def hello(self) -> None:
+        self.send(protocol.RoleHello(role_id=self.args.role_id, kind=self.args.kind,
+                                     endpoint=self.endpoint, pid=os.getpid()))
+
+    def send(self, msg: protocol.Message, payload: tuple = ()) -> None:
+        try:
+            self.sock.send_multipart(protocol.encode(msg, payload), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("daemon link full; dropped %s", msg.TYPE)
+
+    def beat(self, stats: dict) -> None:
+        """Send a heartbeat with ``stats`` (and re-announce) when one is due."""
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._next_beat = now + self.args.heartbeat_s
+            self.hello()
+            self.send(protocol.RoleStats(role_id=self.args.role_id, stats=stats))
+
+    def recv(self) -> tuple[protocol.Message, list] | None:
+        """One message from the daemon, or None if it was malformed (counted)."""
+        frames = self.sock.recv_multipart(copy=False)
+        try:
+            return protocol.decode(frames)
+        except ProtocolError as e:
+            self.malformed += 1
+            log.warning("dropped malformed message from daemon: %s", e)
+            return None
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,347 @@
+"""The data-constructor role: builds and delivers the batches of a group of DP ranks.
+
+For every step its trainers need (from the credit protocol's demand, at most ``window`` steps
+ahead of the slowest rank), the constructor asks the daemon's planner for its ranks' plan rows,
+fetches the units from the source-loader pools (load-balanced: at most ``MAX_IN_FLIGHT`` requests
+per worker, a request that times out is retried on another worker), packs each micro-batch,
+serializes it once, and hands it to :class:`TrainerDelivery`, which sends it to every
+model-parallel rank of the DP rank as their credits allow.
+
+Every buffer is bounded: steps outside the window are not built, built steps the slowest
+trainer has passed are evicted, and a trainer that comes back for an evicted step gets it
+rebuilt (the content is a pure function of the plan, so it is the same batch).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from fabric_client import protocol
+from fabric_client.batch import encode_batch
+from fabric_client.errors import ProtocolError
+
+from ..assemble import assemble_micro_batch
+from ..config import JobSpec, parse_job_spec
+from .base import DaemonLink, RoleArgs, StopFlag, configure_socket
+from .delivery import EncodedBatch, TrainerDelivery
+from .sample_wire import decode_load_reply
+
+__all__ = ["run_constructor", "Constructor"]
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 2          # load requests per source-loader worker
+UNITS_PER_REQUEST = 8
+LOAD_TIMEOUT_S = 30.0
+LOAD_ATTEMPTS = 3
+PLAN_TIMEOUT_S = 5.0
+POOLS_REFRESH_S = 1.0
+
+
+@dataclass
+class _LoadJob:
+    source: str
+    rows: np.ndarray          # row indices into the step build
+    attempts: int = 0
+
+
+@dataclass
+class _StepBuild:
+    step: int
+    rows: dict[str, np.ndarray]            # plan columns for this group's ranks
+    num_micro: dict[int, int]
+    results: list[Any]                     # SampleData | reason str | None (pending)
+    pending_by_rank: dict[int, int]
+    batches: dict[tuple[int, int], EncodedBatch] = field(default_factory=dict)
+
+
+@dataclass
+class _Worker:
+    endpoint: str
+    sock: zmq.Socket
+    in_flight: dict[int, tuple[_LoadJob, int, float]] = field(default_factory=dict)  # req_id → (job, step, sent)
+
+
+class Constructor:
+    """One constructor process's state and event loop (sockets owned here)."""
+
+    def __init__(self, args: RoleArgs, spec: JobSpec, ctx: zmq.Context) -> None:
+        self.args = args
+        self.spec = spec
+        self.ctx = ctx
+        self.ranks = [int(r) for r in args.extra["ranks"]]
+        self.dp_size = spec.topology.dp_size
+        self.window = max(2, spec.batch.prefetch)
+        self.source_names = [s.name for s in spec.sources]
+        self.compression = None if spec.batch.compression == "none" else spec.batch.compression
+
+        self.trainers = ctx.socket(zmq.ROUTER)
+        configure_socket(self.trainers, max_message_bytes=args.max_message_bytes)
+        self.trainers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        port = self.trainers.bind_to_random_port(f"tcp://{args.bind_host}")
+        self.link = DaemonLink(ctx, args, f"tcp://{args.bind_host}:{port}")
+        self.delivery = TrainerDelivery(self.trainers, job=spec.name, fingerprint=args.extra["fingerprint"],
+                                        ranks=self.ranks, mp_size=spec.topology.mp_size)
+        self.poller = zmq.Poller()
+        self.poller.register(self.trainers, zmq.POLLIN)
+        self.poller.register(self.link.sock, zmq.POLLIN)
+
+        self.builds: dict[int, _StepBuild] = {}
+        self.plan_requested: dict[int, float] = {}
+        self.queue: dict[str, deque[tuple[_LoadJob, int]]] = {s: deque() for s in self.source_names}
+        self.workers: dict[str, dict[str, _Worker]] = {s: {} for s in self.source_names}
+        self.by_socket: dict[zmq.Socket, tuple[str, _Worker]] = {}
+        self.req_ids = itertools.count(1)
+        self.next_pools = 0.0
+        self.stats = {"built_batches": 0, "skipped_units": 0, "malformed": 0, "load_retries": 0,
+                      "plans": 0, "evicted_steps": 0, "ranks": self.ranks}
+
+    # -- main loop -------------------------------------------------------------------------
+
+    def run(self, stop: StopFlag) -> None:
+        log.info("constructor %s for ranks %s serving on %s", self.args.role_id, self.ranks, self.link.endpoint)
+        while not stop.should_stop():
+            now = time.monotonic()
+            self.link.beat({**self.stats, **self.delivery.stats(), "builds": len(self.builds)})
+            if now >= self.next_pools:
+                self.next_pools = now + POOLS_REFRESH_S
+                self.link.send(protocol.PoolsRequest(job=self.spec.name))
+            self._schedule(now)
+            self._dispatch(now)
+            self.delivery.pump(self._lookup)
+            for sock in dict(self.poller.poll(20)):
+                self._on_readable(sock)
+
+    def close(self) -> None:
+        for workers in self.workers.values():
+            for w in workers.values():
+                w.sock.close(linger=0)
+        self.link.close()
+        self.trainers.close(linger=0)
+
+    # -- what to build ------------------------------------------------------------------------
+
+    def _schedule(self, now: float) -> None:
+        demand = self.delivery.demand()
+        if not demand:
+            return
+        lo = min(step for step, _ in demand.values())
+        hi = min(max(step for step, _ in demand.values()), lo + self.window) + self.window
+        for step in [s for s in self.builds if s < lo]:
+            del self.builds[step]
+            self.stats["evicted_steps"] += 1
+        for step in range(lo, hi):
+            if step in self.builds:
+                continue
+            sent = self.plan_requested.get(step)
+            if sent is None or now - sent > PLAN_TIMEOUT_S:
+                self.plan_requested[step] = now
+                self.link.send(protocol.PlanRequest(job=self.spec.name, step=step, ranks=self.ranks))
+        for step in [s for s in self.plan_requested if s < lo or s >= hi]:
+            del self.plan_requested[step]
+
+    def _on_plan(self, msg: protocol.PlanReply, payload: list) -> None:
+        if msg.step not in self.plan_requested or msg.step in self.builds:
+            return  # not wanted any more, or a duplicate answer
+        del self.plan_requested[msg.step]
+        if len(payload) != len(msg.columns) or len(msg.dtypes) != len(msg.columns):
+            raise ProtocolError(protocol.ErrorCode.MALFORMED, "plan_reply columns and frames differ")
+        rows = {name: np.frombuffer(f.buffer, np.dtype(dt)) for name, dt, f in zip(msg.columns, msg.dtypes, payload)}
+        if any(len(col) != msg.rows for col in rows.values()):
+            raise ProtocolError(protocol.ErrorCode.MALFORMED, "plan_reply column lengths differ")
+        build = _StepBuild(
+            step=msg.step, rows=rows, num_micro=dict(zip(self.ranks, msg.num_micro)),
+            results=[None] * msg.rows,
+            pending_by_rank={r: int(np.count_nonzero(rows["rank"] == r)) for r in self.ranks},
+        )
+        self.builds[msg.step] = build
+        self.stats["plans"] += 1
+        for src_idx in np.unique(rows["source"]):
+            sel = np.flatnonzero(rows["source"] == src_idx)
+            name = self.source_names[int(src_idx)]
+            for i in range(0, len(sel), UNITS_PER_REQUEST):
+                self.queue[name].append((_LoadJob(name, sel[i:i + UNITS_PER_REQUEST]), msg.step))
+        for rank, count in build.pending_by_rank.items():
+            if count == 0:
+                self._assemble(build, rank)
+
+    # -- fetching units from the source-loader pools -------------------------------------------
+
+    def _on_pools(self, msg: protocol.PoolsReply) -> None:
+        for source in self.source_names:
+            wanted = set(msg.pools.get(source, []))
+            current = self.workers[source]
+            for endpoint in list(current):
+                if endpoint not in wanted:
+                    self._drop_worker(source, endpoint, "left the pool")
+            for endpoint in wanted - set(current):
+                sock = self.ctx.socket(zmq.DEALER)
+                configure_socket(sock, max_message_bytes=self.args.max_message_bytes)
+                sock.connect(endpoint)
+                worker = _Worker(endpoint, sock)
+                current[endpoint] = worker
+                self.by_socket[sock] = (source, worker)
+                self.poller.register(sock, zmq.POLLIN)
+
+    def _drop_worker(self, source: str, endpoint: str, why: str) -> None:
+        worker = self.workers[source].pop(endpoint)
+        log.info("source loader %s (%s) %s; requeueing %d requests", endpoint, source, why, len(worker.in_flight))
+        for job, step, _ in worker.in_flight.values():
+            self.queue[source].appendleft((job, step))
+        self.poller.unregister(worker.sock)
+        del self.by_socket[worker.sock]
+        worker.sock.close(linger=0)
+
+    def _dispatch(self, now: float) -> None:
+        for source, workers in self.workers.items():
+            for endpoint, worker in list(workers.items()):
+                expired = [rid for rid, (_, _, sent) in worker.in_flight.items() if now - sent > LOAD_TIMEOUT_S]
+                if expired:
+                    self._drop_worker(source, endpoint, f"did not answer in {LOAD_TIMEOUT_S:.0f}s")
+            queue = self.queue[source]
+            while queue:
+                free = [w for w in workers.values() if len(w.in_flight) < MAX_IN_FLIGHT]
+                if not free:
+                    break
+                job, step = queue.popleft()
+                build = self.builds.get(step)
+                if build is None:
+                    continue  # evicted while queued
+                if job.attempts >= LOAD_ATTEMPTS:
+                    self._resolve(build, job.rows, [f"no source loader answered in {LOAD_ATTEMPTS} attempts"] * len(job.rows))
+                    continue
+                job.attempts += 1
+                if job.attempts > 1:
+                    self.stats["load_retries"] += 1
+                worker = min(free, key=lambda w: len(w.in_flight))
+                req_id = next(self.req_ids)
+                ids = np.ascontiguousarray(build.rows["sample_id"][job.rows], np.int64)
+                pieces = np.ascontiguousarray(build.rows["piece"][job.rows], np.int32)
+                request = protocol.LoadRequest(job=self.spec.name, source=source, req_id=req_id, count=len(ids))
+                try:
+                    worker.sock.send_multipart(protocol.encode(request, (ids, pieces)), flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    queue.appendleft((job, step))
+                    job.attempts -= 1
+                    break
+                worker.in_flight[req_id] = (job, step, now)
+
+    def _on_load_reply(self, worker: _Worker, frames: list) -> None:
+        msg, payload = protocol.decode(frames)
+        if not isinstance(msg, protocol.LoadReply):
+            raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"unexpected {msg.TYPE} from a source loader")
+        entry = worker.in_flight.pop(msg.req_id, None)
+        if entry is None:
+            return  # a late answer to a request already retried elsewhere
+        job, step, _ = entry
+        build = self.builds.get(step)
+        if build is None:
+            return
+        try:
+            units = decode_load_reply(msg, payload)
+        except (ProtocolError, ValueError, TypeError) as e:
+            self.stats["malformed"] += 1
+            log.warning("malformed load reply from %s: %s; retrying", worker.endpoint, e)
+            self.queue[job.source].appendleft((job, step))
+            return
+        if len(units) != len(job.rows):
+            self.queue[job.source].appendleft((job, step))
+            return
+        self._resolve(build, job.rows, units)
+
+    def _resolve(self, build: _StepBuild, rows: np.ndarray, units: list) -> None:
+        ranks_done = set()
+        for row, unit in zip(rows.tolist(), units):
+            if build.results[row] is not None:
+                continue
+            build.results[row] = unit
+            rank = int(build.rows["rank"][row])
+            build.pending_by_rank[rank] -= 1
+            if build.pending_by_rank[rank] == 0:
+                ranks_done.add(rank)
+        for rank in sorted(ranks_done):
+            self._assemble(build, rank)
+
+    # -- packing and delivery -----------------------------------------------------------------
+
+    def _assemble(self, build: _StepBuild, rank: int) -> None:
+        rows = build.rows
+        num_micro = build.num_micro[rank]
+        for micro in range(num_micro):
+            sel = np.flatnonzero((rows["rank"] == rank) & (rows["micro"] == micro))
+            mb = assemble_micro_batch(
+                [build.results[i] for i in sel.tolist()],
+                source_ids=rows["source"][sel], sample_ids=rows["sample_id"][sel], pieces=rows["piece"][sel],
+                image_size=self.spec.tokens.image_size,
+            )
+            for pos, reason in mb.skipped:
+                row = int(sel[pos])
+                self.stats["skipped_units"] += 1
+                self.link.send(protocol.SkipReport(
+                    job=self.spec.name, step=build.step, source=self.source_names[int(rows["source"][row])],
+                    sample_id=int(rows["sample_id"][row]), piece=int(rows["piece"][row]), reason=reason))
+            header = protocol.Batch(job=self.spec.name, step=build.step, dp_rank=rank, micro_batch=micro,
+                                    num_micro_batches=num_micro, checksum=mb.checksum, samples=mb.samples,
+                                    tokens=mb.tokens, skipped=len(mb.skipped))
+            build.batches[(rank, micro)] = EncodedBatch(header, encode_batch(mb.arrays, compression=self.compression))
+            self.stats["built_batches"] += 1
+        for i in np.flatnonzero(rows["rank"] == rank).tolist():
+            build.results[i] = True  # release the loaded arrays; the encoded batches hold the content
+
+    def _lookup(self, rank: int, step: int, micro: int) -> EncodedBatch | None:
+        build = self.builds.get(step)
+        return None if build is None else build.batches.get((rank, micro))
+
+    # -- sockets ----------------------------------------------------------------------------
+
+    def _on_readable(self, sock: zmq.Socket) -> None:
+        frames = sock.recv_multipart(copy=False)
+        try:
+            if sock is self.trainers:
+                identity, body = frames[0].bytes, frames[1:]
+                msg, _ = protocol.decode(body)
+                self.delivery.handle(identity, msg)
+            elif sock is self.link.sock:
+                msg, payload = protocol.decode(frames)
+                if isinstance(msg, protocol.PlanReply):
+                    self._on_plan(msg, payload)
+                elif isinstance(msg, protocol.PoolsReply):
+                    self._on_pools(msg)
+                elif isinstance(msg, protocol.ErrorReply):
+                    log.warning("daemon refused a request: %s: %s", msg.code, msg.reason)
+            else:
+                _, worker = self.by_socket[sock]
+                self._on_load_reply(worker, frames)
+        except ProtocolError as e:
+            self.stats["malformed"] += 1
+            log.warning("dropped malformed message: %s", e)
+            if sock is self.trainers:
+                try:
+                    self.trainers.send_multipart(
+                        [frames[0].bytes, *protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason))],
+                        flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the sender is gone or not listening; the drop is already counted
+
+
+def run_constructor(args: RoleArgs) -> int:
+    """Build and deliver batches for ``args.extra['ranks']`` until stopped."""
+    with open(args.spec_path, encoding="utf-8") as f:
+        spec = parse_job_spec(f.read(), args.spec_origin)
+    stop = StopFlag()
+    ctx = zmq.Context()
+    constructor = Constructor(args, spec, ctx)
+    try:
+        constructor.run(stop)
+    finally:
+        constructor.close()
+        ctx.term()
+    return 0

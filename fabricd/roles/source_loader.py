@@ -1,0 +1,112 @@
+"""The source-loader role: reads, decodes and transforms the units of one source on request.
+
+One process per pool worker. It binds a ROUTER; data constructors send ``LoadRequest`` to the
+workers that are free (the constructor keeps at most a couple of requests in flight per
+worker), so a free worker takes the next request. Bad samples come back as per-unit errors,
+never as a crash; malformed requests are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import zmq
+
+from fabric_client import protocol
+from fabric_client.errors import ProtocolError
+
+from ..config import parse_job_spec
+from ..errors import SampleError
+from ..sources.index import open_index
+from ..sources.transform import SampleLoader, TransformSpec
+from .base import DaemonLink, RoleArgs, StopFlag, configure_socket
+from .sample_wire import encode_load_reply
+
+__all__ = ["run_source_loader", "MAX_UNITS_PER_REQUEST"]
+
+log = logging.getLogger(__name__)
+
+MAX_UNITS_PER_REQUEST = 4096
+
+
+def run_source_loader(args: RoleArgs) -> int:
+    """Serve one source until stopped; returns the process exit code."""
+    with open(args.spec_path, encoding="utf-8") as f:
+        spec = parse_job_spec(f.read(), args.spec_origin)
+    source_name = args.extra["source"]
+    source = next(s for s in spec.sources if s.name == source_name)
+    bucket = spec.bucket(source.bucket)
+    index = open_index(source.name, source.path, format=source.format)
+    tspec = TransformSpec(max_seq_len=bucket.max_seq_len, long_samples=bucket.long_samples,
+                          image_tokens=spec.tokens.image_tokens, image_size=spec.tokens.image_size)
+    loader = SampleLoader(index, tspec)
+
+    stop = StopFlag()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    configure_socket(sock, max_message_bytes=args.max_message_bytes)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    port = sock.bind_to_random_port(f"tcp://{args.bind_host}")
+    link = DaemonLink(ctx, args, f"tcp://{args.bind_host}:{port}")
+    stats = {"requests": 0, "units": 0, "failed_units": 0, "malformed": 0, "busy_s": 0.0,
+             "source": source.name}
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(link.sock, zmq.POLLIN)
+    log.info("source loader %s for %r serving on %s", args.role_id, source.name, link.endpoint)
+    try:
+        while not stop.should_stop():
+            link.beat(stats)
+            events = dict(poller.poll(200))
+            if link.sock in events:
+                link.recv()  # the daemon only acknowledges; nothing to act on yet
+            if sock not in events:
+                continue
+            frames = sock.recv_multipart(copy=False)
+            identity, body = frames[0].bytes, frames[1:]
+            try:
+                msg, payload = protocol.decode(body)
+                if not isinstance(msg, protocol.LoadRequest):
+                    raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"source loader cannot serve {msg.TYPE}")
+                ids, pieces = _request_units(msg, payload, source.name)
+            except ProtocolError as e:
+                stats["malformed"] += 1
+                log.warning("dropped malformed request: %s", e)
+                _send(sock, identity, protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason)))
+                continue
+            started = time.perf_counter()
+            results = loader.load(ids, pieces)
+            stats["busy_s"] += time.perf_counter() - started
+            stats["requests"] += 1
+            stats["units"] += len(results)
+            stats["failed_units"] += sum(isinstance(r, SampleError) for r in results)
+            _send(sock, identity, encode_load_reply(msg, results, spec.tokens.image_size))
+    finally:
+        link.close()
+        sock.close(linger=0)
+        ctx.term()
+    return 0
+
+
+def _request_units(msg: protocol.LoadRequest, payload: list, source: str) -> tuple[np.ndarray, np.ndarray]:
+    if msg.source != source:
+        raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"this worker serves {source!r}, not {msg.source!r}")
+    if len(payload) != 2 or not 0 < msg.count <= MAX_UNITS_PER_REQUEST:
+        raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_request with {len(payload)} frames, count {msg.count}")
+    try:
+        ids = np.frombuffer(payload[0].buffer, np.int64)
+        pieces = np.frombuffer(payload[1].buffer, np.int32)
+    except ValueError as e:
+        raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_request frames: {e}") from e
+    if len(ids) != msg.count or len(pieces) != msg.count:
+        raise ProtocolError(protocol.ErrorCode.MALFORMED, "load_request frame sizes do not match count")
+    return ids, pieces
+
+
+def _send(sock: zmq.Socket, identity: bytes, frames: list) -> None:
+    try:
+        sock.send_multipart([identity, *frames], copy=False, flags=zmq.NOBLOCK)
+    except zmq.ZMQError as e:  # peer gone (EHOSTUNREACH) or its queue full: it will retry elsewhere
+        log.info("reply to a vanished or full constructor dropped: %s", e)

@@ -1,0 +1,38 @@
+# Sourced by scripts/demo and scripts/test: makes sure .venv exists and has fabricd installed.
+# Needs only Python >= 3.11 on the machine; everything else comes from the package index.
+set -euo pipefail
+FABRICD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$FABRICD_ROOT/.venv"
+STAMP="$VENV/.fabricd-installed"
+
+_find_python() {
+  for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+      echo "$candidate"; return 0
+    fi
+  done
+  echo "fabricd needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2
+  return 1
+}
+
+_needs_install() {
+  [ -x "$VENV/bin/python" ] || return 0
+  [ -f "$STAMP" ] || return 0
+  for f in "$FABRICD_ROOT/pyproject.toml" "$FABRICD_ROOT/client/pyproject.toml"; do
+    [ "$f" -nt "$STAMP" ] && return 0
+  done
+  return 1
+}
+
+if _needs_install; then
+  py="$(_find_python)"
+  echo "bootstrapping $VENV with $($py --version 2>&1) (first run only) ..." >&2
+  [ -x "$VENV/bin/python" ] || "$py" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+      -e "$FABRICD_ROOT/client" -e "$FABRICD_ROOT[test]" >&2
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,131 @@
+"""Shared fixtures: a tiny generated corpus, job specs pointing at it, and local daemons.
+
+Every daemon a test starts is stopped at teardown together with every process it spawned
+(by pid), and the teardown fails the test if any of them outlived the stop.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_script(name: str):
+    path = ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"fabricd_scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def make_dataset_module():
+    return _load_script("make_dataset")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory, make_dataset_module) -> Path:
+    """A small 5-source corpus (with a few corrupt samples), built once per test worker."""
+    out = tmp_path_factory.mktemp("corpus")
+    make_dataset_module.make_dataset(out, samples_per_source=48, seed=3, corrupt_fraction=0.03, progress=False)
+    return out
+
+
+def write_job(path: Path, corpus: Path, *, name: str = "t", dp_size: int = 2, mp_size: int = 1,
+              ranks_per_constructor: int = 1, samples_per_step: int = 16, prefetch: int = 2,
+              compression: str = "lz4", extra: str = "") -> Path:
+    """Write a job spec over the tiny corpus: all five sources, a linear curriculum."""
+    path.write_text(f"""
+[job]
+name = "{name}"
+seed = 11
+
+[topology]
+dp_size = {dp_size}
+mp_size = {mp_size}
+ranks_per_constructor = {ranks_per_constructor}
+
+[batch]
+samples_per_step = {samples_per_step}
+micro_batch_tokens = 8192
+prefetch = {prefetch}
+compression = "{compression}"
+
+[tokens]
+image_tokens = 16
+image_size = 32
+
+[cost]
+attention = 1.0
+linear = 4096.0
+per_image = 1024.0
+
+[[buckets]]
+name = "short"
+max_seq_len = 2048
+long_samples = "truncate"
+
+[[buckets]]
+name = "long"
+max_seq_len = 8192
+long_samples = "split"
+
+[[sources]]
+name = "captions"
+path = "{corpus / 'captions'}"
+
+[[sources]]
+name = "interleaved"
+path = "{corpus / 'interleaved'}"
+
+[[sources]]
+name = "longdocs"
+path = "{corpus / 'longdocs'}"
+bucket = "long"
+
+[[sources]]
+name = "code"
+path = "{corpus / 'code'}"
+
+[[sources]]
+name = "ocr"
+path = "{corpus / 'ocr'}"
+
+[mixture]
+kind = "linear"
+
+[[mixture.points]]
+step = 0
+weights = {{ captions = 0.3, interleaved = 0.2, longdocs = 0.1, code = 0.2, ocr = 0.2 }}
+
+[[mixture.points]]
+step = 4
+weights = {{ captions = 0.2, interleaved = 0.2, longdocs = 0.3, code = 0.2, ocr = 0.1 }}
+{extra}
+""")
+    return path
+
+
+@pytest.fixture
+def local_daemon(tmp_path) -> Iterator:
+    """A running daemon in its own temp dir; stopped (and checked for leftovers) at teardown."""
+    from fabricd.localnode import LocalDaemon
+
+    daemon = LocalDaemon(tmp_path / "node", node_id="test")
+    daemon.start()
+    pids = [daemon.proc.pid]
+    try:
+        yield daemon
+    finally:
+        pids += [p.pid for p in daemon.descendants()]
+        daemon.stop()
+        alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"processes outlived the daemon: {alive}"
