@@ -30,9 +30,15 @@ if _needs_install; then
   py="$(_find_python)"
   echo "bootstrapping $VENV with $($py --version 2>&1) (first run only) ..." >&2
   [ -x "$VENV/bin/python" ] || "$py" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-      -e "$FABRICD_ROOT/client" -e "$FABRICD_ROOT[test]" >&2
+  log="$VENV/bootstrap.log"
+  if ! { "$VENV/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
+         "$VENV/bin/python" -m pip install --disable-pip-version-check \
+             -e "$FABRICD_ROOT/client" -e "$FABRICD_ROOT[test]"; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "bootstrap failed; full log: $log" >&2
+    exit 1
+  fi
   touch "$STAMP"
+  echo "bootstrapped; install log: $log" >&2
 fi
 export PATH="$VENV/bin:$PATH"
