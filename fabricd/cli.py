@@ -182,7 +182,7 @@ def expect_cmd(job_file: str, steps: str, dp_size: int | None) -> None:
         raise click.BadParameter(f"{steps!r} is not START:STOP", param_hint="--steps") from e
     try:
         spec = load_job_spec(job_file)
-        for batch in expected_batches(spec, range(start, stop), dp_size=dp_size):
+        for batch in expected_batches(spec, range(start, stop), dp_size=dp_size, progress=sys.stderr.isatty()):
             click.echo(json.dumps(batch.to_dict()))
     except FabricdError as e:
         raise click.ClickException(str(e)) from e

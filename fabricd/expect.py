@@ -74,8 +74,9 @@ class BatchOracle:
                                     skipped=len(mb.skipped))
 
 
-def expected_batches(spec: JobSpec, steps: Iterable[int], *, dp_size: int | None = None) -> Iterator[ExpectedBatch]:
+def expected_batches(spec: JobSpec, steps: Iterable[int], *, dp_size: int | None = None,
+                     progress: bool = False) -> Iterator[ExpectedBatch]:
     """The expected batches of ``steps``, for ``dp_size`` ranks (the spec's by default)."""
-    oracle = BatchOracle(spec, dp_size=dp_size)
+    oracle = BatchOracle(spec, dp_size=dp_size, progress=progress)
     for step in steps:
         yield from oracle.step(step)

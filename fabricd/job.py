@@ -7,6 +7,7 @@ checksums come from the very planner the daemon runs.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -33,9 +34,13 @@ PLAN_COLUMNS = (("rank", "int32"), ("micro", "int32"), ("source", "int32"), ("sa
 PLAN_CACHE_STEPS = 128
 
 
-def open_sources(spec: JobSpec, *, progress: bool = False) -> dict[str, SourceIndex]:
-    """Open (building or reusing) the index of every source of ``spec``."""
-    return {s.name: open_index(s.name, s.path, format=s.format, progress=progress) for s in spec.sources}
+def open_sources(spec: JobSpec, *, index_dir: Path | None = None, progress: bool = False) -> dict[str, SourceIndex]:
+    """Open (building or reusing) the index of every source of ``spec``.
+
+    Indexes live next to their source; ``index_dir`` is where they go when a source is read-only.
+    """
+    return {s.name: open_index(s.name, s.path, format=s.format, index_dir=index_dir, progress=progress)
+            for s in spec.sources}
 
 
 def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
@@ -74,6 +79,7 @@ class JobRuntime:
         self.node = node
         self.control_endpoint = control_endpoint
         self.supervisor = supervisor
+        self.index_dir = node.state_dir / "indexes"
         self.state = "indexing"
         self.error: str | None = None
         self.fingerprint = ""
@@ -93,7 +99,7 @@ class JobRuntime:
     def _prepare(self) -> None:
         try:
             started = time.monotonic()
-            indexes = open_sources(self.spec)
+            indexes = open_sources(self.spec, index_dir=self.index_dir, progress=sys.stderr.isatty())
             planner = build_planner(self.spec, indexes)
             self.fingerprint = self.spec.fingerprint({n: i.fingerprint for n, i in indexes.items()})
             self.indexes, self.planner = indexes, planner
@@ -123,7 +129,8 @@ class JobRuntime:
         for s in self.spec.sources:
             for w in range(s.workers or self.node.loader_workers):
                 rid = f"{self.spec.name}/loader/{s.name}/{w}"
-                self.supervisor.start(self._role_args("source_loader", rid, source=s.name))
+                self.supervisor.start(self._role_args("source_loader", rid, source=s.name,
+                                                      index_dir=str(self.index_dir)))
                 self.role_ids.append(rid)
         for g, ranks in enumerate(self.groups):
             rid = f"{self.spec.name}/constructor/{g}"

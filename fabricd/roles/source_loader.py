@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import zmq
@@ -38,7 +39,7 @@ def run_source_loader(args: RoleArgs) -> int:
     source_name = args.extra["source"]
     source = next(s for s in spec.sources if s.name == source_name)
     bucket = spec.bucket(source.bucket)
-    index = open_index(source.name, source.path, format=source.format)
+    index = open_index(source.name, source.path, format=source.format, index_dir=Path(args.extra["index_dir"]))
     tspec = TransformSpec(max_seq_len=bucket.max_seq_len, long_samples=bucket.long_samples,
                           image_tokens=spec.tokens.image_tokens, image_size=spec.tokens.image_size)
     loader = SampleLoader(index, tspec)
