@@ -1,0 +1,350 @@
+"""Balancing: split items (units with a cost) over bins (DP ranks), and pack a rank's units
+into micro-batches under a token budget.
+
+Algorithms are pure functions picked by name from ``BALANCERS``. Every one is deterministic:
+ties are broken by index order (stable sorts), never by hashing or timing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["BALANCERS", "balance", "lpt", "karmarkar_karp", "pack_micro_batches", "pack_micro_batches_grouped"]
+
+log = logging.getLogger(__name__)
+
+#: Up to this many bins LPT runs the exact per-item heap algorithm.
+_EXACT_LPT_BINS = 8
+#: Swap-refinement rounds and the largest (items per bin + 1)² it considers.
+_REFINE_ROUNDS = 12
+_REFINE_MAX_CELLS = 1 << 22
+_REFINE_TOLERANCE = 1e-3
+
+
+def _check(costs: np.ndarray, num_bins: int) -> np.ndarray:
+    c = np.asarray(costs, dtype=np.float64).ravel()
+    if isinstance(num_bins, bool) or int(num_bins) != num_bins or int(num_bins) < 1:
+        raise ValueError(f"num_bins must be an integer >= 1, got {num_bins!r}")
+    if c.size and (not np.isfinite(c).all() or float(c.min()) < 0):
+        bad = np.flatnonzero(~np.isfinite(c) | (c < 0))[0]
+        raise ValueError(f"costs must be finite and >= 0; item {int(bad)} has cost {float(c[bad])!r}")
+    return c
+
+
+def _lpt_exact(costs: np.ndarray, k: int) -> np.ndarray:
+    """Per-item LPT with a heap: largest cost first onto the least-loaded (then lowest) bin."""
+    order = np.argsort(-costs, kind="stable")
+    bins = np.empty(costs.size, dtype=np.int32)
+    heap = [(0.0, b) for b in range(k)]
+    values = costs[order].tolist()
+    for item, c in zip(order.tolist(), values):
+        load, b = heap[0]
+        bins[item] = b
+        heapq.heapreplace(heap, (load + c, b))
+    return bins
+
+
+def _lpt_rounds(costs: np.ndarray, k: int) -> np.ndarray:
+    """LPT in vectorized chunks: the next items (largest first) go to the least-loaded bins in one
+    step for as long as that is what per-item LPT would do, i.e. while the i-th lightest bin is no
+    heavier than any bin that already took an item of the chunk. Typically ~n/k + 20 chunks; past
+    a safety cap on chunks, whole rounds are forced (plain round-based LPT)."""
+    order = np.argsort(-costs, kind="stable")
+    n = costs.size
+    bins = np.empty(n, dtype=np.int32)
+    loads = np.zeros(k, dtype=np.float64)
+    pos = 0
+    chunks = 0
+    cap = 4 * (-(-n // k)) + 64
+    while pos < n:
+        m = min(k, n - pos)
+        items = order[pos : pos + m]
+        target = np.argsort(loads, kind="stable")[:m]
+        x = costs[items]
+        cut = m
+        if chunks < cap and m > 1:
+            lo = loads[target]
+            reach = np.minimum.accumulate(lo + x)
+            bad = np.flatnonzero(lo[1:] > reach[:-1])
+            if bad.size:
+                cut = int(bad[0]) + 1
+        bins[items[:cut]] = target[:cut]
+        loads[target[:cut]] += x[:cut]
+        pos += cut
+        chunks += 1
+    return bins
+
+
+def _refine(costs: np.ndarray, bins: np.ndarray, k: int, rounds: int = _REFINE_ROUNDS) -> np.ndarray:
+    """Pairwise improvement: pair the i-th heaviest with the i-th lightest bin and apply, per pair,
+    the move or swap that brings both closest to their mean. Never raises the maximum load, never
+    empties a bin. Vectorized over pairs."""
+    if k < 2 or costs.size < 2:
+        return bins
+    bins = bins.copy()
+    n = costs.size
+    # Exactly rounded (fsum over the per-bin sums): no platform-dependent reduction order.
+    mean = math.fsum(np.bincount(bins, weights=costs, minlength=k).tolist()) / k
+    # No assignment can beat this; stop once within a hair of it.
+    good_enough = max(mean, float(costs.max())) * (1.0 + _REFINE_TOLERANCE)
+    for _ in range(rounds):
+        loads = np.bincount(bins, weights=costs, minlength=k)
+        if float(loads.max()) <= good_enough:
+            break
+        cnt = np.bincount(bins, minlength=k)
+        width = int(cnt.max()) + 1  # one padding slot: swapping with it is a move
+        # Only bins above the target can lower the maximum: pair each with a light bin.
+        pairs = max(1, min(k // 2, int(np.count_nonzero(loads > mean * (1.0 + _REFINE_TOLERANCE)))))
+        if pairs * width * width > _REFINE_MAX_CELLS:
+            pairs = max(1, _REFINE_MAX_CELLS // (width * width))
+            if width * width > _REFINE_MAX_CELLS:
+                return bins
+        asc = np.argsort(loads, kind="stable")
+        light = asc[:pairs]
+        heavy = asc[::-1][:pairs]
+        by_bin = np.argsort(bins, kind="stable")
+        start = np.cumsum(cnt) - cnt
+        slot = np.empty(n, dtype=np.int64)
+        slot[by_bin] = np.arange(n) - np.repeat(start, cnt)
+        items = np.full((k, width), -1, dtype=np.int64)
+        items[bins, slot] = np.arange(n)
+        cmat = np.where(items >= 0, costs[np.maximum(items, 0)], 0.0)
+        gap = loads[heavy] - loads[light]
+        delta = cmat[heavy][:, :, None] - cmat[light][:, None, :]
+        ok = (delta > 0) & (delta < gap[:, None, None])
+        if not ok.any():
+            break
+        score = np.where(ok, np.abs(delta - 0.5 * gap[:, None, None]), np.inf).reshape(pairs, -1)
+        best = np.argmin(score, axis=1)
+        act = np.isfinite(score[np.arange(pairs), best])
+        hs, ls = np.divmod(best[act], width)
+        ha, la = heavy[act], light[act]
+        hi = items[ha, hs]
+        li = items[la, ls]
+        old_max = float(loads.max())
+        new = bins.copy()
+        new[hi[hi >= 0]] = la[hi >= 0]
+        new[li[li >= 0]] = ha[li >= 0]
+        new_max = float(np.bincount(new, weights=costs, minlength=k).max())
+        if new_max > old_max:
+            break
+        bins = new
+        if new_max == old_max and not (act & (heavy == asc[-1])).any():
+            break
+    return bins
+
+
+def lpt(costs: np.ndarray, num_bins: int) -> np.ndarray:
+    """Greedy longest-processing-time, then pairwise swap refinement.
+
+    Up to 8 bins it runs exact per-item LPT on a heap; above, the same greedy in vectorized
+    chunks (O(n log n + chunks·k log k), typically ~n/k + 20 chunks). Both finish with a vectorized refinement that
+    never raises the maximum load. Deterministic: stable sorts, ties to the lower index.
+    """
+    c = _check(costs, num_bins)
+    k = int(num_bins)
+    if k == 1 or c.size == 0:
+        return np.zeros(c.size, dtype=np.int32)
+    if k <= _EXACT_LPT_BINS:
+        bins = _lpt_exact(c, k)
+    else:
+        bins = _lpt_rounds(c, k)
+    return _refine(c, bins, k)
+
+
+def karmarkar_karp(costs: np.ndarray, num_bins: int) -> np.ndarray:
+    """Karmarkar–Karp largest differencing method for k-way partitioning.
+
+    Keeps a heap of partial partitions (sorted k-tuples of bin sums); repeatedly merges the two
+    with the largest max−min difference, pairing the largest sums of one with the smallest of
+    the other. Time O(n log n + n·k log k), memory O(n·k): fine for DP sizes up to a few hundred,
+    slow for thousands of bins (use "lpt" there). Deterministic: ties by creation order.
+    """
+    c = _check(costs, num_bins)
+    k = int(num_bins)
+    n = c.size
+    if k == 1 or n == 0:
+        return np.zeros(n, dtype=np.int32)
+    sums: list[np.ndarray | None] = [None] * n  # leaves materialise lazily
+    children: list[tuple[int, int, np.ndarray] | None] = [None] * n
+    heap = [(-float(c[i]), i) for i in range(n)]
+    heapq.heapify(heap)
+
+    def leaf_sums(i: int) -> np.ndarray:
+        s = np.zeros(k, dtype=np.float64)
+        s[0] = c[i]
+        return s
+
+    while len(heap) > 1:
+        _, a = heapq.heappop(heap)
+        _, b = heapq.heappop(heap)
+        sa = sums[a] if sums[a] is not None else leaf_sums(a)
+        sb = sums[b] if sums[b] is not None else leaf_sums(b)
+        combined = sa + sb[::-1]
+        order = np.argsort(-combined, kind="stable")
+        merged = combined[order]
+        sums[a] = sums[b] = None
+        sums.append(merged)
+        children.append((a, b, order))
+        heapq.heappush(heap, (-(float(merged[0]) - float(merged[-1])), len(sums) - 1))
+    root = heap[0][1]
+    bins = np.empty(n, dtype=np.int32)
+    stack: list[tuple[int, np.ndarray]] = [(root, np.arange(k, dtype=np.int32))]
+    while stack:
+        node, mapping = stack.pop()
+        if node < n:
+            bins[node] = mapping[0]
+            continue
+        a, b, order = children[node]  # type: ignore[misc]
+        map_a = np.empty(k, dtype=np.int32)
+        map_b = np.empty(k, dtype=np.int32)
+        map_a[order] = mapping
+        map_b[k - 1 - order] = mapping
+        stack.append((b, map_b))
+        stack.append((a, map_a))
+    return bins
+
+
+def _fill_empty_bins(costs: np.ndarray, bins: np.ndarray, k: int) -> np.ndarray:
+    """Give every empty bin one item (the cheapest of the fullest bin) when there are enough items."""
+    if costs.size < k:
+        return bins
+    cnt = np.bincount(bins, minlength=k)
+    empty = np.flatnonzero(cnt == 0)
+    if empty.size == 0:
+        return bins
+    bins = bins.copy()
+    for e in empty.tolist():
+        donor = int(np.argmax(cnt))
+        members = np.flatnonzero(bins == donor)
+        item = members[np.argmin(costs[members])]
+        bins[item] = e
+        cnt[donor] -= 1
+        cnt[e] += 1
+    return bins
+
+
+BALANCERS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+    "lpt": lpt,
+    "kk": karmarkar_karp,
+}
+
+
+def balance(costs: np.ndarray, num_bins: int, method: str = "lpt") -> np.ndarray:
+    """int32 bin of each item, from the balancer named ``method``.
+
+    Promises: deterministic; every bin gets at least one item whenever there are at least
+    ``num_bins`` items.
+    """
+    try:
+        fn = BALANCERS[method]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown balance method {method!r}; expected one of {sorted(BALANCERS)}") from None
+    c = _check(costs, num_bins)
+    bins = fn(c, int(num_bins))
+    return _fill_empty_bins(c, bins.astype(np.int32, copy=False), int(num_bins))
+
+
+# --------------------------------------------------------------------------- micro-batches
+
+
+def pack_micro_batches_grouped(
+    group: np.ndarray, num_groups: int, tokens: np.ndarray, costs: np.ndarray, capacity: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``pack_micro_batches`` for many ranks at once, vectorized over ranks.
+
+    ``group[i]`` is the rank of item i. Returns (micro-batch of each item int32[n], number of
+    micro-batches of each group int32[num_groups]); a group without items has 0 micro-batches.
+    Each group's result equals ``pack_micro_batches`` on that group's items alone (in order).
+    """
+    g = np.asarray(group, dtype=np.int64).ravel()
+    t = np.asarray(tokens, dtype=np.int64).ravel()
+    c = np.asarray(costs, dtype=np.float64).ravel()
+    G = int(num_groups)
+    if isinstance(capacity, bool) or int(capacity) != capacity or int(capacity) < 1:
+        raise ValueError(f"micro-batch capacity must be an integer >= 1 tokens, got {capacity!r}")
+    cap = int(capacity)
+    if not (g.shape == t.shape == c.shape):
+        raise ValueError(f"group, tokens and costs differ in length: {g.size}, {t.size}, {c.size}")
+    n = t.size
+    micro = np.zeros(n, dtype=np.int32)
+    if n == 0:
+        return micro, np.zeros(G, dtype=np.int32)
+    if int(g.min()) < 0 or int(g.max()) >= G:
+        raise ValueError(f"group ids must lie in [0, {G}), got {int(g.min())}..{int(g.max())}")
+    big = np.flatnonzero(t > cap)
+    if big.size:
+        raise ValueError(f"unit {int(big[0])} has {int(t[big[0]])} tokens, more than the micro-batch capacity {cap}")
+    if int(t.min()) < 0:
+        raise ValueError(f"token counts must be >= 0, got {int(t.min())}")
+    num = (np.bincount(g, minlength=G) > 0).astype(np.int32)
+    over = np.bincount(g, weights=t, minlength=G) > cap
+    if not over.any():
+        return micro, num  # fast path: every group fits in one micro-batch
+    sel = np.flatnonzero(over[g])
+    ug, gi = np.unique(g[sel], return_inverse=True)
+    ts, cs = t[sel], c[sel]
+    R = ug.size
+    m_items = sel.size
+    cnt = np.bincount(gi, minlength=R)
+    start = np.cumsum(cnt) - cnt
+    tsum = np.bincount(gi, weights=ts, minlength=R)
+    width = int(min(cnt.max(), int(np.max(2 * tsum // cap)) + 2))
+    rows = np.arange(R)
+
+    # First-fit decreasing by tokens, all groups in lockstep (position p = p-th largest of each group).
+    order = np.lexsort((np.arange(m_items), -ts, gi))
+    ffd = np.empty(m_items, dtype=np.int64)
+    fill = np.zeros((R, width), dtype=np.int64)
+    used = np.zeros(R, dtype=np.int64)
+    for p in range(int(cnt.max())):
+        gs = rows[cnt > p]
+        it = order[start[gs] + p]
+        room = fill[gs] + ts[it][:, None] <= cap
+        if not room.any(axis=1).all():  # defensive: widen (first fit never needs more than 2·sum/cap + 1)
+            fill = np.hstack([fill, np.zeros((R, width), dtype=np.int64)])
+            width *= 2
+            room = fill[gs] + ts[it][:, None] <= cap
+        b = np.argmax(room, axis=1)
+        fill[gs, b] += ts[it]
+        ffd[it] = b
+        used[gs] = np.maximum(used[gs], b + 1)
+
+    # Spread cost: LPT by cost over the same number of micro-batches, within the token budget.
+    order = np.lexsort((np.arange(m_items), -cs, gi))
+    spread = np.empty(m_items, dtype=np.int64)
+    tfill = np.zeros((R, width), dtype=np.int64)
+    cfill = np.zeros((R, width), dtype=np.float64)
+    allowed = np.arange(width)[None, :] < used[:, None]
+    failed = np.zeros(R, dtype=bool)
+    for p in range(int(cnt.max())):
+        gs = rows[cnt > p]
+        it = order[start[gs] + p]
+        room = (tfill[gs] + ts[it][:, None] <= cap) & allowed[gs]
+        failed[gs] |= ~room.any(axis=1)
+        b = np.argmin(np.where(room, cfill[gs], np.inf), axis=1)
+        tfill[gs, b] += ts[it]
+        cfill[gs, b] += cs[it]
+        spread[it] = b
+    choice = np.where(failed[gi], ffd, spread)
+    micro[sel] = choice.astype(np.int32)
+    num[ug] = used.astype(np.int32)
+    return micro, num
+
+
+def pack_micro_batches(tokens: np.ndarray, costs: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
+    """One rank's units -> (micro-batch index int32 per unit, number of micro-batches).
+
+    Every micro-batch's token sum is <= ``capacity`` (a unit longer than ``capacity`` raises
+    ValueError). Uses as many micro-batches as first-fit-decreasing needs, then spreads cost over
+    them by capacity-constrained LPT (falling back to the FFD packing if that does not fit).
+    Everything that fits in one micro-batch goes to micro-batch 0.
+    """
+    t = np.asarray(tokens).ravel()
+    micro, num = pack_micro_batches_grouped(np.zeros(t.size, dtype=np.int64), 1, t, costs, capacity)
+    return micro, int(num[0])
