@@ -1,0 +1,99 @@
+"""Data sources: indexing, random-access reading and transforming samples into training units.
+
+Source schema
+=============
+
+A *source* is one dataset: a directory (every ``*.parquet`` or every ``*.jsonl`` file below it,
+recursively, sorted by relative path; hidden paths and paths starting with ``_`` are ignored) or
+a single file. The format is inferred from the extensions; a directory mixing formats is refused.
+
+Parquet
+-------
+* ``text`` (string, required): the sample's text. A row whose text is null is skipped and counted.
+* ``images`` (``list<binary>``, optional): the sample's images as encoded JPEG/PNG bytes (any
+  format Pillow decodes works). ``list<struct<bytes: binary, path: string>>``, as Hugging Face
+  ``datasets`` writes images, is accepted too.
+* Any other column is ignored and never read.
+
+JSONL
+-----
+One JSON object per line: ``{"text": "...", "images": ["pages/0001.png", ...]}``. ``images`` is
+optional and holds paths relative to the JSONL file. Other keys are ignored, blank lines are
+ignored, and a malformed line (bad JSON, no string ``text``, ``images`` not a list of strings)
+is skipped and counted when the source is indexed, never an error.
+
+Images and text
+---------------
+Each ``<image>`` in the text marks where the next image goes, in order: placeholder ``i`` takes
+image ``i``. If the text has fewer placeholders than images, the images left over go *first*,
+before the text, in their list order (so a caption dataset needs no placeholder at all).
+Placeholders beyond the number of images are removed. Text is tokenized byte-level (one token
+per UTF-8 byte, plus an end-of-sequence token); each image becomes a fixed block of image
+tokens. Samples longer than the context are split into context-sized pieces (text only) or
+truncated, as the job spec says.
+
+Converting your own data
+------------------------
+.. code-block:: python
+
+    import pyarrow as pa, pyarrow.parquet as pq
+
+    def encoded(path):                      # keep images encoded: never store pixels
+        with open(path, "rb") as f:
+            return f.read()
+
+    table = pa.table({
+        "text": pa.array(["<image> a red bicycle against a wall", "a text-only document ..."]),
+        "images": pa.array([[encoded("bike.jpg")], []], type=pa.list_(pa.binary())),
+    })
+    # Small row groups: samples are read at random, and a read decodes a whole row group.
+    pq.write_table(table, "mydata/part-00000.parquet", row_group_size=128, compression="zstd")
+
+Keep row groups small (a few MB, e.g. 64-256 rows of multimodal data): every random read of
+one sample reads and decompresses its whole row group. Split a large dataset into many files
+of a few hundred MB each.
+
+Index
+-----
+The first time a source is opened, fabricd indexes it (token and image counts of every sample,
+in bounded memory) and stores the index next to it, in ``<dir>/.fabricd-index/`` for a
+directory or ``<file>.fabricd-index.parquet`` for a single file (or under the node's index
+directory when the source is read-only). The index is reused until a data file is added,
+removed or rewritten; a source that changes under a running job is refused until it is
+re-indexed explicitly. A sample id is a sample's position in the index.
+
+Public API
+----------
+:func:`open_index` builds or reuses a :class:`SourceIndex`; :class:`SourceReader` reads raw
+samples by id; :class:`SampleLoader` reads, decodes and transforms units by
+``(sample id, piece)`` under a :class:`TransformSpec`, following the length rule documented in
+:mod:`fabricd.sources.transform`.
+"""
+
+from fabricd.sources.index import INDEX_VERSION, SourceIndex, open_index, source_fingerprint
+from fabricd.sources.reader import RawSample, SourceReader
+from fabricd.sources.transform import (
+    SampleData,
+    SampleLoader,
+    TransformSpec,
+    decode_image,
+    num_pieces,
+    transform,
+    unit_lengths,
+)
+
+__all__ = [
+    "INDEX_VERSION",
+    "SourceIndex",
+    "open_index",
+    "source_fingerprint",
+    "RawSample",
+    "SourceReader",
+    "TransformSpec",
+    "SampleData",
+    "SampleLoader",
+    "transform",
+    "decode_image",
+    "num_pieces",
+    "unit_lengths",
+]
