@@ -20,6 +20,8 @@ from .errors import ConfigError
 
 __all__ = [
     "NodeConfig",
+    "ClusterConfig",
+    "PeerSpec",
     "JobSpec",
     "Topology",
     "BatchShape",
@@ -137,6 +139,31 @@ def _parse_toml(text: str, file: str) -> dict:
 
 
 @dataclass(frozen=True)
+class PeerSpec:
+    node_id: str
+    control: str           # the peer's control endpoint, as this node reaches it
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The fabric's daemons. A node with no ``[cluster]`` table is a cluster of one."""
+
+    peers: tuple[PeerSpec, ...]   # every daemon, this one included
+    voters: tuple[str, ...]       # daemons whose majority grants the lease
+    required_acks: int            # shadows that must hold a log record before it is committed
+    lease_duration_s: float
+    renew_deadline_s: float
+    retry_period_s: float
+    missed_beats: int             # heartbeats missed before a member is declared dead
+
+    def peer(self, node_id: str) -> PeerSpec:
+        for p in self.peers:
+            if p.node_id == node_id:
+                return p
+        raise KeyError(node_id)
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """One daemon's settings (``/etc/fabricd/fabricd.toml``)."""
 
@@ -151,6 +178,7 @@ class NodeConfig:
     restart_backoff_max_s: float
     heartbeat_s: float
     max_message_bytes: int
+    cluster: ClusterConfig
 
     @property
     def endpoint_file(self) -> Path:
@@ -167,6 +195,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     node = root.table("node", required=True)
     roles = root.table("roles")
     limits = root.table("limits")
+    cluster_t = root.table("cluster")
     control = node.str("control", "tcp://127.0.0.1:7700")
     if not control.startswith(("tcp://", "ipc://")):
         raise node.error("control", control, "expected a tcp:// or ipc:// endpoint")
@@ -177,9 +206,11 @@ def load_node_config(path: str | Path) -> NodeConfig:
     backoff_max = roles.float("restart_backoff_max_s", 10.0, positive=True)
     if backoff_max < backoff:
         raise roles.error("restart_backoff_max_s", backoff_max, f"must be >= restart_backoff_s ({backoff})")
+    node_id = node.str("id", required=True)
+    cluster = _cluster_config(cluster_t, node_id, control)
     cfg = NodeConfig(
         file=file,
-        node_id=node.str("id", required=True),
+        node_id=node_id,
         control=control,
         advertise_host=node.str("advertise_host", "127.0.0.1"),
         state_dir=state_dir,
@@ -189,10 +220,47 @@ def load_node_config(path: str | Path) -> NodeConfig:
         restart_backoff_max_s=backoff_max,
         heartbeat_s=roles.float("heartbeat_s", 1.0, positive=True),
         max_message_bytes=limits.int("max_message_bytes", 256 << 20, min=1 << 16),
+        cluster=cluster,
     )
-    for table in (node, roles, limits, root):
+    for table in (node, roles, limits, cluster_t, root):
         table.done()
     return cfg
+
+
+def _cluster_config(t: _Table, node_id: str, control: str) -> ClusterConfig:
+    peers = []
+    for p in t.tables("peers"):
+        peer = PeerSpec(node_id=p.str("id", required=True), control=p.str("control", required=True))
+        if not peer.control.startswith(("tcp://", "ipc://")):
+            raise p.error("control", peer.control, "expected a tcp:// or ipc:// endpoint")
+        if any(o.node_id == peer.node_id for o in peers):
+            raise p.error("id", peer.node_id, "duplicate peer id")
+        p.done()
+        peers.append(peer)
+    if not peers:
+        peers = [PeerSpec(node_id=node_id, control=control.replace("0.0.0.0", "127.0.0.1"))]
+    ids = tuple(p.node_id for p in peers)
+    if node_id not in ids:
+        raise t.error("peers", list(ids), f"must include this node ({node_id!r})")
+    voters = t._get("voters", list(ids), False)
+    if not isinstance(voters, list) or not voters or any(v not in ids for v in voters) or len(set(voters)) != len(voters):
+        raise t.error("voters", voters, f"expected a non-empty list of distinct peer ids ({', '.join(ids)})")
+    lease = t.float("lease_duration_s", 2.0, positive=True)
+    renew = t.float("renew_deadline_s", 1.3, positive=True)
+    retry = t.float("retry_period_s", 0.3, positive=True)
+    if not retry < renew < lease:
+        raise t.error("renew_deadline_s", renew,
+                      f"need retry_period_s ({retry}) < renew_deadline_s ({renew}) < lease_duration_s ({lease})")
+    return ClusterConfig(
+        peers=tuple(peers),
+        voters=tuple(voters),
+        # default: leader + required_acks shadows form a majority of the voters
+        required_acks=t.int("required_acks", len(voters) // 2, min=0, max=max(0, len(peers) - 1)),
+        lease_duration_s=lease,
+        renew_deadline_s=renew,
+        retry_period_s=retry,
+        missed_beats=t.int("missed_beats", 3, min=1, max=100),
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""The control plane's replicated core: the lease election and (later) the checkpoint log."""
+
+from fabricd.cluster.lease import (
+    CANDIDATE,
+    FOLLOWER,
+    LEADER,
+    PRE_CANDIDATE,
+    Action,
+    BecameLeader,
+    LeaderChanged,
+    LeaseAck,
+    LeaseBackend,
+    LeaseConfig,
+    LeaseElection,
+    LeaseMessage,
+    LeaseRenew,
+    Send,
+    SteppedDown,
+    VoteReply,
+    VoteRequest,
+)
+from fabricd.cluster.term_store import FileTermStore, MemoryTermStore, TermStore, TermStoreError
+
+__all__ = [
+    "CANDIDATE",
+    "FOLLOWER",
+    "LEADER",
+    "PRE_CANDIDATE",
+    "Action",
+    "BecameLeader",
+    "LeaderChanged",
+    "LeaseAck",
+    "LeaseBackend",
+    "LeaseConfig",
+    "LeaseElection",
+    "LeaseMessage",
+    "LeaseRenew",
+    "Send",
+    "SteppedDown",
+    "VoteReply",
+    "VoteRequest",
+    "FileTermStore",
+    "MemoryTermStore",
+    "TermStore",
+    "TermStoreError",
+]
