@@ -1,0 +1,214 @@
+"""The batch codec: named numpy arrays ⇄ one Arrow IPC stream, plus the content checksum.
+
+A batch is any number of named numpy arrays of any shape and numeric (or bool) dtype. It is
+encoded as an Arrow IPC stream holding one record batch of one row: each column is a
+``LargeList`` whose single value is the flattened array; the dtypes and shapes travel in the
+schema metadata. The constructor encodes a batch **once** and sends the same buffer to every
+trainer that needs it.
+
+Promises:
+
+- :func:`decode_batch` returns arrays that *view* the buffer it was given when the stream is
+  uncompressed, and view the decompressed buffers (nothing copied beyond the decompression
+  itself) when it is lz4-compressed.
+- :func:`decode_batch` raises :class:`~fabric_client.errors.ProtocolError` with code
+  ``malformed`` for any buffer that is not a batch written by :func:`encode_batch`; it never
+  lets a pyarrow exception escape.
+- :func:`checksum` depends only on the array *content* (names, dtypes, shapes, bytes), never on
+  the compression, so sender and receiver compute the same value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import ProtocolError
+from .protocol import ErrorCode
+
+__all__ = ["encode_batch", "decode_batch", "checksum", "COMPRESSIONS", "CHECKSUM_ALGORITHM"]
+
+#: Accepted values of ``encode_batch(compression=...)``.
+COMPRESSIONS = ("lz4", "zstd", None)
+#: Name of the digest :func:`checksum` computes (sha-class; see :func:`checksum`).
+CHECKSUM_ALGORITHM = "sha256"
+
+_META_KEY = b"fabric.arrays"
+_META_VERSION = 1
+#: numpy dtypes without an Arrow equivalent that still round-trip bit-exactly as raw bytes.
+_VIEW_AS = {"b": np.dtype(np.uint8)}  # bool: Arrow packs booleans into bits, which would copy
+_KINDS = "biuf"  # bool, signed, unsigned, float
+#: Single-threaded reads: the loader decodes several batches at once on its own threads.
+_READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=False)
+
+
+def _native(dtype: np.dtype) -> np.dtype:
+    return dtype.newbyteorder("=") if dtype.byteorder not in ("=", "|") else dtype
+
+
+def encode_batch(arrays: Mapping[str, np.ndarray], *, compression: str | None = "lz4") -> pa.Buffer:
+    """Serialize ``arrays`` into one Arrow IPC stream buffer (the frame sent to trainers).
+
+    ``compression`` is ``"lz4"`` (default, lz4 frame per Arrow buffer), ``"zstd"`` or ``None``.
+    Arrays must have numeric or bool dtypes; non-contiguous or non-native-endian arrays are
+    converted first (a copy). Raises ``ValueError`` / ``TypeError`` for unusable input.
+    """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression={compression!r}; expected one of {COMPRESSIONS}")
+    fields: list[pa.Field] = []
+    columns: list[pa.Array] = []
+    meta: list[list[Any]] = []
+    for name, array in arrays.items():
+        if not isinstance(name, str):
+            raise TypeError(f"array names must be str, got {name!r}")
+        arr = np.asarray(array)
+        if arr.dtype.kind not in _KINDS:
+            raise TypeError(f"array {name!r} has dtype {arr.dtype}; only numeric and bool dtypes travel")
+        shape = list(arr.shape)
+        if not arr.flags.c_contiguous or arr.dtype != _native(arr.dtype):
+            arr = np.ascontiguousarray(arr, dtype=_native(arr.dtype))
+        flat = arr.reshape(-1)
+        wire = flat.view(_VIEW_AS[arr.dtype.kind]) if arr.dtype.kind in _VIEW_AS else flat
+        values = pa.array(wire)  # zero-copy wrap of the numpy buffer
+        offsets = pa.array(np.array([0, len(wire)], dtype=np.int64))
+        columns.append(pa.LargeListArray.from_arrays(offsets, values))
+        fields.append(pa.field(name, pa.large_list(values.type), nullable=False))
+        meta.append([name, arr.dtype.str, shape])
+    schema = pa.schema(fields, metadata={_META_KEY: json.dumps({"v": _META_VERSION, "arrays": meta}).encode()})
+    record = pa.RecordBatch.from_arrays(columns, schema=schema)
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.ipc.new_stream(sink, schema, options=options) as writer:
+        writer.write_batch(record)
+    return sink.getvalue()
+
+
+def decode_batch(buf: Any) -> dict[str, np.ndarray]:
+    """Decode a buffer written by :func:`encode_batch` into ``{name: array}`` without copying.
+
+    ``buf`` may be ``bytes``, ``memoryview``, a ``zmq.Frame`` or its ``.buffer``, or a
+    ``pa.Buffer``. The returned arrays keep the underlying buffer alive. Raises
+    ``ProtocolError(malformed)`` for anything else.
+    """
+    try:
+        if hasattr(buf, "buffer") and not isinstance(buf, (pa.Buffer, memoryview)):
+            buf = buf.buffer  # zmq.Frame
+        pbuf = buf if isinstance(buf, pa.Buffer) else pa.py_buffer(buf)
+    except (TypeError, ValueError, BufferError) as e:
+        raise ProtocolError(ErrorCode.MALFORMED, f"batch frame of type {type(buf).__name__} is not a buffer") from e
+    try:
+        reader = pa.ipc.open_stream(pbuf, options=_READ_OPTIONS)
+        record = reader.read_next_batch()
+        extra = _read_more(reader)
+        record.validate(full=True)
+    except StopIteration as e:
+        raise ProtocolError(ErrorCode.MALFORMED, "batch frame holds a schema but no record batch") from e
+    except (pa.ArrowException, OSError, ValueError, TypeError, IndexError) as e:
+        raise ProtocolError(ErrorCode.MALFORMED, f"batch frame is not an Arrow IPC stream: {e}") from e
+    if extra:
+        raise ProtocolError(ErrorCode.MALFORMED, "batch frame holds more than one record batch")
+    try:
+        return _record_arrays(record)
+    except ProtocolError:
+        raise
+    except (pa.ArrowException, ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
+        # e.g. a corrupt field name that is not UTF-8: still just a malformed frame
+        raise ProtocolError(ErrorCode.MALFORMED, f"batch frame has a corrupt schema: {e!r}") from e
+
+
+def _record_arrays(record: pa.RecordBatch) -> dict[str, np.ndarray]:
+    arrays_meta = _arrays_meta(record.schema)
+    rows_ok = record.num_rows == 1 or (record.num_rows == 0 and not arrays_meta)  # {} encodes 0 rows
+    if not rows_ok or record.num_columns != len(arrays_meta):
+        raise ProtocolError(
+            ErrorCode.MALFORMED,
+            f"batch frame has {record.num_rows} rows x {record.num_columns} columns; expected 1 x {len(arrays_meta)}",
+        )
+    out: dict[str, np.ndarray] = {}
+    for column, (name, dtype, shape) in zip(record.columns, arrays_meta):
+        out[name] = _column_array(column, name, dtype, shape)
+    return out
+
+
+def _read_more(reader: pa.ipc.RecordBatchStreamReader) -> bool:
+    try:
+        reader.read_next_batch()
+    except StopIteration:
+        return False
+    return True
+
+
+def _arrays_meta(schema: pa.Schema) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    raw = (schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise ProtocolError(ErrorCode.MALFORMED, "batch frame lacks the fabric.arrays schema metadata")
+    try:
+        meta = json.loads(raw)
+        if meta.get("v") != _META_VERSION:
+            raise ValueError(f"metadata version {meta.get('v')!r}")
+        result = []
+        for name, dtype_str, shape in meta["arrays"]:
+            dtype = np.dtype(dtype_str)
+            if not isinstance(name, str) or dtype.kind not in _KINDS:
+                raise ValueError(f"entry {name!r} {dtype_str!r}")
+            dims = tuple(int(d) for d in shape)
+            if any(d < 0 for d in dims):
+                raise ValueError(f"negative shape {dims}")
+            result.append((name, dtype, dims))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ProtocolError(ErrorCode.MALFORMED, f"bad fabric.arrays metadata: {e}") from e
+    if [n for n, _, _ in result] != schema.names:
+        raise ProtocolError(ErrorCode.MALFORMED, "fabric.arrays metadata does not match the columns")
+    return result
+
+
+def _column_array(column: pa.Array, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    wire = _VIEW_AS.get(dtype.kind, dtype)
+    if not pa.types.is_large_list(column.type) or column.null_count:
+        raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r} is {column.type}, not a large_list")
+    values = column.values  # the flat array; its length must be the product of the shape
+    count = math.prod(shape)
+    try:
+        if values.type != _arrow_type(wire) or len(values) != count or values.null_count:
+            raise ValueError(f"{values.type}[{len(values)}] for {dtype}{list(shape)}")
+        flat = values.to_numpy(zero_copy_only=True)
+    except (pa.ArrowException, ValueError, TypeError) as e:
+        raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r}: {e}") from e
+    if wire is not dtype:
+        flat = flat.view(dtype)
+    return flat.reshape(shape)
+
+
+_ARROW_TYPES: dict[np.dtype, pa.DataType] = {}
+
+
+def _arrow_type(dtype: np.dtype) -> pa.DataType:
+    found = _ARROW_TYPES.get(dtype)
+    if found is None:
+        found = _ARROW_TYPES[dtype] = pa.from_numpy_dtype(dtype)
+    return found
+
+
+def checksum(arrays: Mapping[str, np.ndarray]) -> str:
+    """Hex digest of the content of ``arrays``: (name, dtype, shape, bytes) in sorted-name order.
+
+    Independent of compression and of the mapping's order. It answers "did this exact batch
+    arrive" across millions of batches, so it is a collision-resistant SHA-256 (hardware
+    accelerated on current x86 and ARM: ~1.7 GB/s per core, as fast as SHA-1 and ~2x BLAKE2b
+    there; CRC-32 would be ~2.5x faster but collides at 2**-32 per comparison).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = np.asarray(arrays[name])
+        dtype = _native(arr.dtype)
+        digest.update(json.dumps([name, dtype.str, list(arr.shape)]).encode())
+        if arr.size:
+            data = arr if arr.flags.c_contiguous and arr.dtype == dtype else np.ascontiguousarray(arr, dtype=dtype)
+            digest.update(memoryview(data.reshape(-1)).cast("B"))
+    return digest.hexdigest()

@@ -1,0 +1,302 @@
+"""Trainer delivery: the server half of the credit protocol, run inside a data constructor.
+
+The constructor process owns a ROUTER socket (with ``ROUTER_MANDATORY`` set) and its event
+loop; it feeds every decoded trainer message to :meth:`TrainerDelivery.handle` and calls
+:meth:`TrainerDelivery.pump` whenever credits or batches may have changed. Trainers speak:
+
+- ``Subscribe(job, fingerprint, dp_rank, mp_rank, next_step, next_micro, credits)``: (re)start
+  the stream of one trainer at a position with ``credits`` batches of room. It replaces any
+  earlier subscription of the same ``(dp_rank, mp_rank)`` (a restarted trainer, or one that
+  reconnected on a new socket).
+- ``Credit(job, dp_rank, mp_rank, credits)``: the trainer consumed batches; it has room for more.
+
+Promises:
+
+- Batches reach each subscription in strict ``(step, micro)`` order, never more than its credits
+  ahead of what the trainer acknowledged (every queue is bounded by the credits).
+- One encoded frame is sent, without copying, to every model-parallel rank that needs it.
+- A vanished trainer (``EHOSTUNREACH``) drops its subscription and is counted, never a crash;
+  a full peer queue (``EAGAIN``) keeps the batch for the next :meth:`pump`.
+- While a subscription has credits but nothing was sent for ``heartbeat_s``, it gets a
+  ``Heartbeat`` so the trainer knows the constructor is alive.
+- Nothing here blocks: every send is non-blocking.
+
+The owner's loop, in outline (the constructor keeps built batches until ``demand()`` passes them)::
+
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    delivery = TrainerDelivery(sock, job=..., fingerprint=..., ranks=my_ranks, mp_size=...)
+    while running:
+        if sock.poll(timeout_ms):
+            identity, *frames = sock.recv_multipart(copy=False)
+            try:
+                msg, _ = protocol.decode(frames)
+            except ProtocolError:
+                malformed += 1          # dropped and counted; keep serving
+                continue
+            delivery.handle(identity.bytes, msg)
+        delivery.pump(built.get_batch)  # (dp_rank, step, micro) -> EncodedBatch | None
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from fabric_client import protocol
+from fabric_client.protocol import ErrorCode
+
+__all__ = ["EncodedBatch", "TrainerDelivery", "MAX_CREDITS"]
+
+log = logging.getLogger(__name__)
+
+#: Most credits one subscription may hold, whatever the trainer asks for.
+MAX_CREDITS = 1024
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """One micro-batch for one DP rank, serialized once, ready to send to each of its trainers."""
+
+    header: protocol.Batch
+    frame: Any  # the Arrow IPC buffer (pa.Buffer / bytes / memoryview); sent with copy=False
+    header_frame: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        (head,) = protocol.encode(self.header)
+        object.__setattr__(self, "header_frame", head)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the payload frame in bytes."""
+        frame = self.frame
+        size = getattr(frame, "size", None)
+        return int(size) if size is not None else len(memoryview(frame).cast("B"))
+
+
+@dataclass
+class _Subscription:
+    identity: bytes
+    dp_rank: int
+    mp_rank: int
+    step: int
+    micro: int
+    credits: int
+    last_sent: float
+    pending: EncodedBatch | None = None
+    sent: int = 0
+
+
+class TrainerDelivery:
+    """Credit-based delivery of encoded batches to the trainers of a group of DP ranks."""
+
+    def __init__(
+        self,
+        socket: zmq.Socket,
+        *,
+        job: str,
+        fingerprint: str,
+        ranks: Sequence[int],
+        mp_size: int,
+        heartbeat_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if mp_size < 1:
+            raise ValueError(f"mp_size = {mp_size!r}: must be at least 1")
+        if heartbeat_s <= 0:
+            raise ValueError(f"heartbeat_s = {heartbeat_s!r}: must be positive")
+        self._socket = socket
+        self._job = job
+        self._fingerprint = fingerprint
+        self._ranks = frozenset(int(r) for r in ranks)
+        self._mp_size = int(mp_size)
+        self._heartbeat_s = float(heartbeat_s)
+        self._clock = clock
+        self._subs: dict[tuple[int, int], _Subscription] = {}
+        self._counters = {
+            "subscribes": 0,
+            "credits_received": 0,
+            "batches_sent": 0,
+            "bytes_sent": 0,
+            "heartbeats_sent": 0,
+            "unreachable_dropped": 0,
+            "eagain": 0,
+            "errors_replied": 0,
+        }
+
+    # ---------------------------------------------------------------------------------- input
+
+    def handle(self, identity: bytes, msg: protocol.Message) -> None:
+        """Apply one decoded message from trainer ``identity``; refusals are answered ``ErrorReply``."""
+        if isinstance(msg, protocol.Subscribe):
+            self._subscribe(identity, msg)
+        elif isinstance(msg, protocol.Credit):
+            self._credit(identity, msg)
+        else:
+            self._refuse(identity, ErrorCode.BAD_REQUEST, f"a constructor does not serve {msg.TYPE!r}")
+
+    def _check_target(self, identity: bytes, job: str, dp_rank: int, mp_rank: int) -> bool:
+        if job != self._job:
+            self._refuse(identity, ErrorCode.UNKNOWN_JOB, f"this constructor serves job {self._job!r}, not {job!r}")
+            return False
+        if dp_rank not in self._ranks:
+            self._refuse(identity, ErrorCode.STALE, f"this constructor does not serve dp_rank {dp_rank}")
+            return False
+        if not 0 <= mp_rank < self._mp_size:
+            self._refuse(identity, ErrorCode.BAD_REQUEST, f"mp_rank {mp_rank} outside 0..{self._mp_size - 1}")
+            return False
+        return True
+
+    def _subscribe(self, identity: bytes, msg: protocol.Subscribe) -> None:
+        if not self._check_target(identity, msg.job, msg.dp_rank, msg.mp_rank):
+            return
+        if msg.fingerprint != self._fingerprint:
+            self._refuse(
+                identity,
+                ErrorCode.STALE,
+                f"job {self._job!r} has fingerprint {self._fingerprint}, the trainer located {msg.fingerprint}",
+            )
+            return
+        if msg.next_step < 0 or msg.next_micro < 0 or msg.credits < 0:
+            self._refuse(identity, ErrorCode.BAD_REQUEST, f"negative position or credits in {msg}")
+            return
+        key = (msg.dp_rank, msg.mp_rank)
+        old = self._subs.get(key)
+        if old is not None:
+            log.info("trainer dp %d mp %d resubscribed at step %d micro %d", *key, msg.next_step, msg.next_micro)
+        self._subs[key] = _Subscription(
+            identity=identity,
+            dp_rank=msg.dp_rank,
+            mp_rank=msg.mp_rank,
+            step=msg.next_step,
+            micro=msg.next_micro,
+            credits=min(msg.credits, MAX_CREDITS),
+            last_sent=self._clock(),
+        )
+        self._counters["subscribes"] += 1
+
+    def _credit(self, identity: bytes, msg: protocol.Credit) -> None:
+        if not self._check_target(identity, msg.job, msg.dp_rank, msg.mp_rank):
+            return
+        sub = self._subs.get((msg.dp_rank, msg.mp_rank))
+        if sub is None or sub.identity != identity:
+            self._refuse(
+                identity, ErrorCode.STALE, f"no subscription of dp {msg.dp_rank} mp {msg.mp_rank} here; subscribe again"
+            )
+            return
+        if msg.credits < 0:
+            self._refuse(identity, ErrorCode.BAD_REQUEST, f"negative credits {msg.credits}")
+            return
+        sub.credits = min(sub.credits + msg.credits, MAX_CREDITS)
+        self._counters["credits_received"] += msg.credits
+
+    def _refuse(self, identity: bytes, code: str, reason: str) -> None:
+        self._counters["errors_replied"] += 1
+        log.debug("refusing trainer %r: %s: %s", identity, code, reason)
+        try:
+            self._socket.send_multipart([identity, *protocol.encode(protocol.ErrorReply(code, reason))], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+
+    # --------------------------------------------------------------------------------- output
+
+    def demand(self) -> dict[int, tuple[int, int]]:
+        """dp_rank → earliest ``(step, micro)`` any subscribed trainer of that rank still needs."""
+        out: dict[int, tuple[int, int]] = {}
+        for sub in self._subs.values():
+            pos = (sub.step, sub.micro)
+            if sub.dp_rank not in out or pos < out[sub.dp_rank]:
+                out[sub.dp_rank] = pos
+        return out
+
+    def pump(self, lookup: Callable[[int, int, int], EncodedBatch | None]) -> int:
+        """Send what credits allow; ``lookup(dp_rank, step, micro)`` gives a built batch or None.
+
+        Returns the number of batches sent. Also sends due heartbeats.
+        """
+        sent = 0
+        now = self._clock()
+        for key in list(self._subs):
+            sub = self._subs.get(key)
+            if sub is None:
+                continue
+            while sub.credits > 0:
+                batch = sub.pending if sub.pending is not None else lookup(sub.dp_rank, sub.step, sub.micro)
+                if batch is None:
+                    break
+                self._check_batch(sub, batch)
+                outcome = self._send(sub, [batch.header_frame, batch.frame])
+                if outcome == "gone":
+                    break
+                if outcome == "again":
+                    sub.pending = batch
+                    break
+                sub.pending = None
+                sub.credits -= 1
+                sub.sent += 1
+                sub.last_sent = now
+                sent += 1
+                self._counters["batches_sent"] += 1
+                self._counters["bytes_sent"] += batch.nbytes
+                if sub.micro + 1 < batch.header.num_micro_batches:
+                    sub.micro += 1
+                else:
+                    sub.step, sub.micro = sub.step + 1, 0
+            if key in self._subs and sub.credits > 0 and now - sub.last_sent >= self._heartbeat_s:
+                (head,) = protocol.encode(protocol.Heartbeat(self._job, sub.step))
+                if self._send(sub, [head]) == "ok":
+                    sub.last_sent = now
+                    self._counters["heartbeats_sent"] += 1
+        return sent
+
+    def _check_batch(self, sub: _Subscription, batch: EncodedBatch) -> None:
+        h = batch.header
+        if (h.job, h.dp_rank, h.step, h.micro_batch) != (self._job, sub.dp_rank, sub.step, sub.micro):
+            raise ValueError(
+                f"lookup({sub.dp_rank}, {sub.step}, {sub.micro}) returned the batch of job {h.job!r} "
+                f"dp {h.dp_rank} step {h.step} micro {h.micro_batch}"
+            )
+        if not 0 <= h.micro_batch < h.num_micro_batches:
+            raise ValueError(f"batch header {h} has micro_batch outside num_micro_batches")
+
+    def _send(self, sub: _Subscription, frames: list[Any]) -> str:
+        """Send ``frames`` to ``sub``: "ok", "again" (peer queue full) or "gone" (dropped)."""
+        try:
+            self._socket.send_multipart([sub.identity, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EAGAIN:
+                self._counters["eagain"] += 1
+                return "again"
+            if e.errno == zmq.EHOSTUNREACH:
+                self._counters["unreachable_dropped"] += 1
+                log.info("trainer dp %d mp %d is gone; subscription dropped", sub.dp_rank, sub.mp_rank)
+                if self._subs.get((sub.dp_rank, sub.mp_rank)) is sub:
+                    del self._subs[(sub.dp_rank, sub.mp_rank)]
+                return "gone"
+            raise
+        return "ok"
+
+    # ---------------------------------------------------------------------------------- stats
+
+    def stats(self) -> dict:
+        """Counters plus, per subscription, its position, credits and batches sent."""
+        return {
+            **self._counters,
+            "subscriptions": [
+                {
+                    "dp_rank": s.dp_rank,
+                    "mp_rank": s.mp_rank,
+                    "next_step": s.step,
+                    "next_micro": s.micro,
+                    "credits": s.credits,
+                    "sent": s.sent,
+                }
+                for s in self._subs.values()
+            ],
+        }
+

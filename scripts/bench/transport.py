@@ -1,0 +1,318 @@
+"""Transport benchmark: GB/s of array bytes delivered to ONE trainer through the real Loader,
+against raw pyzmq PUSH/PULL of the same array bytes per message, same run, same transport.
+
+Loader path: micro-batches of ~1 MiB of array bytes are built by ``pack_micro_batch`` from
+synthetic samples (byte-level text tokens + image blocks with smooth-with-noise pixels), encoded
+once (Arrow IPC, like the constructor does) and served by ``TrainerDelivery`` from a separate
+process over tcp loopback; the trainer receives, decodes and checksum-verifies every batch into
+numpy arrays. Raw path: a separate process PUSHes the same arrays (one frame per array,
+``copy=False``); the receiver ``recv(copy=False)``s and ``np.frombuffer``s every frame.
+
+Trials alternate raw, loader, raw, loader, ... and the medians are reported, for lz4 and for
+no compression. The last line of output is one JSON object (headline: lz4).
+
+    python scripts/bench/transport.py [--seconds 3] [--trials 3] [--batch-kib 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+for path in (ROOT, os.path.join(ROOT, "client")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from fabric_client import Loader, protocol  # noqa: E402
+from fabric_client.batch import checksum, encode_batch  # noqa: E402
+from fabricd.pack import IMAGE_ID, pack_micro_batch  # noqa: E402
+from fabricd.roles.delivery import EncodedBatch, TrainerDelivery  # noqa: E402
+
+log = logging.getLogger("bench.transport")
+
+JOB = "bench"
+FINGERPRINT = "bench-fp"
+DISTINCT = 8  # distinct batches the server cycles through (built and encoded once each)
+MICROS = 4
+IMAGE_SIZE = 224
+
+
+@dataclass
+class _Sample:
+    input_ids: np.ndarray
+    image_starts: np.ndarray
+    pixels: np.ndarray
+
+
+def _image(rng: np.random.Generator) -> np.ndarray:
+    """A smooth random picture with sensor-like noise (lz4 finds little to squeeze, as in life)."""
+    coarse = rng.integers(0, 256, size=(8, 8, 3)).astype(np.float32)
+    up = np.kron(coarse, np.ones((IMAGE_SIZE // 8, IMAGE_SIZE // 8, 1), dtype=np.float32))
+    noise = rng.normal(0, 3, size=up.shape).astype(np.float32)
+    return np.clip(up + noise, 0, 255).astype(np.uint8)
+
+
+def build_arrays(seed: int, target_bytes: int) -> dict[str, np.ndarray]:
+    """One packed micro-batch of about ``target_bytes`` array bytes (about 60% pixels)."""
+    rng = np.random.default_rng(seed)
+    image_bytes = IMAGE_SIZE * IMAGE_SIZE * 3
+    images = max(1, round(0.6 * target_bytes / image_bytes))
+    token_budget = max(64, int((target_bytes - images * image_bytes) / 12))  # input_ids, labels, position_ids
+    samples, ids_left = [], token_budget
+    per_sample_tokens = max(32, token_budget // images)
+    for i in range(images):
+        n = min(ids_left, per_sample_tokens) if i < images - 1 else max(16, ids_left)
+        text = rng.choice(np.arange(3, 259), size=n, p=_byte_freqs()).astype(np.int32)  # byte-level text
+        start = int(rng.integers(0, max(1, n - 16)))
+        text[start : start + 16] = IMAGE_ID
+        samples.append(_Sample(text, np.array([start], dtype=np.int32), _image(rng)[None]))
+        ids_left -= n
+    k = len(samples)
+    return pack_micro_batch(
+        samples,
+        source_ids=np.zeros(k, np.int32),
+        sample_ids=np.arange(k, dtype=np.int64) + seed * 1000,
+        pieces=np.zeros(k, np.int32),
+        image_size=IMAGE_SIZE,
+    )
+
+
+def _byte_freqs() -> np.ndarray:
+    w = np.ones(256)
+    w[ord("a") : ord("z") + 1] = 40.0  # mostly lower-case ASCII text
+    w[ord(" ")] = 120.0
+    w[128:] = 0.2
+    return w / w.sum()
+
+
+def array_bytes(arrays: dict[str, np.ndarray]) -> int:
+    return int(sum(a.nbytes for a in arrays.values()))
+
+
+# ------------------------------------------------------------------------------ server processes
+
+
+def serve_loader(conn: Any, compression: str | None, target_bytes: int, prefetch: int) -> None:
+    """Constructor stand-in: a locator ROUTER (Hello/Locate) and a delivery ROUTER, one loop."""
+    ctx = zmq.Context()
+    frames = []
+    for seed in range(DISTINCT):
+        arrays = build_arrays(seed, target_bytes)
+        frames.append((encode_batch(arrays, compression=compression), checksum(arrays), array_bytes(arrays)))
+    loc = ctx.socket(zmq.ROUTER)
+    loc.setsockopt(zmq.LINGER, 0)
+    loc_port = loc.bind_to_random_port("tcp://127.0.0.1")
+    data = ctx.socket(zmq.ROUTER)
+    data.setsockopt(zmq.LINGER, 0)
+    data.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    data_port = data.bind_to_random_port("tcp://127.0.0.1")
+    endpoint = f"tcp://127.0.0.1:{data_port}"
+    delivery = TrainerDelivery(data, job=JOB, fingerprint=FINGERPRINT, ranks=[0], mp_size=1)
+
+    def lookup(rank: int, step: int, micro: int) -> EncodedBatch:
+        frame, digest, nbytes = frames[(step * MICROS + micro) % DISTINCT]
+        header = protocol.Batch(JOB, step, rank, micro, MICROS, digest, 1, nbytes, 0)
+        return EncodedBatch(header, frame)
+
+    conn.send((f"tcp://127.0.0.1:{loc_port}", frames[0][2], frames[0][0].size))
+    poller = zmq.Poller()
+    poller.register(loc, zmq.POLLIN)
+    poller.register(data, zmq.POLLIN)
+    try:
+        while not conn.poll(0):
+            events = dict(poller.poll(100))
+            if loc in events:
+                identity, *raw = loc.recv_multipart()
+                msg, _ = protocol.decode(raw)
+                reply: protocol.Message
+                if isinstance(msg, protocol.Hello):
+                    reply = protocol.Welcome(protocol.PROTOCOL_VERSION, "bench", "0")
+                else:
+                    reply = protocol.Located(JOB, FINGERPRINT, endpoint, 1, 1, prefetch)
+                loc.send_multipart([identity, *protocol.encode(reply)])
+            if data in events:
+                while True:
+                    try:
+                        identity, *raw = data.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    delivery.handle(identity, protocol.decode(raw)[0])
+            delivery.pump(lookup)
+    finally:
+        loc.close(linger=0)
+        data.close(linger=0)
+        ctx.term()
+
+
+def serve_raw(conn: Any, endpoint: str, target_bytes: int) -> None:
+    """PUSH the same packed arrays, one frame per array, without copying."""
+    ctx = zmq.Context()
+    batches = [list(build_arrays(seed, target_bytes).values()) for seed in range(DISTINCT)]
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDTIMEO, 100)
+    push.connect(endpoint)
+    conn.send("ready")
+    i = 0
+    try:
+        while not conn.poll(0):
+            try:
+                push.send_multipart(batches[i % DISTINCT], copy=False)
+                i += 1
+            except zmq.Again:
+                pass
+    finally:
+        push.close(linger=0)
+        ctx.term()
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def _stop(proc: mp.Process, conn: Any) -> None:
+    conn.send("stop")
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+def trial_loader(
+    mpctx: Any, compression: str | None, seconds: float, target_bytes: int, prefetch: int, verify: bool = True
+) -> dict:
+    parent, child = mpctx.Pipe()
+    proc = mpctx.Process(target=serve_loader, args=(child, compression, target_bytes, prefetch), daemon=True)
+    proc.start()
+    try:
+        address, batch_bytes, wire_bytes = parent.recv()
+        with Loader(address, job=JOB, dp_rank=0, dp_size=1, verify=verify, deadline_s=30) as loader:
+            it = iter(loader)
+            warm_end = time.perf_counter() + 0.5
+            while time.perf_counter() < warm_end:
+                next(it)
+            b0, n0, t0 = loader.stats["bytes"], loader.stats["batches"], time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                batch = next(it)
+                _ = batch["pixel_values"]  # a trainer touches what it receives
+            dt = time.perf_counter() - t0
+            got = loader.stats["bytes"] - b0
+            count = loader.stats["batches"] - n0
+        return {"gbps": got / dt / 1e9, "batches": count, "batch_bytes": batch_bytes, "wire_bytes": wire_bytes}
+    finally:
+        _stop(proc, parent)
+
+
+def trial_raw(mpctx: Any, seconds: float, target_bytes: int) -> dict:
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    parent, child = mpctx.Pipe()
+    proc = mpctx.Process(target=serve_raw, args=(child, f"tcp://127.0.0.1:{port}", target_bytes), daemon=True)
+    proc.start()
+    try:
+        parent.recv()
+
+        def one() -> int:
+            frames = pull.recv_multipart(copy=False)
+            return sum(np.frombuffer(f.buffer, dtype=np.uint8).nbytes for f in frames)
+
+        warm_end = time.perf_counter() + 0.5
+        while time.perf_counter() < warm_end:
+            one()
+        got, count, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            got += one()
+            count += 1
+        dt = time.perf_counter() - t0
+        return {"gbps": got / dt / 1e9, "batches": count}
+    finally:
+        _stop(proc, parent)
+        pull.close(linger=0)
+        ctx.term()
+
+
+def run(
+    compression: str | None, seconds: float, trials: int, target_bytes: int, prefetch: int, diagnose: bool
+) -> dict:
+    mpctx = mp.get_context("spawn")
+    raw, loader, unverified, info = [], [], [], {}
+    for i in range(trials):
+        r = trial_raw(mpctx, seconds, target_bytes)
+        ld = trial_loader(mpctx, compression, seconds, target_bytes, prefetch)
+        raw.append(r["gbps"])
+        loader.append(ld["gbps"])
+        info = ld
+        extra = ""
+        if diagnose:  # where the time goes: the same loader path without checksum verification
+            nv = trial_loader(mpctx, compression, seconds, target_bytes, prefetch, verify=False)
+            unverified.append(nv["gbps"])
+            extra = f", loader unverified {nv['gbps']:.2f} GB/s (diagnostic)"
+        print(f"  [{compression or 'none'}] trial {i}: raw {r['gbps']:.2f} GB/s ({r['batches']} msgs), "
+              f"loader {ld['gbps']:.2f} GB/s ({ld['batches']} batches){extra}", flush=True)
+    raw_med, loader_med = statistics.median(raw), statistics.median(loader)
+    diag = {"loader_unverified_gbps": round(statistics.median(unverified), 3)} if unverified else {}
+    return {
+        **diag,
+        "loader_gbps": round(loader_med, 3),
+        "raw_gbps": round(raw_med, 3),
+        "ratio": round(loader_med / raw_med, 3),
+        "compression": compression or "none",
+        "batch_bytes": info["batch_bytes"],
+        "wire_bytes": info["wire_bytes"],
+        "loader_trials": [round(x, 3) for x in loader],
+        "raw_trials": [round(x, 3) for x in raw],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per trial")
+    parser.add_argument("--trials", type=int, default=3, help="trials per path (alternating)")
+    parser.add_argument("--batch-kib", type=int, default=1024, help="array bytes per batch, KiB")
+    parser.add_argument("--prefetch", type=int, default=8, help="loader credits")
+    parser.add_argument(
+        "--diagnose", action="store_true", help="also time the loader without checksum verification (extra keys)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    target = args.batch_kib * 1024
+    results = {}
+    for compression in ("lz4", None):
+        res = run(compression, args.seconds, args.trials, target, args.prefetch, args.diagnose)
+        results[res["compression"]] = res
+        print(f"{res['compression']}: loader {res['loader_gbps']} GB/s, raw {res['raw_gbps']} GB/s, "
+              f"ratio {res['ratio']}, batch {res['batch_bytes']} array bytes -> {res['wire_bytes']} wire bytes",
+              flush=True)
+    head, none = results["lz4"], results["none"]
+    line = {
+        **{k: head[k] for k in ("loader_gbps", "raw_gbps", "ratio", "compression", "batch_bytes", "wire_bytes")},
+        "none_loader_gbps": none["loader_gbps"],
+        "none_raw_gbps": none["raw_gbps"],
+        "none_ratio": none["ratio"],
+        **({"loader_unverified_gbps": head["loader_unverified_gbps"],
+            "none_loader_unverified_gbps": none["loader_unverified_gbps"]} if args.diagnose else {}),
+        "seconds": args.seconds,
+        "trials": args.trials,
+        "prefetch": args.prefetch,
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
