@@ -119,6 +119,13 @@ class _Table:
             raise self.error(unknown[0], self.data[unknown[0]], "unknown key")
 
 
+def _str_list(t: _Table, name: str) -> tuple[str, ...]:
+    value = t._get(name, [], False)
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise t.error(name, value, "expected a list of non-empty strings")
+    return tuple(value)
+
+
 def _read_toml(path: Path) -> tuple[str, dict]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -272,6 +279,12 @@ class Topology:
     dp_size: int
     mp_size: int                # trainer ranks per DP rank (TP × PP × CP) that receive the same batch
     ranks_per_constructor: int  # DP ranks served by one data constructor
+    constructor_nodes: tuple[str, ...] = ()  # daemons on the trainers' hosts, for constructor placement
+
+    def groups(self) -> list[list[int]]:
+        """DP ranks of each data constructor: contiguous groups of ``ranks_per_constructor``."""
+        return [list(range(lo, min(self.dp_size, lo + self.ranks_per_constructor)))
+                for lo in range(0, self.dp_size, self.ranks_per_constructor)]
 
 
 @dataclass(frozen=True)
@@ -390,6 +403,7 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
         dp_size=topo_t.int("dp_size", required=True, min=1, max=1 << 20),
         mp_size=topo_t.int("mp_size", 1, min=1, max=4096),
         ranks_per_constructor=topo_t.int("ranks_per_constructor", 8, min=1),
+        constructor_nodes=_str_list(topo_t, "constructor_nodes"),
     )
 
     batch_t = root.table("batch", required=True)

@@ -25,7 +25,7 @@ from .roles.base import RoleArgs
 from .roles.supervisor import RoleProcess, Supervisor
 from .sources.index import SourceIndex, open_index
 
-__all__ = ["JobRuntime", "open_sources", "build_planner", "constructor_groups", "PLAN_COLUMNS"]
+__all__ = ["JobRuntime", "open_sources", "build_planner", "PLAN_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,6 @@ def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
     )
 
 
-def constructor_groups(dp_size: int, ranks_per_constructor: int) -> list[list[int]]:
-    """DP ranks of each data constructor: contiguous groups of ``ranks_per_constructor``."""
-    return [list(range(lo, min(dp_size, lo + ranks_per_constructor)))
-            for lo in range(0, dp_size, ranks_per_constructor)]
-
-
 class JobRuntime:
     """One job's lifecycle on this daemon: indexing → starting → ready (or failed)."""
 
@@ -86,7 +80,7 @@ class JobRuntime:
         self.indexes: dict[str, SourceIndex] = {}
         self.planner: Planner | None = None
         self.plans: OrderedDict[int, StepPlan] = OrderedDict()
-        self.groups = constructor_groups(spec.topology.dp_size, spec.topology.ranks_per_constructor)
+        self.groups = spec.topology.groups()
         self.role_ids: list[str] = []
         self.counters = {"plans_computed": 0, "plan_requests": 0, "skipped_units": 0, "plan_ms_max": 0.0}
         self.skips: list[dict[str, Any]] = []  # most recent skip reports, bounded

@@ -1,0 +1,284 @@
+"""The replicated fabric state, and the records that are deltas of it.
+
+The leader writes every decision as a :class:`Record` to its checkpoint log; shadows replay the
+same records in the same order and so hold the same :class:`FabricState`. Applying a record costs
+O(the change it describes), never O(state).
+
+A record is ``Record(term, seq, kind, data)``: ``seq`` starts at 1 and grows by one per record
+with no gaps; ``term`` is the lease term of the leader that wrote it and never goes down.
+``data`` is JSON-typed and its keys are fixed per kind (unknown kinds and unknown keys are
+errors; ``int`` fields are non-negative, ``str`` fields non-empty unless noted):
+
+``job_submitted``
+    ``job`` str, ``spec_toml`` str (the spec text), ``spec_origin`` str (file it came from),
+    ``fingerprint`` str (job spec + source index fingerprint), ``dp_size`` int >= 1,
+    optional ``extra`` dict (default ``{}``). The job must be new or cancelled; re-submitting a
+    cancelled job keeps its skipped samples and progress only if the fingerprint is unchanged.
+``job_cancelled``
+    ``job`` str (an active job), ``reason`` str (may be empty).
+``sample_skipped``
+    ``job`` str (active), ``source`` str, ``sample_id`` int, ``piece`` int, ``step`` int,
+    ``reason`` str (may be empty; logged, not kept in the state). Idempotent.
+``trainer_progress``
+    ``job`` str (active), ``dp_rank`` int < dp_size, ``mp_rank`` int, ``next_step`` int.
+    Progress is monotone: a ``next_step`` below the one recorded is ignored, never an error,
+    so replay is deterministic whatever order reports reached the leader in.
+``role_assigned``
+    ``role_id`` str, ``job`` str (active), ``kind`` str (e.g. ``source_loader``,
+    ``constructor``), ``node`` str, ``extra`` dict. Assigning an existing ``role_id`` moves it.
+``role_released``
+    ``role_id`` str (an assigned role), ``reason`` str (may be empty).
+``member_seen``
+    ``node`` str, ``endpoint`` str: a daemon the leader admitted to the membership.
+
+The state's snapshot (:meth:`FabricState.to_snapshot`) is a JSON-typed dict with sorted,
+deterministic contents, so two replicas with the same records produce equal snapshots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fabricd.errors import FabricdError
+
+__all__ = [
+    "RECORD_KINDS",
+    "RECORD_SCHEMAS",
+    "SNAPSHOT_VERSION",
+    "FabricState",
+    "Record",
+    "StateError",
+]
+
+SNAPSHOT_VERSION = 1
+
+RECORD_KINDS = (
+    "job_submitted",
+    "job_cancelled",
+    "sample_skipped",
+    "trainer_progress",
+    "role_assigned",
+    "role_released",
+    "member_seen",
+)
+
+# kind -> (required keys -> type, optional keys -> (type, default)). Strings named in
+# _MAY_BE_EMPTY may be "", every other str must be non-empty; ints must be >= 0.
+RECORD_SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]]]] = {
+    "job_submitted": ({"job": str, "spec_toml": str, "spec_origin": str, "fingerprint": str, "dp_size": int},
+                      {"extra": (dict, None)}),
+    "job_cancelled": ({"job": str, "reason": str}, {}),
+    "sample_skipped": ({"job": str, "source": str, "sample_id": int, "piece": int, "step": int, "reason": str}, {}),
+    "trainer_progress": ({"job": str, "dp_rank": int, "mp_rank": int, "next_step": int}, {}),
+    "role_assigned": ({"role_id": str, "job": str, "kind": str, "node": str, "extra": dict}, {}),
+    "role_released": ({"role_id": str, "reason": str}, {}),
+    "member_seen": ({"node": str, "endpoint": str}, {}),
+}
+_MAY_BE_EMPTY = frozenset({"reason", "spec_toml", "spec_origin", "fingerprint"})
+
+
+class StateError(FabricdError):
+    """A record that cannot be applied (bad shape, out of order, or contradicting the state)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One logged decision: a delta of :class:`FabricState`."""
+
+    term: int
+    seq: int
+    kind: str
+    data: dict
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"term": self.term, "seq": self.seq, "kind": self.kind, "data": self.data}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Record:
+        """Parse a record dict (from the log or the wire); raises :class:`StateError` if malformed."""
+        if not isinstance(d, dict) or set(d) != {"term", "seq", "kind", "data"}:
+            raise StateError(f"malformed record {d!r:.200}: expected keys term, seq, kind, data")
+        term, seq, kind, data = d["term"], d["seq"], d["kind"], d["data"]
+        if not _is_int(term) or not _is_int(seq) or seq < 1 or not isinstance(kind, str) \
+                or not isinstance(data, dict):
+            raise StateError(f"malformed record {d!r:.200}")
+        return cls(term, seq, kind, data)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_data(rec: Record) -> dict[str, Any]:
+    """The record's data with optional keys filled in; raises StateError naming the bad key."""
+    schema = RECORD_SCHEMAS.get(rec.kind)
+    if schema is None:
+        raise StateError(f"record seq {rec.seq}: unknown kind {rec.kind!r} (known: {', '.join(RECORD_KINDS)})")
+    required, optional = schema
+    unknown = set(rec.data) - set(required) - set(optional)
+    if unknown:
+        raise StateError(f"record seq {rec.seq} ({rec.kind}): unknown keys {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    for key, typ in required.items():
+        if key not in rec.data:
+            raise StateError(f"record seq {rec.seq} ({rec.kind}): missing key {key!r}")
+        out[key] = rec.data[key]
+    for key, (typ, default) in optional.items():
+        out[key] = rec.data.get(key, default if default is not None else typ())
+    for key, value in out.items():
+        typ = required[key] if key in required else optional[key][0]
+        ok = _is_int(value) if typ is int else isinstance(value, typ)
+        if ok and typ is str and not value and key not in _MAY_BE_EMPTY:
+            ok = False
+        if not ok:
+            raise StateError(f"record seq {rec.seq} ({rec.kind}): {key} = {value!r:.100} is not a valid {typ.__name__}")
+    return out
+
+
+SkippedUnit = tuple[str, int, int, int]  # (source, sample_id, piece, step)
+
+
+@dataclass
+class FabricState:
+    """What the leader decided, rebuilt by applying records in order.
+
+    ``jobs``: name -> {"spec_toml", "spec_origin", "fingerprint", "dp_size", "extra", "cancelled",
+    "cancel_reason", "term", "seq"}; ``skipped``: job -> set of (source, sample_id, piece, step);
+    ``progress``: job -> {"dp_rank/mp_rank": next_step}; ``roles``: role_id -> {"job", "kind",
+    "node", "extra", "term"}; ``members``: node -> {"endpoint", "term"}.
+    """
+
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, set[SkippedUnit]] = field(default_factory=dict)
+    progress: dict[str, dict[str, int]] = field(default_factory=dict)
+    roles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    last_term: int = 0
+    last_seq: int = 0
+
+    # -- applying -------------------------------------------------------------------------
+
+    def apply(self, rec: Record) -> None:
+        """Apply one record. Validates fully before changing anything: on StateError the state
+        is exactly as it was."""
+        if rec.seq != self.last_seq + 1:
+            raise StateError(f"record seq {rec.seq} does not follow seq {self.last_seq}")
+        if rec.term < self.last_term:
+            raise StateError(f"record seq {rec.seq} has term {rec.term} < last term {self.last_term}")
+        d = _check_data(rec)
+        getattr(self, f"_apply_{rec.kind}")(rec, d)
+        self.last_seq = rec.seq
+        self.last_term = rec.term
+
+    def _active_job(self, rec: Record, job: str) -> dict[str, Any]:
+        entry = self.jobs.get(job)
+        if entry is None or entry["cancelled"]:
+            raise StateError(f"record seq {rec.seq} ({rec.kind}): job {job!r} is not an active job")
+        return entry
+
+    def _apply_job_submitted(self, rec: Record, d: dict[str, Any]) -> None:
+        job = d["job"]
+        old = self.jobs.get(job)
+        if old is not None and not old["cancelled"]:
+            raise StateError(f"record seq {rec.seq} (job_submitted): job {job!r} is already active")
+        if d["dp_size"] < 1:
+            raise StateError(f"record seq {rec.seq} (job_submitted): dp_size = {d['dp_size']} must be >= 1")
+        if old is not None and old["fingerprint"] != d["fingerprint"]:
+            self.skipped.pop(job, None)
+            self.progress.pop(job, None)
+        self.jobs[job] = {"spec_toml": d["spec_toml"], "spec_origin": d["spec_origin"],
+                          "fingerprint": d["fingerprint"], "dp_size": d["dp_size"], "extra": d["extra"],
+                          "cancelled": False, "cancel_reason": "", "term": rec.term, "seq": rec.seq}
+        self.skipped.setdefault(job, set())
+        self.progress.setdefault(job, {})
+
+    def _apply_job_cancelled(self, rec: Record, d: dict[str, Any]) -> None:
+        entry = self._active_job(rec, d["job"])
+        entry["cancelled"] = True
+        entry["cancel_reason"] = d["reason"]
+
+    def _apply_sample_skipped(self, rec: Record, d: dict[str, Any]) -> None:
+        self._active_job(rec, d["job"])
+        self.skipped[d["job"]].add((d["source"], d["sample_id"], d["piece"], d["step"]))
+
+    def _apply_trainer_progress(self, rec: Record, d: dict[str, Any]) -> None:
+        entry = self._active_job(rec, d["job"])
+        if d["dp_rank"] >= entry["dp_size"]:
+            raise StateError(f"record seq {rec.seq} (trainer_progress): dp_rank = {d['dp_rank']} "
+                             f">= dp_size {entry['dp_size']} of job {d['job']!r}")
+        ranks = self.progress[d["job"]]
+        key = f"{d['dp_rank']}/{d['mp_rank']}"
+        if d["next_step"] > ranks.get(key, -1):
+            ranks[key] = d["next_step"]
+
+    def _apply_role_assigned(self, rec: Record, d: dict[str, Any]) -> None:
+        self._active_job(rec, d["job"])
+        self.roles[d["role_id"]] = {"job": d["job"], "kind": d["kind"], "node": d["node"], "extra": d["extra"],
+                                    "term": rec.term}
+
+    def _apply_role_released(self, rec: Record, d: dict[str, Any]) -> None:
+        if d["role_id"] not in self.roles:
+            raise StateError(f"record seq {rec.seq} (role_released): role {d['role_id']!r} is not assigned")
+        del self.roles[d["role_id"]]
+
+    def _apply_member_seen(self, rec: Record, d: dict[str, Any]) -> None:
+        self.members[d["node"]] = {"endpoint": d["endpoint"], "term": rec.term}
+
+    # -- queries --------------------------------------------------------------------------
+
+    def next_step(self, job: str, dp_rank: int, mp_rank: int = 0) -> int:
+        """The step a trainer rank is known to resume at (0 if it never reported)."""
+        return self.progress.get(job, {}).get(f"{dp_rank}/{mp_rank}", 0)
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def to_snapshot(self) -> dict[str, Any]:
+        """A JSON-typed, deterministic copy of the whole state (O(state))."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "last_term": self.last_term,
+            "last_seq": self.last_seq,
+            "jobs": {k: _json_copy(self.jobs[k]) for k in sorted(self.jobs)},
+            "skipped": {k: [list(u) for u in sorted(self.skipped[k])] for k in sorted(self.skipped)},
+            "progress": {k: dict(sorted(self.progress[k].items())) for k in sorted(self.progress)},
+            "roles": {k: _json_copy(self.roles[k]) for k in sorted(self.roles)},
+            "members": {k: dict(self.members[k]) for k in sorted(self.members)},
+        }
+
+    @classmethod
+    def from_snapshot(cls, d: Any) -> FabricState:
+        """Rebuild a state from :meth:`to_snapshot` output; raises StateError if malformed."""
+        try:
+            if d["version"] != SNAPSHOT_VERSION:
+                raise StateError(f"snapshot version = {d['version']!r}, this daemon reads {SNAPSHOT_VERSION}")
+            st = cls(
+                jobs={str(k): dict(v) for k, v in d["jobs"].items()},
+                skipped={str(k): {(str(s), int(i), int(p), int(t)) for s, i, p, t in v}
+                         for k, v in d["skipped"].items()},
+                progress={str(k): {str(r): int(n) for r, n in v.items()} for k, v in d["progress"].items()},
+                roles={str(k): dict(v) for k, v in d["roles"].items()},
+                members={str(k): dict(v) for k, v in d["members"].items()},
+                last_term=int(d["last_term"]),
+                last_seq=int(d["last_seq"]),
+            )
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StateError(f"malformed snapshot: {type(e).__name__}: {e}") from e
+        if st.last_seq < 0 or st.last_term < 0:
+            raise StateError(f"malformed snapshot: last_seq = {st.last_seq}, last_term = {st.last_term}")
+        return st
+
+    def copy(self) -> FabricState:
+        """An independent deep copy (O(state))."""
+        return FabricState.from_snapshot(self.to_snapshot())
+
+
+def _json_copy(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _json_copy(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_copy(x) for x in v]
+    return v
+

@@ -1,0 +1,117 @@
+"""Named crash points for chaos tests.
+
+Code that must survive a crash at an exact instant calls ``failpoint("some.name")`` there. The
+call is a no-op (one dict lookup) unless the environment variable ``FABRICD_FAILPOINTS``, read
+once at import, names that point. Its value is a comma-separated list of ``name=action[@n]``:
+
+- ``log.after_fsync=kill``     SIGKILL this process (no cleanup, no atexit: a real crash)
+- ``log.after_fsync=raise``    raise :class:`FailpointHit` (for unit tests in one process)
+- ``log.after_fsync=kill@3``   the same, but only from the 3rd time the point is reached on
+
+Without ``@n`` the action fires on every hit (``@1``). An invalid value is refused at import
+with the bad entry quoted, so a typo cannot silently disable a chaos test.
+
+Tests in one process use :func:`configure` instead of the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+__all__ = ["ENV_VAR", "ACTIONS", "FailpointError", "FailpointHit", "active", "configure", "failpoint", "hits"]
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "FABRICD_FAILPOINTS"
+ACTIONS = ("kill", "raise")
+
+
+class FailpointError(ValueError):
+    """A failpoint specification that cannot be parsed. Quotes the bad entry."""
+
+
+class FailpointHit(Exception):
+    """Raised by a failpoint whose action is ``raise``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"failpoint {name!r} hit")
+
+
+# name -> (action, fire from this hit on); hit counters only for active points.
+_ACTIVE: dict[str, tuple[str, int]] = {}
+_SPECS: dict[str, str] = {}
+_HITS: dict[str, int] = {}
+
+
+def _parse(spec: str) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
+    points: dict[str, tuple[str, int]] = {}
+    texts: dict[str, str] = {}
+    for entry in spec.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        name, sep, action = entry.partition("=")
+        name, action = name.strip(), action.strip()
+        if not sep or not name:
+            raise FailpointError(f"{ENV_VAR}: entry {entry!r}: expected name=action[@n]")
+        nth = 1
+        if "@" in action:
+            action, _, count = action.partition("@")
+            try:
+                nth = int(count)
+            except ValueError:
+                raise FailpointError(f"{ENV_VAR}: entry {entry!r}: @{count!r} is not an integer") from None
+            if nth < 1:
+                raise FailpointError(f"{ENV_VAR}: entry {entry!r}: @{nth} must be >= 1")
+        if action not in ACTIONS:
+            raise FailpointError(f"{ENV_VAR}: entry {entry!r}: action {action!r} is not one of {ACTIONS}")
+        points[name] = (action, nth)
+        texts[name] = action if nth == 1 else f"{action}@{nth}"
+    return points, texts
+
+
+def configure(spec: str | None) -> None:
+    """Replace the active failpoints with ``spec`` (same syntax as the environment variable).
+
+    ``None`` or ``""`` disables them all. Hit counters restart from zero.
+    """
+    points, texts = _parse(spec or "")
+    _ACTIVE.clear()
+    _ACTIVE.update(points)
+    _SPECS.clear()
+    _SPECS.update(texts)
+    _HITS.clear()
+    if points:
+        log.warning("failpoints active: %s", ", ".join(f"{k}={v}" for k, v in sorted(texts.items())))
+
+
+def active() -> dict[str, str]:
+    """The active failpoints, ``name -> "action"`` or ``"action@n"``."""
+    return dict(_SPECS)
+
+
+def hits(name: str) -> int:
+    """How many times an active failpoint has been reached (0 for an inactive one)."""
+    return _HITS.get(name, 0)
+
+
+def failpoint(name: str) -> None:
+    """Crash here if the failpoint ``name`` is active and due; otherwise return at once."""
+    point = _ACTIVE.get(name)
+    if point is None:
+        return
+    action, nth = point
+    count = _HITS.get(name, 0) + 1
+    _HITS[name] = count
+    if count < nth:
+        return
+    if action == "kill":
+        log.critical("failpoint %s: SIGKILL (hit %d)", name, count)
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise FailpointHit(name)
+
+
+configure(os.environ.get(ENV_VAR))
