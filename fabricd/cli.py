@@ -94,7 +94,7 @@ def _request(ctx: click.Context, msg: protocol.Message) -> protocol.Message:
 
 @fabricctl_main.command("submit")
 @click.argument("job_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--wait/--no-wait", default=False, help="Wait until the job is ready to serve trainers.")
+@click.option("--wait/--no-wait", default=False, help="Wait until the job serves trainers.")
 @click.option("--wait-timeout", default=600.0, show_default=True, help="Seconds --wait waits at most.")
 @click.pass_context
 def submit_cmd(ctx: click.Context, job_file: str, wait: bool, wait_timeout: float) -> None:
@@ -117,8 +117,8 @@ def submit_cmd(ctx: click.Context, job_file: str, wait: bool, wait_timeout: floa
         if state != last:
             click.echo(f"job {spec.name}: {state}", err=True)
             last = state
-        if state == "ready":
-            click.echo(f"job {spec.name}: ready (fingerprint {job['fingerprint']})")
+        if job.get("serving"):
+            click.echo(f"job {spec.name}: serving (fingerprint {job['fingerprint']})")
             return
         if state == "failed":
             raise click.ClickException(f"job {spec.name} failed: {job.get('error')}")
@@ -145,27 +145,41 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(status, indent=2, sort_keys=True))
         return
     tel = status["telemetry"]
+    cluster = status["cluster"]
     click.echo(f"node {status['node']} (fabricd {status['version']}, pid {status['pid']}) on {status['endpoint']}, "
-               f"leader {status['leader']}, up {status['uptime_s']:.0f}s, cpu {tel['cpu_percent']:.0f}%, "
-               f"mem {tel['mem_used_percent']:.0f}%")
-    click.echo(f"  malformed dropped: {status['counters']['malformed_dropped']}")
+               f"up {status['uptime_s']:.0f}s, cpu {tel['cpu_percent']:.0f}%, mem {tel['mem_used_percent']:.0f}%")
+    log_pos = cluster["log"]
+    click.echo(f"leader {status['leader'] or '-'} term {status['term']}"
+               f"{' (this node)' if status['is_leader'] else ''}; log at {log_pos['last']}, committed "
+               f"{log_pos['commit_seq']}; malformed dropped {status['counters']['malformed_dropped']}")
+    replicas = cluster.get("replicas", {})
+    for node, m in cluster["members"].items():
+        t = m.get("telemetry") or {}
+        seen = "" if m["last_beat_s_ago"] is None else f", beat {m['last_beat_s_ago']}s ago"
+        repl = f", replica at {replicas[node]}" if node in replicas else ""
+        click.echo(f"  member {node:<12} {'alive' if m['alive'] else 'DEAD '} cpu {t.get('cpu_percent', '-')}% "
+                   f"roles {t.get('roles', '-')}{seen}{repl}")
     for name, job in status["jobs"].items():
         topo = job["topology"]
-        click.echo(f"job {name}: {job['state']}  dp={topo['dp_size']} mp={topo['mp_size']} "
-                   f"constructors={topo['constructors']}  fingerprint={job['fingerprint'] or '-'}")
+        click.echo(f"job {name}: {job['state']}{', serving' if job.get('serving') else ''}  dp={topo['dp_size']} "
+                   f"mp={topo['mp_size']} constructors={topo['constructors']}  fingerprint={job['fingerprint'] or '-'}")
         if job["error"]:
             click.echo(f"  error: {job['error']}")
         c = job["counters"]
-        click.echo(f"  plans {c['plans_computed']} (max {c['plan_ms_max']} ms), skipped units {c['skipped_units']}")
+        click.echo(f"  plans {c['plans_computed']} (max {c['plan_ms_max']} ms), skipped units {c['skipped_units']} "
+                   f"(recorded {job['skipped_recorded']})")
         for src, info in job["sources"].items():
             click.echo(f"  source {src}: {info['samples']} samples, {info['files_skipped']} files and "
                        f"{info['rows_skipped']} rows skipped at indexing")
         for role in job["roles"]:
             stats = role.get("stats", {})
-            extra = ", ".join(f"{k}={stats[k]}" for k in ("units", "built_batches", "sent", "skipped_units")
-                              if k in stats)
-            click.echo(f"  {role['id']:<32} pid={role['pid']} {'up' if role['alive'] else 'DOWN'} "
-                       f"restarts={role['restarts']} rss={role.get('rss_mb', '-')}MB {extra}")
+            extra = ", ".join(f"{k}={stats[k]}" for k in ("units", "built_batches", "sent") if k in stats)
+            local = f"pid={role['pid']} restarts={role['restarts']} rss={role.get('rss_mb', '-')}MB " if "pid" in role else ""
+            click.echo(f"  {role['id']:<34} on {role['node']:<10} {'up  ' if role['alive'] else 'DOWN'} {local}{extra}")
+        if job["progress"]:
+            steps = sorted(job["progress"].items())
+            click.echo("  trainer progress (dp/mp: next step): " + ", ".join(f"{k}: {v}" for k, v in steps[:16])
+                       + (" ..." if len(steps) > 16 else ""))
 
 
 @fabricctl_main.command("expect")

@@ -1,14 +1,17 @@
-"""The fabricd daemon: one per node; hosts jobs' roles as supervised children and answers requests.
+"""The fabricd daemon: one per node. Answers requests, runs the roles assigned to it, and takes
+part in the cluster (lease, log replication, heartbeats) through :class:`ClusterController`.
 
 One ROUTER socket is the control endpoint for trainers (``Hello``, ``Locate``), ``fabricctl``
-(``SubmitJob``, ``StatusRequest``, ``CancelJob``) and the daemon's own role processes
-(``RoleHello``, ``RoleStats``, ``PlanRequest``, ``PoolsRequest``, ``SkipReport``). The loop only
-decodes and dispatches; each request type has one handler. A malformed message is counted and
-dropped (answered with an ``ErrorReply`` when the sender can be addressed); the daemon keeps
-serving whatever arrives.
+(``SubmitJob``, ``StatusRequest``, ``CancelJob``), this daemon's role processes (``RoleHello``,
+``RoleStats``, ``PlanRequest``, ``PoolsRequest``, ``SkipReport``) and peer daemons
+(``PeerMessage``). The loop only decodes and dispatches; each request type has one handler. A
+malformed message is counted and dropped (answered with an ``ErrorReply`` when the sender can be
+addressed); the daemon keeps serving. Peers are reached through one DEALER each.
 
-Submitted job specs are persisted under ``<state_dir>/jobs`` and resumed when the daemon
-restarts, so ``systemctl restart fabricd`` does not lose a running job.
+What the daemon runs follows the replicated state, level-triggered: every job in the state has
+a :class:`JobRuntime` here (indexes, planner), and every role the state assigns to this node runs
+as a supervised child. Decisions — accepting a job, placing roles, recording skipped samples and
+trainer progress — are taken by the leader only, and only while it can prove it holds the lease.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,10 +32,15 @@ from fabric_client import protocol
 from fabric_client.errors import ProtocolError
 
 from . import __version__
+from .cluster.controller import ClusterController, NotLeader
+from .cluster.log import LogError
+from .cluster.placement import place_roles, wanted_roles
+from .cluster.state import StateError
+from .cluster.wire import from_peer, to_peer
 from .config import JobSpec, NodeConfig, parse_job_spec
 from .errors import ConfigError
 from .job import JobRuntime
-from .roles.base import configure_socket
+from .roles.base import RoleArgs, configure_socket
 from .roles.supervisor import Supervisor
 
 __all__ = ["Daemon"]
@@ -39,6 +48,7 @@ __all__ = ["Daemon"]
 log = logging.getLogger(__name__)
 
 Reply = tuple[protocol.Message, tuple] | protocol.Message | None
+PROGRESS_EVERY_S = 1.0
 
 
 class Daemon:
@@ -50,12 +60,26 @@ class Daemon:
         self.sock = self.ctx.socket(zmq.ROUTER)
         configure_socket(self.sock, max_message_bytes=cfg.max_message_bytes, hwm=10000)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.endpoint = self._bind(cfg.control)
+        self.bound_endpoint = self._bind(cfg.control)
         self.supervisor = Supervisor(backoff_s=cfg.restart_backoff_s, backoff_max_s=cfg.restart_backoff_max_s)
+        self.cluster = ClusterController(cfg, now=time.monotonic())
+        self.peers: dict[str, zmq.Socket] = {}
+        for peer in cfg.cluster.peers:
+            if peer.node_id != cfg.node_id:
+                s = self.ctx.socket(zmq.DEALER)
+                configure_socket(s, max_message_bytes=cfg.max_message_bytes, hwm=1000)
+                s.connect(peer.control)
+                self.peers[peer.node_id] = s
         self.jobs: dict[str, JobRuntime] = {}
-        self.counters = {"malformed_dropped": 0, "requests": 0, "unroutable_replies": 0}
+        self.jobs_dir = cfg.state_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.index_dir = cfg.state_dir / "indexes"
+        self.counters = {"malformed_dropped": 0, "requests": 0, "unroutable_replies": 0, "peer_sends_dropped": 0}
         self.started = time.time()
         self._stopping = False
+        self._applied_seq = -1
+        self._next_progress = 0.0
+        self._pending_skips: list[dict] = []
         self.handlers: dict[type[protocol.Message], Callable[[bytes, Any, list], Reply]] = {
             protocol.Hello: self.on_hello,
             protocol.Ping: lambda _i, m, _p: protocol.Pong(nonce=m.nonce),
@@ -68,10 +92,8 @@ class Daemon:
             protocol.PlanRequest: self.on_plan,
             protocol.PoolsRequest: self.on_pools,
             protocol.SkipReport: self.on_skip,
+            protocol.PeerMessage: self.on_peer,
         }
-        self.jobs_dir = cfg.state_dir / "jobs"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self._restore_jobs()
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -92,33 +114,23 @@ class Daemon:
         log.info("fabricd %s node %s listening on %s", __version__, self.cfg.node_id, endpoint)
         return endpoint
 
-    def _restore_jobs(self) -> None:
-        for path in sorted(self.jobs_dir.glob("*.toml")):
-            origin_file = path.with_suffix(".origin")
-            try:
-                spec = parse_job_spec(path.read_text(encoding="utf-8"), origin_file.read_text().strip())
-            except (OSError, ConfigError) as e:
-                log.error("cannot resume persisted job %s: %s", path, e)
-                continue
-            log.info("resuming job %s from %s", spec.name, path)
-            self._start_job(spec, path)
-
     # -- loop -----------------------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Serve until :meth:`stop`; then stop every role process and close the socket."""
+        """Serve until :meth:`stop`; then stop every role process and close the sockets."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         try:
             while not self._stopping:
-                for role in self.supervisor.poll():
-                    log.info("role %s will be restarted by the supervisor", role.role_id)
-                for job in self.jobs.values():
-                    job.tick()
-                if not poller.poll(100):
+                now = time.monotonic()
+                self.supervisor.poll()
+                self._send(self.cluster.tick(now, telemetry=self._telemetry(), roles=self._role_view()))
+                if self.cluster.is_leader(now):
+                    self._lead(now)
+                self._reconcile()
+                if not poller.poll(50):
                     continue
-                # drain what is queued, bounded so supervision is never starved
-                for _ in range(1000):
+                for _ in range(1000):  # drain, bounded so the cluster tick is never starved
                     try:
                         frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                     except zmq.Again:
@@ -133,8 +145,21 @@ class Daemon:
     def shutdown(self) -> None:
         log.info("stopping %d role processes", len(self.supervisor.roles))
         self.supervisor.stop()
+        for s in self.peers.values():
+            s.close(linger=0)
         self.sock.close(linger=0)
+        self.cluster.log.close()
         self.ctx.term()
+
+    def _send(self, messages: list[tuple[str, Any]]) -> None:
+        for peer, msg in messages:
+            sock = self.peers.get(peer)
+            if sock is None:
+                continue
+            try:
+                sock.send_multipart(protocol.encode(to_peer(self.cfg.node_id, msg)), flags=zmq.NOBLOCK)
+            except zmq.Again:  # the peer is gone or slow: lease and replication messages are retried
+                self.counters["peer_sends_dropped"] += 1
 
     def _handle(self, frames: list) -> None:
         self.counters["requests"] += 1
@@ -145,6 +170,7 @@ class Daemon:
             if handler is None:
                 raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"the daemon does not serve {msg.TYPE}")
             reply = handler(identity, msg, payload)
+            self._reconcile()
         except ProtocolError as e:
             self.counters["malformed_dropped"] += 1
             log.warning("dropped malformed message (%d so far): %s", self.counters["malformed_dropped"], e)
@@ -161,7 +187,143 @@ class Daemon:
             self.counters["unroutable_replies"] += 1
             log.debug("reply to a departed peer dropped: %s", e)
 
+    # -- following the replicated state ---------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        """Make the local jobs and roles match the state (cheap when nothing changed)."""
+        state = self.cluster.state
+        if state.last_seq == self._applied_seq:
+            return
+        self._applied_seq = state.last_seq
+        active = {name: j for name, j in state.jobs.items() if not j["cancelled"]}
+        for name in list(self.jobs):
+            if name not in active or self.jobs[name].spec.text != active[name]["spec_toml"]:
+                log.info("job %s %s", name, "cancelled" if name not in active else "replaced")
+                del self.jobs[name]
+        for name, entry in active.items():
+            if name not in self.jobs:
+                path = self.jobs_dir / f"{name}.toml"
+                path.write_text(entry["spec_toml"], encoding="utf-8")
+                try:
+                    spec = parse_job_spec(entry["spec_toml"], entry["spec_origin"])
+                except ConfigError as e:  # validated by the leader; a local path problem, say
+                    log.error("job %s cannot run on this node: %s", name, e)
+                    continue
+                self.jobs[name] = JobRuntime(spec, index_dir=self.index_dir, directory=self)
+        mine = {rid: r for rid, r in state.roles.items() if r["node"] == self.cfg.node_id and r["job"] in self.jobs}
+        stale = [rid for rid, role in self.supervisor.roles.items()
+                 if rid not in mine or role.args.extra.get("assignment") != mine[rid]["extra"]]
+        if stale:
+            self.supervisor.stop(stale)
+        for rid, r in mine.items():
+            if rid not in self.supervisor.roles:
+                job = self.jobs[r["job"]]
+                extra = {**r["extra"], "assignment": r["extra"], "index_dir": str(self.index_dir)}
+                self.supervisor.start(RoleArgs(
+                    kind=r["kind"], role_id=rid, daemon=self.local_endpoint, job=r["job"],
+                    spec_path=str(self.jobs_dir / f"{r['job']}.toml"), spec_origin=job.spec.file,
+                    bind_host=self.cfg.advertise_host, heartbeat_s=self.cfg.heartbeat_s,
+                    max_message_bytes=self.cfg.max_message_bytes, extra=extra))
+
+    # RoleDirectory, for JobRuntime.locate / pools
+    def endpoint(self, role_id: str) -> str | None:
+        local = self.supervisor.roles.get(role_id)
+        if local is not None:
+            return local.endpoint if local.alive else None
+        assigned = self.cluster.state.roles.get(role_id)
+        now = time.monotonic()
+        if assigned is None or not self.cluster.members.alive(assigned["node"], now):
+            return None
+        view = self.cluster.members.members[assigned["node"]].roles.get(role_id)
+        return view["endpoint"] if view and view.get("alive") else None
+
+    def role_ids(self, job: str) -> list[str]:
+        return [rid for rid, r in self.cluster.state.roles.items() if r["job"] == job]
+
+    def _role_view(self) -> dict[str, dict]:
+        """This node's roles as peers see them in heartbeats (endpoint, liveness, trainer positions)."""
+        view = {}
+        for rid, role in self.supervisor.roles.items():
+            entry = {"endpoint": role.endpoint, "kind": role.args.kind, "alive": role.alive and bool(role.endpoint)}
+            subs = role.stats.get("subscriptions")
+            if subs:
+                entry["trainers"] = [[s["dp_rank"], s["mp_rank"], s["next_step"]] for s in subs]
+            view[rid] = entry
+        return view
+
+    def _telemetry(self) -> dict[str, Any]:
+        vm = psutil.virtual_memory()
+        return {"cpu_percent": psutil.cpu_percent(None), "mem_used_percent": vm.percent,
+                "mem_available_mb": round(vm.available / 2**20), "roles": len(self.supervisor.roles)}
+
+    # -- leader duties ----------------------------------------------------------------------------
+
+    def _propose(self, entries: list[tuple[str, dict]], now: float) -> bool:
+        try:
+            self._send(self.cluster.propose(entries, now))
+            return True
+        except NotLeader:
+            return False
+        except (LogError, StateError) as e:
+            log.error("could not record %d decisions: %s", len(entries), e)
+            return False
+
+    def _lead(self, now: float) -> None:
+        state = self.cluster.state
+        if self._pending_skips:
+            skips, self._pending_skips = self._pending_skips, []
+            self._propose([("sample_skipped", s) for s in skips if s["job"] in state.jobs
+                           and not state.jobs[s["job"]]["cancelled"]], now)
+        if not self.cluster.settled(now):
+            return  # wait until every live member had a chance to say so before moving roles
+        live = self.cluster.members.live(now)
+        load = Counter(r["node"] for r in state.roles.values())
+        cpu = {n: v.telemetry.get("cpu_percent", 0.0) for n, v in self.cluster.members.members.items()}
+        entries: list[tuple[str, dict]] = []
+        for name, job in self.jobs.items():
+            if job.state != "ready" or state.jobs.get(name, {}).get("cancelled", True):
+                continue
+            wants = wanted_roles(job.spec, fingerprint=job.fingerprint, default_workers=self.cfg.loader_workers)
+            current = {rid: r["node"] for rid, r in state.roles.items()
+                       if r["job"] == name and r["extra"] == next((w.extra for w in wants if w.role_id == rid), None)}
+            for rid, node in place_roles(wants, live=live, current=current, load=load, cpu=cpu).items():
+                want = next(w for w in wants if w.role_id == rid)
+                entries.append(("role_assigned", {"role_id": rid, "job": name, "kind": want.kind, "node": node,
+                                                  "extra": want.extra}))
+            wanted_ids = {w.role_id for w in wants}
+            entries += [("role_released", {"role_id": rid, "reason": "no longer wanted"})
+                        for rid, r in state.roles.items() if r["job"] == name and rid not in wanted_ids]
+        if entries:
+            for kind, data in entries:
+                log.info("%s %s → %s", kind, data["role_id"], data.get("node", "-"))
+            self._propose(entries, now)
+        if now >= self._next_progress:
+            self._next_progress = now + PROGRESS_EVERY_S
+            self._record_progress(now)
+
+    def _record_progress(self, now: float) -> None:
+        state = self.cluster.state
+        best: dict[tuple[str, int, int], int] = {}
+        for member in self.cluster.members.members.values():
+            for rid, view in member.roles.items():
+                job = rid.split("/", 1)[0]
+                for dp, mp, step in view.get("trainers", []):
+                    key = (job, dp, mp)
+                    best[key] = max(best.get(key, 0), step)
+        entries = [("trainer_progress", {"job": job, "dp_rank": dp, "mp_rank": mp, "next_step": step})
+                   for (job, dp, mp), step in sorted(best.items())
+                   if job in state.jobs and not state.jobs[job]["cancelled"]
+                   and dp < state.jobs[job]["dp_size"] and step > state.next_step(job, dp, mp)]
+        if entries:
+            self._propose(entries, now)
+
     # -- handlers -------------------------------------------------------------------------------
+
+    def on_peer(self, _identity: bytes, msg: protocol.PeerMessage, _payload: list) -> Reply:
+        if msg.sender not in self.peers:
+            raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"peer {msg.sender!r} is not in this cluster")
+        self._send(self.cluster.on_peer(from_peer(msg), time.monotonic()))
+        return None
 
     def on_hello(self, _identity: bytes, msg: protocol.Hello, _payload: list) -> Reply:
         if msg.protocol != protocol.PROTOCOL_VERSION:
@@ -169,53 +331,85 @@ class Daemon:
                                        reason=f"daemon speaks protocol {protocol.PROTOCOL_VERSION}, peer {msg.protocol}")
         return protocol.Welcome(protocol=protocol.PROTOCOL_VERSION, node=self.cfg.node_id, daemon_version=__version__)
 
+    def _not_leader(self) -> protocol.ErrorReply:
+        leader, endpoint = self.cluster.leader, self.cluster.leader_endpoint()
+        return protocol.ErrorReply(code=protocol.ErrorCode.NOT_LEADER,
+                                   reason=f"{self.cfg.node_id} is not the leader; leader: {leader or 'unknown'}"
+                                          + (f" at {endpoint}" if endpoint else ""))
+
     def on_submit(self, _identity: bytes, msg: protocol.SubmitJob, _payload: list) -> Reply:
         try:
             spec = parse_job_spec(msg.spec_toml, msg.spec_path)
         except ConfigError as e:
             return protocol.ErrorReply(code=protocol.ErrorCode.INVALID_SPEC, reason=str(e))
-        current = self.jobs.get(spec.name)
-        if current is not None and current.spec.text == spec.text and current.spec.file == spec.file \
-                and current.state != "failed":
-            return protocol.JobAccepted(job=spec.name, fingerprint=current.fingerprint, state=current.state)
-        path = self.jobs_dir / f"{spec.name}.toml"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(msg.spec_toml, encoding="utf-8")
-        path.with_suffix(".origin").write_text(spec.file + "\n")
-        os.replace(tmp, path)
-        if current is not None:
+        now = time.monotonic()
+        if not self.cluster.is_leader(now):
+            return self._not_leader()
+        state = self.cluster.state
+        current = state.jobs.get(spec.name)
+        entries: list[tuple[str, dict]] = []
+        if current is not None and not current["cancelled"]:
+            if current["spec_toml"] == msg.spec_toml and current["spec_origin"] == spec.file:
+                job = self.jobs.get(spec.name)
+                return protocol.JobAccepted(job=spec.name, fingerprint=job.fingerprint if job else "",
+                                            state=job.state if job else "indexing")
             log.warning("job %s resubmitted with a different spec; replacing it", spec.name)
-            current.stop()
-        job = self._start_job(spec, path)
-        return protocol.JobAccepted(job=spec.name, fingerprint=job.fingerprint, state=job.state)
+            entries += self._release_roles(spec.name)
+            entries.append(("job_cancelled", {"job": spec.name, "reason": "resubmitted"}))
+        entries.append(("job_submitted", {"job": spec.name, "spec_toml": msg.spec_toml, "spec_origin": spec.file,
+                                          "fingerprint": "", "dp_size": spec.topology.dp_size}))
+        if not self._propose(entries, now):
+            return protocol.ErrorReply(code=protocol.ErrorCode.INTERNAL, reason="could not record the job; see the daemon log")
+        return protocol.JobAccepted(job=spec.name, fingerprint="", state="indexing")
 
-    def _start_job(self, spec: JobSpec, path: Path) -> JobRuntime:
-        job = JobRuntime(spec, path, self.cfg, self.local_endpoint, self.supervisor)
-        self.jobs[spec.name] = job
-        return job
+    def _release_roles(self, job: str) -> list[tuple[str, dict]]:
+        return [("role_released", {"role_id": rid, "reason": f"job {job} replaced or cancelled"})
+                for rid in self.role_ids(job)]
 
     def on_cancel(self, _identity: bytes, msg: protocol.CancelJob, _payload: list) -> Reply:
-        job = self.jobs.pop(msg.job, None)
-        if job is None:
+        now = time.monotonic()
+        if not self.cluster.is_leader(now):
+            return self._not_leader()
+        current = self.cluster.state.jobs.get(msg.job)
+        if current is None or current["cancelled"]:
             return protocol.ErrorReply(code=protocol.ErrorCode.UNKNOWN_JOB, reason=f"no job named {msg.job!r}")
-        job.stop()
-        for suffix in (".toml", ".origin"):
-            (self.jobs_dir / f"{msg.job}{suffix}").unlink(missing_ok=True)
+        if not self._propose(self._release_roles(msg.job) + [("job_cancelled", {"job": msg.job, "reason": "cancelled"})], now):
+            return protocol.ErrorReply(code=protocol.ErrorCode.INTERNAL, reason="could not record the cancellation")
         return protocol.Ok()
 
     def on_status(self, _identity: bytes, _msg: protocol.StatusRequest, _payload: list) -> Reply:
-        vm = psutil.virtual_memory()
+        now = time.monotonic()
+        state = self.cluster.state
+        jobs = {}
+        for name, job in self.jobs.items():
+            roles = []
+            for rid in sorted(self.role_ids(name)):
+                assigned = state.roles[rid]
+                local = self.supervisor.roles.get(rid)
+                info = {"id": rid, "kind": assigned["kind"], "node": assigned["node"],
+                        "endpoint": self.endpoint(rid), "alive": self.endpoint(rid) is not None}
+                if local is not None:
+                    info.update(pid=local.pid, restarts=local.restarts, stats=local.stats,
+                                **self.supervisor.telemetry(local))
+                roles.append(info)
+            serving = job.state == "ready" and all(
+                self.endpoint(job.constructor_role(g[0])) is not None for g in job.groups)
+            jobs[name] = {**job.status(), "serving": serving, "roles": roles,
+                          "progress": dict(state.progress.get(name, {})),
+                          "skipped_recorded": len(state.skipped.get(name, ()))}
         status = {
             "node": self.cfg.node_id,
             "version": __version__,
-            "endpoint": self.endpoint,
+            "endpoint": self.bound_endpoint,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
-            "leader": self.cfg.node_id,  # a node is a cluster of one until membership lands
-            "telemetry": {"cpu_percent": psutil.cpu_percent(None), "mem_used_percent": vm.percent,
-                          "mem_available_mb": round(vm.available / 2**20)},
+            "leader": self.cluster.leader,
+            "term": self.cluster.term,
+            "is_leader": self.cluster.is_leader(now),
+            "cluster": self.cluster.status(now),
+            "telemetry": self._telemetry(),
             "counters": dict(self.counters),
-            "jobs": {name: job.status() for name, job in self.jobs.items()},
+            "jobs": jobs,
         }
         # round-trip through JSON so nothing non-serializable reaches the encoder
         return protocol.StatusReply(status=json.loads(json.dumps(status, default=str)))
@@ -223,7 +417,8 @@ class Daemon:
     def _job(self, name: str) -> JobRuntime | protocol.ErrorReply:
         job = self.jobs.get(name)
         if job is None:
-            return protocol.ErrorReply(code=protocol.ErrorCode.UNKNOWN_JOB, reason=f"no job named {name!r} on node {self.cfg.node_id}")
+            return protocol.ErrorReply(code=protocol.ErrorCode.UNKNOWN_JOB,
+                                       reason=f"no job named {name!r} on node {self.cfg.node_id}")
         return job
 
     def on_locate(self, _identity: bytes, msg: protocol.Locate, _payload: list) -> Reply:
@@ -258,4 +453,14 @@ class Daemon:
         job = self.jobs.get(msg.job)
         if job is not None:
             job.on_skip(msg)
+        record = {"job": msg.job, "source": msg.source, "sample_id": msg.sample_id, "piece": msg.piece,
+                  "step": msg.step, "reason": msg.reason}
+        if self.cluster.is_leader(time.monotonic()):
+            self._pending_skips.append(record)
+        elif (leader := self.cluster.leader) in self.peers:
+            # the leader records it; a report lost with a dying leader is re-sent by the next replay
+            try:
+                self.peers[leader].send_multipart(protocol.encode(msg), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.counters["peer_sends_dropped"] += 1
         return None

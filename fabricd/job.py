@@ -13,16 +13,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from fabric_client import protocol
 
-from .config import JobSpec, NodeConfig
+from .config import JobSpec
 from .planner import CostModel, MixtureSchedule, Planner, StepPlan, build_units
-from .roles.base import RoleArgs
-from .roles.supervisor import RoleProcess, Supervisor
 from .sources.index import SourceIndex, open_index
 
 __all__ = ["JobRuntime", "open_sources", "build_planner", "PLAN_COLUMNS"]
@@ -63,17 +61,25 @@ def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
     )
 
 
-class JobRuntime:
-    """One job's lifecycle on this daemon: indexing → starting → ready (or failed)."""
+class RoleDirectory(Protocol):
+    """Where a job's roles can be reached now (answered from the cluster's role records)."""
 
-    def __init__(self, spec: JobSpec, spec_path: Path, node: NodeConfig, control_endpoint: str,
-                 supervisor: Supervisor) -> None:
+    def endpoint(self, role_id: str) -> str | None: ...     # endpoint of a live role, or None
+    def role_ids(self, job: str) -> list[str]: ...           # every role assigned for ``job``
+
+
+class JobRuntime:
+    """One job on this daemon: its indexes and planner (indexing → ready, or failed).
+
+    Where the job's roles run is the cluster's decision (role records in the checkpoint log);
+    ``directory`` says where a role can be reached now, so ``locate`` and ``pools`` answer for
+    roles on any daemon.
+    """
+
+    def __init__(self, spec: JobSpec, *, index_dir: Path, directory: RoleDirectory) -> None:
         self.spec = spec
-        self.spec_path = spec_path
-        self.node = node
-        self.control_endpoint = control_endpoint
-        self.supervisor = supervisor
-        self.index_dir = node.state_dir / "indexes"
+        self.index_dir = index_dir
+        self.directory = directory
         self.state = "indexing"
         self.error: str | None = None
         self.fingerprint = ""
@@ -81,14 +87,10 @@ class JobRuntime:
         self.planner: Planner | None = None
         self.plans: OrderedDict[int, StepPlan] = OrderedDict()
         self.groups = spec.topology.groups()
-        self.role_ids: list[str] = []
         self.counters = {"plans_computed": 0, "plan_requests": 0, "skipped_units": 0, "plan_ms_max": 0.0}
         self.skips: list[dict[str, Any]] = []  # most recent skip reports, bounded
-        self.submitted_at = time.time()
         self._thread = threading.Thread(target=self._prepare, name=f"index-{spec.name}", daemon=True)
         self._thread.start()
-
-    # -- lifecycle ------------------------------------------------------------------------------
 
     def _prepare(self) -> None:
         try:
@@ -99,45 +101,14 @@ class JobRuntime:
             self.indexes, self.planner = indexes, planner
             log.info("job %s: %d sources indexed in %.1fs (fingerprint %s)", self.spec.name, len(indexes),
                      time.monotonic() - started, self.fingerprint)
-            self.state = "starting"
+            self.state = "ready"
         except Exception as e:  # surfaced through status and Locate; the daemon keeps serving
             log.exception("job %s failed to prepare", self.spec.name)
             self.error = f"{type(e).__name__}: {e}"
             self.state = "failed"
 
-    def tick(self) -> None:
-        """Advance the lifecycle; called from the daemon's loop."""
-        if self.state == "starting" and not self.role_ids:
-            self._start_roles()
-        if self.state == "starting" and all(self.supervisor.roles[r].endpoint for r in self.role_ids):
-            self.state = "ready"
-            log.info("job %s ready: %d roles", self.spec.name, len(self.role_ids))
-
-    def _role_args(self, kind: str, role_id: str, **extra: Any) -> RoleArgs:
-        return RoleArgs(kind=kind, role_id=role_id, daemon=self.control_endpoint, job=self.spec.name,
-                        spec_path=str(self.spec_path), spec_origin=self.spec.file,
-                        bind_host=self.node.advertise_host, heartbeat_s=self.node.heartbeat_s,
-                        max_message_bytes=self.node.max_message_bytes, extra=extra)
-
-    def _start_roles(self) -> None:
-        for s in self.spec.sources:
-            for w in range(s.workers or self.node.loader_workers):
-                rid = f"{self.spec.name}/loader/{s.name}/{w}"
-                self.supervisor.start(self._role_args("source_loader", rid, source=s.name,
-                                                      index_dir=str(self.index_dir)))
-                self.role_ids.append(rid)
-        for g, ranks in enumerate(self.groups):
-            rid = f"{self.spec.name}/constructor/{g}"
-            self.supervisor.start(self._role_args("constructor", rid, ranks=ranks, fingerprint=self.fingerprint))
-            self.role_ids.append(rid)
-
-    def stop(self) -> None:
-        self.supervisor.stop(self.role_ids)
-        self.role_ids = []
-        self.state = "stopped"
-
-    def roles(self) -> list[RoleProcess]:
-        return [self.supervisor.roles[r] for r in self.role_ids if r in self.supervisor.roles]
+    def constructor_role(self, dp_rank: int) -> str:
+        return f"{self.spec.name}/constructor/{dp_rank // self.spec.topology.ranks_per_constructor}"
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -153,11 +124,10 @@ class JobRuntime:
                                        reason=f"rank dp={req.dp_rank} mp={req.mp_rank} outside dp_size {topo.dp_size} × mp_size {topo.mp_size}")
         if self.state != "ready":
             return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=f"job {self.spec.name} is {self.state}")
-        group = req.dp_rank // topo.ranks_per_constructor
-        endpoint = self.supervisor.roles[f"{self.spec.name}/constructor/{group}"].endpoint
+        endpoint = self.directory.endpoint(self.constructor_role(req.dp_rank))
         if endpoint is None:
             return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
-                                       reason=f"the constructor of dp rank {req.dp_rank} is restarting")
+                                       reason=f"the constructor of dp rank {req.dp_rank} is starting or moving")
         return protocol.Located(job=self.spec.name, fingerprint=self.fingerprint, endpoint=endpoint,
                                 dp_size=topo.dp_size, mp_size=topo.mp_size, prefetch=self.spec.batch.prefetch)
 
@@ -187,10 +157,12 @@ class JobRuntime:
         return reply, frames
 
     def pools(self) -> dict[str, list[str]]:
+        """Source name → endpoints of its live source-loader workers."""
         out: dict[str, list[str]] = {s.name: [] for s in self.spec.sources}
-        for role in self.roles():
-            if role.args.kind == "source_loader" and role.endpoint and role.alive:
-                out[role.args.extra["source"]].append(role.endpoint)
+        prefix = f"{self.spec.name}/loader/"
+        for rid in self.directory.role_ids(self.spec.name):
+            if rid.startswith(prefix) and (endpoint := self.directory.endpoint(rid)) is not None:
+                out.setdefault(rid[len(prefix):].rsplit("/", 1)[0], []).append(endpoint)
         return out
 
     def on_skip(self, msg: protocol.SkipReport) -> None:
@@ -201,11 +173,6 @@ class JobRuntime:
                                      "piece": msg.piece, "reason": msg.reason}])[-20:]
 
     def status(self) -> dict[str, Any]:
-        roles = []
-        for role in self.roles():
-            roles.append({"id": role.role_id, "kind": role.args.kind, "pid": role.pid, "alive": role.alive,
-                          "endpoint": role.endpoint, "restarts": role.restarts,
-                          **self.supervisor.telemetry(role), "stats": role.stats})
         return {
             "state": self.state,
             "error": self.error,
@@ -216,5 +183,4 @@ class JobRuntime:
                             "rows_skipped": i.rows_skipped} for n, i in self.indexes.items()},
             "counters": dict(self.counters),
             "recent_skips": list(self.skips),
-            "roles": roles,
         }

@@ -55,7 +55,7 @@ def wait_ready(daemon: LocalDaemon, job: str, timeout: float = 600.0) -> dict:
         if status.get("state") != last:
             last = status.get("state")
             print(f"job {job}: {last}")
-        if last == "ready":
+        if status.get("serving"):
             return status
         if last == "failed":
             raise SystemExit(f"job failed: {status.get('error')}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -123,16 +124,35 @@ def decode_batch(buf: Any) -> dict[str, np.ndarray]:
 
 
 def _record_arrays(record: pa.RecordBatch) -> dict[str, np.ndarray]:
-    arrays_meta = _arrays_meta(record.schema)
-    rows_ok = record.num_rows == 1 or (record.num_rows == 0 and not arrays_meta)  # {} encodes 0 rows
-    if not rows_ok or record.num_columns != len(arrays_meta):
+    schema = record.schema
+    layout = _layout(schema)
+    if record.num_rows != layout.rows or record.num_columns != len(layout.columns):
         raise ProtocolError(
             ErrorCode.MALFORMED,
-            f"batch frame has {record.num_rows} rows x {record.num_columns} columns; expected 1 x {len(arrays_meta)}",
+            f"batch frame has {record.num_rows} rows x {record.num_columns} columns; "
+            f"expected 1 x {len(layout.columns)}",
         )
+    # The usual case: the schema is exactly the one encode_batch writes for this metadata, so the
+    # names and every column's type are known good and only per-batch facts (nulls, lengths) are
+    # left to check. Any other schema gets the checks column by column.
+    typed = schema.equals(layout.schema)
+    if not typed and list(layout.names) != schema.names:
+        raise ProtocolError(ErrorCode.MALFORMED, "fabric.arrays metadata does not match the columns")
     out: dict[str, np.ndarray] = {}
-    for column, (name, dtype, shape) in zip(record.columns, arrays_meta):
-        out[name] = _column_array(column, name, dtype, shape)
+    for i, (name, dtype, wire, count, shape) in enumerate(layout.columns):
+        column = record.column(i)
+        if not typed and not pa.types.is_large_list(column.type) or column.null_count:
+            raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r} is {column.type}, not a large_list")
+        values = column.values  # the flat array; its length must be the product of the shape
+        try:
+            if (not typed and values.type != _arrow_type(wire)) or len(values) != count or values.null_count:
+                raise ValueError(f"{values.type}[{len(values)}] for {dtype}{list(shape)}")
+            flat = values.to_numpy(zero_copy_only=True)
+        except (pa.ArrowException, ValueError, TypeError) as e:
+            raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r}: {e}") from e
+        if wire is not dtype:
+            flat = flat.view(dtype)
+        out[name] = flat.reshape(shape)
     return out
 
 
@@ -144,10 +164,43 @@ def _read_more(reader: pa.ipc.RecordBatchStreamReader) -> bool:
     return True
 
 
-def _arrays_meta(schema: pa.Schema) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+class _Layout:
+    """What one ``fabric.arrays`` metadata value says about a record batch, parsed once."""
+
+    __slots__ = ("schema", "names", "columns", "rows")
+
+    def __init__(self, arrays_meta: list[tuple[str, np.dtype, tuple[int, ...]]]) -> None:
+        columns, fields = [], []
+        for name, dtype, shape in arrays_meta:
+            wire = _VIEW_AS.get(dtype.kind, dtype)
+            columns.append((name, dtype, wire, math.prod(shape), shape))
+            fields.append(pa.field(name, pa.large_list(_arrow_type(wire)), nullable=False))
+        self.schema = pa.schema(fields)  # exactly what encode_batch writes (metadata aside)
+        self.names = tuple(name for name, _, _ in arrays_meta)
+        self.columns = tuple(columns)
+        self.rows = 1 if columns else 0  # {} encodes 0 rows
+
+
+#: ``fabric.arrays`` metadata bytes → parsed layout. A stream of batches repeats a few layouts,
+#: so each batch costs a dict lookup instead of a JSON parse and a schema rebuild.
+_LAYOUTS: dict[bytes, _Layout] = {}
+_MAX_LAYOUTS = 256
+
+
+def _layout(schema: pa.Schema) -> _Layout:
     raw = (schema.metadata or {}).get(_META_KEY)
     if raw is None:
         raise ProtocolError(ErrorCode.MALFORMED, "batch frame lacks the fabric.arrays schema metadata")
+    layout = _LAYOUTS.get(raw)
+    if layout is None:
+        layout = _Layout(_parse_meta(raw))
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[raw] = layout
+    return layout
+
+
+def _parse_meta(raw: bytes) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     try:
         meta = json.loads(raw)
         if meta.get("v") != _META_VERSION:
@@ -163,26 +216,7 @@ def _arrays_meta(schema: pa.Schema) -> list[tuple[str, np.dtype, tuple[int, ...]
             result.append((name, dtype, dims))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ProtocolError(ErrorCode.MALFORMED, f"bad fabric.arrays metadata: {e}") from e
-    if [n for n, _, _ in result] != schema.names:
-        raise ProtocolError(ErrorCode.MALFORMED, "fabric.arrays metadata does not match the columns")
     return result
-
-
-def _column_array(column: pa.Array, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    wire = _VIEW_AS.get(dtype.kind, dtype)
-    if not pa.types.is_large_list(column.type) or column.null_count:
-        raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r} is {column.type}, not a large_list")
-    values = column.values  # the flat array; its length must be the product of the shape
-    count = math.prod(shape)
-    try:
-        if values.type != _arrow_type(wire) or len(values) != count or values.null_count:
-            raise ValueError(f"{values.type}[{len(values)}] for {dtype}{list(shape)}")
-        flat = values.to_numpy(zero_copy_only=True)
-    except (pa.ArrowException, ValueError, TypeError) as e:
-        raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r}: {e}") from e
-    if wire is not dtype:
-        flat = flat.view(dtype)
-    return flat.reshape(shape)
 
 
 _ARROW_TYPES: dict[np.dtype, pa.DataType] = {}
@@ -199,20 +233,44 @@ def checksum(arrays: Mapping[str, np.ndarray]) -> str:
     """Hex digest of the content of ``arrays``: (name, dtype, shape, bytes) in sorted-name order.
 
     Independent of compression and of the mapping's order. Each array's bytes go through a
-    128-bit multilinear hash (two 64-bit lanes, fixed odd keys, numpy ``dot``: ~10 GB/s per core,
-    5× faster than SHA-256 here), and BLAKE2b combines names, dtypes, shapes and the lanes. It
-    detects corruption and answers "is this the expected batch" with ~2**-64 odds of a false
-    match per comparison; it is not meant to resist an adversary forging batches.
+    128-bit multilinear hash (two 64-bit lanes, fixed odd keys, both lanes in one numpy pass:
+    ~15 GB/s per core), and BLAKE2b combines names, dtypes, shapes and the lanes. It detects
+    corruption and answers "is this the expected batch" with ~2**-64 odds of a false match per
+    comparison; it is not meant to resist an adversary forging batches.
     """
     digest = hashlib.blake2b(digest_size=16)
+    update = digest.update
     for name in sorted(arrays):
-        arr = np.asarray(arrays[name])
-        dtype = _native(arr.dtype)
-        digest.update(json.dumps([name, dtype.str, list(arr.shape)]).encode())
+        arr = arrays[name]
+        if type(arr) is not np.ndarray:
+            arr = np.asarray(arr)
+        dtype = arr.dtype
+        if dtype.byteorder == _FOREIGN_ORDER:
+            dtype = _native(dtype)
+        update(_descriptor(name, dtype.str, arr.shape))
         if arr.size:
             data = arr if arr.flags.c_contiguous and arr.dtype == dtype else np.ascontiguousarray(arr, dtype=dtype)
-            digest.update(_multilinear(data.reshape(-1).view(np.uint8)))
+            update(_multilinear(data.reshape(-1).view(np.uint8)))
     return digest.hexdigest()
+
+
+_FOREIGN_ORDER = ">" if sys.byteorder == "little" else "<"
+#: (name, dtype string, shape) → the JSON bytes the digest takes for them (names and shapes repeat).
+_DESCRIPTORS: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
+_MAX_DESCRIPTORS = 4096
+
+
+def _descriptor(name: str, dtype_str: str, shape: tuple[int, ...]) -> bytes:
+    if type(name) is not str:  # only plain str keys are cached: 1 == True would share an entry
+        return json.dumps([name, dtype_str, list(shape)]).encode()
+    key = (name, dtype_str, shape)
+    found = _DESCRIPTORS.get(key)
+    if found is None:
+        found = json.dumps([name, dtype_str, list(shape)]).encode()
+        if len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:
+            _DESCRIPTORS.clear()
+        _DESCRIPTORS[key] = found
+    return found
 
 
 _MASK = (1 << 64) - 1
@@ -229,20 +287,33 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 _KEYS = tuple(_splitmix64(np.arange(_BLOCK_WORDS + 1, dtype=np.uint64) + np.uint64(lane << 32)) | np.uint64(1)
               for lane in (1, 2))
+#: Both lanes' keys as one (2, words) matrix: one pass over the data computes both lanes.
+_KEYS2 = np.ascontiguousarray(np.stack(_KEYS))
+_KEYS2.flags.writeable = False
+_CHAIN = tuple(int(keys[-1]) for keys in _KEYS)  # multiplier chaining one block into the next
+_TAIL = tuple(int(keys[0]) for keys in _KEYS)  # key of the zero-padded trailing partial word
+#: Below this many words numpy's dot has less call overhead; above it einsum's unrolled loop is
+#: ~1.8x faster. Both are exact sums mod 2**64, so the choice never changes the value.
+_EINSUM_WORDS = 256
 
 
 def _multilinear(data: np.ndarray) -> bytes:
     """Two 64-bit lanes of Σ word_i·key_i (mod 2**64) per 512 KiB block, chained across blocks."""
-    words = len(data) // 8
-    w = data[: words * 8].view(np.uint64)
-    tail = np.zeros(8, np.uint8)
-    tail[: len(data) - words * 8] = data[words * 8:]
-    out = []
-    for keys in _KEYS:
-        h = len(data)
+    size = len(data)
+    words = size >> 3
+    (c0, c1), (t0, t1) = _CHAIN, _TAIL
+    h0 = h1 = size
+    if words:
+        w = data[: words * 8].view(np.uint64)
         for start in range(0, words, _BLOCK_WORDS):
             block = w[start:start + _BLOCK_WORDS]
-            h = (h * int(keys[-1]) + int(np.dot(block, keys[: len(block)]))) & _MASK
-        h = (h * int(keys[-1]) + int(tail.view(np.uint64)[0]) * int(keys[0])) & _MASK
-        out.append(h.to_bytes(8, "little"))
-    return b"".join(out)
+            keys = _KEYS2[:, : len(block)]
+            lanes = np.einsum("ij,j->i", keys, block) if len(block) >= _EINSUM_WORDS else np.dot(keys, block)
+            d0, d1 = lanes.tolist()
+            h0 = (h0 * c0 + d0) & _MASK
+            h1 = (h1 * c1 + d1) & _MASK
+    # the trailing partial word, zero-padded, read in native byte order
+    tail = int.from_bytes(data[words * 8:].tobytes().ljust(8, b"\0"), sys.byteorder) if size & 7 else 0
+    h0 = (h0 * c0 + tail * t0) & _MASK
+    h1 = (h1 * c1 + tail * t1) & _MASK
+    return h0.to_bytes(8, "little") + h1.to_bytes(8, "little")

@@ -62,6 +62,7 @@ __all__ = [
     "SkipReport",
     "PoolsRequest",
     "PoolsReply",
+    "PeerMessage",
     "Subscribe",
     "Credit",
     "Batch",
@@ -86,6 +87,7 @@ class ErrorCode:
     BAD_REQUEST = "bad_request"
     INVALID_SPEC = "invalid_spec"
     STALE = "stale"
+    NOT_LEADER = "not_leader"
     INTERNAL = "internal"
 
 
@@ -394,6 +396,20 @@ class PoolsReply(Message):
     TYPE: ClassVar[str] = "pools_reply"
     job: str
     pools: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerMessage(Message):
+    """Daemon → daemon: one cluster message (lease, log replication, heartbeat) from ``sender``.
+
+    ``kind`` names the typed record in ``fabricd.cluster.wire``; ``body`` is its fields, decoded
+    and type-checked there (a bad body is a malformed message like any other).
+    """
+
+    TYPE: ClassVar[str] = "peer"
+    sender: str
+    kind: str
+    body: dict
 
 
 # --------------------------------------------------------------------------------------------

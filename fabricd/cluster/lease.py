@@ -280,6 +280,7 @@ class LeaseElection:
         self._renews: dict[int, tuple[float, set[str]]] = {}
         self._next_renew_at = now
 
+        self._hold_until = now  # no campaign before this (set by resign)
         self._stale_rejected = 0
         self._pre_votes_started = 0
         self._elections_started = 0
@@ -360,6 +361,16 @@ class LeaseElection:
             raise TypeError(f"lease: not a lease message: {type(msg).__name__}")
         return self._run(now, handler, msg)
 
+    def resign(self, now: float, reason: str) -> list[Action]:
+        """Give the lease up now (e.g. the log disk is full) and campaign again only after a lease."""
+        return self._run(now, self._on_resign, reason)
+
+    def _on_resign(self, reason: str, now: float, out: list[Action]) -> None:
+        if self._role == LEADER:
+            self._step_down(now, reason, out)
+        self._hold_until = now + self._config.lease_duration_s
+        self._next_campaign_at = self._hold_until + self._jitter()
+
     def _run(self, now: float, handler: Callable[..., None], msg: Any) -> list[Action]:
         now = self._clock(now)
         out, self._pending = self._pending, []
@@ -406,7 +417,8 @@ class LeaseElection:
         if self._role == LEADER:
             if now >= self._next_renew_at:
                 self._send_renew(now, out)
-        elif self._role == FOLLOWER and self._is_voter and (self._alone or now >= self._next_campaign_at):
+        elif self._role == FOLLOWER and self._is_voter and now >= self._hold_until and (
+                self._alone or now >= self._next_campaign_at):
             self._start_pre_vote(now, out)
 
     # --- grants --------------------------------------------------------------------------------

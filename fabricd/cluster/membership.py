@@ -12,7 +12,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MemberView", "Membership"]
+__all__ = ["MemberBeat", "MemberView", "Membership"]
+
+
+@dataclass(frozen=True)
+class MemberBeat:
+    """Daemon → every peer, every heartbeat: proof of life, telemetry, and its roles' endpoints."""
+
+    node: str
+    incarnation: str
+    term: int
+    leader: str
+    telemetry: dict
+    roles: dict
 
 
 @dataclass

@@ -30,13 +30,13 @@ class RoleWant:
     prefer: tuple[str, ...] = ()
 
 
-def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, index_dir: str) -> list[RoleWant]:
+def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int) -> list[RoleWant]:
     """Every role ``spec`` needs, in a deterministic order."""
     wants = []
     for s in spec.sources:
         for w in range(s.workers or default_workers):
             wants.append(RoleWant(f"{spec.name}/loader/{s.name}/{w}", "source_loader",
-                                  {"source": s.name, "index_dir": index_dir}, spread_key=f"loader/{s.name}"))
+                                  {"source": s.name}, spread_key=f"loader/{s.name}"))
     prefer = spec.topology.constructor_nodes
     for g, ranks in enumerate(spec.topology.groups()):
         node = (prefer[g % len(prefer)],) if prefer else ()

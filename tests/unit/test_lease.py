@@ -626,3 +626,21 @@ def test_memory_store_counts_saves() -> None:
     node = LeaseElection("a", ["a"], CFG, store, lambda: (0, 0), now=0.0)
     node.tick(0.0)
     assert store.save_count == 1 and store.load() == (1, "a")
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(30)
+def test_resign_steps_down_and_holds_off_a_lease_duration():
+    from fabricd.cluster.lease import LeaseConfig, LeaseElection, SteppedDown
+    from fabricd.cluster.term_store import MemoryTermStore
+
+    cfg = LeaseConfig()
+    node = LeaseElection("a", ["a"], cfg, MemoryTermStore(), lambda: (0, 0), now=0.0)
+    node.tick(0.0)
+    assert node.is_leader(0.1)
+    actions = node.resign(0.2, "log disk full")
+    assert any(isinstance(a, SteppedDown) for a in actions) and not node.is_leader(0.2)
+    node.tick(0.2 + cfg.lease_duration_s / 2)
+    assert not node.is_leader(0.2 + cfg.lease_duration_s / 2)
+    node.tick(0.3 + cfg.lease_duration_s)
+    assert node.is_leader(0.3 + cfg.lease_duration_s)
