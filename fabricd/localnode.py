@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,24 +21,29 @@ from fabric_client import protocol
 
 from .ctl import ControlClient
 
-__all__ = ["LocalDaemon"]
+__all__ = ["LocalDaemon", "LocalCluster", "free_port"]
 
 
 class LocalDaemon:
     """One daemon process with its config, state and log under ``workdir``."""
 
     def __init__(self, workdir: str | Path, *, node_id: str = "local", loader_workers: int = 1,
-                 log_level: str = "INFO", extra_env: dict[str, str] | None = None) -> None:
+                 log_level: str = "INFO", extra_env: dict[str, str] | None = None, port: int = 0,
+                 cluster_toml: str = "", heartbeat_s: float = 0.5) -> None:
         self.workdir = Path(workdir).absolute()
         self.node_id = node_id
         self.loader_workers = loader_workers
         self.log_level = log_level
         self.extra_env = extra_env or {}
+        self.port = port
+        self.cluster_toml = cluster_toml
+        self.heartbeat_s = heartbeat_s
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None
         self.config_path = self.workdir / "fabricd.toml"
         self.log_path = self.workdir / "fabricd.log"
         self._log_file = None
+        self._orphans: list[psutil.Process] = []
 
     def start(self, timeout: float = 30.0) -> str:
         """Start the daemon; return its control endpoint once it answers."""
@@ -46,10 +52,10 @@ class LocalDaemon:
         endpoint_file = state / "control.endpoint"
         endpoint_file.unlink(missing_ok=True)
         self.config_path.write_text(
-            f'[node]\nid = "{self.node_id}"\ncontrol = "tcp://127.0.0.1:0"\nadvertise_host = "127.0.0.1"\n'
+            f'[node]\nid = "{self.node_id}"\ncontrol = "tcp://127.0.0.1:{self.port}"\nadvertise_host = "127.0.0.1"\n'
             f'state_dir = "{state}"\nlog_level = "{self.log_level}"\n\n'
             f"[roles]\nloader_workers = {self.loader_workers}\nrestart_backoff_s = 0.2\n"
-            "restart_backoff_max_s = 2.0\nheartbeat_s = 0.5\n"
+            f"restart_backoff_max_s = 2.0\nheartbeat_s = {self.heartbeat_s}\n\n{self.cluster_toml}"
         )
         self._log_file = open(self.log_path, "ab")
         env = {**os.environ, **self.extra_env}
@@ -90,11 +96,18 @@ class LocalDaemon:
         except psutil.NoSuchProcess:
             return []
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the daemon, remembering its children so ``stop`` can reap any survivor."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._orphans += self.descendants()
+            self.proc.send_signal(sig)
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the daemon (SIGTERM → SIGKILL) and kill any descendant that outlived it."""
         if self.proc is None:
             return
-        children = self.descendants()
+        children = self.descendants() + self._orphans
+        self._orphans = []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -119,6 +132,87 @@ class LocalDaemon:
             return ""
 
     def __enter__(self) -> LocalDaemon:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for configs that need one up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """``nodes`` daemons on this machine forming one fabric (peers on 127.0.0.1), for trying things.
+
+    Peers must know each other's endpoints before they start, so ports are picked up front.
+    """
+
+    def __init__(self, workdir: str | Path, *, nodes: int = 3, loader_workers: int = 1, log_level: str = "INFO",
+                 lease_duration_s: float = 2.0, renew_deadline_s: float = 1.3, retry_period_s: float = 0.3,
+                 heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir).absolute()
+        ids = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
+        ports = {n: free_port() for n in ids}
+        peers = "".join(f'[[cluster.peers]]\nid = "{n}"\ncontrol = "tcp://127.0.0.1:{p}"\n\n' for n, p in ports.items())
+        cluster = (f"[cluster]\nlease_duration_s = {lease_duration_s}\nrenew_deadline_s = {renew_deadline_s}\n"
+                   f"retry_period_s = {retry_period_s}\nmissed_beats = {missed_beats}\n\n{peers}")
+        self.daemons = {n: LocalDaemon(self.workdir / n, node_id=n, loader_workers=loader_workers,
+                                       log_level=log_level, extra_env=extra_env, port=ports[n], cluster_toml=cluster,
+                                       heartbeat_s=heartbeat_s)
+                        for n in ids}
+        self.addresses = [f"tcp://127.0.0.1:{ports[n]}" for n in ids]
+
+    def start(self, timeout: float = 30.0) -> list[str]:
+        try:
+            for d in self.daemons.values():
+                d.start(timeout)
+        except Exception:
+            self.stop()
+            raise
+        return self.addresses
+
+    def status(self, node: str) -> dict | None:
+        d = self.daemons[node]
+        if d.proc is None or d.proc.poll() is not None:
+            return None
+        try:
+            with d.client(timeout_s=2.0) as c:
+                c.retries = 0
+                reply, _ = c.request(protocol.StatusRequest())
+            return reply.status
+        except Exception:
+            return None
+
+    def leader(self, timeout: float = 30.0) -> str:
+        """The node that holds the lease, waiting for one to be elected."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for n in self.daemons:
+                st = self.status(n)
+                if st is not None and st["is_leader"]:
+                    return n
+            time.sleep(0.1)
+        raise RuntimeError(f"no leader elected within {timeout:.0f}s")
+
+    def kill(self, node: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a daemon (its role processes die with it on SIGKILL)."""
+        self.daemons[node].signal(sig)
+
+    def restart(self, node: str) -> None:
+        d = self.daemons[node]
+        d.stop()
+        d.start()
+
+    def stop(self) -> None:
+        for d in self.daemons.values():
+            d.stop()
+
+    def __enter__(self) -> LocalCluster:
         self.start()
         return self
 

@@ -68,6 +68,7 @@ class ClusterController:
         self.tracker: ReplicationTracker | None = None
         self.commit_seq = 0 if len(c.peers) > 1 else self.state.last_seq
         self.leader_since: float | None = None
+        self.started_at = now
         self.counters = {"stale_term_rejected": 0, "log_full": 0, "elections_won": 0, "step_downs": 0}
         self._next_beat = now
         self._last_compact = self.state.last_seq
@@ -90,10 +91,8 @@ class ClusterController:
         return self.cfg.cluster.peer(leader).control if leader else None
 
     def settled(self, now: float) -> bool:
-        """True once this leader has led long enough to have heard every live member's beat."""
-        if self.leader_since is None:
-            return False
-        return not self.peers or now - self.leader_since >= self.members.timeout_s
+        """True once this daemon has run long enough to have heard every live member's beat."""
+        return not self.peers or now - self.started_at >= self.members.timeout_s
 
     # -- time and messages ----------------------------------------------------------------------
 
