@@ -16,7 +16,7 @@ from fabric_client import protocol
 from fabric_client.errors import FabricError
 
 from .config import load_job_spec, load_node_config
-from .ctl import ControlClient
+from .ctl import request_any
 from .errors import FabricdError
 
 __all__ = ["fabricd_main", "fabricctl_main"]
@@ -65,7 +65,7 @@ def _address(address: str | None, config: str | None) -> str:
 
 @click.group()
 @click.option("--address", envvar="FABRICD_ADDRESS", default=None,
-              help=f"Control endpoint of a daemon (default {DEFAULT_ADDRESS}, or $FABRICD_ADDRESS).")
+              help=f"Control endpoint(s) of daemons, comma-separated (default {DEFAULT_ADDRESS}, or $FABRICD_ADDRESS).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Read the daemon's endpoint from this node config instead.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for each answer.")
@@ -75,21 +75,14 @@ def fabricctl_main(ctx: click.Context, address: str | None, config_path: str | N
     ctx.obj = {"address": address, "config": config_path, "timeout": timeout}
 
 
-def _client(ctx: click.Context) -> ControlClient:
-    try:
-        address = _address(ctx.obj["address"], ctx.obj["config"])
-    except FabricdError as e:
-        raise click.ClickException(str(e)) from e
-    return ControlClient(address, timeout_s=ctx.obj["timeout"])
-
-
 def _request(ctx: click.Context, msg: protocol.Message) -> protocol.Message:
-    with _client(ctx) as client:
-        try:
-            reply, _ = client.request(msg)
-        except FabricError as e:
-            raise click.ClickException(str(e)) from e
-    return reply
+    """Ask the daemons of --address (comma-separated) in turn; decisions go to the leader."""
+    try:
+        addresses = _address(ctx.obj["address"], ctx.obj["config"]).split(",")
+        return request_any(addresses, msg, timeout_s=ctx.obj["timeout"],
+                           leader_only=isinstance(msg, (protocol.SubmitJob, protocol.CancelJob)))
+    except (FabricError, FabricdError) as e:
+        raise click.ClickException(str(e)) from e
 
 
 @fabricctl_main.command("submit")
@@ -180,6 +173,33 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
             steps = sorted(job["progress"].items())
             click.echo("  trainer progress (dp/mp: next step): " + ", ".join(f"{k}: {v}" for k, v in steps[:16])
                        + (" ..." if len(steps) > 16 else ""))
+
+
+@fabricctl_main.command("dev-cluster")
+@click.option("--nodes", default=3, show_default=True, help="Daemons to start.")
+@click.option("--dir", "workdir", default=".fabricd-dev", show_default=True, type=click.Path(file_okay=False),
+              help="Configs, state and logs of the daemons.")
+@click.option("--loader-workers", default=2, show_default=True, help="Source-loader workers per source.")
+def dev_cluster_cmd(nodes: int, workdir: str, loader_workers: int) -> None:
+    """Run a local fabric of NODES daemons on 127.0.0.1 until Ctrl-C (for trying things)."""
+    from .localnode import LocalCluster
+
+    cluster = LocalCluster(workdir, nodes=nodes, loader_workers=loader_workers)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        cluster.start()
+        addresses = ",".join(cluster.addresses)
+        click.echo(f"{nodes} daemons up; leader {cluster.leader()}; logs under {Path(workdir).absolute()}/*/fabricd.log")
+        click.echo(f"  export FABRICD_ADDRESS={addresses}")
+        click.echo("  fabricctl submit config/jobs/demo.toml --wait; fabricctl status   (Ctrl-C stops the cluster)")
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+        click.echo("stopped")
 
 
 @fabricctl_main.command("expect")

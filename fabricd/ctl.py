@@ -11,7 +11,7 @@ import zmq
 from fabric_client import protocol
 from fabric_client.errors import FabricUnavailable, RemoteError
 
-__all__ = ["ControlClient"]
+__all__ = ["ControlClient", "request_any"]
 
 
 class ControlClient:
@@ -56,3 +56,22 @@ class ControlClient:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def request_any(addresses: list[str], msg: protocol.Message, *, timeout_s: float = 5.0,
+                leader_only: bool = False) -> protocol.Message:
+    """Send ``msg`` to the first daemon of ``addresses`` that answers (the leader, if ``leader_only``)."""
+    errors = []
+    for address in addresses:
+        with ControlClient(address, timeout_s=timeout_s, retries=0) as client:
+            try:
+                reply, _ = client.request(msg)
+                return reply
+            except RemoteError as e:
+                if e.code != protocol.ErrorCode.NOT_LEADER:
+                    raise
+                errors.append(f"{address}: {e.reason}")
+            except FabricUnavailable as e:
+                errors.append(str(e))
+    what = "the leader" if leader_only else "a daemon"
+    raise FabricUnavailable(f"could not reach {what} for {msg.TYPE}: " + "; ".join(errors))

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""The fabricd demo: one daemon, the demo job, simulated trainers, and a verified summary.
+"""The fabricd demo: a 3-daemon fabric, the demo job, simulated trainers, a leader killed
+mid-run, and a verified summary.
 
 1. generates the demo corpus under .demo/data (first run only; a few corrupt samples included
    on purpose, to show they are skipped deterministically rather than crash anything);
-2. starts a fabricd daemon as a child process and submits config/jobs/demo.toml;
+2. starts three fabricd daemons on 127.0.0.1 (they elect a leader) and submits
+   config/jobs/demo.toml to the leader, which places source loaders and data constructors;
 3. runs dp_size × mp_size simulated trainer processes that pull batches with fabric_client;
-4. computes the expected batches offline from the job spec alone and compares, batch for batch;
-5. stops everything it started and prints a summary ending with one JSON line.
+4. kills the leader daemon with SIGKILL a third of the way through (its roles die with it), times
+   the failover, and restarts it (it rejoins as a follower);
+5. computes the expected batches offline from the job spec alone and compares, batch for batch;
+6. stops everything it started and prints a summary ending with one JSON line.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from tqdm import tqdm
 
 from fabricd.config import load_job_spec
 from fabricd.expect import BatchOracle
-from fabricd.localnode import LocalDaemon
+from fabricd.localnode import LocalCluster
 from fabric_client import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,11 +51,11 @@ def ensure_data(samples: int, regenerate: bool) -> None:
     marker.write_text(f"{samples}\n")
 
 
-def wait_ready(daemon: LocalDaemon, job: str, timeout: float = 600.0) -> dict:
+def wait_ready(cluster: LocalCluster, leader: str, job: str, timeout: float = 600.0) -> dict:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        status = daemon.status()["jobs"].get(job, {})
+        status = (cluster.status(leader) or {}).get("jobs", {}).get(job, {})
         if status.get("state") != last:
             last = status.get("state")
             print(f"job {job}: {last}")
@@ -63,7 +67,8 @@ def wait_ready(daemon: LocalDaemon, job: str, timeout: float = 600.0) -> dict:
     raise SystemExit(f"job {job} not ready after {timeout:.0f}s")
 
 
-def run_trainers(daemon: LocalDaemon, spec, steps: int, out_dir: Path, compute_ms: float) -> float:
+def run_trainers(cluster: LocalCluster, spec, steps: int, out_dir: Path, compute_ms: float,
+                 kill_at: int | None) -> tuple[float, dict]:
     dp, mp = spec.topology.dp_size, spec.topology.mp_size
     out_dir.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -73,15 +78,19 @@ def run_trainers(daemon: LocalDaemon, spec, steps: int, out_dir: Path, compute_m
             out = out_dir / f"rank-{d}-{m}.jsonl"
             out.unlink(missing_ok=True)
             procs.append(subprocess.Popen(
-                [sys.executable, str(ROOT / "scripts" / "sim_trainer.py"), "--address", daemon.address,
+                [sys.executable, str(ROOT / "scripts" / "sim_trainer.py"), "--address", ",".join(cluster.addresses),
+                 "--stall-s", "1.0",
                  "--job", spec.name, "--dp-rank", str(d), "--dp-size", str(dp), "--mp-rank", str(m),
                  "--steps", str(steps), "--out", str(out), "--compute-ms", str(compute_ms)]))
+    failover: dict = {}
     try:
         with tqdm(total=steps, desc="steps delivered to every rank", unit="step") as bar:
             while any(p.poll() is None for p in procs):
                 done = min((_last_step(f) for f in out_dir.glob("rank-*.jsonl")), default=0)
                 bar.update(max(0, done - bar.n))
-                time.sleep(0.25)
+                if kill_at is not None and not failover and done >= kill_at:
+                    failover = kill_leader(cluster, bar)
+                time.sleep(0.05)
             bar.update(steps - bar.n)
     finally:
         for p in procs:
@@ -92,7 +101,20 @@ def run_trainers(daemon: LocalDaemon, spec, steps: int, out_dir: Path, compute_m
     failed = [p.args[p.args.index("--dp-rank") + 1] for p in procs if p.returncode != 0]
     if failed:
         raise SystemExit(f"trainer ranks {failed} failed; see the output above")
-    return elapsed
+    return elapsed, failover
+
+
+def kill_leader(cluster: LocalCluster, bar) -> dict:
+    """SIGKILL the leader daemon, time until another one holds the lease, then restart it."""
+    old = cluster.leader()
+    killed_at = time.time()
+    cluster.kill(old)
+    bar.write(f"killed the leader {old} (SIGKILL; its roles die with it)")
+    new = cluster.leader(timeout=60)
+    failover_s = time.time() - killed_at
+    bar.write(f"{new} took over as leader after {failover_s:.2f}s; restarting {old} as a follower")
+    cluster.restart(old)
+    return {"killed": old, "new_leader": new, "killed_at": killed_at, "failover_s": round(failover_s, 3)}
 
 
 def _last_step(path: Path) -> int:
@@ -102,6 +124,17 @@ def _last_step(path: Path) -> int:
         return json.loads(lines[-1])["step"] if lines else 0
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def stall_after(out_dir: Path, t: float) -> float:
+    """Longest time any trainer waited for its first batch after ``t`` (the kill)."""
+    waits = []
+    for f in out_dir.glob("rank-*.jsonl"):
+        after = [json.loads(line)["t"] for line in f.read_text().splitlines()]
+        after = [x for x in after if x >= t]
+        if after:
+            waits.append(after[0] - t)
+    return round(max(waits), 3) if waits else 0.0
 
 
 def verify(spec, steps: int, out_dir: Path) -> dict:
@@ -139,24 +172,29 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=1500, help="samples per source in the demo corpus")
     ap.add_argument("--compute-ms", type=float, default=0.0, help="simulated compute per micro-batch")
     ap.add_argument("--regenerate", action="store_true", help="regenerate the corpus")
+    ap.add_argument("--nodes", type=int, default=3, help="daemons in the local fabric")
+    ap.add_argument("--no-kill", action="store_true", help="do not kill the leader mid-run")
     args = ap.parse_args()
 
     ensure_data(args.samples, args.regenerate)
     spec = load_job_spec(JOB_FILE)
     run_dir = DEMO_DIR / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    daemon = LocalDaemon(run_dir / "node", node_id="demo-node")
+    cluster = LocalCluster(run_dir / "cluster", nodes=args.nodes, loader_workers=2)
     try:
-        daemon.start()
-        print(f"fabricd running (pid {daemon.proc.pid}) on {daemon.address}; log: {daemon.log_path}")
-        with daemon.client() as client:
+        cluster.start()
+        leader = cluster.leader()
+        print(f"{args.nodes} fabricd daemons on {', '.join(cluster.addresses)}; leader {leader}; "
+              f"logs: {run_dir / 'cluster'}/node-*/fabricd.log")
+        with cluster.daemons[leader].client() as client:
             reply, _ = client.request(protocol.SubmitJob(spec_toml=JOB_FILE.read_text(), spec_path=str(JOB_FILE)))
-        print(f"submitted job {reply.job}")
-        wait_ready(daemon, spec.name)
-        elapsed = run_trainers(daemon, spec, args.steps, run_dir / "received", args.compute_ms)
-        status = daemon.status()
+        print(f"submitted job {reply.job} to the leader")
+        wait_ready(cluster, leader, spec.name)
+        kill_at = args.steps // 3 if args.nodes > 1 and not args.no_kill else None
+        elapsed, failover = run_trainers(cluster, spec, args.steps, run_dir / "received", args.compute_ms, kill_at)
+        status = cluster.status(cluster.leader())
     finally:
-        daemon.stop()
+        cluster.stop()
     result = verify(spec, args.steps, run_dir / "received")
     job_status = status["jobs"][spec.name]
     summary = {
@@ -166,8 +204,11 @@ def main() -> int:
         **result,
         "tokens_per_s": round(result["tokens"] / elapsed, 1),
         "delivery_s": round(elapsed, 2),
+        "daemons": args.nodes,
+        "failover_s": failover.get("failover_s"),
+        "trainer_wait_after_kill_s": stall_after(run_dir / "received", failover["killed_at"]) if failover else None,
+        "leader_killed": failover.get("killed"),
         "daemon_malformed_dropped": status["counters"]["malformed_dropped"],
-        "role_restarts": sum(r["restarts"] for r in job_status["roles"]),
     }
     print()
     print(f"delivered {summary['batches']} micro-batches ({args.steps} steps × {spec.topology.dp_size} DP × "
@@ -175,6 +216,9 @@ def main() -> int:
     print(f"lost {summary['lost']}, duplicated {summary['duplicated']}, mismatched {summary['mismatched']}; "
           f"{summary['skipped_units']} corrupt units skipped deterministically")
     print(f"attention-cost balance: max/mean across DP ranks = {summary['balance_max_over_mean']}")
+    if failover:
+        print(f"leader {failover['killed']} killed: {failover['new_leader']} led after {failover['failover_s']}s; "
+              f"longest trainer wait for its next batch {summary['trainer_wait_after_kill_s']}s")
     print(json.dumps(summary))
     ok = summary["lost"] == summary["duplicated"] == summary["mismatched"] == 0
     return 0 if ok else 1

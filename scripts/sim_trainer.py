@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 
@@ -20,7 +21,7 @@ from fabric_client import Loader
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--address", required=True)
+    ap.add_argument("--address", required=True, help="daemon control endpoint(s), comma-separated")
     ap.add_argument("--job", required=True)
     ap.add_argument("--dp-rank", type=int, required=True)
     ap.add_argument("--dp-size", type=int, required=True)
@@ -32,15 +33,17 @@ def main() -> int:
     ap.add_argument("--state", default=None, help="state_dict file written at exit / read by --resume")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--deadline-s", type=float, default=120.0)
+    ap.add_argument("--stall-s", type=float, default=5.0, help="silence before the loader relocates")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format=f"trainer dp={args.dp_rank} mp={args.mp_rank}: %(message)s")
 
-    loader = Loader(args.address, job=args.job, dp_rank=args.dp_rank, dp_size=args.dp_size,
-                    mp_rank=args.mp_rank, max_steps=args.steps, deadline_s=args.deadline_s)
+    loader = Loader(args.address.split(","), job=args.job, dp_rank=args.dp_rank, dp_size=args.dp_size,
+                    mp_rank=args.mp_rank, max_steps=args.steps, deadline_s=args.deadline_s,
+                    stall_s=args.stall_s)
     if args.resume and args.state:
         with open(args.state) as f:
             loader.load_state_dict(json.load(f))
     first_step = None
-    started = time.monotonic()
     with loader, open(args.out, "a") as out:
         for batch in loader:
             first_step = batch.step if first_step is None else first_step
@@ -48,7 +51,7 @@ def main() -> int:
                 "step": batch.step, "dp_rank": batch.dp_rank, "mp_rank": args.mp_rank,
                 "micro_batch": batch.micro_batch, "num_micro_batches": batch.num_micro_batches,
                 "checksum": batch.checksum, "tokens": batch.tokens, "samples": batch.samples,
-                "skipped": batch.skipped, "t": time.monotonic() - started,
+                "skipped": batch.skipped, "t": time.time(),
             }) + "\n")
             if args.compute_ms:
                 time.sleep(args.compute_ms / 1e3)
