@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 2          # load requests per source-loader worker
 UNITS_PER_REQUEST = 8
 LOAD_TIMEOUT_S = 30.0
+HEDGE_S = 0.75             # a request unanswered this long is also sent to another free worker
 LOAD_ATTEMPTS = 3
 PLAN_TIMEOUT_S = 5.0
 POOLS_REFRESH_S = 1.0
@@ -51,6 +52,7 @@ class _LoadJob:
     source: str
     rows: np.ndarray          # row indices into the step build
     attempts: int = 0
+    hedged: bool = False      # a duplicate was sent to a second worker; the first answer wins
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Constructor:
         self.by_socket: dict[zmq.Socket, tuple[str, _Worker]] = {}
         self.req_ids = itertools.count(1)
         self.next_pools = 0.0
-        self.stats = {"built_batches": 0, "skipped_units": 0, "malformed": 0, "load_retries": 0,
+        self.stats = {"built_batches": 0, "skipped_units": 0, "malformed": 0, "load_retries": 0, "hedged": 0,
                       "plans": 0, "evicted_steps": 0, "ranks": self.ranks}
 
     # -- main loop -------------------------------------------------------------------------
@@ -206,6 +208,7 @@ class Constructor:
                 expired = [rid for rid, (_, _, sent) in worker.in_flight.items() if now - sent > LOAD_TIMEOUT_S]
                 if expired:
                     self._drop_worker(source, endpoint, f"did not answer in {LOAD_TIMEOUT_S:.0f}s")
+            self._hedge(source, workers, now)
             queue = self.queue[source]
             while queue:
                 free = [w for w in workers.values() if len(w.in_flight) < MAX_IN_FLIGHT]
@@ -222,17 +225,41 @@ class Constructor:
                 if job.attempts > 1:
                     self.stats["load_retries"] += 1
                 worker = min(free, key=lambda w: len(w.in_flight))
-                req_id = next(self.req_ids)
-                ids = np.ascontiguousarray(build.rows["sample_id"][job.rows], np.int64)
-                pieces = np.ascontiguousarray(build.rows["piece"][job.rows], np.int32)
-                request = protocol.LoadRequest(job=self.spec.name, source=source, req_id=req_id, count=len(ids))
-                try:
-                    worker.sock.send_multipart(protocol.encode(request, (ids, pieces)), flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
+                if not self._send_load(worker, job, step, now):
                     queue.appendleft((job, step))
                     job.attempts -= 1
                     break
-                worker.in_flight[req_id] = (job, step, now)
+
+    def _hedge(self, source: str, workers: dict[str, _Worker], now: float) -> None:
+        """Send slow requests to a second free worker too: a dead or stalled worker costs
+        HEDGE_S instead of LOAD_TIMEOUT_S, and the answers are identical (deterministic)."""
+        free = [w for w in workers.values() if not w.in_flight]
+        if not free:
+            return
+        for worker in list(workers.values()):
+            for job, step, sent in list(worker.in_flight.values()):
+                if job.hedged or now - sent < HEDGE_S or not free or step not in self.builds:
+                    continue
+                other = next((w for w in free if w is not worker), None)
+                if other is None:
+                    return
+                job.hedged = True
+                free.remove(other)
+                self.stats["hedged"] += 1
+                self._send_load(other, job, step, now)
+
+    def _send_load(self, worker: _Worker, job: _LoadJob, step: int, now: float) -> bool:
+        build = self.builds[step]
+        req_id = next(self.req_ids)
+        ids = np.ascontiguousarray(build.rows["sample_id"][job.rows], np.int64)
+        pieces = np.ascontiguousarray(build.rows["piece"][job.rows], np.int32)
+        request = protocol.LoadRequest(job=self.spec.name, source=job.source, req_id=req_id, count=len(ids))
+        try:
+            worker.sock.send_multipart(protocol.encode(request, (ids, pieces)), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        worker.in_flight[req_id] = (job, step, now)
+        return True
 
     def _on_load_reply(self, worker: _Worker, frames: list) -> None:
         msg, payload = protocol.decode(frames)
