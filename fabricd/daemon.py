@@ -283,7 +283,8 @@ class Daemon:
         for name, job in self.jobs.items():
             if job.state != "ready" or state.jobs.get(name, {}).get("cancelled", True):
                 continue
-            wants = wanted_roles(job.spec, fingerprint=job.fingerprint, default_workers=self.cfg.loader_workers)
+            wants = wanted_roles(job.spec, fingerprint=job.fingerprint, default_workers=self.cfg.loader_workers,
+                                 standby=len(self.cfg.cluster.peers) > 1)
             current = {rid: r["node"] for rid, r in state.roles.items()
                        if r["job"] == name and r["extra"] == next((w.extra for w in wants if w.role_id == rid), None)}
             for rid, node in place_roles(wants, live=live, current=current, load=load, cpu=cpu).items():
@@ -392,8 +393,7 @@ class Daemon:
                     info.update(pid=local.pid, restarts=local.restarts, stats=local.stats,
                                 **self.supervisor.telemetry(local))
                 roles.append(info)
-            serving = job.state == "ready" and all(
-                self.endpoint(job.constructor_role(g[0])) is not None for g in job.groups)
+            serving = job.state == "ready" and all(job.constructor_endpoint(g[0]) is not None for g in job.groups)
             jobs[name] = {**job.status(), "serving": serving, "roles": roles,
                           "progress": dict(state.progress.get(name, {})),
                           "skipped_recorded": len(state.skipped.get(name, ()))}

@@ -307,6 +307,7 @@ class Locate(Message):
     dp_rank: int
     dp_size: int
     mp_rank: int = 0
+    avoid: list[str] = dataclasses.field(default_factory=list)  # endpoints that just went silent
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,8 +30,13 @@ class RoleWant:
     prefer: tuple[str, ...] = ()
 
 
-def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int) -> list[RoleWant]:
-    """Every role ``spec`` needs, in a deterministic order."""
+def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, standby: bool) -> list[RoleWant]:
+    """Every role ``spec`` needs, in a deterministic order.
+
+    With ``standby``, each data constructor has an idle twin on another daemon: it builds nothing
+    until a trainer subscribes (delivery is demand-driven), and a trainer whose constructor died
+    switches to it at once instead of waiting for a new leader to re-place the role.
+    """
     wants = []
     for s in spec.sources:
         for w in range(s.workers or default_workers):
@@ -40,8 +45,12 @@ def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int) -> li
     prefer = spec.topology.constructor_nodes
     for g, ranks in enumerate(spec.topology.groups()):
         node = (prefer[g % len(prefer)],) if prefer else ()
-        wants.append(RoleWant(f"{spec.name}/constructor/{g}", "constructor",
-                              {"ranks": ranks, "fingerprint": fingerprint}, spread_key="constructor", prefer=node))
+        extra = {"ranks": ranks, "fingerprint": fingerprint}
+        wants.append(RoleWant(f"{spec.name}/constructor/{g}", "constructor", extra,
+                              spread_key=f"constructor/{g}", prefer=node))
+        if standby:
+            wants.append(RoleWant(f"{spec.name}/constructor/{g}/standby", "constructor", extra,
+                                  spread_key=f"constructor/{g}"))
     return wants
 
 

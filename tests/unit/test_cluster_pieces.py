@@ -1,0 +1,95 @@
+"""Placement, membership and the peer wire format (pure pieces of the cluster layer)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fabric_client import protocol
+from fabric_client.errors import ProtocolError
+from fabricd.cluster.lease import LeaseAck, VoteRequest
+from fabricd.cluster.membership import MemberBeat, Membership
+from fabricd.cluster.placement import place_roles, wanted_roles
+from fabricd.cluster.replication import LogAppend
+from fabricd.cluster.wire import from_peer, to_peer
+from fabricd.config import load_job_spec
+
+from ..conftest import write_job
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
+
+
+def _spec(tmp_path, **kw):
+    return load_job_spec(write_job(tmp_path / "j.toml", tmp_path, **kw))
+
+
+def test_wanted_roles_cover_sources_and_groups(tmp_path):
+    spec = _spec(tmp_path, dp_size=5, ranks_per_constructor=2)
+    wants = wanted_roles(spec, fingerprint="fp", default_workers=2, standby=True)
+    ids = [w.role_id for w in wants]
+    assert ids.count("t/loader/captions/0") == 1 and "t/loader/captions/1" in ids and "t/loader/captions/2" not in ids
+    assert [w.extra["ranks"] for w in wants if w.kind == "constructor" and "standby" not in w.role_id] == [[0, 1], [2, 3], [4]]
+    assert sum("standby" in i for i in ids) == 3
+    assert not any("standby" in w.role_id for w in wanted_roles(spec, fingerprint="fp", default_workers=2, standby=False))
+
+
+def test_placement_spreads_pools_and_keeps_live_roles(tmp_path):
+    spec = _spec(tmp_path, dp_size=2)
+    wants = wanted_roles(spec, fingerprint="fp", default_workers=2, standby=True)
+    nodes = ["a", "b", "c"]
+    first = place_roles(wants, live=nodes, current={}, load={})
+    assert set(first) == {w.role_id for w in wants}
+    for source in ("captions", "ocr"):
+        assert first[f"t/loader/{source}/0"] != first[f"t/loader/{source}/1"], "a pool must span daemons"
+    assert first["t/constructor/0"] != first["t/constructor/0/standby"]
+    counts = {n: list(first.values()).count(n) for n in nodes}
+    assert max(counts.values()) - min(counts.values()) <= 1
+    # nothing moves while its daemon lives; only the dead daemon's roles move, never onto it
+    assert place_roles(wants, live=nodes, current=first, load=counts) == {}
+    moved = place_roles(wants, live=["a", "c"], current=first, load=counts)
+    assert set(moved) == {r for r, n in first.items() if n == "b"}
+    assert set(moved.values()) <= {"a", "c"}
+
+
+def test_placement_prefers_trainer_hosts_for_constructors(tmp_path):
+    spec = _spec(tmp_path, dp_size=2, extra="")
+    spec = spec.__class__(**{**spec.__dict__, "topology": spec.topology.__class__(
+        dp_size=2, mp_size=1, ranks_per_constructor=1, constructor_nodes=("c",))})
+    placed = place_roles(wanted_roles(spec, fingerprint="fp", default_workers=1, standby=False),
+                         live=["a", "b", "c"], current={}, load={})
+    assert placed["t/constructor/0"] == placed["t/constructor/1"] == "c"
+
+
+def test_membership_liveness_and_restarts():
+    m = Membership("a", ["a", "b", "c"], heartbeat_s=0.5, missed_beats=3)
+    assert m.live(0.0) == ["a"]
+    beat = dict(incarnation="1", term=1, leader="a", telemetry={}, roles={})
+    assert not m.on_beat("b", **beat, now=1.0)
+    assert m.alive("b", 2.4) and not m.alive("b", 2.6)
+    assert m.changes(2.0) == [("b", True)] and m.changes(2.1) == []
+    assert m.changes(3.0) == [("b", False)] and m.members["b"].deaths == 1
+    assert m.on_beat("b", **{**beat, "incarnation": "2"}, now=3.1), "a new incarnation is a restart"
+    assert not m.on_beat("zz", **beat, now=3.2) and "zz" not in m.members
+
+
+@pytest.mark.parametrize("msg", [
+    VoteRequest(term=2, candidate="a", last_log_term=1, last_log_seq=9, pre_vote=True),
+    LeaseAck(term=2, voter="b", renew_id=4, ok=False),
+    MemberBeat(node="a", incarnation="x", term=1, leader="", telemetry={"cpu": 1.0}, roles={}),
+    LogAppend(term=1, leader="a", prev_seq=0, records=[], commit_seq=0, prev_term=0),
+])
+def test_peer_messages_round_trip(msg):
+    frames = protocol.encode(to_peer("a", msg))
+    envelope, _ = protocol.decode(frames)
+    assert from_peer(envelope) == msg
+
+
+@pytest.mark.parametrize("kind, body", [
+    ("vote_request", {"term": "2", "candidate": "a", "last_log_term": 1, "last_log_seq": 9, "pre_vote": True}),
+    ("vote_request", {"term": 2, "candidate": "a"}),
+    ("lease_ack", {"term": 2, "voter": "b", "renew_id": 4, "ok": 1}),
+    ("log_append", {"term": -1, "leader": "a", "prev_seq": 0, "records": [], "commit_seq": 0, "prev_term": 0}),
+    ("no_such_kind", {}),
+])
+def test_malformed_peer_messages_are_protocol_errors(kind, body):
+    with pytest.raises(ProtocolError):
+        from_peer(protocol.PeerMessage(sender="a", kind=kind, body=body))
