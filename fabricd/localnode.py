@@ -188,11 +188,13 @@ class LocalCluster:
         except Exception:
             return None
 
-    def leader(self, timeout: float = 30.0) -> str:
-        """The node that holds the lease, waiting for one to be elected."""
+    def leader(self, timeout: float = 30.0, exclude: tuple[str, ...] = ()) -> str:
+        """The node that holds the lease (other than ``exclude``), waiting for one to be elected."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for n in self.daemons:
+                if n in exclude:
+                    continue
                 st = self.status(n)
                 if st is not None and st["is_leader"]:
                     return n

@@ -1,0 +1,315 @@
+"""Chaos runs: a local fabric serving real trainers while faults are injected, then invariants.
+
+Used by ``scripts/chaos.py``, ``scripts/bench/failover.py`` and the cluster tests. The fault
+schedule is drawn from a seeded RNG, so a run is replayable with the same seed (timing on a
+shared machine still varies). Faults: SIGKILL of the leader daemon, of a shadow daemon, of a
+source-loader or constructor process; SIGSTOP of the leader past its lease, then SIGCONT; a
+shadow restarted with a failpoint armed in its log writes (it kills itself mid-append) and then
+restarted clean. Killed daemons are restarted.
+
+Invariants checked by :meth:`ChaosRun.finish`: for every (step, dp_rank) the trainers received
+exactly the expected batches once and in order (checksums from the offline expectation); at
+most one daemon held the lease in any term (status polled throughout); replicas' logs are
+prefix-consistent and no record of an older term follows a newer one (nothing stale applied);
+progress resumed after every fault (the recovery time is recorded).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fabric_client import Loader, protocol
+
+from .cluster.log import CheckpointLog
+from .config import load_job_spec
+from .expect import BatchOracle
+from .localnode import LocalCluster
+
+__all__ = ["FAULT_KINDS", "ChaosRun", "FaultRecord"]
+
+log = logging.getLogger(__name__)
+
+FAULT_KINDS = ("kill_leader", "kill_shadow", "kill_loader", "kill_constructor", "pause_leader", "failpoint_shadow")
+FAILPOINTS = ("log.after_write_before_fsync", "log.after_fsync")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class FaultRecord:
+    index: int
+    kind: str
+    target: str
+    at: float                 # wall time of the fault
+    recovery_s: float | None  # until every trainer received a batch after it
+    detail: str = ""
+    election_s: float | None = None  # until another daemon held the lease (leader faults)
+
+
+class _Trainer(threading.Thread):
+    """One trainer rank: consumes batches at a fixed pace and records what it got, and when."""
+
+    def __init__(self, addresses: list[str], job: str, dp_rank: int, dp_size: int, pace_s: float,
+                 stop: threading.Event) -> None:
+        super().__init__(daemon=True, name=f"trainer-{dp_rank}")
+        self.addresses, self.job, self.dp_rank, self.dp_size = addresses, job, dp_rank, dp_size
+        self.pace_s, self.stop_event = pace_s, stop
+        self.records: list[tuple[tuple[int, int, int], str, float]] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with Loader(self.addresses, job=self.job, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                        deadline_s=120, stall_s=0.5, prefetch=2) as loader:
+                for b in loader:
+                    self.records.append(((b.step, b.dp_rank, b.micro_batch), b.checksum, time.time()))
+                    if self.stop_event.is_set():
+                        break
+                    time.sleep(self.pace_s)
+        except BaseException as e:  # handed to the owner, which reports it
+            self.error = e
+
+    def received_after(self, t: float) -> float | None:
+        """When the first batch after ``t`` reached the trainer (None: not yet)."""
+        return next((ts for *_, ts in self.records[-200:] if ts > t), None)
+
+
+def make_corpus(out: Path, samples: int = 64, seed: int = 5) -> None:
+    spec = importlib.util.spec_from_file_location("fabricd_make_dataset", ROOT / "scripts" / "make_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    module.make_dataset(out, samples_per_source=samples, seed=seed, corrupt_fraction=0.02, progress=False)
+
+
+JOB_TEMPLATE = """
+[job]
+name = "chaos"
+seed = 17
+[topology]
+dp_size = {dp_size}
+ranks_per_constructor = 1
+[batch]
+samples_per_step = 8
+micro_batch_tokens = 8192
+prefetch = 2
+[tokens]
+image_tokens = 16
+image_size = 32
+[cost]
+per_image = 1024.0
+[[buckets]]
+name = "short"
+max_seq_len = 2048
+[[buckets]]
+name = "long"
+max_seq_len = 8192
+long_samples = "split"
+{sources}
+[mixture]
+kind = "constant"
+[[mixture.points]]
+step = 0
+weights = {{ captions = 0.3, interleaved = 0.2, longdocs = 0.1, code = 0.2, ocr = 0.2 }}
+"""
+
+
+class ChaosRun:
+    """A local fabric + trainer threads + a seeded fault schedule."""
+
+    def __init__(self, workdir: Path, *, seed: int, nodes: int = 3, dp_size: int = 2, pace_s: float = 0.05,
+                 lease_s: float = 2.0, kinds: tuple[str, ...] = FAULT_KINDS) -> None:
+        unknown = set(kinds) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+        self.workdir = Path(workdir)
+        self.rng = random.Random(seed)
+        self.seed, self.nodes, self.dp_size, self.pace_s, self.lease_s = seed, nodes, dp_size, pace_s, lease_s
+        self.kinds = kinds
+        self.stop_event = threading.Event()
+        self.cluster: LocalCluster | None = None
+        self.trainers: list[_Trainer] = []
+        self.faults: list[FaultRecord] = []
+        self.leaders_by_term: dict[int, set[str]] = defaultdict(set)
+        self._monitor: threading.Thread | None = None
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        corpus = self.workdir / "corpus"
+        if not corpus.exists():
+            make_corpus(corpus)
+        sources = "".join(f'[[sources]]\nname = "{s}"\npath = "{corpus / s}"\n'
+                          + ('bucket = "long"\n' if s == "longdocs" else "") + "\n"
+                          for s in ("captions", "interleaved", "longdocs", "code", "ocr"))
+        self.job_file = self.workdir / "chaos.toml"
+        self.job_file.write_text(JOB_TEMPLATE.format(dp_size=self.dp_size, sources=sources))
+        self.cluster = LocalCluster(self.workdir / "cluster", nodes=self.nodes, loader_workers=2,
+                                    lease_duration_s=self.lease_s, renew_deadline_s=self.lease_s * 0.65,
+                                    retry_period_s=self.lease_s * 0.15, log_level="WARNING")
+        self.cluster.start()
+        leader = self.cluster.leader()
+        with self.cluster.daemons[leader].client() as c:
+            c.request(protocol.SubmitJob(spec_toml=self.job_file.read_text(), spec_path=str(self.job_file)))
+        deadline = time.monotonic() + 120
+        while not (self.cluster.status(leader) or {}).get("jobs", {}).get("chaos", {}).get("serving"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the chaos job did not start serving")
+            time.sleep(0.1)
+        self._monitor = threading.Thread(target=self._watch_leaders, daemon=True, name="leader-monitor")
+        self._monitor.start()
+        self.trainers = [_Trainer(self.cluster.addresses, "chaos", d, self.dp_size, self.pace_s, self.stop_event)
+                         for d in range(self.dp_size)]
+        for t in self.trainers:
+            t.start()
+
+    def _watch_leaders(self) -> None:
+        while not self.stop_event.is_set():
+            for node in self.cluster.daemons:
+                st = self.cluster.status(node)
+                if st is not None and st["is_leader"]:
+                    self.leaders_by_term[st["term"]].add(node)
+            time.sleep(0.2)
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def inject(self, kind: str | None = None) -> FaultRecord:
+        """Inject one fault (drawn from the seeded RNG unless given), wait for recovery, record it."""
+        kind = kind or self.rng.choice(self.kinds)
+        time.sleep(0.5 + self.rng.random() * 1.5)  # a random moment of steady delivery
+        leader = self.cluster.leader(timeout=60)
+        shadows = [n for n in self.cluster.daemons if n != leader]
+        at = time.time()
+        target, detail, election = leader, "", None
+        if kind == "kill_leader":
+            self.cluster.kill(leader, signal.SIGKILL)
+            self.cluster.leader(timeout=60, exclude=(leader,))
+            election = time.time() - at
+            self.cluster.restart(leader)
+        elif kind == "kill_shadow":
+            target = self.rng.choice(shadows)
+            self.cluster.kill(target, signal.SIGKILL)
+            time.sleep(self.rng.random())
+            self.cluster.restart(target)
+        elif kind in ("kill_loader", "kill_constructor"):
+            role_kind = "source_loader" if kind == "kill_loader" else "constructor"
+            target, pid = self._pick_role(role_kind)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                detail = f"pid {pid}"
+        elif kind == "pause_leader":
+            self.cluster.kill(leader, signal.SIGSTOP)
+            self.cluster.leader(timeout=60, exclude=(leader,))
+            election = time.time() - at
+            time.sleep(max(0.0, self.lease_s * 1.5 + self.rng.random() - election))
+            self.cluster.kill(leader, signal.SIGCONT)
+        elif kind == "failpoint_shadow":
+            target = self.rng.choice(shadows)
+            point = self.rng.choice(FAILPOINTS)
+            detail = f"{point}=kill@{self.rng.randint(1, 4)}"
+            daemon = self.cluster.daemons[target]
+            daemon.extra_env = {**daemon.extra_env, "FABRICD_FAILPOINTS": detail}
+            self.cluster.restart(target)
+            deadline = time.monotonic() + 10
+            while daemon.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # it dies at the failpoint once enough records were replicated to it
+            detail += " (hit)" if daemon.proc.poll() is not None else " (not reached in 10s)"
+            daemon.extra_env = {k: v for k, v in daemon.extra_env.items() if k != "FABRICD_FAILPOINTS"}
+            self.cluster.restart(target)
+        else:
+            raise ValueError(kind)
+        record = FaultRecord(len(self.faults), kind, target, at, self._recovery(at), detail, election)
+        self.faults.append(record)
+        return record
+
+    def _pick_role(self, kind: str) -> tuple[str, int | None]:
+        candidates = []
+        for node in self.cluster.daemons:
+            st = self.cluster.status(node) or {}
+            for role in st.get("jobs", {}).get("chaos", {}).get("roles", []):
+                if role["kind"] == kind and role.get("pid") and role["node"] == node:
+                    candidates.append((node, role["pid"]))
+        return self.rng.choice(candidates) if candidates else ("-", None)
+
+    def _recovery(self, at: float, timeout: float = 90.0) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for t in self.trainers:
+                if t.error is not None:
+                    raise RuntimeError(f"trainer {t.dp_rank} failed: {t.error!r}")
+            times = [t.received_after(at) for t in self.trainers]
+            if all(x is not None for x in times):
+                return max(times) - at
+            time.sleep(0.01)
+        return None
+
+    # -- invariants -----------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        self.stop_event.set()
+        for t in self.trainers:
+            t.join(60)
+        if self._monitor is not None:
+            self._monitor.join(10)
+        spec = load_job_spec(self.job_file)
+        last = min(max((k[0] for k, *_ in t.records), default=0) for t in self.trainers)
+        oracle = BatchOracle(spec)
+        want = {b.key(): b.checksum for s in range(last) for b in oracle.step(s)}
+        lost = duplicated = mismatched = 0
+        for t in self.trainers:
+            got = [(k, c) for k, c, _ in t.records if k[0] < last]
+            seen = Counter(k for k, _ in got)
+            lost += sum(1 for k in want if k[1] == t.dp_rank and k not in seen)
+            duplicated += sum(n - 1 for n in seen.values() if n > 1)
+            mismatched += sum(1 for k, c in got if want.get(k) != c)
+            mismatched += sum(1 for a, b in zip(got, got[1:]) if a[0] >= b[0])  # out of order
+        self.cluster.stop()  # logs are read from disk once no daemon writes them
+        logs = self._logs()
+        stale = sum(1 for records in logs for a, b in zip(records, records[1:]) if b[0] < a[0])
+        diverged = 0
+        for i, a in enumerate(logs):
+            for b in logs[i + 1:]:
+                common = {r[1] for r in a} & {r[1] for r in b}
+                diverged += {r for r in a if r[1] in common} != {r for r in b if r[1] in common}
+        recoveries = [f.recovery_s for f in self.faults]
+        return {
+            "faults": len(self.faults),
+            "kinds": dict(Counter(f.kind for f in self.faults)),
+            "lost": lost, "duplicated": duplicated, "mismatched": mismatched,
+            "stale_term_applied": stale,
+            "log_divergence": diverged,
+            "two_leaders_in_a_term": sum(1 for nodes in self.leaders_by_term.values() if len(nodes) > 1),
+            "unrecovered": sum(1 for r in recoveries if r is None),
+            "max_recovery_s": round(max((r for r in recoveries if r is not None), default=0.0), 3),
+            "steps_checked": last,
+            "seed": self.seed,
+        }
+
+    def _logs(self) -> list[list[tuple]]:
+        out = []
+        for d in self.cluster.daemons.values():
+            lg = CheckpointLog(d.workdir / "state" / "log")
+            lg.open()
+            out.append([(r.term, r.seq, r.kind, json.dumps(r.data, sort_keys=True))
+                        for r in lg.read(lg.first_seq, limit=1_000_000)])
+            lg.close()
+        return out
+
+    def close(self) -> None:
+        self.stop_event.set()
+        if self.cluster is not None:
+            self.cluster.stop()
+
+    def fault_lines(self) -> list[str]:
+        return [json.dumps(asdict(f)) for f in self.faults]

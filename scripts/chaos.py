@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""The chaos suite outside pytest: a 3-daemon fabric, real trainers, N seeded faults, invariants.
+
+    .venv/bin/python scripts/chaos.py --faults 200 --seed 1
+
+Prints one JSON line per fault, then one summary line: {faults, lost, duplicated, mismatched,
+stale_term_applied, max_recovery_s, ...}. Exits non-zero if an invariant was violated.
+See fabricd/chaos.py for the faults and invariants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fabricd.chaos import FAULT_KINDS, ChaosRun  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--faults", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--kinds", default=",".join(FAULT_KINDS), help="comma-separated fault kinds")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fabricd-chaos-"))
+    run = ChaosRun(work, seed=args.seed, nodes=args.nodes, kinds=tuple(args.kinds.split(",")))
+    try:
+        run.start()
+        for _ in range(args.faults):
+            print(json.dumps(run.inject().__dict__), flush=True)
+        summary = run.finish()
+    finally:
+        run.close()
+        if args.keep:
+            print(f"work directory: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(summary))
+    bad = ("lost", "duplicated", "mismatched", "stale_term_applied", "log_divergence", "two_leaders_in_a_term",
+           "unrecovered")
+    return 1 if any(summary[k] for k in bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
