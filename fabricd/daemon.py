@@ -252,9 +252,17 @@ class Daemon:
         return view
 
     def _telemetry(self) -> dict[str, Any]:
+        """Node CPU and memory, and per role process its RSS, CPU, and queue depths and rates."""
         vm = psutil.virtual_memory()
+        roles = {}
+        for rid, role in self.supervisor.roles.items():
+            st = role.stats
+            roles[rid] = {**self.supervisor.telemetry(role),
+                          **{k: st[k] for k in ("builds", "units", "requests", "busy_s", "built_batches", "hedged",
+                                                "load_retries", "sent") if k in st}}
         return {"cpu_percent": psutil.cpu_percent(None), "mem_used_percent": vm.percent,
-                "mem_available_mb": round(vm.available / 2**20), "roles": len(self.supervisor.roles)}
+                "mem_available_mb": round(vm.available / 2**20), "roles": len(self.supervisor.roles),
+                "role_processes": roles}
 
     # -- leader duties ----------------------------------------------------------------------------
 

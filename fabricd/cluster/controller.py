@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import NodeConfig
-from .lease import BecameLeader, LeaderChanged, LeaseConfig, LeaseElection, SteppedDown
+from .lease import BecameLeader, LeaderChanged, LeaseBackend, LeaseConfig, LeaseElection, SteppedDown
 from .lease import Send as LeaseSend
 from .log import CheckpointLog, LogError, LogFull
 from .membership import MemberBeat, Membership
@@ -58,7 +58,7 @@ class ClusterController:
         self.peers = [p.node_id for p in c.peers if p.node_id != self.node]
         self.log = CheckpointLog(Path(cfg.state_dir) / "log")
         self.state: FabricState = self.log.open()
-        self.lease = LeaseElection(self.node, c.voters, LeaseConfig(c.lease_duration_s, c.renew_deadline_s,
+        self.lease: LeaseBackend = LeaseElection(self.node, c.voters, LeaseConfig(c.lease_duration_s, c.renew_deadline_s,
                                                                      c.retry_period_s),
                                    FileTermStore(Path(cfg.state_dir) / "term.json"),
                                    log_position=lambda: self.log.last_position, now=now)

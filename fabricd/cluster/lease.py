@@ -213,6 +213,10 @@ class LeaseBackend(Protocol):
         """True only while this node provably holds the lease at ``now``."""
         ...
 
+    def resign(self, now: float, reason: str) -> list[Action]:
+        """Give the lease up at once (e.g. the log disk is full)."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """A JSON-typed summary for operators (role, term, leader, lease remaining, counters)."""
         ...
