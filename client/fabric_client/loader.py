@@ -29,6 +29,8 @@ Promises:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -41,7 +43,7 @@ from typing import Any
 import zmq
 
 from . import protocol
-from .batch import checksum, decode_batch
+from .batch import decode_batch, decode_verified
 from .errors import BatchIntegrityError, FabricUnavailable, ProtocolError, RemoteError
 from .protocol import PROTOCOL_VERSION, ErrorCode
 
@@ -166,6 +168,7 @@ class Loader:
         self._closed = False
         self._retry_at = 0.0  # monotonic time before which no new subscription is attempted
         self._refusal_backoff = _BACKOFF_FIRST_S
+        (self._credit_frame,) = protocol.encode(protocol.Credit(self.job, self.dp_rank, self.mp_rank, 1))
         self.stats: dict[str, Any] = {
             "batches": 0,
             "bytes": 0,
@@ -241,9 +244,11 @@ class Loader:
     def _drain(self) -> bool:
         """Receive messages already queued, without blocking, until ``_ahead`` batches are pending."""
         got = False
-        while self._sock is not None and len(self._pending) < self._ahead:
+        while (sock := self._sock) is not None and len(self._pending) < self._ahead:
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # nothing queued (cheaper than zmq.Again)
+                break
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
             got = True
@@ -251,6 +256,10 @@ class Loader:
         return got
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
+        msg = _fast_batch_header(frames[0].bytes) if len(frames) == 2 else None
+        if msg is not None:  # the hot path: one batch, its header parsed once
+            self._on_batch(msg, frames[1:])
+            return
         try:
             msg, payload = protocol.decode(frames)
         except ProtocolError as e:
@@ -305,15 +314,18 @@ class Loader:
 
     def _decode(self, header: protocol.Batch, frame: Any) -> dict[str, Any]:
         """Decode (and verify) one batch; runs on a decoder thread (numpy/arrow/hashlib drop the GIL)."""
+        buf = frame.buffer if hasattr(frame, "buffer") else frame
         try:
-            arrays = decode_batch(frame.buffer if hasattr(frame, "buffer") else frame)
+            if self.verify:  # decoded and digested in one pass over the columns: == checksum(arrays)
+                arrays, got = decode_verified(buf)
+            else:
+                arrays = decode_batch(buf)
         except ProtocolError as e:
             raise BatchIntegrityError(
                 f"undecodable batch for job {self.job!r} step {header.step} dp_rank {self.dp_rank} "
                 f"micro {header.micro_batch}: {e}"
             ) from e
         if self.verify:
-            got = checksum(arrays)
             if got != header.checksum:
                 raise BatchIntegrityError(
                     f"batch of job {self.job!r} step {header.step} dp_rank {self.dp_rank} micro "
@@ -338,11 +350,11 @@ class Loader:
         return FabricBatch(arrays, header)
 
     def _send_credit(self) -> None:
+        """Give the constructor back the credit of one batch taken out of its window."""
         if self._sock is None:
             return
-        msg = protocol.Credit(self.job, self.dp_rank, self.mp_rank, 1)
         try:
-            self._sock.send_multipart(protocol.encode(msg), zmq.NOBLOCK)
+            self._sock.send(self._credit_frame, zmq.NOBLOCK)  # Credit(job, dp, mp, 1), encoded once
         except zmq.ZMQError as e:  # queue to a dead peer full: the stall timer will relocate us
             self._last_error = f"credit to {self._endpoint} failed: {e}"
 
@@ -493,6 +505,43 @@ class Loader:
             self.close()
         except Exception:  # noqa: BLE001 — interpreter shutdown: nothing left to report to
             pass
+
+
+_BATCH_FIELDS = tuple((f.name, f.type) for f in dataclasses.fields(protocol.Batch))
+_BATCH_KEYS = frozenset(["v", "t", *(name for name, _ in _BATCH_FIELDS)])
+_FIELD_TYPES = {"str": str, "int": int, str: str, int: int}
+#: (field, exact JSON type) of every Batch field; None (fast path off) if a field has another type
+_BATCH_TYPES = (
+    tuple((name, _FIELD_TYPES[tp]) for name, tp in _BATCH_FIELDS)
+    if all(tp in _FIELD_TYPES for _, tp in _BATCH_FIELDS)
+    else None
+)
+_MAX_FAST_HEADER = 4096
+
+
+def _fast_batch_header(raw: bytes) -> protocol.Batch | None:
+    """The header of a well-formed ``Batch`` message, parsed once; None for anything else.
+
+    Accepts exactly what :func:`protocol.decode` accepts for a ``Batch`` (this version, every
+    field present with its JSON type, nothing more) without its generic per-field type
+    introspection; everything else (other types, bad fields) goes the general way, which raises
+    the precise errors.
+    """
+    if _BATCH_TYPES is None or len(raw) > _MAX_FAST_HEADER:
+        return None
+    try:
+        header = json.loads(raw)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return None
+    if type(header) is not dict or header.keys() != _BATCH_KEYS:
+        return None
+    if header["t"] != protocol.Batch.TYPE or header["v"] != PROTOCOL_VERSION or type(header["v"]) is not int:
+        return None
+    for name, tp in _BATCH_TYPES:
+        if type(header[name]) is not tp:
+            return None
+    del header["v"], header["t"]
+    return protocol.Batch(**header)
 
 
 def _default_workers() -> int:

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 #: Most credits one subscription may hold, whatever the trainer asks for.
 MAX_CREDITS = 1024
 
+#: Outcomes of ``TrainerDelivery._send`` (compared by identity in the hot loop).
+_OK, _AGAIN, _GONE = "ok", "again", "gone"
+
 
 @dataclass(frozen=True)
 class EncodedBatch:
@@ -65,17 +68,15 @@ class EncodedBatch:
     header: protocol.Batch
     frame: Any  # the Arrow IPC buffer (pa.Buffer / bytes / memoryview); sent with copy=False
     header_frame: bytes = field(init=False, repr=False, compare=False)
+    #: Size of the payload frame in bytes.
+    nbytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         (head,) = protocol.encode(self.header)
         object.__setattr__(self, "header_frame", head)
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the payload frame in bytes."""
         frame = self.frame
         size = getattr(frame, "size", None)
-        return int(size) if size is not None else len(memoryview(frame).cast("B"))
+        object.__setattr__(self, "nbytes", int(size) if size is not None else len(memoryview(frame).cast("B")))
 
 
 @dataclass
@@ -221,6 +222,7 @@ class TrainerDelivery:
         """
         sent = 0
         now = self._clock()
+        counters = self._counters
         for key in list(self._subs):
             sub = self._subs.get(key)
             if sub is None:
@@ -231,25 +233,24 @@ class TrainerDelivery:
                     break
                 self._check_batch(sub, batch)
                 outcome = self._send(sub, [batch.header_frame, batch.frame])
-                if outcome == "gone":
-                    break
-                if outcome == "again":
-                    sub.pending = batch
+                if outcome is not _OK:
+                    if outcome is _AGAIN:
+                        sub.pending = batch
                     break
                 sub.pending = None
                 sub.credits -= 1
                 sub.sent += 1
                 sub.last_sent = now
                 sent += 1
-                self._counters["batches_sent"] += 1
-                self._counters["bytes_sent"] += batch.nbytes
+                counters["batches_sent"] += 1
+                counters["bytes_sent"] += batch.nbytes
                 if sub.micro + 1 < batch.header.num_micro_batches:
                     sub.micro += 1
                 else:
                     sub.step, sub.micro = sub.step + 1, 0
             if key in self._subs and sub.credits > 0 and now - sub.last_sent >= self._heartbeat_s:
                 (head,) = protocol.encode(protocol.Heartbeat(self._job, sub.step))
-                if self._send(sub, [head]) == "ok":
+                if self._send(sub, [head]) is _OK:
                     sub.last_sent = now
                     self._counters["heartbeats_sent"] += 1
         return sent
@@ -271,15 +272,15 @@ class TrainerDelivery:
         except zmq.ZMQError as e:
             if e.errno == zmq.EAGAIN:
                 self._counters["eagain"] += 1
-                return "again"
+                return _AGAIN
             if e.errno == zmq.EHOSTUNREACH:
                 self._counters["unreachable_dropped"] += 1
                 log.info("trainer dp %d mp %d is gone; subscription dropped", sub.dp_rank, sub.mp_rank)
                 if self._subs.get((sub.dp_rank, sub.mp_rank)) is sub:
                     del self._subs[(sub.dp_rank, sub.mp_rank)]
-                return "gone"
+                return _GONE
             raise
-        return "ok"
+        return _OK
 
     # ---------------------------------------------------------------------------------- stats
 
