@@ -180,6 +180,7 @@ class Loader:
             "malformed": 0,
             "endpoint": None,
         }
+        self._avoid: list[str] = []  # the endpoint that went silent, until a batch arrives again
 
     # ------------------------------------------------------------------------------ state
 
@@ -237,6 +238,7 @@ class Loader:
                     self._last_error = f"endpoint {self._endpoint} silent for {self.stall_s}s"
                     log.warning("constructor at %s silent for %.1fs; relocating", self._endpoint, self.stall_s)
                     self.stats["relocations"] += 1
+                    self._avoid = [self._endpoint]  # ask the daemons for another replica if there is one
                     self._drop_stream()
                     break
                 self._sock.poll(max(1, int((min(stall_at, deadline) - now) * 1000) + 1), zmq.POLLIN)
@@ -335,6 +337,7 @@ class Loader:
 
     def _hand_out(self, item: tuple[protocol.Batch, Any, Future | None]) -> FabricBatch:
         header, frame, work = item
+        self._avoid = []
         arrays = self._decode(header, frame) if work is None else work.result()
         if header.micro_batch + 1 < header.num_micro_batches:
             self._micro += 1
@@ -410,7 +413,8 @@ class Loader:
             if not isinstance(welcome, protocol.Welcome):
                 return None
             located = self._request(
-                sock, address, protocol.Locate(self.job, self.dp_rank, self.dp_size, self.mp_rank), deadline
+                sock, address,
+                protocol.Locate(self.job, self.dp_rank, self.dp_size, self.mp_rank, avoid=list(self._avoid)), deadline
             )
             if not isinstance(located, protocol.Located):
                 return None
