@@ -22,7 +22,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -37,7 +36,7 @@ from .cluster.log import LogError
 from .cluster.placement import place_roles, wanted_roles
 from .cluster.state import StateError
 from .cluster.wire import from_peer, to_peer
-from .config import JobSpec, NodeConfig, parse_job_spec
+from .config import NodeConfig, parse_job_spec
 from .errors import ConfigError
 from .job import JobRuntime
 from .roles.base import RoleArgs, configure_socket
@@ -291,17 +290,18 @@ class Daemon:
         for name, job in self.jobs.items():
             if job.state != "ready" or state.jobs.get(name, {}).get("cancelled", True):
                 continue
-            wants = wanted_roles(job.spec, fingerprint=job.fingerprint, default_workers=self.cfg.loader_workers,
-                                 standby=len(self.cfg.cluster.peers) > 1)
+            wants = {w.role_id: w for w in wanted_roles(job.spec, fingerprint=job.fingerprint,
+                                                         default_workers=self.cfg.loader_workers,
+                                                         standby=len(self.cfg.cluster.peers) > 1)}
+            # a role whose arguments changed (a new fingerprint, say) is placed afresh
             current = {rid: r["node"] for rid, r in state.roles.items()
-                       if r["job"] == name and r["extra"] == next((w.extra for w in wants if w.role_id == rid), None)}
-            for rid, node in place_roles(wants, live=live, current=current, load=load, cpu=cpu).items():
-                want = next(w for w in wants if w.role_id == rid)
+                       if r["job"] == name and rid in wants and r["extra"] == wants[rid].extra}
+            for rid, node in place_roles(list(wants.values()), live=live, current=current, load=load, cpu=cpu).items():
+                want = wants[rid]
                 entries.append(("role_assigned", {"role_id": rid, "job": name, "kind": want.kind, "node": node,
                                                   "extra": want.extra}))
-            wanted_ids = {w.role_id for w in wants}
             entries += [("role_released", {"role_id": rid, "reason": "no longer wanted"})
-                        for rid, r in state.roles.items() if r["job"] == name and rid not in wanted_ids]
+                        for rid, r in state.roles.items() if r["job"] == name and rid not in wants]
         if entries:
             for kind, data in entries:
                 log.info("%s %s → %s", kind, data["role_id"], data.get("node", "-"))

@@ -196,7 +196,6 @@ def main() -> int:
     finally:
         cluster.stop()
     result = verify(spec, args.steps, run_dir / "received")
-    job_status = status["jobs"][spec.name]
     summary = {
         "steps": args.steps,
         "dp_size": spec.topology.dp_size,
