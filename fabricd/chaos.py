@@ -16,13 +16,11 @@ progress resumed after every fault (the recovery time is recorded).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -34,6 +32,7 @@ from fabric_client import Loader, protocol
 
 from .cluster.log import CheckpointLog
 from .config import load_job_spec
+from .corpus import make_dataset
 from .expect import BatchOracle
 from .localnode import LocalCluster
 
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 
 FAULT_KINDS = ("kill_leader", "kill_shadow", "kill_loader", "kill_constructor", "pause_leader", "failpoint_shadow")
 FAILPOINTS = ("log.after_write_before_fsync", "log.after_fsync")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -86,11 +84,7 @@ class _Trainer(threading.Thread):
 
 
 def make_corpus(out: Path, samples: int = 64, seed: int = 5) -> None:
-    spec = importlib.util.spec_from_file_location("fabricd_make_dataset", ROOT / "scripts" / "make_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    module.make_dataset(out, samples_per_source=samples, seed=seed, corrupt_fraction=0.02, progress=False)
+    make_dataset(out, samples_per_source=samples, seed=seed, corrupt_fraction=0.02, progress=False)
 
 
 JOB_TEMPLATE = """

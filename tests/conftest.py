@@ -6,8 +6,6 @@ Every daemon a test starts is stopped at teardown together with every process it
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,25 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_script(name: str):
-    path = ROOT / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"fabricd_scripts_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
-def make_dataset_module():
-    return _load_script("make_dataset")
-
-
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory, make_dataset_module) -> Path:
+def tiny_corpus(tmp_path_factory) -> Path:
     """A small 5-source corpus (with a few corrupt samples), built once per test worker."""
+    from fabricd.corpus import make_dataset
+
     out = tmp_path_factory.mktemp("corpus")
-    make_dataset_module.make_dataset(out, samples_per_source=48, seed=3, corrupt_fraction=0.03, progress=False)
+    make_dataset(out, samples_per_source=48, seed=3, corrupt_fraction=0.03, progress=False)
     return out
 
 

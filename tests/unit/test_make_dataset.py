@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from fabricd.corpus import main, make_dataset
 from fabricd.errors import SampleError
 from fabricd.sources import SampleLoader, TransformSpec, open_index
 
 pytestmark = pytest.mark.unit
-
-
-def _load_make_dataset():
-    name = "fabricd_scripts_make_dataset"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "scripts" / "make_dataset.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 def _checksums(root: Path) -> dict[str, str]:
@@ -37,10 +25,9 @@ def _checksums(root: Path) -> dict[str, str]:
 
 
 def test_deterministic_for_a_seed(tmp_path: Path) -> None:
-    md = _load_make_dataset()
-    a = md.make_dataset(tmp_path / "a", 12, seed=7, progress=False, corrupt_fraction=0.1)
-    b = md.make_dataset(tmp_path / "b", 12, seed=7, progress=False, corrupt_fraction=0.1, workers=2)
-    md.make_dataset(tmp_path / "c", 12, seed=8, progress=False, corrupt_fraction=0.1)
+    a = make_dataset(tmp_path / "a", 12, seed=7, progress=False, corrupt_fraction=0.1)
+    b = make_dataset(tmp_path / "b", 12, seed=7, progress=False, corrupt_fraction=0.1, workers=2)
+    make_dataset(tmp_path / "c", 12, seed=8, progress=False, corrupt_fraction=0.1)
     assert a == b
     assert _checksums(tmp_path / "a") == _checksums(tmp_path / "b")
     sums_c = _checksums(tmp_path / "c")
@@ -48,7 +35,7 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
 
 
 def test_corpus_shape(tmp_path: Path) -> None:
-    counts = _load_make_dataset().make_dataset(tmp_path, 40, seed=1, progress=False, rows_per_group=16)
+    counts = make_dataset(tmp_path, 40, seed=1, progress=False, rows_per_group=16)
     assert set(counts) == {"captions", "interleaved", "longdocs", "code", "ocr"}
     for name, c in counts.items():
         assert c["samples"] == 40 and c["files"] >= 2 and c["bytes"] > 0
@@ -82,7 +69,7 @@ def test_corpus_shape(tmp_path: Path) -> None:
 
 
 def test_corrupt_fraction_gives_sample_errors(tmp_path: Path) -> None:
-    counts = _load_make_dataset().make_dataset(tmp_path, 40, seed=4, corrupt_fraction=0.1, progress=False,
+    counts = make_dataset(tmp_path, 40, seed=4, corrupt_fraction=0.1, progress=False,
                                                image_format="png")
     spec = TransformSpec(max_seq_len=1 << 16, long_samples="truncate", image_tokens=8, image_size=8)
     for name in ("captions", "interleaved", "ocr"):
@@ -99,11 +86,10 @@ def test_corrupt_fraction_gives_sample_errors(tmp_path: Path) -> None:
 
 
 def test_cli_and_refusal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    md = _load_make_dataset()
-    assert md.main(["--out", str(tmp_path), "--samples", "3", "--workers", "1"]) == 0
+    assert main(["--out", str(tmp_path), "--samples", "3", "--workers", "1"]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert md.main(["--out", str(tmp_path), "--samples", "3"]) == 2  # not empty
+    assert main(["--out", str(tmp_path), "--samples", "3"]) == 2  # not empty
     assert "exists" in capsys.readouterr().err
-    assert md.main(["--out", str(tmp_path), "--samples", "3", "--workers", "1", "--overwrite"]) == 0
+    assert main(["--out", str(tmp_path), "--samples", "3", "--workers", "1", "--overwrite"]) == 0
     with pytest.raises(ValueError):
-        md.make_dataset(tmp_path / "x", 3, seed=0, corrupt_fraction=2.0, progress=False)
+        make_dataset(tmp_path / "x", 3, seed=0, corrupt_fraction=2.0, progress=False)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fabricd.corpus import make_dataset
 from fabricd.errors import SourceError
 from fabricd.sources import index as index_mod
 from fabricd.sources import open_index, source_fingerprint
@@ -24,21 +23,11 @@ pytestmark = pytest.mark.unit
 LOGGER = "fabricd.sources.index"
 
 
-def _load_make_dataset():
-    name = "fabricd_scripts_make_dataset"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "scripts" / "make_dataset.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("corpus")
-    counts = _load_make_dataset().make_dataset(out, 40, seed=3, progress=False, rows_per_group=16)
+    counts = make_dataset(out, 40, seed=3, progress=False, rows_per_group=16)
     return out, counts
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,27 +11,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fabricd.corpus import make_dataset
 from fabricd.errors import SampleError, SourceError
 from fabricd.sources import RawSample, SourceReader, open_index
 
 pytestmark = pytest.mark.unit
 
 
-def _load_make_dataset():
-    name = "fabricd_scripts_make_dataset"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "scripts" / "make_dataset.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
-    _load_make_dataset().make_dataset(out, 40, seed=5, progress=False, rows_per_group=8)
+    make_dataset(out, 40, seed=5, progress=False, rows_per_group=8)
     return out
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fabricd.corpus import make_dataset
 from fabricd.errors import SampleError
 from fabricd.sources import (
     RawSample,
@@ -30,21 +29,11 @@ pytestmark = pytest.mark.unit
 SOURCES = ("captions", "interleaved", "longdocs", "code", "ocr")
 
 
-def _load_make_dataset():
-    name = "fabricd_scripts_make_dataset"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "scripts" / "make_dataset.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
-    _load_make_dataset().make_dataset(out, 40, seed=11, progress=False)
+    make_dataset(out, 40, seed=11, progress=False)
     return out
 
 
@@ -218,7 +207,7 @@ def test_spec_validation() -> None:
 
 
 def test_loader_with_corrupt_corpus(tmp_path: Path) -> None:
-    counts = _load_make_dataset().make_dataset(tmp_path, 30, seed=2, corrupt_fraction=0.2, progress=False)
+    counts = make_dataset(tmp_path, 30, seed=2, corrupt_fraction=0.2, progress=False)
     spec = TransformSpec(max_seq_len=2048, long_samples="truncate", image_tokens=16, image_size=16)
     idx = open_index("captions", tmp_path / "captions")
     loader = SampleLoader(idx, spec)
