@@ -285,6 +285,7 @@ class ChaosRun:
             "log_divergence": diverged,
             "two_leaders_in_a_term": sum(1 for nodes in self.leaders_by_term.values() if len(nodes) > 1),
             "unrecovered": sum(1 for r in recoveries if r is None),
+            "orphaned_processes": len(self.cluster.leftovers),
             "max_recovery_s": round(max((r for r in recoveries if r is not None), default=0.0), 3),
             "steps_checked": last,
             "seed": self.seed,

@@ -222,7 +222,7 @@ class Daemon:
                     kind=r["kind"], role_id=rid, daemon=self.local_endpoint, job=r["job"],
                     spec_path=str(self.jobs_dir / f"{r['job']}.toml"), spec_origin=job.spec.file,
                     bind_host=self.cfg.advertise_host, heartbeat_s=self.cfg.heartbeat_s,
-                    max_message_bytes=self.cfg.max_message_bytes, extra=extra))
+                    max_message_bytes=self.cfg.max_message_bytes, extra=extra, parent_pid=os.getpid()))
 
     # RoleDirectory, for JobRuntime.locate / pools
     def endpoint(self, role_id: str) -> str | None:

@@ -166,6 +166,7 @@ class LocalCluster:
                                        heartbeat_s=heartbeat_s)
                         for n in ids}
         self.addresses = [f"tcp://127.0.0.1:{ports[n]}" for n in ids]
+        self.leftovers: list[int] = []
 
     def start(self, timeout: float = 30.0) -> list[str]:
         try:
@@ -211,8 +212,25 @@ class LocalCluster:
         d.start()
 
     def stop(self) -> None:
+        """Stop every daemon; then reap any process of this cluster that outlived its daemon.
+
+        Such a process is a bug (roles must die with their daemon); its pid lands in ``leftovers``.
+        """
         for d in self.daemons.values():
             d.stop()
+        mine = str(self.workdir)
+        deadline = time.monotonic() + 3.0
+        while True:
+            left = [p for p in psutil.process_iter(["cmdline"]) if mine in " ".join(p.info["cmdline"] or ())]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for p in left:
+            self.leftovers.append(p.pid)
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
     def __enter__(self) -> LocalCluster:
         self.start()

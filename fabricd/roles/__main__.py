@@ -12,6 +12,8 @@ from .base import RoleArgs, set_parent_death_signal
 def main(argv: list[str]) -> int:
     set_parent_death_signal()
     args = RoleArgs.from_json(argv[1])
+    if os.getppid() != args.parent_pid:
+        return 0  # the daemon died before the death signal was armed: nobody to serve
     logging.basicConfig(
         level=os.environ.get("FABRICD_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s %(levelname)s [{args.role_id} pid={os.getpid()}] %(name)s: %(message)s",

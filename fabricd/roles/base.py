@@ -41,6 +41,7 @@ class RoleArgs:
     heartbeat_s: float
     max_message_bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
+    parent_pid: int = 0   # the daemon; a role whose parent is not (or no longer) this pid exits
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -63,9 +64,9 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
 class StopFlag:
     """Set by SIGTERM/SIGINT or by the parent's death; role loops check it every iteration."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent: int) -> None:
         self.stopping = False
-        self.parent = os.getppid()
+        self.parent = parent
         signal.signal(signal.SIGTERM, self._set)
         signal.signal(signal.SIGINT, self._set)
 

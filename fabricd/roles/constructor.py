@@ -363,7 +363,7 @@ def run_constructor(args: RoleArgs) -> int:
     """Build and deliver batches for ``args.extra['ranks']`` until stopped."""
     with open(args.spec_path, encoding="utf-8") as f:
         spec = parse_job_spec(f.read(), args.spec_origin)
-    stop = StopFlag()
+    stop = StopFlag(args.parent_pid)
     ctx = zmq.Context()
     constructor = Constructor(args, spec, ctx)
     try:

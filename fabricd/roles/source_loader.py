@@ -44,7 +44,7 @@ def run_source_loader(args: RoleArgs) -> int:
                           image_tokens=spec.tokens.image_tokens, image_size=spec.tokens.image_size)
     loader = SampleLoader(index, tspec)
 
-    stop = StopFlag()
+    stop = StopFlag(args.parent_pid)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     configure_socket(sock, max_message_bytes=args.max_message_bytes)

@@ -96,6 +96,7 @@ def test_leader_killed_mid_delivery_loses_and_repeats_nothing(tmp_path, tiny_cor
             assert time.monotonic() < deadline, "restarted daemon did not catch up"
             time.sleep(0.2)
         assert not cluster.status(leader)["is_leader"]
+    assert cluster.leftovers == [], "role processes outlived their daemon"
     logs_prefix_consistent(cluster)
 
 
@@ -124,4 +125,5 @@ def test_paused_leader_loses_its_lease_and_is_fenced(tmp_path, tiny_corpus):
         want = expected(job_file, range(steps))
         for d in range(2):
             assert_exact([(k, c) for k, c, _ in out[d]], want, d)
+    assert cluster.leftovers == [], "role processes outlived their daemon"
     logs_prefix_consistent(cluster)
