@@ -136,6 +136,7 @@ class ChaosRun:
         self.trainers: list[_Trainer] = []
         self.faults: list[FaultRecord] = []
         self.leaders_by_term: dict[int, set[str]] = defaultdict(set)
+        self.crashes: list[dict[str, Any]] = []
         self._monitor: threading.Thread | None = None
 
     # -- setup ----------------------------------------------------------------------------------
@@ -182,6 +183,7 @@ class ChaosRun:
         """Inject one fault (drawn from the seeded RNG unless given), wait for recovery, record it."""
         kind = kind or self.rng.choice(self.kinds)
         time.sleep(0.5 + self.rng.random() * 1.5)  # a random moment of steady delivery
+        self._check_crashes()
         leader = self.cluster.leader(timeout=60)
         shadows = [n for n in self.cluster.daemons if n != leader]
         at = time.time()
@@ -227,6 +229,14 @@ class ChaosRun:
         self.faults.append(record)
         return record
 
+    def _check_crashes(self) -> None:
+        """A daemon that exited without being killed by the schedule crashed: count it, keep its log."""
+        for node, d in self.cluster.daemons.items():
+            if d.proc is not None and d.proc.poll() is not None:
+                self.crashes.append({"node": node, "code": d.proc.returncode, "log_tail": d.tail(30)})
+                log.error("daemon %s exited by itself (code %s):\n%s", node, d.proc.returncode, d.tail(30))
+                self.cluster.restart(node)
+
     def _pick_role(self, kind: str) -> tuple[str, int | None]:
         candidates = []
         for node in self.cluster.daemons:
@@ -251,6 +261,7 @@ class ChaosRun:
     # -- invariants -----------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
+        self._check_crashes()
         self.stop_event.set()
         for t in self.trainers:
             t.join(60)
@@ -286,6 +297,7 @@ class ChaosRun:
             "two_leaders_in_a_term": sum(1 for nodes in self.leaders_by_term.values() if len(nodes) > 1),
             "unrecovered": sum(1 for r in recoveries if r is None),
             "orphaned_processes": len(self.cluster.leftovers),
+            "daemon_crashes": len(self.crashes),
             "max_recovery_s": round(max((r for r in recoveries if r is not None), default=0.0), 3),
             "steps_checked": last,
             "seed": self.seed,

@@ -100,7 +100,10 @@ class LocalDaemon:
         """Send ``sig`` to the daemon, remembering its children so ``stop`` can reap any survivor."""
         if self.proc is not None and self.proc.poll() is None:
             self._orphans += self.descendants()
-            self.proc.send_signal(sig)
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:  # it died on its own meanwhile; stop() reaps it
+                pass
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the daemon (SIGTERM → SIGKILL) and kill any descendant that outlived it."""

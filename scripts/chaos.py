@@ -45,7 +45,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary))
     bad = ("lost", "duplicated", "mismatched", "stale_term_applied", "log_divergence", "two_leaders_in_a_term",
-           "unrecovered", "orphaned_processes")
+           "unrecovered", "orphaned_processes",
+           "daemon_crashes")
     return 1 if any(summary[k] for k in bad) else 0
 
 

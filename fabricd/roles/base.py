@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,13 +111,13 @@ class DaemonLink:
         except zmq.Again:
             log.warning("daemon link full; dropped %s", msg.TYPE)
 
-    def beat(self, stats: dict) -> None:
-        """Send a heartbeat with ``stats`` (and re-announce) when one is due."""
+    def beat(self, stats: Callable[[], dict]) -> None:
+        """When a heartbeat is due: re-announce, and send ``stats()`` (only computed then)."""
         now = time.monotonic()
         if now >= self._next_beat:
             self._next_beat = now + self.args.heartbeat_s
             self.hello()
-            self.send(protocol.RoleStats(role_id=self.args.role_id, stats=stats))
+            self.send(protocol.RoleStats(role_id=self.args.role_id, stats=stats()))
 
     def recv(self) -> tuple[protocol.Message, list] | None:
         """One message from the daemon, or None if it was malformed (counted)."""

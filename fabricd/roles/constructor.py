@@ -112,7 +112,7 @@ class Constructor:
         log.info("constructor %s for ranks %s serving on %s", self.args.role_id, self.ranks, self.link.endpoint)
         while not stop.should_stop():
             now = time.monotonic()
-            self.link.beat({**self.stats, **self.delivery.stats(), "builds": len(self.builds)})
+            self.link.beat(lambda: {**self.stats, **self.delivery.stats(), "builds": len(self.builds)})
             if now >= self.next_pools:
                 self.next_pools = now + POOLS_REFRESH_S
                 self.link.send(protocol.PoolsRequest(job=self.spec.name))

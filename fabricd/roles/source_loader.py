@@ -59,7 +59,7 @@ def run_source_loader(args: RoleArgs) -> int:
     log.info("source loader %s for %r serving on %s", args.role_id, source.name, link.endpoint)
     try:
         while not stop.should_stop():
-            link.beat(stats)
+            link.beat(lambda: stats)
             events = dict(poller.poll(200))
             if link.sock in events:
                 link.recv()  # the daemon only acknowledges; nothing to act on yet
