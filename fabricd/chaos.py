@@ -35,12 +35,15 @@ from .config import load_job_spec
 from .corpus import make_dataset
 from .expect import BatchOracle
 from .localnode import LocalCluster
+from .netns import NetnsLab
 
-__all__ = ["FAULT_KINDS", "ChaosRun", "FaultRecord"]
+__all__ = ["FAULT_KINDS", "PARTITION_KINDS", "ChaosRun", "FaultRecord"]
 
 log = logging.getLogger(__name__)
 
 FAULT_KINDS = ("kill_leader", "kill_shadow", "kill_loader", "kill_constructor", "pause_leader", "failpoint_shadow")
+#: faults that need the daemons in network namespaces (``ChaosRun(netns=True)``)
+PARTITION_KINDS = ("partition_leader", "partition_shadow")
 FAILPOINTS = ("log.after_write_before_fsync", "log.after_fsync")
 
 
@@ -123,10 +126,14 @@ class ChaosRun:
     """A local fabric + trainer threads + a seeded fault schedule."""
 
     def __init__(self, workdir: Path, *, seed: int, nodes: int = 3, dp_size: int = 2, pace_s: float = 0.05,
-                 lease_s: float = 2.0, kinds: tuple[str, ...] = FAULT_KINDS) -> None:
-        unknown = set(kinds) - set(FAULT_KINDS)
+                 lease_s: float = 2.0, kinds: tuple[str, ...] = FAULT_KINDS, netns: bool = False) -> None:
+        known = FAULT_KINDS + (PARTITION_KINDS if netns else ())
+        unknown = set(kinds) - set(known)
         if unknown:
-            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(known)}"
+                             + ("" if netns else " (partitions need netns=True)"))
+        self.netns = netns
+        self.lab: NetnsLab | None = None
         self.workdir = Path(workdir)
         self.rng = random.Random(seed)
         self.seed, self.nodes, self.dp_size, self.pace_s, self.lease_s = seed, nodes, dp_size, pace_s, lease_s
@@ -150,9 +157,11 @@ class ChaosRun:
                           for s in ("captions", "interleaved", "longdocs", "code", "ocr"))
         self.job_file = self.workdir / "chaos.toml"
         self.job_file.write_text(JOB_TEMPLATE.format(dp_size=self.dp_size, sources=sources))
+        if self.netns:
+            self.lab = NetnsLab(self.nodes)
         self.cluster = LocalCluster(self.workdir / "cluster", nodes=self.nodes, loader_workers=2,
                                     lease_duration_s=self.lease_s, renew_deadline_s=self.lease_s * 0.65,
-                                    retry_period_s=self.lease_s * 0.15, log_level="WARNING")
+                                    retry_period_s=self.lease_s * 0.15, log_level="WARNING", lab=self.lab)
         self.cluster.start()
         leader = self.cluster.leader()
         with self.cluster.daemons[leader].client() as c:
@@ -210,13 +219,25 @@ class ChaosRun:
             election = time.time() - at
             time.sleep(max(0.0, self.lease_s * 1.5 + self.rng.random() - election))
             self.cluster.kill(leader, signal.SIGCONT)
+        elif kind in PARTITION_KINDS:
+            if kind == "partition_shadow":
+                target = self.rng.choice(shadows)
+            self.cluster.partition(target)
+            if target == leader:  # the majority side elects a new leader; the old one must step down
+                self.cluster.leader(timeout=60, exclude=(leader,))
+                election = time.time() - at
+            time.sleep(max(0.0, self.lease_s * 1.5 + self.rng.random() - (election or 0.0)))
+            self.cluster.heal(target)
         elif kind == "failpoint_shadow":
             target = self.rng.choice(shadows)
             point = self.rng.choice(FAILPOINTS)
             detail = f"{point}=kill@{self.rng.randint(1, 4)}"
             daemon = self.cluster.daemons[target]
             daemon.extra_env = {**daemon.extra_env, "FABRICD_FAILPOINTS": detail}
-            self.cluster.restart(target)
+            try:
+                self.cluster.restart(target)
+            except RuntimeError:
+                pass  # it hit the failpoint while catching up, before it answered: the fault itself
             deadline = time.monotonic() + 10
             while daemon.proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)  # it dies at the failpoint once enough records were replicated to it
@@ -317,6 +338,8 @@ class ChaosRun:
         self.stop_event.set()
         if self.cluster is not None:
             self.cluster.stop()
+        if self.lab is not None:
+            self.lab.close()
 
     def fault_lines(self) -> list[str]:
         return [json.dumps(asdict(f)) for f in self.faults]

@@ -20,6 +20,7 @@ import psutil
 from fabric_client import protocol
 
 from .ctl import ControlClient
+from .netns import NetnsLab
 
 __all__ = ["LocalDaemon", "LocalCluster", "free_port"]
 
@@ -29,7 +30,8 @@ class LocalDaemon:
 
     def __init__(self, workdir: str | Path, *, node_id: str = "local", loader_workers: int = 1,
                  log_level: str = "INFO", extra_env: dict[str, str] | None = None, port: int = 0,
-                 cluster_toml: str = "", heartbeat_s: float = 0.5) -> None:
+                 cluster_toml: str = "", heartbeat_s: float = 0.5, host: str = "127.0.0.1",
+                 wrap: list[str] | None = None) -> None:
         self.workdir = Path(workdir).absolute()
         self.node_id = node_id
         self.loader_workers = loader_workers
@@ -38,6 +40,8 @@ class LocalDaemon:
         self.port = port
         self.cluster_toml = cluster_toml
         self.heartbeat_s = heartbeat_s
+        self.host = host          # the address it binds and advertises
+        self.wrap = wrap or []    # a command prefix, e.g. ip netns exec NS
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None
         self.config_path = self.workdir / "fabricd.toml"
@@ -52,14 +56,14 @@ class LocalDaemon:
         endpoint_file = state / "control.endpoint"
         endpoint_file.unlink(missing_ok=True)
         self.config_path.write_text(
-            f'[node]\nid = "{self.node_id}"\ncontrol = "tcp://127.0.0.1:{self.port}"\nadvertise_host = "127.0.0.1"\n'
+            f'[node]\nid = "{self.node_id}"\ncontrol = "tcp://{self.host}:{self.port}"\nadvertise_host = "{self.host}"\n'
             f'state_dir = "{state}"\nlog_level = "{self.log_level}"\n\n'
             f"[roles]\nloader_workers = {self.loader_workers}\nrestart_backoff_s = 0.2\n"
             f"restart_backoff_max_s = 2.0\nheartbeat_s = {self.heartbeat_s}\n\n{self.cluster_toml}"
         )
         self._log_file = open(self.log_path, "ab")
         env = {**os.environ, **self.extra_env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "fabricd", "run", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([*self.wrap, sys.executable, "-m", "fabricd", "run", "--config", str(self.config_path)],
                                      stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env)
         deadline = time.monotonic() + timeout
@@ -157,18 +161,23 @@ class LocalCluster:
 
     def __init__(self, workdir: str | Path, *, nodes: int = 3, loader_workers: int = 1, log_level: str = "INFO",
                  lease_duration_s: float = 2.0, renew_deadline_s: float = 1.3, retry_period_s: float = 0.3,
-                 heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None) -> None:
+                 heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None,
+                 lab: NetnsLab | None = None) -> None:
         self.workdir = Path(workdir).absolute()
+        self.lab = lab
         ids = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
-        ports = {n: free_port() for n in ids}
-        peers = "".join(f'[[cluster.peers]]\nid = "{n}"\ncontrol = "tcp://127.0.0.1:{p}"\n\n' for n, p in ports.items())
+        # on loopback every daemon needs its own port; in namespaces each has its own address
+        hosts = dict(zip(ids, lab.addresses)) if lab else dict.fromkeys(ids, "127.0.0.1")
+        ports = dict.fromkeys(ids, 7700) if lab else {n: free_port() for n in ids}
+        peers = "".join(f'[[cluster.peers]]\nid = "{n}"\ncontrol = "tcp://{hosts[n]}:{p}"\n\n' for n, p in ports.items())
         cluster = (f"[cluster]\nlease_duration_s = {lease_duration_s}\nrenew_deadline_s = {renew_deadline_s}\n"
                    f"retry_period_s = {retry_period_s}\nmissed_beats = {missed_beats}\n\n{peers}")
         self.daemons = {n: LocalDaemon(self.workdir / n, node_id=n, loader_workers=loader_workers,
                                        log_level=log_level, extra_env=extra_env, port=ports[n], cluster_toml=cluster,
-                                       heartbeat_s=heartbeat_s)
-                        for n in ids}
-        self.addresses = [f"tcp://127.0.0.1:{ports[n]}" for n in ids]
+                                       heartbeat_s=heartbeat_s, host=hosts[n],
+                                       wrap=lab.command(i, []) if lab else None)
+                        for i, n in enumerate(ids)}
+        self.addresses = [f"tcp://{hosts[n]}:{ports[n]}" for n in ids]
         self.leftovers: list[int] = []
 
     def start(self, timeout: float = 30.0) -> list[str]:
@@ -208,6 +217,13 @@ class LocalCluster:
     def kill(self, node: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a daemon (its role processes die with it on SIGKILL)."""
         self.daemons[node].signal(sig)
+
+    def partition(self, node: str) -> None:
+        """Cut ``node`` off the network (needs a NetnsLab)."""
+        self.lab.partition(list(self.daemons).index(node))
+
+    def heal(self, node: str) -> None:
+        self.lab.heal(list(self.daemons).index(node))
 
     def restart(self, node: str) -> None:
         d = self.daemons[node]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fabricd.chaos import FAULT_KINDS, ChaosRun  # noqa: E402
+from fabricd.chaos import FAULT_KINDS, PARTITION_KINDS, ChaosRun  # noqa: E402
+from fabricd.netns import available  # noqa: E402
 
 
 def main() -> int:
@@ -27,11 +28,17 @@ def main() -> int:
     ap.add_argument("--faults", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--nodes", type=int, default=3)
-    ap.add_argument("--kinds", default=",".join(FAULT_KINDS), help="comma-separated fault kinds")
+    ap.add_argument("--kinds", default=None, help="comma-separated fault kinds (default: all that can run here)")
+    ap.add_argument("--netns", choices=("auto", "yes", "no"), default="auto",
+                    help="run the daemons in network namespaces, enabling partition faults (needs root)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fabricd-chaos-"))
-    run = ChaosRun(work, seed=args.seed, nodes=args.nodes, kinds=tuple(args.kinds.split(",")))
+    netns = args.netns == "yes" or (args.netns == "auto" and available())
+    kinds = tuple(args.kinds.split(",")) if args.kinds else FAULT_KINDS + (PARTITION_KINDS if netns else ())
+    print(f"faults drawn from: {', '.join(kinds)}" + ("" if netns else " (no network namespaces: no partitions)"),
+          file=sys.stderr)
+    run = ChaosRun(work, seed=args.seed, nodes=args.nodes, kinds=kinds, netns=netns)
     try:
         run.start()
         for _ in range(args.faults):

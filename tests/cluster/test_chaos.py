@@ -43,3 +43,25 @@ def test_random_fault_schedule(tmp_path):
     rng = random.Random(5)
     summary = _run(tmp_path, seed=5, kinds=[rng.choice(FAULT_KINDS) for _ in range(25)])
     assert {k: summary[k] for k in INVARIANTS} == dict.fromkeys(INVARIANTS, 0), summary
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="known bug: after a partitioned leader heals, a replica's log can keep records of the "
+                          "old term that the new leader overwrote elsewhere (log_divergence > 0); see the issue note",
+                   strict=False)
+@pytest.mark.timeout(900)
+def test_partitions_in_network_namespaces(tmp_path):
+    from fabricd.chaos import PARTITION_KINDS
+    from fabricd.netns import available
+
+    if not available():
+        pytest.skip("network namespaces need root and iproute2")
+    run = ChaosRun(tmp_path / "chaos", seed=2, netns=True)
+    try:
+        run.start()
+        for kind in PARTITION_KINDS * 3:
+            run.inject(kind)
+        summary = run.finish()
+    finally:
+        run.close()
+    assert {k: summary[k] for k in INVARIANTS} == dict.fromkeys(INVARIANTS, 0), summary
