@@ -117,6 +117,12 @@ class ClusterController:
                 log.warning("member %s restarted (incarnation %s)", msg.node, msg.incarnation)
             return []
         if isinstance(msg, (LogAppend, SnapshotChunk)):
+            if msg.term < self.lease.term:
+                # fencing by the term this node has seen anywhere (it is persisted by the lease), not
+                # only by what the replica saw: a fresh replica after a step-down, or a message queued
+                # by a partitioned old leader and delivered after the heal, must not rewrite the log
+                self.counters["stale_term_rejected"] += 1
+                return []
             before = self.replica.counters.get("stale_term_rejected", 0)
             actions = self.replica.on_message(msg, now)
             self.counters["stale_term_rejected"] += self.replica.counters.get("stale_term_rejected", 0) - before

@@ -46,9 +46,6 @@ def test_random_fault_schedule(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known bug: after a partitioned leader heals, a replica's log can keep records of the "
-                          "old term that the new leader overwrote elsewhere (log_divergence > 0); see the issue note",
-                   strict=False)
 @pytest.mark.timeout(900)
 def test_partitions_in_network_namespaces(tmp_path):
     from fabricd.chaos import PARTITION_KINDS

@@ -67,3 +67,22 @@ def test_full_log_disk_makes_the_leader_step_down(tmp_path, monkeypatch):
     assert c.counters["log_full"] == 1
     monkeypatch.setattr(os, "write", real_write)
     c.log.close()
+
+
+def test_replication_from_an_older_term_than_the_lease_has_seen_is_fenced(tmp_path):
+    from fabricd.cluster.replication import LogAppend
+    from fabricd.cluster.term_store import FileTermStore
+
+    cfg = _cfg(tmp_path, '\n[cluster]\n[[cluster.peers]]\nid = "a"\ncontrol = "tcp://127.0.0.1:1"\n'
+                         '[[cluster.peers]]\nid = "b"\ncontrol = "tcp://127.0.0.1:2"\n'
+                         '[[cluster.peers]]\nid = "c"\ncontrol = "tcp://127.0.0.1:3"\n')
+    (tmp_path / "st").mkdir()
+    FileTermStore(tmp_path / "st" / "term.json").save(5, None)  # this node has seen term 5 (its log has nothing)
+    c = ClusterController(cfg, now=0.0)
+    stale = LogAppend(term=3, leader="b", prev_seq=0, records=[
+        {"term": 3, "seq": 1, "kind": "member_seen", "data": {"node": "b", "endpoint": "tcp://x:1"}}],
+        commit_seq=1, prev_term=0)
+    assert c.on_peer(stale, 0.1) == []
+    assert c.state.last_seq == 0 and c.log.last_position == (0, 0), "a stale leader rewrote the log"
+    assert c.counters["stale_term_rejected"] == 1
+    c.log.close()
