@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import NodeConfig
-from .lease import BecameLeader, LeaderChanged, LeaseBackend, LeaseConfig, LeaseElection, SteppedDown
-from .lease import Send as LeaseSend
+from .lease import BecameLeader, LeaderChanged, LeaseBackend, LeaseConfig, LeaseElection, Send, SteppedDown
 from .log import CheckpointLog, LogError, LogFull
 from .membership import MemberBeat, Membership
 from .replication import Committed, HigherTerm, ReplicationTracker, ShadowReplica
-from .replication import Send as ReplSend
 from .replication import LogAck, LogAppend, SnapshotChunk, SnapshotRequest
 from .state import FabricState, Record
 from .term_store import FileTermStore
@@ -173,7 +171,7 @@ class ClusterController:
     def _lease_actions(self, actions: list, now: float) -> list[tuple[str, Any]]:
         out = []
         for a in actions:
-            if isinstance(a, LeaseSend):
+            if isinstance(a, Send):
                 out.append((a.to, a.msg))
             elif isinstance(a, BecameLeader):
                 out += self._become_leader(a.term, now)
@@ -198,7 +196,7 @@ class ClusterController:
     def _repl_actions(self, actions: list, now: float) -> list[tuple[str, Any]]:
         out = []
         for a in actions:
-            if isinstance(a, ReplSend):
+            if isinstance(a, Send):
                 out.append((a.to, a.msg))
             elif isinstance(a, Committed):
                 self.commit_seq = max(self.commit_seq, a.seq)

@@ -156,10 +156,11 @@ LeaseMessage = Union[VoteRequest, VoteReply, LeaseRenew, LeaseAck]
 
 @dataclass(frozen=True)
 class Send:
-    """Send ``msg`` to node ``to`` (best effort; the protocol tolerates loss and reordering)."""
+    """Send ``msg`` (a lease or replication message) to node ``to``; best effort, the protocols
+    tolerate loss and reordering."""
 
     to: str
-    msg: LeaseMessage
+    msg: Any
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import Any, Protocol, Union
 
 from fabricd.cluster.log import CheckpointLog, Compacted, LogError
 from fabricd.cluster.state import FabricState, Record, StateError
+from fabricd.cluster.lease import Send  # one 'send to a peer' action for the whole cluster layer
 from fabricd.errors import FabricdError
 
 __all__ = [
@@ -145,14 +146,6 @@ def message_from_dict(d: Any) -> Message:
 
 
 # -- actions ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Send:
-    """Send ``msg`` to the daemon ``to``."""
-
-    to: str
-    msg: Message
 
 
 @dataclass(frozen=True)
