@@ -39,12 +39,28 @@ import logging
 import os
 import struct
 import zlib
-from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fabricd.cluster.log_files import (
+    HEADER,
+    INDEX_STRIDE,
+    MAX_FRAME,  # noqa: F401 (importable from here too)
+    SNAPSHOT_PREFIX,
+    SNAPSHOT_SUFFIX,
+    Segment,
+    encode_frame,
+    encode_record,
+    fsync_dir,
+    scan,
+    segment_files,
+    segment_path,
+    snapshot_files,
+    snapshot_path,
+    valid_frame_after,
+    write_all,
+)
 from fabricd.cluster.state import FabricState, Record, StateError
 from fabricd.errors import FabricdError
 from fabricd.failpoints import FailpointHit, failpoint
@@ -53,11 +69,6 @@ __all__ = ["CheckpointLog", "Compacted", "LogError", "LogFull", "encode_frame"]
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct(">II")
-MAX_FRAME = 256 << 20
-_INDEX_STRIDE = 64  # one remembered file offset per this many records
-_SEGMENT_PREFIX, _SEGMENT_SUFFIX = "segment-", ".log"
-_SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX = "snapshot-", ".snap"
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -78,93 +89,10 @@ class Compacted(LogError):
         super().__init__(f"records from seq {from_seq} were compacted; the first record kept is seq {first_seq}")
 
 
-def encode_frame(payload: bytes) -> bytes:
-    """One frame: length, CRC32, payload."""
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def _encode_record(rec: Record) -> bytes:
-    return encode_frame(json.dumps(rec.to_dict(), separators=(",", ":"), sort_keys=True).encode())
-
-
 def _os_error(e: OSError, what: str) -> LogError:
     if e.errno in _FULL_ERRNOS:
         return LogFull(f"{what}: disk full ({os.strerror(e.errno)})")
     return LogError(f"{what}: {e}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, buf: bytes) -> None:
-    view = memoryview(buf)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-@dataclass
-class _Segment:
-    path: Path
-    first_seq: int
-    last_seq: int  # first_seq - 1 while empty
-    size: int
-    # file offset of record first_seq + k * _INDEX_STRIDE at index k
-    index: array = field(default_factory=lambda: array("Q"))
-
-    def note(self, seq: int, offset: int) -> None:
-        if (seq - self.first_seq) % _INDEX_STRIDE == 0:
-            self.index.append(offset)
-
-
-def _frame_at(data: bytes, off: int) -> tuple[Record | None, int, str]:
-    """The record framed at ``off`` and where its frame ends, or (None, off, why not)."""
-    n = len(data)
-    if off < 0 or n - off < _HEADER.size:
-        return None, off, "short frame header"
-    length, crc = _HEADER.unpack_from(data, off)
-    end = off + _HEADER.size + length
-    if length > MAX_FRAME or end > n:
-        return None, off, f"short frame (length {length}, {n - off - _HEADER.size} bytes left)"
-    payload = data[off + _HEADER.size:end]
-    if zlib.crc32(payload) != crc:
-        return None, off, "CRC mismatch"
-    try:
-        return Record.from_dict(json.loads(payload)), end, ""
-    except (ValueError, StateError) as e:
-        return None, off, f"undecodable record with a valid CRC ({e})"
-
-
-def _scan(data: bytes) -> tuple[list[tuple[int, Record]], int, str | None]:
-    """All frames: (offset, record) pairs, the offset where parsing stopped, and why (None: clean)."""
-    out: list[tuple[int, Record]] = []
-    off = 0
-    while off < len(data):
-        rec, end, why = _frame_at(data, off)
-        if rec is None:
-            return out, off, why
-        out.append((off, rec))
-        off = end
-    return out, off, None
-
-
-def _valid_frame_after(data: bytes, bad: int) -> int | None:
-    """The offset of a valid record frame after the damaged one at ``bad``, if any."""
-    if len(data) - bad >= _HEADER.size:  # the header may be intact and only the payload damaged
-        nxt = bad + _HEADER.size + _HEADER.unpack_from(data, bad)[0]
-        if _frame_at(data, nxt)[0] is not None:
-            return nxt
-    pos = data.find(b'{"', bad + _HEADER.size + 1)  # every record payload starts so
-    while pos != -1:
-        if _frame_at(data, pos - _HEADER.size)[0] is not None:
-            return pos - _HEADER.size
-        pos = data.find(b'{"', pos + 1)
-    return None
 
 
 class CheckpointLog:
@@ -176,7 +104,7 @@ class CheckpointLog:
         self.directory = Path(directory)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
-        self._segments: list[_Segment] = []
+        self._segments: list[Segment] = []
         self._fd: int | None = None  # append fd of self._segments[-1]
         self._snap_term = 0
         self._snap_seq = 0
@@ -197,7 +125,7 @@ class CheckpointLog:
             self._snap_term, self._snap_seq = state.last_term, state.last_seq
             self._last_term, self._last_seq = state.last_term, state.last_seq
             self._segments = []
-            paths = self._segment_paths()
+            paths = segment_files(self.directory)
             for i, (first, path) in enumerate(paths):
                 if not self._load_segment(first, path, state, last=(i == len(paths) - 1)):
                     for _, later in paths[i + 1:]:
@@ -218,23 +146,8 @@ class CheckpointLog:
                  self._snap_seq, self.first_seq, self._last_seq, self._last_term)
         return state
 
-    def _numbered(self, prefix: str, suffix: str) -> list[tuple[int, Path]]:
-        """(number, path) of the files named ``<prefix><digits><suffix>``, in order."""
-        out = []
-        for p in self.directory.iterdir():
-            digits = p.name[len(prefix):-len(suffix)]
-            if p.name.startswith(prefix) and p.name.endswith(suffix) and digits.isdigit():
-                out.append((int(digits), p))
-        return sorted(out)
-
-    def _segment_paths(self) -> list[tuple[int, Path]]:
-        return self._numbered(_SEGMENT_PREFIX, _SEGMENT_SUFFIX)
-
-    def _snapshot_paths(self) -> list[tuple[int, Path]]:
-        return self._numbered(_SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX)
-
     def _load_newest_snapshot(self) -> FabricState:
-        for seq, path in reversed(self._snapshot_paths()):
+        for seq, path in reversed(snapshot_files(self.directory)):
             try:
                 return self._read_snapshot(path, seq)
             except LogError as e:
@@ -243,10 +156,10 @@ class CheckpointLog:
 
     def _read_snapshot(self, path: Path, seq: int) -> FabricState:
         data = path.read_bytes()
-        if len(data) < _HEADER.size:
+        if len(data) < HEADER.size:
             raise LogError(f"{path}: short snapshot ({len(data)} bytes)")
-        length, crc = _HEADER.unpack_from(data, 0)
-        payload = data[_HEADER.size:]
+        length, crc = HEADER.unpack_from(data, 0)
+        payload = data[HEADER.size:]
         if length != len(payload) or zlib.crc32(payload) != crc:
             raise LogError(f"{path}: snapshot length or CRC mismatch")
         try:
@@ -270,15 +183,15 @@ class CheckpointLog:
         if not self._segments and first > self._snap_seq + 1:
             raise LogError(f"{path}: starts at seq {first}, records {self._snap_seq + 1}..{first - 1} are missing")
         data = path.read_bytes()
-        records, stop, why = _scan(data)
+        records, stop, why = scan(data)
         if why is not None:
-            later = _valid_frame_after(data, stop)
+            later = valid_frame_after(data, stop)
             if later is not None or not last:
                 raise LogError(f"{path}: corrupt frame at offset {stop} ({why}) followed by valid records"
                                + (f" at offset {later}" if later is not None else " in later segments"))
             log.warning("log %s: torn tail at offset %d (%s): truncating %d bytes", path, stop, why,
                         len(data) - stop)
-        seg = _Segment(path, first, first - 1, stop)
+        seg = Segment(path, first, first - 1, stop)
         keep = True
         for off, rec in records:
             if rec.seq != seg.last_seq + 1:
@@ -321,7 +234,7 @@ class CheckpointLog:
             seg.path.unlink(missing_ok=True)
             dropped = True
         if dropped and self.fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     # -- positions ------------------------------------------------------------------------
 
@@ -367,7 +280,7 @@ class CheckpointLog:
             if rec.term < term:
                 raise LogError(f"{self.directory}: append seq {rec.seq} with term {rec.term} < {term}")
             expect, term = expect + 1, rec.term
-        frames = [_encode_record(r) for r in records]
+        frames = [encode_record(r) for r in records]
         buf = b"".join(frames)
         seg = self._segments[-1] if self._segments else None
         if seg is None or (seg.size > 0 and seg.size + len(buf) > self.segment_bytes):
@@ -376,7 +289,7 @@ class CheckpointLog:
         if fd is None:
             raise LogError(f"{self.directory}: no segment open for appending")
         try:
-            _write_all(fd, buf)
+            write_all(fd, buf)
         except OSError as e:
             self._undo_write(fd, seg, e)
             raise _os_error(e, f"{seg.path}: append") from e
@@ -410,28 +323,28 @@ class CheckpointLog:
         if self._broken is not None:
             raise LogError(f"{self.directory}: log is unusable until reopened ({self._broken})")
 
-    def _undo_write(self, fd: int, seg: _Segment, e: OSError) -> None:
+    def _undo_write(self, fd: int, seg: Segment, e: OSError) -> None:
         try:
             os.ftruncate(fd, seg.size)
         except OSError as e2:
             self._broken = f"write failed ({e}) and could not be undone ({e2})"
 
-    def _roll(self, first_seq: int) -> _Segment:
-        path = self.directory / f"{_SEGMENT_PREFIX}{first_seq:020d}{_SEGMENT_SUFFIX}"
+    def _roll(self, first_seq: int) -> Segment:
+        path = segment_path(self.directory, first_seq)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         except OSError as e:
             raise _os_error(e, f"{path}: create segment") from e
         try:
             if self.fsync:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError as e:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise _os_error(e, f"{self.directory}: fsync") from e
         self._close_fd()
         self._fd = fd
-        seg = _Segment(path, first_seq, first_seq - 1, 0)
+        seg = Segment(path, first_seq, first_seq - 1, 0)
         self._segments.append(seg)
         return seg
 
@@ -459,16 +372,16 @@ class CheckpointLog:
             i += 1
         return out
 
-    def _read_segment(self, seg: _Segment, from_seq: int, limit: int) -> list[Record]:
-        k = (from_seq - seg.first_seq) // _INDEX_STRIDE
-        off, seq = seg.index[k], seg.first_seq + k * _INDEX_STRIDE
+    def _read_segment(self, seg: Segment, from_seq: int, limit: int) -> list[Record]:
+        k = (from_seq - seg.first_seq) // INDEX_STRIDE
+        off, seq = seg.index[k], seg.first_seq + k * INDEX_STRIDE
         out: list[Record] = []
         try:
             with open(seg.path, "rb") as f:
                 f.seek(off)
                 while seq <= seg.last_seq and len(out) < limit and off < seg.size:
-                    header = f.read(_HEADER.size)
-                    length, crc = _HEADER.unpack(header)
+                    header = f.read(HEADER.size)
+                    length, crc = HEADER.unpack(header)
                     if seq < from_seq:
                         f.seek(length, os.SEEK_CUR)
                     else:
@@ -476,7 +389,7 @@ class CheckpointLog:
                         if zlib.crc32(payload) != crc:
                             raise LogError(f"{seg.path}: CRC mismatch at offset {off} (seq {seq})")
                         out.append(Record.from_dict(json.loads(payload)))
-                    off += _HEADER.size + length
+                    off += HEADER.size + length
                     seq += 1
         except OSError as e:
             raise _os_error(e, f"{seg.path}: read") from e
@@ -508,7 +421,7 @@ class CheckpointLog:
         """The state stored in the newest snapshot (empty if none)."""
         if self._snap_seq == 0:
             return FabricState()
-        path = self.directory / f"{_SNAPSHOT_PREFIX}{self._snap_seq:020d}{_SNAPSHOT_SUFFIX}"
+        path = snapshot_path(self.directory, self._snap_seq)
         try:
             return self._read_snapshot(path, self._snap_seq)
         except OSError as e:
@@ -537,13 +450,13 @@ class CheckpointLog:
             self.compact(self.state_at(seq))
 
     def _write_snapshot(self, snapshot: dict[str, Any], seq: int) -> None:
-        final = self.directory / f"{_SNAPSHOT_PREFIX}{seq:020d}{_SNAPSHOT_SUFFIX}"
+        final = snapshot_path(self.directory, seq)
         tmp = final.with_name(final.name + ".tmp")
         frame = encode_frame(json.dumps(snapshot, separators=(",", ":"), sort_keys=True).encode())
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                _write_all(fd, frame)
+                write_all(fd, frame)
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -551,7 +464,7 @@ class CheckpointLog:
             failpoint("log.snapshot_before_rename")
             os.rename(tmp, final)
             if self.fsync:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise _os_error(e, f"{final}: write snapshot") from e
@@ -560,10 +473,10 @@ class CheckpointLog:
             raise
 
     def _remove_snapshots_except(self, keep: int) -> None:
-        for s, p in self._snapshot_paths():
+        for s, p in snapshot_files(self.directory):
             if s != keep:
                 p.unlink(missing_ok=True)
-        for p in self.directory.glob(f"{_SNAPSHOT_PREFIX}*{_SNAPSHOT_SUFFIX}.tmp"):
+        for p in self.directory.glob(f"{SNAPSHOT_PREFIX}*{SNAPSHOT_SUFFIX}.tmp"):
             p.unlink(missing_ok=True)
 
     def truncate_after(self, seq: int) -> None:
@@ -585,34 +498,19 @@ class CheckpointLog:
                 seg.path.unlink()
             if self._segments:
                 seg = self._segments[-1]
-                cut = self._offset_of(seg, seq + 1)
+                cut = seg.offset_of(seq + 1)
                 self._cut_file(seg.path, cut)
                 seg.size, seg.last_seq = cut, seq
-                del seg.index[(seq - seg.first_seq) // _INDEX_STRIDE + 1:]
+                del seg.index[(seq - seg.first_seq) // INDEX_STRIDE + 1:]
                 if self._fd is None:
                     self._fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND)
             if self.fsync:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError as e:
             self._broken = f"truncate failed: {e}"
             raise _os_error(e, f"{self.directory}: truncate after seq {seq}") from e
         log.warning("log %s: truncated records %d..%d", self.directory, seq + 1, self._last_seq)
         self._last_term, self._last_seq = new_term, seq
-
-    def _offset_of(self, seg: _Segment, seq: int) -> int:
-        """File offset of record ``seq`` in ``seg`` (its size if ``seq`` is one past its end)."""
-        if seq > seg.last_seq:
-            return seg.size
-        k = (seq - seg.first_seq) // _INDEX_STRIDE
-        off, cur = seg.index[k], seg.first_seq + k * _INDEX_STRIDE
-        with open(seg.path, "rb") as f:
-            f.seek(off)
-            while cur < seq:
-                length, _ = _HEADER.unpack(f.read(_HEADER.size))
-                f.seek(length, os.SEEK_CUR)
-                off += _HEADER.size + length
-                cur += 1
-        return off
 
     def install_snapshot(self, snapshot: dict[str, Any]) -> FabricState:
         """Replace everything with the leader's snapshot: persist it atomically, drop all segments."""
@@ -628,7 +526,7 @@ class CheckpointLog:
             for seg in self._segments:
                 seg.path.unlink(missing_ok=True)
             if self.fsync:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError as e:
             self._broken = f"dropping segments failed: {e}"
             raise _os_error(e, f"{self.directory}: install snapshot") from e
