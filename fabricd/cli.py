@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -169,6 +170,19 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
             extra = ", ".join(f"{k}={stats[k]}" for k in ("units", "built_batches", "sent") if k in stats)
             local = f"pid={role['pid']} restarts={role['restarts']} rss={role.get('rss_mb', '-')}MB " if "pid" in role else ""
             click.echo(f"  {role['id']:<34} on {role['node']:<10} {'up  ' if role['alive'] else 'DOWN'} {local}{extra}")
+        pools = Counter()
+        pools_up = Counter()
+        for role in job["roles"]:
+            if role["kind"] == "source_loader":
+                src = role["id"].split("/")[2]
+                pools[src] += 1
+                pools_up[src] += role["alive"]
+        if pools:
+            click.echo("  pools (up/size): " + ", ".join(f"{s} {pools_up[s]}/{n}" for s, n in sorted(pools.items())))
+        if job.get("trainer_hosts"):
+            hosts = sorted((k, v[0]) for k, v in job["trainer_hosts"].items())
+            click.echo("  trainer hosts (dp/mp: host): " + ", ".join(f"{k}: {h}" for k, h in hosts[:16])
+                       + (" ..." if len(hosts) > 16 else ""))
         if job["progress"]:
             steps = sorted(job["progress"].items())
             click.echo("  trainer progress (dp/mp: next step): " + ", ".join(f"{k}: {v}" for k, v in steps[:16])

@@ -12,6 +12,10 @@ What the daemon runs follows the replicated state, level-triggered: every job in
 a :class:`JobRuntime` here (indexes, planner), and every role the state assigns to this node runs
 as a supervised child. Decisions — accepting a job, placing roles, recording skipped samples and
 trainer progress — are taken by the leader only, and only while it can prove it holds the lease.
+
+Trainers declare their host in ``Locate``. The daemon that answered passes the declaration on in
+its heartbeats until the leader has recorded it (``trainer_host``), and the leader places each
+constructor on a daemon of its trainers' host.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +38,7 @@ from fabric_client.errors import ProtocolError
 from . import __version__
 from .cluster.controller import ClusterController, NotLeader
 from .cluster.log import LogError
-from .cluster.placement import place_roles, wanted_roles
+from .cluster.placement import group_hosts, local_changes, nodes_on_host, place_roles, wanted_roles
 from .cluster.state import StateError
 from .cluster.wire import from_peer, to_peer
 from .config import NodeConfig, parse_job_spec
@@ -76,9 +81,13 @@ class Daemon:
         self.counters = {"malformed_dropped": 0, "requests": 0, "unroutable_replies": 0, "peer_sends_dropped": 0}
         self.started = time.time()
         self._stopping = False
-        self._applied_seq = -1
+        self._applied: tuple[int, int] = (-1, -1)  # (last_seq, commit_seq) reconciled
         self._next_progress = 0.0
         self._pending_skips: list[dict] = []
+        # trainers' host declarations (from Locate) not yet in the state: (job, dp, mp) → (host, ms);
+        # heartbeats carry them to the leader until it records them (bounded by the jobs' ranks)
+        self._declared_hosts: dict[tuple[str, int, int], tuple[str, int]] = {}
+        self.hostname = socket.gethostname()
         self.handlers: dict[type[protocol.Message], Callable[[bytes, Any, list], Reply]] = {
             protocol.Hello: self.on_hello,
             protocol.Ping: lambda _i, m, _p: protocol.Pong(nonce=m.nonce),
@@ -123,7 +132,7 @@ class Daemon:
             while not self._stopping:
                 now = time.monotonic()
                 self.supervisor.poll()
-                self._send(self.cluster.tick(now, telemetry=self._telemetry(), roles=self._role_view()))
+                self._send(self.cluster.tick(now, telemetry=self._telemetry, roles=self._role_view))
                 if self.cluster.is_leader(now):
                     self._lead(now)
                 self._reconcile()
@@ -191,10 +200,13 @@ class Daemon:
     def _reconcile(self) -> None:
         """Make the local jobs and roles match the state (cheap when nothing changed)."""
         state = self.cluster.state
-        if state.last_seq == self._applied_seq:
+        position = (state.last_seq, self.cluster.commit_seq)
+        if position == self._applied:
             return
-        self._applied_seq = state.last_seq
-        active = {name: j for name, j in state.jobs.items() if not j["cancelled"]}
+        self._applied = position
+        # a job starts (indexes, planner) on a committed record; a cancellation acts at once
+        active = {name: j for name, j in state.jobs.items()
+                  if not j["cancelled"] and (name in self.jobs or j["seq"] <= self.cluster.commit_seq)}
         for name in list(self.jobs):
             if name not in active or self.jobs[name].spec.text != active[name]["spec_toml"]:
                 log.info("job %s %s", name, "cancelled" if name not in active else "replaced")
@@ -209,12 +221,13 @@ class Daemon:
                     log.error("job %s cannot run on this node: %s", name, e)
                     continue
                 self.jobs[name] = JobRuntime(spec, index_dir=self.index_dir, directory=self)
-        mine = {rid: r for rid, r in state.roles.items() if r["node"] == self.cfg.node_id and r["job"] in self.jobs}
-        stale = [rid for rid, role in self.supervisor.roles.items()
-                 if rid not in mine or role.args.extra.get("assignment") != mine[rid]["extra"]]
-        if stale:
-            self.supervisor.stop(stale)
-        for rid, r in mine.items():
+        running = {rid: role.args.extra.get("assignment") for rid, role in self.supervisor.roles.items()}
+        stop, start = local_changes(state.roles, node=self.cfg.node_id, jobs=self.jobs,
+                                    commit_seq=self.cluster.commit_seq, running=running)
+        if stop:
+            self.supervisor.stop(stop)
+        for rid in start:
+            r = state.roles[rid]
             if rid not in self.supervisor.roles:
                 job = self.jobs[r["job"]]
                 extra = {**r["extra"], "assignment": r["extra"], "index_dir": str(self.index_dir)}
@@ -261,7 +274,21 @@ class Daemon:
                                                 "load_retries", "sent") if k in st}}
         return {"cpu_percent": psutil.cpu_percent(None), "mem_used_percent": vm.percent,
                 "mem_available_mb": round(vm.available / 2**20), "roles": len(self.supervisor.roles),
-                "role_processes": roles}
+                "role_processes": roles, "hostname": self.hostname, "trainer_hosts": self._host_declarations()}
+
+    def _host_declarations(self) -> list[list]:
+        """Declarations the state does not hold yet, as ``[job, dp, mp, host, ms]`` (and forget the rest)."""
+        state = self.cluster.state
+        out = []
+        for key, (host, ms) in list(self._declared_hosts.items()):
+            job, dp, mp = key
+            recorded = state.trainer_host(job, dp, mp)
+            entry = state.jobs.get(job)
+            if entry is None or entry["cancelled"] or (recorded is not None and (recorded[0] == host or recorded[1] >= ms)):
+                del self._declared_hosts[key]
+            else:
+                out.append([job, dp, mp, host, ms])
+        return out
 
     # -- leader duties ----------------------------------------------------------------------------
 
@@ -281,22 +308,32 @@ class Daemon:
             skips, self._pending_skips = self._pending_skips, []
             self._propose([("sample_skipped", s) for s in skips if s["job"] in state.jobs
                            and not state.jobs[s["job"]]["cancelled"]], now)
+        self._record_hosts(now)
         if not self.cluster.settled(now):
             return  # wait until every live member had a chance to say so before moving roles
+        members = self.cluster.members.members
         live = self.cluster.members.live(now)
         load = Counter(r["node"] for r in state.roles.values())
-        cpu = {n: v.telemetry.get("cpu_percent", 0.0) for n, v in self.cluster.members.members.items()}
+        cpu = {n: v.telemetry.get("cpu_percent", 0.0) for n, v in members.items()}
+        memory = {n: v.telemetry.get("mem_used_percent", 0.0) for n, v in members.items()}
+        names = {p.node_id: {p.node_id, p.control.rsplit(":", 1)[0].split("://")[-1],
+                             members[p.node_id].telemetry.get("hostname", p.node_id)}
+                 for p in self.cfg.cluster.peers if p.node_id in members}
         entries: list[tuple[str, dict]] = []
         for name, job in self.jobs.items():
             if job.state != "ready" or state.jobs.get(name, {}).get("cancelled", True):
                 continue
+            group_nodes = {g: nodes_on_host(host, names)
+                           for g, host in group_hosts(job.spec, state.hosts.get(name, {})).items()}
             wants = {w.role_id: w for w in wanted_roles(job.spec, fingerprint=job.fingerprint,
                                                          default_workers=self.cfg.loader_workers,
-                                                         standby=len(self.cfg.cluster.peers) > 1)}
+                                                         standby=len(self.cfg.cluster.peers) > 1,
+                                                         group_nodes=group_nodes)}
             # a role whose arguments changed (a new fingerprint, say) is placed afresh
             current = {rid: r["node"] for rid, r in state.roles.items()
                        if r["job"] == name and rid in wants and r["extra"] == wants[rid].extra}
-            for rid, node in place_roles(list(wants.values()), live=live, current=current, load=load, cpu=cpu).items():
+            moves = place_roles(list(wants.values()), live=live, current=current, load=load, cpu=cpu, memory=memory)
+            for rid, node in moves.items():
                 want = wants[rid]
                 entries.append(("role_assigned", {"role_id": rid, "job": name, "kind": want.kind, "node": node,
                                                   "extra": want.extra}))
@@ -309,6 +346,32 @@ class Daemon:
         if now >= self._next_progress:
             self._next_progress = now + PROGRESS_EVERY_S
             self._record_progress(now)
+
+    def _record_hosts(self, now: float) -> None:
+        """Record the trainers' host declarations the members pass on (the newest per rank)."""
+        state = self.cluster.state
+        newest: dict[tuple[str, int, int], tuple[str, int]] = {}
+        for member in self.cluster.members.members.values():
+            for decl in member.telemetry.get("trainer_hosts", ()):
+                try:
+                    job, dp, mp, host, ms = decl
+                    key, value = (str(job), int(dp), int(mp)), (str(host), int(ms))
+                except (TypeError, ValueError):
+                    continue  # a malformed declaration from a peer: ignored
+                if key not in newest or value[1] > newest[key][1]:
+                    newest[key] = value
+        entries = []
+        for (job, dp, mp), (host, ms) in sorted(newest.items()):
+            entry = state.jobs.get(job)
+            recorded = state.trainer_host(job, dp, mp)
+            if (entry is None or entry["cancelled"] or not 0 <= dp < entry["dp_size"] or mp < 0 or not host
+                    or ms < 0 or (recorded is not None and (recorded[0] == host or recorded[1] >= ms))):
+                continue
+            log.info("job %s: trainer dp %d mp %d runs on host %s", job, dp, mp, host)
+            entries.append(("trainer_host", {"job": job, "dp_rank": dp, "mp_rank": mp, "host": host,
+                                             "declared_ms": ms}))
+        if entries:
+            self._propose(entries, now)
 
     def _record_progress(self, now: float) -> None:
         state = self.cluster.state
@@ -404,6 +467,7 @@ class Daemon:
             serving = job.state == "ready" and all(job.constructor_endpoint(g[0]) is not None for g in job.groups)
             jobs[name] = {**job.status(), "serving": serving, "roles": roles,
                           "progress": dict(state.progress.get(name, {})),
+                          "trainer_hosts": dict(state.hosts.get(name, {})),
                           "skipped_recorded": len(state.skipped.get(name, ()))}
         status = {
             "node": self.cfg.node_id,
@@ -431,7 +495,13 @@ class Daemon:
 
     def on_locate(self, _identity: bytes, msg: protocol.Locate, _payload: list) -> Reply:
         job = self._job(msg.job)
-        return job if isinstance(job, protocol.ErrorReply) else job.locate(msg)
+        if isinstance(job, protocol.ErrorReply):
+            return job
+        topo = job.spec.topology
+        if msg.host and msg.dp_size == topo.dp_size and 0 <= msg.dp_rank < topo.dp_size \
+                and 0 <= msg.mp_rank < topo.mp_size and len(msg.host) <= 255:
+            self._declared_hosts[(msg.job, msg.dp_rank, msg.mp_rank)] = (msg.host, int(time.time() * 1000))
+        return job.locate(msg)
 
     def on_plan(self, _identity: bytes, msg: protocol.PlanRequest, _payload: list) -> Reply:
         job = self._job(msg.job)

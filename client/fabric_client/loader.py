@@ -13,6 +13,10 @@ rank, subscribes there from its cursor with ``prefetch`` credits, and returns on
 every batch it hands out. It relocates by itself (asks the daemons again, resubscribes from the
 cursor on a fresh socket) when the constructor falls silent for ``stall_s``.
 
+Every ``Locate`` declares the trainer's host (``host=``, else ``$FABRIC_TRAINER_HOST``, else the
+hostname), and the leader places the rank's data constructor on a daemon of that host when
+there is one: batches then cross the loopback, not the network.
+
 Promises:
 
 - Exactly-once from the trainer's view: batches come out in strict ``(step, micro)`` order from
@@ -33,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import time
 import warnings
 from collections import deque
@@ -47,9 +52,12 @@ from .batch import decode_batch, decode_verified
 from .errors import BatchIntegrityError, FabricUnavailable, ProtocolError, RemoteError
 from .protocol import PROTOCOL_VERSION, ErrorCode
 
-__all__ = ["Loader", "FabricBatch", "STATE_JOB", "STATE_NEXT_STEP", "STATE_NEXT_MICRO"]
+__all__ = ["Loader", "FabricBatch", "HOST_ENV", "STATE_JOB", "STATE_NEXT_STEP", "STATE_NEXT_MICRO"]
 
 log = logging.getLogger(__name__)
+
+#: Environment variable naming the trainer's host when its hostname is not how daemons know it.
+HOST_ENV = "FABRIC_TRAINER_HOST"
 
 #: Keys of :meth:`Loader.state_dict`.
 STATE_JOB = "job"
@@ -118,6 +126,7 @@ class Loader:
         max_steps: int | None = None,
         context: zmq.Context | None = None,
         decode_workers: int | None = None,
+        host: str | None = None,
     ) -> None:
         addresses = [address] if isinstance(address, str) else list(address)
         if not addresses or not all(isinstance(a, str) and a for a in addresses):
@@ -136,6 +145,8 @@ class Loader:
             raise ValueError(f"max_steps = {max_steps!r}: must be >= 0")
         if decode_workers is not None and decode_workers < 0:
             raise ValueError(f"decode_workers = {decode_workers!r}: must be >= 0 (0 decodes inline)")
+        if host is not None and (not isinstance(host, str) or not host.strip()):
+            raise ValueError(f"host = {host!r}: must be a non-empty host name (or None for this host's name)")
         if torch:
             _import_torch()  # fail at construction, with a clear message, not mid-training
         self.addresses = addresses
@@ -143,6 +154,8 @@ class Loader:
         self.dp_rank = int(dp_rank)
         self.dp_size = int(dp_size)
         self.mp_rank = int(mp_rank)
+        #: Declared with every Locate, so the leader can place this rank's constructor on this host.
+        self.host = host if host is not None else (os.environ.get(HOST_ENV) or socket.gethostname())
         self.prefetch = prefetch
         self.deadline_s = float(deadline_s)
         self.stall_s = float(stall_s)
@@ -278,6 +291,7 @@ class Loader:
                 raise RemoteError(msg.code, msg.reason)
             log.warning("%s; relocating", self._last_error)
             self.stats["relocations"] += 1
+            self._avoid = [self._endpoint]  # it is stopping or serves someone else: prefer another
             self._drop_stream()
             self._retry_at = time.monotonic() + self._refusal_backoff
             self._refusal_backoff = min(self._refusal_backoff * 2, _BACKOFF_MAX_S)
@@ -414,7 +428,9 @@ class Loader:
                 return None
             located = self._request(
                 sock, address,
-                protocol.Locate(self.job, self.dp_rank, self.dp_size, self.mp_rank, avoid=list(self._avoid)), deadline
+                protocol.Locate(self.job, self.dp_rank, self.dp_size, self.mp_rank, avoid=list(self._avoid),
+                            host=self.host),
+                deadline
             )
             if not isinstance(located, protocol.Located):
                 return None

@@ -308,6 +308,7 @@ class Locate(Message):
     dp_size: int
     mp_rank: int = 0
     avoid: list[str] = dataclasses.field(default_factory=list)  # endpoints that just went silent
+    host: str = ""  # the trainer's host: the leader places this rank's constructor on a daemon there
 
 
 @dataclasses.dataclass(frozen=True)

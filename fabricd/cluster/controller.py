@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +94,15 @@ class ClusterController:
 
     # -- time and messages ----------------------------------------------------------------------
 
-    def tick(self, now: float, *, telemetry: dict, roles: dict) -> list[tuple[str, Any]]:
+    def tick(self, now: float, *, telemetry: Callable[[], dict], roles: Callable[[], dict]) -> list[tuple[str, Any]]:
+        """Advance the lease and replication to ``now``; beat when due (``telemetry()`` and
+        ``roles()`` are only called then: they cost a psutil sweep)."""
         out = self._lease_actions(self.lease.tick(now), now)
         if self.tracker is not None:
             out += self._repl_actions(self.tracker.tick(now), now)
         if now >= self._next_beat:
             self._next_beat = now + self.cfg.heartbeat_s
+            telemetry, roles = telemetry(), roles()
             beat = MemberBeat(node=self.node, incarnation=self.incarnation, term=self.lease.term,
                               leader=self.lease.leader or "", telemetry=telemetry, roles=roles)
             self.members.on_beat(self.node, incarnation=self.incarnation, term=beat.term, leader=beat.leader,

@@ -1,22 +1,33 @@
-"""Role placement: which daemon runs which role of a job (a pure function the leader calls).
+"""Role placement: which daemon runs which role of a job (pure functions the leader calls).
 
-Source loaders go wherever there is room — the live daemon with the fewest roles, then the
-lowest CPU load — and the workers of one source are spread over different daemons, so losing a
-daemon never empties a pool. A data constructor goes to the daemon on its trainers' host when
-the job names one (``[topology] constructor_nodes``) and that daemon is alive. A role stays
-where it is as long as its daemon is alive: moving a working role only costs a pause.
+Source loaders go wherever there is room: never onto a daemon short of memory while another
+has some, then the live daemon with the fewest roles, then the lowest CPU load; the workers of
+one source are spread over different daemons, so losing a daemon never empties a pool.
+
+A data constructor goes next to the trainers it serves: to a daemon on the host its trainer
+ranks declared (each ``Locate`` carries the trainer's host; the most common host of the group
+wins), else to the job's ``[topology] constructor_nodes``. Its standby goes to another daemon.
+
+A role stays where it is as long as its daemon is alive — moving a working role costs a pause —
+except a constructor away from its trainers' host when a daemon there is alive: it moves there
+(its trainers switch to the standby meanwhile), and a twin it would now share a daemon with is
+moved off it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import JobSpec
 
-__all__ = ["RoleWant", "wanted_roles", "place_roles"]
+__all__ = ["RoleWant", "wanted_roles", "place_roles", "group_hosts", "nodes_on_host", "local_changes",
+           "MEMORY_GUARD_PERCENT"]
+
+#: A daemon whose memory use is above this gets no new role while another daemon is below it.
+MEMORY_GUARD_PERCENT = 90.0
 
 
 @dataclass(frozen=True)
@@ -30,13 +41,41 @@ class RoleWant:
     prefer: tuple[str, ...] = ()
 
 
-def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, standby: bool) -> list[RoleWant]:
+def group_hosts(spec: JobSpec, declared: Mapping[str, Sequence]) -> dict[int, str]:
+    """Constructor group → the host most of its trainer ranks declared (ties: the lowest rank's).
+
+    ``declared`` is the state's ``hosts[job]``: ``"dp_rank/mp_rank" → [host, declared_ms]``.
+    Groups none of whose ranks declared a host are absent.
+    """
+    out = {}
+    for g, ranks in enumerate(spec.topology.groups()):
+        seen = [declared[k][0] for dp in ranks for mp in range(spec.topology.mp_size)
+                if (k := f"{dp}/{mp}") in declared]
+        if seen:
+            counts = Counter(seen)
+            out[g] = max(counts, key=lambda h: (counts[h], -seen.index(h)))
+    return out
+
+
+def nodes_on_host(host: str, names: Mapping[str, Iterable[str]]) -> tuple[str, ...]:
+    """The daemons that run on ``host``: ``names`` maps each daemon to the names it is known by
+    (its node id, its hostname, the host of its endpoint)."""
+    return tuple(sorted(n for n, known in names.items() if host in known))
+
+
+def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, standby: bool,
+                 group_nodes: Mapping[int, Sequence[str]] | None = None) -> list[RoleWant]:
     """Every role ``spec`` needs, in a deterministic order.
+
+    ``group_nodes``: constructor group → the daemons on its trainers' declared host. The job's
+    ``[topology] constructor_nodes`` narrow that down when they name some of those daemons, and
+    decide alone for a group whose trainers declared no host with a daemon on it.
 
     With ``standby``, each data constructor has an idle twin on another daemon: it builds nothing
     until a trainer subscribes (delivery is demand-driven), and a trainer whose constructor died
     switches to it at once instead of waiting for a new leader to re-place the role.
     """
+    group_nodes = group_nodes or {}
     wants = []
     for s in spec.sources:
         for w in range(s.workers or default_workers):
@@ -44,7 +83,10 @@ def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, stand
                                   {"source": s.name}, spread_key=f"loader/{s.name}"))
     prefer = spec.topology.constructor_nodes
     for g, ranks in enumerate(spec.topology.groups()):
-        node = (prefer[g % len(prefer)],) if prefer else ()
+        named = (prefer[g % len(prefer)],) if prefer else ()
+        host = tuple(group_nodes.get(g, ()))
+        # the trainers' host decides; the job's constructor_nodes narrow it down when both apply
+        node = tuple(n for n in host if n in named) or host or named
         extra = {"ranks": ranks, "fingerprint": fingerprint}
         wants.append(RoleWant(f"{spec.name}/constructor/{g}", "constructor", extra,
                               spread_key=f"constructor/{g}", prefer=node))
@@ -55,30 +97,77 @@ def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, stand
 
 
 def place_roles(wants: Sequence[RoleWant], *, live: Sequence[str], current: Mapping[str, str],
-                load: Mapping[str, int], cpu: Mapping[str, float] | None = None) -> dict[str, str]:
-    """role_id → node for every wanted role whose placement must change (new or on a dead node).
+                load: Mapping[str, int], cpu: Mapping[str, float] | None = None,
+                memory: Mapping[str, float] | None = None) -> dict[str, str]:
+    """role_id → node for every wanted role whose placement must change.
 
-    ``current`` is the existing placement (role_id → node), ``load`` the number of roles each
-    daemon already runs (all jobs), ``cpu`` each daemon's CPU use in percent (telemetry).
+    That is a role that is new, on a dead node, or away from its preferred daemons while one of
+    them is alive; and a role that a preferred twin (same ``spread_key``) just joined on its node,
+    when another node has none of that key. ``current`` is the existing placement (role_id →
+    node), ``load`` the number of roles each daemon already runs (all jobs), ``cpu`` and
+    ``memory`` each daemon's CPU and memory use in percent (telemetry).
     """
     if not live:
         return {}
-    cpu = cpu or {}
+    cpu, memory = cpu or {}, memory or {}
     count = Counter({n: load.get(n, 0) for n in live})
     spread: dict[str, Counter] = {}
-    for w in wants:
-        node = current.get(w.role_id)
+    placed = dict(current)
+
+    def at(node: str | None, key: str, delta: int) -> None:
         if node in count:
-            spread.setdefault(w.spread_key, Counter())[node] += 1
-    moves = {}
+            count[node] += delta
+            spread.setdefault(key, Counter())[node] += delta
+
     for w in wants:
         if current.get(w.role_id) in count:
-            continue
+            spread.setdefault(w.spread_key, Counter())[current[w.role_id]] += 1
+
+    def choose(w: RoleWant, candidates: list[str]) -> str:
         same = spread.setdefault(w.spread_key, Counter())
+        roomy = [n for n in candidates if memory.get(n, 0.0) < MEMORY_GUARD_PERCENT] or candidates
+        return min(roomy, key=lambda n: (same[n], count[n], cpu.get(n, 0.0), memory.get(n, 0.0), n))
+
+    moves: dict[str, str] = {}
+    crowded: set[tuple[str, str]] = set()  # (spread_key, node) a preferred role moved onto
+    for w in wants:
+        node = placed.get(w.role_id)
         preferred = [n for n in w.prefer if n in count]
-        candidates = preferred or list(live)
-        node = min(candidates, key=lambda n: (same[n], count[n], cpu.get(n, 0.0), n))
-        moves[w.role_id] = node
-        count[node] += 1
-        same[node] += 1
+        if node in count and (not preferred or node in preferred):
+            continue
+        target = choose(w, preferred or list(live))
+        at(node, w.spread_key, -1)
+        at(target, w.spread_key, +1)
+        moves[w.role_id] = placed[w.role_id] = target
+        if preferred and node in count:
+            crowded.add((w.spread_key, target))
+    for w in wants:
+        node = placed.get(w.role_id)
+        if w.role_id in moves or w.prefer or (w.spread_key, node) not in crowded:
+            continue
+        same = spread[w.spread_key]
+        free = [n for n in live if same[n] == 0]
+        if free:
+            target = choose(w, free)
+            at(node, w.spread_key, -1)
+            at(target, w.spread_key, +1)
+            moves[w.role_id] = placed[w.role_id] = target
     return moves
+
+
+def local_changes(roles: Mapping[str, Mapping[str, Any]], *, node: str, jobs: Iterable[str], commit_seq: int,
+                  running: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """What ``node`` must stop and start to match the state's role records: ``(stop, start)``.
+
+    ``roles`` is the state's role_id → record, ``jobs`` the jobs this node runs, ``running``
+    role_id → the arguments (``extra``) a running role was started with. A role starts only
+    once its record is committed (``seq <= commit_seq``): a record a later leader may truncate
+    never starts a process. A role stops as soon as the state no longer assigns it here as it
+    runs, committed or not — stopping early costs a pause, never a wrong batch.
+    """
+    jobs = set(jobs)
+    mine = {rid: r for rid, r in roles.items() if r["node"] == node and r["job"] in jobs}
+    stop = [rid for rid, extra in running.items() if rid not in mine or mine[rid]["extra"] != extra]
+    start = [rid for rid, r in mine.items()
+             if (rid not in running or rid in stop) and r.get("seq", 0) <= commit_seq]
+    return stop, start

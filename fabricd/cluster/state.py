@@ -23,6 +23,11 @@ errors; ``int`` fields are non-negative, ``str`` fields non-empty unless noted):
     ``job`` str (active), ``dp_rank`` int < dp_size, ``mp_rank`` int, ``next_step`` int.
     Progress is monotone: a ``next_step`` below the one recorded is ignored, never an error,
     so replay is deterministic whatever order reports reached the leader in.
+``trainer_host``
+    ``job`` str (active), ``dp_rank`` int < dp_size, ``mp_rank`` int, ``host`` str,
+    ``declared_ms`` int (wall-clock milliseconds of the trainer's ``Locate``). The host a trainer
+    rank runs on, for constructor placement. The latest declaration wins: one older than the
+    recorded one is ignored, never an error.
 ``role_assigned``
     ``role_id`` str, ``job`` str (active), ``kind`` str (e.g. ``source_loader``,
     ``constructor``), ``node`` str, ``extra`` dict. Assigning an existing ``role_id`` moves it.
@@ -58,6 +63,7 @@ RECORD_KINDS = (
     "job_cancelled",
     "sample_skipped",
     "trainer_progress",
+    "trainer_host",
     "role_assigned",
     "role_released",
     "member_seen",
@@ -71,6 +77,7 @@ RECORD_SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]]]] =
     "job_cancelled": ({"job": str, "reason": str}, {}),
     "sample_skipped": ({"job": str, "source": str, "sample_id": int, "piece": int, "step": int, "reason": str}, {}),
     "trainer_progress": ({"job": str, "dp_rank": int, "mp_rank": int, "next_step": int}, {}),
+    "trainer_host": ({"job": str, "dp_rank": int, "mp_rank": int, "host": str, "declared_ms": int}, {}),
     "role_assigned": ({"role_id": str, "job": str, "kind": str, "node": str, "extra": dict}, {}),
     "role_released": ({"role_id": str, "reason": str}, {}),
     "member_seen": ({"node": str, "endpoint": str}, {}),
@@ -145,13 +152,15 @@ class FabricState:
 
     ``jobs``: name -> {"spec_toml", "spec_origin", "fingerprint", "dp_size", "extra", "cancelled",
     "cancel_reason", "term", "seq"}; ``skipped``: job -> set of (source, sample_id, piece, step);
-    ``progress``: job -> {"dp_rank/mp_rank": next_step}; ``roles``: role_id -> {"job", "kind",
-    "node", "extra", "term"}; ``members``: node -> {"endpoint", "term"}.
+    ``progress``: job -> {"dp_rank/mp_rank": next_step}; ``hosts``: job -> {"dp_rank/mp_rank":
+    [host, declared_ms]}; ``roles``: role_id -> {"job", "kind",
+    "node", "extra", "term", "seq"}; ``members``: node -> {"endpoint", "term"}.
     """
 
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, set[SkippedUnit]] = field(default_factory=dict)
     progress: dict[str, dict[str, int]] = field(default_factory=dict)
+    hosts: dict[str, dict[str, list]] = field(default_factory=dict)
     roles: dict[str, dict[str, Any]] = field(default_factory=dict)
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_term: int = 0
@@ -202,20 +211,30 @@ class FabricState:
         self._active_job(rec, d["job"])
         self.skipped[d["job"]].add((d["source"], d["sample_id"], d["piece"], d["step"]))
 
-    def _apply_trainer_progress(self, rec: Record, d: dict[str, Any]) -> None:
+    def _trainer_rank(self, rec: Record, d: dict[str, Any]) -> None:
         entry = self._active_job(rec, d["job"])
         if d["dp_rank"] >= entry["dp_size"]:
-            raise StateError(f"record seq {rec.seq} (trainer_progress): dp_rank = {d['dp_rank']} "
+            raise StateError(f"record seq {rec.seq} ({rec.kind}): dp_rank = {d['dp_rank']} "
                              f">= dp_size {entry['dp_size']} of job {d['job']!r}")
+
+    def _apply_trainer_progress(self, rec: Record, d: dict[str, Any]) -> None:
+        self._trainer_rank(rec, d)
         ranks = self.progress[d["job"]]
         key = f"{d['dp_rank']}/{d['mp_rank']}"
         if d["next_step"] > ranks.get(key, -1):
             ranks[key] = d["next_step"]
 
+    def _apply_trainer_host(self, rec: Record, d: dict[str, Any]) -> None:
+        self._trainer_rank(rec, d)
+        ranks = self.hosts.setdefault(d["job"], {})
+        key = f"{d['dp_rank']}/{d['mp_rank']}"
+        if key not in ranks or d["declared_ms"] > ranks[key][1]:
+            ranks[key] = [d["host"], d["declared_ms"]]
+
     def _apply_role_assigned(self, rec: Record, d: dict[str, Any]) -> None:
         self._active_job(rec, d["job"])
         self.roles[d["role_id"]] = {"job": d["job"], "kind": d["kind"], "node": d["node"], "extra": d["extra"],
-                                    "term": rec.term}
+                                    "term": rec.term, "seq": rec.seq}
 
     def _apply_role_released(self, rec: Record, d: dict[str, Any]) -> None:
         if d["role_id"] not in self.roles:
@@ -231,6 +250,11 @@ class FabricState:
         """The step a trainer rank is known to resume at (0 if it never reported)."""
         return self.progress.get(job, {}).get(f"{dp_rank}/{mp_rank}", 0)
 
+    def trainer_host(self, job: str, dp_rank: int, mp_rank: int = 0) -> tuple[str, int] | None:
+        """The host a trainer rank last declared, with the declaration's time (ms), or None."""
+        entry = self.hosts.get(job, {}).get(f"{dp_rank}/{mp_rank}")
+        return (entry[0], entry[1]) if entry else None
+
     # -- snapshots ------------------------------------------------------------------------
 
     def to_snapshot(self) -> dict[str, Any]:
@@ -242,6 +266,7 @@ class FabricState:
             "jobs": {k: _json_copy(self.jobs[k]) for k in sorted(self.jobs)},
             "skipped": {k: [list(u) for u in sorted(self.skipped[k])] for k in sorted(self.skipped)},
             "progress": {k: dict(sorted(self.progress[k].items())) for k in sorted(self.progress)},
+            "hosts": {k: {r: list(v) for r, v in sorted(self.hosts[k].items())} for k in sorted(self.hosts)},
             "roles": {k: _json_copy(self.roles[k]) for k in sorted(self.roles)},
             "members": {k: dict(self.members[k]) for k in sorted(self.members)},
         }
@@ -257,6 +282,9 @@ class FabricState:
                 skipped={str(k): {(str(s), int(i), int(p), int(t)) for s, i, p, t in v}
                          for k, v in d["skipped"].items()},
                 progress={str(k): {str(r): int(n) for r, n in v.items()} for k, v in d["progress"].items()},
+                # absent from snapshots written before trainers declared hosts
+                hosts={str(k): {str(r): [str(h), int(t)] for r, (h, t) in v.items()}
+                       for k, v in d.get("hosts", {}).items()},
                 roles={str(k): dict(v) for k, v in d["roles"].items()},
                 members={str(k): dict(v) for k, v in d["members"].items()},
                 last_term=int(d["last_term"]),

@@ -127,7 +127,7 @@ class Constructor:
             for w in workers.values():
                 w.sock.close(linger=0)
         self.link.close()
-        self.trainers.close(linger=0)
+        self.trainers.close(linger=200)  # lets a farewell reach the trainers; bounded
 
     # -- what to build ------------------------------------------------------------------------
 
@@ -368,6 +368,7 @@ def run_constructor(args: RoleArgs) -> int:
     constructor = Constructor(args, spec, ctx)
     try:
         constructor.run(stop)
+        constructor.delivery.farewell(f"constructor {args.role_id} is stopping (moved or released); relocate")
     finally:
         constructor.close()
         ctx.term()

@@ -204,6 +204,13 @@ class TrainerDelivery:
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
 
+    def farewell(self, reason: str) -> None:
+        """Tell every subscribed trainer to relocate now (the constructor is stopping), instead
+        of letting it wait out its stall timeout. Best effort: a full or vanished peer is skipped."""
+        for sub in list(self._subs.values()):
+            self._refuse(sub.identity, ErrorCode.STALE, reason)
+        self._subs.clear()
+
     # --------------------------------------------------------------------------------- output
 
     def demand(self) -> dict[int, tuple[int, int]]:

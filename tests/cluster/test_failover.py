@@ -35,12 +35,12 @@ def submit_to_leader(cluster: LocalCluster, job_file: Path, timeout: float = 90.
     raise AssertionError("job not serving")
 
 
-def consume_all(cluster, dp_size, steps, out, errors, pace_s=0.03):
+def consume_all(cluster, dp_size, steps, out, errors, pace_s=0.03, hosts=None):
     def run(d):
         try:
             records = []
             for b in Loader(cluster.addresses, job="t", dp_rank=d, dp_size=dp_size, max_steps=steps,
-                            deadline_s=90, stall_s=1.0):
+                            deadline_s=90, stall_s=1.0, host=(hosts or {}).get(d)):
                 records.append(((b.step, b.dp_rank, b.micro_batch), b.checksum, time.monotonic()))
                 time.sleep(pace_s)
             out[d] = records

@@ -343,6 +343,29 @@ def test_constructor_restart_on_a_new_port_mid_stream(ctx, stubs) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_farewell_of_a_stopping_constructor_relocates_at_once(ctx, stubs) -> None:
+    first = stubs(ConstructorStub(ctx))
+    loc = stubs(LocatorStub(ctx, first.endpoint, prefetch=2))
+    got = []
+    started = time.monotonic()
+    # stall_s far above the test's timeout: only the farewell can make the loader move
+    with Loader(loc.address, job=JOB, dp_rank=0, dp_size=1, stall_s=60, deadline_s=20,
+                max_steps=6, context=ctx) as loader:
+        for batch in loader:
+            got.append(received(batch))
+            if len(got) == 3:  # the constructor is moved: a new one elsewhere, the old one says goodbye
+                second = stubs(ConstructorStub(ctx))
+                loc.endpoint = second.endpoint
+                with first.lock:
+                    first.delivery.farewell("moving")
+                assert first.delivery.stats()["subscriptions"] == []
+        assert loader.stats["relocations"] == 1
+        assert loader.stats["endpoint"] == second.endpoint
+    assert got == expected_sequence(0, (0, 0), len(got))
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.timeout(30)
 def test_refused_subscription_relocates_and_resumes(ctx, stubs) -> None:
     con = stubs(ConstructorStub(ctx))
     loc = stubs(LocatorStub(ctx, con.endpoint))

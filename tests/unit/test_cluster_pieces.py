@@ -8,7 +8,8 @@ from fabric_client import protocol
 from fabric_client.errors import ProtocolError
 from fabricd.cluster.lease import LeaseAck, VoteRequest
 from fabricd.cluster.membership import MemberBeat, Membership
-from fabricd.cluster.placement import place_roles, wanted_roles
+from fabricd.cluster.placement import (MEMORY_GUARD_PERCENT, group_hosts, local_changes, nodes_on_host, place_roles,
+                                       wanted_roles)
 from fabricd.cluster.replication import LogAppend
 from fabricd.cluster.wire import from_peer, to_peer
 from fabricd.config import load_job_spec
@@ -50,13 +51,88 @@ def test_placement_spreads_pools_and_keeps_live_roles(tmp_path):
     assert set(moved.values()) <= {"a", "c"}
 
 
-def test_placement_prefers_trainer_hosts_for_constructors(tmp_path):
+def test_placement_prefers_constructor_nodes_of_the_job(tmp_path):
     spec = _spec(tmp_path, dp_size=2, extra="")
     spec = spec.__class__(**{**spec.__dict__, "topology": spec.topology.__class__(
         dp_size=2, mp_size=1, ranks_per_constructor=1, constructor_nodes=("c",))})
     placed = place_roles(wanted_roles(spec, fingerprint="fp", default_workers=1, standby=False),
                          live=["a", "b", "c"], current={}, load={})
     assert placed["t/constructor/0"] == placed["t/constructor/1"] == "c"
+
+
+def test_group_host_is_the_most_declared_then_the_lowest_rank(tmp_path):
+    spec = _spec(tmp_path, dp_size=6, mp_size=2, ranks_per_constructor=3)  # groups [0,1,2], [3,4,5]
+    declared = {"0/0": ["h2", 5], "1/0": ["h1", 1], "2/1": ["h1", 2], "0/1": ["h2", 3], "3/1": ["h9", 1]}
+    # group 0: h2 twice, h1 twice -> the host of the lowest rank (0/0) wins the tie
+    assert group_hosts(spec, declared) == {0: "h2", 1: "h9"}
+    assert group_hosts(spec, {}) == {}
+    names = {"a": {"a", "gpu-1"}, "b": {"b", "gpu-2"}, "c": {"c", "gpu-2"}}
+    assert nodes_on_host("gpu-2", names) == ("b", "c") and nodes_on_host("nowhere", names) == ()
+
+
+def test_constructor_moves_to_its_trainers_host_and_its_standby_moves_off(tmp_path):
+    spec = _spec(tmp_path, dp_size=2)
+    nodes = ["a", "b", "c"]
+    before = place_roles(wanted_roles(spec, fingerprint="fp", default_workers=1, standby=True),
+                         live=nodes, current={}, load={})
+    # trainers of group 0 declare the host of the daemon that holds group 0's standby
+    host_node = before["t/constructor/0/standby"]
+    wants = wanted_roles(spec, fingerprint="fp", default_workers=1, standby=True, group_nodes={0: (host_node,)})
+    counts = {n: list(before.values()).count(n) for n in nodes}
+    moved = place_roles(wants, live=nodes, current=before, load=counts)
+    after = {**before, **moved}
+    assert after["t/constructor/0"] == host_node
+    assert after["t/constructor/0/standby"] != host_node, "primary and standby must not share a daemon"
+    assert set(moved) == {"t/constructor/0", "t/constructor/0/standby"}, "nothing else moves"
+    assert place_roles(wants, live=nodes, current=after, load=counts) == {}, "stable once placed"
+    # the host's daemon dies: the constructor goes anywhere live, and comes back when it returns
+    away = place_roles(wants, live=[n for n in nodes if n != host_node], current=after, load=counts)
+    assert away["t/constructor/0"] != host_node
+    back = place_roles(wants, live=nodes, current={**after, **away}, load=counts)
+    assert back["t/constructor/0"] == host_node
+
+
+def test_declared_host_narrowed_by_constructor_nodes(tmp_path):
+    spec = _spec(tmp_path, dp_size=1)
+    spec = spec.__class__(**{**spec.__dict__, "topology": spec.topology.__class__(
+        dp_size=1, mp_size=1, ranks_per_constructor=1, constructor_nodes=("b",))})
+    def primary(group_nodes):
+        wants = wanted_roles(spec, fingerprint="fp", default_workers=1, standby=False, group_nodes=group_nodes)
+        return next(w.prefer for w in wants if w.role_id == "t/constructor/0")
+    assert primary({0: ("a", "b", "c")}) == ("b",)  # one host runs all three: the job's choice narrows it
+    assert primary({0: ("c",)}) == ("c",)            # the trainers' host wins over the job's choice
+    assert primary({}) == ("b",)
+
+
+def test_loaders_avoid_daemons_short_of_memory(tmp_path):
+    spec = _spec(tmp_path, dp_size=1)
+    wants = [w for w in wanted_roles(spec, fingerprint="fp", default_workers=2, standby=False)
+             if w.kind == "source_loader"]
+    full = {"a": MEMORY_GUARD_PERCENT + 5, "b": 10.0, "c": 20.0}
+    placed = place_roles(wants, live=["a", "b", "c"], current={}, load={}, memory=full)
+    assert "a" not in placed.values() and set(placed.values()) == {"b", "c"}
+    # when every daemon is short of memory, roles still go somewhere
+    placed = place_roles(wants, live=["a"], current={}, load={}, memory=full)
+    assert set(placed.values()) == {"a"}
+
+
+def test_roles_start_only_on_committed_records_and_stop_at_once():
+    roles = {
+        "j/a": {"job": "j", "node": "n1", "extra": {"x": 1}, "seq": 3},
+        "j/b": {"job": "j", "node": "n1", "extra": {"x": 2}, "seq": 7},   # not committed yet
+        "j/c": {"job": "j", "node": "n2", "extra": {}, "seq": 2},          # another daemon's
+        "k/d": {"job": "k", "node": "n1", "extra": {}, "seq": 1},          # a job this node does not run
+        "j/e": {"job": "j", "node": "n1", "extra": {"x": 9}, "seq": 8},   # re-assigned with new arguments
+    }
+    running = {"j/e": {"x": 5}, "j/gone": {}, "j/a": {"x": 1}}
+    stop, start = local_changes(roles, node="n1", jobs={"j"}, commit_seq=5, running=running)
+    assert sorted(stop) == ["j/e", "j/gone"]   # moved away or changed: stopped, committed or not
+    assert start == []                          # j/a runs already; j/b and j/e wait for their commit
+    stop, start = local_changes(roles, node="n1", jobs={"j"}, commit_seq=8, running={"j/a": {"x": 1}})
+    assert stop == [] and sorted(start) == ["j/b", "j/e"]
+    # records from snapshots written before roles carried their seq count as committed
+    legacy = {"j/a": {"job": "j", "node": "n1", "extra": {}}}
+    assert local_changes(legacy, node="n1", jobs={"j"}, commit_seq=0, running={}) == ([], ["j/a"])
 
 
 def test_membership_liveness_and_restarts():

@@ -83,6 +83,28 @@ def test_progress_is_monotone() -> None:
     assert st.last_seq == 11  # the record still counts
 
 
+def test_trainer_host_latest_declaration_wins_and_survives_snapshots() -> None:
+    st, _ = populated()
+    w = Writer(st)
+    w("trainer_host", job="j", dp_rank=2, mp_rank=0, host="gpu-7", declared_ms=2000)
+    w("trainer_host", job="j", dp_rank=2, mp_rank=0, host="gpu-3", declared_ms=1000)  # older: ignored
+    assert st.trainer_host("j", 2) == ("gpu-7", 2000)
+    w("trainer_host", job="j", dp_rank=2, mp_rank=0, host="gpu-9", declared_ms=3000)  # the trainer moved
+    assert st.trainer_host("j", 2) == ("gpu-9", 3000) and st.trainer_host("j", 1) is None
+    back = FabricState.from_snapshot(json.loads(json.dumps(st.to_snapshot())))
+    assert back == st and back.trainer_host("j", 2) == ("gpu-9", 3000)
+    with pytest.raises(StateError, match="dp_rank = 4 >= dp_size 4"):
+        w("trainer_host", job="j", dp_rank=4, mp_rank=0, host="gpu-1", declared_ms=1)
+    with pytest.raises(StateError, match="host = ''"):
+        w("trainer_host", job="j", dp_rank=0, mp_rank=0, host="", declared_ms=1)
+
+
+def test_snapshot_from_before_trainer_hosts_still_loads() -> None:
+    snap = populated()[0].to_snapshot()
+    del snap["hosts"]
+    assert FabricState.from_snapshot(snap).hosts == {}
+
+
 def test_seq_gap_and_term_regression_are_refused_without_change() -> None:
     st, _ = populated()
     before = st.to_snapshot()

@@ -1,0 +1,59 @@
+"""Constructors follow their trainers: a trainer declares its host, the leader moves its
+constructor to a daemon there, and delivery stays exact through the move.
+
+Marker ``cluster``; bounded (~15 s), runs in CI.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fabricd.localnode import LocalCluster
+
+from ..conftest import write_job
+from ..integration.test_data_path import assert_exact, expected
+from .test_failover import consume_all, logs_prefix_consistent, submit_to_leader
+
+pytestmark = [pytest.mark.cluster]
+
+
+def placement(status: dict) -> dict[str, str]:
+    return {r["id"]: r["node"] for r in status["jobs"]["t"]["roles"]}
+
+
+@pytest.mark.timeout(180)
+def test_constructors_move_to_the_hosts_their_trainers_declare(tmp_path, tiny_corpus):
+    job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=2, samples_per_step=12)
+    steps = 16
+    with LocalCluster(tmp_path / "cluster", nodes=3, loader_workers=1) as cluster:
+        leader = submit_to_leader(cluster, job_file)
+        before = placement(cluster.status(leader))
+        # each trainer claims the host (node id) where its constructor's standby runs, so both
+        # primaries must move, and each standby must leave the daemon its primary moves to
+        hosts = {d: before[f"t/constructor/{d}/standby"] for d in range(2)}
+        assert all(before[f"t/constructor/{d}"] != hosts[d] for d in range(2))
+        out, errors = {}, []
+        for t in consume_all(cluster, 2, steps, out, errors, pace_s=0.05, hosts=hosts):
+            t.join(150)
+        assert not errors, errors
+        want = expected(job_file, range(steps))
+        for d in range(2):
+            assert_exact([(k, c) for k, c, _ in out[d]], want, d)
+
+        deadline = time.monotonic() + 20
+        while True:
+            st = cluster.status(cluster.leader())
+            after = placement(st)
+            if all(after.get(f"t/constructor/{d}") == hosts[d] for d in range(2)):
+                break
+            assert time.monotonic() < deadline, f"constructors not on their trainers' hosts: {after}, want {hosts}"
+            time.sleep(0.2)
+        for d in range(2):
+            assert after[f"t/constructor/{d}/standby"] != hosts[d], "a standby shares its primary's daemon"
+            assert st["jobs"]["t"]["trainer_hosts"][f"{d}/0"][0] == hosts[d]
+        loaders = {r: n for r, n in before.items() if "/loader/" in r}
+        assert {r: after[r] for r in loaders} == loaders, "source loaders moved without cause"
+    assert cluster.leftovers == [], "role processes outlived their daemon"
+    logs_prefix_consistent(cluster)
