@@ -5,7 +5,8 @@ schedule is drawn from a seeded RNG, so a run is replayable with the same seed (
 shared machine still varies). Faults: SIGKILL of the leader daemon, of a shadow daemon, of a
 source-loader or constructor process; SIGSTOP of the leader past its lease, then SIGCONT; a
 shadow restarted with a failpoint armed in its log writes (it kills itself mid-append) and then
-restarted clean. Killed daemons are restarted.
+restarted clean; a serving constructor armed (SIGUSR1) to kill itself mid-batch, after one of
+its next few sends. Killed daemons are restarted.
 
 Invariants checked by :meth:`ChaosRun.finish`: for every (step, dp_rank) the trainers received
 exactly the expected batches once and in order (checksums from the offline expectation); at
@@ -28,12 +29,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from fabric_client import Loader, protocol
 
 from .cluster.log import CheckpointLog
 from .config import load_job_spec
 from .corpus import make_dataset
 from .expect import BatchOracle
+from .failpoints import FILE_ENV as FAILPOINTS_FILE_ENV
 from .localnode import LocalCluster
 from .netns import NetnsLab
 
@@ -41,7 +45,8 @@ __all__ = ["FAULT_KINDS", "PARTITION_KINDS", "ChaosRun", "FaultRecord"]
 
 log = logging.getLogger(__name__)
 
-FAULT_KINDS = ("kill_leader", "kill_shadow", "kill_loader", "kill_constructor", "pause_leader", "failpoint_shadow")
+FAULT_KINDS = ("kill_leader", "kill_shadow", "kill_loader", "kill_constructor", "pause_leader", "failpoint_shadow",
+               "failpoint_constructor")
 #: faults that need the daemons in network namespaces (``ChaosRun(netns=True)``)
 PARTITION_KINDS = ("partition_leader", "partition_shadow")
 FAILPOINTS = ("log.after_write_before_fsync", "log.after_fsync")
@@ -84,6 +89,13 @@ class _Trainer(threading.Thread):
     def received_after(self, t: float) -> float | None:
         """When the first batch after ``t`` reached the trainer (None: not yet)."""
         return next((ts for *_, ts in self.records[-200:] if ts > t), None)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def make_corpus(out: Path, samples: int = 64, seed: int = 5) -> None:
@@ -159,9 +171,12 @@ class ChaosRun:
         self.job_file.write_text(JOB_TEMPLATE.format(dp_size=self.dp_size, sources=sources))
         if self.netns:
             self.lab = NetnsLab(self.nodes)
+        self.armed = self.workdir / "failpoints"  # what a process reads on SIGUSR1 (the one signalled only)
+        self.armed.write_text("")
         self.cluster = LocalCluster(self.workdir / "cluster", nodes=self.nodes, loader_workers=2,
                                     lease_duration_s=self.lease_s, renew_deadline_s=self.lease_s * 0.65,
-                                    retry_period_s=self.lease_s * 0.15, log_level="WARNING", lab=self.lab)
+                                    retry_period_s=self.lease_s * 0.15, log_level="WARNING", lab=self.lab,
+                                    extra_env={FAILPOINTS_FILE_ENV: str(self.armed.absolute())})
         self.cluster.start()
         leader = self.cluster.leader()
         with self.cluster.daemons[leader].client() as c:
@@ -228,6 +243,20 @@ class ChaosRun:
                 election = time.time() - at
             time.sleep(max(0.0, self.lease_s * 1.5 + self.rng.random() - (election or 0.0)))
             self.cluster.heal(target)
+        elif kind == "failpoint_constructor":
+            target, pid = self._pick_role("constructor", serving=True)
+            if pid is not None:
+                detail = f"delivery.after_send=kill@{self.rng.randint(1, 4)}"
+                self.armed.write_text(detail)
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                    deadline = time.monotonic() + 10
+                    while _running(pid) and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    detail += f" pid {pid}" + (" (hit)" if not _running(pid) else " (not reached in 10s)")
+                except ProcessLookupError:
+                    detail += f" pid {pid} (gone before it was armed)"
+                self.armed.write_text("")
         elif kind == "failpoint_shadow":
             target = self.rng.choice(shadows)
             point = self.rng.choice(FAILPOINTS)
@@ -258,12 +287,14 @@ class ChaosRun:
                 log.error("daemon %s exited by itself (code %s):\n%s", node, d.proc.returncode, d.tail(30))
                 self.cluster.restart(node)
 
-    def _pick_role(self, kind: str) -> tuple[str, int | None]:
+    def _pick_role(self, kind: str, serving: bool = False) -> tuple[str, int | None]:
+        """A random live role process of ``kind`` (with ``serving``: one with subscribed trainers)."""
         candidates = []
         for node in self.cluster.daemons:
             st = self.cluster.status(node) or {}
             for role in st.get("jobs", {}).get("chaos", {}).get("roles", []):
-                if role["kind"] == kind and role.get("pid") and role["node"] == node:
+                if role["kind"] == kind and role.get("pid") and role["node"] == node \
+                        and (not serving or role.get("stats", {}).get("subscriptions")):
                     candidates.append((node, role["pid"]))
         return self.rng.choice(candidates) if candidates else ("-", None)
 

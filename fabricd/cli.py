@@ -19,6 +19,7 @@ from fabric_client.errors import FabricError
 from .config import load_job_spec, load_node_config
 from .ctl import request_any
 from .errors import FabricdError
+from .failpoints import arm_on_signal
 
 __all__ = ["fabricd_main", "fabricctl_main"]
 
@@ -45,6 +46,7 @@ def run_cmd(config_path: str) -> None:
                         format="%(asctime)s %(levelname)s [fabricd pid=%(process)d] %(name)s: %(message)s")
     os.environ.setdefault("FABRICD_LOG_LEVEL", cfg.log_level)
     daemon = Daemon(cfg)
+    arm_on_signal()
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     daemon.serve()

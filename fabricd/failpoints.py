@@ -12,6 +12,12 @@ Without ``@n`` the action fires on every hit (``@1``). An invalid value is refus
 with the bad entry quoted, so a typo cannot silently disable a chaos test.
 
 Tests in one process use :func:`configure` instead of the environment.
+
+A running process arms failpoints without a restart when ``FABRICD_FAILPOINTS_FILE`` names a
+file: on SIGUSR1 it replaces its failpoints with that file's contents (same syntax; an empty
+file disarms them). Daemons and role processes install the handler at start
+(:func:`arm_on_signal`), so a chaos test can make one serving constructor crash at its next
+sends. Only that process is armed: the supervisor restarts it clean.
 """
 
 from __future__ import annotations
@@ -20,12 +26,23 @@ import logging
 import os
 import signal
 
-__all__ = ["ENV_VAR", "ACTIONS", "FailpointError", "FailpointHit", "active", "configure", "failpoint", "hits"]
+__all__ = ["ENV_VAR", "FILE_ENV", "ACTIONS", "POINTS", "arm_on_signal", "FailpointError", "FailpointHit", "active", "configure", "failpoint", "hits"]
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "FABRICD_FAILPOINTS"
+FILE_ENV = "FABRICD_FAILPOINTS_FILE"
 ACTIONS = ("kill", "raise")
+
+#: Every failpoint in the code, with where it is. A name not listed is refused, so a typo
+#: cannot silently disarm a chaos test.
+POINTS = {
+    "log.after_write_before_fsync": "checkpoint log: records written, not yet fsync'd",
+    "log.after_fsync": "checkpoint log: records fsync'd, not yet acknowledged or applied",
+    "log.snapshot_before_rename": "checkpoint log: snapshot written to its temp file, not yet renamed",
+    "delivery.after_send": "constructor: one micro-batch sent to one trainer, the rest of the step "
+                           "and the other model-parallel ranks' copies not yet (mid-batch)",
+}
 
 
 class FailpointError(ValueError):
@@ -57,6 +74,9 @@ def _parse(spec: str) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
         name, action = name.strip(), action.strip()
         if not sep or not name:
             raise FailpointError(f"{ENV_VAR}: entry {entry!r}: expected name=action[@n]")
+        if name not in POINTS:
+            raise FailpointError(f"{ENV_VAR}: entry {entry!r}: no failpoint named {name!r} "
+                                 f"(known: {', '.join(sorted(POINTS))})")
         nth = 1
         if "@" in action:
             action, _, count = action.partition("@")
@@ -115,3 +135,24 @@ def failpoint(name: str) -> None:
 
 
 configure(os.environ.get(ENV_VAR))
+
+
+def arm_on_signal(sig: int = signal.SIGUSR1) -> bool:
+    """Re-read the failpoints from ``$FABRICD_FAILPOINTS_FILE`` whenever ``sig`` arrives.
+
+    Returns False (and installs nothing) when the variable is not set. A file that cannot be
+    read or parsed is logged and changes nothing.
+    """
+    path = os.environ.get(FILE_ENV)
+    if not path:
+        return False
+
+    def rearm(*_: object) -> None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                configure(f.read().strip())
+        except (OSError, FailpointError) as e:
+            log.error("failpoints not re-armed from %s: %s", path, e)
+
+    signal.signal(sig, rearm)
+    return True

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from ..failpoints import arm_on_signal
 from .base import RoleArgs, set_parent_death_signal
 
 
@@ -19,6 +20,7 @@ def main(argv: list[str]) -> int:
         format=f"%(asctime)s %(levelname)s [{args.role_id} pid={os.getpid()}] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    arm_on_signal()
     if args.kind == "source_loader":
         from .source_loader import run_source_loader
 

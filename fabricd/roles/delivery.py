@@ -50,6 +50,8 @@ import zmq
 from fabric_client import protocol
 from fabric_client.protocol import ErrorCode
 
+from ..failpoints import failpoint
+
 __all__ = ["EncodedBatch", "TrainerDelivery", "MAX_CREDITS"]
 
 log = logging.getLogger(__name__)
@@ -244,6 +246,7 @@ class TrainerDelivery:
                     if outcome is _AGAIN:
                         sub.pending = batch
                     break
+                failpoint("delivery.after_send")  # mid-batch: the rest of the step, or other MP ranks, unsent
                 sub.pending = None
                 sub.credits -= 1
                 sub.sent += 1

@@ -8,6 +8,7 @@ maximum, so a poison input cannot turn into a fork storm.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from ..failpoints import ENV_VAR as FAILPOINTS_ENV
 from .base import RoleArgs
 
 __all__ = ["RoleProcess", "Supervisor"]
@@ -71,11 +73,18 @@ class Supervisor:
 
     def _spawn(self, role: RoleProcess) -> None:
         role.proc = subprocess.Popen([sys.executable, "-m", "fabricd.roles", role.args.to_json()],
-                                     env=self.env, stdin=subprocess.DEVNULL)
+                                     env=self._child_env(), stdin=subprocess.DEVNULL)
         role.started_at = self.clock()
         role.restart_at = None
         role.endpoint = None
         log.info("started %s %s (pid %d)", role.args.kind, role.role_id, role.proc.pid)
+
+    def _child_env(self) -> dict[str, str]:
+        """The environment of a role process: the daemon's, without the daemon's own failpoints
+        (a role is armed on its own, through ``FABRICD_FAILPOINTS_FILE`` and SIGUSR1)."""
+        env = dict(os.environ if self.env is None else self.env)
+        env.pop(FAILPOINTS_ENV, None)
+        return env
 
     def poll(self) -> list[RoleProcess]:
         """Reap exited roles and restart the ones whose backoff has passed; returns the exited ones."""

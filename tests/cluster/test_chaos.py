@@ -13,16 +13,17 @@ from fabricd.chaos import FAULT_KINDS, ChaosRun
 pytestmark = [pytest.mark.cluster]
 
 INVARIANTS = ("lost", "duplicated", "mismatched", "stale_term_applied", "log_divergence", "two_leaders_in_a_term",
-              "unrecovered", "orphaned_processes",
-           "daemon_crashes")
+              "unrecovered", "orphaned_processes", "daemon_crashes")
 
 
-def _run(tmp_path, seed, kinds):
+def _run(tmp_path, seed, kinds, faults=None):
     run = ChaosRun(tmp_path / "chaos", seed=seed)
     try:
         run.start()
         for kind in kinds:
-            run.inject(kind)
+            record = run.inject(kind)
+            if faults is not None:
+                faults.append(record)
         return run.finish()
     finally:
         run.close()
@@ -30,9 +31,12 @@ def _run(tmp_path, seed, kinds):
 
 @pytest.mark.timeout(420)
 def test_every_fault_kind_once(tmp_path):
-    summary = _run(tmp_path, seed=11, kinds=FAULT_KINDS)
+    faults = []
+    summary = _run(tmp_path, seed=11, kinds=FAULT_KINDS, faults=faults)
     assert summary["faults"] == len(FAULT_KINDS) and summary["steps_checked"] > 0
     assert {k: summary[k] for k in INVARIANTS} == dict.fromkeys(INVARIANTS, 0), summary
+    (armed,) = [f for f in faults if f.kind == "failpoint_constructor"]
+    assert armed.detail.endswith("(hit)"), f"the serving constructor did not die at its failpoint: {armed}"
 
 
 @pytest.mark.slow

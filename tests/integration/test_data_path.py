@@ -223,6 +223,30 @@ def test_killed_roles_are_restarted_and_nothing_is_lost(tmp_path, tiny_corpus, l
     assert sum(restarts.values()) >= 2
 
 
+@pytest.mark.timeout(240)
+def test_constructor_killed_mid_batch_at_a_failpoint_loses_nothing(tmp_path, tiny_corpus):
+    """The serving constructor is armed (SIGUSR1) to SIGKILL itself after its 5th send: one
+    model-parallel rank then holds a micro-batch the other does not, and the rest of the step
+    is unsent. Its restarted process is not armed, and resumes both ranks exactly."""
+    from fabricd import failpoints
+    from fabricd.localnode import LocalDaemon
+
+    job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=1, mp_size=2, prefetch=3)
+    armed = tmp_path / "failpoints"
+    with LocalDaemon(tmp_path / "node", node_id="fp", extra_env={failpoints.FILE_ENV: str(armed)}) as daemon:
+        submit(daemon, job_file)
+        (con,) = [r for r in daemon.status()["jobs"]["t"]["roles"] if r["kind"] == "constructor"]
+        armed.write_text("delivery.after_send=kill@5")
+        os.kill(con["pid"], signal.SIGUSR1)
+        steps = 8
+        got = run_ranks(daemon.address, "t", 1, 2, steps, stall_s=1.0, deadline_s=90)
+        want = expected(job_file, range(steps))
+        for records in got.values():
+            assert_exact(records, want, 0)
+        (after,) = [r for r in daemon.status()["jobs"]["t"]["roles"] if r["kind"] == "constructor"]
+        assert after["restarts"] == 1 and after["pid"] != con["pid"], "the armed process should die once"
+
+
 @pytest.mark.timeout(30)
 def test_unreachable_fabric_raises_instead_of_hanging():
     with socket.socket() as s:

@@ -36,20 +36,22 @@ def test_raise_fires_on_every_hit() -> None:
         with pytest.raises(FailpointHit) as exc:
             failpoint("log.after_fsync")
         assert exc.value.name == "log.after_fsync"
-    failpoint("log.other")  # other names stay inert
+    failpoint("log.after_write_before_fsync")  # other names stay inert
 
 
 def test_at_n_fires_from_the_nth_hit() -> None:
-    configure("a=raise@3, b=raise")
-    assert active() == {"a": "raise@3", "b": "raise"}
-    failpoint("a")
-    failpoint("a")
+    a, b = "delivery.after_send", "log.after_fsync"
+    configure(f"{a}=raise@3, {b}=raise")
+    assert active() == {a: "raise@3", b: "raise"}
+    failpoint(a)
+    failpoint(a)
     with pytest.raises(FailpointHit):
-        failpoint("a")
-    assert hits("a") == 3
+        failpoint(a)
+    assert hits(a) == 3
 
 
-@pytest.mark.parametrize("spec", ["a", "=raise", "a=explode", "a=raise@x", "a=raise@0"])
+@pytest.mark.parametrize("spec", ["log.after_fsync", "=raise", "log.after_fsync=explode", "log.after_fsync=raise@x",
+                                  "log.after_fsync=raise@0", "log.after_fsynk=raise"])
 def test_invalid_spec_is_refused_and_quoted(spec: str) -> None:
     with pytest.raises(FailpointError, match="FABRICD_FAILPOINTS"):
         configure(spec)
@@ -58,9 +60,54 @@ def test_invalid_spec_is_refused_and_quoted(spec: str) -> None:
 def test_environment_is_read_at_import_and_kill_is_sigkill() -> None:
     code = ("from fabricd.failpoints import failpoint, active\n"
             "print(active(), flush=True)\n"
-            "failpoint('x.y'); print('first', flush=True)\n"
-            "failpoint('x.y'); print('second', flush=True)\n")
-    env = {**os.environ, failpoints.ENV_VAR: "x.y=kill@2"}
+            "failpoint('log.after_fsync'); print('first', flush=True)\n"
+            "failpoint('log.after_fsync'); print('second', flush=True)\n")
+    env = {**os.environ, failpoints.ENV_VAR: "log.after_fsync=kill@2"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=20)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert proc.stdout.splitlines() == ["{'x.y': 'kill@2'}", "first"]
+    assert proc.stdout.splitlines() == ["{'log.after_fsync': 'kill@2'}", "first"]
+
+
+def test_every_failpoint_in_the_code_is_registered_and_every_registered_one_is_in_the_code() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(failpoints.__file__).parent
+    used = set()
+    for path in root.rglob("*.py"):
+        if path.name != "failpoints.py":  # its docstring shows the syntax with a made-up name
+            used |= set(re.findall(r"failpoint\(\"([a-z_.]+)\"\)", path.read_text()))
+    assert used == set(failpoints.POINTS)
+
+
+def test_sigusr1_arms_a_running_process_from_the_file(tmp_path) -> None:
+    armed = tmp_path / "fp"
+    code = ("import os, signal, sys\n"
+            "from fabricd.failpoints import arm_on_signal, failpoint, active\n"
+            "assert arm_on_signal()\n"
+            "failpoint('delivery.after_send'); print('unarmed', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "print(active(), flush=True)\n"
+            "failpoint('delivery.after_send'); print('survived', flush=True)\n")
+    armed.write_text("delivery.after_send=kill\n")
+    env = {**os.environ, failpoints.FILE_ENV: str(armed)}
+    env.pop(failpoints.ENV_VAR, None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=20)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert proc.stdout.splitlines() == ["unarmed", "{'delivery.after_send': 'kill'}"]
+
+
+def test_bad_file_changes_nothing_and_no_file_env_installs_nothing(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(failpoints.FILE_ENV, raising=False)
+    assert not failpoints.arm_on_signal()
+    armed = tmp_path / "fp"
+    armed.write_text("log.after_fsynk=kill")
+    monkeypatch.setenv(failpoints.FILE_ENV, str(armed))
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        configure("log.after_fsync=raise")
+        assert failpoints.arm_on_signal()
+        signal.raise_signal(signal.SIGUSR1)
+        assert active() == {"log.after_fsync": "raise"}, "a typo in the file must not disarm anything"
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
