@@ -23,6 +23,7 @@ __all__ = [
     "ClusterConfig",
     "PeerSpec",
     "JobSpec",
+    "AutoscaleSpec",
     "Topology",
     "BatchShape",
     "TokenSpec",
@@ -100,6 +101,12 @@ class _Table:
         if positive and value <= 0:
             raise self.error(name, value, "must be > 0")
         return float(value)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self._get(name, default, False)
+        if not isinstance(value, bool):
+            raise self.error(name, value, "expected true or false")
+        return value
 
     def table(self, name: str, *, required: bool = False) -> _Table:
         value = self._get(name, {}, required)
@@ -334,6 +341,16 @@ class MixtureSpec:
 
 
 @dataclass(frozen=True)
+class AutoscaleSpec:
+    """How the leader resizes source-loader pools (``[autoscale]``; never part of batch content)."""
+
+    enabled: bool = True
+    max_workers: int = 0              # per source; 0 = 4 × the source's base pool size
+    target_utilization: float = 0.7   # busy fraction a pool is sized for
+    lookahead_steps: int = 200        # the mixture schedule is read this far ahead of the trainers
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A training run's data spec. ``fingerprint`` covers everything that decides batch content."""
 
@@ -349,6 +366,7 @@ class JobSpec:
     buckets: tuple[BucketSpec, ...]
     sources: tuple[SourceSpec, ...]
     mixture: MixtureSpec
+    autoscale: AutoscaleSpec = AutoscaleSpec()
 
     def bucket(self, name: str) -> BucketSpec:
         for b in self.buckets:
@@ -495,10 +513,20 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
         raise mix_t.error("points", len(points), "a constant mixture has exactly one point")
     mixture = MixtureSpec(kind=kind, points=tuple(points))
 
-    for table in (job, topo_t, batch_t, tok_t, cost_t, bal_t, mix_t, root):
+    auto_t = root.table("autoscale")
+    autoscale = AutoscaleSpec(
+        enabled=auto_t.bool("enabled", True),
+        max_workers=auto_t.int("max_workers", 0, min=0, max=256),
+        target_utilization=auto_t.float("target_utilization", 0.7, positive=True),
+        lookahead_steps=auto_t.int("lookahead_steps", 200, min=0, max=1 << 30),
+    )
+    if autoscale.target_utilization >= 1.0:
+        raise auto_t.error("target_utilization", autoscale.target_utilization, "must be < 1 (a busy fraction)")
+
+    for table in (job, topo_t, batch_t, tok_t, cost_t, bal_t, mix_t, auto_t, root):
         table.done()
     return JobSpec(
         file=file, text=text, name=name, seed=seed, topology=topology, batch=batch,
         tokens=tokens, cost=cost, balance=balance, buckets=tuple(buckets), sources=tuple(sources),
-        mixture=mixture,
+        mixture=mixture, autoscale=autoscale,
     )

@@ -11,7 +11,8 @@ addressed); the daemon keeps serving. Peers are reached through one DEALER each.
 What the daemon runs follows the replicated state, level-triggered: every job in the state has
 a :class:`JobRuntime` here (indexes, planner), and every role the state assigns to this node runs
 as a supervised child. Decisions — accepting a job, placing roles, recording skipped samples and
-trainer progress — are taken by the leader only, and only while it can prove it holds the lease.
+trainer progress, pool sizes — are taken by the leader only, and only while it can prove it holds
+the lease (:class:`~fabricd.leadership.Leadership`).
 
 Trainers declare their host in ``Locate``. The daemon that answered passes the declaration on in
 its heartbeats until the leader has recorded it (``trainer_host``), and the leader places each
@@ -25,25 +26,24 @@ import logging
 import os
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import psutil
 import zmq
-
 from fabric_client import protocol
 from fabric_client.errors import ProtocolError
 
 from . import __version__
 from .cluster.controller import ClusterController, NotLeader
 from .cluster.log import LogError
-from .cluster.placement import group_hosts, local_changes, nodes_on_host, place_roles, wanted_roles
+from .cluster.placement import local_changes
 from .cluster.state import StateError
 from .cluster.wire import from_peer, to_peer
 from .config import NodeConfig, parse_job_spec
 from .errors import ConfigError
 from .job import JobRuntime
+from .leadership import Leadership
 from .roles.base import RoleArgs, configure_socket
 from .roles.supervisor import Supervisor
 
@@ -52,7 +52,6 @@ __all__ = ["Daemon"]
 log = logging.getLogger(__name__)
 
 Reply = tuple[protocol.Message, tuple] | protocol.Message | None
-PROGRESS_EVERY_S = 1.0
 
 
 class Daemon:
@@ -82,12 +81,11 @@ class Daemon:
         self.started = time.time()
         self._stopping = False
         self._applied: tuple[int, int] = (-1, -1)  # (last_seq, commit_seq) reconciled
-        self._next_progress = 0.0
-        self._pending_skips: list[dict] = []
         # trainers' host declarations (from Locate) not yet in the state: (job, dp, mp) → (host, ms);
         # heartbeats carry them to the leader until it records them (bounded by the jobs' ranks)
         self._declared_hosts: dict[tuple[str, int, int], tuple[str, int]] = {}
         self.hostname = socket.gethostname()
+        self.leadership = Leadership(cfg, self.cluster, self.jobs, self._propose)
         self.handlers: dict[type[protocol.Message], Callable[[bytes, Any, list], Reply]] = {
             protocol.Hello: self.on_hello,
             protocol.Ping: lambda _i, m, _p: protocol.Pong(nonce=m.nonce),
@@ -134,7 +132,7 @@ class Daemon:
                 self.supervisor.poll()
                 self._send(self.cluster.tick(now, telemetry=self._telemetry, roles=self._role_view))
                 if self.cluster.is_leader(now):
-                    self._lead(now)
+                    self.leadership.run(now)
                 self._reconcile()
                 if not poller.poll(50):
                     continue
@@ -290,7 +288,7 @@ class Daemon:
                 out.append([job, dp, mp, host, ms])
         return out
 
-    # -- leader duties ----------------------------------------------------------------------------
+    # -- decisions (leader only; see fabricd.leadership) --------------------------------------------
 
     def _propose(self, entries: list[tuple[str, dict]], now: float) -> bool:
         try:
@@ -301,93 +299,6 @@ class Daemon:
         except (LogError, StateError) as e:
             log.error("could not record %d decisions: %s", len(entries), e)
             return False
-
-    def _lead(self, now: float) -> None:
-        state = self.cluster.state
-        if self._pending_skips:
-            skips, self._pending_skips = self._pending_skips, []
-            self._propose([("sample_skipped", s) for s in skips if s["job"] in state.jobs
-                           and not state.jobs[s["job"]]["cancelled"]], now)
-        self._record_hosts(now)
-        if not self.cluster.settled(now):
-            return  # wait until every live member had a chance to say so before moving roles
-        members = self.cluster.members.members
-        live = self.cluster.members.live(now)
-        load = Counter(r["node"] for r in state.roles.values())
-        cpu = {n: v.telemetry.get("cpu_percent", 0.0) for n, v in members.items()}
-        memory = {n: v.telemetry.get("mem_used_percent", 0.0) for n, v in members.items()}
-        names = {p.node_id: {p.node_id, p.control.rsplit(":", 1)[0].split("://")[-1],
-                             members[p.node_id].telemetry.get("hostname", p.node_id)}
-                 for p in self.cfg.cluster.peers if p.node_id in members}
-        entries: list[tuple[str, dict]] = []
-        for name, job in self.jobs.items():
-            if job.state != "ready" or state.jobs.get(name, {}).get("cancelled", True):
-                continue
-            group_nodes = {g: nodes_on_host(host, names)
-                           for g, host in group_hosts(job.spec, state.hosts.get(name, {})).items()}
-            wants = {w.role_id: w for w in wanted_roles(job.spec, fingerprint=job.fingerprint,
-                                                         default_workers=self.cfg.loader_workers,
-                                                         standby=len(self.cfg.cluster.peers) > 1,
-                                                         group_nodes=group_nodes)}
-            # a role whose arguments changed (a new fingerprint, say) is placed afresh
-            current = {rid: r["node"] for rid, r in state.roles.items()
-                       if r["job"] == name and rid in wants and r["extra"] == wants[rid].extra}
-            moves = place_roles(list(wants.values()), live=live, current=current, load=load, cpu=cpu, memory=memory)
-            for rid, node in moves.items():
-                want = wants[rid]
-                entries.append(("role_assigned", {"role_id": rid, "job": name, "kind": want.kind, "node": node,
-                                                  "extra": want.extra}))
-            entries += [("role_released", {"role_id": rid, "reason": "no longer wanted"})
-                        for rid, r in state.roles.items() if r["job"] == name and rid not in wants]
-        if entries:
-            for kind, data in entries:
-                log.info("%s %s → %s", kind, data["role_id"], data.get("node", "-"))
-            self._propose(entries, now)
-        if now >= self._next_progress:
-            self._next_progress = now + PROGRESS_EVERY_S
-            self._record_progress(now)
-
-    def _record_hosts(self, now: float) -> None:
-        """Record the trainers' host declarations the members pass on (the newest per rank)."""
-        state = self.cluster.state
-        newest: dict[tuple[str, int, int], tuple[str, int]] = {}
-        for member in self.cluster.members.members.values():
-            for decl in member.telemetry.get("trainer_hosts", ()):
-                try:
-                    job, dp, mp, host, ms = decl
-                    key, value = (str(job), int(dp), int(mp)), (str(host), int(ms))
-                except (TypeError, ValueError):
-                    continue  # a malformed declaration from a peer: ignored
-                if key not in newest or value[1] > newest[key][1]:
-                    newest[key] = value
-        entries = []
-        for (job, dp, mp), (host, ms) in sorted(newest.items()):
-            entry = state.jobs.get(job)
-            recorded = state.trainer_host(job, dp, mp)
-            if (entry is None or entry["cancelled"] or not 0 <= dp < entry["dp_size"] or mp < 0 or not host
-                    or ms < 0 or (recorded is not None and (recorded[0] == host or recorded[1] >= ms))):
-                continue
-            log.info("job %s: trainer dp %d mp %d runs on host %s", job, dp, mp, host)
-            entries.append(("trainer_host", {"job": job, "dp_rank": dp, "mp_rank": mp, "host": host,
-                                             "declared_ms": ms}))
-        if entries:
-            self._propose(entries, now)
-
-    def _record_progress(self, now: float) -> None:
-        state = self.cluster.state
-        best: dict[tuple[str, int, int], int] = {}
-        for member in self.cluster.members.members.values():
-            for rid, view in member.roles.items():
-                job = rid.split("/", 1)[0]
-                for dp, mp, step in view.get("trainers", []):
-                    key = (job, dp, mp)
-                    best[key] = max(best.get(key, 0), step)
-        entries = [("trainer_progress", {"job": job, "dp_rank": dp, "mp_rank": mp, "next_step": step})
-                   for (job, dp, mp), step in sorted(best.items())
-                   if job in state.jobs and not state.jobs[job]["cancelled"]
-                   and dp < state.jobs[job]["dp_size"] and step > state.next_step(job, dp, mp)]
-        if entries:
-            self._propose(entries, now)
 
     # -- handlers -------------------------------------------------------------------------------
 
@@ -468,6 +379,7 @@ class Daemon:
             jobs[name] = {**job.status(), "serving": serving, "roles": roles,
                           "progress": dict(state.progress.get(name, {})),
                           "trainer_hosts": dict(state.hosts.get(name, {})),
+                          "pool_sizes": dict(state.pools.get(name, {})),
                           "skipped_recorded": len(state.skipped.get(name, ()))}
         status = {
             "node": self.cfg.node_id,
@@ -534,7 +446,7 @@ class Daemon:
         record = {"job": msg.job, "source": msg.source, "sample_id": msg.sample_id, "piece": msg.piece,
                   "step": msg.step, "reason": msg.reason}
         if self.cluster.is_leader(time.monotonic()):
-            self._pending_skips.append(record)
+            self.leadership.pending_skips.append(record)
         elif (leader := self.cluster.leader) in self.peers:
             # the leader records it; a report lost with a dying leader is re-sent by the next replay
             try:

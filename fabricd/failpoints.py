@@ -7,11 +7,15 @@ once at import, names that point. Its value is a comma-separated list of ``name=
 - ``log.after_fsync=kill``     SIGKILL this process (no cleanup, no atexit: a real crash)
 - ``log.after_fsync=raise``    raise :class:`FailpointHit` (for unit tests in one process)
 - ``log.after_fsync=kill@3``   the same, but only from the 3rd time the point is reached on
+- ``loader.before_load=sleep(50)``  sleep 50 ms there (a slow disk or object store, simulated)
 
 Without ``@n`` the action fires on every hit (``@1``). An invalid value is refused at import
 with the bad entry quoted, so a typo cannot silently disable a chaos test.
 
-Tests in one process use :func:`configure` instead of the environment.
+Tests in one process use :func:`configure` instead of the environment. Role processes do not
+inherit the daemon's ``FABRICD_FAILPOINTS``; ``FABRICD_ROLE_FAILPOINTS`` in the daemon's
+environment is every role process's ``FABRICD_FAILPOINTS`` instead (restarts included, so it
+suits ``sleep``; a ``kill`` there would crash every restart again).
 
 A running process arms failpoints without a restart when ``FABRICD_FAILPOINTS_FILE`` names a
 file: on SIGUSR1 it replaces its failpoints with that file's contents (same syntax; an empty
@@ -24,15 +28,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import time
 
-__all__ = ["ENV_VAR", "FILE_ENV", "ACTIONS", "POINTS", "arm_on_signal", "FailpointError", "FailpointHit", "active", "configure", "failpoint", "hits"]
+__all__ = ["ENV_VAR", "FILE_ENV", "ROLE_ENV", "ACTIONS", "POINTS", "arm_on_signal", "FailpointError", "FailpointHit", "active", "configure", "failpoint", "hits"]
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "FABRICD_FAILPOINTS"
 FILE_ENV = "FABRICD_FAILPOINTS_FILE"
-ACTIONS = ("kill", "raise")
+ROLE_ENV = "FABRICD_ROLE_FAILPOINTS"
+ACTIONS = ("kill", "raise", "sleep(MS)")
+_SLEEP = re.compile(r"sleep\((\d{1,6})\)")
 
 #: Every failpoint in the code, with where it is. A name not listed is refused, so a typo
 #: cannot silently disarm a chaos test.
@@ -42,6 +50,7 @@ POINTS = {
     "log.snapshot_before_rename": "checkpoint log: snapshot written to its temp file, not yet renamed",
     "delivery.after_send": "constructor: one micro-batch sent to one trainer, the rest of the step "
                            "and the other model-parallel ranks' copies not yet (mid-batch)",
+    "loader.before_load": "source loader: a load request received, its samples not yet read",
 }
 
 
@@ -57,14 +66,14 @@ class FailpointHit(Exception):
         super().__init__(f"failpoint {name!r} hit")
 
 
-# name -> (action, fire from this hit on); hit counters only for active points.
-_ACTIVE: dict[str, tuple[str, int]] = {}
+# name -> (action, fire from this hit on, sleep seconds); hit counters only for active points.
+_ACTIVE: dict[str, tuple[str, int, float]] = {}
 _SPECS: dict[str, str] = {}
 _HITS: dict[str, int] = {}
 
 
-def _parse(spec: str) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
-    points: dict[str, tuple[str, int]] = {}
+def _parse(spec: str) -> tuple[dict[str, tuple[str, int, float]], dict[str, str]]:
+    points: dict[str, tuple[str, int, float]] = {}
     texts: dict[str, str] = {}
     for entry in spec.split(","):
         entry = entry.strip()
@@ -86,9 +95,10 @@ def _parse(spec: str) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
                 raise FailpointError(f"{ENV_VAR}: entry {entry!r}: @{count!r} is not an integer") from None
             if nth < 1:
                 raise FailpointError(f"{ENV_VAR}: entry {entry!r}: @{nth} must be >= 1")
-        if action not in ACTIONS:
+        sleep = _SLEEP.fullmatch(action)
+        if action not in ACTIONS[:2] and not sleep:
             raise FailpointError(f"{ENV_VAR}: entry {entry!r}: action {action!r} is not one of {ACTIONS}")
-        points[name] = (action, nth)
+        points[name] = ("sleep", nth, int(sleep.group(1)) / 1000) if sleep else (action, nth, 0.0)
         texts[name] = action if nth == 1 else f"{action}@{nth}"
     return points, texts
 
@@ -119,14 +129,17 @@ def hits(name: str) -> int:
 
 
 def failpoint(name: str) -> None:
-    """Crash here if the failpoint ``name`` is active and due; otherwise return at once."""
+    """Crash (or sleep) here if the failpoint ``name`` is active and due; otherwise return at once."""
     point = _ACTIVE.get(name)
     if point is None:
         return
-    action, nth = point
+    action, nth, seconds = point
     count = _HITS.get(name, 0) + 1
     _HITS[name] = count
     if count < nth:
+        return
+    if action == "sleep":
+        time.sleep(seconds)
         return
     if action == "kill":
         log.critical("failpoint %s: SIGKILL (hit %d)", name, count)

@@ -64,8 +64,12 @@ def nodes_on_host(host: str, names: Mapping[str, Iterable[str]]) -> tuple[str, .
 
 
 def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, standby: bool,
-                 group_nodes: Mapping[int, Sequence[str]] | None = None) -> list[RoleWant]:
+                 group_nodes: Mapping[int, Sequence[str]] | None = None,
+                 pool_sizes: Mapping[str, int] | None = None) -> list[RoleWant]:
     """Every role ``spec`` needs, in a deterministic order.
+
+    ``pool_sizes``: source → the pool size the autoscaler chose (else the spec's, else
+    ``default_workers``).
 
     ``group_nodes``: constructor group → the daemons on its trainers' declared host. The job's
     ``[topology] constructor_nodes`` narrow that down when they name some of those daemons, and
@@ -75,10 +79,10 @@ def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, stand
     until a trainer subscribes (delivery is demand-driven), and a trainer whose constructor died
     switches to it at once instead of waiting for a new leader to re-place the role.
     """
-    group_nodes = group_nodes or {}
+    group_nodes, pool_sizes = group_nodes or {}, pool_sizes or {}
     wants = []
     for s in spec.sources:
-        for w in range(s.workers or default_workers):
+        for w in range(pool_sizes.get(s.name) or s.workers or default_workers):
             wants.append(RoleWant(f"{spec.name}/loader/{s.name}/{w}", "source_loader",
                                   {"source": s.name}, spread_key=f"loader/{s.name}"))
     prefer = spec.topology.constructor_nodes

@@ -28,6 +28,9 @@ errors; ``int`` fields are non-negative, ``str`` fields non-empty unless noted):
     ``declared_ms`` int (wall-clock milliseconds of the trainer's ``Locate``). The host a trainer
     rank runs on, for constructor placement. The latest declaration wins: one older than the
     recorded one is ignored, never an error.
+``pool_resized``
+    ``job`` str (active), ``source`` str, ``workers`` int >= 1: the source-loader pool size the
+    autoscaler chose (until then, or after the job is submitted again, the spec's size).
 ``role_assigned``
     ``role_id`` str, ``job`` str (active), ``kind`` str (e.g. ``source_loader``,
     ``constructor``), ``node`` str, ``extra`` dict. Assigning an existing ``role_id`` moves it.
@@ -64,6 +67,7 @@ RECORD_KINDS = (
     "sample_skipped",
     "trainer_progress",
     "trainer_host",
+    "pool_resized",
     "role_assigned",
     "role_released",
     "member_seen",
@@ -78,6 +82,7 @@ RECORD_SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]]]] =
     "sample_skipped": ({"job": str, "source": str, "sample_id": int, "piece": int, "step": int, "reason": str}, {}),
     "trainer_progress": ({"job": str, "dp_rank": int, "mp_rank": int, "next_step": int}, {}),
     "trainer_host": ({"job": str, "dp_rank": int, "mp_rank": int, "host": str, "declared_ms": int}, {}),
+    "pool_resized": ({"job": str, "source": str, "workers": int}, {}),
     "role_assigned": ({"role_id": str, "job": str, "kind": str, "node": str, "extra": dict}, {}),
     "role_released": ({"role_id": str, "reason": str}, {}),
     "member_seen": ({"node": str, "endpoint": str}, {}),
@@ -153,7 +158,7 @@ class FabricState:
     ``jobs``: name -> {"spec_toml", "spec_origin", "fingerprint", "dp_size", "extra", "cancelled",
     "cancel_reason", "term", "seq"}; ``skipped``: job -> set of (source, sample_id, piece, step);
     ``progress``: job -> {"dp_rank/mp_rank": next_step}; ``hosts``: job -> {"dp_rank/mp_rank":
-    [host, declared_ms]}; ``roles``: role_id -> {"job", "kind",
+    [host, declared_ms]}; ``pools``: job -> {source: workers}; ``roles``: role_id -> {"job", "kind",
     "node", "extra", "term", "seq"}; ``members``: node -> {"endpoint", "term"}.
     """
 
@@ -161,6 +166,7 @@ class FabricState:
     skipped: dict[str, set[SkippedUnit]] = field(default_factory=dict)
     progress: dict[str, dict[str, int]] = field(default_factory=dict)
     hosts: dict[str, dict[str, list]] = field(default_factory=dict)
+    pools: dict[str, dict[str, int]] = field(default_factory=dict)
     roles: dict[str, dict[str, Any]] = field(default_factory=dict)
     members: dict[str, dict[str, Any]] = field(default_factory=dict)
     last_term: int = 0
@@ -201,6 +207,7 @@ class FabricState:
                           "cancelled": False, "cancel_reason": "", "term": rec.term, "seq": rec.seq}
         self.skipped.setdefault(job, set())
         self.progress.setdefault(job, {})
+        self.pools.pop(job, None)  # a (re)submitted job starts from its spec's pool sizes
 
     def _apply_job_cancelled(self, rec: Record, d: dict[str, Any]) -> None:
         entry = self._active_job(rec, d["job"])
@@ -230,6 +237,12 @@ class FabricState:
         key = f"{d['dp_rank']}/{d['mp_rank']}"
         if key not in ranks or d["declared_ms"] > ranks[key][1]:
             ranks[key] = [d["host"], d["declared_ms"]]
+
+    def _apply_pool_resized(self, rec: Record, d: dict[str, Any]) -> None:
+        self._active_job(rec, d["job"])
+        if d["workers"] < 1:
+            raise StateError(f"record seq {rec.seq} (pool_resized): workers = {d['workers']} must be >= 1")
+        self.pools.setdefault(d["job"], {})[d["source"]] = d["workers"]
 
     def _apply_role_assigned(self, rec: Record, d: dict[str, Any]) -> None:
         self._active_job(rec, d["job"])
@@ -267,6 +280,7 @@ class FabricState:
             "skipped": {k: [list(u) for u in sorted(self.skipped[k])] for k in sorted(self.skipped)},
             "progress": {k: dict(sorted(self.progress[k].items())) for k in sorted(self.progress)},
             "hosts": {k: {r: list(v) for r, v in sorted(self.hosts[k].items())} for k in sorted(self.hosts)},
+            "pools": {k: dict(sorted(self.pools[k].items())) for k in sorted(self.pools)},
             "roles": {k: _json_copy(self.roles[k]) for k in sorted(self.roles)},
             "members": {k: dict(self.members[k]) for k in sorted(self.members)},
         }
@@ -285,6 +299,7 @@ class FabricState:
                 # absent from snapshots written before trainers declared hosts
                 hosts={str(k): {str(r): [str(h), int(t)] for r, (h, t) in v.items()}
                        for k, v in d.get("hosts", {}).items()},
+                pools={str(k): {str(s): int(n) for s, n in v.items()} for k, v in d.get("pools", {}).items()},
                 roles={str(k): dict(v) for k, v in d["roles"].items()},
                 members={str(k): dict(v) for k, v in d["members"].items()},
                 last_term=int(d["last_term"]),

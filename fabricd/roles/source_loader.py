@@ -20,6 +20,7 @@ from fabric_client.errors import ProtocolError
 
 from ..config import parse_job_spec
 from ..errors import SampleError
+from ..failpoints import failpoint
 from ..sources.index import open_index
 from ..sources.transform import SampleLoader, TransformSpec
 from .base import DaemonLink, RoleArgs, StopFlag, configure_socket
@@ -78,6 +79,7 @@ def run_source_loader(args: RoleArgs) -> int:
                 _send(sock, identity, protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason)))
                 continue
             started = time.perf_counter()
+            failpoint("loader.before_load")  # counts as busy: it stands for a slow read
             results = loader.load(ids, pieces)
             stats["busy_s"] += time.perf_counter() - started
             stats["requests"] += 1

@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 
 from ..failpoints import ENV_VAR as FAILPOINTS_ENV
+from ..failpoints import ROLE_ENV as ROLE_FAILPOINTS_ENV
 from .base import RoleArgs
 
 __all__ = ["RoleProcess", "Supervisor"]
@@ -80,10 +81,13 @@ class Supervisor:
         log.info("started %s %s (pid %d)", role.args.kind, role.role_id, role.proc.pid)
 
     def _child_env(self) -> dict[str, str]:
-        """The environment of a role process: the daemon's, without the daemon's own failpoints
-        (a role is armed on its own, through ``FABRICD_FAILPOINTS_FILE`` and SIGUSR1)."""
+        """The environment of a role process: the daemon's, with ``FABRICD_ROLE_FAILPOINTS`` (if
+        any) as its failpoints instead of the daemon's own (see ``fabricd.failpoints``)."""
         env = dict(os.environ if self.env is None else self.env)
         env.pop(FAILPOINTS_ENV, None)
+        role_points = env.pop(ROLE_FAILPOINTS_ENV, "")
+        if role_points:
+            env[FAILPOINTS_ENV] = role_points
         return env
 
     def poll(self) -> list[RoleProcess]:

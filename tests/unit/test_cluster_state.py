@@ -99,10 +99,27 @@ def test_trainer_host_latest_declaration_wins_and_survives_snapshots() -> None:
         w("trainer_host", job="j", dp_rank=0, mp_rank=0, host="", declared_ms=1)
 
 
-def test_snapshot_from_before_trainer_hosts_still_loads() -> None:
+def test_snapshot_from_before_trainer_hosts_and_pools_still_loads() -> None:
     snap = populated()[0].to_snapshot()
-    del snap["hosts"]
-    assert FabricState.from_snapshot(snap).hosts == {}
+    del snap["hosts"], snap["pools"]
+    back = FabricState.from_snapshot(snap)
+    assert back.hosts == {} and back.pools == {}
+
+
+def test_pool_sizes_are_recorded_and_reset_by_a_new_submission() -> None:
+    st, _ = populated()
+    w = Writer(st)
+    w("pool_resized", job="j", source="web", workers=3)
+    w("pool_resized", job="j", source="web", workers=2)
+    assert st.pools == {"j": {"web": 2}}
+    assert FabricState.from_snapshot(json.loads(json.dumps(st.to_snapshot()))) == st
+    with pytest.raises(StateError, match="workers = 0"):
+        w("pool_resized", job="j", source="web", workers=0)
+    with pytest.raises(StateError, match="not an active job"):
+        w("pool_resized", job="k", source="web", workers=2)
+    w("job_cancelled", job="j", reason="")
+    w("job_submitted", **job())
+    assert "j" not in st.pools
 
 
 def test_seq_gap_and_term_regression_are_refused_without_change() -> None:

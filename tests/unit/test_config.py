@@ -43,6 +43,9 @@ def test_relative_source_paths_resolve_against_the_spec_file(tmp_path):
         ("step = 4", "step = 0", "mixture.points[1].step", 0),
         ('kind = "linear"', 'kind = "cosine"', "mixture.kind", "cosine"),
         ("samples_per_step = 16", "samples_per_step = 1", "batch.samples_per_step", 1),
+        ("seed = 11", "seed = 11\n[autoscale]\nenabled = 1", "autoscale.enabled", 1),
+        ("seed = 11", "seed = 11\n[autoscale]\ntarget_utilization = 1.5", "autoscale.target_utilization", 1.5),
+        ("seed = 11", "seed = 11\n[autoscale]\nmax_worker = 3", "autoscale.max_worker", 3),
     ],
 )
 def test_invalid_job_names_file_key_and_value(tmp_path, old, new, key, value):

@@ -111,3 +111,18 @@ def test_bad_file_changes_nothing_and_no_file_env_installs_nothing(tmp_path, mon
         assert active() == {"log.after_fsync": "raise"}, "a typo in the file must not disarm anything"
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_sleep_action_waits_and_is_parsed_strictly() -> None:
+    import time
+
+    configure("loader.before_load=sleep(30)@2")
+    assert active() == {"loader.before_load": "sleep(30)@2"}
+    started = time.perf_counter()
+    failpoint("loader.before_load")  # the first hit is before @2: no sleep
+    first = time.perf_counter() - started
+    failpoint("loader.before_load")
+    assert first < 0.02 and time.perf_counter() - started >= 0.03
+    for bad in ("loader.before_load=sleep(x)", "loader.before_load=sleep()", "loader.before_load=sleep(1234567)"):
+        with pytest.raises(FailpointError, match="not one of"):
+            configure(bad)

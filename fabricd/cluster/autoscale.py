@@ -1,0 +1,183 @@
+"""Source-loader pool sizes from measured demand and capacity (pure; the leader feeds it).
+
+Every evaluation the leader hands in, per pool (one job's source), the cumulative counters its
+live workers report in heartbeats — units loaded and seconds spent busy — and where the
+trainers are in the mixture schedule. From the counters' deltas since the last evaluation:
+
+- *capacity*: units one worker loads per busy second (smoothed);
+- *utilization*: busy worker-seconds per second, over the pool's reporting workers;
+- *demand*: the units per second the pool serves now, scaled by the source's largest mixture
+  weight over the next ``lookahead_steps`` against its weight now, so a pool grows before a
+  curriculum moves weight onto it. A source whose weight is 0 now gets its share of the job's
+  whole rate at its coming weight.
+
+The wanted size is ``ceil(demand / (capacity × target_utilization))``, and at least one more
+worker while the pool is saturated (a saturated pool hides the demand it cannot serve), clamped
+to ``[base, maximum]``. Hysteresis: a pool grows (at most doubling) once ``GROW_AFTER``
+evaluations in a row wanted more and no daemon is short of memory; it shrinks by one worker
+after wanting less for ``SHRINK_AFTER_S``, and again only as long later.
+
+Pool sizes change *when* batches arrive, never *what* they contain (the determinism contract).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import JobSpec
+from ..planner import MixtureSchedule
+
+__all__ = ["PoolReading", "Resize", "PoolAutoscaler", "weights_now_and_ahead", "pool_bounds",
+           "EVALUATE_EVERY_S", "GROW_AFTER", "SHRINK_AFTER_S", "SATURATED"]
+
+EVALUATE_EVERY_S = 2.0   # how often the leader evaluates
+GROW_AFTER = 2           # evaluations in a row that want more before a pool grows
+SHRINK_AFTER_S = 20.0    # how long a pool must want less before it loses a worker
+SATURATED = 0.9          # utilization above which a pool is short of workers whatever the demand says
+DEAD_BAND = 0.05         # fraction of a worker of demand that does not ask for one more
+_MIN_BUSY_S = 0.05       # busy time below which a capacity measurement is noise
+_SMOOTHING = 0.5         # weight of the newest capacity measurement
+
+
+@dataclass(frozen=True)
+class PoolReading:
+    """One pool at one evaluation: its size, its bounds, its workers' cumulative counters, and
+    the source's mixture weight now and (the largest) ahead."""
+
+    job: str
+    source: str
+    size: int
+    base: int
+    maximum: int
+    counters: Mapping[str, tuple[float, float]]  # role_id → (units loaded, seconds busy), cumulative
+    weight_now: float
+    weight_ahead: float
+
+
+@dataclass(frozen=True)
+class Resize:
+    job: str
+    source: str
+    size: int
+    reason: str
+
+
+@dataclass
+class _Pool:
+    capacity: float | None = None     # units per busy second per worker (smoothed)
+    grow_streak: int = 0
+    shrink_since: float | None = None
+
+
+@dataclass
+class PoolAutoscaler:
+    """Decides pool resizes from successive readings. One per leader term: a new leader starts
+    fresh (its first evaluation only records the counters)."""
+
+    target_utilization: Mapping[str, float] = field(default_factory=dict)  # job → target (default 0.7)
+    _pools: dict[tuple[str, str], _Pool] = field(default_factory=dict)
+    _last: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _last_time: float | None = None
+
+    def evaluate(self, now: float, readings: Iterable[PoolReading], *, memory_ok: bool = True) -> list[Resize]:
+        readings = list(readings)
+        deltas = {}
+        for r in readings:
+            units = busy = 0.0
+            for rid, (u, b) in r.counters.items():
+                prev = self._last.get(rid)
+                if prev is not None:  # a worker's first reading only sets its baseline
+                    pu, pb = prev
+                    # counters restart from 0 with a restarted process
+                    units += u - pu if u >= pu else u
+                    busy += b - pb if b >= pb else b
+                self._last[rid] = (u, b)
+            deltas[(r.job, r.source)] = (units, busy)
+        live = {rid for r in readings for rid in r.counters}
+        for rid in list(self._last):
+            if rid not in live:
+                del self._last[rid]
+        dt = None if self._last_time is None else now - self._last_time
+        self._last_time = now
+        if dt is None or dt <= 0:
+            return []
+        job_rate: dict[str, float] = {}
+        for (job, _), (units, _) in deltas.items():
+            job_rate[job] = job_rate.get(job, 0.0) + units / dt
+        out = []
+        for r in readings:
+            size = self._decide(now, dt, r, deltas[(r.job, r.source)], job_rate.get(r.job, 0.0), memory_ok)
+            if size is not None:
+                out.append(size)
+        return out
+
+    def _decide(self, now: float, dt: float, r: PoolReading, delta: tuple[float, float], job_rate: float,
+                memory_ok: bool) -> Resize | None:
+        pool = self._pools.setdefault((r.job, r.source), _Pool())
+        units, busy = delta
+        if busy >= _MIN_BUSY_S:
+            measured = units / busy
+            pool.capacity = measured if pool.capacity is None else (
+                _SMOOTHING * measured + (1 - _SMOOTHING) * pool.capacity)
+        workers = max(1, len(r.counters))
+        utilization = busy / (dt * workers)
+        rate = units / dt
+        if r.weight_now > 0:
+            demand = rate * r.weight_ahead / r.weight_now
+        else:
+            demand = job_rate * r.weight_ahead
+        target = self.target_utilization.get(r.job, 0.7)
+        if pool.capacity is None or pool.capacity <= 0:
+            wanted = r.size
+        else:  # within DEAD_BAND of a whole worker counts as enough: no flapping on rounding noise
+            wanted = math.ceil(demand / (pool.capacity * target) - DEAD_BAND)
+        saturated = utilization > SATURATED
+        if saturated:
+            wanted = max(wanted, r.size + 1)
+        wanted = min(max(wanted, r.base), r.maximum)
+        why = (f"demand {demand:.1f} units/s, capacity {pool.capacity or 0:.1f}/worker, "
+               f"utilization {utilization:.2f}{' (saturated)' if saturated else ''}")
+        if wanted > r.size:
+            pool.shrink_since = None
+            pool.grow_streak += 1
+            if pool.grow_streak >= GROW_AFTER and memory_ok:
+                pool.grow_streak = 0
+                return Resize(r.job, r.source, min(wanted, 2 * r.size), why)
+            return None
+        pool.grow_streak = 0
+        if wanted < r.size:
+            if pool.shrink_since is None:
+                pool.shrink_since = now
+            elif now - pool.shrink_since >= SHRINK_AFTER_S:
+                pool.shrink_since = now
+                return Resize(r.job, r.source, r.size - 1, why)
+            return None
+        pool.shrink_since = None
+        return None
+
+
+def weights_now_and_ahead(spec: JobSpec, step: int) -> dict[str, tuple[float, float]]:
+    """Source → (its mixture weight at ``step``, its largest weight in ``[step, step + lookahead]``).
+
+    Exact for every schedule kind: a piecewise or linear schedule takes its extremes at the
+    window's ends or at its own points, so those are the only steps evaluated.
+    """
+    names = [s.name for s in spec.sources]
+    schedule = MixtureSchedule(spec.mixture.kind, spec.mixture.as_points(), names)
+    end = step + spec.autoscale.lookahead_steps
+    steps = sorted({step, end, *(p for p, _ in spec.mixture.points if step < p <= end)})
+    w = schedule.weights(np.asarray(steps, dtype=np.int64))
+    return {n: (float(w[0, i]), float(w[:, i].max())) for i, n in enumerate(schedule.sources)}
+
+
+def pool_bounds(spec: JobSpec, source: str, default_workers: int) -> tuple[int, int]:
+    """(base, maximum) pool size of ``source``: the configured size, and how far it may grow."""
+    s = next(x for x in spec.sources if x.name == source)
+    base = s.workers or default_workers
+    if not spec.autoscale.enabled:
+        return base, base
+    return base, max(base, spec.autoscale.max_workers or 4 * base)

@@ -1,0 +1,186 @@
+"""What the leader decides, once per loop turn, while it holds the lease.
+
+- Skipped samples reported by constructors (anywhere) are recorded, so a replay drops them too.
+- Trainers' host declarations, passed on in the members' heartbeats, are recorded
+  (``trainer_host``), newest per rank.
+- Source-loader pools are resized from the loaders' counters (see ``cluster.autoscale``).
+- Every job's roles are placed (see ``cluster.placement``): new roles, roles of dead daemons,
+  constructors away from their trainers' host; roles no job wants any more are released.
+- Trainer progress, as the constructors report it, is recorded every ``PROGRESS_EVERY_S``.
+
+Nothing here touches a socket: decisions go through ``propose`` (the daemon's: append to the
+checkpoint log and replicate), and the replicated state is where they take effect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+
+from .cluster.autoscale import (
+    EVALUATE_EVERY_S,
+    PoolAutoscaler,
+    PoolReading,
+    pool_bounds,
+    weights_now_and_ahead,
+)
+from .cluster.controller import ClusterController
+from .cluster.placement import (
+    MEMORY_GUARD_PERCENT,
+    group_hosts,
+    nodes_on_host,
+    place_roles,
+    wanted_roles,
+)
+from .config import NodeConfig
+from .job import JobRuntime
+
+__all__ = ["PROGRESS_EVERY_S", "Leadership"]
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 1.0
+
+Entries = list[tuple[str, dict]]
+
+
+class Leadership:
+    """The leader's duties for the daemon ``cfg.node_id``; ``jobs`` is the daemon's (live) job table."""
+
+    def __init__(self, cfg: NodeConfig, cluster: ClusterController, jobs: Mapping[str, JobRuntime],
+                 propose: Callable[[Entries, float], bool]) -> None:
+        self.cfg, self.cluster, self.jobs, self.propose = cfg, cluster, jobs, propose
+        self.pending_skips: list[dict] = []  # skip reports received while leader, not yet proposed
+        self._next_progress = 0.0
+        self._next_autoscale = 0.0
+        self._autoscaler: tuple[float | None, PoolAutoscaler] | None = None  # (leader since, its autoscaler)
+
+    def run(self, now: float) -> None:
+        """One turn of the leader's duties (call only while this daemon holds the lease)."""
+        state = self.cluster.state
+        if self.pending_skips:
+            skips, self.pending_skips = self.pending_skips, []
+            self.propose([("sample_skipped", s) for s in skips if s["job"] in state.jobs
+                           and not state.jobs[s["job"]]["cancelled"]], now)
+        self._record_hosts(now)
+        if not self.cluster.settled(now):
+            return  # wait until every live member had a chance to say so before moving roles
+        members = self.cluster.members.members
+        live = self.cluster.members.live(now)
+        if now >= self._next_autoscale:
+            self._next_autoscale = now + EVALUATE_EVERY_S
+            resizes = self._autoscale(now, live)
+            if resizes:
+                self.propose(resizes, now)  # applied at once: the placement below sees the new sizes
+        load = Counter(r["node"] for r in state.roles.values())
+        cpu = {n: v.telemetry.get("cpu_percent", 0.0) for n, v in members.items()}
+        memory = {n: v.telemetry.get("mem_used_percent", 0.0) for n, v in members.items()}
+        names = {p.node_id: {p.node_id, p.control.rsplit(":", 1)[0].split("://")[-1],
+                             members[p.node_id].telemetry.get("hostname", p.node_id)}
+                 for p in self.cfg.cluster.peers if p.node_id in members}
+        entries: list[tuple[str, dict]] = []
+        for name, job in self.jobs.items():
+            if job.state != "ready" or state.jobs.get(name, {}).get("cancelled", True):
+                continue
+            group_nodes = {g: nodes_on_host(host, names)
+                           for g, host in group_hosts(job.spec, state.hosts.get(name, {})).items()}
+            wants = {w.role_id: w for w in wanted_roles(job.spec, fingerprint=job.fingerprint,
+                                                         default_workers=self.cfg.loader_workers,
+                                                         standby=len(self.cfg.cluster.peers) > 1,
+                                                         group_nodes=group_nodes,
+                                                         pool_sizes=state.pools.get(name))}
+            # a role whose arguments changed (a new fingerprint, say) is placed afresh
+            current = {rid: r["node"] for rid, r in state.roles.items()
+                       if r["job"] == name and rid in wants and r["extra"] == wants[rid].extra}
+            moves = place_roles(list(wants.values()), live=live, current=current, load=load, cpu=cpu, memory=memory)
+            for rid, node in moves.items():
+                want = wants[rid]
+                entries.append(("role_assigned", {"role_id": rid, "job": name, "kind": want.kind, "node": node,
+                                                  "extra": want.extra}))
+            entries += [("role_released", {"role_id": rid, "reason": "no longer wanted"})
+                        for rid, r in state.roles.items() if r["job"] == name and rid not in wants]
+        if entries:
+            for kind, data in entries:
+                log.info("%s %s → %s", kind, data["role_id"], data.get("node", "-"))
+            self.propose(entries, now)
+        if now >= self._next_progress:
+            self._next_progress = now + PROGRESS_EVERY_S
+            self._record_progress(now)
+
+    def _autoscale(self, now: float, live: list[str]) -> list[tuple[str, dict]]:
+        """Pool resizes from the loaders' counters in the members' heartbeats (see ``autoscale``)."""
+        if self._autoscaler is None or self._autoscaler[0] != self.cluster.leader_since:
+            self._autoscaler = (self.cluster.leader_since, PoolAutoscaler())  # fresh each term
+        scaler = self._autoscaler[1]
+        state, members = self.cluster.state, self.cluster.members.members
+        counters: dict[str, tuple[float, float]] = {}
+        for node in live:
+            for rid, t in members[node].telemetry.get("role_processes", {}).items():
+                if isinstance(t, dict) and isinstance(t.get("units"), (int, float)) \
+                        and isinstance(t.get("busy_s"), (int, float)):
+                    counters[rid] = (float(t["units"]), float(t["busy_s"]))
+        readings = []
+        for name, job in self.jobs.items():
+            if job.state != "ready" or state.jobs.get(name, {}).get("cancelled", True):
+                continue
+            scaler.target_utilization = {**scaler.target_utilization, name: job.spec.autoscale.target_utilization}
+            progress = state.progress.get(name)
+            weights = weights_now_and_ahead(job.spec, min(progress.values()) if progress else 0)
+            for s in job.spec.sources:
+                base, maximum = pool_bounds(job.spec, s.name, self.cfg.loader_workers)
+                prefix = f"{name}/loader/{s.name}/"
+                readings.append(PoolReading(name, s.name, state.pools.get(name, {}).get(s.name, base), base, maximum,
+                                            {r: c for r, c in counters.items() if r.startswith(prefix)},
+                                            *weights[s.name]))
+        memory_ok = any(members[n].telemetry.get("mem_used_percent", 0.0) < MEMORY_GUARD_PERCENT for n in live)
+        out = []
+        for r in scaler.evaluate(now, readings, memory_ok=memory_ok):
+            log.info("job %s: pool %s %d → %d workers (%s)", r.job, r.source,
+                     state.pools.get(r.job, {}).get(r.source, 0) or pool_bounds(self.jobs[r.job].spec, r.source,
+                                                                                 self.cfg.loader_workers)[0],
+                     r.size, r.reason)
+            out.append(("pool_resized", {"job": r.job, "source": r.source, "workers": r.size}))
+        return out
+
+    def _record_hosts(self, now: float) -> None:
+        """Record the trainers' host declarations the members pass on (the newest per rank)."""
+        state = self.cluster.state
+        newest: dict[tuple[str, int, int], tuple[str, int]] = {}
+        for member in self.cluster.members.members.values():
+            for decl in member.telemetry.get("trainer_hosts", ()):
+                try:
+                    job, dp, mp, host, ms = decl
+                    key, value = (str(job), int(dp), int(mp)), (str(host), int(ms))
+                except (TypeError, ValueError):
+                    continue  # a malformed declaration from a peer: ignored
+                if key not in newest or value[1] > newest[key][1]:
+                    newest[key] = value
+        entries = []
+        for (job, dp, mp), (host, ms) in sorted(newest.items()):
+            entry = state.jobs.get(job)
+            recorded = state.trainer_host(job, dp, mp)
+            if (entry is None or entry["cancelled"] or not 0 <= dp < entry["dp_size"] or mp < 0 or not host
+                    or ms < 0 or (recorded is not None and (recorded[0] == host or recorded[1] >= ms))):
+                continue
+            log.info("job %s: trainer dp %d mp %d runs on host %s", job, dp, mp, host)
+            entries.append(("trainer_host", {"job": job, "dp_rank": dp, "mp_rank": mp, "host": host,
+                                             "declared_ms": ms}))
+        if entries:
+            self.propose(entries, now)
+
+    def _record_progress(self, now: float) -> None:
+        state = self.cluster.state
+        best: dict[tuple[str, int, int], int] = {}
+        for member in self.cluster.members.members.values():
+            for rid, view in member.roles.items():
+                job = rid.split("/", 1)[0]
+                for dp, mp, step in view.get("trainers", []):
+                    key = (job, dp, mp)
+                    best[key] = max(best.get(key, 0), step)
+        entries = [("trainer_progress", {"job": job, "dp_rank": dp, "mp_rank": mp, "next_step": step})
+                   for (job, dp, mp), step in sorted(best.items())
+                   if job in state.jobs and not state.jobs[job]["cancelled"]
+                   and dp < state.jobs[job]["dp_size"] and step > state.next_step(job, dp, mp)]
+        if entries:
+            self.propose(entries, now)
