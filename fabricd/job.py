@@ -110,12 +110,14 @@ class JobRuntime:
     def constructor_role(self, dp_rank: int) -> str:
         return f"{self.spec.name}/constructor/{dp_rank // self.spec.topology.ranks_per_constructor}"
 
-    def constructor_endpoint(self, dp_rank: int, avoid: list[str] = ()) -> str | None:
-        """The live constructor (primary first, then its standby) of ``dp_rank``, not in ``avoid``."""
+    def constructor_endpoint(self, dp_rank: int, avoid: list[str] = ()) -> tuple[str, bool] | None:
+        """The live constructor of ``dp_rank`` not in ``avoid`` — its primary, else its standby —
+        as ``(endpoint, is_standby)``; None when neither is up."""
         primary = self.constructor_role(dp_rank)
-        live = [e for rid in (primary, f"{primary}/standby") if (e := self.directory.endpoint(rid)) is not None]
+        live = [(e, rid != primary) for rid in (primary, f"{primary}/standby")
+                if (e := self.directory.endpoint(rid)) is not None]
         # an avoided endpoint may only be slow, not dead: still better than nothing
-        return next((e for e in live if e not in avoid), live[0] if live else None)
+        return next((x for x in live if x[0] not in avoid), live[0] if live else None)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -131,12 +133,14 @@ class JobRuntime:
                                        reason=f"rank dp={req.dp_rank} mp={req.mp_rank} outside dp_size {topo.dp_size} × mp_size {topo.mp_size}")
         if self.state != "ready":
             return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=f"job {self.spec.name} is {self.state}")
-        endpoint = self.constructor_endpoint(req.dp_rank, req.avoid)
-        if endpoint is None:
+        found = self.constructor_endpoint(req.dp_rank, req.avoid)
+        if found is None:
             return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
                                        reason=f"the constructor of dp rank {req.dp_rank} is starting or moving")
+        endpoint, standby = found
         return protocol.Located(job=self.spec.name, fingerprint=self.fingerprint, endpoint=endpoint,
-                                dp_size=topo.dp_size, mp_size=topo.mp_size, prefetch=self.spec.batch.prefetch)
+                                dp_size=topo.dp_size, mp_size=topo.mp_size, prefetch=self.spec.batch.prefetch,
+                                standby=standby)
 
     def plan(self, req: protocol.PlanRequest) -> tuple[protocol.Message, tuple]:
         self.counters["plan_requests"] += 1

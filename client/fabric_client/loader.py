@@ -15,7 +15,9 @@ cursor on a fresh socket) when the constructor falls silent for ``stall_s``.
 
 Every ``Locate`` declares the trainer's host (``host=``, else ``$FABRIC_TRAINER_HOST``, else the
 hostname), and the leader places the rank's data constructor on a daemon of that host when
-there is one: batches then cross the loopback, not the network.
+there is one: batches then cross the loopback, not the network. While a loader is served by its
+group's standby constructor (the primary was down or moving), it asks every
+``primary_check_s`` whether the primary is up again, and moves back to it from its cursor.
 
 Promises:
 
@@ -66,6 +68,7 @@ STATE_NEXT_MICRO = "next_micro"
 
 #: ErrorReply codes that mean "ask again later" (while locating) or "relocate" (from a constructor).
 _RETRY_CODES = frozenset({ErrorCode.NOT_READY, ErrorCode.UNKNOWN_JOB, ErrorCode.STALE})
+_PROBE_TIMEOUT_S = 0.25  # how long a check for the primary constructor may hold up the trainer
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 1.0
 _DEFAULT_PREFETCH = 4
@@ -127,6 +130,7 @@ class Loader:
         context: zmq.Context | None = None,
         decode_workers: int | None = None,
         host: str | None = None,
+        primary_check_s: float = 3.0,
     ) -> None:
         addresses = [address] if isinstance(address, str) else list(address)
         if not addresses or not all(isinstance(a, str) and a for a in addresses):
@@ -139,8 +143,9 @@ class Loader:
             raise ValueError(f"mp_rank = {mp_rank!r}: must be >= 0")
         if prefetch is not None and prefetch < 1:
             raise ValueError(f"prefetch = {prefetch!r}: must be >= 1 (or None for the job's default)")
-        if deadline_s <= 0 or stall_s <= 0:
-            raise ValueError(f"deadline_s = {deadline_s!r}, stall_s = {stall_s!r}: must be positive")
+        if deadline_s <= 0 or stall_s <= 0 or primary_check_s <= 0:
+            raise ValueError(f"deadline_s = {deadline_s!r}, stall_s = {stall_s!r}, primary_check_s = "
+                             f"{primary_check_s!r}: must be positive")
         if max_steps is not None and max_steps < 0:
             raise ValueError(f"max_steps = {max_steps!r}: must be >= 0")
         if decode_workers is not None and decode_workers < 0:
@@ -159,6 +164,7 @@ class Loader:
         self.prefetch = prefetch
         self.deadline_s = float(deadline_s)
         self.stall_s = float(stall_s)
+        self.primary_check_s = float(primary_check_s)
         self.verify = verify
         self.torch = torch
         self.max_steps = max_steps
@@ -175,6 +181,9 @@ class Loader:
         self._rx_step = 0  # where the next *received* batch must be (ahead of the cursor by _pending)
         self._rx_micro = 0
         self._endpoint: str | None = None
+        self._standby = False          # the current endpoint is the group's standby constructor
+        self._primary_check_at = 0.0
+        self._address: str | None = None  # the daemon that answered the last Locate (asked first)
         self._fingerprint: str | None = None
         self._credits = _DEFAULT_PREFETCH
         self._last_error = "none"
@@ -187,6 +196,7 @@ class Loader:
             "bytes": 0,
             "wire_bytes": 0,
             "relocations": 0,
+            "primary_returns": 0,
             "locates": 0,
             "stale_dropped": 0,
             "heartbeats": 0,
@@ -238,6 +248,9 @@ class Loader:
                     continue
             stall_at = time.monotonic() + self.stall_s
             while self._sock is not None:
+                if self._standby and time.monotonic() >= self._primary_check_at \
+                        and self._return_to_primary(time.monotonic()):
+                    stall_at = time.monotonic() + self.stall_s
                 if self._drain():  # feed the decoders with whatever already arrived
                     stall_at = time.monotonic() + self.stall_s
                 if self._pending:
@@ -377,8 +390,29 @@ class Loader:
 
     # ------------------------------------------------------------------------------ locating
 
+    def _return_to_primary(self, now: float) -> bool:
+        """Ask one daemon (briefly) whether the primary constructor is up; if so, resubscribe there
+        from the cursor. Batches received from the standby but not handed out are dropped (the
+        primary sends them again: same content). True when the loader moved."""
+        self._primary_check_at = now + self.primary_check_s
+        address = self._address or self.addresses[0]
+        try:
+            located = self._ask(address, now + _PROBE_TIMEOUT_S, record=False)
+        except RemoteError:
+            return False  # a refusal here is for the normal path to meet, not the probe
+        if located is None or located.standby or located.endpoint == self._endpoint:
+            return False
+        log.info("job %r dp %d mp %d: primary constructor up at %s; leaving standby %s",
+                 self.job, self.dp_rank, self.mp_rank, located.endpoint, self._endpoint)
+        self.stats["primary_returns"] += 1
+        self._drop_stream()
+        self._subscribe(located)
+        return self._sock is not None
+
     def _connect(self, deadline: float) -> None:
-        located = self._locate(deadline)
+        self._subscribe(self._locate(deadline))
+
+    def _subscribe(self, located: protocol.Located) -> None:
         if self._fingerprint is not None and located.fingerprint != self._fingerprint:
             log.warning("job %r fingerprint changed %s → %s", self.job, self._fingerprint, located.fingerprint)
         self._fingerprint = located.fingerprint
@@ -399,6 +433,8 @@ class Loader:
             self._last_error = f"subscribe to {located.endpoint} failed: {e}"
             return
         self._sock = sock
+        self._standby = located.standby
+        self._primary_check_at = time.monotonic() + self.primary_check_s
         self.stats["endpoint"] = located.endpoint
         log.info("job %r dp %d mp %d subscribed at %s from step %d micro %d",
                  self.job, self.dp_rank, self.mp_rank, located.endpoint, self._step, self._micro)
@@ -411,6 +447,7 @@ class Loader:
                     self._fail("could not locate the constructor")
                 located = self._ask(address, deadline)
                 if located is not None:
+                    self._address = address
                     return located
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -418,9 +455,11 @@ class Loader:
             time.sleep(min(backoff, remaining))
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
-    def _ask(self, address: str, deadline: float) -> protocol.Located | None:
-        """Hello + Locate at one daemon; None (with ``_last_error`` set) when worth retrying."""
-        self.stats["locates"] += 1
+    def _ask(self, address: str, deadline: float, record: bool = True) -> protocol.Located | None:
+        """Hello + Locate at one daemon; None (with ``_last_error`` set) when worth retrying.
+        ``record=False``: a probe, which neither counts nor leaves its error behind."""
+        self.stats["locates"] += record
+        last_error = self._last_error
         sock = self._new_socket(address)
         try:
             welcome = self._request(sock, address, protocol.Hello(PROTOCOL_VERSION, "trainer"), deadline)
@@ -444,6 +483,8 @@ class Loader:
             return located
         finally:
             sock.close(linger=0)
+            if not record:
+                self._last_error = last_error
 
     def _request(
         self, sock: zmq.Socket, address: str, msg: protocol.Message, deadline: float

@@ -320,6 +320,7 @@ class Located(Message):
     dp_size: int
     mp_size: int
     prefetch: int
+    standby: bool = False  # the endpoint is the group's standby: its primary is down or starting
 
 
 # --------------------------------------------------------------------------------------------

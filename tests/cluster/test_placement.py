@@ -6,15 +6,17 @@ Marker ``cluster``; bounded (~15 s), runs in CI.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
+from fabric_client import Loader
 from fabricd.localnode import LocalCluster
 
 from ..conftest import write_job
 from ..integration.test_data_path import assert_exact, expected
-from .test_failover import consume_all, logs_prefix_consistent, submit_to_leader
+from .test_failover import logs_prefix_consistent, submit_to_leader
 
 pytestmark = [pytest.mark.cluster]
 
@@ -26,7 +28,7 @@ def placement(status: dict) -> dict[str, str]:
 @pytest.mark.timeout(180)
 def test_constructors_move_to_the_hosts_their_trainers_declare(tmp_path, tiny_corpus):
     job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=2, samples_per_step=12)
-    steps = 16
+    steps = 40
     with LocalCluster(tmp_path / "cluster", nodes=3, loader_workers=1) as cluster:
         leader = submit_to_leader(cluster, job_file)
         before = placement(cluster.status(leader))
@@ -34,13 +36,29 @@ def test_constructors_move_to_the_hosts_their_trainers_declare(tmp_path, tiny_co
         # primaries must move, and each standby must leave the daemon its primary moves to
         hosts = {d: before[f"t/constructor/{d}/standby"] for d in range(2)}
         assert all(before[f"t/constructor/{d}"] != hosts[d] for d in range(2))
-        out, errors = {}, []
-        for t in consume_all(cluster, 2, steps, out, errors, pace_s=0.05, hosts=hosts):
+        out, endpoints, errors = {}, {}, []
+
+        def trainer(d):
+            try:
+                with Loader(cluster.addresses, job="t", dp_rank=d, dp_size=2, max_steps=steps, deadline_s=90,
+                            stall_s=1.0, host=hosts[d], primary_check_s=0.5) as loader:
+                    out[d] = []
+                    for b in loader:
+                        out[d].append(((b.step, b.dp_rank, b.micro_batch), b.checksum))
+                        time.sleep(0.05)
+                    endpoints[d] = loader.stats["endpoint"]
+            except Exception as e:  # surfaced below
+                errors.append((d, e))
+
+        threads = [threading.Thread(target=trainer, args=(d,)) for d in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
             t.join(150)
         assert not errors, errors
         want = expected(job_file, range(steps))
         for d in range(2):
-            assert_exact([(k, c) for k, c, _ in out[d]], want, d)
+            assert_exact(out[d], want, d)
 
         deadline = time.monotonic() + 20
         while True:
@@ -53,6 +71,8 @@ def test_constructors_move_to_the_hosts_their_trainers_declare(tmp_path, tiny_co
         for d in range(2):
             assert after[f"t/constructor/{d}/standby"] != hosts[d], "a standby shares its primary's daemon"
             assert st["jobs"]["t"]["trainer_hosts"][f"{d}/0"][0] == hosts[d]
+            primary = next(r for r in st["jobs"]["t"]["roles"] if r["id"] == f"t/constructor/{d}")
+            assert endpoints[d] == primary["endpoint"], "the trainer ended on another replica than its host's"
         loaders = {r: n for r, n in before.items() if "/loader/" in r}
         assert {r: after[r] for r in loaders} == loaders, "source loaders moved without cause"
     assert cluster.leftovers == [], "role processes outlived their daemon"

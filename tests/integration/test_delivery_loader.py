@@ -183,6 +183,8 @@ class LocatorStub(_Thread):
         self.hello_error: str | None = None
         self.locates = 0
         self.fingerprints: list[str] = []  # answer these (stale) fingerprints first, then FP
+        self.standby = False  # whether the endpoint answered is a standby constructor
+        self.hosts: list[str] = []  # the hosts the Locates declared
 
     def run(self) -> None:
         try:
@@ -198,12 +200,14 @@ class LocatorStub(_Thread):
                     )
                 elif isinstance(msg, protocol.Locate):
                     self.locates += 1
+                    self.hosts.append(msg.host)
                     if self.not_ready > 0 or self.endpoint is None:
                         self.not_ready -= 1
                         reply = protocol.ErrorReply(ErrorCode.NOT_READY, "job starting")
                     else:
                         fp = self.fingerprints.pop(0) if self.fingerprints else FP
-                        reply = protocol.Located(msg.job, fp, self.endpoint, msg.dp_size, self.mp_size, self.prefetch)
+                        reply = protocol.Located(msg.job, fp, self.endpoint, msg.dp_size, self.mp_size, self.prefetch,
+                                                 standby=self.standby)
                 else:
                     reply = protocol.ErrorReply(ErrorCode.BAD_REQUEST, msg.TYPE)
                 self.sock.send_multipart([identity, *protocol.encode(reply)])
@@ -363,6 +367,31 @@ def test_farewell_of_a_stopping_constructor_relocates_at_once(ctx, stubs) -> Non
         assert loader.stats["endpoint"] == second.endpoint
     assert got == expected_sequence(0, (0, 0), len(got))
     assert time.monotonic() - started < 20
+
+
+@pytest.mark.timeout(30)
+def test_loader_on_a_standby_returns_to_its_primary_once_it_is_up(ctx, stubs) -> None:
+    standby = stubs(ConstructorStub(ctx))
+    loc = stubs(LocatorStub(ctx, standby.endpoint, prefetch=2))
+    loc.standby = True
+    got = []
+    with Loader(loc.address, job=JOB, dp_rank=0, dp_size=1, stall_s=60, deadline_s=20,
+                primary_check_s=0.2, host="gpu-node-7", context=ctx) as loader:
+        for batch in loader:
+            got.append(received(batch))
+            time.sleep(0.03)
+            if len(got) == 3:  # the primary is up again
+                primary = stubs(ConstructorStub(ctx))
+                loc.endpoint, loc.standby = primary.endpoint, False
+            if len(got) == 15:
+                assert loader.stats["primary_returns"] == 1 and loader.stats["relocations"] == 0
+                assert loader.stats["endpoint"] == primary.endpoint
+                probes = loc.locates
+            if len(got) == 30:  # 0.45 s later: on the primary, the loader no longer probes
+                break
+    assert loc.locates == probes
+    assert got == expected_sequence(0, (0, 0), len(got))
+    assert set(loc.hosts) == {"gpu-node-7"}, "every Locate declares the trainer's host"
 
 
 @pytest.mark.timeout(30)
