@@ -35,7 +35,7 @@ from fabric_client import Loader, protocol
 
 from .cluster.log import CheckpointLog
 from .config import load_job_spec
-from .corpus import make_dataset
+from .corpus import job_toml, make_dataset
 from .expect import BatchOracle
 from .failpoints import FILE_ENV as FAILPOINTS_FILE_ENV
 from .localnode import LocalCluster
@@ -102,38 +102,6 @@ def make_corpus(out: Path, samples: int = 64, seed: int = 5) -> None:
     make_dataset(out, samples_per_source=samples, seed=seed, corrupt_fraction=0.02, progress=False)
 
 
-JOB_TEMPLATE = """
-[job]
-name = "chaos"
-seed = 17
-[topology]
-dp_size = {dp_size}
-ranks_per_constructor = 1
-[batch]
-samples_per_step = 8
-micro_batch_tokens = 8192
-prefetch = 2
-[tokens]
-image_tokens = 16
-image_size = 32
-[cost]
-per_image = 1024.0
-[[buckets]]
-name = "short"
-max_seq_len = 2048
-[[buckets]]
-name = "long"
-max_seq_len = 8192
-long_samples = "split"
-{sources}
-[mixture]
-kind = "constant"
-[[mixture.points]]
-step = 0
-weights = {{ captions = 0.3, interleaved = 0.2, longdocs = 0.1, code = 0.2, ocr = 0.2 }}
-"""
-
-
 class ChaosRun:
     """A local fabric + trainer threads + a seeded fault schedule."""
 
@@ -164,11 +132,9 @@ class ChaosRun:
         corpus = self.workdir / "corpus"
         if not corpus.exists():
             make_corpus(corpus)
-        sources = "".join(f'[[sources]]\nname = "{s}"\npath = "{corpus / s}"\n'
-                          + ('bucket = "long"\n' if s == "longdocs" else "") + "\n"
-                          for s in ("captions", "interleaved", "longdocs", "code", "ocr"))
         self.job_file = self.workdir / "chaos.toml"
-        self.job_file.write_text(JOB_TEMPLATE.format(dp_size=self.dp_size, sources=sources))
+        self.job_file.write_text(job_toml(corpus, name="chaos", seed=17, dp_size=self.dp_size, samples_per_step=8,
+                                          prefetch=2))
         if self.netns:
             self.lab = NetnsLab(self.nodes)
         self.armed = self.workdir / "failpoints"  # what a process reads on SIGUSR1 (the one signalled only)

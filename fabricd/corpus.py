@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-__all__ = ["SOURCES", "make_dataset", "main"]
+__all__ = ["SOURCES", "make_dataset", "job_toml", "main"]
 
 SOURCES = ("captions", "interleaved", "longdocs", "code", "ocr")
 _SAMPLES_PER_FILE = 500
@@ -402,6 +402,44 @@ def make_dataset(out: Path, samples_per_source: int, seed: int, corrupt_fraction
     for name in SOURCES:
         summary[name]["bytes"] = _dir_size(out / name)
     return summary
+
+
+def job_toml(corpus: Path, *, name: str, seed: int, dp_size: int, samples_per_step: int, prefetch: int,
+             workers: int | None = None, extra: str = "") -> str:
+    """A job spec (TOML text) over a corpus from :func:`make_dataset`: all five sources, a constant
+    mixture, long documents split into a long-context bucket. ``extra`` is appended (more tables)."""
+    sources = "".join(f'[[sources]]\nname = "{s}"\npath = "{Path(corpus).absolute() / s}"\n'
+                      + (f"workers = {workers}\n" if workers else "")
+                      + ('bucket = "long"\n' if s == "longdocs" else "") + "\n" for s in SOURCES)
+    return f"""[job]
+name = "{name}"
+seed = {seed}
+[topology]
+dp_size = {dp_size}
+ranks_per_constructor = 1
+[batch]
+samples_per_step = {samples_per_step}
+micro_batch_tokens = 8192
+prefetch = {prefetch}
+[tokens]
+image_tokens = 16
+image_size = 32
+[cost]
+per_image = 1024.0
+[[buckets]]
+name = "short"
+max_seq_len = 2048
+[[buckets]]
+name = "long"
+max_seq_len = 8192
+long_samples = "split"
+{sources}
+[mixture]
+kind = "constant"
+[[mixture.points]]
+step = 0
+weights = {{ captions = 0.3, interleaved = 0.2, longdocs = 0.1, code = 0.2, ocr = 0.2 }}
+{extra}"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,53 +35,16 @@ for path in (ROOT, os.path.join(ROOT, "client")):
 
 from fabric_client import Loader, protocol  # noqa: E402
 from fabricd.config import load_job_spec  # noqa: E402
-from fabricd.corpus import make_dataset  # noqa: E402
+from fabricd.corpus import job_toml, make_dataset  # noqa: E402
 from fabricd.expect import BatchOracle  # noqa: E402
 from fabricd.failpoints import ROLE_ENV  # noqa: E402
 from fabricd.localnode import LocalDaemon  # noqa: E402
 
-SOURCES = ("captions", "interleaved", "longdocs", "code", "ocr")
-
-
-def job_text(corpus: Path, *, autoscale: bool, max_workers: int) -> str:
-    sources = "".join(f'[[sources]]\nname = "{s}"\npath = "{corpus / s}"\nworkers = 1\n'
-                      + ('bucket = "long"\n' if s == "longdocs" else "") + "\n" for s in SOURCES)
-    return f"""
-[job]
-name = "bench"
-seed = 3
-[topology]
-dp_size = 2
-ranks_per_constructor = 1
-[batch]
-samples_per_step = 16
-micro_batch_tokens = 8192
-prefetch = 4
-[tokens]
-image_tokens = 16
-image_size = 32
-[[buckets]]
-name = "short"
-max_seq_len = 2048
-[[buckets]]
-name = "long"
-max_seq_len = 8192
-long_samples = "split"
-{sources}
-[mixture]
-kind = "constant"
-[[mixture.points]]
-step = 0
-weights = {{ captions = 0.3, interleaved = 0.2, longdocs = 0.1, code = 0.2, ocr = 0.2 }}
-[autoscale]
-enabled = {"true" if autoscale else "false"}
-max_workers = {max_workers}
-"""
-
-
 def phase(work: Path, corpus: Path, *, autoscale: bool, args: argparse.Namespace) -> dict:
     job_file = work / f"job-{'on' if autoscale else 'off'}.toml"
-    job_file.write_text(job_text(corpus, autoscale=autoscale, max_workers=args.max_workers))
+    job_file.write_text(job_toml(corpus, name="bench", seed=3, dp_size=2, samples_per_step=16, prefetch=4, workers=1,
+                                 extra=f"[autoscale]\nenabled = {'true' if autoscale else 'false'}\n"
+                                       f"max_workers = {args.max_workers}\n"))
     env = {ROLE_ENV: f"loader.before_load=sleep({args.latency_ms})"}
     with LocalDaemon(work / f"node-{'on' if autoscale else 'off'}", node_id="bench", loader_workers=1,
                      extra_env=env) as daemon:
