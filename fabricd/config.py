@@ -348,6 +348,7 @@ class AutoscaleSpec:
     max_workers: int = 0              # per source; 0 = 4 × the source's base pool size
     target_utilization: float = 0.7   # busy fraction a pool is sized for
     lookahead_steps: int = 200        # the mixture schedule is read this far ahead of the trainers
+    cpu_guard_percent: float = 90.0   # no growth while every daemon's CPU is above this (0: no CPU guard)
 
 
 @dataclass(frozen=True)
@@ -519,7 +520,10 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
         max_workers=auto_t.int("max_workers", 0, min=0, max=256),
         target_utilization=auto_t.float("target_utilization", 0.7, positive=True),
         lookahead_steps=auto_t.int("lookahead_steps", 200, min=0, max=1 << 30),
+        cpu_guard_percent=auto_t.float("cpu_guard_percent", 90.0, min=0.0),
     )
+    if autoscale.cpu_guard_percent > 100:
+        raise auto_t.error("cpu_guard_percent", autoscale.cpu_guard_percent, "must be <= 100 (0 turns the guard off)")
     if autoscale.target_utilization >= 1.0:
         raise auto_t.error("target_utilization", autoscale.target_utilization, "must be < 1 (a busy fraction)")
 

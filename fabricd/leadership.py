@@ -133,9 +133,13 @@ class Leadership:
                 readings.append(PoolReading(name, s.name, state.pools.get(name, {}).get(s.name, base), base, maximum,
                                             {r: c for r, c in counters.items() if r.startswith(prefix)},
                                             *weights[s.name]))
-        memory_ok = any(members[n].telemetry.get("mem_used_percent", 0.0) < MEMORY_GUARD_PERCENT for n in live)
+        headroom = {name: any(members[n].telemetry.get("mem_used_percent", 0.0) < MEMORY_GUARD_PERCENT
+                              and (not job.spec.autoscale.cpu_guard_percent
+                                   or members[n].telemetry.get("cpu_percent", 0.0) < job.spec.autoscale.cpu_guard_percent)
+                              for n in live)
+                    for name, job in self.jobs.items()}
         out = []
-        for r in scaler.evaluate(now, readings, memory_ok=memory_ok):
+        for r in scaler.evaluate(now, readings, headroom=headroom):
             log.info("job %s: pool %s %d → %d workers (%s)", r.job, r.source,
                      state.pools.get(r.job, {}).get(r.source, 0) or pool_bounds(self.jobs[r.job].spec, r.source,
                                                                                  self.cfg.loader_workers)[0],

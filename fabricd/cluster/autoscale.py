@@ -14,7 +14,8 @@ trainers are in the mixture schedule. From the counters' deltas since the last e
 The wanted size is ``ceil(demand / (capacity × target_utilization))``, and at least one more
 worker while the pool is saturated (a saturated pool hides the demand it cannot serve), clamped
 to ``[base, maximum]``. Hysteresis: a pool grows (at most doubling) once ``GROW_AFTER``
-evaluations in a row wanted more and no daemon is short of memory; it shrinks by one worker
+evaluations in a row wanted more and some daemon has headroom (memory and CPU below their
+guards: a worker added where every CPU is busy only adds contention); it shrinks by one worker
 after wanting less for ``SHRINK_AFTER_S``, and again only as long later.
 
 Pool sizes change *when* batches arrive, never *what* they contain (the determinism contract).
@@ -83,7 +84,10 @@ class PoolAutoscaler:
     _last: dict[str, tuple[float, float]] = field(default_factory=dict)
     _last_time: float | None = None
 
-    def evaluate(self, now: float, readings: Iterable[PoolReading], *, memory_ok: bool = True) -> list[Resize]:
+    def evaluate(self, now: float, readings: Iterable[PoolReading], *,
+                 headroom: bool | Mapping[str, bool] = True) -> list[Resize]:
+        """Resizes due at ``now``. ``headroom`` (for all jobs, or per job): some live daemon could
+        take another worker. Call once per evaluation with every pool: rates are per call."""
         readings = list(readings)
         deltas = {}
         for r in readings:
@@ -110,13 +114,14 @@ class PoolAutoscaler:
             job_rate[job] = job_rate.get(job, 0.0) + units / dt
         out = []
         for r in readings:
-            size = self._decide(now, dt, r, deltas[(r.job, r.source)], job_rate.get(r.job, 0.0), memory_ok)
+            ok = headroom if isinstance(headroom, bool) else headroom.get(r.job, True)
+            size = self._decide(now, dt, r, deltas[(r.job, r.source)], job_rate.get(r.job, 0.0), ok)
             if size is not None:
                 out.append(size)
         return out
 
     def _decide(self, now: float, dt: float, r: PoolReading, delta: tuple[float, float], job_rate: float,
-                memory_ok: bool) -> Resize | None:
+                headroom: bool) -> Resize | None:
         pool = self._pools.setdefault((r.job, r.source), _Pool())
         units, busy = delta
         if busy >= _MIN_BUSY_S:
@@ -144,7 +149,7 @@ class PoolAutoscaler:
         if wanted > r.size:
             pool.shrink_since = None
             pool.grow_streak += 1
-            if pool.grow_streak >= GROW_AFTER and memory_ok:
+            if pool.grow_streak >= GROW_AFTER and headroom:
                 pool.grow_streak = 0
                 return Resize(r.job, r.source, min(wanted, 2 * r.size), why)
             return None

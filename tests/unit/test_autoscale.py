@@ -17,8 +17,10 @@ class Pool:
     """A simulated pool: ``workers`` each loading ``capacity`` units per busy second, asked for
     ``demand`` units per second (served up to what the workers can do)."""
 
-    def __init__(self, workers: int, capacity: float, demand: float, base: int = 1, maximum: int = 8) -> None:
+    def __init__(self, workers: int, capacity: float, demand: float, base: int = 1, maximum: int = 8,
+                 job: str = "j") -> None:
         self.workers, self.capacity, self.demand, self.base, self.maximum = workers, capacity, demand, base, maximum
+        self.job = job
         self.units = {}
         self.busy = {}
         self.weights = (0.5, 0.5)
@@ -26,22 +28,22 @@ class Pool:
     def run(self, dt: float) -> None:
         served = min(self.demand, self.workers * self.capacity)
         for w in range(self.workers):
-            rid = f"j/loader/s/{w}"
+            rid = f"{self.job}/loader/s/{w}"
             self.units[rid] = self.units.get(rid, 0.0) + served * dt / self.workers
             self.busy[rid] = self.busy.get(rid, 0.0) + served * dt / self.workers / self.capacity
 
     def reading(self) -> PoolReading:
         counters = {r: (self.units[r], self.busy[r]) for r in self.units if int(r.rsplit("/", 1)[1]) < self.workers}
-        return PoolReading("j", "s", self.workers, self.base, self.maximum, counters, *self.weights)
+        return PoolReading(self.job, "s", self.workers, self.base, self.maximum, counters, *self.weights)
 
 
-def drive(scaler: PoolAutoscaler, pool: Pool, seconds: float, *, memory_ok: bool = True, dt: float = 2.0,
+def drive(scaler: PoolAutoscaler, pool: Pool, seconds: float, *, headroom: bool = True, dt: float = 2.0,
           start: float = 0.0) -> list[int]:
     """Evaluate every ``dt`` for ``seconds``, applying resizes; returns the sizes decided."""
     sizes, t = [], start
     while t <= start + seconds:
         pool.run(dt)
-        for r in scaler.evaluate(t, [pool.reading()], memory_ok=memory_ok):
+        for r in scaler.evaluate(t, [pool.reading()], headroom=headroom):
             sizes.append(r.size)
             pool.workers = r.size
         t += dt
@@ -56,12 +58,12 @@ def test_a_saturated_pool_grows_until_it_keeps_up_then_holds():
     assert drive(PoolAutoscaler(), Pool(workers=6, capacity=100.0, demand=420.0), 60) == []
 
 
-def test_growth_waits_for_consecutive_evaluations_and_for_memory():
+def test_growth_waits_for_consecutive_evaluations_and_for_headroom():
     pool = Pool(workers=1, capacity=100.0, demand=300.0)
     scaler = PoolAutoscaler()
     # the first evaluation only records; then GROW_AFTER evaluations wanting more
     assert drive(scaler, pool, 2.0 * GROW_AFTER - 0.1) == []
-    assert drive(PoolAutoscaler(), Pool(workers=1, capacity=100.0, demand=300.0), 60, memory_ok=False) == []
+    assert drive(PoolAutoscaler(), Pool(workers=1, capacity=100.0, demand=300.0), 60, headroom=False) == []
 
 
 def test_an_idle_pool_shrinks_one_worker_at_a_time_back_to_its_base():
@@ -104,3 +106,16 @@ def test_pool_bounds_come_from_the_spec(tmp_path):
     assert pool_bounds(off, "captions", 2) == (2, 2)
     capped = load_job_spec(write_job(tmp_path / "m.toml", tmp_path, extra="[autoscale]\nmax_workers = 3\n"))
     assert pool_bounds(capped, "captions", 2) == (2, 3)
+
+
+def test_headroom_is_per_job_and_one_evaluation_covers_every_pool():
+    scaler = PoolAutoscaler()
+    a, b = Pool(workers=1, capacity=100.0, demand=300.0, job="a"), Pool(workers=1, capacity=100.0, demand=300.0, job="b")
+    grown = []
+    for t in range(0, 20, 2):
+        a.run(2.0)
+        b.run(2.0)
+        for r in scaler.evaluate(float(t), [a.reading(), b.reading()], headroom={"a": False, "b": True}):
+            grown.append(r.job)
+            (a if r.job == "a" else b).workers = r.size
+    assert grown and set(grown) == {"b"} and a.workers == 1
