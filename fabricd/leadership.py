@@ -74,10 +74,10 @@ class Leadership:
             if resizes:
                 self.propose(resizes, now)  # applied at once: the placement below sees the new sizes
         load = Counter(r["node"] for r in state.roles.values())
-        cpu = {n: v.telemetry.get("cpu_percent", 0.0) for n, v in members.items()}
-        memory = {n: v.telemetry.get("mem_used_percent", 0.0) for n, v in members.items()}
+        cpu = {n: _number(v.telemetry, "cpu_percent") for n, v in members.items()}
+        memory = {n: _number(v.telemetry, "mem_used_percent") for n, v in members.items()}
         names = {p.node_id: {p.node_id, p.control.rsplit(":", 1)[0].split("://")[-1],
-                             members[p.node_id].telemetry.get("hostname", p.node_id)}
+                             str(members[p.node_id].telemetry.get("hostname", p.node_id))}
                  for p in self.cfg.cluster.peers if p.node_id in members}
         entries: list[tuple[str, dict]] = []
         for name, job in self.jobs.items():
@@ -116,7 +116,8 @@ class Leadership:
         state, members = self.cluster.state, self.cluster.members.members
         counters: dict[str, tuple[float, float]] = {}
         for node in live:
-            for rid, t in members[node].telemetry.get("role_processes", {}).items():
+            processes = members[node].telemetry.get("role_processes")
+            for rid, t in (processes.items() if isinstance(processes, dict) else ()):
                 if isinstance(t, dict) and isinstance(t.get("units"), (int, float)) \
                         and isinstance(t.get("busy_s"), (int, float)):
                     counters[rid] = (float(t["units"]), float(t["busy_s"]))
@@ -133,9 +134,9 @@ class Leadership:
                 readings.append(PoolReading(name, s.name, state.pools.get(name, {}).get(s.name, base), base, maximum,
                                             {r: c for r, c in counters.items() if r.startswith(prefix)},
                                             *weights[s.name]))
-        headroom = {name: any(members[n].telemetry.get("mem_used_percent", 0.0) < MEMORY_GUARD_PERCENT
+        headroom = {name: any(_number(members[n].telemetry, "mem_used_percent") < MEMORY_GUARD_PERCENT
                               and (not job.spec.autoscale.cpu_guard_percent
-                                   or members[n].telemetry.get("cpu_percent", 0.0) < job.spec.autoscale.cpu_guard_percent)
+                                   or _number(members[n].telemetry, "cpu_percent") < job.spec.autoscale.cpu_guard_percent)
                               for n in live)
                     for name, job in self.jobs.items()}
         out = []
@@ -152,20 +153,21 @@ class Leadership:
         state = self.cluster.state
         newest: dict[tuple[str, int, int], tuple[str, int]] = {}
         for member in self.cluster.members.members.values():
-            for decl in member.telemetry.get("trainer_hosts", ()):
-                try:
-                    job, dp, mp, host, ms = decl
-                    key, value = (str(job), int(dp), int(mp)), (str(host), int(ms))
-                except (TypeError, ValueError):
+            decls = member.telemetry.get("trainer_hosts")
+            for decl in decls if isinstance(decls, list) else ():
+                if not (isinstance(decl, list) and len(decl) == 5 and isinstance(decl[0], str)
+                        and all(_is_count(x) for x in (decl[1], decl[2], decl[4])) and isinstance(decl[3], str)):
                     continue  # a malformed declaration from a peer: ignored
+                job, dp, mp, host, ms = decl
+                key, value = (job, dp, mp), (host, ms)
                 if key not in newest or value[1] > newest[key][1]:
                     newest[key] = value
         entries = []
         for (job, dp, mp), (host, ms) in sorted(newest.items()):
             entry = state.jobs.get(job)
             recorded = state.trainer_host(job, dp, mp)
-            if (entry is None or entry["cancelled"] or not 0 <= dp < entry["dp_size"] or mp < 0 or not host
-                    or ms < 0 or (recorded is not None and (recorded[0] == host or recorded[1] >= ms))):
+            if (entry is None or entry["cancelled"] or dp >= entry["dp_size"] or not host
+                    or (recorded is not None and (recorded[0] == host or recorded[1] >= ms))):
                 continue
             log.info("job %s: trainer dp %d mp %d runs on host %s", job, dp, mp, host)
             entries.append(("trainer_host", {"job": job, "dp_rank": dp, "mp_rank": mp, "host": host,
@@ -179,12 +181,24 @@ class Leadership:
         for member in self.cluster.members.members.values():
             for rid, view in member.roles.items():
                 job = rid.split("/", 1)[0]
-                for dp, mp, step in view.get("trainers", []):
-                    key = (job, dp, mp)
-                    best[key] = max(best.get(key, 0), step)
+                trainers = view.get("trainers") if isinstance(view, dict) else None
+                for position in trainers if isinstance(trainers, list) else ():
+                    if isinstance(position, list) and len(position) == 3 and all(map(_is_count, position)):
+                        dp, mp, step = position
+                        best[(job, dp, mp)] = max(best.get((job, dp, mp), 0), step)
         entries = [("trainer_progress", {"job": job, "dp_rank": dp, "mp_rank": mp, "next_step": step})
                    for (job, dp, mp), step in sorted(best.items())
                    if job in state.jobs and not state.jobs[job]["cancelled"]
                    and dp < state.jobs[job]["dp_size"] and step > state.next_step(job, dp, mp)]
         if entries:
             self.propose(entries, now)
+
+
+def _number(telemetry: Mapping, key: str) -> float:
+    """A numeric telemetry field from a peer's heartbeat; 0 when absent or not a number."""
+    value = telemetry.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
