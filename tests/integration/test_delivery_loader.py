@@ -383,11 +383,11 @@ def test_loader_on_a_standby_returns_to_its_primary_once_it_is_up(ctx, stubs) ->
             if len(got) == 3:  # the primary is up again
                 primary = stubs(ConstructorStub(ctx))
                 loc.endpoint, loc.standby = primary.endpoint, False
-            if len(got) == 15:
+            if len(got) == 25:
                 assert loader.stats["primary_returns"] == 1 and loader.stats["relocations"] == 0
                 assert loader.stats["endpoint"] == primary.endpoint
                 probes = loc.locates
-            if len(got) == 30:  # 0.45 s later: on the primary, the loader no longer probes
+            if len(got) == 40:  # 0.45 s later: on the primary, the loader no longer probes
                 break
     assert loc.locates == probes
     assert got == expected_sequence(0, (0, 0), len(got))
