@@ -210,19 +210,7 @@ class ChaosRun:
             time.sleep(max(0.0, self.lease_s * 1.5 + self.rng.random() - (election or 0.0)))
             self.cluster.heal(target)
         elif kind == "failpoint_constructor":
-            target, pid = self._pick_role("constructor", serving=True)
-            if pid is not None:
-                detail = f"delivery.after_send=kill@{self.rng.randint(1, 4)}"
-                self.armed.write_text(detail)
-                try:
-                    os.kill(pid, signal.SIGUSR1)
-                    deadline = time.monotonic() + 10
-                    while _running(pid) and time.monotonic() < deadline:
-                        time.sleep(0.02)
-                    detail += f" pid {pid}" + (" (hit)" if not _running(pid) else " (not reached in 10s)")
-                except ProcessLookupError:
-                    detail += f" pid {pid} (gone before it was armed)"
-                self.armed.write_text("")
+            target, detail = self._arm_serving_constructor(f"delivery.after_send=kill@{self.rng.randint(1, 4)}")
         elif kind == "failpoint_shadow":
             target = self.rng.choice(shadows)
             point = self.rng.choice(FAILPOINTS)
@@ -252,6 +240,33 @@ class ChaosRun:
                 self.crashes.append({"node": node, "code": d.proc.returncode, "log_tail": d.tail(30)})
                 log.error("daemon %s exited by itself (code %s):\n%s", node, d.proc.returncode, d.tail(30))
                 self.cluster.restart(node)
+
+    def _arm_serving_constructor(self, spec: str, attempts: int = 3) -> tuple[str, str]:
+        """Arm a constructor that serves trainers with the failpoint ``spec`` (SIGUSR1) and wait
+        for it to die there. The status it was picked from may be a heartbeat old (its trainers
+        may have moved on): one not hit within 10 s is disarmed, and another one is picked."""
+        tried = []
+        for attempt in range(1, attempts + 1):
+            target, pid = self._pick_role("constructor", serving=True)
+            if pid is None:
+                time.sleep(0.5)
+                continue
+            try:
+                self.armed.write_text(spec)
+                os.kill(pid, signal.SIGUSR1)
+                deadline = time.monotonic() + 10
+                while _running(pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if not _running(pid):
+                    return target, f"{spec} pid {pid} (hit)" + (f" after {', '.join(tried)}" if tried else "")
+                self.armed.write_text("")
+                os.kill(pid, signal.SIGUSR1)  # disarm: it must not die later, inside another fault
+                tried.append(f"pid {pid} not reached")
+            except ProcessLookupError:
+                tried.append(f"pid {pid} gone")
+            finally:
+                self.armed.write_text("")
+        return "-", f"{spec} not hit: {', '.join(tried) or 'no serving constructor'}"
 
     def _pick_role(self, kind: str, serving: bool = False) -> tuple[str, int | None]:
         """A random live role process of ``kind`` (with ``serving``: one with subscribed trainers)."""

@@ -68,6 +68,7 @@ STATE_NEXT_MICRO = "next_micro"
 
 #: ErrorReply codes that mean "ask again later" (while locating) or "relocate" (from a constructor).
 _RETRY_CODES = frozenset({ErrorCode.NOT_READY, ErrorCode.UNKNOWN_JOB, ErrorCode.STALE})
+_UNSUBSCRIBE_LINGER_MS = 100  # how long a closed stream socket may keep trying to deliver its Unsubscribe
 _PROBE_TIMEOUT_S = 0.25  # how long a check for the primary constructor may hold up the trainer
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 1.0
@@ -191,6 +192,7 @@ class Loader:
         self._retry_at = 0.0  # monotonic time before which no new subscription is attempted
         self._refusal_backoff = _BACKOFF_FIRST_S
         (self._credit_frame,) = protocol.encode(protocol.Credit(self.job, self.dp_rank, self.mp_rank, 1))
+        (self._unsubscribe_frame,) = protocol.encode(protocol.Unsubscribe(self.job, self.dp_rank, self.mp_rank))
         self.stats: dict[str, Any] = {
             "batches": 0,
             "bytes": 0,
@@ -524,9 +526,15 @@ class Loader:
         return sock
 
     def _drop_stream(self) -> None:
-        """Forget the subscription: close its socket and discard batches not yet handed out."""
+        """Forget the subscription: tell the constructor (best effort), close the socket, and
+        discard batches not yet handed out."""
         if self._sock is not None:
-            self._sock.close(linger=0)
+            try:
+                self._sock.send(self._unsubscribe_frame, zmq.NOBLOCK)
+                linger = _UNSUBSCRIBE_LINGER_MS
+            except zmq.ZMQError:  # nobody to tell
+                linger = 0
+            self._sock.close(linger=linger)
             self._sock = None
         for _, _, work in self._pending:
             if work is not None:
@@ -544,7 +552,7 @@ class Loader:
     # ------------------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Close every socket (linger 0) and the loader's own context. Idempotent."""
+        """Tell the constructor, close every socket and the loader's own context. Idempotent."""
         if self._closed:
             return
         self._closed = True

@@ -65,6 +65,7 @@ __all__ = [
     "PeerMessage",
     "Subscribe",
     "Credit",
+    "Unsubscribe",
     "Batch",
     "Heartbeat",
     "LoadRequest",
@@ -431,6 +432,17 @@ class Subscribe(Message):
     next_step: int
     next_micro: int
     credits: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Unsubscribe(Message):
+    """The trainer leaves this constructor (it moved to another replica, or it is done): drop its
+    subscription now rather than hold it, and its position, until a send finds it gone."""
+
+    TYPE: ClassVar[str] = "unsubscribe"
+    job: str
+    dp_rank: int
+    mp_rank: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,8 @@ loop; it feeds every decoded trainer message to :meth:`TrainerDelivery.handle` a
   earlier subscription of the same ``(dp_rank, mp_rank)`` (a restarted trainer, or one that
   reconnected on a new socket).
 - ``Credit(job, dp_rank, mp_rank, credits)``: the trainer consumed batches; it has room for more.
+- ``Unsubscribe(job, dp_rank, mp_rank)``: the trainer left (moved to another replica, or is
+  done); its subscription is dropped if it is still the one from that trainer socket.
 
 Promises:
 
@@ -122,6 +124,7 @@ class TrainerDelivery:
         self._subs: dict[tuple[int, int], _Subscription] = {}
         self._counters = {
             "subscribes": 0,
+            "unsubscribes": 0,
             "credits_received": 0,
             "batches_sent": 0,
             "bytes_sent": 0,
@@ -139,6 +142,11 @@ class TrainerDelivery:
             self._subscribe(identity, msg)
         elif isinstance(msg, protocol.Credit):
             self._credit(identity, msg)
+        elif isinstance(msg, protocol.Unsubscribe):
+            sub = self._subs.get((msg.dp_rank, msg.mp_rank))
+            if msg.job == self._job and sub is not None and sub.identity == identity:
+                del self._subs[(msg.dp_rank, msg.mp_rank)]
+                self._counters["unsubscribes"] += 1
         else:
             self._refuse(identity, ErrorCode.BAD_REQUEST, f"a constructor does not serve {msg.TYPE!r}")
 

@@ -36,7 +36,7 @@ def test_every_fault_kind_once(tmp_path):
     assert summary["faults"] == len(FAULT_KINDS) and summary["steps_checked"] > 0
     assert {k: summary[k] for k in INVARIANTS} == dict.fromkeys(INVARIANTS, 0), summary
     (armed,) = [f for f in faults if f.kind == "failpoint_constructor"]
-    assert armed.detail.endswith("(hit)"), f"the serving constructor did not die at its failpoint: {armed}"
+    assert " (hit)" in armed.detail, f"no serving constructor died at its failpoint: {armed}"
 
 
 @pytest.mark.slow

@@ -387,10 +387,14 @@ def test_loader_on_a_standby_returns_to_its_primary_once_it_is_up(ctx, stubs) ->
                 assert loader.stats["primary_returns"] == 1 and loader.stats["relocations"] == 0
                 assert loader.stats["endpoint"] == primary.endpoint
                 probes = loc.locates
+                with standby.lock:  # the standby was told, and holds no stale subscription
+                    left = standby.delivery.stats()
+                assert left["subscriptions"] == [] and left["unsubscribes"] == 1
             if len(got) == 40:  # 0.45 s later: on the primary, the loader no longer probes
                 break
     assert loc.locates == probes
     assert got == expected_sequence(0, (0, 0), len(got))
+    wait_for(lambda: primary.delivery.stats()["subscriptions"] == [], what="the closing loader unsubscribes")
     assert set(loc.hosts) == {"gpu-node-7"}, "every Locate declares the trainer's host"
 
 
@@ -520,12 +524,15 @@ def test_garbage_and_refused_messages_do_not_break_delivery(ctx, stubs) -> None:
 def test_vanished_trainer_is_dropped_and_counted(ctx, stubs) -> None:
     # only step 0 is ready: afterwards the subscription holds credits and gets heartbeats
     con = stubs(ConstructorStub(ctx, heartbeat_s=0.02, ready=lambda s, r, m: s == 0))
-    loc = stubs(LocatorStub(ctx, con.endpoint, prefetch=2))
-    with Loader(loc.address, job=JOB, dp_rank=0, dp_size=1, context=ctx) as loader:
-        next(iter(loader))
-        wait_for(lambda: con.credited.get((0, 0)) == 1, what="credit")
-        wait_for(lambda: con.delivery.stats()["heartbeats_sent"] >= 1, what="heartbeat")
-    # the trainer left: the next heartbeat hits EHOSTUNREACH, and the subscription goes
+    # a trainer that dies without a word (a Loader would send Unsubscribe): a bare socket
+    trainer = ctx.socket(zmq.DEALER)
+    trainer.connect(con.endpoint)
+    trainer.send_multipart(protocol.encode(protocol.Subscribe(JOB, FP, 0, 0, 0, 0, 3)))
+    assert trainer.poll(5000, zmq.POLLIN), "no batch"
+    trainer.recv_multipart()
+    wait_for(lambda: con.delivery.stats()["heartbeats_sent"] >= 1, what="heartbeat")
+    trainer.close(linger=0)
+    # the trainer is gone: the next heartbeat hits EHOSTUNREACH, and the subscription goes
     wait_for(lambda: con.delivery.stats()["unreachable_dropped"] >= 1, what="drop")
     assert con.delivery.stats()["subscriptions"] == []
     assert con.delivery.demand() == {}
