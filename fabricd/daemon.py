@@ -52,6 +52,7 @@ __all__ = ["Daemon"]
 log = logging.getLogger(__name__)
 
 Reply = tuple[protocol.Message, tuple] | protocol.Message | None
+HOSTS_PER_BEAT = 2048  # trainer host declarations passed on per heartbeat
 
 
 class Daemon:
@@ -275,7 +276,9 @@ class Daemon:
                 "role_processes": roles, "hostname": self.hostname, "trainer_hosts": self._host_declarations()}
 
     def _host_declarations(self) -> list[list]:
-        """Declarations the state does not hold yet, as ``[job, dp, mp, host, ms]`` (and forget the rest)."""
+        """Declarations the state does not hold yet, as ``[job, dp, mp, host, ms]`` (and forget the
+        rest); at most ``HOSTS_PER_BEAT`` per heartbeat, so a job of many thousand ranks starting
+        at once spreads its declarations over a few beats instead of one huge message."""
         state = self.cluster.state
         out = []
         for key, (host, ms) in list(self._declared_hosts.items()):
@@ -284,7 +287,7 @@ class Daemon:
             entry = state.jobs.get(job)
             if entry is None or entry["cancelled"] or (recorded is not None and (recorded[0] == host or recorded[1] >= ms)):
                 del self._declared_hosts[key]
-            else:
+            elif len(out) < HOSTS_PER_BEAT:
                 out.append([job, dp, mp, host, ms])
         return out
 
