@@ -7,6 +7,8 @@ mid-run, and a verified summary.
 2. starts three fabricd daemons on 127.0.0.1 (they elect a leader) and submits
    config/jobs/demo.toml to the leader, which places source loaders and data constructors;
 3. runs dp_size × mp_size simulated trainer processes that pull batches with fabric_client;
+   each group of ranks declares one daemon's node id as its host (as if it ran on that
+   machine), and the leader moves the group's data constructor there;
 4. kills the leader daemon with SIGKILL a third of the way through (its roles die with it), times
    the failover, and restarts it (it rejoins as a follower);
 5. computes the expected batches offline from the job spec alone and compares, batch for batch;
@@ -79,7 +81,7 @@ def run_trainers(cluster: LocalCluster, spec, steps: int, out_dir: Path, compute
             out.unlink(missing_ok=True)
             procs.append(subprocess.Popen(
                 [sys.executable, str(ROOT / "scripts" / "sim_trainer.py"), "--address", ",".join(cluster.addresses),
-                 "--stall-s", "1.0",
+                 "--stall-s", "1.0", "--host", trainer_host(cluster, spec, d),
                  "--job", spec.name, "--dp-rank", str(d), "--dp-size", str(dp), "--mp-rank", str(m),
                  "--steps", str(steps), "--out", str(out), "--compute-ms", str(compute_ms)]))
     failover: dict = {}
@@ -102,6 +104,30 @@ def run_trainers(cluster: LocalCluster, spec, steps: int, out_dir: Path, compute
     if failed:
         raise SystemExit(f"trainer ranks {failed} failed; see the output above")
     return elapsed, failover
+
+
+def trainer_host(cluster: LocalCluster, spec, dp_rank: int) -> str:
+    """The host the trainers of ``dp_rank`` pretend to run on: one daemon's node id per
+    constructor group, in turn, as if each group of ranks ran on the machine of one daemon."""
+    group = dp_rank // spec.topology.ranks_per_constructor
+    nodes = list(cluster.daemons)
+    return nodes[group % len(nodes)]
+
+
+def host_affinity(cluster: LocalCluster, spec, timeout: float = 15.0) -> float:
+    """Fraction of constructor groups whose primary runs on its trainers' declared host, once
+    placement has settled (the killed leader came back; constructors move back to it)."""
+    groups = spec.topology.groups()
+    deadline = time.monotonic() + timeout
+    while True:
+        status = cluster.status(cluster.leader()) or {}
+        roles = {r["id"]: r for r in status.get("jobs", {}).get(spec.name, {}).get("roles", [])}
+        on_host = sum(1 for g, ranks in enumerate(groups)
+                      if (r := roles.get(f"{spec.name}/constructor/{g}")) and r["alive"]
+                      and r["node"] == trainer_host(cluster, spec, ranks[0]))
+        if on_host == len(groups) or time.monotonic() > deadline:
+            return round(on_host / len(groups), 3)
+        time.sleep(0.3)
 
 
 def kill_leader(cluster: LocalCluster, bar) -> dict:
@@ -195,6 +221,7 @@ def main() -> int:
         wait_ready(cluster, leader, spec.name)
         kill_at = args.steps // 3 if args.nodes > 1 and not args.no_kill else None
         elapsed, failover = run_trainers(cluster, spec, args.steps, run_dir / "received", args.compute_ms, kill_at)
+        affinity = host_affinity(cluster, spec)
         status = cluster.status(cluster.leader())
     finally:
         cluster.stop()
@@ -210,6 +237,7 @@ def main() -> int:
         "failover_s": failover.get("failover_s"),
         "trainer_wait_after_kill_s": stall_after(run_dir / "received", failover["killed_at"]) if failover else None,
         "leader_killed": failover.get("killed"),
+        "constructors_on_trainer_hosts": affinity,
         "daemon_malformed_dropped": status["counters"]["malformed_dropped"],
     }
     print()
@@ -222,6 +250,7 @@ def main() -> int:
     if failover:
         print(f"leader {failover['killed']} killed: {failover['new_leader']} led after {failover['failover_s']}s; "
               f"longest trainer wait for its next batch {summary['trainer_wait_after_kill_s']}s")
+    print(f"constructors on their trainers' (simulated) hosts: {affinity:.0%} of groups")
     print(json.dumps(summary))
     ok = summary["lost"] == summary["duplicated"] == summary["mismatched"] == 0
     return 0 if ok else 1

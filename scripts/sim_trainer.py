@@ -34,12 +34,13 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--deadline-s", type=float, default=120.0)
     ap.add_argument("--stall-s", type=float, default=5.0, help="silence before the loader relocates")
+    ap.add_argument("--host", default=None, help="the host this trainer declares (default: this machine's name)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format=f"trainer dp={args.dp_rank} mp={args.mp_rank}: %(message)s")
 
     loader = Loader(args.address.split(","), job=args.job, dp_rank=args.dp_rank, dp_size=args.dp_size,
                     mp_rank=args.mp_rank, max_steps=args.steps, deadline_s=args.deadline_s,
-                    stall_s=args.stall_s)
+                    stall_s=args.stall_s, host=args.host)
     if args.resume and args.state:
         with open(args.state) as f:
             loader.load_state_dict(json.load(f))
