@@ -1,4 +1,5 @@
-"""The control plane's replicated core: the lease election and (later) the checkpoint log."""
+"""The control plane: lease election, membership, the checkpoint log and its replication, role
+placement and pool autoscaling. The lease names are re-exported here."""
 
 from fabricd.cluster.lease import (
     CANDIDATE,
