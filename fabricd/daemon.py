@@ -256,9 +256,10 @@ class Daemon:
         view = {}
         for rid, role in self.supervisor.roles.items():
             entry = {"endpoint": role.endpoint, "kind": role.args.kind, "alive": role.alive and bool(role.endpoint)}
-            subs = role.stats.get("subscriptions")
-            if subs:
-                entry["trainers"] = [[s["dp_rank"], s["mp_rank"], s["next_step"]] for s in subs]
+            positions = [[s["dp_rank"], s["mp_rank"], s["next_step"]] for s in role.stats.get("subscriptions", ())]
+            positions += role.stats.get("departed", [])  # trainers that left: where they were
+            if positions:
+                entry["trainers"] = positions
             view[rid] = entry
         return view
 

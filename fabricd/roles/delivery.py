@@ -122,6 +122,9 @@ class TrainerDelivery:
         self._heartbeat_s = float(heartbeat_s)
         self._clock = clock
         self._subs: dict[tuple[int, int], _Subscription] = {}
+        # where trainers that left were (dp, mp) → next step: progress to report after they are
+        # gone (bounded by the ranks this constructor serves)
+        self._departed: dict[tuple[int, int], int] = {}
         self._counters = {
             "subscribes": 0,
             "unsubscribes": 0,
@@ -145,7 +148,7 @@ class TrainerDelivery:
         elif isinstance(msg, protocol.Unsubscribe):
             sub = self._subs.get((msg.dp_rank, msg.mp_rank))
             if msg.job == self._job and sub is not None and sub.identity == identity:
-                del self._subs[(msg.dp_rank, msg.mp_rank)]
+                self._leave(sub)
                 self._counters["unsubscribes"] += 1
         else:
             self._refuse(identity, ErrorCode.BAD_REQUEST, f"a constructor does not serve {msg.TYPE!r}")
@@ -213,6 +216,11 @@ class TrainerDelivery:
         except zmq.ZMQError as e:
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
+
+    def _leave(self, sub: _Subscription) -> None:
+        del self._subs[(sub.dp_rank, sub.mp_rank)]
+        key = (sub.dp_rank, sub.mp_rank)
+        self._departed[key] = max(self._departed.get(key, 0), sub.step)
 
     def farewell(self, reason: str) -> None:
         """Tell every subscribed trainer to relocate now (the constructor is stopping), instead
@@ -295,7 +303,7 @@ class TrainerDelivery:
                 self._counters["unreachable_dropped"] += 1
                 log.info("trainer dp %d mp %d is gone; subscription dropped", sub.dp_rank, sub.mp_rank)
                 if self._subs.get((sub.dp_rank, sub.mp_rank)) is sub:
-                    del self._subs[(sub.dp_rank, sub.mp_rank)]
+                    self._leave(sub)
                 return _GONE
             raise
         return _OK
@@ -303,9 +311,11 @@ class TrainerDelivery:
     # ---------------------------------------------------------------------------------- stats
 
     def stats(self) -> dict:
-        """Counters plus, per subscription, its position, credits and batches sent."""
+        """Counters; per subscription, its position, credits and batches sent; and the last
+        position of trainers that left (``departed``: ``[dp_rank, mp_rank, next_step]``)."""
         return {
             **self._counters,
+            "departed": [[dp, mp, step] for (dp, mp), step in self._departed.items()],
             "subscriptions": [
                 {
                     "dp_rank": s.dp_rank,

@@ -390,6 +390,8 @@ def test_loader_on_a_standby_returns_to_its_primary_once_it_is_up(ctx, stubs) ->
                 with standby.lock:  # the standby was told, and holds no stale subscription
                     left = standby.delivery.stats()
                 assert left["subscriptions"] == [] and left["unsubscribes"] == 1
+                (where,) = left["departed"]  # where the trainer was when it left: still reported
+                assert where[:2] == [0, 0] and where[2] >= 1
             if len(got) == 40:  # 0.45 s later: on the primary, the loader no longer probes
                 break
     assert loc.locates == probes
