@@ -4,8 +4,9 @@
 - Trainers' host declarations, passed on in the members' heartbeats, are recorded
   (``trainer_host``), newest per rank.
 - Source-loader pools are resized from the loaders' counters (see ``cluster.autoscale``).
-- Every job's roles are placed (see ``cluster.placement``): new roles, roles of dead daemons,
-  constructors away from their trainers' host; roles no job wants any more are released.
+- Every ``PLACE_EVERY_S``, every job's roles are placed (see ``cluster.placement``): new roles,
+  roles of dead daemons, constructors away from their trainers' host; roles no job wants any
+  more are released.
 - Trainer progress, as the constructors report it, is recorded every ``PROGRESS_EVERY_S``.
 
 Nothing here touches a socket: decisions go through ``propose`` (the daemon's: append to the
@@ -29,7 +30,7 @@ from .cluster.controller import ClusterController
 from .cluster.placement import (
     MEMORY_GUARD_PERCENT,
     group_hosts,
-    nodes_on_host,
+    nodes_by_host,
     place_roles,
     wanted_roles,
 )
@@ -41,6 +42,7 @@ __all__ = ["PROGRESS_EVERY_S", "Leadership"]
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
+PLACE_EVERY_S = 0.25  # placement passes (O(roles + trainer ranks)) at most this often, not every loop turn
 
 Entries = list[tuple[str, dict]]
 
@@ -54,6 +56,7 @@ class Leadership:
         self.pending_skips: list[dict] = []  # skip reports received while leader, not yet proposed
         self._next_progress = 0.0
         self._next_autoscale = 0.0
+        self._next_placement = 0.0
         self._autoscaler: tuple[float | None, PoolAutoscaler] | None = None  # (leader since, its autoscaler)
 
     def run(self, now: float) -> None:
@@ -66,24 +69,33 @@ class Leadership:
         self._record_hosts(now)
         if not self.cluster.settled(now):
             return  # wait until every live member had a chance to say so before moving roles
-        members = self.cluster.members.members
         live = self.cluster.members.live(now)
         if now >= self._next_autoscale:
             self._next_autoscale = now + EVALUATE_EVERY_S
             resizes = self._autoscale(now, live)
             if resizes:
                 self.propose(resizes, now)  # applied at once: the placement below sees the new sizes
+        if now >= self._next_placement:
+            self._next_placement = now + PLACE_EVERY_S
+            self._place(now, live)
+        if now >= self._next_progress:
+            self._next_progress = now + PROGRESS_EVERY_S
+            self._record_progress(now)
+
+    def _place(self, now: float, live: list[str]) -> None:
+        """Place every ready job's roles; release the roles no job wants any more."""
+        state, members = self.cluster.state, self.cluster.members.members
         load = Counter(r["node"] for r in state.roles.values())
         cpu = {n: _number(v.telemetry, "cpu_percent") for n, v in members.items()}
         memory = {n: _number(v.telemetry, "mem_used_percent") for n, v in members.items()}
-        names = {p.node_id: {p.node_id, p.control.rsplit(":", 1)[0].split("://")[-1],
-                             str(members[p.node_id].telemetry.get("hostname", p.node_id))}
-                 for p in self.cfg.cluster.peers if p.node_id in members}
+        on_host = nodes_by_host({p.node_id: {p.node_id, p.control.rsplit(":", 1)[0].split("://")[-1],
+                                             str(members[p.node_id].telemetry.get("hostname", p.node_id))}
+                                 for p in self.cfg.cluster.peers if p.node_id in members})
         entries: list[tuple[str, dict]] = []
         for name, job in self.jobs.items():
             if job.state != "ready" or state.jobs.get(name, {}).get("cancelled", True):
                 continue
-            group_nodes = {g: nodes_on_host(host, names)
+            group_nodes = {g: on_host.get(host, ())
                            for g, host in group_hosts(job.spec, state.hosts.get(name, {})).items()}
             wants = {w.role_id: w for w in wanted_roles(job.spec, fingerprint=job.fingerprint,
                                                          default_workers=self.cfg.loader_workers,
@@ -104,9 +116,6 @@ class Leadership:
             for kind, data in entries:
                 log.info("%s %s → %s", kind, data["role_id"], data.get("node", "-"))
             self.propose(entries, now)
-        if now >= self._next_progress:
-            self._next_progress = now + PROGRESS_EVERY_S
-            self._record_progress(now)
 
     def _autoscale(self, now: float, live: list[str]) -> list[tuple[str, dict]]:
         """Pool resizes from the loaders' counters in the members' heartbeats (see ``autoscale``)."""

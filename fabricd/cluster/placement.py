@@ -23,8 +23,15 @@ from typing import Any
 
 from ..config import JobSpec
 
-__all__ = ["RoleWant", "wanted_roles", "place_roles", "group_hosts", "nodes_on_host", "local_changes",
-           "MEMORY_GUARD_PERCENT"]
+__all__ = [
+    "MEMORY_GUARD_PERCENT",
+    "RoleWant",
+    "group_hosts",
+    "local_changes",
+    "nodes_by_host",
+    "place_roles",
+    "wanted_roles",
+]
 
 #: A daemon whose memory use is above this gets no new role while another daemon is below it.
 MEMORY_GUARD_PERCENT = 90.0
@@ -57,10 +64,14 @@ def group_hosts(spec: JobSpec, declared: Mapping[str, Sequence]) -> dict[int, st
     return out
 
 
-def nodes_on_host(host: str, names: Mapping[str, Iterable[str]]) -> tuple[str, ...]:
-    """The daemons that run on ``host``: ``names`` maps each daemon to the names it is known by
-    (its node id, its hostname, the host of its endpoint)."""
-    return tuple(sorted(n for n, known in names.items() if host in known))
+def nodes_by_host(names: Mapping[str, Iterable[str]]) -> dict[str, tuple[str, ...]]:
+    """Host name → the daemons that run there; ``names`` maps each daemon to the names it is
+    known by (its node id, its hostname, the host of its endpoint)."""
+    out: dict[str, list[str]] = {}
+    for node in sorted(names):
+        for name in set(names[node]):
+            out.setdefault(name, []).append(node)
+    return {h: tuple(nodes) for h, nodes in out.items()}
 
 
 def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, standby: bool,

@@ -8,7 +8,7 @@ from fabric_client import protocol
 from fabric_client.errors import ProtocolError
 from fabricd.cluster.lease import LeaseAck, VoteRequest
 from fabricd.cluster.membership import MemberBeat, Membership
-from fabricd.cluster.placement import (MEMORY_GUARD_PERCENT, group_hosts, local_changes, nodes_on_host, place_roles,
+from fabricd.cluster.placement import (MEMORY_GUARD_PERCENT, group_hosts, local_changes, nodes_by_host, place_roles,
                                        wanted_roles)
 from fabricd.cluster.replication import LogAppend
 from fabricd.cluster.wire import from_peer, to_peer
@@ -66,8 +66,8 @@ def test_group_host_is_the_most_declared_then_the_lowest_rank(tmp_path):
     # group 0: h2 twice, h1 twice -> the host of the lowest rank (0/0) wins the tie
     assert group_hosts(spec, declared) == {0: "h2", 1: "h9"}
     assert group_hosts(spec, {}) == {}
-    names = {"a": {"a", "gpu-1"}, "b": {"b", "gpu-2"}, "c": {"c", "gpu-2"}}
-    assert nodes_on_host("gpu-2", names) == ("b", "c") and nodes_on_host("nowhere", names) == ()
+    on_host = nodes_by_host({"a": {"a", "gpu-1"}, "b": {"b", "gpu-2"}, "c": {"c", "gpu-2"}})
+    assert on_host["gpu-2"] == ("b", "c") and on_host["a"] == ("a",) and "nowhere" not in on_host
 
 
 def test_constructor_moves_to_its_trainers_host_and_its_standby_moves_off(tmp_path):
