@@ -37,6 +37,7 @@ from .cluster.log import CheckpointLog
 from .config import load_job_spec
 from .corpus import job_toml, make_dataset
 from .expect import BatchOracle
+from .failpoints import ENV_VAR as FAILPOINTS_ENV
 from .failpoints import FILE_ENV as FAILPOINTS_FILE_ENV
 from .localnode import LocalCluster
 from .netns import NetnsLab
@@ -216,7 +217,7 @@ class ChaosRun:
             point = self.rng.choice(FAILPOINTS)
             detail = f"{point}=kill@{self.rng.randint(1, 4)}"
             daemon = self.cluster.daemons[target]
-            daemon.extra_env = {**daemon.extra_env, "FABRICD_FAILPOINTS": detail}
+            daemon.extra_env = {**daemon.extra_env, FAILPOINTS_ENV: detail}
             try:
                 self.cluster.restart(target)
             except RuntimeError:
@@ -225,7 +226,7 @@ class ChaosRun:
             while daemon.proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)  # it dies at the failpoint once enough records were replicated to it
             detail += " (hit)" if daemon.proc.poll() is not None else " (not reached in 10s)"
-            daemon.extra_env = {k: v for k, v in daemon.extra_env.items() if k != "FABRICD_FAILPOINTS"}
+            daemon.extra_env = {k: v for k, v in daemon.extra_env.items() if k != FAILPOINTS_ENV}
             self.cluster.restart(target)
         else:
             raise ValueError(kind)
@@ -246,7 +247,7 @@ class ChaosRun:
         for it to die there. The status it was picked from may be a heartbeat old (its trainers
         may have moved on): one not hit within 10 s is disarmed, and another one is picked."""
         tried = []
-        for attempt in range(1, attempts + 1):
+        for _ in range(attempts):
             target, pid = self._pick_role("constructor", serving=True)
             if pid is None:
                 time.sleep(0.5)

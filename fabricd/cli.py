@@ -172,13 +172,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
             extra = ", ".join(f"{k}={stats[k]}" for k in ("units", "built_batches", "sent") if k in stats)
             local = f"pid={role['pid']} restarts={role['restarts']} rss={role.get('rss_mb', '-')}MB " if "pid" in role else ""
             click.echo(f"  {role['id']:<34} on {role['node']:<10} {'up  ' if role['alive'] else 'DOWN'} {local}{extra}")
-        pools = Counter()
-        pools_up = Counter()
-        for role in job["roles"]:
-            if role["kind"] == "source_loader":
-                src = role["id"].split("/")[2]
-                pools[src] += 1
-                pools_up[src] += role["alive"]
+        pools = Counter(r["source"] for r in job["roles"] if r["kind"] == "source_loader")
+        pools_up = Counter(r["source"] for r in job["roles"] if r["kind"] == "source_loader" and r["alive"])
         if pools:
             click.echo("  pools (up/size): " + ", ".join(f"{s} {pools_up[s]}/{n}" for s, n in sorted(pools.items())))
         if job.get("trainer_hosts"):

@@ -283,13 +283,10 @@ class Daemon:
         state = self.cluster.state
         out = []
         for key, (host, ms) in list(self._declared_hosts.items()):
-            job, dp, mp = key
-            recorded = state.trainer_host(job, dp, mp)
-            entry = state.jobs.get(job)
-            if entry is None or entry["cancelled"] or (recorded is not None and (recorded[0] == host or recorded[1] >= ms)):
+            if not state.host_is_news(*key, host, ms):
                 del self._declared_hosts[key]
             elif len(out) < HOSTS_PER_BEAT:
-                out.append([job, dp, mp, host, ms])
+                out.append([*key, host, ms])
         return out
 
     # -- decisions (leader only; see fabricd.leadership) --------------------------------------------
@@ -373,8 +370,9 @@ class Daemon:
             for rid in sorted(self.role_ids(name)):
                 assigned = state.roles[rid]
                 local = self.supervisor.roles.get(rid)
-                info = {"id": rid, "kind": assigned["kind"], "node": assigned["node"],
-                        "endpoint": self.endpoint(rid), "alive": self.endpoint(rid) is not None}
+                endpoint = self.endpoint(rid)
+                info = {"id": rid, "kind": assigned["kind"], "node": assigned["node"], "endpoint": endpoint,
+                        "alive": endpoint is not None, "source": assigned["extra"].get("source")}
                 if local is not None:
                     info.update(pid=local.pid, restarts=local.restarts, stats=local.stats,
                                 **self.supervisor.telemetry(local))

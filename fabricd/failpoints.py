@@ -32,7 +32,8 @@ import re
 import signal
 import time
 
-__all__ = ["ENV_VAR", "FILE_ENV", "ROLE_ENV", "ACTIONS", "POINTS", "arm_on_signal", "FailpointError", "FailpointHit", "active", "configure", "failpoint", "hits"]
+__all__ = ["ENV_VAR", "FILE_ENV", "ROLE_ENV", "ACTIONS", "POINTS", "arm_on_signal", "FailpointError", "FailpointHit",
+           "active", "configure", "failpoint", "hits"]
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from fabric_client import protocol
 
+from .cluster.placement import constructor_id, loader_prefix
 from .config import JobSpec
 from .planner import CostModel, MixtureSchedule, Planner, StepPlan, build_units
 from .sources.index import SourceIndex, open_index
@@ -107,15 +108,12 @@ class JobRuntime:
             self.error = f"{type(e).__name__}: {e}"
             self.state = "failed"
 
-    def constructor_role(self, dp_rank: int) -> str:
-        return f"{self.spec.name}/constructor/{dp_rank // self.spec.topology.ranks_per_constructor}"
-
     def constructor_endpoint(self, dp_rank: int, avoid: list[str] = ()) -> tuple[str, bool] | None:
         """The live constructor of ``dp_rank`` not in ``avoid`` — its primary, else its standby —
         as ``(endpoint, is_standby)``; None when neither is up."""
-        primary = self.constructor_role(dp_rank)
-        live = [(e, rid != primary) for rid in (primary, f"{primary}/standby")
-                if (e := self.directory.endpoint(rid)) is not None]
+        group = dp_rank // self.spec.topology.ranks_per_constructor
+        live = [(e, standby) for standby in (False, True)
+                if (e := self.directory.endpoint(constructor_id(self.spec.name, group, standby=standby))) is not None]
         # an avoided endpoint may only be slow, not dead: still better than nothing
         return next((x for x in live if x[0] not in avoid), live[0] if live else None)
 
@@ -169,11 +167,11 @@ class JobRuntime:
 
     def pools(self) -> dict[str, list[str]]:
         """Source name → endpoints of its live source-loader workers."""
-        out: dict[str, list[str]] = {s.name: [] for s in self.spec.sources}
-        prefix = f"{self.spec.name}/loader/"
-        for rid in self.directory.role_ids(self.spec.name):
-            if rid.startswith(prefix) and (endpoint := self.directory.endpoint(rid)) is not None:
-                out.setdefault(rid[len(prefix):].rsplit("/", 1)[0], []).append(endpoint)
+        ids = self.directory.role_ids(self.spec.name)
+        out = {}
+        for s in self.spec.sources:
+            prefix = loader_prefix(self.spec.name, s.name)
+            out[s.name] = [e for rid in ids if rid.startswith(prefix) and (e := self.directory.endpoint(rid)) is not None]
         return out
 
     def on_skip(self, msg: protocol.SkipReport) -> None:

@@ -30,6 +30,7 @@ from .cluster.controller import ClusterController
 from .cluster.placement import (
     MEMORY_GUARD_PERCENT,
     group_hosts,
+    loader_prefix,
     nodes_by_host,
     place_roles,
     wanted_roles,
@@ -64,8 +65,7 @@ class Leadership:
         state = self.cluster.state
         if self.pending_skips:
             skips, self.pending_skips = self.pending_skips, []
-            self.propose([("sample_skipped", s) for s in skips if s["job"] in state.jobs
-                           and not state.jobs[s["job"]]["cancelled"]], now)
+            self.propose([("sample_skipped", s) for s in skips if state.is_active(s["job"])], now)
         self._record_hosts(now)
         if not self.cluster.settled(now):
             return  # wait until every live member had a chance to say so before moving roles
@@ -92,9 +92,7 @@ class Leadership:
                                              str(members[p.node_id].telemetry.get("hostname", p.node_id))}
                                  for p in self.cfg.cluster.peers if p.node_id in members})
         entries: list[tuple[str, dict]] = []
-        for name, job in self.jobs.items():
-            if job.state != "ready" or state.jobs.get(name, {}).get("cancelled", True):
-                continue
+        for name, job in self._ready_jobs():
             group_nodes = {g: on_host.get(host, ())
                            for g, host in group_hosts(job.spec, state.hosts.get(name, {})).items()}
             wants = {w.role_id: w for w in wanted_roles(job.spec, fingerprint=job.fingerprint,
@@ -121,7 +119,6 @@ class Leadership:
         """Pool resizes from the loaders' counters in the members' heartbeats (see ``autoscale``)."""
         if self._autoscaler is None or self._autoscaler[0] != self.cluster.leader_since:
             self._autoscaler = (self.cluster.leader_since, PoolAutoscaler())  # fresh each term
-        scaler = self._autoscaler[1]
         state, members = self.cluster.state, self.cluster.members.members
         counters: dict[str, tuple[float, float]] = {}
         for node in live:
@@ -131,31 +128,32 @@ class Leadership:
                         and isinstance(t.get("busy_s"), (int, float)):
                     counters[rid] = (float(t["units"]), float(t["busy_s"]))
         readings = []
-        for name, job in self.jobs.items():
-            if job.state != "ready" or state.jobs.get(name, {}).get("cancelled", True):
-                continue
-            scaler.target_utilization = {**scaler.target_utilization, name: job.spec.autoscale.target_utilization}
+        for name, job in self._ready_jobs():
+            auto = job.spec.autoscale
+            headroom = any(_number(members[n].telemetry, "mem_used_percent") < MEMORY_GUARD_PERCENT
+                           and (not auto.cpu_guard_percent
+                                or _number(members[n].telemetry, "cpu_percent") < auto.cpu_guard_percent)
+                           for n in live)
             progress = state.progress.get(name)
-            weights = weights_now_and_ahead(job.spec, min(progress.values()) if progress else 0)
+            weights = weights_now_and_ahead(job.planner.schedule, min(progress.values()) if progress else 0,
+                                            auto.lookahead_steps)
             for s in job.spec.sources:
                 base, maximum = pool_bounds(job.spec, s.name, self.cfg.loader_workers)
-                prefix = f"{name}/loader/{s.name}/"
+                prefix = loader_prefix(name, s.name)
                 readings.append(PoolReading(name, s.name, state.pools.get(name, {}).get(s.name, base), base, maximum,
                                             {r: c for r, c in counters.items() if r.startswith(prefix)},
-                                            *weights[s.name]))
-        headroom = {name: any(_number(members[n].telemetry, "mem_used_percent") < MEMORY_GUARD_PERCENT
-                              and (not job.spec.autoscale.cpu_guard_percent
-                                   or _number(members[n].telemetry, "cpu_percent") < job.spec.autoscale.cpu_guard_percent)
-                              for n in live)
-                    for name, job in self.jobs.items()}
+                                            *weights[s.name], target_utilization=auto.target_utilization,
+                                            headroom=headroom))
         out = []
-        for r in scaler.evaluate(now, readings, headroom=headroom):
-            log.info("job %s: pool %s %d → %d workers (%s)", r.job, r.source,
-                     state.pools.get(r.job, {}).get(r.source, 0) or pool_bounds(self.jobs[r.job].spec, r.source,
-                                                                                 self.cfg.loader_workers)[0],
-                     r.size, r.reason)
+        for r in self._autoscaler[1].evaluate(now, readings):
+            log.info("job %s: pool %s %d → %d workers (%s)", r.job, r.source, r.previous, r.size, r.reason)
             out.append(("pool_resized", {"job": r.job, "source": r.source, "workers": r.size}))
         return out
+
+    def _ready_jobs(self) -> list[tuple[str, JobRuntime]]:
+        """The jobs whose planner is ready and which the state holds active."""
+        return [(name, job) for name, job in self.jobs.items()
+                if job.state == "ready" and self.cluster.state.is_active(name)]
 
     def _record_hosts(self, now: float) -> None:
         """Record the trainers' host declarations the members pass on (the newest per rank)."""
@@ -173,10 +171,7 @@ class Leadership:
                     newest[key] = value
         entries = []
         for (job, dp, mp), (host, ms) in sorted(newest.items()):
-            entry = state.jobs.get(job)
-            recorded = state.trainer_host(job, dp, mp)
-            if (entry is None or entry["cancelled"] or dp >= entry["dp_size"] or not host
-                    or (recorded is not None and (recorded[0] == host or recorded[1] >= ms))):
+            if not state.host_is_news(job, dp, mp, host, ms):
                 continue
             log.info("job %s: trainer dp %d mp %d runs on host %s", job, dp, mp, host)
             entries.append(("trainer_host", {"job": job, "dp_rank": dp, "mp_rank": mp, "host": host,
@@ -197,8 +192,8 @@ class Leadership:
                         best[(job, dp, mp)] = max(best.get((job, dp, mp), 0), step)
         entries = [("trainer_progress", {"job": job, "dp_rank": dp, "mp_rank": mp, "next_step": step})
                    for (job, dp, mp), step in sorted(best.items())
-                   if job in state.jobs and not state.jobs[job]["cancelled"]
-                   and dp < state.jobs[job]["dp_size"] and step > state.next_step(job, dp, mp)]
+                   if state.is_active(job) and dp < state.jobs[job]["dp_size"]
+                   and step > state.next_step(job, dp, mp)]
         if entries:
             self.propose(entries, now)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fabricd.cluster.placement import constructor_id
 from fabricd.config import load_job_spec
 from fabricd.expect import BatchOracle
 from fabricd.localnode import LocalCluster
@@ -123,7 +124,7 @@ def host_affinity(cluster: LocalCluster, spec, timeout: float = 15.0) -> float:
         status = cluster.status(cluster.leader()) or {}
         roles = {r["id"]: r for r in status.get("jobs", {}).get(spec.name, {}).get("roles", [])}
         on_host = sum(1 for g, ranks in enumerate(groups)
-                      if (r := roles.get(f"{spec.name}/constructor/{g}")) and r["alive"]
+                      if (r := roles.get(constructor_id(spec.name, g))) and r["alive"]
                       and r["node"] == trainer_host(cluster, spec, ranks[0]))
         if on_host == len(groups) or time.monotonic() > deadline:
             return round(on_host / len(groups), 3)

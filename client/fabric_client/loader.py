@@ -467,12 +467,9 @@ class Loader:
             welcome = self._request(sock, address, protocol.Hello(PROTOCOL_VERSION, "trainer"), deadline)
             if not isinstance(welcome, protocol.Welcome):
                 return None
-            located = self._request(
-                sock, address,
-                protocol.Locate(self.job, self.dp_rank, self.dp_size, self.mp_rank, avoid=list(self._avoid),
-                            host=self.host),
-                deadline
-            )
+            locate = protocol.Locate(self.job, self.dp_rank, self.dp_size, self.mp_rank, avoid=list(self._avoid),
+                                     host=self.host)
+            located = self._request(sock, address, locate, deadline)
             if not isinstance(located, protocol.Located):
                 return None
             if located.job != self.job or located.dp_size != self.dp_size or not 0 <= self.mp_rank < located.mp_size:

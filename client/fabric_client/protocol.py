@@ -437,7 +437,7 @@ class Subscribe(Message):
 @dataclasses.dataclass(frozen=True)
 class Unsubscribe(Message):
     """The trainer leaves this constructor (it moved to another replica, or it is done): drop its
-    subscription now rather than hold it, and its position, until a send finds it gone."""
+    subscription now, rather than keep it (and keep building for it) until a send finds it gone."""
 
     TYPE: ClassVar[str] = "unsubscribe"
     job: str

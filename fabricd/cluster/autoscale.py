@@ -32,8 +32,17 @@ import numpy as np
 from ..config import JobSpec
 from ..planner import MixtureSchedule
 
-__all__ = ["PoolReading", "Resize", "PoolAutoscaler", "weights_now_and_ahead", "pool_bounds",
-           "EVALUATE_EVERY_S", "GROW_AFTER", "SHRINK_AFTER_S", "SATURATED"]
+__all__ = [
+    "EVALUATE_EVERY_S",
+    "GROW_AFTER",
+    "SATURATED",
+    "SHRINK_AFTER_S",
+    "PoolAutoscaler",
+    "PoolReading",
+    "Resize",
+    "pool_bounds",
+    "weights_now_and_ahead",
+]
 
 EVALUATE_EVERY_S = 2.0   # how often the leader evaluates
 GROW_AFTER = 2           # evaluations in a row that want more before a pool grows
@@ -46,8 +55,9 @@ _SMOOTHING = 0.5         # weight of the newest capacity measurement
 
 @dataclass(frozen=True)
 class PoolReading:
-    """One pool at one evaluation: its size, its bounds, its workers' cumulative counters, and
-    the source's mixture weight now and (the largest) ahead."""
+    """One pool at one evaluation: its size, its bounds, its workers' cumulative counters, the
+    source's mixture weight now and (the largest) ahead, the utilization it is sized for, and
+    whether some live daemon has headroom for another worker."""
 
     job: str
     source: str
@@ -57,12 +67,15 @@ class PoolReading:
     counters: Mapping[str, tuple[float, float]]  # role_id → (units loaded, seconds busy), cumulative
     weight_now: float
     weight_ahead: float
+    target_utilization: float = 0.7
+    headroom: bool = True
 
 
 @dataclass(frozen=True)
 class Resize:
     job: str
     source: str
+    previous: int
     size: int
     reason: str
 
@@ -79,15 +92,12 @@ class PoolAutoscaler:
     """Decides pool resizes from successive readings. One per leader term: a new leader starts
     fresh (its first evaluation only records the counters)."""
 
-    target_utilization: Mapping[str, float] = field(default_factory=dict)  # job → target (default 0.7)
     _pools: dict[tuple[str, str], _Pool] = field(default_factory=dict)
     _last: dict[str, tuple[float, float]] = field(default_factory=dict)
     _last_time: float | None = None
 
-    def evaluate(self, now: float, readings: Iterable[PoolReading], *,
-                 headroom: bool | Mapping[str, bool] = True) -> list[Resize]:
-        """Resizes due at ``now``. ``headroom`` (for all jobs, or per job): some live daemon could
-        take another worker. Call once per evaluation with every pool: rates are per call."""
+    def evaluate(self, now: float, readings: Iterable[PoolReading]) -> list[Resize]:
+        """Resizes due at ``now``. Call once per evaluation with every pool: rates are per call."""
         readings = list(readings)
         deltas = {}
         for r in readings:
@@ -114,14 +124,13 @@ class PoolAutoscaler:
             job_rate[job] = job_rate.get(job, 0.0) + units / dt
         out = []
         for r in readings:
-            ok = headroom if isinstance(headroom, bool) else headroom.get(r.job, True)
-            size = self._decide(now, dt, r, deltas[(r.job, r.source)], job_rate.get(r.job, 0.0), ok)
-            if size is not None:
-                out.append(size)
+            resize = self._decide(now, dt, r, deltas[(r.job, r.source)], job_rate.get(r.job, 0.0))
+            if resize is not None:
+                out.append(resize)
         return out
 
-    def _decide(self, now: float, dt: float, r: PoolReading, delta: tuple[float, float], job_rate: float,
-                headroom: bool) -> Resize | None:
+    def _decide(self, now: float, dt: float, r: PoolReading, delta: tuple[float, float],
+                job_rate: float) -> Resize | None:
         pool = self._pools.setdefault((r.job, r.source), _Pool())
         units, busy = delta
         if busy >= _MIN_BUSY_S:
@@ -135,11 +144,10 @@ class PoolAutoscaler:
             demand = rate * r.weight_ahead / r.weight_now
         else:
             demand = job_rate * r.weight_ahead
-        target = self.target_utilization.get(r.job, 0.7)
         if pool.capacity is None or pool.capacity <= 0:
             wanted = r.size
         else:  # within DEAD_BAND of a whole worker counts as enough: no flapping on rounding noise
-            wanted = math.ceil(demand / (pool.capacity * target) - DEAD_BAND)
+            wanted = math.ceil(demand / (pool.capacity * r.target_utilization) - DEAD_BAND)
         saturated = utilization > SATURATED
         if saturated:
             wanted = max(wanted, r.size + 1)
@@ -149,9 +157,9 @@ class PoolAutoscaler:
         if wanted > r.size:
             pool.shrink_since = None
             pool.grow_streak += 1
-            if pool.grow_streak >= GROW_AFTER and headroom:
+            if pool.grow_streak >= GROW_AFTER and r.headroom:
                 pool.grow_streak = 0
-                return Resize(r.job, r.source, min(wanted, 2 * r.size), why)
+                return Resize(r.job, r.source, r.size, min(wanted, 2 * r.size), why)
             return None
         pool.grow_streak = 0
         if wanted < r.size:
@@ -159,22 +167,20 @@ class PoolAutoscaler:
                 pool.shrink_since = now
             elif now - pool.shrink_since >= SHRINK_AFTER_S:
                 pool.shrink_since = now
-                return Resize(r.job, r.source, r.size - 1, why)
+                return Resize(r.job, r.source, r.size, r.size - 1, why)
             return None
         pool.shrink_since = None
         return None
 
 
-def weights_now_and_ahead(spec: JobSpec, step: int) -> dict[str, tuple[float, float]]:
+def weights_now_and_ahead(schedule: MixtureSchedule, step: int, lookahead: int) -> dict[str, tuple[float, float]]:
     """Source → (its mixture weight at ``step``, its largest weight in ``[step, step + lookahead]``).
 
     Exact for every schedule kind: a piecewise or linear schedule takes its extremes at the
     window's ends or at its own points, so those are the only steps evaluated.
     """
-    names = [s.name for s in spec.sources]
-    schedule = MixtureSchedule(spec.mixture.kind, spec.mixture.as_points(), names)
-    end = step + spec.autoscale.lookahead_steps
-    steps = sorted({step, end, *(p for p, _ in spec.mixture.points if step < p <= end)})
+    end = step + lookahead
+    steps = sorted({step, end, *(p for p, _ in schedule.points if step < p <= end)})
     w = schedule.weights(np.asarray(steps, dtype=np.int64))
     return {n: (float(w[0, i]), float(w[:, i].max())) for i, n in enumerate(schedule.sources)}
 

@@ -26,7 +26,10 @@ from ..config import JobSpec
 __all__ = [
     "MEMORY_GUARD_PERCENT",
     "RoleWant",
+    "constructor_id",
     "group_hosts",
+    "loader_id",
+    "loader_prefix",
     "local_changes",
     "nodes_by_host",
     "place_roles",
@@ -35,6 +38,21 @@ __all__ = [
 
 #: A daemon whose memory use is above this gets no new role while another daemon is below it.
 MEMORY_GUARD_PERCENT = 90.0
+
+
+def loader_id(job: str, source: str, worker: int) -> str:
+    """The role id of source-loader worker ``worker`` of ``source`` in ``job``."""
+    return f"{loader_prefix(job, source)}{worker}"
+
+
+def loader_prefix(job: str, source: str) -> str:
+    """What every role id of ``source``'s loader pool in ``job`` starts with."""
+    return f"{job}/loader/{source}/"
+
+
+def constructor_id(job: str, group: int, *, standby: bool = False) -> str:
+    """The role id of the data constructor of ``group`` in ``job`` (or of its standby)."""
+    return f"{job}/constructor/{group}" + ("/standby" if standby else "")
 
 
 @dataclass(frozen=True)
@@ -94,7 +112,7 @@ def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, stand
     wants = []
     for s in spec.sources:
         for w in range(pool_sizes.get(s.name) or s.workers or default_workers):
-            wants.append(RoleWant(f"{spec.name}/loader/{s.name}/{w}", "source_loader",
+            wants.append(RoleWant(loader_id(spec.name, s.name, w), "source_loader",
                                   {"source": s.name}, spread_key=f"loader/{s.name}"))
     prefer = spec.topology.constructor_nodes
     for g, ranks in enumerate(spec.topology.groups()):
@@ -103,10 +121,10 @@ def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, stand
         # the trainers' host decides; the job's constructor_nodes narrow it down when both apply
         node = tuple(n for n in host if n in named) or host or named
         extra = {"ranks": ranks, "fingerprint": fingerprint}
-        wants.append(RoleWant(f"{spec.name}/constructor/{g}", "constructor", extra,
+        wants.append(RoleWant(constructor_id(spec.name, g), "constructor", extra,
                               spread_key=f"constructor/{g}", prefer=node))
         if standby:
-            wants.append(RoleWant(f"{spec.name}/constructor/{g}/standby", "constructor", extra,
+            wants.append(RoleWant(constructor_id(spec.name, g, standby=True), "constructor", extra,
                                   spread_key=f"constructor/{g}"))
     return wants
 
@@ -129,11 +147,6 @@ def place_roles(wants: Sequence[RoleWant], *, live: Sequence[str], current: Mapp
     spread: dict[str, Counter] = {}
     placed = dict(current)
 
-    def at(node: str | None, key: str, delta: int) -> None:
-        if node in count:
-            count[node] += delta
-            spread.setdefault(key, Counter())[node] += delta
-
     for w in wants:
         if current.get(w.role_id) in count:
             spread.setdefault(w.spread_key, Counter())[current[w.role_id]] += 1
@@ -144,29 +157,31 @@ def place_roles(wants: Sequence[RoleWant], *, live: Sequence[str], current: Mapp
         return min(roomy, key=lambda n: (same[n], count[n], cpu.get(n, 0.0), memory.get(n, 0.0), n))
 
     moves: dict[str, str] = {}
+
+    def move(w: RoleWant, candidates: list[str]) -> str:
+        old, new = placed.get(w.role_id), choose(w, candidates)
+        for node, delta in ((old, -1), (new, +1)):
+            if node in count:
+                count[node] += delta
+                spread[w.spread_key][node] += delta
+        moves[w.role_id] = placed[w.role_id] = new
+        return new
+
     crowded: set[tuple[str, str]] = set()  # (spread_key, node) a preferred role moved onto
     for w in wants:
         node = placed.get(w.role_id)
         preferred = [n for n in w.prefer if n in count]
         if node in count and (not preferred or node in preferred):
             continue
-        target = choose(w, preferred or list(live))
-        at(node, w.spread_key, -1)
-        at(target, w.spread_key, +1)
-        moves[w.role_id] = placed[w.role_id] = target
+        target = move(w, preferred or list(live))
         if preferred and node in count:
             crowded.add((w.spread_key, target))
     for w in wants:
-        node = placed.get(w.role_id)
-        if w.role_id in moves or w.prefer or (w.spread_key, node) not in crowded:
+        if w.role_id in moves or w.prefer or (w.spread_key, placed.get(w.role_id)) not in crowded:
             continue
-        same = spread[w.spread_key]
-        free = [n for n in live if same[n] == 0]
+        free = [n for n in live if spread[w.spread_key][n] == 0]
         if free:
-            target = choose(w, free)
-            at(node, w.spread_key, -1)
-            at(target, w.spread_key, +1)
-            moves[w.role_id] = placed[w.role_id] = target
+            move(w, free)
     return moves
 
 

@@ -259,6 +259,11 @@ class FabricState:
 
     # -- queries --------------------------------------------------------------------------
 
+    def is_active(self, job: str) -> bool:
+        """Whether ``job`` is submitted and not cancelled."""
+        entry = self.jobs.get(job)
+        return entry is not None and not entry["cancelled"]
+
     def next_step(self, job: str, dp_rank: int, mp_rank: int = 0) -> int:
         """The step a trainer rank is known to resume at (0 if it never reported)."""
         return self.progress.get(job, {}).get(f"{dp_rank}/{mp_rank}", 0)
@@ -267,6 +272,14 @@ class FabricState:
         """The host a trainer rank last declared, with the declaration's time (ms), or None."""
         entry = self.hosts.get(job, {}).get(f"{dp_rank}/{mp_rank}")
         return (entry[0], entry[1]) if entry else None
+
+    def host_is_news(self, job: str, dp_rank: int, mp_rank: int, host: str, declared_ms: int) -> bool:
+        """Whether recording this host declaration would change the state: the job is active, the
+        rank is inside it, and no declaration of this host, or a newer one, is recorded."""
+        if not host or not self.is_active(job) or dp_rank >= self.jobs[job]["dp_size"]:
+            return False
+        recorded = self.trainer_host(job, dp_rank, mp_rank)
+        return recorded is None or (recorded[0] != host and recorded[1] < declared_ms)
 
     # -- snapshots ------------------------------------------------------------------------
 

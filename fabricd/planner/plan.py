@@ -104,6 +104,7 @@ class Planner:
         if sorted(names) != sorted(schedule.sources):
             raise PlanError(f"planner sources {names!r} differ from the mixture schedule's {list(schedule.sources)!r}")
         self.micro_batch_tokens = int(micro_batch_tokens)
+        self.schedule = schedule
         for s in self.sources:
             if len(s) and int(s.tokens.max()) > self.micro_batch_tokens:
                 raise PlanError(

@@ -146,10 +146,7 @@ class TrainerDelivery:
         elif isinstance(msg, protocol.Credit):
             self._credit(identity, msg)
         elif isinstance(msg, protocol.Unsubscribe):
-            sub = self._subs.get((msg.dp_rank, msg.mp_rank))
-            if msg.job == self._job and sub is not None and sub.identity == identity:
-                self._leave(sub)
-                self._counters["unsubscribes"] += 1
+            self._unsubscribe(identity, msg)
         else:
             self._refuse(identity, ErrorCode.BAD_REQUEST, f"a constructor does not serve {msg.TYPE!r}")
 
@@ -217,9 +214,15 @@ class TrainerDelivery:
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
 
+    def _unsubscribe(self, identity: bytes, msg: protocol.Unsubscribe) -> None:
+        sub = self._subs.get((msg.dp_rank, msg.mp_rank))
+        if msg.job == self._job and sub is not None and sub.identity == identity:  # not a newer socket's
+            self._leave(sub)
+            self._counters["unsubscribes"] += 1
+
     def _leave(self, sub: _Subscription) -> None:
-        del self._subs[(sub.dp_rank, sub.mp_rank)]
         key = (sub.dp_rank, sub.mp_rank)
+        del self._subs[key]
         self._departed[key] = max(self._departed.get(key, 0), sub.step)
 
     def farewell(self, reason: str) -> None:

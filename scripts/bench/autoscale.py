@@ -82,7 +82,7 @@ def phase(work: Path, corpus: Path, *, autoscale: bool, args: argparse.Namespace
         if errors:
             raise RuntimeError(f"trainer failed: {errors[0]!r}")
         job = daemon.status()["jobs"]["bench"]
-        pools = Counter(r["id"].split("/")[2] for r in job["roles"] if r["kind"] == "source_loader")
+        pools = Counter(r["source"] for r in job["roles"] if r["kind"] == "source_loader")
 
     def steps_done(d: int, t: float) -> int:  # steps whose last micro-batch reached rank d by time t
         done = [k[0] for k, _, ts in records[d] if ts <= t]

@@ -7,6 +7,7 @@ import pytest
 from fabricd.cluster.autoscale import (GROW_AFTER, SHRINK_AFTER_S, PoolAutoscaler, PoolReading, pool_bounds,
                                        weights_now_and_ahead)
 from fabricd.config import load_job_spec
+from fabricd.planner import MixtureSchedule
 
 from ..conftest import write_job
 
@@ -24,6 +25,7 @@ class Pool:
         self.units = {}
         self.busy = {}
         self.weights = (0.5, 0.5)
+        self.headroom = True
 
     def run(self, dt: float) -> None:
         served = min(self.demand, self.workers * self.capacity)
@@ -34,16 +36,18 @@ class Pool:
 
     def reading(self) -> PoolReading:
         counters = {r: (self.units[r], self.busy[r]) for r in self.units if int(r.rsplit("/", 1)[1]) < self.workers}
-        return PoolReading(self.job, "s", self.workers, self.base, self.maximum, counters, *self.weights)
+        return PoolReading(self.job, "s", self.workers, self.base, self.maximum, counters, *self.weights,
+                           headroom=self.headroom)
 
 
 def drive(scaler: PoolAutoscaler, pool: Pool, seconds: float, *, headroom: bool = True, dt: float = 2.0,
           start: float = 0.0) -> list[int]:
     """Evaluate every ``dt`` for ``seconds``, applying resizes; returns the sizes decided."""
     sizes, t = [], start
+    pool.headroom = headroom
     while t <= start + seconds:
         pool.run(dt)
-        for r in scaler.evaluate(t, [pool.reading()], headroom=headroom):
+        for r in scaler.evaluate(t, [pool.reading()]):
             sizes.append(r.size)
             pool.workers = r.size
         t += dt
@@ -93,10 +97,11 @@ def test_restarted_worker_counters_are_not_negative_demand():
 
 def test_weights_ahead_follow_the_schedule_exactly(tmp_path):
     spec = load_job_spec(write_job(tmp_path / "j.toml", tmp_path))  # linear: longdocs 0.1 at step 0 → 0.3 at step 4
-    now_and_ahead = weights_now_and_ahead(spec, 0)
+    schedule = MixtureSchedule(spec.mixture.kind, spec.mixture.as_points(), [s.name for s in spec.sources])
+    now_and_ahead = weights_now_and_ahead(schedule, 0, spec.autoscale.lookahead_steps)
     assert now_and_ahead["longdocs"][0] == pytest.approx(0.1) and now_and_ahead["longdocs"][1] == pytest.approx(0.3)
     assert now_and_ahead["captions"] == pytest.approx((0.3, 0.3))  # falling weight: the max is now
-    assert weights_now_and_ahead(spec, 10)["longdocs"] == pytest.approx((0.3, 0.3))
+    assert weights_now_and_ahead(schedule, 10, spec.autoscale.lookahead_steps)["longdocs"] == pytest.approx((0.3, 0.3))
 
 
 def test_pool_bounds_come_from_the_spec(tmp_path):
@@ -111,11 +116,12 @@ def test_pool_bounds_come_from_the_spec(tmp_path):
 def test_headroom_is_per_job_and_one_evaluation_covers_every_pool():
     scaler = PoolAutoscaler()
     a, b = Pool(workers=1, capacity=100.0, demand=300.0, job="a"), Pool(workers=1, capacity=100.0, demand=300.0, job="b")
+    a.headroom, b.headroom = False, True
     grown = []
     for t in range(0, 20, 2):
         a.run(2.0)
         b.run(2.0)
-        for r in scaler.evaluate(float(t), [a.reading(), b.reading()], headroom={"a": False, "b": True}):
+        for r in scaler.evaluate(float(t), [a.reading(), b.reading()]):
             grown.append(r.job)
             (a if r.job == "a" else b).workers = r.size
     assert grown and set(grown) == {"b"} and a.workers == 1
