@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import psutil
 import zmq
 from fabric_client import protocol
@@ -39,6 +40,7 @@ from .cluster.controller import ClusterController, NotLeader
 from .cluster.log import LogError
 from .cluster.placement import local_changes
 from .cluster.state import StateError
+from .cluster.telemetry import NodeTelemetry, RoleProcessTelemetry, RoleView
 from .cluster.wire import from_peer, to_peer
 from .config import NodeConfig, parse_job_spec
 from .errors import ConfigError
@@ -246,37 +248,38 @@ class Daemon:
         if assigned is None or not self.cluster.members.alive(assigned["node"], now):
             return None
         view = self.cluster.members.members[assigned["node"]].roles.get(role_id)
-        return view["endpoint"] if view and view.get("alive") else None
+        return view.endpoint if view is not None and view.alive else None
 
     def role_ids(self, job: str) -> list[str]:
         return [rid for rid, r in self.cluster.state.roles.items() if r["job"] == job]
 
-    def _role_view(self) -> dict[str, dict]:
+    def _role_view(self) -> dict[str, RoleView]:
         """This node's roles as peers see them in heartbeats (endpoint, liveness, trainer positions)."""
         view = {}
         for rid, role in self.supervisor.roles.items():
-            entry = {"endpoint": role.endpoint, "kind": role.args.kind, "alive": role.alive and bool(role.endpoint)}
-            positions = [[s["dp_rank"], s["mp_rank"], s["next_step"]] for s in role.stats.get("subscriptions", ())]
-            positions += role.stats.get("departed", [])  # trainers that left: where they were
-            if positions:
-                entry["trainers"] = positions
-            view[rid] = entry
+            st = role.stats
+            trainers = [(s.dp_rank, s.mp_rank, s.next_step) for s in st.subscriptions]
+            trainers += st.departed  # trainers that left: where they were
+            view[rid] = RoleView(endpoint=role.endpoint, kind=role.args.kind,
+                                 alive=role.alive and bool(role.endpoint), trainers=trainers)
         return view
 
-    def _telemetry(self) -> dict[str, Any]:
+    def _telemetry(self) -> NodeTelemetry:
         """Node CPU and memory, and per role process its RSS, CPU, and queue depths and rates."""
         vm = psutil.virtual_memory()
         roles = {}
         for rid, role in self.supervisor.roles.items():
             st = role.stats
-            roles[rid] = {**self.supervisor.telemetry(role),
-                          **{k: st[k] for k in ("builds", "units", "requests", "busy_s", "built_batches", "hedged",
-                                                "load_retries", "sent") if k in st}}
-        return {"cpu_percent": psutil.cpu_percent(None), "mem_used_percent": vm.percent,
-                "mem_available_mb": round(vm.available / 2**20), "roles": len(self.supervisor.roles),
-                "role_processes": roles, "hostname": self.hostname, "trainer_hosts": self._host_declarations()}
+            roles[rid] = RoleProcessTelemetry(
+                **self.supervisor.telemetry(role), builds=st.builds, units=st.units, requests=st.requests,
+                busy_s=st.busy_s, built_batches=st.built_batches, hedged=st.hedged,
+                load_retries=st.load_retries, sent=st.sent)
+        return NodeTelemetry(cpu_percent=psutil.cpu_percent(None), mem_used_percent=vm.percent,
+                             mem_available_mb=round(vm.available / 2**20), roles=len(self.supervisor.roles),
+                             role_processes=roles, hostname=self.hostname[:255],
+                             trainer_hosts=self._host_declarations())
 
-    def _host_declarations(self) -> list[list]:
+    def _host_declarations(self) -> list[tuple]:
         """Declarations the state does not hold yet, as ``[job, dp, mp, host, ms]`` (and forget the
         rest); at most ``HOSTS_PER_BEAT`` per heartbeat, so a job of many thousand ranks starting
         at once spreads its declarations over a few beats instead of one huge message."""
@@ -286,7 +289,7 @@ class Daemon:
             if not state.host_is_news(*key, host, ms):
                 del self._declared_hosts[key]
             elif len(out) < HOSTS_PER_BEAT:
-                out.append([*key, host, ms])
+                out.append((*key, host, ms))
         return out
 
     # -- decisions (leader only; see fabricd.leadership) --------------------------------------------
@@ -374,7 +377,7 @@ class Daemon:
                 info = {"id": rid, "kind": assigned["kind"], "node": assigned["node"], "endpoint": endpoint,
                         "alive": endpoint is not None, "source": assigned["extra"].get("source")}
                 if local is not None:
-                    info.update(pid=local.pid, restarts=local.restarts, stats=local.stats,
+                    info.update(pid=local.pid, restarts=local.restarts, stats=msgspec.to_builtins(local.stats),
                                 **self.supervisor.telemetry(local))
                 roles.append(info)
             serving = job.state == "ready" and all(job.constructor_endpoint(g[0]) is not None for g in job.groups)
@@ -393,7 +396,7 @@ class Daemon:
             "term": self.cluster.term,
             "is_leader": self.cluster.is_leader(now),
             "cluster": self.cluster.status(now),
-            "telemetry": self._telemetry(),
+            "telemetry": msgspec.to_builtins(self._telemetry()),
             "counters": dict(self.counters),
             "jobs": jobs,
         }

@@ -86,10 +86,10 @@ class Leadership:
         """Place every ready job's roles; release the roles no job wants any more."""
         state, members = self.cluster.state, self.cluster.members.members
         load = Counter(r["node"] for r in state.roles.values())
-        cpu = {n: _number(v.telemetry, "cpu_percent") for n, v in members.items()}
-        memory = {n: _number(v.telemetry, "mem_used_percent") for n, v in members.items()}
+        cpu = {n: v.telemetry.cpu_percent for n, v in members.items()}
+        memory = {n: v.telemetry.mem_used_percent for n, v in members.items()}
         on_host = nodes_by_host({p.node_id: {p.node_id, p.control.rsplit(":", 1)[0].split("://")[-1],
-                                             str(members[p.node_id].telemetry.get("hostname", p.node_id))}
+                                             members[p.node_id].telemetry.hostname or p.node_id}
                                  for p in self.cfg.cluster.peers if p.node_id in members})
         entries: list[tuple[str, dict]] = []
         for name, job in self._ready_jobs():
@@ -122,17 +122,14 @@ class Leadership:
         state, members = self.cluster.state, self.cluster.members.members
         counters: dict[str, tuple[float, float]] = {}
         for node in live:
-            processes = members[node].telemetry.get("role_processes")
-            for rid, t in (processes.items() if isinstance(processes, dict) else ()):
-                if isinstance(t, dict) and isinstance(t.get("units"), (int, float)) \
-                        and isinstance(t.get("busy_s"), (int, float)):
-                    counters[rid] = (float(t["units"]), float(t["busy_s"]))
+            for rid, t in members[node].telemetry.role_processes.items():
+                counters[rid] = (float(t.units), float(t.busy_s))
         readings = []
         for name, job in self._ready_jobs():
             auto = job.spec.autoscale
-            headroom = any(_number(members[n].telemetry, "mem_used_percent") < MEMORY_GUARD_PERCENT
+            headroom = any(members[n].telemetry.mem_used_percent < MEMORY_GUARD_PERCENT
                            and (not auto.cpu_guard_percent
-                                or _number(members[n].telemetry, "cpu_percent") < auto.cpu_guard_percent)
+                                or members[n].telemetry.cpu_percent < auto.cpu_guard_percent)
                            for n in live)
             progress = state.progress.get(name)
             weights = weights_now_and_ahead(job.planner.schedule, min(progress.values()) if progress else 0,
@@ -160,12 +157,7 @@ class Leadership:
         state = self.cluster.state
         newest: dict[tuple[str, int, int], tuple[str, int]] = {}
         for member in self.cluster.members.members.values():
-            decls = member.telemetry.get("trainer_hosts")
-            for decl in decls if isinstance(decls, list) else ():
-                if not (isinstance(decl, list) and len(decl) == 5 and isinstance(decl[0], str)
-                        and all(_is_count(x) for x in (decl[1], decl[2], decl[4])) and isinstance(decl[3], str)):
-                    continue  # a malformed declaration from a peer: ignored
-                job, dp, mp, host, ms = decl
+            for job, dp, mp, host, ms in member.telemetry.trainer_hosts:
                 key, value = (job, dp, mp), (host, ms)
                 if key not in newest or value[1] > newest[key][1]:
                     newest[key] = value
@@ -185,11 +177,8 @@ class Leadership:
         for member in self.cluster.members.members.values():
             for rid, view in member.roles.items():
                 job = rid.split("/", 1)[0]
-                trainers = view.get("trainers") if isinstance(view, dict) else None
-                for position in trainers if isinstance(trainers, list) else ():
-                    if isinstance(position, list) and len(position) == 3 and all(map(_is_count, position)):
-                        dp, mp, step = position
-                        best[(job, dp, mp)] = max(best.get((job, dp, mp), 0), step)
+                for dp, mp, step in view.trainers:
+                    best[(job, dp, mp)] = max(best.get((job, dp, mp), 0), step)
         entries = [("trainer_progress", {"job": job, "dp_rank": dp, "mp_rank": mp, "next_step": step})
                    for (job, dp, mp), step in sorted(best.items())
                    if state.is_active(job) and dp < state.jobs[job]["dp_size"]
@@ -197,12 +186,3 @@ class Leadership:
         if entries:
             self.propose(entries, now)
 
-
-def _number(telemetry: Mapping, key: str) -> float:
-    """A numeric telemetry field from a peer's heartbeat; 0 when absent or not a number."""
-    value = telemetry.get(key)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

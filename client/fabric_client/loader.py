@@ -35,8 +35,6 @@ Promises:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import socket
@@ -573,41 +571,14 @@ class Loader:
             pass
 
 
-_BATCH_FIELDS = tuple((f.name, f.type) for f in dataclasses.fields(protocol.Batch))
-_BATCH_KEYS = frozenset(["v", "t", *(name for name, _ in _BATCH_FIELDS)])
-_FIELD_TYPES = {"str": str, "int": int, str: str, int: int}
-#: (field, exact JSON type) of every Batch field; None (fast path off) if a field has another type
-_BATCH_TYPES = (
-    tuple((name, _FIELD_TYPES[tp]) for name, tp in _BATCH_FIELDS)
-    if all(tp in _FIELD_TYPES for _, tp in _BATCH_FIELDS)
-    else None
-)
-_MAX_FAST_HEADER = 4096
-
-
 def _fast_batch_header(raw: bytes) -> protocol.Batch | None:
-    """The header of a well-formed ``Batch`` message, parsed once; None for anything else.
-
-    Accepts exactly what :func:`protocol.decode` accepts for a ``Batch`` (this version, every
-    field present with its JSON type, nothing more) without its generic per-field type
-    introspection; everything else (other types, bad fields) goes the general way, which raises
-    the precise errors.
-    """
-    if _BATCH_TYPES is None or len(raw) > _MAX_FAST_HEADER:
-        return None
+    """The header of a well-formed ``Batch`` message; None for anything else (which goes the
+    general way, raising the precise errors)."""
     try:
-        header = json.loads(raw)
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        msg, _ = protocol.decode([raw])
+    except ProtocolError:
         return None
-    if type(header) is not dict or header.keys() != _BATCH_KEYS:
-        return None
-    if header["t"] != protocol.Batch.TYPE or header["v"] != PROTOCOL_VERSION or type(header["v"]) is not int:
-        return None
-    for name, tp in _BATCH_TYPES:
-        if type(header[name]) is not tp:
-            return None
-    del header["v"], header["t"]
-    return protocol.Batch(**header)
+    return msg if isinstance(msg, protocol.Batch) else None
 
 
 def _default_workers() -> int:

@@ -1,13 +1,17 @@
 """The fabricd wire protocol: typed, versioned records shared by the daemon, its roles and trainers.
 
 A message is a ZeroMQ multipart message. Its first frame is the *header*: a small JSON object
-``{"v": PROTOCOL_VERSION, "t": <type>, ...fields}``; any further frames are the *payload*
+``{"t": <type>, "v": PROTOCOL_VERSION, ...fields}``; any further frames are the *payload*
 (binary: Arrow IPC batches, numpy arrays), passed through without copying. On ROUTER sockets the
 routing identity comes before the header and is handled by the caller.
 
-Every record is a frozen dataclass registered under its type name. :func:`decode` validates the
-version, the type and every field's type, and raises :class:`ProtocolError` (never anything else)
-for bad input, so a receiver can count and drop a malformed message and keep serving.
+Every record is a frozen :mod:`msgspec` Struct tagged with its type name, and every field has a
+type *and* a range: steps, ranks, counts and list lengths are bounded (see
+:mod:`fabric_client.limits`), nested records are Structs too, never free-form dicts. :func:`decode`
+validates the version, the type and every field in one pass, and raises :class:`ProtocolError`
+(never anything else, whatever the bytes: deep nesting, huge integers, NaN, unknown fields) for bad
+input, so a receiver can count and drop a malformed message and keep serving. Handlers only ever
+see valid records.
 
 Conversations (request → reply):
 
@@ -25,14 +29,13 @@ Any request may instead be answered with ``ErrorReply(code, reason)``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import types
-import typing
 from collections.abc import Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Union
+
+import msgspec
 
 from .errors import ProtocolError
+from .limits import MAX_DP_SIZE, MAX_LIST_ITEMS, MAX_MP_SIZE, MAX_NAME_CHARS, MAX_STEP
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -57,6 +60,8 @@ __all__ = [
     "Located",
     "RoleHello",
     "RoleStats",
+    "RoleCounters",
+    "TrainerPosition",
     "PlanRequest",
     "PlanReply",
     "SkipReport",
@@ -92,235 +97,205 @@ class ErrorCode:
     INTERNAL = "internal"
 
 
-_REGISTRY: dict[str, type[Message]] = {}
-M = TypeVar("M", bound="Message")
+# --------------------------------------------------------------------------------------------
+# Field types: a type and its range, checked at decode
+
+#: A job, source, node or host name.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_CHARS)]
+#: A name that may be empty ("" means none).
+OptName = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+#: A role id (``job/kind/...``) or an endpoint (``tcp://host:port``).
+Ident = Annotated[str, msgspec.Meta(max_length=4 * MAX_NAME_CHARS)]
+#: Free text meant for people: a reason, a version string.
+Text = Annotated[str, msgspec.Meta(max_length=8192)]
+#: A whole job spec (TOML text), or the path it came from.
+SpecText = Annotated[str, msgspec.Meta(max_length=MAX_HEADER_BYTES // 2)]
+Step = Annotated[int, msgspec.Meta(ge=0, le=MAX_STEP)]
+DpRank = Annotated[int, msgspec.Meta(ge=0, lt=MAX_DP_SIZE)]
+MpRank = Annotated[int, msgspec.Meta(ge=0, lt=MAX_MP_SIZE)]
+DpSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_DP_SIZE)]
+MpSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_MP_SIZE)]
+#: A non-negative counter or size (below 2^53, so it survives a float round trip).
+Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 53)]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=1e12)]
+Micro = Annotated[int, msgspec.Meta(ge=0, le=1 << 20)]
+Credits = Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
+Pid = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
+Nonce = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+Units = Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]  # units in one load request or reply
 
 
-@dataclasses.dataclass(frozen=True)
-class Message:
-    """Base of every wire record. Subclasses set ``TYPE`` and declare JSON-typed fields."""
+def Bounded(tp: Any, n: int = MAX_LIST_ITEMS) -> Any:  # noqa: N802 (a type constructor)
+    """``list[tp]`` of at most ``n`` items."""
+    return Annotated[list[tp], msgspec.Meta(max_length=n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+
+
+class Message(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True, kw_only=True):
+    """Base of every wire record. Subclasses are tagged with their wire name (``TYPE``)."""
 
     TYPE: ClassVar[str] = ""
+    #: the protocol version the sender speaks (keyword-only; always ``PROTOCOL_VERSION`` here)
+    v: int = PROTOCOL_VERSION
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.TYPE:
-            if cls.TYPE in _REGISTRY:
-                raise TypeError(f"message type {cls.TYPE!r} registered twice")
-            _REGISTRY[cls.TYPE] = cls
+
+_REGISTRY: dict[str, type[Message]] = {}
+_DECODER: msgspec.json.Decoder | None = None
+_ENCODER = msgspec.json.Encoder()
+
+
+class _Version(msgspec.Struct):
+    v: Any = PROTOCOL_VERSION
+
+
+_VERSION_DECODER = msgspec.json.Decoder(_Version)
 
 
 def message_types() -> dict[str, type[Message]]:
-    """Every registered record type by wire name (for tests and tooling)."""
+    """Every registered record type by wire name (for tests, tooling and fuzzing)."""
     return dict(_REGISTRY)
 
 
 def encode(msg: Message, payload: Sequence[Any] = ()) -> list[Any]:
     """Return the frames of ``msg``: its JSON header, then ``payload`` unchanged (no copy)."""
-    header = {"v": PROTOCOL_VERSION, "t": msg.TYPE}
-    for f in dataclasses.fields(msg):
-        header[f.name] = getattr(msg, f.name)
-    return [json.dumps(header, separators=(",", ":")).encode(), *payload]
+    return [_ENCODER.encode(msg), *payload]
 
 
 def decode(frames: Sequence[Any]) -> tuple[Message, list[Any]]:
     """Parse ``frames`` into ``(record, payload frames)``.
 
     Accepts ``bytes`` or ``zmq.Frame`` objects. Raises :class:`ProtocolError` for anything that
-    is not a well-formed record of this protocol version.
+    is not a well-formed record of this protocol version, and nothing else.
     """
     if not frames:
         raise ProtocolError(ErrorCode.MALFORMED, "empty message")
     head = frames[0]
-    raw = head.bytes if hasattr(head, "bytes") else head
+    raw = head.buffer if hasattr(head, "buffer") else head
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ProtocolError(ErrorCode.MALFORMED, f"header frame of type {type(raw).__name__}")
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(ErrorCode.MALFORMED, f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(bytes(raw))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(ErrorCode.MALFORMED, f"header is not JSON: {e}") from e
-    if not isinstance(header, dict):
-        raise ProtocolError(ErrorCode.MALFORMED, f"header is a {type(header).__name__}, not an object")
-    version = header.pop("v", None)
+        msg = _DECODER.decode(raw)
+    except msgspec.ValidationError as e:
+        raise _refusal(raw, str(e)) from None
+    except (msgspec.DecodeError, RecursionError, ValueError, TypeError, MemoryError) as e:
+        raise ProtocolError(ErrorCode.MALFORMED, f"header is not a JSON object of this protocol: {_short(e)}") from None
+    if msg.v != PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.VERSION, f"protocol version {msg.v!r}, this side speaks {PROTOCOL_VERSION}")
+    return msg, list(frames[1:])
+
+
+def _refusal(raw: Any, reason: str) -> ProtocolError:
+    """The ProtocolError for a header that is JSON but not a valid record: a version mismatch is
+    named as such (another version's records may not validate here), a bad tag is an unknown type."""
+    try:
+        version = _VERSION_DECODER.decode(raw).v
+    except (msgspec.MsgspecError, RecursionError, ValueError, TypeError):
+        version = PROTOCOL_VERSION
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            ErrorCode.VERSION, f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}"
-        )
-    name = header.pop("t", None)
-    cls = _REGISTRY.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {name!r}")
-    kwargs = {}
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in header:
-            value = header.pop(f.name)
-            if not _conforms(value, hints[f.name]):
-                raise ProtocolError(
-                    ErrorCode.MALFORMED, f"{name}.{f.name} = {_short(value)} is not {_type_name(hints[f.name])}"
-                )
-            kwargs[f.name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProtocolError(ErrorCode.MALFORMED, f"{name} lacks field {f.name!r}")
-    if header:
-        raise ProtocolError(ErrorCode.MALFORMED, f"{name} has unknown fields {sorted(header)}")
-    return cls(**kwargs), list(frames[1:])
+        return ProtocolError(ErrorCode.VERSION, f"protocol version {_short(version)}, this side speaks {PROTOCOL_VERSION}")
+    if reason.endswith("at `$.t`") or reason.startswith("Object missing required field `t`"):
+        return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type: {_short(reason)}")
+    return ProtocolError(ErrorCode.MALFORMED, _short(reason))
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
-
-
-def _conforms(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_conforms(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin is list:
-        (arg,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_conforms(v, arg) for v in value)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    raise TypeError(f"unsupported field type {tp!r}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _short(value: Any, limit: int = 200) -> str:
+    text = value if isinstance(value, str) else repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------
 # Generic replies
 
 
-@dataclasses.dataclass(frozen=True)
-class ErrorReply(Message):
+class ErrorReply(Message, tag="error"):
     """A refusal: ``code`` is an :class:`ErrorCode` value, ``reason`` says what to fix."""
 
-    TYPE: ClassVar[str] = "error"
-    code: str
-    reason: str
+    code: OptName
+    reason: Text
 
 
-@dataclasses.dataclass(frozen=True)
-class Ok(Message):
+class Ok(Message, tag="ok"):
     """A request was applied."""
 
-    TYPE: ClassVar[str] = "ok"
 
 
-@dataclasses.dataclass(frozen=True)
-class Ping(Message):
-    TYPE: ClassVar[str] = "ping"
-    nonce: int = 0
+class Ping(Message, tag="ping"):
+    """A liveness probe, answered with ``Pong`` carrying the same nonce."""
+
+    nonce: Nonce = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class Pong(Message):
-    TYPE: ClassVar[str] = "pong"
-    nonce: int = 0
+class Pong(Message, tag="pong"):
+    """The answer to ``Ping``."""
+
+    nonce: Nonce = 0
 
 
 # --------------------------------------------------------------------------------------------
 # Trainers and fabricctl → daemon
 
 
-@dataclasses.dataclass(frozen=True)
-class Hello(Message):
+class Hello(Message, tag="hello"):
     """First message of a peer; the daemon refuses another protocol version."""
 
-    TYPE: ClassVar[str] = "hello"
-    protocol: int
-    peer: str  # "trainer", "ctl", "role"
+    protocol: Count
+    peer: OptName  # "trainer", "ctl", "role"
 
 
-@dataclasses.dataclass(frozen=True)
-class Welcome(Message):
-    TYPE: ClassVar[str] = "welcome"
-    protocol: int
-    node: str
-    daemon_version: str
+class Welcome(Message, tag="welcome"):
+    protocol: Count
+    node: Name
+    daemon_version: Text
 
 
-@dataclasses.dataclass(frozen=True)
-class SubmitJob(Message):
+class SubmitJob(Message, tag="submit_job"):
     """Submit (or resubmit) a job spec. ``spec_path`` anchors relative source paths."""
 
-    TYPE: ClassVar[str] = "submit_job"
-    spec_toml: str
-    spec_path: str
+    spec_toml: SpecText
+    spec_path: SpecText
 
 
-@dataclasses.dataclass(frozen=True)
-class JobAccepted(Message):
-    TYPE: ClassVar[str] = "job_accepted"
-    job: str
-    fingerprint: str
-    state: str
+class JobAccepted(Message, tag="job_accepted"):
+    job: Name
+    fingerprint: OptName
+    state: OptName
 
 
-@dataclasses.dataclass(frozen=True)
-class CancelJob(Message):
-    TYPE: ClassVar[str] = "cancel_job"
-    job: str
+class CancelJob(Message, tag="cancel_job"):
+    job: Name
 
 
-@dataclasses.dataclass(frozen=True)
-class StatusRequest(Message):
-    TYPE: ClassVar[str] = "status"
+class StatusRequest(Message, tag="status"):
+    """Ask a daemon for its status (``StatusReply``)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class StatusReply(Message):
-    TYPE: ClassVar[str] = "status_reply"
-    status: dict
+class StatusReply(Message, tag="status_reply"):
+    status: dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class Locate(Message):
+class Locate(Message, tag="locate"):
     """Which constructor serves this trainer rank? Answered ``not_ready`` while the job starts."""
 
-    TYPE: ClassVar[str] = "locate"
-    job: str
-    dp_rank: int
-    dp_size: int
-    mp_rank: int = 0
-    avoid: list[str] = dataclasses.field(default_factory=list)  # endpoints that just went silent
-    host: str = ""  # the trainer's host: the leader places this rank's constructor on a daemon there
+    job: Name
+    dp_rank: DpRank
+    dp_size: DpSize
+    mp_rank: MpRank = 0
+    avoid: Bounded(Ident, 64) = []  # endpoints that just went silent
+    host: OptName = ""  # the trainer's host: the leader places this rank's constructor on a daemon there
 
 
-@dataclasses.dataclass(frozen=True)
-class Located(Message):
-    TYPE: ClassVar[str] = "located"
-    job: str
-    fingerprint: str
-    endpoint: str
-    dp_size: int
-    mp_size: int
-    prefetch: int
+class Located(Message, tag="located"):
+    job: Name
+    fingerprint: OptName
+    endpoint: Ident
+    dp_size: DpSize
+    mp_size: MpSize
+    prefetch: Credits
     standby: bool = False  # the endpoint is the group's standby: its primary is down or starting
 
 
@@ -328,186 +303,223 @@ class Located(Message):
 # Role processes → daemon
 
 
-@dataclasses.dataclass(frozen=True)
-class RoleHello(Message):
+class RoleHello(Message, tag="role_hello"):
     """A role process announces itself and the endpoint it serves on."""
 
-    TYPE: ClassVar[str] = "role_hello"
-    role_id: str
-    kind: str
-    endpoint: str
-    pid: int
+    role_id: Ident
+    kind: Name
+    endpoint: Ident
+    pid: Pid
 
 
-@dataclasses.dataclass(frozen=True)
-class RoleStats(Message):
+class TrainerPosition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where one trainer rank's delivery stands on a constructor."""
+
+    dp_rank: DpRank
+    mp_rank: MpRank
+    next_step: Step
+    next_micro: Micro = 0
+    credits: Credits = 0
+    sent: Count = 0
+
+
+class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A role process's heartbeat counters. Every role sends the fields it keeps (constructors:
+    builds and delivery; source loaders: requests, units, busy seconds); the rest stay at their
+    defaults. Counters a newer role adds are ignored by an older daemon, never an error."""
+
+    # constructors
+    ranks: Bounded(DpRank, MAX_DP_SIZE) = []
+    builds: Count = 0
+    built_batches: Count = 0
+    skipped_units: Count = 0
+    load_retries: Count = 0
+    hedged: Count = 0
+    plans: Count = 0
+    evicted_steps: Count = 0
+    #: trainers subscribed now, and the last position of trainers that left (dp, mp, next_step)
+    subscriptions: Bounded(TrainerPosition, MAX_DP_SIZE) = []
+    departed: Bounded(tuple[DpRank, MpRank, Step], MAX_DP_SIZE) = []
+    subscribes: Count = 0
+    unsubscribes: Count = 0
+    credits_received: Count = 0
+    batches_sent: Count = 0
+    bytes_sent: Count = 0
+    heartbeats_sent: Count = 0
+    unreachable_dropped: Count = 0
+    eagain: Count = 0
+    errors_replied: Count = 0
+    # source loaders
+    source: OptName = ""
+    requests: Count = 0
+    units: Count = 0
+    failed_units: Count = 0
+    busy_s: Seconds = 0.0
+    # every role
+    malformed: Count = 0
+    sent: Count = 0
+
+
+class RoleStats(Message, tag="role_stats"):
     """Periodic heartbeat of a role process with its counters."""
 
-    TYPE: ClassVar[str] = "role_stats"
-    role_id: str
-    stats: dict
+    role_id: Ident
+    stats: RoleCounters
 
 
-@dataclasses.dataclass(frozen=True)
-class PlanRequest(Message):
+class PlanRequest(Message, tag="plan_request"):
     """A constructor asks for its ranks' share of one step's plan."""
 
-    TYPE: ClassVar[str] = "plan_request"
-    job: str
-    step: int
-    ranks: list[int]
+    job: Name
+    step: Step
+    ranks: Bounded(DpRank, MAX_DP_SIZE)
 
 
-@dataclasses.dataclass(frozen=True)
-class PlanReply(Message):
+class PlanReply(Message, tag="plan_reply"):
     """The plan rows of the requested ranks; payload: one frame per name in ``columns``."""
 
-    TYPE: ClassVar[str] = "plan_reply"
-    job: str
-    step: int
-    dp_size: int
-    rows: int
-    columns: list[str]
-    dtypes: list[str]
-    num_micro: list[int]  # per requested rank, in request order
+    job: Name
+    step: Step
+    dp_size: DpSize
+    rows: Count
+    columns: Bounded(Name, 32)
+    dtypes: Bounded(Name, 32)
+    num_micro: Bounded(Micro, MAX_DP_SIZE)  # per requested rank, in request order
 
 
-@dataclasses.dataclass(frozen=True)
-class SkipReport(Message):
+class SkipReport(Message, tag="skip_report"):
     """A constructor skipped a unit that could not be read or decoded."""
 
-    TYPE: ClassVar[str] = "skip_report"
-    job: str
-    step: int
-    source: str
-    sample_id: int
-    piece: int
-    reason: str
+    job: Name
+    step: Step
+    source: Name
+    sample_id: Count
+    piece: Count
+    reason: Text
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolsRequest(Message):
+class PoolsRequest(Message, tag="pools_request"):
     """A constructor asks where the source-loader workers of a job are."""
 
-    TYPE: ClassVar[str] = "pools_request"
-    job: str
+    job: Name
 
 
-@dataclasses.dataclass(frozen=True)
-class PoolsReply(Message):
+class PoolsReply(Message, tag="pools_reply"):
     """Source name → endpoints of its live source-loader workers."""
 
-    TYPE: ClassVar[str] = "pools_reply"
-    job: str
-    pools: dict
+    job: Name
+    pools: Annotated[dict[Name, Bounded(Ident, 4096)], msgspec.Meta(max_length=4096)]
 
 
-@dataclasses.dataclass(frozen=True)
-class PeerMessage(Message):
+class PeerMessage(Message, tag="peer"):
     """Daemon → daemon: one cluster message (lease, log replication, heartbeat) from ``sender``.
 
     ``kind`` names the typed record in ``fabricd.cluster.wire``; ``body`` is its fields, decoded
     and type-checked there (a bad body is a malformed message like any other).
     """
 
-    TYPE: ClassVar[str] = "peer"
-    sender: str
-    kind: str
-    body: dict
+    sender: Name
+    kind: Name
+    body: msgspec.Raw
 
 
 # --------------------------------------------------------------------------------------------
 # Trainer ↔ data constructor
 
 
-@dataclasses.dataclass(frozen=True)
-class Subscribe(Message):
+class Subscribe(Message, tag="subscribe"):
     """Start (or restart) delivery to one trainer from a position, with ``credits`` batches."""
 
-    TYPE: ClassVar[str] = "subscribe"
-    job: str
-    fingerprint: str
-    dp_rank: int
-    mp_rank: int
-    next_step: int
-    next_micro: int
-    credits: int
+    job: Name
+    fingerprint: OptName
+    dp_rank: DpRank
+    mp_rank: MpRank
+    next_step: Step
+    next_micro: Micro
+    credits: Credits
 
 
-@dataclasses.dataclass(frozen=True)
-class Unsubscribe(Message):
+class Unsubscribe(Message, tag="unsubscribe"):
     """The trainer leaves this constructor (it moved to another replica, or it is done): drop its
     subscription now, rather than keep it (and keep building for it) until a send finds it gone."""
 
-    TYPE: ClassVar[str] = "unsubscribe"
-    job: str
-    dp_rank: int
-    mp_rank: int
+    job: Name
+    dp_rank: DpRank
+    mp_rank: MpRank
 
 
-@dataclasses.dataclass(frozen=True)
-class Credit(Message):
+class Credit(Message, tag="credit"):
     """The trainer consumed batches: it may now hold ``credits`` more."""
 
-    TYPE: ClassVar[str] = "credit"
-    job: str
-    dp_rank: int
-    mp_rank: int
-    credits: int
+    job: Name
+    dp_rank: DpRank
+    mp_rank: MpRank
+    credits: Credits
 
 
-@dataclasses.dataclass(frozen=True)
-class Batch(Message):
+class Batch(Message, tag="batch"):
     """One micro-batch for one DP rank; payload: one Arrow IPC stream frame."""
 
-    TYPE: ClassVar[str] = "batch"
-    job: str
-    step: int
-    dp_rank: int
-    micro_batch: int
-    num_micro_batches: int
-    checksum: str
-    samples: int
-    tokens: int
-    skipped: int
+    job: Name
+    step: Step
+    dp_rank: DpRank
+    micro_batch: Micro
+    num_micro_batches: Micro
+    checksum: OptName
+    samples: Count
+    tokens: Count
+    skipped: Count
 
 
-@dataclasses.dataclass(frozen=True)
-class Heartbeat(Message):
+class Heartbeat(Message, tag="heartbeat"):
     """Constructor → trainer while it has credits but nothing ready: proof of life."""
 
-    TYPE: ClassVar[str] = "heartbeat"
-    job: str
-    next_step: int
+    job: Name
+    next_step: Step
 
 
 # --------------------------------------------------------------------------------------------
 # Data constructor ↔ source loader
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadRequest(Message):
+class LoadRequest(Message, tag="load_request"):
     """Load units of one source; payload: sample ids (int64) and pieces (int32) frames."""
 
-    TYPE: ClassVar[str] = "load_request"
-    job: str
-    source: str
-    req_id: int
-    count: int
+    job: Name
+    source: Name
+    req_id: Count
+    count: Units
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadReply(Message):
+class LoadReply(Message, tag="load_reply"):
     """Loaded units, in request order; ``errors`` lists ``[index, reason]`` of skipped ones.
 
     Payload frames: input_ids (int32, all units concatenated), token_offsets (int64[count+1]),
     image_starts (int32, all units), image_offsets (int64[count+1]), pixels (uint8, all images).
     """
 
-    TYPE: ClassVar[str] = "load_reply"
-    job: str
-    source: str
-    req_id: int
-    count: int
-    image_size: int
-    errors: list[list[Any]]
+    job: Name
+    source: Name
+    req_id: Count
+    count: Units
+    image_size: Count
+    errors: Bounded(tuple[Units, Text], 1 << 24) = []  # [index, reason]
+
+
+def _register() -> None:
+    global _DECODER
+    pending = list(Message.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        tag = cls.__struct_config__.tag
+        if not isinstance(tag, str):
+            continue
+        if tag in _REGISTRY:
+            raise TypeError(f"message type {tag!r} registered twice")
+        cls.TYPE = tag
+        _REGISTRY[tag] = cls
+    _DECODER = msgspec.json.Decoder(Union[tuple(_REGISTRY.values())])
+
+
+_register()

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Annotated, Any, Union
+
+import msgspec
+from fabric_client.protocol import Name
+
+#: A lease term, a log position or a renew id on the wire: non-negative, below 2^53.
+Counter = Annotated[int, msgspec.Meta(ge=0, le=1 << 53)]
 
 __all__ = [
     "Action",
@@ -55,10 +61,10 @@ class LeaseConfig:
 class VoteRequest:
     """Candidate -> voters. ``pre_vote``: "would you vote for me in ``term``?" (changes nothing)."""
 
-    term: int
-    candidate: str
-    last_log_term: int
-    last_log_seq: int
+    term: Counter
+    candidate: Name
+    last_log_term: Counter
+    last_log_seq: Counter
     pre_vote: bool
 
 
@@ -66,8 +72,8 @@ class VoteRequest:
 class VoteReply:
     """Voter -> candidate. ``term`` is the voter's current term (for pre-votes too)."""
 
-    term: int
-    voter: str
+    term: Counter
+    voter: Name
     granted: bool
     pre_vote: bool
 
@@ -76,18 +82,18 @@ class VoteReply:
 class LeaseRenew:
     """Leader -> voters, every ``retry_period_s``; ``renew_id`` grows by one per renew."""
 
-    term: int
-    leader: str
-    renew_id: int
+    term: Counter
+    leader: Name
+    renew_id: Counter
 
 
 @dataclass(frozen=True)
 class LeaseAck:
     """Voter -> leader. ``ok=False`` carries the voter's (higher) term: the leader is stale."""
 
-    term: int
-    voter: str
-    renew_id: int
+    term: Counter
+    voter: Name
+    renew_id: Counter
     ok: bool
 
 

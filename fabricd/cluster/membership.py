@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from fabric_client.protocol import Ident, Name, OptName
+
+from .telemetry import NodeTelemetry, RoleView
 
 __all__ = ["MemberBeat", "MemberView", "Membership"]
 
@@ -19,12 +24,12 @@ __all__ = ["MemberBeat", "MemberView", "Membership"]
 class MemberBeat:
     """Daemon → every peer, every heartbeat: proof of life, telemetry, and its roles' endpoints."""
 
-    node: str
-    incarnation: str
-    term: int
-    leader: str
-    telemetry: dict
-    roles: dict
+    node: Name
+    incarnation: Name
+    term: Annotated[int, msgspec.Meta(ge=0, le=1 << 53)]
+    leader: OptName
+    telemetry: NodeTelemetry
+    roles: Annotated[dict[Ident, RoleView], msgspec.Meta(max_length=4096)]
 
 
 @dataclass
@@ -36,8 +41,8 @@ class MemberView:
     incarnation: str = ""
     term: int = 0
     leader: str | None = None
-    telemetry: dict[str, Any] = field(default_factory=dict)
-    roles: dict[str, dict[str, Any]] = field(default_factory=dict)  # role_id → {endpoint, kind, alive, ...}
+    telemetry: NodeTelemetry = field(default_factory=NodeTelemetry)
+    roles: dict[str, RoleView] = field(default_factory=dict)
     deaths: int = 0
 
 
@@ -51,7 +56,7 @@ class Membership:
         self._alive: dict[str, bool] = {p: p == self_id for p in peers}
 
     def on_beat(self, node_id: str, *, incarnation: str, term: int, leader: str | None,
-                telemetry: dict[str, Any], roles: dict[str, dict[str, Any]], now: float) -> bool:
+                telemetry: NodeTelemetry, roles: dict[str, RoleView], now: float) -> bool:
         """Record a heartbeat; True when it is a new incarnation (the member restarted)."""
         view = self.members.get(node_id)
         if view is None:
@@ -86,6 +91,6 @@ class Membership:
         return {
             n: {"alive": self.alive(n, now),
                 "last_beat_s_ago": None if v.last_beat is None or n == self.self_id else round(now - v.last_beat, 2),
-                "term": v.term, "leader": v.leader, "telemetry": v.telemetry, "deaths": v.deaths}
+                "term": v.term, "leader": v.leader, "telemetry": msgspec.to_builtins(v.telemetry), "deaths": v.deaths}
             for n, v in self.members.items()
         }

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import zmq
 
 from fabric_client import protocol
@@ -112,12 +113,14 @@ class DaemonLink:
             log.warning("daemon link full; dropped %s", msg.TYPE)
 
     def beat(self, stats: Callable[[], dict]) -> None:
-        """When a heartbeat is due: re-announce, and send ``stats()`` (only computed then)."""
+        """When a heartbeat is due: re-announce, and send ``stats()`` (only computed then) as the
+        typed :class:`~fabric_client.protocol.RoleCounters` (keys it does not name are left out)."""
         now = time.monotonic()
         if now >= self._next_beat:
             self._next_beat = now + self.args.heartbeat_s
             self.hello()
-            self.send(protocol.RoleStats(role_id=self.args.role_id, stats=stats()))
+            counters = msgspec.convert(stats(), protocol.RoleCounters, strict=False)
+            self.send(protocol.RoleStats(role_id=self.args.role_id, stats=counters))
 
     def recv(self) -> tuple[protocol.Message, list] | None:
         """One message from the daemon, or None if it was malformed (counted)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from fabric_client import protocol
 
 from ..failpoints import ENV_VAR as FAILPOINTS_ENV
 from ..failpoints import ROLE_ENV as ROLE_FAILPOINTS_ENV
@@ -39,7 +40,7 @@ class RoleProcess:
     restart_at: float | None = None
     endpoint: str | None = None        # announced by RoleHello
     last_seen: float = 0.0
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: protocol.RoleCounters = field(default_factory=protocol.RoleCounters)
     exit_codes: list[int] = field(default_factory=list)
 
     @property

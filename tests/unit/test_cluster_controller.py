@@ -9,6 +9,7 @@ import pytest
 
 from fabricd.cluster.controller import ClusterController, NotLeader
 from fabricd.cluster.log import LogFull
+from fabricd.cluster.telemetry import NodeTelemetry
 from fabricd.config import load_node_config
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
@@ -27,14 +28,14 @@ def _job(name="j"):
 def test_one_node_elects_itself_and_commits_at_once(tmp_path):
     c = ClusterController(_cfg(tmp_path), now=0.0)
     assert not c.is_leader(0.0)
-    assert c.tick(0.0, telemetry=dict, roles=dict) == []  # no peers: nothing to send
+    assert c.tick(0.0, telemetry=NodeTelemetry, roles=dict) == []  # no peers: nothing to send
     assert c.is_leader(0.01) and c.leader == "a" and c.term == 1
     c.propose([_job()], 0.02)
     assert "j" in c.state.jobs and c.commit_seq == c.state.last_seq == 2  # member_seen + job
     c.log.close()
     again = ClusterController(_cfg(tmp_path), now=100.0)
     assert "j" in again.state.jobs, "decisions survive a restart"
-    again.tick(100.0, telemetry=dict, roles=dict)
+    again.tick(100.0, telemetry=NodeTelemetry, roles=dict)
     assert again.term == 2, "a restarted node leads in a new term"
     again.log.close()
 
@@ -44,7 +45,7 @@ def test_a_follower_cannot_decide(tmp_path):
                          '[[cluster.peers]]\nid = "b"\ncontrol = "tcp://127.0.0.1:2"\n'
                          '[[cluster.peers]]\nid = "c"\ncontrol = "tcp://127.0.0.1:3"\n')
     c = ClusterController(cfg, now=0.0)
-    out = c.tick(0.0, telemetry=dict, roles=dict)
+    out = c.tick(0.0, telemetry=NodeTelemetry, roles=dict)
     assert {p for p, _ in out} == {"b", "c"}, "heartbeats go to every peer"
     with pytest.raises(NotLeader):
         c.propose([_job()], 0.1)
@@ -53,7 +54,7 @@ def test_a_follower_cannot_decide(tmp_path):
 
 def test_full_log_disk_makes_the_leader_step_down(tmp_path, monkeypatch):
     c = ClusterController(_cfg(tmp_path), now=0.0)
-    c.tick(0.0, telemetry=dict, roles=dict)
+    c.tick(0.0, telemetry=NodeTelemetry, roles=dict)
     assert c.is_leader(0.1)
     real_write = os.write
 

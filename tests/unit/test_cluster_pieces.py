@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
+import msgspec
 import pytest
 
 from fabric_client import protocol
+
+from fabricd.cluster.telemetry import NodeTelemetry, RoleView
 from fabric_client.errors import ProtocolError
 from fabricd.cluster.lease import LeaseAck, VoteRequest
 from fabricd.cluster.membership import MemberBeat, Membership
@@ -138,7 +143,7 @@ def test_roles_start_only_on_committed_records_and_stop_at_once():
 def test_membership_liveness_and_restarts():
     m = Membership("a", ["a", "b", "c"], heartbeat_s=0.5, missed_beats=3)
     assert m.live(0.0) == ["a"]
-    beat = dict(incarnation="1", term=1, leader="a", telemetry={}, roles={})
+    beat = dict(incarnation="1", term=1, leader="a", telemetry=NodeTelemetry(), roles={})
     assert not m.on_beat("b", **beat, now=1.0)
     assert m.alive("b", 2.4) and not m.alive("b", 2.6)
     assert m.changes(2.0) == [("b", True)] and m.changes(2.1) == []
@@ -150,7 +155,8 @@ def test_membership_liveness_and_restarts():
 @pytest.mark.parametrize("msg", [
     VoteRequest(term=2, candidate="a", last_log_term=1, last_log_seq=9, pre_vote=True),
     LeaseAck(term=2, voter="b", renew_id=4, ok=False),
-    MemberBeat(node="a", incarnation="x", term=1, leader="", telemetry={"cpu": 1.0}, roles={}),
+    MemberBeat(node="a", incarnation="x", term=1, leader="", telemetry=NodeTelemetry(cpu_percent=1.0, trainer_hosts=[("j", 1, 0, "h", 5)]),
+               roles={"j/constructor/0": RoleView(endpoint="tcp://h:1", kind="constructor", alive=True, trainers=[(1, 0, 4)])}),
     LogAppend(term=1, leader="a", prev_seq=0, records=[], commit_seq=0, prev_term=0),
 ])
 def test_peer_messages_round_trip(msg):
@@ -164,8 +170,27 @@ def test_peer_messages_round_trip(msg):
     ("vote_request", {"term": 2, "candidate": "a"}),
     ("lease_ack", {"term": 2, "voter": "b", "renew_id": 4, "ok": 1}),
     ("log_append", {"term": -1, "leader": "a", "prev_seq": 0, "records": [], "commit_seq": 0, "prev_term": 0}),
+    ("lease_ack", {"term": 2 ** 62, "voter": "b", "renew_id": 4, "ok": False}),
+    ("member_beat", {"node": "a", "incarnation": "x", "term": 1, "leader": "", "roles": {},
+                     "telemetry": {"cpu_percent": -1.0}}),
+    ("member_beat", {"node": "a", "incarnation": "x", "term": 1, "leader": "", "telemetry": {},
+                     "roles": {"r": {"trainers": [[0, 0, 2 ** 70]]}}}),
+    ("member_beat", {"node": "a", "incarnation": "x", "term": 1, "leader": "", "telemetry": {},
+                     "roles": {"r": "not a view"}}),
+    ("member_beat", {"node": "a", "incarnation": "x", "term": 1, "leader": "", "roles": {},
+                     "telemetry": {"trainer_hosts": [["j", "0", 0, "h0", 1]]}}),
+    ("member_beat", {"node": "a", "incarnation": "x", "term": 1, "leader": "", "roles": {},
+                     "telemetry": {"role_processes": 3}}),
     ("no_such_kind", {}),
+    ("vote_request", [[[[[]]]]]),
 ])
 def test_malformed_peer_messages_are_protocol_errors(kind, body):
     with pytest.raises(ProtocolError):
-        from_peer(protocol.PeerMessage(sender="a", kind=kind, body=body))
+        from_peer(protocol.PeerMessage(sender="a", kind=kind, body=msgspec.Raw(json.dumps(body).encode())))
+
+
+def test_deeply_nested_peer_body_is_a_protocol_error():
+    raw = b'{"t":"peer","sender":"a","kind":"member_beat","body":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    with pytest.raises(ProtocolError):
+        envelope, _ = protocol.decode([raw])
+        from_peer(envelope)
