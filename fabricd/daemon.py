@@ -46,6 +46,7 @@ from .config import NodeConfig, parse_job_spec
 from .errors import ConfigError
 from .job import JobRuntime
 from .leadership import Leadership
+from .ratelog import RateLimitedLog, truncate
 from .roles.base import RoleArgs, configure_socket
 from .roles.supervisor import Supervisor
 
@@ -80,7 +81,10 @@ class Daemon:
         self.jobs_dir = cfg.state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.index_dir = cfg.state_dir / "indexes"
-        self.counters = {"malformed_dropped": 0, "requests": 0, "unroutable_replies": 0, "peer_sends_dropped": 0}
+        self.counters = {"malformed_dropped": 0, "requests": 0, "unroutable_replies": 0, "peer_sends_dropped": 0,
+                         "proposals_refused": 0}
+        self.dropped: dict[str, int] = {}  # malformed or refused messages by reason (ErrorCode)
+        self.bad_input = RateLimitedLog(log)
         self.started = time.time()
         self._stopping = False
         self._applied: tuple[int, int] = (-1, -1)  # (last_seq, commit_seq) reconciled
@@ -182,8 +186,10 @@ class Daemon:
             self._reconcile()
         except ProtocolError as e:
             self.counters["malformed_dropped"] += 1
-            log.warning("dropped malformed message (%d so far): %s", self.counters["malformed_dropped"], e)
-            reply = protocol.ErrorReply(code=e.code, reason=e.reason)
+            self.dropped[e.code] = self.dropped.get(e.code, 0) + 1
+            self.bad_input.warning(e.code, "dropped malformed message (%d so far): %s",
+                                   self.counters["malformed_dropped"], e)
+            reply = protocol.ErrorReply(code=e.code, reason=truncate(e.reason))
         except Exception as e:  # a bug in one handler must not take the node down; it is logged loudly
             log.exception("handler failed")
             reply = protocol.ErrorReply(code=protocol.ErrorCode.INTERNAL, reason=f"{type(e).__name__}: {e}")
@@ -295,12 +301,21 @@ class Daemon:
     # -- decisions (leader only; see fabricd.leadership) --------------------------------------------
 
     def _propose(self, entries: list[tuple[str, dict]], now: float) -> bool:
+        """Record ``entries`` as leader; True when all of them were recorded. A record the state
+        refuses costs only itself: the others are proposed again one by one."""
         try:
             self._send(self.cluster.propose(entries, now))
             return True
         except NotLeader:
             return False
-        except (LogError, StateError) as e:
+        except StateError as e:
+            if len(entries) > 1:
+                results = [self._propose([entry], now) for entry in entries]
+                return all(results)
+            self.counters["proposals_refused"] += 1
+            self.bad_input.log(logging.ERROR, "refused", "refused to record %s: %s", entries[0][0], e)
+            return False
+        except LogError as e:
             log.error("could not record %d decisions: %s", len(entries), e)
             return False
 
@@ -398,6 +413,8 @@ class Daemon:
             "cluster": self.cluster.status(now),
             "telemetry": msgspec.to_builtins(self._telemetry()),
             "counters": dict(self.counters),
+            "dropped": dict(self.dropped),
+            "log_lines_suppressed": dict(self.bad_input.suppressed),
             "jobs": jobs,
         }
         # round-trip through JSON so nothing non-serializable reaches the encoder

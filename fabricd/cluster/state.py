@@ -50,6 +50,8 @@ from typing import Any
 
 from fabricd.errors import FabricdError
 
+from .records import RECORD_TYPES, RecordDataError, check_data
+
 __all__ = [
     "RECORD_KINDS",
     "RECORD_SCHEMAS",
@@ -73,21 +75,8 @@ RECORD_KINDS = (
     "member_seen",
 )
 
-# kind -> (required keys -> type, optional keys -> (type, default)). Strings named in
-# _MAY_BE_EMPTY may be "", every other str must be non-empty; ints must be >= 0.
-RECORD_SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[type, Any]]]] = {
-    "job_submitted": ({"job": str, "spec_toml": str, "spec_origin": str, "fingerprint": str, "dp_size": int},
-                      {"extra": (dict, None)}),
-    "job_cancelled": ({"job": str, "reason": str}, {}),
-    "sample_skipped": ({"job": str, "source": str, "sample_id": int, "piece": int, "step": int, "reason": str}, {}),
-    "trainer_progress": ({"job": str, "dp_rank": int, "mp_rank": int, "next_step": int}, {}),
-    "trainer_host": ({"job": str, "dp_rank": int, "mp_rank": int, "host": str, "declared_ms": int}, {}),
-    "pool_resized": ({"job": str, "source": str, "workers": int}, {}),
-    "role_assigned": ({"role_id": str, "job": str, "kind": str, "node": str, "extra": dict}, {}),
-    "role_released": ({"role_id": str, "reason": str}, {}),
-    "member_seen": ({"node": str, "endpoint": str}, {}),
-}
-_MAY_BE_EMPTY = frozenset({"reason", "spec_toml", "spec_origin", "fingerprint"})
+#: kind → the typed record its data must convert to (see fabricd.cluster.records)
+RECORD_SCHEMAS = RECORD_TYPES
 
 
 class StateError(FabricdError):
@@ -119,33 +108,19 @@ class Record:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_POSITION
+
+
+_MAX_POSITION = 1 << 53  # a term or a log position
 
 
 def _check_data(rec: Record) -> dict[str, Any]:
-    """The record's data with optional keys filled in; raises StateError naming the bad key."""
-    schema = RECORD_SCHEMAS.get(rec.kind)
-    if schema is None:
-        raise StateError(f"record seq {rec.seq}: unknown kind {rec.kind!r} (known: {', '.join(RECORD_KINDS)})")
-    required, optional = schema
-    unknown = set(rec.data) - set(required) - set(optional)
-    if unknown:
-        raise StateError(f"record seq {rec.seq} ({rec.kind}): unknown keys {sorted(unknown)}")
-    out: dict[str, Any] = {}
-    for key, typ in required.items():
-        if key not in rec.data:
-            raise StateError(f"record seq {rec.seq} ({rec.kind}): missing key {key!r}")
-        out[key] = rec.data[key]
-    for key, (typ, default) in optional.items():
-        out[key] = rec.data.get(key, default if default is not None else typ())
-    for key, value in out.items():
-        typ = required[key] if key in required else optional[key][0]
-        ok = _is_int(value) if typ is int else isinstance(value, typ)
-        if ok and typ is str and not value and key not in _MAY_BE_EMPTY:
-            ok = False
-        if not ok:
-            raise StateError(f"record seq {rec.seq} ({rec.kind}): {key} = {value!r:.100} is not a valid {typ.__name__}")
-    return out
+    """The record's data checked against its kind (types and ranges), optional keys filled in;
+    raises StateError naming the bad key."""
+    try:
+        return check_data(rec.kind, rec.data)
+    except RecordDataError as e:
+        raise StateError(f"record seq {rec.seq} ({rec.kind}): {e}") from None
 
 
 SkippedUnit = tuple[str, int, int, int]  # (source, sample_id, piece, step)

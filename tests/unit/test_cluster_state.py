@@ -139,11 +139,14 @@ def test_seq_gap_and_term_regression_are_refused_without_change() -> None:
 
 @pytest.mark.parametrize("kind, data, match", [
     ("job_exploded", {"job": "j"}, "unknown kind"),
-    ("member_seen", {"node": "b"}, "missing key 'endpoint'"),
-    ("member_seen", {"node": "b", "endpoint": "e", "color": 1}, "unknown keys"),
+    ("member_seen", {"node": "b"}, "missing required field `endpoint`"),
+    ("member_seen", {"node": "b", "endpoint": "e", "color": 1}, "unknown field `color`"),
     ("member_seen", {"node": "", "endpoint": "e"}, "node = ''"),
     ("trainer_progress", {"job": "j", "dp_rank": True, "mp_rank": 0, "next_step": 1}, "dp_rank = True"),
     ("trainer_progress", {"job": "j", "dp_rank": 0, "mp_rank": 0, "next_step": -1}, "next_step = -1"),
+    ("trainer_progress", {"job": "j", "dp_rank": 0, "mp_rank": 0, "next_step": 2**70}, "next_step = 1180591620717411303424"),
+    ("sample_skipped", {"job": "j", "source": "s", "sample_id": 1, "piece": 0, "step": -1, "reason": ""}, "step = -1"),
+    ("pool_resized", {"job": "j", "source": "s", "workers": 10**6}, "workers = 1000000"),
     ("trainer_progress", {"job": "j", "dp_rank": 4, "mp_rank": 0, "next_step": 1}, "dp_rank = 4 >= dp_size 4"),
     ("trainer_progress", {"job": "k", "dp_rank": 0, "mp_rank": 0, "next_step": 1}, "not an active job"),
     ("sample_skipped", {"job": "nope", "source": "s", "sample_id": 1, "piece": 0, "step": 0, "reason": ""},

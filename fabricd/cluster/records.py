@@ -1,0 +1,131 @@
+"""The data of each log record kind, as typed, range-checked records.
+
+A record reaches the checkpoint log only after its data has been converted into the Struct of its
+kind: every field typed and bounded (steps ≤ MAX_STEP, ranks inside the protocol's limits, names
+non-empty and short, pool sizes sane). So a value no job could hold (a trainer at step 2^70, a
+rank of -1) is refused when the leader proposes it, never written, never replicated, and never
+met by code that reads the state. The state keeps the checked data as plain dicts (JSON-typed,
+so snapshots stay deterministic); nothing unchecked reaches it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from fabric_client.protocol import Count, DpRank, DpSize, Ident, MpRank, Name, OptName, SpecText, Step, Text
+
+__all__ = ["RECORD_TYPES", "RecordDataError", "check_data"]
+
+NonEmptyIdent = Annotated[str, msgspec.Meta(min_length=1, max_length=4 * 255)]
+Extra = Annotated[dict[str, Any], msgspec.Meta(max_length=256)]
+Workers = Annotated[int, msgspec.Meta(ge=1, le=4096)]
+Piece = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
+Origin = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+class _Data(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Base of every record's data."""
+
+
+class JobSubmitted(_Data):
+    job: Name
+    spec_toml: SpecText
+    spec_origin: Origin
+    fingerprint: OptName
+    dp_size: DpSize
+    extra: Extra = {}
+
+
+class JobCancelled(_Data):
+    job: Name
+    reason: Text
+
+
+class SampleSkipped(_Data):
+    job: Name
+    source: Name
+    sample_id: Count
+    piece: Piece
+    step: Step
+    reason: Text
+
+
+class TrainerProgress(_Data):
+    job: Name
+    dp_rank: DpRank
+    mp_rank: MpRank
+    next_step: Step
+
+
+class TrainerHost(_Data):
+    job: Name
+    dp_rank: DpRank
+    mp_rank: MpRank
+    host: Name
+    declared_ms: Count
+
+
+class PoolResized(_Data):
+    job: Name
+    source: Name
+    workers: Workers
+
+
+class RoleAssigned(_Data):
+    role_id: NonEmptyIdent
+    job: Name
+    kind: Name
+    node: Name
+    extra: Extra
+
+
+class RoleReleased(_Data):
+    role_id: NonEmptyIdent
+    reason: Text
+
+
+class MemberSeen(_Data):
+    node: Name
+    endpoint: NonEmptyIdent
+
+
+#: kind → the Struct its data must convert to
+RECORD_TYPES: dict[str, type[_Data]] = {
+    "job_submitted": JobSubmitted,
+    "job_cancelled": JobCancelled,
+    "sample_skipped": SampleSkipped,
+    "trainer_progress": TrainerProgress,
+    "trainer_host": TrainerHost,
+    "pool_resized": PoolResized,
+    "role_assigned": RoleAssigned,
+    "role_released": RoleReleased,
+    "member_seen": MemberSeen,
+}
+
+
+class RecordDataError(ValueError):
+    """A record's data does not fit its kind; the message names the field and the bound."""
+
+
+def check_data(kind: str, data: Any) -> dict[str, Any]:
+    """``data`` checked against ``kind``'s record, optional fields filled in, as a plain dict."""
+    cls = RECORD_TYPES.get(kind)
+    if cls is None:
+        raise RecordDataError(f"unknown kind {kind!r:.80} (known: {', '.join(RECORD_TYPES)})")
+    try:
+        rec = msgspec.convert(data, cls)
+    except (msgspec.ValidationError, RecursionError, TypeError) as e:
+        raise RecordDataError(_describe(str(e), data)) from None
+    return msgspec.structs.asdict(rec)
+
+
+def _describe(reason: str, data: Any) -> str:
+    """msgspec's "Expected `int` >= 0 - at `$.next_step`" as "next_step = -1: expected `int` >= 0"."""
+    reason, _, where = reason.partition(" - at `$.")
+    key = where.rstrip("`")
+    if key and isinstance(data, dict) and key in data:
+        return f"{key} = {data[key]!r:.100}: {reason[:1].lower()}{reason[1:200]}"
+    if key:
+        return f"{key}: {reason[:1].lower()}{reason[1:200]}"
+    return reason[:300]
