@@ -11,7 +11,9 @@ Usage::
 How it works: the loader asks a daemon (``Hello`` → ``Locate``) which constructor serves its
 rank, subscribes there from its cursor with ``prefetch`` credits, and returns one credit for
 every batch it hands out. It relocates by itself (asks the daemons again, resubscribes from the
-cursor on a fresh socket) when the constructor falls silent for ``stall_s``.
+cursor on a fresh socket) when the constructor falls silent for ``stall_s`` or refuses it. Every
+decision is :class:`~fabric_client.session.TrainerSession`'s (no I/O, tested with a fake
+clock); this module is the socket loop around it.
 
 Every ``Locate`` declares the trainer's host (``host=``, else ``$FABRIC_TRAINER_HOST``, else the
 hostname), and the leader places the rank's data constructor on a daemon of that host when
@@ -27,8 +29,15 @@ Promises:
 - Never hangs forever: when no batch arrives for ``deadline_s`` it raises
   :class:`FabricUnavailable` naming the addresses and endpoint it tried and the last error.
 - Zero-copy: arrays view the received (or decompressed) frames.
-- ``verify=True``: each batch's content is checked against the checksum it was sent with;
-  a mismatch raises :class:`BatchIntegrityError` when that batch's turn comes.
+- ``verify=True``: each batch's content is checked against the checksum it was sent with. A
+  batch that fails (or cannot be decoded) is fetched once more from the cursor on a fresh
+  subscription (another replica if the daemons know one); if it fails again,
+  :class:`BatchIntegrityError` is raised when that batch's turn comes.
+- Nothing a daemon or constructor sends crashes or spins the loader: replies of the wrong type,
+  unusable endpoints, refusals, garbage, batches of another job or rank are counted in
+  :attr:`Loader.stats` and answered by asking another daemon or relocating, with backoff.
+  :class:`RemoteError` is raised only for a daemon's refusal that retrying cannot fix (protocol
+  version, bad request, invalid job spec).
 - Received batches (at most ``prefetch``, bounded by credits) are decoded and verified ahead, on
   ``decode_workers`` threads, while the trainer works on the previous one.
 """

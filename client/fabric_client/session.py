@@ -52,6 +52,18 @@ from typing import Any
 from . import protocol
 from .errors import BatchIntegrityError, FabricError, FabricUnavailable, ProtocolError, RemoteError
 from .protocol import PROTOCOL_VERSION, ErrorCode
+from .session_actions import (
+    Action,
+    AskDaemon,
+    CloseStream,
+    Decode,
+    Fail,
+    HandOut,
+    HangUp,
+    OpenStream,
+    Received,
+    ReturnCredit,
+)
 
 __all__ = [
     "TrainerSession",
@@ -89,89 +101,6 @@ _MAX_ENDPOINT_CHARS = 1024
 _ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s\[\]/:;]+):([0-9]{1,5})|(ipc|inproc)://\S+")
 
 
-class Received:
-    """A batch accepted from the stream, not yet handed out. ``work`` is the owner's slot (its
-    decode job); the session never reads it."""
-
-    __slots__ = ("header", "frame", "credited", "work")
-
-    def __init__(self, header: protocol.Batch, frame: Any, credited: bool) -> None:
-        self.header = header
-        self.frame = frame
-        self.credited = credited  # it consumed one of the window's credits, which goes back later
-        self.work: Any = None
-
-    def __repr__(self) -> str:
-        h = self.header
-        return f"Received(step={h.step}, micro={h.micro_batch}/{h.num_micro_batches}, credited={self.credited})"
-
-
-# ------------------------------------------------------------------------------------ actions
-
-
-@dataclass(frozen=True)
-class AskDaemon:
-    """Send ``request`` to the daemon at ``address`` (on a fresh connection when
-    ``new_connection``, else on the open one) and report its reply, or its absence at
-    ``reply_by``, with ``on_daemon_*``."""
-
-    address: str
-    request: protocol.Message
-    reply_by: float
-    new_connection: bool
-
-
-@dataclass(frozen=True)
-class HangUp:
-    """Close the daemon connection (a conversation ended, or its socket may hold a late reply)."""
-
-
-@dataclass(frozen=True)
-class OpenStream:
-    """Connect a fresh stream socket to ``endpoint`` and send ``subscribe``; report a failure with
-    :meth:`TrainerSession.on_stream_failed`."""
-
-    endpoint: str
-    subscribe: protocol.Subscribe
-
-
-@dataclass(frozen=True)
-class ReturnCredit:
-    """Send ``Credit(job, dp_rank, mp_rank, 1)`` on the stream (skip it when there is none)."""
-
-
-@dataclass(frozen=True)
-class CloseStream:
-    """Send ``Unsubscribe`` (best effort), close the stream socket, cancel the decode jobs of
-    ``discarded``."""
-
-    discarded: tuple[Received, ...]
-
-
-@dataclass(frozen=True)
-class Decode:
-    """Start decoding (and verifying) ``received`` ahead of its turn; keep the job in ``received.work``."""
-
-    received: Received
-
-
-@dataclass(frozen=True)
-class HandOut:
-    """Give ``received`` to the trainer: finish its decode, then report
-    :meth:`TrainerSession.on_handed_out` or :meth:`TrainerSession.on_corrupt`."""
-
-    received: Received
-
-
-@dataclass(frozen=True)
-class Fail:
-    """Raise ``error`` to the trainer (after performing the actions before this one)."""
-
-    error: FabricError
-
-
-Action = AskDaemon | HangUp | OpenStream | ReturnCredit | CloseStream | Decode | HandOut | Fail
-
 _RETURN_CREDIT = ReturnCredit()
 _HANG_UP = HangUp()
 
@@ -189,7 +118,8 @@ class _Ask:
 
 
 def _short(value: object, limit: int = 120) -> str:
-    text = repr(value)
+    """``value`` for an error message, cut to ``limit`` characters (peers choose its length)."""
+    text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
