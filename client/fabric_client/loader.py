@@ -45,7 +45,6 @@ Promises:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import time
@@ -79,8 +78,6 @@ from .session import (
 )
 
 __all__ = ["Loader", "FabricBatch", "HOST_ENV", "STATE_JOB", "STATE_NEXT_STEP", "STATE_NEXT_MICRO"]
-
-log = logging.getLogger(__name__)
 
 #: Environment variable naming the trainer's host when its hostname is not how daemons know it.
 HOST_ENV = "FABRIC_TRAINER_HOST"

@@ -423,7 +423,8 @@ class TrainerSession:
 
     def _subscribe(self, located: protocol.Located, now: float) -> list[Action]:
         if self._fingerprint is not None and located.fingerprint != self._fingerprint:
-            log.warning("job %r fingerprint changed %s → %s", self.job, self._fingerprint, _short(located.fingerprint))
+            log.warning("job %r fingerprint changed %s → %s", self.job, self._fingerprint,
+                        _short(located.fingerprint))
         self._fingerprint = located.fingerprint
         if self.prefetch is not None:
             self.window = self.prefetch
@@ -544,7 +545,8 @@ class TrainerSession:
             return [] if ask is None else [_HANG_UP]
         self.last_error = f"{ask.address}: bad reply to {ask.request.TYPE}: {error}"
         if error.code == ErrorCode.VERSION:
-            return self._give_up(RemoteError(error.code, f"daemon {ask.address} speaks another protocol: {error.reason}"))
+            return self._give_up(
+                RemoteError(error.code, f"daemon {ask.address} speaks another protocol: {error.reason}"))
         self.stats["bad_replies"] += 1
         return [_HANG_UP, *self._ask_next(now)]
 
