@@ -141,6 +141,8 @@ def decode(frames: Sequence[Any]) -> tuple[Message, list[Any]]:
         header = json.loads(bytes(raw))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(ErrorCode.MALFORMED, f"header is not JSON: {e}") from e
+    except RecursionError:  # "[" * 100000: nested deeper than the parser's stack
+        raise ProtocolError(ErrorCode.MALFORMED, "header nests too deep") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.MALFORMED, f"header is a {type(header).__name__}, not an object")
     version = header.pop("v", None)
@@ -360,7 +362,10 @@ class PlanRequest(Message):
 
 @dataclasses.dataclass(frozen=True)
 class PlanReply(Message):
-    """The plan rows of the requested ranks; payload: one frame per name in ``columns``."""
+    """The plan rows of the requested ranks; payload: one frame per name in ``columns``.
+
+    ``skips``: the units the log records as skipped at this step (committed records only); the
+    constructor drops exactly these (see ``fabricd.assemble``)."""
 
     TYPE: ClassVar[str] = "plan_reply"
     job: str
@@ -370,6 +375,8 @@ class PlanReply(Message):
     columns: list[str]
     dtypes: list[str]
     num_micro: list[int]  # per requested rank, in request order
+    # the step's committed skip records, [source index, sample_id, piece] (at most MAX_LIST_ITEMS)
+    skips: list[list[int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
