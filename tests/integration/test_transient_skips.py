@@ -7,6 +7,7 @@ the failpoint ``loader.transient_error`` is armed in), real Loaders.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,5 +78,15 @@ def test_transient_read_error_is_recorded_and_delivery_matches_the_log(tmp_path,
         plain = {b.key(): b.checksum for b in BatchOracle(spec, skips=skips - {(source, sample_id, 0, FAIL_STEP)})
                  .step(FAIL_STEP)}
         assert any(plain[k] != want[k].checksum for k in plain if k[1] == rank), "the skip changed nothing"
+        from click.testing import CliRunner
+
+        from fabricd.cli import fabricctl_main
+
+        result = CliRunner().invoke(fabricctl_main, ["expect", str(job_file), "--steps", f"{FAIL_STEP}:{FAIL_STEP + 1}",
+                                                     "--log", str(daemon.workdir / "state" / "log")])
+        assert result.exit_code == 0, result.output
+        cli = {(b["step"], b["dp_rank"], b["micro_batch"]): b["checksum"]
+               for b in map(json.loads, result.output.splitlines())}
+        assert cli == {k: b.checksum for k, b in want.items() if k[0] == FAIL_STEP}, "fabricctl expect ignores the log"
     else:  # the retry loaded it before anything was reported: delivered, nothing recorded
         assert not recorded and (src_index, sample_id, 0) in delivered
