@@ -269,8 +269,12 @@ class Constructor:
     def _report(self, step: int, key: UnitKey, reason: str) -> None:
         if (step, key) in self.reported:
             return
-        if len(self.reported) >= MAX_REPORTED:  # oldest first: forgetting one only risks a rebuild
-            self.reported.pop(next(iter(self.reported)))
+        if len(self.reported) >= MAX_REPORTED:
+            # that many unrecorded reports means no leader records anything: forget the oldest (a
+            # later rebuild of its step could then deliver a unit whose report is still recorded)
+            oldest = next(iter(self.reported))
+            log.error("%d skip reports unrecorded; forgetting step %d unit %s", MAX_REPORTED, *oldest)
+            self.reported.pop(oldest)
         self.reported[(step, key)] = [reason, time.monotonic() + REPORT_RESEND_S, REPORT_RESEND_S]
         self.stats["skip_reports"] += 1
         self._send_skip(step, key, reason)
