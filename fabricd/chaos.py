@@ -6,10 +6,17 @@ shared machine still varies). Faults: SIGKILL of the leader daemon, of a shadow 
 source-loader or constructor process; SIGSTOP of the leader past its lease, then SIGCONT; a
 shadow restarted with a failpoint armed in its log writes (it kills itself mid-append) and then
 restarted clean; a serving constructor armed (SIGUSR1) to kill itself mid-batch, after one of
-its next few sends. Killed daemons are restarted.
+its next few sends; a transient read error (``transient_read_error``: every source-loader process
+of one source armed, with the failpoint ``loader.transient_error``, to fail one unit planned a few
+steps ahead 1-3 times, so that its retry sometimes loads it and sometimes the skip is recorded);
+a burst of malformed messages (``malformed_burst``: random bytes, truncated frames, headers with
+wrong-typed fields, ``[`` nested 100,000 deep, an oversize header) from a plain DEALER to a live
+daemon's control endpoint and to a constructor. Killed daemons are restarted.
 
 Invariants checked by :meth:`ChaosRun.finish`: for every (step, dp_rank) the trainers received
-exactly the expected batches once and in order (checksums from the offline expectation); at
+exactly the expected batches once and in order (checksums from the offline expectation, given
+the skip records of the most up-to-date log); no daemon or role process died of a malformed
+message burst (``malformed_casualties``); at
 most one daemon held the lease in any term (status polled throughout); replicas' logs are
 prefix-consistent and no record of an older term follows a newer one (nothing stale applied);
 progress resumed after every fault (the recovery time is recorded).
@@ -36,10 +43,11 @@ from fabric_client import Loader, protocol
 from .cluster.log import CheckpointLog
 from .config import load_job_spec
 from .corpus import job_toml, make_dataset
-from .expect import BatchOracle
+from .expect import BatchOracle, skips_from_logs
 from .failpoints import ENV_VAR as FAILPOINTS_ENV
 from .failpoints import FILE_ENV as FAILPOINTS_FILE_ENV
 from .localnode import LocalCluster
+from .malformed import burst_messages, send_burst
 from .netns import NetnsLab
 
 __all__ = ["FAULT_KINDS", "PARTITION_KINDS", "ChaosRun", "FaultRecord"]
@@ -47,7 +55,7 @@ __all__ = ["FAULT_KINDS", "PARTITION_KINDS", "ChaosRun", "FaultRecord"]
 log = logging.getLogger(__name__)
 
 FAULT_KINDS = ("kill_leader", "kill_shadow", "kill_loader", "kill_constructor", "pause_leader", "failpoint_shadow",
-               "failpoint_constructor")
+               "failpoint_constructor", "transient_read_error", "malformed_burst")
 #: faults that need the daemons in network namespaces (``ChaosRun(netns=True)``)
 PARTITION_KINDS = ("partition_leader", "partition_shadow")
 FAILPOINTS = ("log.after_write_before_fsync", "log.after_fsync")
@@ -125,6 +133,8 @@ class ChaosRun:
         self.faults: list[FaultRecord] = []
         self.leaders_by_term: dict[int, set[str]] = defaultdict(set)
         self.crashes: list[dict[str, Any]] = []
+        self.casualties: list[str] = []  # processes that died of a malformed burst
+        self.oracle: BatchOracle | None = None
         self._monitor: threading.Thread | None = None
 
     # -- setup ----------------------------------------------------------------------------------
@@ -212,6 +222,10 @@ class ChaosRun:
             self.cluster.heal(target)
         elif kind == "failpoint_constructor":
             target, detail = self._arm_serving_constructor(f"delivery.after_send=kill@{self.rng.randint(1, 4)}")
+        elif kind == "transient_read_error":
+            target, detail = self._transient_read_error()
+        elif kind == "malformed_burst":
+            target, detail = self._malformed_burst()
         elif kind == "failpoint_shadow":
             target = self.rng.choice(shadows)
             point = self.rng.choice(FAILPOINTS)
@@ -269,6 +283,78 @@ class ChaosRun:
                 self.armed.write_text("")
         return "-", f"{spec} not hit: {', '.join(tried) or 'no serving constructor'}"
 
+    def _role_pids(self, kind: str | None = None, source: str | None = None) -> dict[str, tuple[int, int, str]]:
+        """Live role processes (of ``kind``, of ``source``) on every daemon: role id → (pid, restarts, node)."""
+        out = {}
+        for node in self.cluster.daemons:
+            st = self.cluster.status(node) or {}
+            for role in st.get("jobs", {}).get("chaos", {}).get("roles", []):
+                if role.get("pid") and role["node"] == node and (kind is None or role["kind"] == kind) \
+                        and (source is None or role.get("source") == source):
+                    out[role["id"]] = (role["pid"], role.get("restarts", 0), node)
+        return out
+
+    def _transient_read_error(self) -> tuple[str, str]:
+        """Arm every loader process of one source to fail one unit planned a few steps ahead
+        1-3 times; wait until the trainers are past that step; disarm."""
+        if self.oracle is None:
+            self.oracle = BatchOracle(load_job_spec(self.job_file))
+        ahead = max((t.records[-1][0][0] for t in self.trainers if t.records), default=0) + self.rng.randint(12, 20)
+        plan = self.oracle.planner.plan(ahead, self.dp_size)
+        row = self.rng.randrange(len(plan.rank))
+        source = self.oracle.spec.sources[int(plan.source[row])].name
+        times = self.rng.randint(1, 3)
+        spec = f"loader.transient_error=fail({source}:{int(plan.sample_id[row])}*{times})"
+        pids = [pid for pid, *_ in self._role_pids("source_loader", source).values()]
+        try:
+            self.armed.write_text(spec)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)  # every signalled process has read the file
+        finally:
+            self.armed.write_text("")
+        deadline = time.monotonic() + 60
+        while min((t.records[-1][0][0] for t in self.trainers if t.records), default=0) <= ahead \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:  # disarm: the file is empty now
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        return source, f"{spec} at step {ahead} in {len(pids)} loaders"
+
+    def _malformed_burst(self) -> tuple[str, str]:
+        """Malformed messages to a live daemon's control endpoint and to a constructor; then check
+        that no daemon and no role process died or restarted."""
+        nodes = [n for n, d in self.cluster.daemons.items() if d.proc is not None and d.proc.poll() is None]
+        node = self.rng.choice(nodes)
+        daemon_pids = {n: d.proc.pid for n, d in self.cluster.daemons.items() if n in nodes}
+        before = self._role_pids()
+        targets = [self.cluster.addresses[list(self.cluster.daemons).index(node)]]
+        constructors = []
+        for n in nodes:
+            st = self.cluster.status(n) or {}
+            constructors += [r["endpoint"] for r in st.get("jobs", {}).get("chaos", {}).get("roles", [])
+                             if r["kind"] == "constructor" and r.get("endpoint") and r["node"] == n]
+        if constructors:
+            targets.append(self.rng.choice(constructors))
+        messages = burst_messages(self.rng, job="chaos")
+        for endpoint in targets:
+            send_burst(endpoint, messages)
+        time.sleep(1.0)  # a process that dies of it is gone by now
+        died = [f"daemon {n}" for n, pid in daemon_pids.items()
+                if self.cluster.daemons[n].proc is None or self.cluster.daemons[n].proc.pid != pid
+                or self.cluster.daemons[n].proc.poll() is not None]
+        after = self._role_pids()
+        died += [f"role {rid}" for rid, (pid, restarts, n) in before.items()
+                 if rid in after and after[rid][2] == n and after[rid] != (pid, restarts, n)]
+        self.casualties += died
+        return node, f"{len(messages)} messages to {', '.join(targets)}" + (f"; DIED: {', '.join(died)}" if died else "")
+
     def _pick_role(self, kind: str, serving: bool = False) -> tuple[str, int | None]:
         """A random live role process of ``kind`` (with ``serving``: one with subscribed trainers)."""
         candidates = []
@@ -303,7 +389,9 @@ class ChaosRun:
             self._monitor.join(10)
         spec = load_job_spec(self.job_file)
         last = min(max((k[0] for k, *_ in t.records), default=0) for t in self.trainers)
-        oracle = BatchOracle(spec)
+        self.cluster.stop()  # logs are read from disk once no daemon writes them
+        skips = skips_from_logs([d.workdir / "state" / "log" for d in self.cluster.daemons.values()], "chaos")
+        oracle = BatchOracle(spec, skips=skips)
         want = {b.key(): b.checksum for s in range(last) for b in oracle.step(s)}
         lost = duplicated = mismatched = 0
         for t in self.trainers:
@@ -313,7 +401,6 @@ class ChaosRun:
             duplicated += sum(n - 1 for n in seen.values() if n > 1)
             mismatched += sum(1 for k, c in got if want.get(k) != c)
             mismatched += sum(1 for a, b in zip(got, got[1:]) if a[0] >= b[0])  # out of order
-        self.cluster.stop()  # logs are read from disk once no daemon writes them
         logs = self._logs()
         stale = sum(1 for records in logs for a, b in zip(records, records[1:]) if b[0] < a[0])
         diverged = 0
@@ -332,6 +419,9 @@ class ChaosRun:
             "unrecovered": sum(1 for r in recoveries if r is None),
             "orphaned_processes": len(self.cluster.leftovers),
             "daemon_crashes": len(self.crashes),
+            "malformed_casualties": len(self.casualties),
+            "skips_recorded": len(skips),
+            "unrecorded_failures": oracle.unrecorded,
             "max_recovery_s": round(max((r for r in recoveries if r is not None), default=0.0), 3),
             "steps_checked": last,
             "seed": self.seed,

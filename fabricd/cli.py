@@ -217,9 +217,13 @@ def dev_cluster_cmd(nodes: int, workdir: str, loader_workers: int) -> None:
 @click.argument("job_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--steps", default="0:10", show_default=True, help="Step range START:STOP (STOP excluded).")
 @click.option("--dp-size", type=int, default=None, help="DP world size (default: the spec's).")
-def expect_cmd(job_file: str, steps: str, dp_size: int | None) -> None:
-    """Print the expected batches of JOB_FILE (one JSON object per micro-batch), computed offline."""
-    from .expect import expected_batches
+@click.option("--log", "logs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Checkpoint-log directory (a stopped daemon's STATE_DIR/log, or a copy) whose skip records "
+                   "apply; repeat it to use the most up-to-date of several. Without it: no skip records.")
+def expect_cmd(job_file: str, steps: str, dp_size: int | None, logs: tuple[str, ...]) -> None:
+    """Print the expected batches of JOB_FILE (one JSON object per micro-batch), computed offline
+    from the spec and the log's skip records."""
+    from .expect import expected_batches, skips_from_logs
 
     try:
         start, stop = (int(x) for x in steps.split(":"))
@@ -227,7 +231,9 @@ def expect_cmd(job_file: str, steps: str, dp_size: int | None) -> None:
         raise click.BadParameter(f"{steps!r} is not START:STOP", param_hint="--steps") from e
     try:
         spec = load_job_spec(job_file)
-        for batch in expected_batches(spec, range(start, stop), dp_size=dp_size, progress=sys.stderr.isatty()):
+        skips = skips_from_logs([Path(p) for p in logs], spec.name) if logs else set()
+        for batch in expected_batches(spec, range(start, stop), dp_size=dp_size, progress=sys.stderr.isatty(),
+                                      skips=skips):
             click.echo(json.dumps(batch.to_dict()))
     except FabricdError as e:
         raise click.ClickException(str(e)) from e

@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import msgspec
@@ -259,6 +259,24 @@ class Daemon:
     def role_ids(self, job: str) -> list[str]:
         return [rid for rid, r in self.cluster.state.roles.items() if r["job"] == job]
 
+    def committed_skips(self, job: str) -> tuple[object | None, Collection[tuple[str, int, int, int]]]:
+        """The job's skip records that are committed (a constructor may drop only those: an
+        uncommitted one can still be truncated by a new leader), with a cache key (None while
+        records past the commit point exist: they are read back from the log, and subtracted)."""
+        state, commit = self.cluster.state, self.cluster.commit_seq
+        units = state.skipped.get(job, set())
+        if state.last_seq <= commit:
+            return (state.jobs.get(job, {}).get("seq"), len(units)), units
+        tail, seq = set(), commit + 1
+        while seq <= state.last_seq:
+            records = self.cluster.log.read(seq, 1000)
+            if not records:
+                break
+            tail |= {(r.data["source"], r.data["sample_id"], r.data["piece"], r.data["step"])
+                     for r in records if r.kind == "sample_skipped" and r.data.get("job") == job}
+            seq = records[-1].seq + 1
+        return None, units - tail
+
     def _role_view(self) -> dict[str, RoleView]:
         """This node's roles as peers see them in heartbeats (endpoint, liveness, trainer positions)."""
         view = {}
@@ -462,15 +480,18 @@ class Daemon:
         return None
 
     def on_skip(self, _identity: bytes, msg: protocol.SkipReport, _payload: list) -> Reply:
+        if (msg.source, msg.sample_id, msg.piece, msg.step) in self.cluster.state.skipped.get(msg.job, ()):
+            return None  # already recorded: a constructor re-sends until it sees the record committed
         job = self.jobs.get(msg.job)
         if job is not None:
             job.on_skip(msg)
         record = {"job": msg.job, "source": msg.source, "sample_id": msg.sample_id, "piece": msg.piece,
                   "step": msg.step, "reason": msg.reason}
         if self.cluster.is_leader(time.monotonic()):
-            self.leadership.pending_skips.append(record)
+            self.leadership.add_skip(record)  # checked, bounded; kept until recorded
         elif (leader := self.cluster.leader) in self.peers:
-            # the leader records it; a report lost with a dying leader is re-sent by the next replay
+            # the leader records it; a report lost on the way (or with a dying leader) is re-sent by the
+            # constructor until it sees the skip committed
             try:
                 self.peers[leader].send_multipart(protocol.encode(msg), flags=zmq.NOBLOCK)
             except zmq.Again:

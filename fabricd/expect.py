@@ -4,22 +4,35 @@ The same planner (``fabricd.job.build_planner``), the same sample loader and the
 function (``fabricd.assemble``) as the fabric's data path, run in this process. Comparing what
 trainers received with this, batch for batch, is how delivery is verified: nothing lost,
 nothing repeated, nothing altered.
+
+The log's skip records are part of the input (the determinism contract): pass them as ``skips``
+(``(source, sample_id, piece, step)``, as ``FabricState.skipped[job]`` holds them; see
+:func:`skips_from_logs` to read them from checkpoint-log directories). A recorded unit is dropped
+from its step whether or not it loads here; a unit that fails here without a record is dropped
+too (the fabric records such a unit before it delivers the step) and counted in
+``BatchOracle.unrecorded``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .assemble import assemble_micro_batch
+from .assemble import UnitKey, apply_skip_records, assemble_micro_batch
 from .config import JobSpec
 from .job import build_planner, open_sources
 from .planner import Planner
 from .sources.transform import SampleLoader, TransformSpec
 
-__all__ = ["ExpectedBatch", "BatchOracle", "expected_batches"]
+__all__ = ["ExpectedBatch", "BatchOracle", "expected_batches", "skips_from_logs"]
+
+log = logging.getLogger(__name__)
+
+SkipRecord = tuple[str, int, int, int]  # (source, sample_id, piece, step), as the log records a skip
 
 
 @dataclass(frozen=True)
@@ -43,9 +56,18 @@ class ExpectedBatch:
 class BatchOracle:
     """Computes any (step, rank) batch of a job in-process, exactly as the fabric builds it."""
 
-    def __init__(self, spec: JobSpec, *, dp_size: int | None = None, progress: bool = False) -> None:
+    def __init__(self, spec: JobSpec, *, dp_size: int | None = None, progress: bool = False,
+                 skips: Iterable[SkipRecord] = ()) -> None:
         self.spec = spec
         self.dp_size = dp_size or spec.topology.dp_size
+        self.unrecorded = 0  # units that failed here without a skip record (dropped all the same)
+        self.skips: dict[int, set[UnitKey]] = {}
+        index = {s.name: i for i, s in enumerate(spec.sources)}
+        for source, sample_id, piece, step in skips:
+            if source not in index:
+                log.warning("skip record of unknown source %r (sample %d, step %d) ignored", source, sample_id, step)
+                continue
+            self.skips.setdefault(int(step), set()).add((index[source], int(sample_id), int(piece)))
         indexes = open_sources(spec, progress=progress)
         self.planner: Planner = build_planner(spec, indexes)
         self.loaders = []
@@ -63,6 +85,9 @@ class BatchOracle:
             sel = np.flatnonzero(plan.source == src)
             for i, unit in zip(sel.tolist(), self.loaders[src].load(plan.sample_id[sel], plan.piece[sel])):
                 loaded[i] = unit if not isinstance(unit, Exception) else unit.reason
+        loaded, unrecorded = apply_skip_records(loaded, source_ids=plan.source, sample_ids=plan.sample_id,
+                                                pieces=plan.piece, recorded=self.skips.get(step, ()))
+        self.unrecorded += len(unrecorded)
         for rank in range(self.dp_size):
             micro_rows = plan.micro_batches(rank)
             for micro, rows in enumerate(micro_rows):
@@ -75,8 +100,33 @@ class BatchOracle:
 
 
 def expected_batches(spec: JobSpec, steps: Iterable[int], *, dp_size: int | None = None,
-                     progress: bool = False) -> Iterator[ExpectedBatch]:
-    """The expected batches of ``steps``, for ``dp_size`` ranks (the spec's by default)."""
-    oracle = BatchOracle(spec, dp_size=dp_size, progress=progress)
+                     progress: bool = False, skips: Iterable[SkipRecord] = ()) -> Iterator[ExpectedBatch]:
+    """The expected batches of ``steps``, for ``dp_size`` ranks (the spec's by default), given
+    the log's skip records ``skips``."""
+    oracle = BatchOracle(spec, dp_size=dp_size, progress=progress, skips=skips)
     for step in steps:
         yield from oracle.step(step)
+
+
+def skips_from_logs(directories: Iterable[Path], job: str) -> set[SkipRecord]:
+    """The skip records of ``job`` in the most up-to-date of these checkpoint-log directories
+    (highest (term, seq): the one that holds every committed record).
+
+    Read logs no daemon is writing (a stopped daemon's, or a copy): opening a log cuts a torn
+    tail. Raises ``LogError`` for a log that cannot be read and ``ValueError`` for no directory.
+    """
+    from .cluster.log import CheckpointLog
+
+    best: tuple[tuple[int, int], set[SkipRecord]] | None = None
+    for directory in directories:
+        lg = CheckpointLog(Path(directory), fsync=False)
+        try:
+            state = lg.open()
+            position = lg.last_position
+        finally:
+            lg.close()
+        if best is None or position > best[0]:
+            best = (position, set(state.skipped.get(job, ())))
+    if best is None:
+        raise ValueError("skips_from_logs: no log directory given")
+    return best[1]

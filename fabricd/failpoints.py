@@ -8,8 +8,13 @@ once at import, names that point. Its value is a comma-separated list of ``name=
 - ``log.after_fsync=raise``    raise :class:`FailpointHit` (for unit tests in one process)
 - ``log.after_fsync=kill@3``   the same, but only from the 3rd time the point is reached on
 - ``loader.before_load=sleep(50)``  sleep 50 ms there (a slow disk or object store, simulated)
+- ``loader.transient_error=fail@5``  the 5th hit only fails (once); see :func:`fails`
+- ``loader.transient_error=fail(web:17*2)``  the first 2 hits whose subject is ``web:17`` fail
 
-Without ``@n`` the action fires on every hit (``@1``). An invalid value is refused at import
+Without ``@n`` the action fires on every hit (``@1``); ``fail`` fires once, at hit ``n``, and
+``fail(SUBJECT[*TIMES])`` the first TIMES (default 1) times the caller names that subject (``@n``
+is refused with it). ``fail`` is for points the caller asks with :func:`fails` ("should this
+operation fail now?"), never with :func:`failpoint`. An invalid value is refused at import
 with the bad entry quoted, so a typo cannot silently disable a chaos test.
 
 Tests in one process use :func:`configure` instead of the environment. Role processes do not
@@ -33,15 +38,16 @@ import signal
 import time
 
 __all__ = ["ENV_VAR", "FILE_ENV", "ROLE_ENV", "ACTIONS", "POINTS", "arm_on_signal", "FailpointError", "FailpointHit",
-           "active", "configure", "failpoint", "hits"]
+           "active", "configure", "failpoint", "fails", "hits"]
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "FABRICD_FAILPOINTS"
 FILE_ENV = "FABRICD_FAILPOINTS_FILE"
 ROLE_ENV = "FABRICD_ROLE_FAILPOINTS"
-ACTIONS = ("kill", "raise", "sleep(MS)")
+ACTIONS = ("kill", "raise", "sleep(MS)", "fail", "fail(SUBJECT[*TIMES])")
 _SLEEP = re.compile(r"sleep\((\d{1,6})\)")
+_FAIL = re.compile(r"fail\(([^,*()]{1,300})(?:\*(\d{1,6}))?\)")
 
 #: Every failpoint in the code, with where it is. A name not listed is refused, so a typo
 #: cannot silently disarm a chaos test.
@@ -52,6 +58,8 @@ POINTS = {
     "delivery.after_send": "constructor: one micro-batch sent to one trainer, the rest of the step "
                            "and the other model-parallel ranks' copies not yet (mid-batch)",
     "loader.before_load": "source loader: a load request received, its samples not yet read",
+    "loader.transient_error": "source loader: one unit about to be read (subject SOURCE:SAMPLE_ID); ``fail`` "
+                              "makes that read fail like an NFS hiccup or an object store's 503",
 }
 
 
@@ -67,14 +75,15 @@ class FailpointHit(Exception):
         super().__init__(f"failpoint {name!r} hit")
 
 
-# name -> (action, fire from this hit on, sleep seconds); hit counters only for active points.
-_ACTIVE: dict[str, tuple[str, int, float]] = {}
+# name -> (action, fire from this hit on, sleep seconds or fail times, fail subject); hit counters
+# only for active points (per subject for ``fail(SUBJECT)``).
+_ACTIVE: dict[str, tuple[str, int, float, str]] = {}
 _SPECS: dict[str, str] = {}
 _HITS: dict[str, int] = {}
 
 
-def _parse(spec: str) -> tuple[dict[str, tuple[str, int, float]], dict[str, str]]:
-    points: dict[str, tuple[str, int, float]] = {}
+def _parse(spec: str) -> tuple[dict[str, tuple[str, int, float, str]], dict[str, str]]:
+    points: dict[str, tuple[str, int, float, str]] = {}
     texts: dict[str, str] = {}
     for entry in spec.split(","):
         entry = entry.strip()
@@ -96,10 +105,20 @@ def _parse(spec: str) -> tuple[dict[str, tuple[str, int, float]], dict[str, str]
                 raise FailpointError(f"{ENV_VAR}: entry {entry!r}: @{count!r} is not an integer") from None
             if nth < 1:
                 raise FailpointError(f"{ENV_VAR}: entry {entry!r}: @{nth} must be >= 1")
-        sleep = _SLEEP.fullmatch(action)
-        if action not in ACTIONS[:2] and not sleep:
+        sleep, fail = _SLEEP.fullmatch(action), _FAIL.fullmatch(action)
+        if action not in ("kill", "raise", "fail") and not sleep and not fail:
             raise FailpointError(f"{ENV_VAR}: entry {entry!r}: action {action!r} is not one of {ACTIONS}")
-        points[name] = ("sleep", nth, int(sleep.group(1)) / 1000) if sleep else (action, nth, 0.0)
+        if fail and nth != 1:
+            raise FailpointError(f"{ENV_VAR}: entry {entry!r}: fail(SUBJECT) takes no @n")
+        if fail:
+            times = int(fail.group(2) or 1)
+            if times < 1:
+                raise FailpointError(f"{ENV_VAR}: entry {entry!r}: *{times} must be >= 1")
+            points[name] = ("fail_subject", 1, float(times), fail.group(1).strip())
+        elif sleep:
+            points[name] = ("sleep", nth, int(sleep.group(1)) / 1000, "")
+        else:
+            points[name] = (action, nth, 0.0, "")
         texts[name] = action if nth == 1 else f"{action}@{nth}"
     return points, texts
 
@@ -130,14 +149,16 @@ def hits(name: str) -> int:
 
 
 def failpoint(name: str) -> None:
-    """Crash (or sleep) here if the failpoint ``name`` is active and due; otherwise return at once."""
+    """Crash (or sleep) here if the failpoint ``name`` is active and due; otherwise return at once.
+
+    A ``fail`` action is not for this call (nothing here can fail an operation): it is ignored."""
     point = _ACTIVE.get(name)
     if point is None:
         return
-    action, nth, seconds = point
+    action, nth, seconds, _ = point
     count = _HITS.get(name, 0) + 1
     _HITS[name] = count
-    if count < nth:
+    if count < nth or action in ("fail", "fail_subject"):
         return
     if action == "sleep":
         time.sleep(seconds)
@@ -146,6 +167,36 @@ def failpoint(name: str) -> None:
         log.critical("failpoint %s: SIGKILL (hit %d)", name, count)
         os.kill(os.getpid(), signal.SIGKILL)
     raise FailpointHit(name)
+
+
+def fails(name: str, subject: str = "") -> bool:
+    """Whether the operation on ``subject`` at failpoint ``name`` must fail now (the caller fails it).
+
+    False at once for an inactive point. ``fail`` is due at exactly hit ``n``; ``fail(S*k)`` for
+    the first ``k`` calls with ``subject == S`` (calls with other subjects are not counted). Any
+    other action behaves as in :func:`failpoint` and then answers False.
+    """
+    point = _ACTIVE.get(name)
+    if point is None:
+        return False
+    action, nth, times, wanted = point
+    if action == "fail_subject":
+        if subject != wanted:
+            return False
+        count = _HITS.get(name, 0) + 1
+        _HITS[name] = count
+        if count <= times:
+            log.warning("failpoint %s: %s fails (%d of %d)", name, subject, count, int(times))
+            return True
+        return False
+    if action == "fail":
+        count = _HITS.get(name, 0) + 1
+        _HITS[name] = count
+        if count == nth:
+            log.warning("failpoint %s: %s fails (hit %d)", name, subject, count)
+        return count == nth
+    failpoint(name)
+    return False
 
 
 configure(os.environ.get(ENV_VAR))

@@ -11,13 +11,14 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from fabric_client import protocol
+from fabric_client.limits import MAX_LIST_ITEMS
 
 from .cluster.placement import constructor_id, loader_prefix
 from .config import JobSpec
@@ -67,6 +68,9 @@ class RoleDirectory(Protocol):
 
     def endpoint(self, role_id: str) -> str | None: ...     # endpoint of a live role, or None
     def role_ids(self, job: str) -> list[str]: ...           # every role assigned for ``job``
+    # the job's committed skip records (source, sample_id, piece, step), with a key that changes
+    # whenever they do (None: do not cache them)
+    def committed_skips(self, job: str) -> tuple[object | None, Collection[tuple[str, int, int, int]]]: ...
 
 
 class JobRuntime:
@@ -90,6 +94,8 @@ class JobRuntime:
         self.groups = spec.topology.groups()
         self.counters = {"plans_computed": 0, "plan_requests": 0, "skipped_units": 0, "plan_ms_max": 0.0}
         self.skips: list[dict[str, Any]] = []  # most recent skip reports, bounded
+        self._skips_key: object | None = None       # committed skip records by step, for PlanReply.skips
+        self._skips_by_step: dict[int, list[list[int]]] = {}
         self._thread = threading.Thread(target=self._prepare, name=f"index-{spec.name}", daemon=True)
         self._thread.start()
 
@@ -162,8 +168,25 @@ class JobRuntime:
         frames = tuple(np.ascontiguousarray(getattr(part, name), dtype) for name, dtype in PLAN_COLUMNS)
         reply = protocol.PlanReply(job=self.spec.name, step=req.step, dp_size=plan.dp_size, rows=len(part.rank),
                                    columns=[n for n, _ in PLAN_COLUMNS], dtypes=[d for _, d in PLAN_COLUMNS],
-                                   num_micro=[int(plan.num_micro[r]) for r in req.ranks])
+                                   num_micro=[int(plan.num_micro[r]) for r in req.ranks],
+                                   skips=self.step_skips(req.step))
         return reply, frames
+
+    def step_skips(self, step: int) -> list[list[int]]:
+        """The committed skip records of ``step`` as ``[source index, sample_id, piece]``, sorted:
+        what a constructor must drop from that step (``PlanReply.skips``), at most
+        ``MAX_LIST_ITEMS`` of them (a step plans far fewer units than that)."""
+        key, units = self.directory.committed_skips(self.spec.name)
+        if key is None or key != self._skips_key:
+            names = {s.name: i for i, s in enumerate(self.spec.sources)}
+            by_step: dict[int, list[list[int]]] = {}
+            for source, sample_id, piece, at in units:
+                if source in names:
+                    by_step.setdefault(at, []).append([names[source], sample_id, piece])
+            for rows in by_step.values():
+                rows.sort()
+            self._skips_key, self._skips_by_step = key, by_step
+        return self._skips_by_step.get(step, [])[:MAX_LIST_ITEMS]
 
     def pools(self) -> dict[str, list[str]]:
         """Source name → endpoints of its live source-loader workers."""

@@ -1,6 +1,11 @@
 """What the leader decides, once per loop turn, while it holds the lease.
 
 - Skipped samples reported by constructors (anywhere) are recorded, so a replay drops them too.
+  Each report is checked on its own (a known active job, a step in ``[0, MAX_STEP]``, a source of
+  the job, a sample id of that source, a piece of that sample); a bad one is dropped and counted,
+  the others go on. A report stays pending until the record that holds it is appended (a refused
+  proposal keeps it); at most ``MAX_PENDING_SKIPS`` wait, and a report past that is dropped and
+  counted: safe, because a constructor re-sends its report until it sees the skip committed.
 - Trainers' host declarations, passed on in the members' heartbeats, are recorded
   (``trainer_host``), newest per rank.
 - Source-loader pools are resized from the loaders' counters (see ``cluster.autoscale``).
@@ -18,6 +23,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from fabric_client.limits import MAX_STEP
 
 from .cluster.autoscale import (
     EVALUATE_EVERY_S,
@@ -38,12 +47,14 @@ from .cluster.placement import (
 from .config import NodeConfig
 from .job import JobRuntime
 
-__all__ = ["PROGRESS_EVERY_S", "Leadership"]
+__all__ = ["PROGRESS_EVERY_S", "MAX_PENDING_SKIPS", "Leadership"]
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
 PLACE_EVERY_S = 0.25  # placement passes (O(roles + trainer ranks)) at most this often, not every loop turn
+MAX_PENDING_SKIPS = 10_000  # skip reports waiting to be recorded; constructors re-send the ones dropped
+MAX_SKIP_REASON_CHARS = 500
 
 Entries = list[tuple[str, dict]]
 
@@ -54,7 +65,9 @@ class Leadership:
     def __init__(self, cfg: NodeConfig, cluster: ClusterController, jobs: Mapping[str, JobRuntime],
                  propose: Callable[[Entries, float], bool]) -> None:
         self.cfg, self.cluster, self.jobs, self.propose = cfg, cluster, jobs, propose
-        self.pending_skips: list[dict] = []  # skip reports received while leader, not yet proposed
+        self.pending_skips: list[dict] = []  # skip reports received while leader, not yet recorded
+        self._pending_keys: set[tuple] = set()
+        self.counters = {"skips_invalid": 0, "skips_overflowed": 0, "skips_recorded": 0}
         self._next_progress = 0.0
         self._next_autoscale = 0.0
         self._next_placement = 0.0
@@ -62,10 +75,8 @@ class Leadership:
 
     def run(self, now: float) -> None:
         """One turn of the leader's duties (call only while this daemon holds the lease)."""
-        state = self.cluster.state
         if self.pending_skips:
-            skips, self.pending_skips = self.pending_skips, []
-            self.propose([("sample_skipped", s) for s in skips if state.is_active(s["job"])], now)
+            self._record_skips(now)
         self._record_hosts(now)
         if not self.cluster.settled(now):
             return  # wait until every live member had a chance to say so before moving roles
@@ -81,6 +92,71 @@ class Leadership:
         if now >= self._next_progress:
             self._next_progress = now + PROGRESS_EVERY_S
             self._record_progress(now)
+
+    def add_skip(self, report: dict) -> bool:
+        """Queue one skip report (keys of a ``sample_skipped`` record) to be recorded. Returns False
+        when it was dropped because ``MAX_PENDING_SKIPS`` reports already wait (counted; the
+        constructor re-sends it). A report already pending is not queued twice."""
+        key = _skip_key(report)
+        if key in self._pending_keys:
+            return True
+        if len(self.pending_skips) >= MAX_PENDING_SKIPS:
+            self.counters["skips_overflowed"] += 1
+            if self.counters["skips_overflowed"] in (1, 10, 100) or self.counters["skips_overflowed"] % 1000 == 0:
+                log.warning("%d skip reports dropped: %d already wait to be recorded",
+                            self.counters["skips_overflowed"], MAX_PENDING_SKIPS)
+            return False
+        self.pending_skips.append(report)
+        self._pending_keys.add(key)
+        return True
+
+    def _record_skips(self, now: float) -> None:
+        """Propose the valid pending skip reports; they leave the pending list only once appended."""
+        state = self.cluster.state
+        entries, waiting = [], []
+        for report in self.pending_skips:
+            verdict = self._check_skip(report)
+            if verdict == "wait":
+                waiting.append(report)
+            elif verdict:
+                self.counters["skips_invalid"] += 1
+                log.warning("skip report dropped: %s: %.300r", verdict, report)
+            elif (report["source"], report["sample_id"], report["piece"], report["step"]) \
+                    not in state.skipped.get(report["job"], ()):
+                entries.append(("sample_skipped", {**report, "reason": report["reason"][:MAX_SKIP_REASON_CHARS]}))
+        recorded = not entries or self.propose(entries, now)
+        if recorded:
+            self.counters["skips_recorded"] += len(entries)
+            self.pending_skips = waiting
+        else:  # not appended (lost the lease, log error): everything still valid stays pending
+            self.pending_skips = waiting + [data for _, data in entries]
+        self._pending_keys = {_skip_key(r) for r in self.pending_skips}
+
+    def _check_skip(self, r: dict) -> str:
+        """"" for a report that can be recorded, "wait" while its job is still indexing, else why not."""
+        job = self.jobs.get(r.get("job")) if isinstance(r.get("job"), str) else None
+        if job is None or not self.cluster.state.is_active(r["job"]):
+            return f"job {r.get('job')!r} is not an active job"
+        if job.state == "indexing":
+            return "wait"
+        if job.planner is None:
+            return f"job {r['job']!r} is {job.state}"
+        fields = (r.get("step"), r.get("sample_id"), r.get("piece"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields) \
+                or not isinstance(r.get("source"), str) or not isinstance(r.get("reason"), str):
+            return "fields of the wrong type"
+        if not 0 <= r["step"] <= MAX_STEP:
+            return f"step {r['step']} outside [0, {MAX_STEP}]"
+        units = next((u for u in job.planner.sources if u.name == r["source"]), None)
+        if units is None:
+            return f"job {r['job']!r} has no source {r['source']!r}"
+        samples = job.indexes[r["source"]].num_samples
+        if not 0 <= r["sample_id"] < samples:
+            return f"sample_id {r['sample_id']} outside source {r['source']!r} of {samples} samples"
+        lo, hi = np.searchsorted(units.sample_id, [r["sample_id"], r["sample_id"] + 1])
+        if not 0 <= r["piece"] < hi - lo:
+            return f"piece {r['piece']} outside the {hi - lo} pieces of sample {r['sample_id']} of {r['source']!r}"
+        return ""
 
     def _place(self, now: float, live: list[str]) -> None:
         """Place every ready job's roles; release the roles no job wants any more."""
@@ -185,4 +261,8 @@ class Leadership:
                    and step > state.next_step(job, dp, mp)]
         if entries:
             self.propose(entries, now)
+
+
+def _skip_key(report: dict) -> tuple:
+    return tuple(report.get(k) for k in ("job", "source", "sample_id", "piece", "step"))
 

@@ -385,6 +385,9 @@ class PlanReply(Message, tag="plan_reply"):
     columns: Bounded(Name, 32)
     dtypes: Bounded(Name, 32)
     num_micro: Bounded(Micro, MAX_DP_SIZE)  # per requested rank, in request order
+    #: the units the log records as skipped at this step, committed records only, as
+    #: ``(source index, sample_id, piece)``; the constructor drops exactly these (``fabricd.assemble``)
+    skips: Bounded(tuple[Count, Count, Count], MAX_LIST_ITEMS) = []
 
 
 class SkipReport(Message, tag="skip_report"):

@@ -10,6 +10,14 @@ model-parallel rank of the DP rank as their credits allow.
 Every buffer is bounded: steps outside the window are not built, built steps the slowest
 trainer has passed are evicted, and a trainer that comes back for an evicted step gets it
 rebuilt (the content is a pure function of the plan, so it is the same batch).
+
+Skips (the rule is in ``fabricd.assemble``): the plan reply carries the step's committed skip
+records, and exactly those units are dropped (they are not even loaded). A unit that fails to
+load is loaded once more (``UNIT_RETRIES``); if it fails again it is reported (``SkipReport``, re-sent
+every ``REPORT_RESEND_S`` until recorded) and its rank's batches of that step wait: the step's
+plan is asked again every ``SKIP_POLL_S`` until its skip records include the unit. A reported unit
+is never delivered, even by a later rebuild of the step. A plan reply whose skip records changed
+under an already built rank rebuilds that step.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from fabric_client import protocol
 from fabric_client.batch import encode_batch
 from fabric_client.errors import ProtocolError
 
-from ..assemble import assemble_micro_batch
+from ..assemble import RECORDED_SKIP, UnitKey, apply_skip_records, assemble_micro_batch
 from ..config import JobSpec, parse_job_spec
 from .base import DaemonLink, RoleArgs, StopFlag, configure_socket
 from .delivery import EncodedBatch, TrainerDelivery
@@ -45,6 +53,10 @@ HEDGE_S = 0.75             # a request unanswered this long is also sent to anot
 LOAD_ATTEMPTS = 3
 PLAN_TIMEOUT_S = 5.0
 POOLS_REFRESH_S = 1.0
+UNIT_RETRIES = 1           # loads of a failed unit before it is reported as skipped
+SKIP_POLL_S = 0.2          # how often a step waiting for skip records asks for its plan again
+REPORT_RESEND_S = 1.0      # how often an unrecorded skip is reported again (doubling up to 8 s)
+MAX_REPORTED = 10_000      # reported, not yet seen recorded: (step, unit) entries kept
 
 
 @dataclass
@@ -62,7 +74,14 @@ class _StepBuild:
     num_micro: dict[int, int]
     results: list[Any]                     # SampleData | reason str | None (pending)
     pending_by_rank: dict[int, int]
+    skips: set[UnitKey] = field(default_factory=set)         # committed skip records of the step
+    failures: dict[int, int] = field(default_factory=dict)   # row → failed loads
+    waiting: set[int] = field(default_factory=set)           # ranks held for skip records
+    assembled: set[int] = field(default_factory=set)
     batches: dict[tuple[int, int], EncodedBatch] = field(default_factory=dict)
+
+    def key(self, row: int) -> UnitKey:
+        return (int(self.rows["source"][row]), int(self.rows["sample_id"][row]), int(self.rows["piece"][row]))
 
 
 @dataclass
@@ -103,8 +122,11 @@ class Constructor:
         self.by_socket: dict[zmq.Socket, tuple[str, _Worker]] = {}
         self.req_ids = itertools.count(1)
         self.next_pools = 0.0
+        # (step, unit) reported as skipped and not yet seen recorded → [reason, next send, resend interval]
+        self.reported: dict[tuple[int, UnitKey], list] = {}
         self.stats = {"built_batches": 0, "skipped_units": 0, "malformed": 0, "load_retries": 0, "hedged": 0,
-                      "plans": 0, "evicted_steps": 0, "ranks": self.ranks}
+                      "plans": 0, "evicted_steps": 0, "ranks": self.ranks, "unit_retries": 0, "skip_reports": 0,
+                      "waiting_for_skips": 0, "rebuilt_for_skips": 0}
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -117,6 +139,7 @@ class Constructor:
                 self.next_pools = now + POOLS_REFRESH_S
                 self.link.send(protocol.PoolsRequest(job=self.spec.name))
             self._schedule(now)
+            self._chase_skips(now)
             self._dispatch(now)
             self.delivery.pump(self._lookup)
             for sock in dict(self.poller.poll(20)):
@@ -151,11 +174,21 @@ class Constructor:
             del self.plan_requested[step]
 
     def _on_plan(self, msg: protocol.PlanReply, payload: list) -> None:
-        if msg.step not in self.plan_requested or msg.step in self.builds:
+        if msg.step not in self.plan_requested:
             return  # not wanted any more, or a duplicate answer
         del self.plan_requested[msg.step]
         if len(payload) != len(msg.columns) or len(msg.dtypes) != len(msg.columns):
             raise ProtocolError(protocol.ErrorCode.MALFORMED, "plan_reply columns and frames differ")
+        if any(len(k) != 3 for k in msg.skips):
+            raise ProtocolError(protocol.ErrorCode.MALFORMED, "plan_reply skips are not [source, sample_id, piece]")
+        skips = {(int(a), int(b), int(c)) for a, b, c in msg.skips}
+        old = self.builds.get(msg.step)
+        if old is not None:
+            self._update_skips(old, skips, msg, payload)
+            return
+        self._start_build(msg, payload, skips)
+
+    def _start_build(self, msg: protocol.PlanReply, payload: list, skips: set[UnitKey]) -> None:
         rows = {name: np.frombuffer(f.buffer, np.dtype(dt)) for name, dt, f in zip(msg.columns, msg.dtypes, payload)}
         if any(len(col) != msg.rows for col in rows.values()):
             raise ProtocolError(protocol.ErrorCode.MALFORMED, "plan_reply column lengths differ")
@@ -163,17 +196,93 @@ class Constructor:
             step=msg.step, rows=rows, num_micro=dict(zip(self.ranks, msg.num_micro)),
             results=[None] * msg.rows,
             pending_by_rank={r: int(np.count_nonzero(rows["rank"] == r)) for r in self.ranks},
+            skips=skips,
         )
         self.builds[msg.step] = build
         self.stats["plans"] += 1
+        self._forget_recorded(msg.step, skips)
+        # recorded units are dropped unread; units this constructor reported are never delivered
+        settled = {}
+        for row in range(msg.rows):
+            key = build.key(row)
+            if key in skips:
+                settled[row] = RECORDED_SKIP
+            elif (msg.step, key) in self.reported:
+                settled[row] = self.reported[(msg.step, key)][0]
         for src_idx in np.unique(rows["source"]):
-            sel = np.flatnonzero(rows["source"] == src_idx)
+            sel = [i for i in np.flatnonzero(rows["source"] == src_idx).tolist() if i not in settled]
             name = self.source_names[int(src_idx)]
             for i in range(0, len(sel), UNITS_PER_REQUEST):
-                self.queue[name].append((_LoadJob(name, sel[i:i + UNITS_PER_REQUEST]), msg.step))
+                self.queue[name].append((_LoadJob(name, np.asarray(sel[i:i + UNITS_PER_REQUEST])), msg.step))
+        if settled:
+            self._resolve(build, np.fromiter(settled, np.int64), list(settled.values()), final=True)
         for rank, count in build.pending_by_rank.items():
-            if count == 0:
+            if count == 0 and rank not in build.assembled:
                 self._assemble(build, rank)
+
+    def _update_skips(self, build: _StepBuild, skips: set[UnitKey], msg: protocol.PlanReply, payload: list) -> None:
+        """A newer answer for a step being built: apply skip records that appeared since."""
+        self._forget_recorded(build.step, skips)
+        if skips == build.skips:
+            return
+        added = skips - build.skips
+        touched = {int(build.rows["rank"][row]) for row in range(len(build.results)) if build.key(row) in added}
+        if not skips >= build.skips or touched & build.assembled:
+            # a rank already packed a unit now recorded as skipped (another constructor's report, or
+            # records a new leader truncated): its batches must follow the log; build the step again
+            log.warning("step %d: skip records changed under built batches; rebuilding", build.step)
+            self.stats["rebuilt_for_skips"] += 1
+            del self.builds[build.step]
+            self._start_build(msg, payload, skips)
+            return
+        build.skips = skips
+        rows = [row for row in range(len(build.results)) if build.key(row) in added]
+        rows = [row for row in rows if build.results[row] is None]  # loaded ones are dropped at assembly
+        self._resolve(build, np.asarray(rows, np.int64), [RECORDED_SKIP] * len(rows), final=True)
+        for rank in sorted(build.waiting & touched):
+            build.waiting.discard(rank)
+            self._assemble(build, rank)
+
+    def _forget_recorded(self, step: int, skips: set[UnitKey]) -> None:
+        for key in skips:
+            self.reported.pop((step, key), None)
+
+    def _chase_skips(self, now: float) -> None:
+        """Re-send unrecorded skip reports (backing off) and ask again for the plans of steps held
+        for skip records."""
+        for (step, key), entry in self.reported.items():
+            reason, due, interval = entry
+            if now >= due:
+                entry[1], entry[2] = now + interval, min(interval * 2, 8 * REPORT_RESEND_S)
+                self._send_skip(step, key, reason)
+        waiting = 0
+        for step, build in self.builds.items():
+            if not build.waiting:
+                continue
+            waiting += len(build.waiting)
+            sent = self.plan_requested.get(step)
+            if sent is None or now - sent > SKIP_POLL_S:
+                self.plan_requested[step] = now
+                self.link.send(protocol.PlanRequest(job=self.spec.name, step=step, ranks=self.ranks))
+        self.stats["waiting_for_skips"] = waiting
+
+    def _report(self, step: int, key: UnitKey, reason: str) -> None:
+        if (step, key) in self.reported:
+            return
+        if len(self.reported) >= MAX_REPORTED:
+            # that many unrecorded reports means no leader records anything: forget the oldest (a
+            # later rebuild of its step could then deliver a unit whose report is still recorded)
+            oldest = next(iter(self.reported))
+            log.error("%d skip reports unrecorded; forgetting step %d unit %s", MAX_REPORTED, *oldest)
+            self.reported.pop(oldest)
+        self.reported[(step, key)] = [reason, time.monotonic() + REPORT_RESEND_S, REPORT_RESEND_S]
+        self.stats["skip_reports"] += 1
+        self._send_skip(step, key, reason)
+
+    def _send_skip(self, step: int, key: UnitKey, reason: str) -> None:
+        source, sample_id, piece = key
+        self.link.send(protocol.SkipReport(job=self.spec.name, step=step, source=self.source_names[source],
+                                           sample_id=sample_id, piece=piece, reason=reason))
 
     # -- fetching units from the source-loader pools -------------------------------------------
 
@@ -219,7 +328,8 @@ class Constructor:
                 if build is None:
                     continue  # evicted while queued
                 if job.attempts >= LOAD_ATTEMPTS:
-                    self._resolve(build, job.rows, [f"no source loader answered in {LOAD_ATTEMPTS} attempts"] * len(job.rows))
+                    self._resolve(build, job.rows, [f"no source loader answered in {LOAD_ATTEMPTS} attempts"] * len(job.rows),
+                                  final=True)
                     continue
                 job.attempts += 1
                 if job.attempts > 1:
@@ -284,43 +394,62 @@ class Constructor:
             return
         self._resolve(build, job.rows, units)
 
-    def _resolve(self, build: _StepBuild, rows: np.ndarray, units: list) -> None:
+    def _resolve(self, build: _StepBuild, rows: np.ndarray, units: list, *, final: bool = False) -> None:
+        """Settle loaded ``units``; a failed unit is loaded again (``UNIT_RETRIES``) unless ``final``."""
         ranks_done = set()
+        again: dict[str, list[int]] = {}
         for row, unit in zip(rows.tolist(), units):
             if build.results[row] is not None:
                 continue
+            if isinstance(unit, str) and not final and build.key(row) not in build.skips:
+                failures = build.failures[row] = build.failures.get(row, 0) + 1
+                if failures <= UNIT_RETRIES:
+                    self.stats["unit_retries"] += 1
+                    again.setdefault(self.source_names[build.key(row)[0]], []).append(row)
+                    continue
             build.results[row] = unit
             rank = int(build.rows["rank"][row])
             build.pending_by_rank[rank] -= 1
             if build.pending_by_rank[rank] == 0:
                 ranks_done.add(rank)
+        for source, retry in again.items():
+            self.queue[source].append((_LoadJob(source, np.asarray(retry, np.int64)), build.step))
         for rank in sorted(ranks_done):
             self._assemble(build, rank)
 
     # -- packing and delivery -----------------------------------------------------------------
 
     def _assemble(self, build: _StepBuild, rank: int) -> None:
+        """Pack ``rank``'s batches of the step, unless a unit failed without a skip record: then
+        report it and hold the rank until the record is committed."""
         rows = build.rows
+        mine = np.flatnonzero(rows["rank"] == rank)
+        units, unrecorded = apply_skip_records([build.results[i] for i in mine.tolist()],
+                                               source_ids=rows["source"][mine], sample_ids=rows["sample_id"][mine],
+                                               pieces=rows["piece"][mine], recorded=build.skips)
+        if unrecorded:
+            for pos in unrecorded:
+                row = int(mine[pos])
+                self._report(build.step, build.key(row), str(units[pos]))
+            build.waiting.add(rank)
+            return
+        unit_of = dict(zip(mine.tolist(), units))
         num_micro = build.num_micro[rank]
         for micro in range(num_micro):
             sel = np.flatnonzero((rows["rank"] == rank) & (rows["micro"] == micro))
             mb = assemble_micro_batch(
-                [build.results[i] for i in sel.tolist()],
+                [unit_of[i] for i in sel.tolist()],
                 source_ids=rows["source"][sel], sample_ids=rows["sample_id"][sel], pieces=rows["piece"][sel],
                 image_size=self.spec.tokens.image_size,
             )
-            for pos, reason in mb.skipped:
-                row = int(sel[pos])
-                self.stats["skipped_units"] += 1
-                self.link.send(protocol.SkipReport(
-                    job=self.spec.name, step=build.step, source=self.source_names[int(rows["source"][row])],
-                    sample_id=int(rows["sample_id"][row]), piece=int(rows["piece"][row]), reason=reason))
+            self.stats["skipped_units"] += len(mb.skipped)
             header = protocol.Batch(job=self.spec.name, step=build.step, dp_rank=rank, micro_batch=micro,
                                     num_micro_batches=num_micro, checksum=mb.checksum, samples=mb.samples,
                                     tokens=mb.tokens, skipped=len(mb.skipped))
             build.batches[(rank, micro)] = EncodedBatch(header, encode_batch(mb.arrays, compression=self.compression))
             self.stats["built_batches"] += 1
-        for i in np.flatnonzero(rows["rank"] == rank).tolist():
+        build.assembled.add(rank)
+        for i in mine.tolist():
             build.results[i] = True  # release the loaded arrays; the encoded batches hold the content
 
     def _lookup(self, rank: int, step: int, micro: int) -> EncodedBatch | None:

@@ -3,7 +3,8 @@
 One process per pool worker. It binds a ROUTER; data constructors send ``LoadRequest`` to the
 workers that are free (the constructor keeps at most a couple of requests in flight per
 worker), so a free worker takes the next request. Bad samples come back as per-unit errors,
-never as a crash; malformed requests are counted and dropped.
+never as a crash; malformed requests are counted and dropped. The failpoint
+``loader.transient_error`` (subject ``SOURCE:SAMPLE_ID``) fails chosen units once, for chaos tests.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fabric_client.errors import ProtocolError
 
 from ..config import parse_job_spec
 from ..errors import SampleError
-from ..failpoints import failpoint
+from ..failpoints import failpoint, fails
 from ..sources.index import open_index
 from ..sources.transform import SampleLoader, TransformSpec
 from .base import DaemonLink, RoleArgs, StopFlag, configure_socket
@@ -80,7 +81,7 @@ def run_source_loader(args: RoleArgs) -> int:
                 continue
             started = time.perf_counter()
             failpoint("loader.before_load")  # counts as busy: it stands for a slow read
-            results = loader.load(ids, pieces)
+            results = _inject_transient_errors(loader.load(ids, pieces), ids, source.name)
             stats["busy_s"] += time.perf_counter() - started
             stats["requests"] += 1
             stats["units"] += len(results)
@@ -91,6 +92,13 @@ def run_source_loader(args: RoleArgs) -> int:
         sock.close(linger=0)
         ctx.term()
     return 0
+
+
+def _inject_transient_errors(results: list, ids: np.ndarray, source: str) -> list:
+    """The ``loader.transient_error`` failpoint: a unit it names fails this time as if its read
+    had hit an NFS hiccup or an object store's 503 (the next read of it may well succeed)."""
+    return [SampleError(source, int(i), "transient read error (failpoint loader.transient_error)")
+            if fails("loader.transient_error", f"{source}:{int(i)}") else r for r, i in zip(results, ids)]
 
 
 def _request_units(msg: protocol.LoadRequest, payload: list, source: str) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from fabricd.chaos import FAULT_KINDS, ChaosRun
 pytestmark = [pytest.mark.cluster]
 
 INVARIANTS = ("lost", "duplicated", "mismatched", "stale_term_applied", "log_divergence", "two_leaders_in_a_term",
-              "unrecovered", "orphaned_processes", "daemon_crashes")
+              "unrecovered", "orphaned_processes", "daemon_crashes", "malformed_casualties", "unrecorded_failures")
 
 
 def _run(tmp_path, seed, kinds, faults=None):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from fabricd import failpoints
-from fabricd.failpoints import FailpointError, FailpointHit, active, configure, failpoint, hits
+from fabricd.failpoints import FailpointError, FailpointHit, active, configure, failpoint, fails, hits
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
@@ -76,7 +76,7 @@ def test_every_failpoint_in_the_code_is_registered_and_every_registered_one_is_i
     used = set()
     for path in root.rglob("*.py"):
         if path.name != "failpoints.py":  # its docstring shows the syntax with a made-up name
-            used |= set(re.findall(r"failpoint\(\"([a-z_.]+)\"\)", path.read_text()))
+            used |= set(re.findall(r"(?:failpoint|fails)\(\"([a-z_.]+)\"[,)]", path.read_text()))
     assert used == set(failpoints.POINTS)
 
 
@@ -126,3 +126,28 @@ def test_sleep_action_waits_and_is_parsed_strictly() -> None:
     for bad in ("loader.before_load=sleep(x)", "loader.before_load=sleep()", "loader.before_load=sleep(1234567)"):
         with pytest.raises(FailpointError, match="not one of"):
             configure(bad)
+
+
+def test_fail_at_n_fails_exactly_the_nth_operation_once() -> None:
+    configure("loader.transient_error=fail@3")
+    got = [fails("loader.transient_error", f"web:{i}") for i in range(6)]
+    assert got == [False, False, True, False, False, False]
+    failpoint("loader.transient_error")  # a fail action never raises through failpoint()
+    assert not fails("log.after_fsync", "x")  # an inactive point never fails
+
+
+def test_fail_subject_fails_that_subject_the_given_number_of_times() -> None:
+    configure("loader.transient_error=fail(web:17*2)")
+    assert active() == {"loader.transient_error": "fail(web:17*2)"}
+    seen = [fails("loader.transient_error", s) for s in ("web:16", "web:17", "code:17", "web:17", "web:17")]
+    assert seen == [False, True, False, True, False]
+    assert hits("loader.transient_error") == 3  # only calls naming the subject count
+    configure("loader.transient_error=fail(web:17)")
+    assert [fails("loader.transient_error", "web:17") for _ in range(2)] == [True, False]
+
+
+@pytest.mark.parametrize("spec", ["loader.transient_error=fail(web:1)@2", "loader.transient_error=fail()",
+                                  "loader.transient_error=fail(web:1*0)", "loader.transient_error=fail(a*b)"])
+def test_bad_fail_specs_are_refused(spec: str) -> None:
+    with pytest.raises(FailpointError, match="FABRICD_FAILPOINTS"):
+        configure(spec)
