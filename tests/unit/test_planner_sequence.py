@@ -107,11 +107,12 @@ def test_counts_sum_to_batch_and_long_run_frequency_matches_weights() -> None:
         n = seq.counts(s)
         assert n.sum() == 10 and n.min() >= 0
         total += n
-    np.testing.assert_allclose(total / (10 * steps), [0.61, 0.07, 0.32], atol=0.005)
-    # systematic sampling: each count is floor or ceil of its expectation
+    # cumulative rounding: the long-run error is bounded (depth 2 tree: < 3 draws), not a random walk
+    assert np.abs(total - 10 * steps * np.array([0.61, 0.07, 0.32])).max() < 3
+    # source a is split off at the root: each step's count is floor or ceil of its expectation
     n = np.array([seq.counts(s) for s in range(500)])
-    assert set(np.unique(n[:, 1]).tolist()) <= {0, 1}
     assert set(np.unique(n[:, 0]).tolist()) <= {6, 7}
+    assert set(np.unique(n[:, 1]).tolist()) <= {0, 1, 2}
 
 
 @pytest.mark.unit
