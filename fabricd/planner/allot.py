@@ -64,6 +64,9 @@ class _RowSplit:
 
     def __init__(self, weights: np.ndarray, *, seed: int, point: int) -> None:
         w = [Fraction(float(x)) for x in weights]
+        prefix = [Fraction(0)]
+        for x in w:
+            prefix.append(prefix[-1] + x)
         self.size = len(w)
         # preorder (lo, mid, hi, num, den * 2**64, u * den): left = (num·c·2**64 + u·den) // (den·2**64)
         self.nodes: list[tuple[int, int, int, int, int, int]] = []
@@ -75,8 +78,8 @@ class _RowSplit:
             if hi - lo == 1:
                 continue
             mid = (lo + hi) // 2
-            total = sum(w[lo:hi], Fraction(0))
-            p = sum(w[lo:mid], Fraction(0)) / total if total else Fraction(0)
+            total = prefix[hi] - prefix[lo]
+            p = (prefix[mid] - prefix[lo]) / total if total else Fraction(0)
             u = _offset(seed, _TAG_SPLIT, point, len(self.nodes))
             self.nodes.append((lo, mid, hi, p.numerator, p.denominator * _ONE, u * p.denominator))
             todo.append((mid, hi, level + 1))
