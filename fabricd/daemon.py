@@ -158,6 +158,8 @@ class Daemon:
     def shutdown(self) -> None:
         log.info("stopping %d role processes", len(self.supervisor.roles))
         self.supervisor.stop()
+        for job in self.jobs.values():
+            job.close()
         for s in self.peers.values():
             s.close(linger=0)
         self.sock.close(linger=0)
@@ -217,7 +219,7 @@ class Daemon:
         for name in list(self.jobs):
             if name not in active or self.jobs[name].spec.text != active[name]["spec_toml"]:
                 log.info("job %s %s", name, "cancelled" if name not in active else "replaced")
-                del self.jobs[name]
+                self.jobs.pop(name).close()  # stops its plan worker
         for name, entry in active.items():
             if name not in self.jobs:
                 path = self.jobs_dir / f"{name}.toml"

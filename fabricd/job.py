@@ -10,7 +10,6 @@ import logging
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,11 +17,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from fabric_client import protocol
-from fabric_client.limits import MAX_LIST_ITEMS
+from fabric_client.limits import MAX_LIST_ITEMS, MAX_STEP
 
 from .cluster.placement import constructor_id, loader_prefix
 from .config import JobSpec
-from .planner import CostModel, MixtureSchedule, Planner, StepPlan, build_units
+from .planner import CostModel, MixtureSchedule, Planner, build_units
+from .planner.worker import PlanWorker
 from .sources.index import SourceIndex, open_index
 
 __all__ = ["JobRuntime", "open_sources", "build_planner", "PLAN_COLUMNS"]
@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 PLAN_COLUMNS = (("rank", "int32"), ("micro", "int32"), ("source", "int32"), ("sample_id", "int64"),
                 ("piece", "int32"))
 PLAN_CACHE_STEPS = 128
+#: Steps planned past the highest step asked for, so the next requests find their plan ready.
+PLAN_AHEAD_STEPS = 4
+#: Most steps waiting to be planned; past it the farthest is dropped (its constructor asks again).
+PLAN_QUEUE_STEPS = 256
+#: A plan running longer than this is logged, counted (plans_over_deadline) and shown in status.
+PLAN_DEADLINE_S = 30.0
 
 
 def open_sources(spec: JobSpec, *, index_dir: Path | None = None, progress: bool = False) -> dict[str, SourceIndex]:
@@ -90,9 +96,11 @@ class JobRuntime:
         self.fingerprint = ""
         self.indexes: dict[str, SourceIndex] = {}
         self.planner: Planner | None = None
-        self.plans: OrderedDict[int, StepPlan] = OrderedDict()
         self.groups = spec.topology.groups()
-        self.counters = {"plans_computed": 0, "plan_requests": 0, "skipped_units": 0, "plan_ms_max": 0.0}
+        self.counters = {"plans_computed": 0, "plan_requests": 0, "skipped_units": 0, "plan_ms_max": 0.0,
+                         "plans_over_deadline": 0, "plan_errors": 0, "plans_not_ready": 0}
+        self.plan_worker: PlanWorker | None = None  # started by the first plan request once ready
+        self._closed = False
         self.skips: list[dict[str, Any]] = []  # most recent skip reports, bounded
         self._skips_key: object | None = None       # committed skip records by step, for PlanReply.skips
         self._skips_by_step: dict[int, list[list[int]]] = {}
@@ -147,23 +155,30 @@ class JobRuntime:
                                 standby=standby)
 
     def plan(self, req: protocol.PlanRequest) -> tuple[protocol.Message, tuple]:
+        """The requested ranks' rows of one step's plan, never computed here: a step not yet
+        planned is NOT_READY at once and the job's plan worker is asked to compute it."""
         self.counters["plan_requests"] += 1
-        if self.planner is None:
+        if self.planner is None or self._closed:
             return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason="planner not ready"), ()
-        if req.step < 0 or any(not 0 <= r < self.spec.topology.dp_size for r in req.ranks):
-            return protocol.ErrorReply(code=protocol.ErrorCode.BAD_REQUEST, reason=f"bad plan request {req}"), ()
-        plan = self.plans.get(req.step)
+        dp_size = self.spec.topology.dp_size
+        if isinstance(req.step, bool) or not isinstance(req.step, int) or not 0 <= req.step <= MAX_STEP:
+            return protocol.ErrorReply(code=protocol.ErrorCode.BAD_REQUEST,
+                                       reason=f"step {req.step} outside [0, MAX_STEP = {MAX_STEP}]"), ()
+        bad = next((r for r in req.ranks if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < dp_size), None)
+        if bad is not None:
+            return protocol.ErrorReply(code=protocol.ErrorCode.BAD_REQUEST,
+                                       reason=f"rank {bad!r} outside dp_size {dp_size}"), ()
+        if self.plan_worker is None:
+            self.plan_worker = PlanWorker(self.planner, dp_size, name=self.spec.name, cache_steps=PLAN_CACHE_STEPS,
+                                          ahead_steps=PLAN_AHEAD_STEPS, queue_steps=PLAN_QUEUE_STEPS,
+                                          deadline_s=PLAN_DEADLINE_S, counters=self.counters)
+        plan = self.plan_worker.get(req.step)
         if plan is None:
-            started = time.perf_counter()
-            plan = self.planner.plan(req.step, self.spec.topology.dp_size)
-            ms = (time.perf_counter() - started) * 1e3
-            self.counters["plans_computed"] += 1
-            self.counters["plan_ms_max"] = max(self.counters["plan_ms_max"], round(ms, 2))
-            self.plans[req.step] = plan
-            while len(self.plans) > PLAN_CACHE_STEPS:
-                self.plans.popitem(last=False)
-        else:
-            self.plans.move_to_end(req.step)
+            failed = self.plan_worker.failure(req.step)
+            if failed is not None:
+                return protocol.ErrorReply(code=protocol.ErrorCode.INTERNAL, reason=f"job {self.spec.name}: {failed}"), ()
+            self.counters["plans_not_ready"] += 1
+            return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=f"step {req.step} is being planned"), ()
         part = plan.for_ranks(req.ranks)
         frames = tuple(np.ascontiguousarray(getattr(part, name), dtype) for name, dtype in PLAN_COLUMNS)
         reply = protocol.PlanReply(job=self.spec.name, step=req.step, dp_size=plan.dp_size, rows=len(part.rank),
@@ -187,6 +202,12 @@ class JobRuntime:
                 rows.sort()
             self._skips_key, self._skips_by_step = key, by_step
         return self._skips_by_step.get(step, [])[:MAX_LIST_ITEMS]
+
+    def close(self) -> None:
+        """The job was dropped or cancelled here: stop its plan worker (after the plan in progress)."""
+        self._closed = True
+        if self.plan_worker is not None:
+            self.plan_worker.close()
 
     def pools(self) -> dict[str, list[str]]:
         """Source name → endpoints of its live source-loader workers."""
@@ -214,5 +235,6 @@ class JobRuntime:
             "sources": {n: {"samples": i.num_samples, "files_skipped": len(i.files_skipped),
                             "rows_skipped": i.rows_skipped} for n, i in self.indexes.items()},
             "counters": dict(self.counters),
+            "planning": None if self.plan_worker is None else self.plan_worker.status(),
             "recent_skips": list(self.skips),
         }

@@ -4,13 +4,8 @@ from fabricd.planner.balance import BALANCERS, balance, karmarkar_karp, lpt, pac
 from fabricd.planner.cost import CostModel
 from fabricd.planner.mixture import SCHEDULE_KINDS, MixtureSchedule
 from fabricd.planner.plan import Planner, StepPlan
-from fabricd.planner.sequence import (
-    LONG_SAMPLE_POLICIES,
-    GlobalSequence,
-    SourceUnits,
-    build_units,
-    feistel_permute,
-)
+from fabricd.planner.sequence import GlobalSequence, feistel_permute
+from fabricd.planner.units import LONG_SAMPLE_POLICIES, SourceUnits, build_units, piece_counts, piece_lengths
 
 __all__ = [
     "BALANCERS",
@@ -28,4 +23,6 @@ __all__ = [
     "karmarkar_karp",
     "lpt",
     "pack_micro_batches",
+    "piece_counts",
+    "piece_lengths",
 ]

@@ -93,6 +93,16 @@ class MixtureSchedule:
             (int(s), {n: float(w) for n, w in zip(self.sources, row)}) for s, row in zip(self._steps, self._rows)
         )
 
+    @property
+    def point_steps(self) -> tuple[int, ...]:
+        """The steps of the points, strictly increasing, the first one 0."""
+        return tuple(int(x) for x in self._steps)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """float64 (points, J), read-only: the normalised weights at each point, in source order."""
+        return self._rows
+
     def max_weights(self) -> np.ndarray:
         """float64[J]: the largest weight each source reaches at any step."""
         return self._rows.max(axis=0)

@@ -1,27 +1,36 @@
-"""Units and the global unit sequence.
+"""The global unit sequence: which units of which source every step consumes.
 
-``build_units`` expands a source's samples into *units* (a sample, or one context-sized piece
-of a long text-only sample). ``GlobalSequence`` fixes which units every step consumes: a pure
-function of (seed, mixture schedule, per-source unit counts, step), independent of the DP world
-size. Random access is cheap: counts of any step come from a counter-based hash, cursors from
-block prefix sums, and unit indices from a keyed bijection evaluated per index (no permutation
-is ever materialised).
+``GlobalSequence`` is a pure function of (seed, mixture schedule, samples per step, per-source
+unit counts, step), independent of the DP world size. Seeking to any step costs a bounded number
+of operations (nothing is summed step by step):
+
+* how many draws each source has had before a step (its *cursor*) has a closed form, the
+  rounding rule of :mod:`fabricd.planner.allot`: per-point streams of draws (linear ramps split
+  a step's draws between the two points by ``floor(B·m(m-1)/(2L) + u)``), each stream's draws
+  split over sources by a binary tree of monotone roundings ``floor(p·c + u)``; a step's counts
+  are the difference of two cursors, so they sum to exactly ``samples_per_step``;
+* the k-th draw of source j is unit ``perm_{j, k // N_j}(k mod N_j)``, a keyed Feistel bijection
+  per (seed, source, epoch) evaluated per index (no permutation is ever materialised).
+
+Units and the length rule live in :mod:`fabricd.planner.units` (re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from fabric_client.limits import MAX_STEP
+
 from fabricd.errors import PlanError
+from fabricd.planner.allot import Allotment
 from fabricd.planner.mixture import MixtureSchedule
+from fabricd.planner.units import LONG_SAMPLE_POLICIES, SourceUnits, build_units
 
 __all__ = [
     "LONG_SAMPLE_POLICIES",
-    "CURSOR_BLOCK_STEPS",
     "SourceUnits",
     "build_units",
     "GlobalSequence",
@@ -30,94 +39,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LONG_SAMPLE_POLICIES = ("split", "truncate")
-
-#: Steps per cursor block: the prefix of counts at every block start is cached.
-CURSOR_BLOCK_STEPS = 65536
-
 _FEISTEL_ROUNDS = 6
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _M1 = _U64(0xBF58476D1CE4E5B9)
 _M2 = _U64(0x94D049BB133111EB)
-_S30, _S27, _S31, _S11 = _U64(30), _U64(27), _U64(31), _U64(11)
+_S30, _S27, _S31 = _U64(30), _U64(27), _U64(31)
 # Domain-separation constants: one per use of the hash, so streams never collide.
-_TAG_STEP = 0x5EED_0F_57E9_0001
 _TAG_PERM = 0x5EED_0F_9E72_0002
 _MASK64 = (1 << 64) - 1
-
-
-# --------------------------------------------------------------------------- units
-
-
-@dataclass(frozen=True)
-class SourceUnits:
-    """The units of one source, in sample order (pieces of a sample are consecutive)."""
-
-    name: str
-    sample_id: np.ndarray  # int64[N]  sample id = row of the source's index
-    piece: np.ndarray  # int32[N]  0 unless the sample was split
-    tokens: np.ndarray  # int32[N]  length of the unit in tokens
-    images: np.ndarray  # int32[N]  images in the unit
-
-    def __len__(self) -> int:
-        return int(self.sample_id.shape[0])
-
-
-def build_units(
-    name: str,
-    text_tokens: np.ndarray,
-    num_images: np.ndarray,
-    *,
-    max_seq_len: int,
-    long_samples: str,
-    image_tokens: int,
-) -> SourceUnits:
-    """Expand samples into units by THE RULE (the sample transform produces exactly these lengths).
-
-    Full length ``L = text_tokens + num_images * image_tokens``. A text-only sample under the
-    ``"split"`` policy yields ``ceil(L / max_seq_len)`` pieces of ``min(max_seq_len, L - j*max_seq_len)``
-    tokens; every other sample yields one unit of ``min(L, max_seq_len)`` tokens carrying
-    ``num_images`` images (an upper bound when truncated). Vectorized: O(N + units).
-    """
-    if long_samples not in LONG_SAMPLE_POLICIES:
-        raise ValueError(f"source {name!r}: unknown long_samples policy {long_samples!r}; expected one of {LONG_SAMPLE_POLICIES}")
-    if isinstance(max_seq_len, bool) or int(max_seq_len) != max_seq_len or not 1 <= int(max_seq_len) < 2**31:
-        raise ValueError(f"source {name!r}: max_seq_len must be an integer in [1, 2**31), got {max_seq_len!r}")
-    if isinstance(image_tokens, bool) or int(image_tokens) != image_tokens or int(image_tokens) < 0:
-        raise ValueError(f"source {name!r}: image_tokens must be an integer >= 0, got {image_tokens!r}")
-    msl = int(max_seq_len)
-    text = np.asarray(text_tokens).astype(np.int64, copy=False).ravel()
-    imgs = np.asarray(num_images).astype(np.int64, copy=False).ravel()
-    if text.shape != imgs.shape:
-        raise ValueError(f"source {name!r}: text_tokens has {text.shape[0]} rows but num_images has {imgs.shape[0]}")
-    if text.size:
-        bad = np.flatnonzero(text <= 0)
-        if bad.size:
-            raise ValueError(f"source {name!r}: sample {int(bad[0])} has text_tokens {int(text[bad[0]])} (must be > 0, EOS included)")
-        bad = np.flatnonzero(imgs < 0)
-        if bad.size:
-            raise ValueError(f"source {name!r}: sample {int(bad[0])} has num_images {int(imgs[bad[0]])} (must be >= 0)")
-    full = text + imgs * int(image_tokens)
-    if long_samples == "split":
-        npieces = np.where(imgs == 0, (full + (msl - 1)) // msl, 1)
-    else:
-        npieces = np.ones_like(full)
-    total = int(npieces.sum())
-    sample_id = np.repeat(np.arange(text.size, dtype=np.int64), npieces)
-    first = np.cumsum(npieces) - npieces
-    piece = np.arange(total, dtype=np.int64) - np.repeat(first, npieces)
-    tokens = np.minimum(msl, np.repeat(full, npieces) - piece * msl)
-    images = np.repeat(imgs, npieces)
-    if images.size and int(images.max()) >= 2**31:
-        raise ValueError(f"source {name!r}: num_images {int(images.max())} does not fit int32")
-    return SourceUnits(
-        name=str(name),
-        sample_id=sample_id,
-        piece=piece.astype(np.int32),
-        tokens=tokens.astype(np.int32),
-        images=images.astype(np.int32),
-    )
 
 
 # --------------------------------------------------------------------------- hashing
@@ -132,14 +62,6 @@ def _mix(z: np.ndarray) -> np.ndarray:
 
 def _u64(x: int) -> np.ndarray:
     return np.array([int(x) & _MASK64], dtype=np.uint64)
-
-
-def _uniform(seed: int, steps: np.ndarray) -> np.ndarray:
-    """A uniform float64 in [0, 1) per step, from a counter-based hash of (seed, step)."""
-    with np.errstate(over="ignore"):
-        key = _mix(_u64(seed) ^ _u64(_TAG_STEP))
-        h = _mix(key ^ _mix(steps.astype(np.uint64) + _GOLDEN))
-    return (h >> _S11).astype(np.float64) * (1.0 / 9007199254740992.0)
 
 
 def _perm_keys(seed: int, source: int, epochs: np.ndarray) -> list[np.ndarray]:
@@ -206,13 +128,15 @@ def feistel_permute(index: np.ndarray, n: int, *, seed: int, source: int, epoch:
 class GlobalSequence:
     """The global unit sequence: which units each step consumes, fixed by seed and schedule.
 
-    Promises: ``counts(s)`` sums to ``samples_per_step`` and has expectation
-    ``samples_per_step * weights(s)`` (systematic sampling); the k-th draw of source j is unit
+    Promises: ``counts(s)`` sums to exactly ``samples_per_step``; a source's draws over any
+    window of steps track ``samples_per_step × Σ weights`` over the window within a bounded
+    error (see :mod:`fabricd.planner.allot`); the k-th draw of source j is unit
     ``perm_{j, k // N_j}(k mod N_j)``, so within an epoch of a source no unit repeats and after
     ``N_j`` draws every unit was drawn exactly once; every epoch is a fresh shuffle. Nothing
-    depends on the DP world size, on call order or on process state. Caches cursor prefixes
-    (one int64[J] per ``block_steps`` steps, plus the last cursor), so an instance is cheap to
-    query but not safe to share between threads.
+    depends on the DP world size, on call order or on process state. ``cursor``/``counts`` of
+    any step up to ``MAX_STEP`` cost O(J + log points) integer operations (``work`` counts
+    them); a step past ``MAX_STEP`` is a PlanError naming the bound. Safe to share between
+    threads.
     """
 
     def __init__(
@@ -222,12 +146,9 @@ class GlobalSequence:
         samples_per_step: int,
         schedule: MixtureSchedule,
         source_sizes: Sequence[int],
-        block_steps: int = CURSOR_BLOCK_STEPS,
     ) -> None:
         if isinstance(samples_per_step, bool) or int(samples_per_step) != samples_per_step or int(samples_per_step) < 1:
             raise ValueError(f"samples_per_step must be an integer >= 1, got {samples_per_step!r}")
-        if int(block_steps) < 1:
-            raise ValueError(f"block_steps must be >= 1, got {block_steps!r}")
         sizes = np.asarray([int(n) for n in source_sizes], dtype=np.int64)
         if sizes.shape[0] != len(schedule.sources):
             raise ValueError(
@@ -243,61 +164,39 @@ class GlobalSequence:
         self.samples_per_step = int(samples_per_step)
         self.schedule = schedule
         self.source_sizes = sizes
-        self.block_steps = int(block_steps)
-        self._block_starts: list[np.ndarray] = [np.zeros(len(sizes), dtype=np.int64)]
-        self._last: tuple[int, np.ndarray] = (0, self._block_starts[0])
+        self._allot = Allotment(seed=self.seed, samples_per_step=self.samples_per_step, schedule=schedule)
 
     @property
     def num_sources(self) -> int:
         return int(self.source_sizes.shape[0])
 
-    def _counts_range(self, start: int, stop: int) -> np.ndarray:
-        """int64 (stop - start, J): counts of steps [start, stop), one row per step."""
-        steps = np.arange(start, stop, dtype=np.int64)
-        B = float(self.samples_per_step)
-        c = np.cumsum(self.schedule.weights(steps), axis=1) * B
-        np.minimum(c, B, out=c)
-        u = _uniform(self.seed, steps)[:, None]
-        # Float guard: c + u may round up to B + 1 (large B) or the cumsum may end below B,
-        # so clamp the edges to [0, B] and pin the last one: the counts then sum to B exactly.
-        edges = np.minimum(np.floor(c + u).astype(np.int64), self.samples_per_step)
-        edges[:, -1] = self.samples_per_step
-        return np.diff(edges, axis=1, prepend=0)
+    @property
+    def work(self) -> int:
+        """Integer operations spent on cursors so far (tree nodes and stream totals evaluated)."""
+        return self._allot.work
 
-    def _sum_counts(self, start: int, stop: int) -> np.ndarray:
-        total = np.zeros(self.num_sources, dtype=np.int64)
-        chunk = max(1, (1 << 21) // max(1, self.num_sources))
-        for a in range(start, stop, chunk):
-            total += self._counts_range(a, min(stop, a + chunk)).sum(axis=0)
-        return total
-
-    @staticmethod
-    def _check_step(step: int) -> int:
-        if isinstance(step, bool) or int(step) != step or int(step) < 0:
+    def _check_step(self, step: int) -> int:
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or int(step) < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        return int(step)
+        step = int(step)
+        if step > MAX_STEP:
+            raise PlanError(f"step {step} is past the largest step MAX_STEP = 2**40 = {MAX_STEP}")
+        if self.samples_per_step * (step + 1) >= 2**63:
+            raise PlanError(f"step {step}: (step + 1) × samples_per_step {self.samples_per_step} draws "
+                            f"exceed 2**63 (a source's draw count must fit int64)")
+        return step
+
+    def _cursor(self, step: int) -> np.ndarray:
+        return np.asarray(self._allot.cursor(step), dtype=np.int64)
 
     def counts(self, step: int) -> np.ndarray:
         """int64[J]: units drawn from each source at ``step``; sums to samples_per_step."""
         step = self._check_step(step)
-        return self._counts_range(step, step + 1)[0]
+        return self._cursor(step + 1) - self._cursor(step)
 
     def cursor(self, step: int) -> np.ndarray:
         """int64[J]: units drawn from each source in steps [0, step)."""
-        step = self._check_step(step)
-        block = step // self.block_steps
-        while len(self._block_starts) <= block:
-            b = len(self._block_starts) - 1
-            start = b * self.block_steps
-            self._block_starts.append(self._block_starts[b] + self._sum_counts(start, start + self.block_steps))
-        base_step = block * self.block_steps
-        base = self._block_starts[block]
-        last_step, last = self._last
-        if base_step <= last_step <= step:
-            base_step, base = last_step, last
-        result = base + self._sum_counts(base_step, step)
-        self._last = (step, result)
-        return result.copy()
+        return self._cursor(self._check_step(step))
 
     def epoch(self, step: int) -> np.ndarray:
         """int64[J]: epoch of each source at the start of ``step`` (0 for empty sources)."""
@@ -307,8 +206,8 @@ class GlobalSequence:
     def step_units(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(source index int32[B], unit index int64[B]) of ``step``, ordered by source then draw."""
         step = self._check_step(step)
-        start = self.cursor(step)
-        n = self.counts(step)
+        start = self._cursor(step)
+        n = self._cursor(step + 1) - start
         src = np.repeat(np.arange(self.num_sources, dtype=np.int32), n)
         unit = np.empty(self.samples_per_step, dtype=np.int64)
         offset = 0
@@ -322,5 +221,4 @@ class GlobalSequence:
                 draws % size, size, seed=self.seed, source=int(j), epoch=draws // size
             )
             offset += cnt
-        self._last = (step + 1, start + n)
         return src, unit

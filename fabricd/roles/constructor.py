@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ LOAD_TIMEOUT_S = 30.0
 HEDGE_S = 0.75             # a request unanswered this long is also sent to another free worker
 LOAD_ATTEMPTS = 3
 PLAN_TIMEOUT_S = 5.0
+PLAN_RETRY_S = 0.1         # a step the daemon is still planning (NOT_READY) is asked for again this soon
+_PLANNING = re.compile(r"^step (\d+) is being planned")
 POOLS_REFRESH_S = 1.0
 UNIT_RETRIES = 1           # loads of a failed unit before it is reported as skipped
 SKIP_POLL_S = 0.2          # how often a step waiting for skip records asks for its plan again
@@ -172,6 +175,15 @@ class Constructor:
                 self.link.send(protocol.PlanRequest(job=self.spec.name, step=step, ranks=self.ranks))
         for step in [s for s in self.plan_requested if s < lo or s >= hi]:
             del self.plan_requested[step]
+
+    def _on_refused(self, msg: protocol.ErrorReply) -> None:
+        planning = _PLANNING.match(msg.reason) if msg.code == protocol.ErrorCode.NOT_READY else None
+        if planning is None:
+            log.warning("daemon refused a request: %s: %s", msg.code, msg.reason)
+            return
+        step = int(planning.group(1))
+        if step in self.plan_requested:  # ask again after a short backoff, not after PLAN_TIMEOUT_S
+            self.plan_requested[step] = min(self.plan_requested[step], time.monotonic() + PLAN_RETRY_S - PLAN_TIMEOUT_S)
 
     def _on_plan(self, msg: protocol.PlanReply, payload: list) -> None:
         if msg.step not in self.plan_requested:
@@ -472,7 +484,7 @@ class Constructor:
                 elif isinstance(msg, protocol.PoolsReply):
                     self._on_pools(msg)
                 elif isinstance(msg, protocol.ErrorReply):
-                    log.warning("daemon refused a request: %s: %s", msg.code, msg.reason)
+                    self._on_refused(msg)
             else:
                 _, worker = self.by_socket[sock]
                 self._on_load_reply(worker, frames)

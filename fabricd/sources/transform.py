@@ -1,8 +1,9 @@
 """From a raw sample to the tokens and pixels of one training unit.
 
 A *unit* is ``(sample id, piece)``. The planner sizes units from the index alone, so the
-transform follows one length rule, stated here and implemented by both :func:`transform` and
-the vectorized :func:`num_pieces` / :func:`unit_lengths`:
+transform follows one length rule, stated here; its vectorized form lives once, in
+:mod:`fabricd.planner.units` (:func:`num_pieces` / :func:`unit_lengths` here call it), and the
+unit test ``tests/unit/test_length_rule.py`` checks :func:`transform` against it:
 
 * The full token sequence of a sample is: the images that have no placeholder (each an
   ``image_tokens``-long block of ``IMAGE_ID``), then the text split at its ``<image>``
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from fabricd.errors import SampleError
+from fabricd.planner.units import LONG_SAMPLE_POLICIES, piece_counts, piece_lengths
 from fabricd.sources.index import SourceIndex
 from fabricd.sources.reader import RawSample, SourceReader
 from fabricd.tokenizer import EOS_ID, IMAGE_ID, IMAGE_PLACEHOLDER, encode_bytes
@@ -44,7 +46,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LONG_SAMPLE_MODES = ("split", "truncate")
+LONG_SAMPLE_MODES = LONG_SAMPLE_POLICIES
 
 
 @dataclass(frozen=True)
@@ -77,26 +79,23 @@ class SampleData:
 
 
 def num_pieces(num_images: np.ndarray, text_tokens: np.ndarray, spec: TransformSpec) -> np.ndarray:
-    """Number of units (pieces) of each sample, from index columns (``int64``)."""
-    nimg = np.asarray(num_images, dtype=np.int64)
-    total = np.asarray(text_tokens, dtype=np.int64) + nimg * spec.image_tokens
-    if spec.long_samples != "split":
-        return np.ones_like(total)
-    pieces = -(-total // spec.max_seq_len)
-    return np.where(nimg == 0, pieces, 1)
+    """Number of units (pieces) of each sample, from index columns (``int64``): the planner's
+    :func:`fabricd.planner.units.piece_counts`, the one implementation of the rule."""
+    return piece_counts(text_tokens, num_images, max_seq_len=spec.max_seq_len, long_samples=spec.long_samples,
+                        image_tokens=spec.image_tokens)
 
 
 def unit_lengths(num_images: np.ndarray, text_tokens: np.ndarray, pieces: np.ndarray,
                  spec: TransformSpec) -> np.ndarray:
-    """Token length of unit ``(sample, piece)`` by the length rule (``int64``).
+    """Token length of unit ``(sample, piece)`` by the length rule (``int64``): the planner's
+    :func:`fabricd.planner.units.piece_lengths`, the one implementation of the rule.
 
     Exact, except for a truncated sample whose cut falls inside an image block: its unit is
     shorter than this (it ends where that block starts). The index does not record placeholder
     positions, so this is then an upper bound.
     """
-    total = np.asarray(text_tokens, dtype=np.int64) + np.asarray(num_images, dtype=np.int64) * spec.image_tokens
-    start = np.asarray(pieces, dtype=np.int64) * spec.max_seq_len
-    return np.clip(total - start, 0, spec.max_seq_len)
+    return piece_lengths(text_tokens, num_images, pieces, max_seq_len=spec.max_seq_len,
+                         image_tokens=spec.image_tokens)
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:

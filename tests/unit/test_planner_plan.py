@@ -109,3 +109,15 @@ def test_planner_refuses_impossible_plans() -> None:
         _planner(sources=sources)
     with pytest.raises(ValueError, match="'nope'"):
         _planner(method="nope")
+
+
+@pytest.mark.unit
+def test_plan_at_max_step_works_and_past_it_is_refused_naming_the_bound() -> None:
+    from fabric_client.limits import MAX_STEP
+
+    p = _planner()
+    far = p.plan(MAX_STEP, 8)
+    assert len(far) == 64 and far.step == MAX_STEP
+    assert _units(far) == _units(p.plan(MAX_STEP, 3))  # still independent of the world size
+    with pytest.raises(PlanError, match="MAX_STEP"):
+        p.plan(MAX_STEP + 1, 8)

@@ -92,10 +92,10 @@ def test_feistel_depends_on_epoch_source_and_seed() -> None:
 # --------------------------------------------------------------------------- global sequence
 
 
-def _seq(seed: int = 7, B: int = 32, sizes=(50, 13, 200), weights=None, block_steps: int = 65536) -> GlobalSequence:
+def _seq(seed: int = 7, B: int = 32, sizes=(50, 13, 200), weights=None) -> GlobalSequence:
     w = weights or {"a": 0.5, "b": 0.2, "c": 0.3}
     sched = MixtureSchedule("constant", [(0, w)], ["a", "b", "c"])
-    return GlobalSequence(seed=seed, samples_per_step=B, schedule=sched, source_sizes=list(sizes), block_steps=block_steps)
+    return GlobalSequence(seed=seed, samples_per_step=B, schedule=sched, source_sizes=list(sizes))
 
 
 @pytest.mark.unit
@@ -107,11 +107,12 @@ def test_counts_sum_to_batch_and_long_run_frequency_matches_weights() -> None:
         n = seq.counts(s)
         assert n.sum() == 10 and n.min() >= 0
         total += n
-    np.testing.assert_allclose(total / (10 * steps), [0.61, 0.07, 0.32], atol=0.005)
-    # systematic sampling: each count is floor or ceil of its expectation
+    # cumulative rounding: the long-run error is bounded (depth 2 tree: < 3 draws), not a random walk
+    assert np.abs(total - 10 * steps * np.array([0.61, 0.07, 0.32])).max() < 3
+    # source a is split off at the root: each step's count is floor or ceil of its expectation
     n = np.array([seq.counts(s) for s in range(500)])
-    assert set(np.unique(n[:, 1]).tolist()) <= {0, 1}
     assert set(np.unique(n[:, 0]).tolist()) <= {6, 7}
+    assert set(np.unique(n[:, 1]).tolist()) <= {0, 1, 2}
 
 
 @pytest.mark.unit
@@ -123,17 +124,15 @@ def test_zero_weight_source_is_never_drawn_and_weighted_empty_source_is_refused(
 
 
 @pytest.mark.unit
-def test_cursor_equals_naive_prefix_across_block_boundaries() -> None:
-    seq = _seq(block_steps=16)
+def test_cursor_equals_naive_prefix_in_any_access_order() -> None:
+    seq = _seq()
     counts = np.array([seq.counts(s) for s in range(70)])
     prefix = np.vstack([np.zeros(3, dtype=np.int64), np.cumsum(counts, axis=0)])
-    fresh = _seq(block_steps=16)
+    fresh = _seq()
     for s in [69, 0, 15, 16, 17, 33, 48, 47, 5, 64, 70]:  # random access order, forwards and backwards
         assert np.array_equal(fresh.cursor(s), prefix[s]), s
     for s in range(71):  # sequential access
         assert np.array_equal(seq.cursor(s), prefix[s]), s
-    big = _seq(block_steps=65536)
-    assert np.array_equal(big.cursor(70), prefix[70])
 
 
 @pytest.mark.unit
@@ -170,18 +169,14 @@ def test_same_inputs_give_identical_output_in_a_fresh_object() -> None:
 
 
 @pytest.mark.unit
-def test_random_access_far_step_is_cheap() -> None:
-    import time
-
+def test_random_access_far_step_costs_bounded_work() -> None:
     seq = _seq(B=4096)
-    t0 = time.perf_counter()
+    before = seq.work
     cur = seq.cursor(10**6)
-    first = time.perf_counter() - t0
     assert cur.sum() == 4096 * 10**6
-    t0 = time.perf_counter()
     seq.step_units(10**6 - 3)
-    again = time.perf_counter() - t0
-    assert first < 2.0 and again < 0.1
+    seq.step_units(2**40)  # MAX_STEP itself
+    assert seq.work - before <= 4 * 8, "a cursor evaluates a handful of tree nodes, never a step at a time"
 
 
 @pytest.mark.unit

@@ -1,0 +1,204 @@
+"""Plans computed off the caller's thread: one worker thread per job, a few steps ahead.
+
+The daemon's control loop must never wait on a plan (a step of 10^7 samples takes tens of
+seconds). ``PlanWorker.get(step)`` answers at once: the cached plan, or None after asking the
+worker for it. The worker plans asked-for steps lowest first, then a few steps past the highest
+step asked for, and keeps the last ``cache_steps`` plans. A plan running past ``deadline_s`` is
+logged and counted (it cannot be interrupted: the planner is pure computation); an exception is
+kept per step and in ``status()``, never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from fabric_client.limits import MAX_STEP
+
+from fabricd.planner.plan import Planner, StepPlan
+
+__all__ = ["PlanWorker"]
+
+log = logging.getLogger(__name__)
+
+_FAILED_KEPT = 32  # most recent failed steps remembered (each is answered with its error)
+
+
+class PlanWorker:
+    """Computes ``planner.plan(step, dp_size)`` on a background thread.
+
+    Promises: ``get``, ``failure`` and ``status`` never block on a computation; at most
+    ``queue_steps`` steps wait to be planned (past that the farthest waiting step is dropped: its
+    caller asks again); at most ``cache_steps`` plans are kept (least recently used go first);
+    nothing the worker raises escapes it: the error is kept for its step and shown by
+    ``status()``. ``close()`` stops the thread after the plan in progress.
+    """
+
+    def __init__(self, planner: Planner, dp_size: int, *, name: str, cache_steps: int, ahead_steps: int,
+                 queue_steps: int, deadline_s: float, counters: MutableMapping[str, Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.planner = planner
+        self.dp_size = int(dp_size)
+        self.name = name
+        self.cache_steps = max(1, int(cache_steps))
+        self.ahead_steps = max(0, int(ahead_steps))
+        self.queue_steps = max(1, int(queue_steps))
+        self.deadline_s = float(deadline_s)
+        self.clock = clock
+        self.counters = counters if counters is not None else {}
+        for key, zero in (("plans_computed", 0), ("plan_ms_max", 0.0), ("plans_over_deadline", 0),
+                          ("plan_errors", 0)):
+            self.counters.setdefault(key, zero)
+        self._cond = threading.Condition()
+        self._cache: OrderedDict[int, StepPlan] = OrderedDict()
+        self._wanted: set[int] = set()
+        self._failed: OrderedDict[int, str] = OrderedDict()
+        self._highest = -1
+        self._running: tuple[int, float] | None = None  # (step, started) of the plan in progress
+        self._overdue_counted = False
+        self._stopped = False
+        self.error: str | None = None  # the last failure (a step's plan, or the thread itself)
+        self.last_overdue: dict[str, Any] | None = None
+        self._thread = threading.Thread(target=self._run, name=f"plan-{name}", daemon=True)
+        self._thread.start()
+
+    # -- the owner's side (never blocks on a computation) ---------------------------------------
+
+    def get(self, step: int) -> StepPlan | None:
+        """The plan of ``step`` if computed, else None (and the worker is asked to compute it)."""
+        step = int(step)
+        with self._cond:
+            self._check_overdue()
+            plan = self._cache.get(step)
+            if plan is not None:
+                self._cache.move_to_end(step)
+                return plan
+            if step in self._failed or self._stopped:
+                return None
+            self._highest = max(self._highest, step)
+            running = self._running is not None and self._running[0] == step
+            if not running and step not in self._wanted:
+                self._wanted.add(step)
+                if len(self._wanted) > self.queue_steps:
+                    self._wanted.discard(max(self._wanted))
+            self._cond.notify()
+            return None
+
+    def failure(self, step: int) -> str | None:
+        """Why planning ``step`` failed, or None. A failed step is not retried."""
+        with self._cond:
+            return self._failed.get(int(step))
+
+    def status(self) -> dict[str, Any]:
+        """What the worker is doing: the plan in progress and for how long, queue and cache
+        sizes, whether it is alive, and its last error and overdue plan."""
+        with self._cond:
+            self._check_overdue()
+            now = self.clock()
+            running = None if self._running is None else {
+                "step": self._running[0], "running_s": round(now - self._running[1], 3),
+                "overdue": now - self._running[1] > self.deadline_s}
+            return {"alive": self._thread.is_alive() and not self._stopped, "running": running,
+                    "queued": len(self._wanted), "cached": len(self._cache), "deadline_s": self.deadline_s,
+                    "error": self.error, "last_overdue": self.last_overdue}
+
+    def close(self) -> None:
+        """Stop the thread (after the plan in progress, if any) and drop the cache."""
+        with self._cond:
+            self._stopped = True
+            self._wanted.clear()
+            self._cache.clear()
+            self._cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; True when it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- the worker thread --------------------------------------------------------------------
+
+    def _check_overdue(self) -> None:
+        """Count and log the plan in progress once it runs past the deadline (lock held)."""
+        if self._running is None or self._overdue_counted:
+            return
+        step, started = self._running
+        elapsed = self.clock() - started
+        if elapsed > self.deadline_s:
+            self._overdue_counted = True
+            self.counters["plans_over_deadline"] += 1
+            self.last_overdue = {"step": step, "seconds": round(elapsed, 3), "finished": False}
+            log.warning("job %s: plan of step %d has run %.1f s, past its %.0f s deadline", self.name, step,
+                        elapsed, self.deadline_s)
+
+    def _next(self) -> int | None:
+        """The step to plan next (lock held): the lowest asked-for step, else the next look-ahead."""
+        if self._wanted:
+            step = min(self._wanted)
+            self._wanted.discard(step)
+            return step
+        if self._highest < 0:
+            return None
+        for step in range(self._highest + 1, self._highest + 1 + self.ahead_steps):
+            if step > MAX_STEP:
+                return None
+            if step not in self._cache and step not in self._failed:
+                return step
+        return None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    step = self._next()
+                    while step is None and not self._stopped:
+                        self._cond.wait()
+                        step = self._next()
+                    if self._stopped:
+                        return
+                    self._running = (step, self.clock())
+                    self._overdue_counted = False
+                self._plan_one(step)
+        except BaseException as e:  # noqa: BLE001 - the thread itself broke: the owner sees it in status
+            with self._cond:
+                self.error = f"plan worker died: {type(e).__name__}: {e}"
+                self._stopped = True
+            log.exception("job %s: plan worker died", self.name)
+
+    def _plan_one(self, step: int) -> None:
+        started = self.clock()
+        plan: StepPlan | None = None
+        err: str | None = None
+        try:
+            plan = self.planner.plan(step, self.dp_size)
+        except Exception as e:  # noqa: BLE001 - kept for the step and shown in status
+            err = f"plan of step {step} failed: {type(e).__name__}: {e}"
+            log.exception("job %s: %s", self.name, err)
+        seconds = self.clock() - started
+        with self._cond:
+            self._check_overdue()
+            self._running = None
+            if self._overdue_counted:
+                self.last_overdue = {"step": step, "seconds": round(seconds, 3), "finished": True}
+            elif seconds > self.deadline_s:  # ran past the deadline between two looks
+                self.counters["plans_over_deadline"] += 1
+                self.last_overdue = {"step": step, "seconds": round(seconds, 3), "finished": True}
+                log.warning("job %s: plan of step %d took %.1f s, past its %.0f s deadline", self.name, step,
+                            seconds, self.deadline_s)
+            if err is not None:
+                self.error = err
+                self.counters["plan_errors"] += 1
+                self._failed[step] = err
+                while len(self._failed) > _FAILED_KEPT:
+                    self._failed.popitem(last=False)
+                return
+            if self._stopped:
+                return
+            self.counters["plans_computed"] += 1
+            self.counters["plan_ms_max"] = max(self.counters["plan_ms_max"], round(seconds * 1e3, 2))
+            self._cache[step] = plan
+            while len(self._cache) > self.cache_steps:
+                self._cache.popitem(last=False)

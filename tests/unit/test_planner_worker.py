@@ -1,0 +1,226 @@
+"""Plans off the control loop: PlanWorker (look-ahead, bounds, deadline, errors, stop) and the
+job's plan path (NOT_READY at once, BAD_REQUEST past MAX_STEP, the same plan as the planner)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fabric_client import protocol
+from fabric_client.limits import MAX_STEP
+
+from fabricd.config import parse_job_spec
+from fabricd.corpus import job_toml, make_dataset
+from fabricd.job import JobRuntime, build_planner, open_sources
+from fabricd.planner.worker import PlanWorker
+
+pytestmark = pytest.mark.unit
+
+WAIT_S = 20.0  # an upper bound on waiting for a background thread, never asserted as a speed
+
+
+def _until(cond, what: str) -> None:
+    end = time.monotonic() + WAIT_S
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+class FakePlanner:
+    """Records which steps were planned on which thread; a step in ``hold`` waits for its event."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, str]] = []
+        self.hold: dict[int, threading.Event] = {}
+        self.fail: set[int] = set()
+
+    def plan(self, step: int, dp_size: int) -> tuple[int, int]:
+        self.calls.append((step, dp_size, threading.current_thread().name))
+        if step in self.hold:
+            assert self.hold[step].wait(WAIT_S)
+        if step in self.fail:
+            raise ValueError(f"cannot plan step {step}")
+        return (step, dp_size)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _worker(planner: FakePlanner, **kw) -> PlanWorker:
+    args = dict(name="j", cache_steps=8, ahead_steps=3, queue_steps=4, deadline_s=30.0)
+    args.update(kw)
+    return PlanWorker(planner, 4, **args)  # type: ignore[arg-type]
+
+
+def test_get_answers_at_once_then_plans_ahead_on_the_worker_thread() -> None:
+    p = FakePlanner()
+    w = _worker(p)
+    try:
+        assert w.get(10) is None  # not computed yet: the caller never waits
+        _until(lambda: w.get(10) is not None, "step 10")
+        assert w.get(10) == (10, 4)
+        _until(lambda: len(p.calls) == 4, "look-ahead")
+        assert sorted(c[0] for c in p.calls) == [10, 11, 12, 13]
+        assert all(c[2] == "plan-j" for c in p.calls)
+        assert w.counters["plans_computed"] == 4
+        assert w.status()["cached"] == 4 and w.status()["alive"]
+    finally:
+        w.close()
+    assert w.join(WAIT_S)
+
+
+def test_queue_and_cache_are_bounded() -> None:
+    p = FakePlanner()
+    p.hold[0] = threading.Event()
+    w = _worker(p, ahead_steps=0, queue_steps=3, cache_steps=2)
+    try:
+        w.get(0)
+        _until(lambda: w.status()["running"] is not None, "step 0 to start")
+        for s in (9, 5, 7, 8):  # queue holds 3: the farthest (9) is dropped
+            w.get(s)
+        assert w.status()["queued"] == 3
+        p.hold[0].set()
+        _until(lambda: len(p.calls) == 4, "queued steps")
+        assert [c[0] for c in p.calls] == [0, 5, 7, 8]  # lowest first
+        assert w.status()["cached"] == 2  # least recently used went first
+        assert w.get(8) == (8, 4) and w.get(7) == (7, 4)
+    finally:
+        w.close()
+
+
+def test_a_failing_plan_is_kept_for_its_step_and_shown_in_status() -> None:
+    p = FakePlanner()
+    p.fail.add(3)
+    w = _worker(p, ahead_steps=0)
+    try:
+        w.get(3)
+        _until(lambda: w.failure(3) is not None, "the failure")
+        assert "ValueError: cannot plan step 3" in w.failure(3)
+        assert w.get(3) is None and [c[0] for c in p.calls] == [3]  # not retried
+        assert w.status()["error"] == w.failure(3) and w.counters["plan_errors"] == 1
+        assert w.status()["alive"]
+        w.get(4)
+        _until(lambda: w.get(4) is not None, "a later step")  # the worker lives on
+    finally:
+        w.close()
+
+
+def test_plan_past_deadline_is_counted_once_and_shown_while_it_runs() -> None:
+    p = FakePlanner()
+    p.hold[1] = threading.Event()
+    clock = FakeClock()
+    counters: dict = {}
+    w = _worker(p, ahead_steps=0, deadline_s=30.0, clock=clock, counters=counters)
+    try:
+        w.get(1)
+        _until(lambda: w.status()["running"] is not None, "step 1 to start")
+        assert not w.status()["running"]["overdue"] and counters["plans_over_deadline"] == 0
+        clock.now += 31.0
+        st = w.status()
+        assert st["running"] == {"step": 1, "running_s": 31.0, "overdue": True}
+        assert counters["plans_over_deadline"] == 1 and st["last_overdue"]["finished"] is False
+        w.status()
+        w.get(2)
+        assert counters["plans_over_deadline"] == 1  # counted once per plan
+        p.hold[1].set()
+        _until(lambda: w.get(1) is not None, "step 1")
+        assert w.status()["last_overdue"] == {"step": 1, "seconds": 31.0, "finished": True}
+        _until(lambda: w.get(2) is not None, "step 2")
+        assert counters["plans_over_deadline"] == 1
+    finally:
+        w.close()
+
+
+def test_close_stops_the_thread_after_the_plan_in_progress() -> None:
+    p = FakePlanner()
+    p.hold[0] = threading.Event()
+    w = _worker(p)
+    w.get(0)
+    _until(lambda: w.status()["running"] is not None, "step 0 to start")
+    w.close()
+    assert not w.join(0.05)  # still inside the plan
+    p.hold[0].set()
+    assert w.join(WAIT_S)
+    assert w.get(0) is None and [c[0] for c in p.calls] == [0]
+
+
+# --------------------------------------------------------------------------- the job's plan path
+
+
+class NoRoles:
+    def endpoint(self, role_id: str) -> str | None:
+        return None
+
+    def role_ids(self, job: str) -> list[str]:
+        return []
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    make_dataset(out, 30, seed=3, progress=False)
+    return out
+
+
+def test_job_plans_off_the_caller_thread_and_refuses_bad_steps(corpus: Path, tmp_path: Path) -> None:
+    spec = parse_job_spec(job_toml(corpus, name="pj", seed=4, dp_size=4, samples_per_step=16, prefetch=2),
+                          tmp_path / "pj.toml")
+    job = JobRuntime(spec, index_dir=tmp_path, directory=NoRoles())
+    try:
+        _until(lambda: job.state != "indexing", "indexing")
+        assert job.state == "ready", job.error
+        planned_on: list[str] = []
+        real = job.planner.plan
+
+        def spy(step: int, dp: int):
+            planned_on.append(threading.current_thread().name)
+            return real(step, dp)
+
+        job.planner.plan = spy  # type: ignore[method-assign]
+        req = protocol.PlanRequest(job="pj", step=5, ranks=[1, 3])
+        reply, frames = job.plan(req)
+        assert isinstance(reply, protocol.ErrorReply) and reply.code == protocol.ErrorCode.NOT_READY
+        assert reply.reason == "step 5 is being planned" and frames == ()
+        _until(lambda: isinstance(job.plan(req)[0], protocol.PlanReply), "the plan of step 5")
+        reply, frames = job.plan(req)
+        want = build_planner(spec, open_sources(spec)).plan(5, 4).for_ranks([1, 3])
+        assert reply.rows == len(want) and reply.num_micro == [int(want.num_micro[1]), int(want.num_micro[3])]
+        cols = {n: f for n, f in zip(reply.columns, frames)}
+        assert np.array_equal(cols["sample_id"], want.sample_id) and np.array_equal(cols["rank"], want.rank)
+        assert planned_on and all(name == "plan-pj" for name in planned_on)
+        for step, ranks, quoted in ((MAX_STEP + 1, [0], "MAX_STEP"), (2**62, [0], "MAX_STEP"), (-1, [0], "-1"),
+                                    (0, [4], "rank 4")):
+            r, _ = job.plan(protocol.PlanRequest(job="pj", step=step, ranks=ranks))
+            assert r.code == protocol.ErrorCode.BAD_REQUEST and quoted in r.reason, r
+        _until(lambda: job.status()["planning"]["cached"] >= 1 + 4, "look-ahead")  # step 5 and 6..9
+        st = job.status()
+        assert st["counters"]["plans_not_ready"] >= 1 and st["planning"]["error"] is None
+    finally:
+        job.close()
+    assert job.plan_worker.join(WAIT_S)
+    r, _ = job.plan(protocol.PlanRequest(job="pj", step=5, ranks=[0]))
+    assert r.code == protocol.ErrorCode.NOT_READY
+
+
+def test_constructor_asks_again_soon_for_a_step_being_planned() -> None:
+    from fabricd.roles.constructor import PLAN_RETRY_S, PLAN_TIMEOUT_S, Constructor
+
+    c = object.__new__(Constructor)  # only the plan bookkeeping is exercised
+    sent = time.monotonic()
+    c.plan_requested = {7: sent, 8: sent}
+    c._on_refused(protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason="step 7 is being planned"))
+    # due again PLAN_RETRY_S after the refusal instead of PLAN_TIMEOUT_S after the request
+    assert c.plan_requested[7] + PLAN_TIMEOUT_S <= time.monotonic() + PLAN_RETRY_S
+    assert c.plan_requested[7] + PLAN_TIMEOUT_S > sent
+    assert c.plan_requested[8] == sent
+    c._on_refused(protocol.ErrorReply(code=protocol.ErrorCode.BAD_REQUEST, reason="step 8 is being planned"))
+    c._on_refused(protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason="step 9 is being planned"))
+    assert c.plan_requested[8] == sent and 9 not in c.plan_requested
