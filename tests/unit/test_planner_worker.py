@@ -162,6 +162,9 @@ class NoRoles:
     def role_ids(self, job: str) -> list[str]:
         return []
 
+    def committed_skips(self, job: str) -> tuple[object | None, set]:
+        return 0, set()
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
