@@ -164,6 +164,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"leader {status['leader'] or '-'} term {status['term']}"
                f"{' (this node)' if status['is_leader'] else ''}; log at {log_pos['last']}, committed "
                f"{log_pos['commit_seq']}; malformed dropped {status['counters']['malformed_dropped']}")
+    if cluster.get("degraded"):
+        click.echo(f"DEGRADED: {cluster['degraded']} (this daemon follows but cannot vote or lead)")
     replicas = cluster.get("replicas", {})
     for node, m in cluster["members"].items():
         t = m.get("telemetry") or {}
