@@ -7,9 +7,10 @@ cluster or the filesystem, cheaply enough to run in the daemon's request loop:
   (:func:`fabricd.spec_bounds.roles_needed`);
 * every source path exists, holds data files of its format, and the first few of them *are* of
   that format (Parquet: ``PAR1`` at both ends; JSONL: the first non-blank line is a JSON
-  object). A directory is only walked up to ``SUBMIT_SCAN_ENTRIES`` entries and only
-  ``SUBMIT_CHECKED_FILES`` files are opened; the rest is checked when the source is indexed,
-  and a file that fails then is reported with its reason in the job's status and error.
+  object). The work is bounded per job: ``SUBMIT_SCAN_ENTRIES`` directory entries walked and
+  ``SUBMIT_CHECKED_FILES`` files opened in all, shared by the sources (each gets at least
+  ``_MIN_ENTRIES_PER_SOURCE`` entries and one file). The rest is checked when the source is
+  indexed, and a file that fails then is reported with its reason in the job's status and error.
 
 Each failure is a :class:`~fabricd.errors.ConfigError` naming the spec file, the key and the
 value (the source path), which the daemon answers as ``INVALID_SPEC``.
@@ -32,10 +33,12 @@ from .spec_bounds import MAX_ROLES_PER_DAEMON, roles_needed
 __all__ = ["SUBMIT_SCAN_ENTRIES", "SUBMIT_CHECKED_FILES", "check_submission", "check_roles", "check_sources",
            "check_data_file", "is_retry"]
 
-#: Directory entries walked per source at submit, at most (the daemon loop must stay responsive).
-SUBMIT_SCAN_ENTRIES = 10_000
-#: Data files per source whose format is checked at submit, at most.
-SUBMIT_CHECKED_FILES = 16
+#: Directory entries walked at submit per job, at most (the daemon loop must stay responsive).
+SUBMIT_SCAN_ENTRIES = 20_000
+#: Data files whose format is checked at submit per job, at most (and at most 16 per source).
+SUBMIT_CHECKED_FILES = 64
+_MAX_FILES_PER_SOURCE = 16
+_MIN_ENTRIES_PER_SOURCE = 200
 _PARQUET_MAGIC = b"PAR1"
 _JSONL_PROBE_BYTES = 1 << 20
 
@@ -64,14 +67,17 @@ def check_roles(spec: JobSpec, cfg: NodeConfig) -> None:
 
 def check_sources(spec: JobSpec) -> None:
     """Refuse a source whose path is missing, has no data files, or whose files are not its format."""
+    n = len(spec.sources)
+    entries = max(_MIN_ENTRIES_PER_SOURCE, SUBMIT_SCAN_ENTRIES // n)
+    files = max(1, min(_MAX_FILES_PER_SOURCE, SUBMIT_CHECKED_FILES // n))
     for i, s in enumerate(spec.sources):
         key = f"sources[{i}].path"
-        problem = _source_problem(s.path, s.format)
+        problem = _source_problem(s.path, s.format, entries=entries, files=files)
         if problem:
             raise ConfigError(spec.file, key, str(s.path), f"source {s.name!r}: {problem}")
 
 
-def _source_problem(root: Path, format: str | None) -> str | None:
+def _source_problem(root: Path, format: str | None, *, entries: int, files: int) -> str | None:
     if not root.exists():
         return "no such file or directory"
     exts = {e: f for f, es in FORMATS.items() for e in es}
@@ -80,35 +86,37 @@ def _source_problem(root: Path, format: str | None) -> str | None:
         if fmt is None:
             return f"cannot tell the format of {root.name} (expected one of {sorted(exts)}, or set format)"
         return check_data_file(root, fmt)
-    files, complete = _some_data_files(root, exts if format is None else {e: format for e in FORMATS[format]})
-    if not files:
+    found_files, complete = _some_data_files(root, exts if format is None else {e: format for e in FORMATS[format]},
+                                             max_entries=entries, max_files=files)
+    if not found_files:
         return (f"no {format or ' or '.join(sorted(FORMATS))} data files in this directory"
                 if complete else None)  # a huge directory: indexing decides
-    found = {fmt for _, fmt in files}
+    found = {fmt for _, fmt in found_files}
     if format is None and len(found) > 1:
         return f"mixed formats {sorted(found)}; split them into separate sources"
-    for path, fmt in files:
+    for path, fmt in found_files:
         problem = check_data_file(path, fmt)
         if problem:
             return problem
     return None
 
 
-def _some_data_files(root: Path, exts: dict[str, str]) -> tuple[list[tuple[Path, str]], bool]:
-    """Up to SUBMIT_CHECKED_FILES (path, format) below ``root`` (hidden and ``_`` paths skipped, as
-    indexing does), and whether the walk saw the whole directory."""
+def _some_data_files(root: Path, exts: dict[str, str], *, max_entries: int,
+                     max_files: int) -> tuple[list[tuple[Path, str]], bool]:
+    """Up to ``max_files`` (path, format) below ``root`` (hidden and ``_`` paths skipped, as
+    indexing does), walking at most ``max_entries`` entries, and whether the walk saw it all."""
     out: list[tuple[Path, str]] = []
     seen = 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
         for fn in sorted(filenames):
             seen += 1
-            if seen > SUBMIT_SCAN_ENTRIES:
+            if seen > max_entries:
                 return out, False
             fmt = exts.get(Path(fn).suffix.lower())
             if fmt is not None and not fn.startswith((".", "_")) and not fn.endswith(".fabricd-index.parquet"):
                 out.append((Path(dirpath, fn), fmt))
-                if len(out) >= SUBMIT_CHECKED_FILES:
+                if len(out) >= max_files:
                     return out, False
         seen += len(dirnames)
     return out, True

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fabricd.admission import SUBMIT_CHECKED_FILES, check_data_file, check_roles, check_sources, is_retry
+from fabricd.admission import check_data_file, check_roles, check_sources, is_retry
 from fabricd.config import load_node_config, parse_job_spec
 from fabricd.errors import ConfigError, SourceError
 from fabricd.sources.index import open_index, require_samples, skip_reasons
@@ -111,7 +111,7 @@ def test_check_sources_accepts_good_sources_and_skips_hidden_files(tmp_path):
 
 def test_check_sources_opens_a_bounded_number_of_files(tmp_path):
     d = tmp_path / "many"
-    for i in range(SUBMIT_CHECKED_FILES):
+    for i in range(16):  # a source's share of SUBMIT_CHECKED_FILES
         write_parquet(d / f"{i:04d}.parquet", ["x"])
     (d / "9999.parquet").write_text("not parquet, but past what admission opens")
     check_sources(spec(tmp_path, d))  # indexing will skip it, with its reason
