@@ -16,7 +16,8 @@ import click
 from fabric_client import protocol
 from fabric_client.errors import FabricError
 
-from .config import check_node_environment, load_job_spec, load_node_config
+from .config import load_job_spec, load_node_config
+from .node_checks import check_node_environment
 from .ctl import request_any
 from .errors import FabricdError
 from .failpoints import arm_on_signal

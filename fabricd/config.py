@@ -7,12 +7,9 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import logging
 import math
-import os
-import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -23,6 +20,7 @@ from fabric_client.limits import MAX_NAME_CHARS
 
 from . import spec_bounds as B
 from .errors import ConfigError
+from .node_checks import endpoint_problem, valid_host
 
 __all__ = [
     "NodeConfig",
@@ -38,7 +36,6 @@ __all__ = [
     "SourceSpec",
     "MixtureSpec",
     "load_node_config",
-    "check_node_environment",
     "load_job_spec",
     "parse_job_spec",
 ]
@@ -230,7 +227,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     cluster_t = root.table("cluster")
     control = _endpoint(node, "control", node.str("control", "tcp://127.0.0.1:7700"), bind=True)
     advertise_host = node.str("advertise_host", "127.0.0.1")
-    if not _valid_host(advertise_host) or advertise_host in ("*", "0.0.0.0", "::"):
+    if not valid_host(advertise_host) or advertise_host in ("*", "0.0.0.0", "::"):
         raise node.error("advertise_host", advertise_host,
                          "expected a host name or an IP address of this node (not a wildcard)")
     state_dir = Path(node.str("state_dir", "/var/lib/fabricd"))
@@ -261,81 +258,11 @@ def load_node_config(path: str | Path) -> NodeConfig:
     return cfg
 
 
-_HOST_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
-
-
-def _valid_host(host: str) -> bool:
-    """A DNS name (RFC 1123 labels), an IPv4 or a bracket-less IPv6 address, or ``*``."""
-    if host == "*":
-        return True
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    if not host or len(host) > 253 or not set(host) <= _HOST_CHARS:
-        return False
-    return all(0 < len(label) <= 63 and not label.startswith("-") and not label.endswith("-")
-               for label in host.rstrip(".").split("."))
-
-
 def _endpoint(t: _Table, key: str, value: str, *, bind: bool) -> str:
-    """``tcp://HOST:PORT`` (``[v6]`` brackets allowed; port 0 = any, only where bound) or ``ipc://PATH``."""
-    if value.startswith("ipc://"):
-        if len(value) == len("ipc://"):
-            raise t.error(key, value, "ipc:// needs a path")
-        return value
-    if not value.startswith("tcp://"):
-        raise t.error(key, value, "expected a tcp://HOST:PORT or ipc://PATH endpoint")
-    hostport = value[len("tcp://"):]
-    host, sep, port = hostport.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host:
-        raise t.error(key, value, "expected tcp://HOST:PORT (the host is missing)")
-    if not port.isdigit() or not (0 if bind else 1) <= int(port) <= 65535:
-        raise t.error(key, value, f"port {port!r} must be an integer in {0 if bind else 1}..65535")
-    if not _valid_host(host) or (not bind and host == "*"):
-        raise t.error(key, value, f"host {host!r} is not a host name or IP address")
+    problem = endpoint_problem(value, bind=bind)
+    if problem:
+        raise t.error(key, value, problem)
     return value
-
-
-def check_node_environment(cfg: NodeConfig) -> None:
-    """Check what a valid config can still get wrong on this machine, before the daemon starts:
-    ``node.state_dir`` is a writable directory, and ``node.advertise_host`` and the host of
-    ``node.control`` resolve to an address of this machine that roles can bind. Raises
-    :class:`ConfigError` naming the key and the value."""
-    state_dir = cfg.state_dir
-    if state_dir.exists() and not state_dir.is_dir():
-        raise ConfigError(cfg.file, "node.state_dir", str(state_dir), "exists and is not a directory")
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        probe = state_dir / f".write-probe-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(cfg.file, "node.state_dir", str(state_dir),
-                          f"not a writable directory: {e.strerror or e}") from e
-    hosts = [("node.advertise_host", cfg.advertise_host, cfg.advertise_host)]
-    if cfg.control.startswith("tcp://"):
-        host = cfg.control[len("tcp://"):].rpartition(":")[0].strip("[]")
-        if host != "*":
-            hosts.append(("node.control", cfg.control, host))
-    for key, value, host in hosts:
-        try:
-            infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as e:
-            raise ConfigError(cfg.file, key, value, f"host {host!r} does not resolve: {e}") from e
-        family, _, _, _, addr = infos[0]
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.bind((addr[0], 0))
-        except OSError as e:
-            raise ConfigError(cfg.file, key, value,
-                              f"{host!r} ({addr[0]}) is not an address of this machine: {e.strerror or e}") from e
 
 
 def _cluster_config(t: _Table, node_id: str, control: str) -> ClusterConfig:

@@ -35,12 +35,12 @@ from fabric_client import protocol
 from fabric_client.errors import ProtocolError
 
 from . import __version__
+from .admission import check_submission, is_retry
 from .cluster.controller import ClusterController, NotLeader
 from .cluster.log import LogError
 from .cluster.placement import local_changes
 from .cluster.state import StateError
 from .cluster.wire import from_peer, to_peer
-from .admission import check_submission, is_retry
 from .config import NodeConfig, parse_job_spec
 from .errors import ConfigError
 from .job import JobRuntime

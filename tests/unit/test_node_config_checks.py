@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fabricd.config import check_node_environment, load_node_config
+from fabricd.config import load_node_config
+from fabricd.node_checks import check_node_environment
 from fabricd.errors import ConfigError
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
