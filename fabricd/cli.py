@@ -17,6 +17,7 @@ from fabric_client import protocol
 from fabric_client.errors import FabricError
 
 from .config import load_job_spec, load_node_config
+from .node_checks import check_node_environment
 from .ctl import request_any
 from .errors import FabricdError
 from .failpoints import arm_on_signal
@@ -35,17 +36,31 @@ def fabricd_main() -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="Node config (TOML), e.g. /etc/fabricd/fabricd.toml.")
 def run_cmd(config_path: str) -> None:
-    """Run the daemon in the foreground, logging to stdout, until SIGTERM or SIGINT."""
+    """Run the daemon in the foreground, logging to stdout, until SIGTERM or SIGINT.
+
+    A config or a machine it cannot start with (port in use, state dir unusable, term file
+    unreadable) is one line on stderr naming the file, key and value, and exit status 1.
+    """
+    import zmq
+
     from .daemon import Daemon
 
     try:
         cfg = load_node_config(config_path)
+        check_node_environment(cfg)
     except FabricdError as e:
         raise click.ClickException(str(e)) from e
     logging.basicConfig(level=cfg.log_level, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s [fabricd pid=%(process)d] %(name)s: %(message)s")
     os.environ.setdefault("FABRICD_LOG_LEVEL", cfg.log_level)
-    daemon = Daemon(cfg)
+    try:
+        daemon = Daemon(cfg)
+    except zmq.ZMQError as e:  # the control bind, or a peer endpoint ZeroMQ refuses
+        raise click.ClickException(f"{cfg.file}: node.control = {cfg.control!r}: cannot bind: {e.strerror}") from e
+    except FabricdError as e:  # the term store or the checkpoint log cannot be read
+        raise click.ClickException(f"cannot start: {e}") from e
+    except OSError as e:  # the state dir filled up or changed under us since the check
+        raise click.ClickException(f"{cfg.file}: node.state_dir = {str(cfg.state_dir)!r}: cannot start: {e}") from e
     arm_on_signal()
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
@@ -103,6 +118,8 @@ def submit_cmd(ctx: click.Context, job_file: str, wait: bool, wait_timeout: floa
                                              spec_path=spec.file))
     click.echo(f"job {reply.job}: {reply.state}")
     if not wait:
+        click.echo(f"accepted; its sources are indexed now. Follow it with `fabricctl status` "
+                   f"or wait for it with `fabricctl submit --wait {job_file}`.", err=True)
         return
     deadline = time.monotonic() + wait_timeout
     last = None
@@ -148,6 +165,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"leader {status['leader'] or '-'} term {status['term']}"
                f"{' (this node)' if status['is_leader'] else ''}; log at {log_pos['last']}, committed "
                f"{log_pos['commit_seq']}; malformed dropped {status['counters']['malformed_dropped']}")
+    if cluster.get("degraded"):
+        click.echo(f"DEGRADED: {cluster['degraded']} (this daemon follows but cannot vote or lead)")
     replicas = cluster.get("replicas", {})
     for node, m in cluster["members"].items():
         t = m.get("telemetry") or {}
@@ -167,6 +186,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         for src, info in job["sources"].items():
             click.echo(f"  source {src}: {info['samples']} samples, {info['files_skipped']} files and "
                        f"{info['rows_skipped']} rows skipped at indexing")
+            for reason in info.get("files_skipped_reasons", ()):
+                click.echo(f"    skipped {reason}")
         for role in job["roles"]:
             stats = role.get("stats", {})
             extra = ", ".join(f"{k}={stats[k]}" for k in ("units", "built_batches", "sent") if k in stats)

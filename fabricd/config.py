@@ -16,7 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fabric_client.limits import MAX_NAME_CHARS
+
+from . import spec_bounds as B
 from .errors import ConfigError
+from .node_checks import endpoint_problem, valid_host
 
 __all__ = [
     "NodeConfig",
@@ -81,18 +85,19 @@ class _Table:
         return value
 
     def int(self, name: str, default: int | None = None, *, required: bool = False,
-            min: int | None = None, max: int | None = None) -> int:
+            min: int | None = None, max: int | None = None, bound: str | None = None) -> int:
+        """An integer in ``[min, max]``; ``bound`` names the constant ``max`` comes from."""
         value = self._get(name, default, required)
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.error(name, value, "expected an integer")
         if min is not None and value < min:
             raise self.error(name, value, f"must be >= {min}")
         if max is not None and value > max:
-            raise self.error(name, value, f"must be <= {max}")
+            raise self.error(name, value, f"must be <= {bound} ({max})" if bound else f"must be <= {max}")
         return value
 
     def float(self, name: str, default: float | None = None, *, required: bool = False,
-              min: float | None = None, positive: bool = False) -> float:
+              min: float | None = None, positive: bool = False, max: float | None = None) -> float:
         value = self._get(name, default, required)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise self.error(name, value, "expected a finite number")
@@ -100,6 +105,8 @@ class _Table:
             raise self.error(name, value, f"must be >= {min}")
         if positive and value <= 0:
             raise self.error(name, value, "must be > 0")
+        if max is not None and value > max:
+            raise self.error(name, value, f"must be <= {max}")
         return float(value)
 
     def bool(self, name: str, default: bool) -> bool:
@@ -112,12 +119,16 @@ class _Table:
         value = self._get(name, {}, required)
         return _Table(self.file, self.key(name), value)
 
-    def tables(self, name: str, *, required: bool = False) -> list[_Table]:
+    def tables(self, name: str, *, required: bool = False, max: int | None = None,
+               bound: str | None = None) -> list[_Table]:
+        """An array of tables of at most ``max`` entries (``bound`` names that constant)."""
         value = self._get(name, [], required)
         if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
             raise self.error(name, value, "expected an array of tables ([[" + self.key(name) + "]])")
         if required and not value:
             raise self.error(name, value, "at least one entry is required")
+        if max is not None and len(value) > max:
+            raise self.error(name, f"{len(value)} entries", f"at most {bound} ({max}) entries are allowed")
         return [_Table(self.file, f"{self.key(name)}[{i}]", v) for i, v in enumerate(value)]
 
     def done(self) -> None:
@@ -126,10 +137,14 @@ class _Table:
             raise self.error(unknown[0], self.data[unknown[0]], "unknown key")
 
 
-def _str_list(t: _Table, name: str) -> tuple[str, ...]:
+def _str_list(t: _Table, name: str, *, max: int, bound: str) -> tuple[str, ...]:
     value = t._get(name, [], False)
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, list):
         raise t.error(name, value, "expected a list of non-empty strings")
+    if len(value) > max:
+        raise t.error(name, f"{len(value)} entries", f"at most {bound} ({max}) entries are allowed")
+    if not all(isinstance(v, str) and 0 < len(v) <= MAX_NAME_CHARS for v in value):
+        raise t.error(name, value, f"expected a list of non-empty strings of at most {MAX_NAME_CHARS} characters")
     return tuple(value)
 
 
@@ -210,14 +225,16 @@ def load_node_config(path: str | Path) -> NodeConfig:
     roles = root.table("roles")
     limits = root.table("limits")
     cluster_t = root.table("cluster")
-    control = node.str("control", "tcp://127.0.0.1:7700")
-    if not control.startswith(("tcp://", "ipc://")):
-        raise node.error("control", control, "expected a tcp:// or ipc:// endpoint")
+    control = _endpoint(node, "control", node.str("control", "tcp://127.0.0.1:7700"), bind=True)
+    advertise_host = node.str("advertise_host", "127.0.0.1")
+    if not valid_host(advertise_host) or advertise_host in ("*", "0.0.0.0", "::"):
+        raise node.error("advertise_host", advertise_host,
+                         "expected a host name or an IP address of this node (not a wildcard)")
     state_dir = Path(node.str("state_dir", "/var/lib/fabricd"))
     if not state_dir.is_absolute():
         state_dir = (path.parent / state_dir).resolve()
-    backoff = roles.float("restart_backoff_s", 0.2, positive=True)
-    backoff_max = roles.float("restart_backoff_max_s", 10.0, positive=True)
+    backoff = roles.float("restart_backoff_s", 0.2, min=B.MIN_PERIOD_S, max=B.MAX_PERIOD_S)
+    backoff_max = roles.float("restart_backoff_max_s", 10.0, min=B.MIN_PERIOD_S, max=B.MAX_PERIOD_S)
     if backoff_max < backoff:
         raise roles.error("restart_backoff_max_s", backoff_max, f"must be >= restart_backoff_s ({backoff})")
     node_id = node.str("id", required=True)
@@ -226,13 +243,13 @@ def load_node_config(path: str | Path) -> NodeConfig:
         file=file,
         node_id=node_id,
         control=control,
-        advertise_host=node.str("advertise_host", "127.0.0.1"),
+        advertise_host=advertise_host,
         state_dir=state_dir,
         log_level=node.str("log_level", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
         loader_workers=roles.int("loader_workers", 1, min=1, max=256),
         restart_backoff_s=backoff,
         restart_backoff_max_s=backoff_max,
-        heartbeat_s=roles.float("heartbeat_s", 1.0, positive=True),
+        heartbeat_s=roles.float("heartbeat_s", 1.0, min=B.MIN_PERIOD_S, max=B.MAX_PERIOD_S),
         max_message_bytes=limits.int("max_message_bytes", 256 << 20, min=1 << 16),
         cluster=cluster,
     )
@@ -241,12 +258,18 @@ def load_node_config(path: str | Path) -> NodeConfig:
     return cfg
 
 
+def _endpoint(t: _Table, key: str, value: str, *, bind: bool) -> str:
+    problem = endpoint_problem(value, bind=bind)
+    if problem:
+        raise t.error(key, value, problem)
+    return value
+
+
 def _cluster_config(t: _Table, node_id: str, control: str) -> ClusterConfig:
     peers = []
     for p in t.tables("peers"):
-        peer = PeerSpec(node_id=p.str("id", required=True), control=p.str("control", required=True))
-        if not peer.control.startswith(("tcp://", "ipc://")):
-            raise p.error("control", peer.control, "expected a tcp:// or ipc:// endpoint")
+        peer = PeerSpec(node_id=p.str("id", required=True),
+                        control=_endpoint(p, "control", p.str("control", required=True), bind=False))
         if any(o.node_id == peer.node_id for o in peers):
             raise p.error("id", peer.node_id, "duplicate peer id")
         p.done()
@@ -259,9 +282,9 @@ def _cluster_config(t: _Table, node_id: str, control: str) -> ClusterConfig:
     voters = t._get("voters", list(ids), False)
     if not isinstance(voters, list) or not voters or any(v not in ids for v in voters) or len(set(voters)) != len(voters):
         raise t.error("voters", voters, f"expected a non-empty list of distinct peer ids ({', '.join(ids)})")
-    lease = t.float("lease_duration_s", 2.0, positive=True)
-    renew = t.float("renew_deadline_s", 1.3, positive=True)
-    retry = t.float("retry_period_s", 0.3, positive=True)
+    lease = t.float("lease_duration_s", 2.0, min=B.MIN_PERIOD_S, max=B.MAX_PERIOD_S)
+    renew = t.float("renew_deadline_s", 1.3, min=B.MIN_PERIOD_S, max=B.MAX_PERIOD_S)
+    retry = t.float("retry_period_s", 0.3, min=B.MIN_PERIOD_S, max=B.MAX_PERIOD_S)
     if not retry < renew < lease:
         raise t.error("renew_deadline_s", renew,
                       f"need retry_period_s ({retry}) < renew_deadline_s ({renew}) < lease_duration_s ({lease})")
@@ -398,6 +421,12 @@ class JobSpec:
 def load_job_spec(path: str | Path) -> JobSpec:
     """Load and validate a job spec file; relative source paths are relative to the file."""
     path = Path(path).absolute()
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # _read_toml names the problem
+    if size > B.MAX_SPEC_BYTES:
+        raise ConfigError(str(path), "<file>", f"{size} bytes", f"a job spec is at most MAX_SPEC_BYTES ({B.MAX_SPEC_BYTES}) bytes")
     text, data = _read_toml(path)
     return _build_job(text, data, path)
 
@@ -405,7 +434,17 @@ def load_job_spec(path: str | Path) -> JobSpec:
 def parse_job_spec(text: str, origin: str | Path) -> JobSpec:
     """Validate a job spec given as text; ``origin`` is the file it came from (anchors paths)."""
     origin = Path(origin).absolute()
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > B.MAX_SPEC_BYTES:
+        raise ConfigError(str(origin), "<file>", f"{size} bytes", f"a job spec is at most MAX_SPEC_BYTES ({B.MAX_SPEC_BYTES}) bytes")
     return _build_job(text, _parse_toml(text, str(origin)), origin)
+
+
+def _name(t: _Table, key: str) -> str:
+    value = t.str(key, required=True)
+    if len(value) > MAX_NAME_CHARS:
+        raise t.error(key, value, f"at most MAX_NAME_CHARS ({MAX_NAME_CHARS}) characters")
+    return value
 
 
 def _build_job(text: str, data: dict, path: Path) -> JobSpec:
@@ -419,17 +458,20 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
 
     topo_t = root.table("topology", required=True)
     topology = Topology(
-        dp_size=topo_t.int("dp_size", required=True, min=1, max=1 << 20),
-        mp_size=topo_t.int("mp_size", 1, min=1, max=4096),
-        ranks_per_constructor=topo_t.int("ranks_per_constructor", 8, min=1),
-        constructor_nodes=_str_list(topo_t, "constructor_nodes"),
+        dp_size=topo_t.int("dp_size", required=True, min=1, max=B.MAX_DP_SIZE, bound="MAX_DP_SIZE"),
+        mp_size=topo_t.int("mp_size", 1, min=1, max=B.MAX_MP_SIZE, bound="MAX_MP_SIZE"),
+        ranks_per_constructor=topo_t.int("ranks_per_constructor", 8, min=1, max=B.MAX_DP_SIZE, bound="MAX_DP_SIZE"),
+        constructor_nodes=_str_list(topo_t, "constructor_nodes", max=B.MAX_CONSTRUCTOR_NODES,
+                                    bound="MAX_CONSTRUCTOR_NODES"),
     )
 
     batch_t = root.table("batch", required=True)
     batch = BatchShape(
-        samples_per_step=batch_t.int("samples_per_step", required=True, min=1),
-        micro_batch_tokens=batch_t.int("micro_batch_tokens", required=True, min=16),
-        prefetch=batch_t.int("prefetch", 4, min=1, max=1024),
+        samples_per_step=batch_t.int("samples_per_step", required=True, min=1, max=B.MAX_SAMPLES_PER_STEP,
+                                     bound="MAX_SAMPLES_PER_STEP"),
+        micro_batch_tokens=batch_t.int("micro_batch_tokens", required=True, min=16, max=B.MAX_MICRO_BATCH_TOKENS,
+                                       bound="MAX_MICRO_BATCH_TOKENS"),
+        prefetch=batch_t.int("prefetch", 4, min=1, max=B.MAX_PREFETCH, bound="MAX_PREFETCH"),
         compression=batch_t.str("compression", "lz4", choices=COMPRESSIONS),
     )
     if batch.samples_per_step < topology.dp_size:
@@ -453,10 +495,10 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     balance = bal_t.str("method", "lpt", choices=BALANCE_METHODS)
 
     buckets = []
-    for t in root.tables("buckets", required=True):
+    for t in root.tables("buckets", required=True, max=B.MAX_BUCKETS, bound="MAX_BUCKETS"):
         b = BucketSpec(
-            name=t.str("name", required=True),
-            max_seq_len=t.int("max_seq_len", required=True, min=2),
+            name=_name(t, "name"),
+            max_seq_len=t.int("max_seq_len", required=True, min=2, max=B.MAX_SEQ_LEN, bound="MAX_SEQ_LEN"),
             long_samples=t.str("long_samples", "truncate", choices=LONG_SAMPLE_POLICIES),
         )
         if b.max_seq_len > batch.micro_batch_tokens:
@@ -469,8 +511,8 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     bucket_names = tuple(b.name for b in buckets)
 
     sources = []
-    for t in root.tables("sources", required=True):
-        sname = t.str("name", required=True)
+    for t in root.tables("sources", required=True, max=B.MAX_SOURCES, bound="MAX_SOURCES"):
+        sname = _name(t, "name")
         if any(o.name == sname for o in sources):
             raise t.error("name", sname, "duplicate source name")
         raw_path = t.str("path", required=True)
@@ -478,7 +520,7 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
         if not spath.is_absolute():
             spath = (path.parent / spath).resolve()
         fmt = t.str("format", "auto", choices=(*SOURCE_FORMATS, "auto"))
-        workers = t.int("workers", 0, min=0, max=256)
+        workers = t.int("workers", 0, min=0, max=B.MAX_WORKERS_PER_SOURCE, bound="MAX_WORKERS_PER_SOURCE")
         sources.append(SourceSpec(
             name=sname,
             path=spath,
@@ -492,8 +534,8 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     mix_t = root.table("mixture", required=True)
     kind = mix_t.str("kind", "constant", choices=SCHEDULE_KINDS)
     points = []
-    for t in mix_t.tables("points", required=True):
-        step = t.int("step", required=True, min=0)
+    for t in mix_t.tables("points", required=True, max=B.MAX_MIXTURE_POINTS, bound="MAX_MIXTURE_POINTS"):
+        step = t.int("step", required=True, min=0, max=B.MAX_STEP, bound="MAX_STEP")
         weights_t = t.table("weights", required=True)
         weights = []
         for sname in weights_t.data:
@@ -517,7 +559,7 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     auto_t = root.table("autoscale")
     autoscale = AutoscaleSpec(
         enabled=auto_t.bool("enabled", True),
-        max_workers=auto_t.int("max_workers", 0, min=0, max=256),
+        max_workers=auto_t.int("max_workers", 0, min=0, max=B.MAX_WORKERS_PER_SOURCE, bound="MAX_WORKERS_PER_SOURCE"),
         target_utilization=auto_t.float("target_utilization", 0.7, positive=True),
         lookahead_steps=auto_t.int("lookahead_steps", 200, min=0, max=1 << 30),
         cpu_guard_percent=auto_t.float("cpu_guard_percent", 90.0, min=0.0),

@@ -36,6 +36,7 @@ from fabric_client import protocol
 from fabric_client.errors import ProtocolError
 
 from . import __version__
+from .admission import check_submission, is_retry
 from .cluster.controller import ClusterController, NotLeader
 from .cluster.log import LogError
 from .cluster.placement import local_changes
@@ -217,7 +218,8 @@ class Daemon:
         active = {name: j for name, j in state.jobs.items()
                   if not j["cancelled"] and (name in self.jobs or j["seq"] <= self.cluster.commit_seq)}
         for name in list(self.jobs):
-            if name not in active or self.jobs[name].spec.text != active[name]["spec_toml"]:
+            if (name not in active or self.jobs[name].spec.text != active[name]["spec_toml"]
+                    or self.jobs[name].record_seq != active[name]["seq"]):  # resubmitted: run it afresh
                 log.info("job %s %s", name, "cancelled" if name not in active else "replaced")
                 self.jobs.pop(name).close()  # stops its plan worker
         for name, entry in active.items():
@@ -229,7 +231,7 @@ class Daemon:
                 except ConfigError as e:  # validated by the leader; a local path problem, say
                     log.error("job %s cannot run on this node: %s", name, e)
                     continue
-                self.jobs[name] = JobRuntime(spec, index_dir=self.index_dir, directory=self)
+                self.jobs[name] = JobRuntime(spec, index_dir=self.index_dir, directory=self, record_seq=entry["seq"])
         running = {rid: role.args.extra.get("assignment") for rid, role in self.supervisor.roles.items()}
         stop, start = local_changes(state.roles, node=self.cfg.node_id, jobs=self.jobs,
                                     commit_seq=self.cluster.commit_seq, running=running)
@@ -367,15 +369,21 @@ class Daemon:
         now = time.monotonic()
         if not self.cluster.is_leader(now):
             return self._not_leader()
+        try:
+            check_submission(spec, self.cfg)  # roles per daemon, source paths and formats
+        except ConfigError as e:
+            return protocol.ErrorReply(code=protocol.ErrorCode.INVALID_SPEC, reason=str(e))
         state = self.cluster.state
         current = state.jobs.get(spec.name)
         entries: list[tuple[str, dict]] = []
         if current is not None and not current["cancelled"]:
-            if current["spec_toml"] == msg.spec_toml and current["spec_origin"] == spec.file:
-                job = self.jobs.get(spec.name)
+            job = self.jobs.get(spec.name)
+            same = current["spec_toml"] == msg.spec_toml and current["spec_origin"] == spec.file
+            if same and not is_retry(job.state if job else None):
                 return protocol.JobAccepted(job=spec.name, fingerprint=job.fingerprint if job else "",
                                             state=job.state if job else "indexing")
-            log.warning("job %s resubmitted with a different spec; replacing it", spec.name)
+            log.warning("job %s resubmitted %s; replacing it", spec.name,
+                        "after it failed" if same else "with a different spec")
             entries += self._release_roles(spec.name)
             entries.append(("job_cancelled", {"job": spec.name, "reason": "resubmitted"}))
         entries.append(("job_submitted", {"job": spec.name, "spec_toml": msg.spec_toml, "spec_origin": spec.file,

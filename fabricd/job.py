@@ -21,9 +21,10 @@ from fabric_client.limits import MAX_LIST_ITEMS, MAX_STEP
 
 from .cluster.placement import constructor_id, loader_prefix
 from .config import JobSpec
+from .errors import FabricdError
 from .planner import CostModel, MixtureSchedule, Planner, build_units
 from .planner.worker import PlanWorker
-from .sources.index import SourceIndex, open_index
+from .sources.index import SourceIndex, open_index, require_samples, skip_reasons
 
 __all__ = ["JobRuntime", "open_sources", "build_planner", "PLAN_COLUMNS"]
 
@@ -87,8 +88,9 @@ class JobRuntime:
     roles on any daemon.
     """
 
-    def __init__(self, spec: JobSpec, *, index_dir: Path, directory: RoleDirectory) -> None:
+    def __init__(self, spec: JobSpec, *, index_dir: Path, directory: RoleDirectory, record_seq: int = -1) -> None:
         self.spec = spec
+        self.record_seq = record_seq  # seq of the job_submitted record this runtime runs
         self.index_dir = index_dir
         self.directory = directory
         self.state = "indexing"
@@ -111,12 +113,19 @@ class JobRuntime:
         try:
             started = time.monotonic()
             indexes = open_sources(self.spec, index_dir=self.index_dir, progress=sys.stderr.isatty())
+            weighted = {name for _, weights in self.spec.mixture.points for name, w in weights if w > 0}
+            for name in sorted(weighted, key=[s.name for s in self.spec.sources].index):
+                require_samples(indexes[name])  # the real reason (file, column, type), not "0 units"
             planner = build_planner(self.spec, indexes)
             self.fingerprint = self.spec.fingerprint({n: i.fingerprint for n, i in indexes.items()})
             self.indexes, self.planner = indexes, planner
             log.info("job %s: %d sources indexed in %.1fs (fingerprint %s)", self.spec.name, len(indexes),
                      time.monotonic() - started, self.fingerprint)
             self.state = "ready"
+        except FabricdError as e:  # the job's data or spec: the message says what is wrong
+            log.error("job %s failed: %s", self.spec.name, e)
+            self.error = f"{type(e).__name__}: {e}"
+            self.state = "failed"
         except Exception as e:  # surfaced through status and Locate; the daemon keeps serving
             log.exception("job %s failed to prepare", self.spec.name)
             self.error = f"{type(e).__name__}: {e}"
@@ -233,7 +242,8 @@ class JobRuntime:
             "topology": {"dp_size": self.spec.topology.dp_size, "mp_size": self.spec.topology.mp_size,
                          "constructors": len(self.groups)},
             "sources": {n: {"samples": i.num_samples, "files_skipped": len(i.files_skipped),
-                            "rows_skipped": i.rows_skipped} for n, i in self.indexes.items()},
+                            "files_skipped_reasons": skip_reasons(i), "rows_skipped": i.rows_skipped}
+                        for n, i in self.indexes.items()},
             "counters": dict(self.counters),
             "planning": None if self.plan_worker is None else self.plan_worker.status(),
             "recent_skips": list(self.skips),

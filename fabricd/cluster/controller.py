@@ -217,8 +217,13 @@ class ClusterController:
                 log.error("log compaction failed: %s", e)
 
     def status(self, now: float) -> dict[str, Any]:
+        """Lease, log, replicas, members, counters; ``degraded`` says why this daemon cannot vote
+        or lead (its term store fails: a full or read-only disk), else None."""
+        lease = self.lease.status(now)
+        store_error = lease.get("store_error")
         return {
-            "lease": self.lease.status(now),
+            "degraded": f"term store: {store_error}" if store_error else None,
+            "lease": lease,
             "log": {"last": list(self.log.last_position), "first_seq": self.log.first_seq,
                     "commit_seq": self.commit_seq},
             "replicas": self.tracker.shadow_positions() if self.tracker is not None else {},

@@ -51,10 +51,16 @@ Fencing
     is rejected and counted in ``status()["stale_rejected"]``. Pre-vote requests never change the
     receiver's term.
 
-Store failures
-    A :class:`~fabricd.cluster.term_store.TermStore` error propagates out of ``tick`` /
-    ``on_message``; nothing that depended on the failed save is sent, a leader steps down, and
-    the actions produced before the failure are returned by the next call.
+Store failures (a full or read-only disk)
+    A :class:`~fabricd.cluster.term_store.TermStoreError` does not escape ``tick`` /
+    ``on_message``: the save that failed aborts its handler, so nothing that depended on it is
+    sent (no vote, no VoteRequest, no ack in a term that is not persisted); a leader steps down,
+    a candidate returns to follower, and the actions produced before the failure are returned.
+    The node stays a follower — it cannot vote or lead without persisting its term — and does
+    not campaign for ``lease_duration_s`` after a failure. ``status()["store_error"]`` says why
+    until a save succeeds again; while it is set, ``tick`` re-saves the current term every
+    ``lease_duration_s`` as a probe, so the node recovers by itself once the disk has room. The
+    failure is logged once, then at most every ``STORE_ERROR_LOG_EVERY_S``.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ from fabricd.cluster.lease_messages import (
     VoteReply,
     VoteRequest,
 )
-from fabricd.cluster.term_store import TermStore
+from fabricd.cluster.term_store import TermStore, TermStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +99,12 @@ FOLLOWER = "follower"
 PRE_CANDIDATE = "pre_candidate"
 CANDIDATE = "candidate"
 LEADER = "leader"
+#: Seconds between repeated log lines about a term store that keeps failing.
+STORE_ERROR_LOG_EVERY_S = 60.0
+
+
+class _StoreFailed(Exception):
+    """A save failed (already recorded): abort the handler, send nothing that depended on it."""
 
 
 class LeaseBackend(Protocol):
@@ -191,7 +203,10 @@ class LeaseElection:
         self._renews: dict[int, tuple[float, set[str]]] = {}
         self._next_renew_at = now
 
-        self._hold_until = now  # no campaign before this (set by resign)
+        self._hold_until = now  # no campaign before this (set by resign, or a store failure)
+        self._store_error: str | None = None
+        self._store_error_logged_at: float | None = None
+        self._store_probe_at = now
         self._stale_rejected = 0
         self._pre_votes_started = 0
         self._elections_started = 0
@@ -250,6 +265,7 @@ class LeaseElection:
             "stale_rejected": self._stale_rejected,
             "pre_votes_started": self._pre_votes_started,
             "elections_started": self._elections_started,
+            "store_error": self._store_error,
         }
 
     # --- inputs --------------------------------------------------------------------------------
@@ -291,6 +307,11 @@ class LeaseElection:
                 handler(now, out)
             else:
                 handler(msg, now, out)
+        except _StoreFailed:
+            if self._role == LEADER:
+                self._step_down(now, f"term store failure: {self._store_error}", out)
+            elif self._role != FOLLOWER:
+                self._to_follower(now)
         except BaseException:
             if self._role == LEADER:
                 self._step_down(now, "error while leading (term store failure?)", out)
@@ -324,7 +345,30 @@ class LeaseElection:
                 and now >= self._leader_seen_at + self._config.lease_duration_s):
             self._leader = None
 
+    def _save(self, term: int, voted_for: str | None, now: float) -> None:
+        """Persist (term, voted_for), or record why not and raise _StoreFailed."""
+        try:
+            self._store.save(term, voted_for)
+        except TermStoreError as e:
+            first = self._store_error is None
+            self._store_error = e.reason
+            self._store_probe_at = now + self._config.lease_duration_s
+            self._hold_until = max(self._hold_until, now + self._config.lease_duration_s)
+            self._next_campaign_at = max(self._next_campaign_at, self._hold_until + self._jitter())
+            if first or self._store_error_logged_at is None or now - self._store_error_logged_at >= STORE_ERROR_LOG_EVERY_S:
+                self._store_error_logged_at = now
+                logger.error("lease: %s cannot persist its term (%s): it stays a follower and neither votes nor "
+                             "leads until the term store works again", self._node_id, e)
+            raise _StoreFailed() from e
+        if self._store_error is not None:
+            logger.warning("lease: %s: the term store works again (%s was the last error)",
+                           self._node_id, self._store_error)
+            self._store_error = None
+            self._store_error_logged_at = None
+
     def _on_tick(self, now: float, out: list[Action]) -> None:
+        if self._store_error is not None and now >= self._store_probe_at:
+            self._save(self._term, self._voted_for, now)   # a probe: clears the error once the disk has room
         if self._role == LEADER:
             if now >= self._next_renew_at:
                 self._send_renew(now, out)
@@ -366,7 +410,7 @@ class LeaseElection:
 
     def _start_election(self, now: float, out: list[Action]) -> None:
         term = self._term + 1
-        self._store.save(term, self._node_id)          # durable before any VoteRequest leaves
+        self._save(term, self._node_id, now)           # durable before any VoteRequest leaves
         self._term, self._voted_for = term, self._node_id
         self._elections_started += 1
         logger.info("lease: %s campaigns in term %d", self._node_id, term)
@@ -434,7 +478,7 @@ class LeaseElection:
         self._to_follower(now)
 
     def _adopt_term(self, term: int, now: float, why: str, out: list[Action]) -> None:
-        self._store.save(term, None)                    # durable before anything in `term` is sent
+        self._save(term, None, now)                    # durable before anything in `term` is sent
         old = self._term
         logger.info("lease: %s moves from term %d to %d (%s)", self._node_id, old, term, why)
         if self._role == LEADER:
@@ -475,7 +519,7 @@ class LeaseElection:
         granted = (self._is_voter and self._voted_for in (None, msg.candidate) and not sticky and self._log_ok(msg))
         if granted:
             if self._voted_for != msg.candidate:
-                self._store.save(self._term, msg.candidate)   # durable before the reply
+                self._save(self._term, msg.candidate, now)    # durable before the reply
                 self._voted_for = msg.candidate
             self._record_grant(msg.candidate, now)
             if self._role == PRE_CANDIDATE:

@@ -62,6 +62,13 @@ directory when the source is read-only). The index is reused until a data file i
 removed or rewritten; a source that changes under a running job is refused until it is
 re-indexed explicitly. A sample id is a sample's position in the index.
 
+A file that cannot be indexed (not Parquet, no ``text`` column, ``text`` not a string column,
+``images`` not ``list<binary>``) is skipped and its reason kept in the index
+(``files_skipped``): ``fabricctl status`` lists the first reasons per source, and a job whose
+weighted source ends up with no usable sample fails with those reasons quoted. What can be seen
+without reading data (a missing path, a file that is not its format by its magic bytes) is
+refused when the job is submitted (:mod:`fabricd.admission`).
+
 Public API
 ----------
 :func:`open_index` builds or reuses a :class:`SourceIndex`; :class:`SourceReader` reads raw
@@ -70,7 +77,7 @@ samples by id; :class:`SampleLoader` reads, decodes and transforms units by
 :mod:`fabricd.sources.transform`.
 """
 
-from fabricd.sources.index import INDEX_VERSION, SourceIndex, open_index, source_fingerprint
+from fabricd.sources.index import INDEX_VERSION, SourceIndex, open_index, require_samples, skip_reasons, source_fingerprint
 from fabricd.sources.reader import RawSample, SourceReader
 from fabricd.sources.transform import (
     SampleData,
@@ -86,6 +93,8 @@ __all__ = [
     "INDEX_VERSION",
     "SourceIndex",
     "open_index",
+    "require_samples",
+    "skip_reasons",
     "source_fingerprint",
     "RawSample",
     "SourceReader",

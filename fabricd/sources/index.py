@@ -36,6 +36,8 @@ __all__ = [
     "index_path",
     "image_bytes_array",
     "open_index",
+    "require_samples",
+    "skip_reasons",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,29 @@ class SourceIndex:
     def file_path(self, file_idx: int) -> Path:
         """Absolute path of data file ``file_idx``."""
         return self.base_dir / self.files[file_idx]
+
+
+def skip_reasons(index: SourceIndex, limit: int = 5) -> list[str]:
+    """``"<file>: <reason>"`` for the first ``limit`` files indexing skipped (and how many more)."""
+    out = [f"{rel}: {reason}" for rel, reason in index.files_skipped[:limit]]
+    if len(index.files_skipped) > limit:
+        out.append(f"... and {len(index.files_skipped) - limit} more files")
+    return out
+
+
+def require_samples(index: SourceIndex) -> None:
+    """Raise SourceError, quoting why each file was skipped, when ``index`` has no usable sample."""
+    if index.num_samples > 0:
+        return
+    why = []
+    if index.files_skipped:
+        why.append(f"{len(index.files_skipped)} of {len(index.files)} files skipped: "
+                   + "; ".join(skip_reasons(index)))
+    if index.rows_skipped:
+        why.append(f"{index.rows_skipped} rows skipped (null text or malformed line)")
+    if not why:
+        why.append("its files hold no rows")
+    raise SourceError(f"source {index.name!r} ({index.root}) has no usable samples: {'; '.join(why)}")
 
 
 # --------------------------------------------------------------------------- discovery

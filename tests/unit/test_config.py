@@ -92,3 +92,90 @@ def test_fingerprint_ignores_dp_size_but_not_content(tmp_path):
     assert a.fingerprint(fps) == b.fingerprint(fps)
     assert a.fingerprint(fps) != c.fingerprint(fps)
     assert a.fingerprint(fps) != a.fingerprint({"captions": "y"})
+
+
+# --- upper bounds (fabricd.spec_bounds) -------------------------------------------------------
+
+from fabricd import spec_bounds as B  # noqa: E402
+
+
+def _spec_text(tmp_path, **kw) -> str:
+    return write_job(tmp_path / "j.toml", tmp_path, **kw).read_text()
+
+
+def _points(n: int) -> str:
+    pts = "".join(f"\n[[mixture.points]]\nstep = {5 + i}\nweights = {{ captions = 1.0 }}\n" for i in range(n - 2))
+    return pts
+
+
+# (bound name, bound, key, text edit making the value `v`); each case runs at v = bound and bound + 1
+BOUND_CASES = [
+    ("MAX_DP_SIZE", B.MAX_DP_SIZE, "topology.dp_size",
+     lambda t, v: t.replace("dp_size = 2", f"dp_size = {v}").replace("samples_per_step = 16", f"samples_per_step = {v}")),
+    ("MAX_MP_SIZE", B.MAX_MP_SIZE, "topology.mp_size", lambda t, v: t.replace("mp_size = 1", f"mp_size = {v}")),
+    ("MAX_DP_SIZE", B.MAX_DP_SIZE, "topology.ranks_per_constructor",
+     lambda t, v: t.replace("ranks_per_constructor = 1", f"ranks_per_constructor = {v}")),
+    ("MAX_SAMPLES_PER_STEP", B.MAX_SAMPLES_PER_STEP, "batch.samples_per_step",
+     lambda t, v: t.replace("samples_per_step = 16", f"samples_per_step = {v}")),
+    ("MAX_MICRO_BATCH_TOKENS", B.MAX_MICRO_BATCH_TOKENS, "batch.micro_batch_tokens",
+     lambda t, v: t.replace("micro_batch_tokens = 8192", f"micro_batch_tokens = {v}")),
+    ("MAX_SEQ_LEN", B.MAX_SEQ_LEN, "buckets[1].max_seq_len",
+     lambda t, v: t.replace("micro_batch_tokens = 8192", f"micro_batch_tokens = {B.MAX_MICRO_BATCH_TOKENS}")
+                   .replace("max_seq_len = 8192", f"max_seq_len = {v}")),
+    ("MAX_PREFETCH", B.MAX_PREFETCH, "batch.prefetch", lambda t, v: t.replace("prefetch = 2", f"prefetch = {v}")),
+    ("MAX_WORKERS_PER_SOURCE", B.MAX_WORKERS_PER_SOURCE, "sources[0].workers",
+     lambda t, v: t.replace('name = "captions"', f'name = "captions"\nworkers = {v}')),
+    ("MAX_WORKERS_PER_SOURCE", B.MAX_WORKERS_PER_SOURCE, "autoscale.max_workers",
+     lambda t, v: t + f"\n[autoscale]\nmax_workers = {v}\n"),
+    ("MAX_STEP", B.MAX_STEP, "mixture.points[1].step", lambda t, v: t.replace("step = 4", f"step = {v}")),
+    ("MAX_MIXTURE_POINTS", B.MAX_MIXTURE_POINTS, "mixture.points", lambda t, v: t + _points(v)),
+    ("MAX_SOURCES", B.MAX_SOURCES, "sources",
+     lambda t, v: t + "".join(f'\n[[sources]]\nname = "x{i}"\npath = "x"\n' for i in range(v - 5))),
+    ("MAX_BUCKETS", B.MAX_BUCKETS, "buckets",
+     lambda t, v: t + "".join(f'\n[[buckets]]\nname = "b{i}"\nmax_seq_len = 64\n' for i in range(v - 2))),
+    ("MAX_CONSTRUCTOR_NODES", B.MAX_CONSTRUCTOR_NODES, "topology.constructor_nodes",
+     lambda t, v: t.replace("ranks_per_constructor = 1", f"ranks_per_constructor = 1\nconstructor_nodes = {['n'] * v}")),
+]
+
+
+@pytest.mark.parametrize("bound_name, bound, key, edit", BOUND_CASES, ids=[f"{c[0]}-{c[2]}" for c in BOUND_CASES])
+def test_each_bound_accepts_its_value_and_refuses_one_more(tmp_path, bound_name, bound, key, edit):
+    text = _spec_text(tmp_path)
+    ok = edit(text, bound)
+    assert ok != text
+    parse_job_spec(ok, tmp_path / "j.toml")  # just under (at) the bound: accepted
+    with pytest.raises(ConfigError) as info:
+        parse_job_spec(edit(text, bound + 1), tmp_path / "j.toml")
+    err = info.value
+    assert err.key == key and err.file == str(tmp_path / "j.toml")
+    assert f"{bound_name} ({bound})" in str(err)
+    assert str(err).count("\n") == 0 and len(str(err)) < 2000  # one readable line, not the whole list
+
+
+def test_spec_text_size_bound(tmp_path):
+    text = _spec_text(tmp_path)
+    pad = B.MAX_SPEC_BYTES - len(text.encode())
+    parse_job_spec(text + "#" * (pad - 1) + "\n", tmp_path / "j.toml")
+    with pytest.raises(ConfigError, match=r"MAX_SPEC_BYTES \(1048576\)") as info:
+        parse_job_spec(text + "#" * pad + "\n", tmp_path / "j.toml")
+    assert info.value.key == "<file>"
+    big = tmp_path / "big.toml"
+    big.write_text(text + "#" * pad + "\n")
+    with pytest.raises(ConfigError, match="MAX_SPEC_BYTES"):
+        load_job_spec(big)
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda t: t.replace("samples_per_step = 16", "samples_per_step = 1000000000000"), "batch.samples_per_step"),
+    (lambda t: t.replace("micro_batch_tokens = 8192", f"micro_batch_tokens = {2**62}"), "batch.micro_batch_tokens"),
+    (lambda t: t.replace("dp_size = 2", f"dp_size = {2**20}"), "topology.dp_size"),
+])
+def test_reported_fork_bombs_are_refused(tmp_path, edit, key):
+    with pytest.raises(ConfigError) as info:
+        parse_job_spec(edit(_spec_text(tmp_path)), tmp_path / "j.toml")
+    assert info.value.key == key and "MAX_" in info.value.reason
+
+
+def test_roles_needed_counts_constructors_standbys_and_loaders():
+    assert B.roles_needed(dp_size=10, ranks_per_constructor=4, loader_workers=[1, 2], standby=False) == 3 + 3
+    assert B.roles_needed(dp_size=10, ranks_per_constructor=4, loader_workers=[1, 2], standby=True) == 6 + 3

@@ -521,9 +521,10 @@ def test_no_vote_request_leaves_when_the_term_cannot_be_saved() -> None:
     node = LeaseElection("a", ["a", "b", "c"], CFG, store, lambda: (0, 0), now=0.0, rng=ScriptedRandom([0.0]))
     node.tick(L)
     store.fail = True
-    with pytest.raises(TermStoreError):
-        node.on_message(VoteReply(0, "b", True, True), now=L + 0.01)
+    acts = node.on_message(VoteReply(0, "b", True, True), now=L + 0.01)
+    assert not [a for a in acts if isinstance(a, Send) and isinstance(a.msg, VoteRequest)]
     assert node.term == 0 and node.voted_for is None and node.role == FOLLOWER
+    assert node.status()["store_error"] == "No space left on device"
     assert node.tick(L + 0.02) == []   # nothing was pending: no VoteRequest(pre_vote=False) went out
 
 
@@ -532,15 +533,14 @@ def test_no_vote_is_granted_when_it_cannot_be_saved() -> None:
     store = JournalStore()
     voter = LeaseElection("b", ["a", "b", "c"], CFG, store, lambda: (0, 0), now=0.0)
     store.fail = True
-    with pytest.raises(TermStoreError):
-        voter.on_message(VoteRequest(1, "a", 0, 0, pre_vote=False), now=L + 1)
+    assert voter.on_message(VoteRequest(1, "a", 0, 0, pre_vote=False), now=L + 1) == []
     assert voter.term == 0 and voter.voted_for is None
     store.fail = False
     assert not [a for a in voter.tick(L + 1.01) if isinstance(a, Send) and isinstance(a.msg, VoteReply)]
 
 
 @pytest.mark.timeout(30)
-def test_leader_whose_store_fails_steps_down_and_reports_it_next_call() -> None:
+def test_leader_whose_store_fails_steps_down_at_once() -> None:
     store2 = JournalStore()
     lead2 = LeaseElection("a", ["a", "b", "c"], CFG, store2, lambda: (0, 0), now=0.0, rng=ScriptedRandom([0.0]))
     lead2.tick(L)
@@ -548,11 +548,9 @@ def test_leader_whose_store_fails_steps_down_and_reports_it_next_call() -> None:
     lead2.on_message(VoteReply(1, "b", True, False), now=L)
     assert lead2.is_leader(L)
     store2.fail = True
-    with pytest.raises(TermStoreError):
-        lead2.on_message(LeaseAck(5, "c", 1, False), now=L + 0.1)
+    acts = lead2.on_message(LeaseAck(5, "c", 1, False), now=L + 0.1)
+    assert acts[0] == SteppedDown(1, "term store failure: No space left on device")
     assert not lead2.is_leader(L + 0.1) and lead2.term == 1
-    acts = lead2.tick(L + 0.2)
-    assert acts[0] == SteppedDown(1, "error while leading (term store failure?)")
 
 
 @pytest.mark.timeout(30)

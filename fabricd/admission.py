@@ -1,0 +1,160 @@
+"""What the leader checks when a job is submitted, before it is recorded (``JobAccepted``).
+
+Parsing a spec (:mod:`fabricd.config`) checks the spec alone. Admission checks what needs the
+cluster or the filesystem, cheaply enough to run in the daemon's request loop:
+
+* the roles the job needs fit the cluster: at most ``MAX_ROLES_PER_DAEMON`` per daemon
+  (:func:`fabricd.spec_bounds.roles_needed`);
+* every source path exists, holds data files of its format, and the first few of them *are* of
+  that format (Parquet: ``PAR1`` at both ends; JSONL: the first non-blank line is a JSON
+  object). The work is bounded per job: ``SUBMIT_SCAN_ENTRIES`` directory entries walked and
+  ``SUBMIT_CHECKED_FILES`` files opened in all, shared by the sources (each gets at least
+  ``_MIN_ENTRIES_PER_SOURCE`` entries and one file). The rest is checked when the source is
+  indexed, and a file that fails then is reported with its reason in the job's status and error.
+
+Each failure is a :class:`~fabricd.errors.ConfigError` naming the spec file, the key and the
+value (the source path), which the daemon answers as ``INVALID_SPEC``.
+
+:func:`is_retry` decides whether an identical resubmission of a job should run it again (it
+failed) or just report on it (it is indexing or serving).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import JobSpec, NodeConfig
+from .errors import ConfigError
+from .sources.index import FORMATS
+from .spec_bounds import MAX_ROLES_PER_DAEMON, roles_needed
+
+__all__ = ["SUBMIT_SCAN_ENTRIES", "SUBMIT_CHECKED_FILES", "check_submission", "check_roles", "check_sources",
+           "check_data_file", "is_retry"]
+
+#: Directory entries walked at submit per job, at most (the daemon loop must stay responsive).
+SUBMIT_SCAN_ENTRIES = 20_000
+#: Data files whose format is checked at submit per job, at most (and at most 16 per source).
+SUBMIT_CHECKED_FILES = 64
+_MAX_FILES_PER_SOURCE = 16
+_MIN_ENTRIES_PER_SOURCE = 200
+_PARQUET_MAGIC = b"PAR1"
+_JSONL_PROBE_BYTES = 1 << 20
+
+
+def check_submission(spec: JobSpec, cfg: NodeConfig) -> None:
+    """Everything admission checks (see the module docstring). Raises ConfigError."""
+    check_roles(spec, cfg)
+    check_sources(spec)
+
+
+def check_roles(spec: JobSpec, cfg: NodeConfig) -> None:
+    """Refuse a job needing more than ``MAX_ROLES_PER_DAEMON`` roles per daemon of this cluster."""
+    daemons = len(cfg.cluster.peers)
+    topo = spec.topology
+    workers = [s.workers or cfg.loader_workers for s in spec.sources]
+    need = roles_needed(dp_size=topo.dp_size, ranks_per_constructor=topo.ranks_per_constructor,
+                        loader_workers=workers, standby=daemons > 1)
+    allowed = MAX_ROLES_PER_DAEMON * daemons
+    if need > allowed:
+        raise ConfigError(spec.file, "topology.dp_size", topo.dp_size,
+                          f"the job needs {need} role processes ({need - sum(workers)} data constructors for "
+                          f"ranks_per_constructor = {topo.ranks_per_constructor}, {sum(workers)} source-loader "
+                          f"workers) but {daemons} daemon(s) run at most MAX_ROLES_PER_DAEMON "
+                          f"({MAX_ROLES_PER_DAEMON}) each ({allowed}); raise ranks_per_constructor or add daemons")
+
+
+def check_sources(spec: JobSpec) -> None:
+    """Refuse a source whose path is missing, has no data files, or whose files are not its format."""
+    n = len(spec.sources)
+    entries = max(_MIN_ENTRIES_PER_SOURCE, SUBMIT_SCAN_ENTRIES // n)
+    files = max(1, min(_MAX_FILES_PER_SOURCE, SUBMIT_CHECKED_FILES // n))
+    for i, s in enumerate(spec.sources):
+        key = f"sources[{i}].path"
+        problem = _source_problem(s.path, s.format, entries=entries, files=files)
+        if problem:
+            raise ConfigError(spec.file, key, str(s.path), f"source {s.name!r}: {problem}")
+
+
+def _source_problem(root: Path, format: str | None, *, entries: int, files: int) -> str | None:
+    if not root.exists():
+        return "no such file or directory"
+    exts = {e: f for f, es in FORMATS.items() for e in es}
+    if root.is_file():
+        fmt = format or exts.get(root.suffix.lower())
+        if fmt is None:
+            return f"cannot tell the format of {root.name} (expected one of {sorted(exts)}, or set format)"
+        return check_data_file(root, fmt)
+    found_files, complete = _some_data_files(root, exts if format is None else {e: format for e in FORMATS[format]},
+                                             max_entries=entries, max_files=files)
+    if not found_files:
+        return (f"no {format or ' or '.join(sorted(FORMATS))} data files in this directory"
+                if complete else None)  # a huge directory: indexing decides
+    found = {fmt for _, fmt in found_files}
+    if format is None and len(found) > 1:
+        return f"mixed formats {sorted(found)}; split them into separate sources"
+    for path, fmt in found_files:
+        problem = check_data_file(path, fmt)
+        if problem:
+            return problem
+    return None
+
+
+def _some_data_files(root: Path, exts: dict[str, str], *, max_entries: int,
+                     max_files: int) -> tuple[list[tuple[Path, str]], bool]:
+    """Up to ``max_files`` (path, format) below ``root`` (hidden and ``_`` paths skipped, as
+    indexing does), walking at most ``max_entries`` entries, and whether the walk saw it all."""
+    out: list[tuple[Path, str]] = []
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
+        for fn in sorted(filenames):
+            seen += 1
+            if seen > max_entries:
+                return out, False
+            fmt = exts.get(Path(fn).suffix.lower())
+            if fmt is not None and not fn.startswith((".", "_")) and not fn.endswith(".fabricd-index.parquet"):
+                out.append((Path(dirpath, fn), fmt))
+                if len(out) >= max_files:
+                    return out, False
+        seen += len(dirnames)
+    return out, True
+
+
+def check_data_file(path: Path, format: str) -> str | None:
+    """Why ``path`` is not a ``format`` file, judged from a few bytes, or None if it looks right."""
+    try:
+        with open(path, "rb") as f:
+            if format == "parquet":
+                head = f.read(4)
+                size = os.fstat(f.fileno()).st_size
+                tail = b""
+                if size >= 12:
+                    f.seek(size - 4)
+                    tail = f.read(4)
+                if head != _PARQUET_MAGIC or tail != _PARQUET_MAGIC:
+                    return f"{path}: not a Parquet file (no PAR1 magic bytes at its start and end)"
+                return None
+            probe = f.read(_JSONL_PROBE_BYTES)
+    except OSError as e:
+        return f"{path}: cannot read: {e.strerror or e}"
+    for line in probe.splitlines(keepends=True):
+        if not line.strip():
+            continue
+        if not line.endswith(b"\n") and len(probe) == _JSONL_PROBE_BYTES:
+            return None  # a first line longer than the probe: indexing decides
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            return f"{path}: not a JSONL file (its first line is not JSON: {e})"
+        if not isinstance(obj, dict):
+            return f"{path}: not a JSONL file of objects (its first line is a {type(obj).__name__})"
+        return None
+    return None
+
+
+def is_retry(runtime_state: str | None) -> bool:
+    """Whether resubmitting an identical, still-recorded job should run it again: only when the
+    job failed on this daemon (indexing or planning); an indexing or ready job is left alone."""
+    return runtime_state == "failed"
