@@ -46,8 +46,8 @@ from .corpus import job_toml, make_dataset
 from .expect import BatchOracle, skips_from_logs
 from .failpoints import ENV_VAR as FAILPOINTS_ENV
 from .failpoints import FILE_ENV as FAILPOINTS_FILE_ENV
+from .fuzzing import burst, send_burst
 from .localnode import LocalCluster
-from .malformed import burst_messages, send_burst
 from .netns import NetnsLab
 
 __all__ = ["FAULT_KINDS", "PARTITION_KINDS", "ChaosRun", "FaultRecord"]
@@ -342,7 +342,7 @@ class ChaosRun:
                              if r["kind"] == "constructor" and r.get("endpoint") and r["node"] == n]
         if constructors:
             targets.append(self.rng.choice(constructors))
-        messages = burst_messages(self.rng, job="chaos")
+        messages = burst(self.rng)
         for endpoint in targets:
             send_burst(endpoint, messages)
         time.sleep(1.0)  # a process that dies of it is gone by now

@@ -10,6 +10,7 @@ import zmq
 
 from fabric_client import protocol
 from fabric_client.errors import FabricUnavailable, RemoteError
+from fabric_client.sockets import SocketFactory
 
 __all__ = ["ControlClient", "request_any"]
 
@@ -27,8 +28,7 @@ class ControlClient:
 
     def _socket(self) -> zmq.Socket:
         if self.sock is None:
-            self.sock = self.ctx.socket(zmq.DEALER)
-            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock = SocketFactory(self.ctx).dealer()
             self.sock.connect(self.address)
         return self.sock
 

@@ -34,6 +34,7 @@ import psutil
 import zmq
 from fabric_client import protocol
 from fabric_client.errors import ProtocolError
+from fabric_client.sockets import SocketFactory
 
 from . import __version__
 from .admission import check_submission, is_retry
@@ -48,7 +49,7 @@ from .errors import ConfigError
 from .job import JobRuntime
 from .leadership import Leadership
 from .ratelog import RateLimitedLog, truncate
-from .roles.base import RoleArgs, configure_socket
+from .roles.base import RoleArgs
 from .roles.supervisor import Supervisor
 
 __all__ = ["Daemon"]
@@ -65,17 +66,15 @@ class Daemon:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        configure_socket(self.sock, max_message_bytes=cfg.max_message_bytes, hwm=10000)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sockets = SocketFactory(self.ctx, max_message_bytes=cfg.max_message_bytes)
+        self.sock = self.sockets.router(hwm=10000)
         self.bound_endpoint = self._bind(cfg.control)
         self.supervisor = Supervisor(backoff_s=cfg.restart_backoff_s, backoff_max_s=cfg.restart_backoff_max_s)
         self.cluster = ClusterController(cfg, now=time.monotonic())
         self.peers: dict[str, zmq.Socket] = {}
         for peer in cfg.cluster.peers:
             if peer.node_id != cfg.node_id:
-                s = self.ctx.socket(zmq.DEALER)
-                configure_socket(s, max_message_bytes=cfg.max_message_bytes, hwm=1000)
+                s = self.sockets.dealer(hwm=1000)
                 s.connect(peer.control)
                 self.peers[peer.node_id] = s
         self.jobs: dict[str, JobRuntime] = {}

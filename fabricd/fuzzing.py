@@ -6,8 +6,8 @@ those declarations back, so this module can build, for any record type, a *valid
 field inside its range) and *structured mutations* of it: each field in turn given a wrong type or
 a value just outside its range or far outside any (2^62, 2^70, -1, NaN, huge lists, deep
 nesting), plus damage to the frame itself (random bytes, truncation, extra frames, oversize
-headers). ``scripts/fuzz.py``, the chaos suite's ``malformed_burst`` and the protocol tests draw
-from it, so the inputs follow the protocol as it changes, with nothing to keep in sync by hand.
+headers). ``scripts/fuzz.py``, the chaos suite's ``malformed_burst`` (:func:`burst`, :func:`send_burst`)
+and the protocol tests draw from it, so the inputs follow the protocol as it changes, with nothing to keep in sync by hand.
 
 Every mutation produced by :func:`field_mutations` is invalid by construction (a value its field's
 type cannot hold); :func:`frame_damage` may now and then produce a valid record by chance
@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import msgspec.inspect as mi
+import zmq
 from fabric_client import protocol
 
-__all__ = ["valid_value", "valid_record", "field_mutations", "frame_damage", "header", "encode_raw"]
+__all__ = ["valid_value", "valid_record", "field_mutations", "frame_damage", "header", "encode_raw", "burst",
+           "send_burst", "BURST_TYPES"]
 
 _DEEP = 100_000  # nesting depth of the deep-nesting mutation
 
@@ -209,3 +212,51 @@ def encode_raw(fields: dict[str, Any]) -> msgspec.Raw:
     text = header(fields)
     # header() adds the protocol version: a peer body has none
     return msgspec.Raw(text.replace(b'"v":%d,' % protocol.PROTOCOL_VERSION, b"", 1))
+
+
+#: Record types a daemon's control socket and a constructor's trainer socket take.
+BURST_TYPES = ("hello", "ping", "submit_job", "cancel_job", "status", "locate", "role_hello", "role_stats",
+               "plan_request", "pools_request", "skip_report", "peer", "subscribe", "credit", "unsubscribe")
+
+
+def burst(rng: random.Random, *, count: int = 68, types: tuple[str, ...] = BURST_TYPES) -> list[list[bytes]]:
+    """A burst of ``count`` malformed messages (lists of frames): field mutations of ``types``,
+    damaged frames, random bytes. None is a valid record, so none can change what a trainer gets."""
+    pool = [h for t in types for _, h in field_mutations(protocol.message_types()[t], rng)]
+    out: list[list[bytes]] = []
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.2:
+            out.append([rng.randbytes(rng.randint(0, 2048)) for _ in range(rng.randint(1, 3))])
+        elif roll < 0.4:
+            damage, frames = frame_damage([rng.choice(pool)], rng)
+            out.append(frames or [b""])
+        else:
+            out.append([rng.choice(pool)])
+    return out
+
+
+def send_burst(endpoint: str, messages: list[list[bytes]], *, context: zmq.Context | None = None,
+               linger_s: float = 2.0) -> int:
+    """Send ``messages`` from one plain DEALER to ``endpoint``, drain whatever comes back for
+    ``linger_s`` (so replies do not pile up at the receiver), and return how many replies came."""
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    replies = 0
+    try:
+        sock.connect(endpoint)
+        for frames in messages:
+            try:
+                sock.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                time.sleep(0.01)
+        deadline = time.monotonic() + linger_s
+        while time.monotonic() < deadline:
+            if sock.poll(50):
+                sock.recv_multipart()
+                replies += 1
+    finally:
+        sock.close(linger=0)
+    return replies

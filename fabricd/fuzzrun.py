@@ -39,7 +39,7 @@ from .chaos import _Trainer, make_corpus
 from .cluster.wire import PEER_KINDS
 from .config import load_job_spec
 from .corpus import job_toml
-from .expect import BatchOracle
+from .expect import BatchOracle, skips_from_logs
 from .localnode import LocalCluster
 
 __all__ = ["SOCKET_KINDS", "FuzzRun"]
@@ -267,7 +267,9 @@ class FuzzRun:
         rss_after = self._rss_mb()
         self.stop_event.set()
         self.trainer.join(60)
-        oracle = BatchOracle(load_job_spec(self.job_file))
+        self.cluster.stop()  # the logs are read once no daemon writes them
+        skips = skips_from_logs([d.workdir / "state" / "log" for d in self.cluster.daemons.values()], "fuzz")
+        oracle = BatchOracle(load_job_spec(self.job_file), skips=skips)
         records = self.trainer.records
         last = max((k[0] for k, *_ in records), default=0)
         want = {b.key(): b.checksum for s in range(last) for b in oracle.step(s) if b.dp_rank == 0}

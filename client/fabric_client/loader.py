@@ -59,6 +59,7 @@ from . import protocol
 from .batch import decode_batch, decode_verified
 from .errors import BatchIntegrityError, FabricUnavailable, ProtocolError
 from .limits import MAX_STEP
+from .sockets import SocketFactory
 from .session import (
     MAX_PREFETCH,
     Action,
@@ -189,6 +190,7 @@ class Loader:
         self.max_steps = max_steps
         self._own_context = context is None
         self._ctx = zmq.Context() if context is None else context
+        self._sockets = SocketFactory(self._ctx)
         self._clock = time.monotonic
         self._workers = decode_workers if decode_workers is not None else _default_workers()
         self._pool: ThreadPoolExecutor | None = None
@@ -381,8 +383,7 @@ class Loader:
 
     def _open_stream(self, action: OpenStream) -> list[Action]:
         self._close_stream(())
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = self._sockets.dealer()
         try:
             sock.connect(action.endpoint)
             sock.send_multipart(protocol.encode(action.subscribe), zmq.NOBLOCK)
@@ -408,8 +409,7 @@ class Loader:
                 received.work.cancel()
 
     def _new_socket(self, endpoint: str) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = self._sockets.dealer()
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as e:

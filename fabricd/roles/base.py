@@ -23,8 +23,9 @@ import zmq
 
 from fabric_client import protocol
 from fabric_client.errors import ProtocolError
+from fabric_client.sockets import SocketFactory
 
-__all__ = ["RoleArgs", "DaemonLink", "set_parent_death_signal", "StopFlag", "configure_socket"]
+__all__ = ["RoleArgs", "DaemonLink", "set_parent_death_signal", "StopFlag"]
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +83,13 @@ class StopFlag:
         return self.stopping
 
 
-def configure_socket(sock: zmq.Socket, *, max_message_bytes: int, hwm: int = 1000) -> None:
-    """Bounded queues, no hang on close, oversized messages dropped by ZeroMQ before reading."""
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, hwm)
-    sock.setsockopt(zmq.RCVHWM, hwm)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-
-
 class DaemonLink:
     """A role's DEALER connection to its daemon: hello, heartbeats, and request/reply."""
 
     def __init__(self, ctx: zmq.Context, args: RoleArgs, endpoint: str) -> None:
         self.args = args
         self.endpoint = endpoint
-        self.sock = ctx.socket(zmq.DEALER)
-        configure_socket(self.sock, max_message_bytes=args.max_message_bytes)
+        self.sock = SocketFactory(ctx, max_message_bytes=args.max_message_bytes).dealer()
         self.sock.connect(args.daemon)
         self._next_beat = 0.0
         self.malformed = 0

@@ -36,10 +36,11 @@ import zmq
 from fabric_client import protocol
 from fabric_client.batch import encode_batch
 from fabric_client.errors import ProtocolError
+from fabric_client.sockets import SocketFactory
 
 from ..assemble import RECORDED_SKIP, UnitKey, apply_skip_records, assemble_micro_batch
 from ..config import JobSpec, parse_job_spec
-from .base import DaemonLink, RoleArgs, StopFlag, configure_socket
+from .base import DaemonLink, RoleArgs, StopFlag
 from .delivery import EncodedBatch, TrainerDelivery
 from .sample_wire import decode_load_reply
 
@@ -107,9 +108,8 @@ class Constructor:
         self.source_names = [s.name for s in spec.sources]
         self.compression = None if spec.batch.compression == "none" else spec.batch.compression
 
-        self.trainers = ctx.socket(zmq.ROUTER)
-        configure_socket(self.trainers, max_message_bytes=args.max_message_bytes)
-        self.trainers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sockets = SocketFactory(ctx, max_message_bytes=args.max_message_bytes)
+        self.trainers = self.sockets.router()
         port = self.trainers.bind_to_random_port(f"tcp://{args.bind_host}")
         self.link = DaemonLink(ctx, args, f"tcp://{args.bind_host}:{port}")
         self.delivery = TrainerDelivery(self.trainers, job=spec.name, fingerprint=args.extra["fingerprint"],
@@ -306,8 +306,7 @@ class Constructor:
                 if endpoint not in wanted:
                     self._drop_worker(source, endpoint, "left the pool")
             for endpoint in wanted - set(current):
-                sock = self.ctx.socket(zmq.DEALER)
-                configure_socket(sock, max_message_bytes=self.args.max_message_bytes)
+                sock = self.sockets.dealer()
                 sock.connect(endpoint)
                 worker = _Worker(endpoint, sock)
                 current[endpoint] = worker

@@ -18,13 +18,14 @@ import zmq
 
 from fabric_client import protocol
 from fabric_client.errors import ProtocolError
+from fabric_client.sockets import SocketFactory
 
 from ..config import parse_job_spec
 from ..errors import SampleError
 from ..failpoints import failpoint, fails
 from ..sources.index import open_index
 from ..sources.transform import SampleLoader, TransformSpec
-from .base import DaemonLink, RoleArgs, StopFlag, configure_socket
+from .base import DaemonLink, RoleArgs, StopFlag
 from .sample_wire import encode_load_reply
 
 __all__ = ["run_source_loader", "MAX_UNITS_PER_REQUEST"]
@@ -48,9 +49,7 @@ def run_source_loader(args: RoleArgs) -> int:
 
     stop = StopFlag(args.parent_pid)
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    configure_socket(sock, max_message_bytes=args.max_message_bytes)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock = SocketFactory(ctx, max_message_bytes=args.max_message_bytes).router()
     port = sock.bind_to_random_port(f"tcp://{args.bind_host}")
     link = DaemonLink(ctx, args, f"tcp://{args.bind_host}:{port}")
     stats = {"requests": 0, "units": 0, "failed_units": 0, "malformed": 0, "busy_s": 0.0,
