@@ -134,15 +134,27 @@ class FuzzRun:
                     out.append(r)
         return out
 
-    def _rss_mb(self) -> float:
-        total = 0.0
-        for d in self.cluster.daemons.values():
+    def _rss_by_process(self) -> dict[str, float]:
+        """Resident MB of every daemon and role process, by ``node/pid kind``."""
+        out = {}
+        for n, d in self.cluster.daemons.items():
             try:
                 procs = [psutil.Process(d.proc.pid), *d.descendants()]
-                total += sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
             except psutil.Error:
-                pass
-        return total
+                continue
+            for p in procs:
+                try:
+                    cmd = " ".join(p.cmdline())
+                    kind = ("daemon" if p.pid == d.proc.pid else "constructor" if '"constructor"' in cmd
+                            else "source_loader" if '"source_loader"' in cmd else "other")
+                    out[f"{n}/{p.pid} {kind}"] = p.memory_info().rss / 2**20
+                except psutil.Error:
+                    pass
+        return out
+
+    def _rss_mb(self) -> float:
+        self._rss_detail = self._rss_by_process()
+        return sum(self._rss_detail.values())
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -264,7 +276,10 @@ class FuzzRun:
         crashed = [n for n, d in self.cluster.daemons.items() if d.proc is None or d.proc.poll() is not None
                    or d.proc.pid != self.pids[n]]
         restarts = sum(r.get("restarts", 0) for r in self._roles())
+        before = self._rss_detail
         rss_after = self._rss_mb()
+        growth = {k: round(v - before.get(k, 0.0), 1) for k, v in self._rss_detail.items()}
+        top = dict(sorted(growth.items(), key=lambda kv: -kv[1])[:3])
         self.stop_event.set()
         self.trainer.join(60)
         self.cluster.stop()  # the logs are read once no daemon writes them
@@ -282,6 +297,7 @@ class FuzzRun:
             "crashes": len(crashed),
             "role_restarts": restarts,
             "rss_growth_mb": round(rss_after - self.rss_before, 1),
+            "rss_growth_top_mb": top,
             "max_handler_ms": round(self.max_handler_ms, 1),
             "delivery_exact": bool(exact),
             "steps_checked": last,

@@ -111,6 +111,8 @@ Text = Annotated[str, msgspec.Meta(max_length=8192)]
 #: A whole job spec (TOML text), or the path it came from.
 SpecText = Annotated[str, msgspec.Meta(max_length=MAX_HEADER_BYTES // 2)]
 Step = Annotated[int, msgspec.Meta(ge=0, le=MAX_STEP)]
+#: The next step a trainer will consume: past the last step there is, at most.
+NextStep = Annotated[int, msgspec.Meta(ge=0, le=MAX_STEP + 1)]
 DpRank = Annotated[int, msgspec.Meta(ge=0, lt=MAX_DP_SIZE)]
 MpRank = Annotated[int, msgspec.Meta(ge=0, lt=MAX_MP_SIZE)]
 DpSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_DP_SIZE)]
@@ -317,7 +319,7 @@ class TrainerPosition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     dp_rank: DpRank
     mp_rank: MpRank
-    next_step: Step
+    next_step: NextStep
     next_micro: Micro = 0
     credits: Credits = 0
     sent: Count = 0
@@ -339,7 +341,7 @@ class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
     evicted_steps: Count = 0
     #: trainers subscribed now, and the last position of trainers that left (dp, mp, next_step)
     subscriptions: Bounded(TrainerPosition, MAX_DP_SIZE) = []
-    departed: Bounded(tuple[DpRank, MpRank, Step], MAX_DP_SIZE) = []
+    departed: Bounded(tuple[DpRank, MpRank, NextStep], MAX_DP_SIZE) = []
     subscribes: Count = 0
     unsubscribes: Count = 0
     credits_received: Count = 0
@@ -437,7 +439,7 @@ class Subscribe(Message, tag="subscribe"):
     fingerprint: OptName
     dp_rank: DpRank
     mp_rank: MpRank
-    next_step: Step
+    next_step: NextStep
     next_micro: Micro
     credits: Credits
 
@@ -478,7 +480,7 @@ class Heartbeat(Message, tag="heartbeat"):
     """Constructor → trainer while it has credits but nothing ready: proof of life."""
 
     job: Name
-    next_step: Step
+    next_step: NextStep
 
 
 # --------------------------------------------------------------------------------------------

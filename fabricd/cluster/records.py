@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-from fabric_client.protocol import Count, DpRank, DpSize, MpRank, Name, OptName, SpecText, Step, Text
+from fabric_client.protocol import Count, DpRank, DpSize, MpRank, Name, NextStep, OptName, SpecText, Step, Text
 
 __all__ = ["RECORD_TYPES", "RecordDataError", "check_data"]
 
@@ -55,7 +55,7 @@ class TrainerProgress(_Data):
     job: Name
     dp_rank: DpRank
     mp_rank: MpRank
-    next_step: Step
+    next_step: NextStep
 
 
 class TrainerHost(_Data):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
-from fabric_client.protocol import Bounded, Count, DpRank, Ident, MpRank, Name, OptName, Seconds, Step
+from fabric_client.protocol import Bounded, Count, DpRank, Ident, MpRank, Name, NextStep, OptName, Seconds
 
 __all__ = ["HostDeclaration", "NodeTelemetry", "RoleProcessTelemetry", "RoleView", "TrainerAt"]
 
@@ -19,7 +19,7 @@ Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0 * 4096)]  # psutil's pe
 Megabytes = Annotated[float, msgspec.Meta(ge=0.0, le=float(1 << 40))]
 
 #: ``(dp_rank, mp_rank, next_step)`` of one trainer a constructor serves (or served).
-TrainerAt = tuple[DpRank, MpRank, Step]
+TrainerAt = tuple[DpRank, MpRank, NextStep]
 #: ``(job, dp_rank, mp_rank, host, declared_ms)``: a trainer's host, from its ``Locate``.
 HostDeclaration = tuple[Name, DpRank, MpRank, Name, Count]
 

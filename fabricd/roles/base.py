@@ -93,6 +93,7 @@ class DaemonLink:
         self.sock.connect(args.daemon)
         self._next_beat = 0.0
         self.malformed = 0
+        self.bad_stats = 0
 
     def hello(self) -> None:
         self.send(protocol.RoleHello(role_id=self.args.role_id, kind=self.args.kind,
@@ -111,7 +112,13 @@ class DaemonLink:
         if now >= self._next_beat:
             self._next_beat = now + self.args.heartbeat_s
             self.hello()
-            counters = msgspec.convert(stats(), protocol.RoleCounters, strict=False)
+            try:
+                counters = msgspec.convert(stats(), protocol.RoleCounters, strict=False)
+            except msgspec.ValidationError as e:  # a bug here must not take the role down
+                self.bad_stats += 1
+                if self.bad_stats == 1 or self.bad_stats % 100 == 0:
+                    log.error("role counters do not fit RoleCounters (%d times): %s", self.bad_stats, e)
+                return
             self.send(protocol.RoleStats(role_id=self.args.role_id, stats=counters))
 
     def recv(self) -> tuple[protocol.Message, list] | None:

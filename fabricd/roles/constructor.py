@@ -36,6 +36,7 @@ import zmq
 from fabric_client import protocol
 from fabric_client.batch import encode_batch
 from fabric_client.errors import ProtocolError
+from fabric_client.limits import MAX_STEP
 from fabric_client.sockets import SocketFactory
 
 from ..assemble import RECORDED_SKIP, UnitKey, apply_skip_records, assemble_micro_batch
@@ -166,7 +167,7 @@ class Constructor:
         for step in [s for s in self.builds if s < lo]:
             del self.builds[step]
             self.stats["evicted_steps"] += 1
-        for step in range(lo, hi):
+        for step in range(lo, min(hi, MAX_STEP + 1)):  # no step past MAX_STEP exists
             if step in self.builds:
                 continue
             sent = self.plan_requested.get(step)
