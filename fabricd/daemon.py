@@ -164,7 +164,7 @@ class Daemon:
             if sock is None:
                 continue
             try:
-                sock.send_multipart(protocol.encode(to_peer(self.cfg.node_id, msg)), flags=zmq.NOBLOCK)
+                sock.send_multipart(protocol.encode(*to_peer(self.cfg.node_id, msg)), flags=zmq.NOBLOCK)
             except zmq.Again:  # the peer is gone or slow: lease and replication messages are retried
                 self.counters["peer_sends_dropped"] += 1
 
@@ -303,10 +303,10 @@ class Daemon:
 
     # -- handlers -------------------------------------------------------------------------------
 
-    def on_peer(self, _identity: bytes, msg: protocol.PeerMessage, _payload: list) -> Reply:
+    def on_peer(self, _identity: bytes, msg: protocol.PeerMessage, payload: list) -> Reply:
         if msg.sender not in self.peers:
             raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"peer {msg.sender!r} is not in this cluster")
-        self._send(self.cluster.on_peer(from_peer(msg), time.monotonic()))
+        self._send(self.cluster.on_peer(from_peer(msg, payload), time.monotonic()))
         return None
 
     def on_hello(self, _identity: bytes, msg: protocol.Hello, _payload: list) -> Reply:

@@ -25,7 +25,7 @@ from .lease import BecameLeader, LeaderChanged, LeaseBackend, LeaseConfig, Lease
 from .log import CheckpointLog, LogError, LogFull
 from .membership import MemberBeat, Membership
 from .replication import Committed, HigherTerm, ReplicationTracker, ShadowReplica
-from .replication import LogAck, LogAppend, SnapshotChunk, SnapshotRequest
+from .replication import LogAck, LogAppend, SnapshotAck, SnapshotChunk, SnapshotRequest
 from .state import FabricState, Record
 from .term_store import FileTermStore
 
@@ -130,7 +130,7 @@ class ClusterController:
             self.state = self.replica.state
             self.commit_seq = max(self.commit_seq, self.replica.commit_seq)
             return self._repl_actions(actions, now)
-        if isinstance(msg, (LogAck, SnapshotRequest)):
+        if isinstance(msg, (LogAck, SnapshotAck, SnapshotRequest)):
             if self.tracker is None:
                 return []
             return self._repl_actions(self.tracker.on_message(msg, now), now)

@@ -61,7 +61,7 @@ from fabricd.cluster.log_files import (
     valid_frame_after,
     write_all,
 )
-from fabricd.cluster.state import FabricState, Record, StateError
+from fabricd.cluster.state import FabricState, Record, StateError, encode_snapshot
 from fabricd.errors import FabricdError
 from fabricd.failpoints import FailpointHit, failpoint
 
@@ -154,7 +154,8 @@ class CheckpointLog:
                 log.warning("log %s: ignoring unusable snapshot: %s", self.directory, e)
         return FabricState()
 
-    def _read_snapshot(self, path: Path, seq: int) -> FabricState:
+    @staticmethod
+    def _snapshot_file_payload(path: Path) -> bytes:
         data = path.read_bytes()
         if len(data) < HEADER.size:
             raise LogError(f"{path}: short snapshot ({len(data)} bytes)")
@@ -162,6 +163,10 @@ class CheckpointLog:
         payload = data[HEADER.size:]
         if length != len(payload) or zlib.crc32(payload) != crc:
             raise LogError(f"{path}: snapshot length or CRC mismatch")
+        return payload
+
+    def _read_snapshot(self, path: Path, seq: int) -> FabricState:
+        payload = self._snapshot_file_payload(path)
         try:
             state = FabricState.from_snapshot(json.loads(payload))
         except (ValueError, StateError) as e:
@@ -417,6 +422,18 @@ class CheckpointLog:
             return None
         return self.load_snapshot_state().to_snapshot()
 
+    def snapshot_payload(self) -> bytes:
+        """The newest snapshot's bytes as stored (:func:`~fabricd.cluster.state.encode_snapshot` of
+        the state at ``snapshot_position``; of the empty state if there is none), CRC-checked but
+        not parsed: what the leader streams to a shadow that needs a snapshot."""
+        if self._snap_seq == 0:
+            return encode_snapshot(FabricState().to_snapshot())
+        path = snapshot_path(self.directory, self._snap_seq)
+        try:
+            return self._snapshot_file_payload(path)
+        except OSError as e:
+            raise _os_error(e, f"{path}: read snapshot") from e
+
     def load_snapshot_state(self) -> FabricState:
         """The state stored in the newest snapshot (empty if none)."""
         if self._snap_seq == 0:
@@ -452,7 +469,7 @@ class CheckpointLog:
     def _write_snapshot(self, snapshot: dict[str, Any], seq: int) -> None:
         final = snapshot_path(self.directory, seq)
         tmp = final.with_name(final.name + ".tmp")
-        frame = encode_frame(json.dumps(snapshot, separators=(",", ":"), sort_keys=True).encode())
+        frame = encode_frame(encode_snapshot(snapshot))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,12 +20,13 @@ from fabricd.cluster.replication import (
     ReplicationTracker,
     Send,
     ShadowReplica,
+    SnapshotAck,
     SnapshotChunk,
     SnapshotRequest,
     message_from_dict,
     message_to_dict,
 )
-from fabricd.cluster.state import FabricState, Record
+from fabricd.cluster.state import FabricState, Record, encode_snapshot
 from fabricd.failpoints import FailpointHit, configure
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
@@ -297,7 +299,9 @@ def test_stale_term_appends_are_rejected_and_counted(tmp_path: Path) -> None:
     actions = rep.on_message(old, 9.0)
     assert actions == [Send("old", LogAck(term=2, shadow="a", seq=3, ok=False))]
     assert rep.counters["stale_term_rejected"] == 1 and rep.log.last_position == before
-    stale_snap = SnapshotChunk(term=1, leader="old", seq=1, snapshot=FabricState().to_snapshot(), commit_seq=1)
+    data = encode_snapshot(FabricState().to_snapshot())
+    stale_snap = SnapshotChunk(term=1, leader="old", seq=0, commit_seq=1, offset=0, total=len(data),
+                               checksum=zlib.crc32(data), data=data)
     assert rep.on_message(stale_snap, 9.0)[0].msg.ok is False
     assert rep.counters["stale_term_rejected"] == 2
     # The old leader's tracker, seeing the newer term, is told to step down.
@@ -388,7 +392,7 @@ def test_random_loss_and_compaction_converge(tmp_path: Path, seed: int) -> None:
 
 def test_messages_round_trip_and_malformed_ones_are_refused() -> None:
     msgs = [LogAppend(1, "L", 0, [], 0, 0), LogAck(1, "a", 3, True), SnapshotRequest(2, "a"),
-            SnapshotChunk(2, "L", 0, FabricState().to_snapshot(), 0)]
+            SnapshotChunk(2, "L", 0, 0, 0, 3, 7, b"abc"), SnapshotAck(2, "a", 0, 3)]
     for m in msgs:
         assert message_from_dict(message_to_dict(m)) == m
     for bad in [None, {"type": "nope"}, {**message_to_dict(msgs[1]), "ok": "yes"},
