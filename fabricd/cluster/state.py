@@ -74,7 +74,7 @@ __all__ = [
 
 SNAPSHOT_VERSION = 1
 #: Most ranks one ``job_progress`` record lists individually (the rest are covered by its floor).
-MAX_PROGRESS_AHEAD = 64
+MAX_PROGRESS_AHEAD = 32
 
 RECORD_KINDS = (
     "job_submitted",
