@@ -375,6 +375,11 @@ class ReplicationTracker:
         self.counters["rejected"] += 1
         if peer.mode == _SNAPSHOT:
             return []  # an answer to an append sent before the snapshot
+        if hint < peer.match_seq:
+            # the shadow no longer holds what it acknowledged (it lost its log, a fresh disk):
+            # start over from what it holds now (commit_seq never goes back, so this is safe)
+            self.counters["shadow_regressed"] += 1
+            peer.match_seq = hint
         peer.mode, peer.probe_out = _PROBE, False
         peer.next_seq = max(peer.match_seq + 1, min(peer.next_seq, hint + 1))
         return self._send_append(peer, now)

@@ -267,3 +267,19 @@ def test_messages_without_payload_refuse_payload_frames() -> None:
 
 def _request(term: int) -> SnapshotRequest:
     return SnapshotRequest(term=term, shadow="a")
+
+
+def test_a_shadow_that_lost_its_disk_catches_up_by_snapshot(tmp_path: Path) -> None:
+    from .test_replication import Net, assert_identical
+
+    net = Net(tmp_path, shadows=("a", "b"), required_acks=1, segment_bytes=600)
+    net.append(60, batch=4)
+    net.settle()
+    net.log.compact_upto(net.tracker.commit_seq)
+    fresh = CheckpointLog(tmp_path / "a-new-disk", fsync=False)
+    net.replicas["a"] = ShadowReplica("a", fresh, fresh.open())  # acknowledged 61 records, now holds none
+    net.append(3)
+    net.settle()
+    assert net.tracker.counters["shadow_regressed"] == 1
+    assert net.replicas["a"].counters["snapshots_installed"] == 1
+    assert_identical(net)
