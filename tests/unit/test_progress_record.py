@@ -159,3 +159,34 @@ def test_steady_state_costs_under_1_kib_of_log_per_step_at_1024_ranks(skew: int)
     assert steady and max(steady) <= 1024 and sum(steady) / len(steady) <= 200
     assert w.state.floor_step("j") >= 200 - skew - 1  # the floor kept up
     assert len(w.state.progress["j"]) <= MAX_PROGRESS_AHEAD
+
+
+def test_the_leader_records_one_compact_record_per_job_whatever_the_ranks(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fabricd.leadership import Leadership
+
+    from .test_cluster_controller import ClusterController, _cfg
+
+    c = ClusterController(_cfg(tmp_path), now=0.0)
+    c.tick(0.0, telemetry=dict, roles=dict)
+    c.propose([("job_submitted", {"job": "j", "spec_toml": "x", "spec_origin": "/x.toml", "fingerprint": "",
+                                  "dp_size": 64})], 0.01)
+    proposed: list[list] = []
+
+    def propose(entries, now):
+        proposed.append(entries)
+        c.propose(entries, now)
+        return True
+
+    runtime = SimpleNamespace(spec=SimpleNamespace(topology=SimpleNamespace(mp_size=4)), state="indexing")
+    lead = Leadership(c.cfg, c, {"j": runtime}, propose)
+    me = c.members.members["a"]
+    for step in range(1, 6):
+        me.roles = {f"j/constructor/{g}": {"trainers": [[dp, mp, step] for dp in range(8 * g, 8 * g + 8)
+                                                        for mp in range(4)]} for g in range(8)}
+        lead._record_progress(0.02 + step / 100)
+    assert [[kind for kind, _ in entries] for entries in proposed] == [["job_progress"]] * 5
+    assert proposed[-1][0][1] == {"job": "j", "floor": 5, "ahead": []}
+    assert c.state.next_step("j", 63, 3) == 5 and c.state.progress["j"] == {}
+    c.log.close()
