@@ -188,11 +188,15 @@ class Leadership:
             for rid, view in member.roles.items():
                 job = rid.split("/", 1)[0]
                 trainers = view.get("trainers") if isinstance(view, dict) else None
-                for position in trainers if isinstance(trainers, list) else ():
-                    if isinstance(position, list) and len(position) == 3 and all(map(_is_count, position)):
+                if not isinstance(trainers, list):
+                    continue
+                ranks = reported.setdefault(job, {})
+                for position in trainers:  # O(ranks) per pass: kept lean (type() is int: no bools)
+                    if type(position) is list and len(position) == 3:
                         dp, mp, step = position
-                        ranks = reported.setdefault(job, {})
-                        ranks[(dp, mp)] = max(ranks.get((dp, mp), 0), step)
+                        if type(dp) is int and type(mp) is int and type(step) is int and min(dp, mp, step) >= 0 \
+                                and step > ranks.get((dp, mp), -1):
+                            ranks[(dp, mp)] = step
         entries = []
         for job, ranks in sorted(reported.items()):
             if not state.is_active(job):

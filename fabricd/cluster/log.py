@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import bisect
 import errno
+import itertools
 import json
 import logging
 import os
 import struct
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,8 @@ __all__ = ["CheckpointLog", "Compacted", "LogError", "LogFull", "encode_frame"]
 log = logging.getLogger(__name__)
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: Most recent records kept in memory, so a leader streaming them to many shadows reads no file.
+RECENT_RECORDS = 4096
 
 
 class LogError(FabricdError):
@@ -112,6 +116,7 @@ class CheckpointLog:
         self._last_seq = 0
         self._opened = False
         self._broken: str | None = None
+        self._recent: deque[Record] = deque(maxlen=RECENT_RECORDS)  # consecutive seqs ending at _last_seq
 
     # -- opening --------------------------------------------------------------------------
 
@@ -125,6 +130,7 @@ class CheckpointLog:
             self._snap_term, self._snap_seq = state.last_term, state.last_seq
             self._last_term, self._last_seq = state.last_term, state.last_seq
             self._segments = []
+            self._recent.clear()
             paths = segment_files(self.directory)
             for i, (first, path) in enumerate(paths):
                 if not self._load_segment(first, path, state, last=(i == len(paths) - 1)):
@@ -314,6 +320,9 @@ class CheckpointLog:
         seg.size = off
         seg.last_seq = records[-1].seq
         self._last_term, self._last_seq = records[-1].term, records[-1].seq
+        if self._recent and self._recent[-1].seq != records[0].seq - 1:
+            self._recent.clear()
+        self._recent.extend(records)
 
     def _failpoint(self, name: str) -> None:
         try:
@@ -367,6 +376,9 @@ class CheckpointLog:
         out: list[Record] = []
         if from_seq > self._last_seq or limit <= 0:
             return out
+        if self._recent and self._recent[0].seq <= from_seq:
+            start = from_seq - self._recent[0].seq
+            return list(itertools.islice(self._recent, start, start + limit))
         i = bisect.bisect_right([s.first_seq for s in self._segments], from_seq) - 1
         seq = from_seq
         while i < len(self._segments) and len(out) < limit and seq <= self._last_seq:
@@ -526,6 +538,8 @@ class CheckpointLog:
         except OSError as e:
             self._broken = f"truncate failed: {e}"
             raise _os_error(e, f"{self.directory}: truncate after seq {seq}") from e
+        while self._recent and self._recent[-1].seq > seq:
+            self._recent.pop()
         log.warning("log %s: truncated records %d..%d", self.directory, seq + 1, self._last_seq)
         self._last_term, self._last_seq = new_term, seq
 
@@ -548,6 +562,7 @@ class CheckpointLog:
             self._broken = f"dropping segments failed: {e}"
             raise _os_error(e, f"{self.directory}: install snapshot") from e
         self._segments = []
+        self._recent.clear()
         self._snap_term, self._snap_seq = state.last_term, state.last_seq
         self._last_term, self._last_seq = state.last_term, state.last_seq
         log.info("log %s: installed snapshot at seq %d (term %d)", self.directory, state.last_seq, state.last_term)
@@ -557,4 +572,5 @@ class CheckpointLog:
         """Release the file descriptors. The log may be opened again."""
         self._close_fd()
         self._segments = []
+        self._recent.clear()
         self._opened = False

@@ -38,23 +38,33 @@ def progress_record(state: FabricState, job: str, reported: Mapping[tuple[int, i
     """The data of a ``job_progress`` record for ``job`` (active) from the ranks' reported next
     steps, or None if it would change nothing. ``mp_size`` None: the floor is not raised."""
     dp_size = state.jobs[job]["dp_size"]
-    ranks = {r: s for r, s in reported.items()
-             if r[0] < dp_size and (mp_size is None or r[1] < mp_size) and s <= MAX_STEP}
     floor = state.floor_step(job)
+    # what the state holds per rank, by (dp, mp): O(ranks ahead of the floor), small in steady state
+    recorded: dict[tuple[int, int], int] = {}
+    for key, step in state.progress.get(job, {}).items():
+        rank = _rank(key)
+        if rank is not None and rank[0] < dp_size and (mp_size is None or rank[1] < mp_size):
+            recorded[rank] = step
+    known: dict[tuple[int, int], int] = {}  # rank -> (reported step, what the state says), reported ranks only
+    lowest = None
+    for rank, step in reported.items():
+        if rank[0] >= dp_size or (mp_size is not None and rank[1] >= mp_size) or step > MAX_STEP:
+            continue
+        have = max(recorded.get(rank, 0), floor)
+        known[rank] = step
+        reached = step if step > have else have
+        if lowest is None or reached < lowest:
+            lowest = reached
     new_floor = floor
-    if mp_size is not None:
-        reached = [max(step, state.next_step(job, dp, mp)) for (dp, mp), step in ranks.items()]
-        for key, step in state.progress.get(job, {}).items():
-            rank = _rank(key)
-            if rank is not None and rank not in ranks and rank[0] < dp_size and rank[1] < mp_size:
-                reached.append(step)
-        if len(reached) == dp_size * mp_size:
-            new_floor = max(floor, min(reached))
+    if mp_size is not None and lowest is not None:
+        silent = [step for rank, step in recorded.items() if rank not in known]
+        if len(known) + len(silent) == dp_size * mp_size:
+            new_floor = max(floor, min([lowest, *silent]))
     gains = []
-    for (dp, mp), step in ranks.items():
-        known = max(state.next_step(job, dp, mp), new_floor)
-        if step - known >= min_gain:
-            gains.append((known - step, dp, mp, step))
+    for (dp, mp), step in known.items():
+        have = max(recorded.get((dp, mp), 0), new_floor)
+        if step - have >= min_gain:
+            gains.append((have - step, dp, mp, step))
     ahead = [[dp, mp, step] for _, dp, mp, step in sorted(gains)[:max_ahead]]
     if new_floor == floor and not ahead:
         return None

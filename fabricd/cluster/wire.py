@@ -35,9 +35,9 @@ _KIND_OF = {cls: kind for kind, cls in PEER_KINDS.items()}
 _SCALARS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), dict: (dict,), list: (list,)}
 
 
+_HINTS: dict[type, dict[str, Any]] = {cls: typing.get_type_hints(cls) for cls in PEER_KINDS.values()}
 _PAYLOAD_FIELDS: dict[type, tuple[str, ...]] = {
-    cls: tuple(f.name for f in dataclasses.fields(cls) if typing.get_type_hints(cls)[f.name] is bytes)
-    for cls in PEER_KINDS.values()
+    cls: tuple(f.name for f in dataclasses.fields(cls) if _HINTS[cls][f.name] is bytes) for cls in PEER_KINDS.values()
 }
 
 
@@ -69,7 +69,7 @@ def from_peer(envelope: protocol.PeerMessage, payload: Sequence[Any] = ()) -> An
             return replication.message_from_dict({"type": envelope.kind, **envelope.body, **frames})
         except replication.ReplicationError as e:
             raise ProtocolError(protocol.ErrorCode.MALFORMED, str(e)) from e
-    hints = typing.get_type_hints(cls)
+    hints = _HINTS[cls]
     names = {f.name for f in dataclasses.fields(cls)}
     if set(envelope.body) != names:
         raise ProtocolError(protocol.ErrorCode.MALFORMED,
