@@ -207,12 +207,15 @@ class ReplicationTracker:
         if not msg.ok:
             return self._on_reject(peer, msg.seq, now)
         seq = min(msg.seq, self._local_seq)
+        raised = seq > peer.match_seq
         peer.match_seq = max(peer.match_seq, seq)
         if peer.mode != _REPLICATE:
             peer.mode, peer.probe_out, peer.snapshot = _REPLICATE, False, None
             peer.next_seq = peer.match_seq + 1
         peer.next_seq = max(peer.next_seq, peer.match_seq + 1)
-        actions = self._advance_commit()
+        # only an ack that raised a match past the commit point can move it: heartbeat acks from
+        # many shadows then cost O(1) each, not a pass over every shadow
+        actions = self._advance_commit() if raised and seq > self.commit_seq else []
         if peer.next_seq <= self._local_seq and self._credit(peer) > 0:
             actions += self._send_append(peer, now)
         return actions
