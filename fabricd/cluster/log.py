@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-import itertools
 import json
 import logging
 import os
@@ -72,8 +71,10 @@ __all__ = ["CheckpointLog", "Compacted", "LogError", "LogFull", "encode_frame"]
 log = logging.getLogger(__name__)
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-#: Most recent records kept in memory, so a leader streaming them to many shadows reads no file.
-RECENT_RECORDS = 4096
+#: The most recent records are kept in memory (at most this many, and at most RECENT_BYTES of
+#: them as written), so a leader streaming them to many shadows reads and parses no file.
+RECENT_RECORDS = 65536
+RECENT_BYTES = 8 << 20
 
 
 class LogError(FabricdError):
@@ -116,7 +117,9 @@ class CheckpointLog:
         self._last_seq = 0
         self._opened = False
         self._broken: str | None = None
-        self._recent: deque[Record] = deque(maxlen=RECENT_RECORDS)  # consecutive seqs ending at _last_seq
+        self._recent: deque[Record] = deque()  # consecutive seqs ending at _last_seq
+        self._recent_sizes: deque[int] = deque()  # their sizes as written
+        self._recent_bytes = 0
 
     # -- opening --------------------------------------------------------------------------
 
@@ -130,7 +133,7 @@ class CheckpointLog:
             self._snap_term, self._snap_seq = state.last_term, state.last_seq
             self._last_term, self._last_seq = state.last_term, state.last_seq
             self._segments = []
-            self._recent.clear()
+            self._forget_recent()
             paths = segment_files(self.directory)
             for i, (first, path) in enumerate(paths):
                 if not self._load_segment(first, path, state, last=(i == len(paths) - 1)):
@@ -320,9 +323,22 @@ class CheckpointLog:
         seg.size = off
         seg.last_seq = records[-1].seq
         self._last_term, self._last_seq = records[-1].term, records[-1].seq
+        self._remember(records, [len(f) for f in frames])
+
+    def _remember(self, records: Sequence[Record], sizes: list[int]) -> None:
         if self._recent and self._recent[-1].seq != records[0].seq - 1:
-            self._recent.clear()
+            self._forget_recent()
         self._recent.extend(records)
+        self._recent_sizes.extend(sizes)
+        self._recent_bytes += sum(sizes)
+        while self._recent and (len(self._recent) > RECENT_RECORDS or self._recent_bytes > RECENT_BYTES):
+            self._recent.popleft()
+            self._recent_bytes -= self._recent_sizes.popleft()
+
+    def _forget_recent(self) -> None:
+        self._recent.clear()
+        self._recent_sizes.clear()
+        self._recent_bytes = 0
 
     def _failpoint(self, name: str) -> None:
         try:
@@ -376,9 +392,11 @@ class CheckpointLog:
         out: list[Record] = []
         if from_seq > self._last_seq or limit <= 0:
             return out
-        if self._recent and self._recent[0].seq <= from_seq:
-            start = from_seq - self._recent[0].seq
-            return list(itertools.islice(self._recent, start, start + limit))
+        recent = self._recent
+        if recent and recent[0].seq <= from_seq:
+            # deque indexing walks from the nearer end: reads near the tail (the usual) stay cheap
+            start = from_seq - recent[0].seq
+            return [recent[i] for i in range(start, min(len(recent), start + limit))]
         i = bisect.bisect_right([s.first_seq for s in self._segments], from_seq) - 1
         seq = from_seq
         while i < len(self._segments) and len(out) < limit and seq <= self._last_seq:
@@ -540,6 +558,7 @@ class CheckpointLog:
             raise _os_error(e, f"{self.directory}: truncate after seq {seq}") from e
         while self._recent and self._recent[-1].seq > seq:
             self._recent.pop()
+            self._recent_bytes -= self._recent_sizes.pop()
         log.warning("log %s: truncated records %d..%d", self.directory, seq + 1, self._last_seq)
         self._last_term, self._last_seq = new_term, seq
 
@@ -562,7 +581,7 @@ class CheckpointLog:
             self._broken = f"dropping segments failed: {e}"
             raise _os_error(e, f"{self.directory}: install snapshot") from e
         self._segments = []
-        self._recent.clear()
+        self._forget_recent()
         self._snap_term, self._snap_seq = state.last_term, state.last_seq
         self._last_term, self._last_seq = state.last_term, state.last_seq
         log.info("log %s: installed snapshot at seq %d (term %d)", self.directory, state.last_seq, state.last_term)
@@ -572,5 +591,5 @@ class CheckpointLog:
         """Release the file descriptors. The log may be opened again."""
         self._close_fd()
         self._segments = []
-        self._recent.clear()
+        self._forget_recent()
         self._opened = False

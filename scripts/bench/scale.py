@@ -19,7 +19,7 @@ the real wire path (``wire.to_peer`` → ``protocol.encode`` → ``protocol.deco
   back as a real, empty ``ShadowReplica`` to measure catch-up.
 
 Phases: (1) the job is submitted, every daemon beats, the leader records 32k host declarations
-and places the roles; (2) steady state: trainers advance one step per heartbeat (odd daemons'
+and places the roles, and replicates all of it to every shadow; (2) steady state: trainers advance one step per heartbeat (odd daemons'
 reports lag a step); (3) the leader compacts its log, ``d001`` comes back empty and catches up
 from the chunked snapshot plus the tail.
 
@@ -273,14 +273,20 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "job": JOB, "spec_toml": fab.spec.text, "spec_origin": str(fab.spec.file),
         "fingerprint": fab.runtime.fingerprint, "dp_size": args.dp})], fab.now))
 
-    # (1) hosts declared, roles placed
+    # (1) hosts declared, roles placed, and every shadow holding all of it
     for _ in range(8):
         fab.heartbeat()
+    beats = 8
+    while min(fab.ctl.tracker.shadow_positions().values()) < fab.ctl.state.last_seq and beats < 600:
+        fab.heartbeat()
+        beats += 1
     st = fab.ctl.state
     roles = sum(r["job"] == JOB for r in st.roles.values())
+    setup_cpu = fab.cpu_s
     print(f"setup: {len(st.hosts.get(JOB, {}))} trainer hosts recorded, {roles} roles placed on "
-          f"{len({r['node'] for r in st.roles.values()})} daemons; first placement pass "
-          f"{1000 * fab.placement_s[0]:.1f} ms CPU", flush=True)
+          f"{len({r['node'] for r in st.roles.values()})} daemons, {st.last_seq} records on all "
+          f"{args.nodes - 1} shadows after {beats} heartbeats; leader CPU {setup_cpu:.1f} s; first placement "
+          f"pass {1000 * fab.placement_s[0]:.1f} ms CPU", flush=True)
 
     # (2) steady state: trainers advance one step per heartbeat
     fab.trainers_running = True
@@ -329,6 +335,7 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "leader_cpu_ms_per_s": round(cpu_ms_per_s, 1),
             "placement_ms": round(1000 * statistics.median(steady_place), 2),
             "placement_first_ms": round(1000 * fab.placement_s[0], 1),
+            "setup_records": st.last_seq, "setup_heartbeats": beats, "setup_leader_cpu_s": round(setup_cpu, 2),
             "caught_up": caught_up, "catch_up_wall_s": round(catch_up_wall, 3),
             "snapshot_chunks": tracker["snapshot_chunks_sent"], "snapshots_encoded": tracker["snapshots_encoded"],
             "steady_records": len(records), "progress_floor": floor, "trainer_step": fab.step,

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from fabricd.cluster.controller import ClusterController
-from fabricd.cluster.log import RECENT_RECORDS, CheckpointLog
-from fabricd.cluster.state import FabricState, Record, StateError
+from fabricd.cluster import log as log_module
+from fabricd.cluster.log import CheckpointLog
+from fabricd.cluster.log_files import encode_record
+from fabricd.cluster.state import FabricState, StateError
 
 from .test_cluster_controller import _cfg, _job
 from .test_replication import make_records
@@ -19,15 +21,17 @@ pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 def test_recent_records_come_from_memory_and_equal_what_the_files_hold(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(log_module, "RECENT_RECORDS", 1000)
     log = CheckpointLog(tmp_path / "log", fsync=False, segment_bytes=20_000)
     state = log.open()
-    n = (RECENT_RECORDS // 100 + 5) * 100
+    n = 1500
     for _ in range(0, n, 100):
         log.append(make_records(state, 1, 100))
     file_reads = []
     real = CheckpointLog._read_segment
     monkeypatch.setattr(CheckpointLog, "_read_segment",
                         lambda self, *a: file_reads.append(a) or real(self, *a))
+    assert len(log._recent) == 1000
     recent = log.read(n - 300, 400)
     assert [r.seq for r in recent] == list(range(n - 300, n + 1)) and file_reads == []
     assert log.term_at(n - 5) == 1 and file_reads == []
@@ -36,6 +40,7 @@ def test_recent_records_come_from_memory_and_equal_what_the_files_hold(tmp_path:
     log.truncate_after(n - 50)
     log.append(make_records(log.state_at(n - 50), 2, 3))
     mine = log.read(n - 60, 100)
+    assert log._recent_bytes == sum(len(encode_record(r)) for r in log._recent)
     log.close()
     again = CheckpointLog(tmp_path / "log", fsync=False, segment_bytes=20_000)
     again.open()
