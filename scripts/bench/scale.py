@@ -18,10 +18,10 @@ the real wire path (``wire.to_peer`` → ``protocol.encode`` → ``protocol.deco
   at once (``AckingShadow``) without storing it. One of them, ``d001``, loses its disk and comes
   back as a real, empty ``ShadowReplica`` to measure catch-up.
 
-Phases: (1) the job is submitted, every daemon beats, the leader records 32k host declarations
-and places the roles, and replicates all of it to every shadow; (2) steady state: trainers advance one step per heartbeat (odd daemons'
-reports lag a step); (3) the leader compacts its log, ``d001`` comes back empty and catches up
-from the chunked snapshot plus the tail.
+Phases: (1) the job is submitted, every daemon beats, the leader records 32k host declarations,
+places the roles, and replicates all of it to every shadow; (2) steady state: trainers advance
+one step per heartbeat (odd daemons' reports lag a step); (3) the leader compacts its log,
+``d001`` comes back empty and catches up from the chunked snapshot plus the tail.
 
 Measured with process CPU time (``time.process_time``) around the leader's own work only:
 decoding what it receives, its controller and duties, encoding what it sends. The synthetic

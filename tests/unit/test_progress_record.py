@@ -38,7 +38,7 @@ def test_floor_and_ranks_ahead_give_next_step_and_never_go_back() -> None:
     w = submitted()
     w("job_progress", job="j", floor=5, ahead=[[1, 0, 9], [2, 3, 7]])
     st = w.state
-    assert (st.next_step("j", 0), st.next_step("j", 1), st.next_step("j", 2, 3), st.next_step("j", 3, 1)) == (5, 9, 7, 5)
+    assert [st.next_step("j", dp, mp) for dp, mp in [(0, 0), (1, 0), (2, 3), (3, 1)]] == [5, 9, 7, 5]
     w("job_progress", job="j", floor=3, ahead=[[1, 0, 4]])  # lower: ignored, not an error
     assert (st.next_step("j", 0), st.next_step("j", 1)) == (5, 9)
     w("job_progress", job="j", floor=8, ahead=[])
