@@ -201,10 +201,11 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
             hosts = sorted((k, v[0]) for k, v in job["trainer_hosts"].items())
             click.echo("  trainer hosts (dp/mp: host): " + ", ".join(f"{k}: {h}" for k, h in hosts[:16])
                        + (" ..." if len(hosts) > 16 else ""))
-        if job["progress"]:
+        if job.get("progress_floor") or job["progress"]:
             steps = sorted(job["progress"].items())
-            click.echo("  trainer progress (dp/mp: next step): " + ", ".join(f"{k}: {v}" for k, v in steps[:16])
-                       + (" ..." if len(steps) > 16 else ""))
+            click.echo(f"  trainer progress: every rank at step {job.get('progress_floor', 0)} or later"
+                       + ("; ahead (dp/mp: next step): " + ", ".join(f"{k}: {v}" for k, v in steps[:16])
+                          + (" ..." if len(steps) > 16 else "") if steps else ""))
 
 
 @fabricctl_main.command("dev-cluster")

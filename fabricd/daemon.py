@@ -172,7 +172,7 @@ class Daemon:
             if sock is None:
                 continue
             try:
-                sock.send_multipart(protocol.encode(to_peer(self.cfg.node_id, msg)), flags=zmq.NOBLOCK)
+                sock.send_multipart(protocol.encode(*to_peer(self.cfg.node_id, msg)), flags=zmq.NOBLOCK)
             except zmq.Again:  # the peer is gone or slow: lease and replication messages are retried
                 self.counters["peer_sends_dropped"] += 1
 
@@ -342,10 +342,10 @@ class Daemon:
 
     # -- handlers -------------------------------------------------------------------------------
 
-    def on_peer(self, _identity: bytes, msg: protocol.PeerMessage, _payload: list) -> Reply:
+    def on_peer(self, _identity: bytes, msg: protocol.PeerMessage, payload: list) -> Reply:
         if msg.sender not in self.peers:
             raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"peer {msg.sender!r} is not in this cluster")
-        self._send(self.cluster.on_peer(from_peer(msg), time.monotonic()))
+        self._send(self.cluster.on_peer(from_peer(msg, payload), time.monotonic()))
         return None
 
     def on_hello(self, _identity: bytes, msg: protocol.Hello, _payload: list) -> Reply:
@@ -424,7 +424,8 @@ class Daemon:
                 roles.append(info)
             serving = job.state == "ready" and all(job.constructor_endpoint(g[0]) is not None for g in job.groups)
             jobs[name] = {**job.status(), "serving": serving, "roles": roles,
-                          "progress": dict(state.progress.get(name, {})),
+                          "progress_floor": state.floor_step(name),  # every rank reached it
+                          "progress": dict(state.progress.get(name, {})),  # ranks ahead of the floor
                           "trainer_hosts": dict(state.hosts.get(name, {})),
                           "pool_sizes": dict(state.pools.get(name, {})),
                           "skipped_recorded": len(state.skipped.get(name, ()))}

@@ -17,6 +17,7 @@ assume refusals, for those.
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import time
@@ -50,6 +51,8 @@ def valid_value(t: mi.Type, rng: random.Random, depth: int = 0) -> Any:
         return "".join(rng.choice("abcxyz-_/0123") for _ in range(rng.randint(max(lo, 1), max(hi, lo, 1))))
     if isinstance(t, mi.BoolType):
         return rng.random() < 0.5
+    if isinstance(t, mi.BytesType):  # JSON carries bytes as base64 text
+        return base64.b64encode(rng.randbytes(rng.randint(0, 16))).decode()
     if isinstance(t, mi.NoneType):
         return None
     if isinstance(t, (mi.ListType, mi.VarTupleType)):

@@ -12,7 +12,8 @@
 - Every ``PLACE_EVERY_S``, every job's roles are placed (see ``cluster.placement``): new roles,
   roles of dead daemons, constructors away from their trainers' host; roles no job wants any
   more are released.
-- Trainer progress, as the constructors report it, is recorded every ``PROGRESS_EVERY_S``.
+- Trainer progress, as the constructors report it, is recorded every ``PROGRESS_EVERY_S``: one
+  ``job_progress`` record per job (a floor and the ranks far ahead of it, see ``cluster.progress``).
 
 Nothing here touches a socket: decisions go through ``propose`` (the daemon's: append to the
 checkpoint log and replicate), and the replicated state is where they take effect.
@@ -36,6 +37,7 @@ from .cluster.autoscale import (
     weights_now_and_ahead,
 )
 from .cluster.controller import ClusterController
+from .cluster.progress import progress_record
 from .cluster.placement import (
     MEMORY_GUARD_PERCENT,
     group_hosts,
@@ -207,9 +209,7 @@ class Leadership:
                            and (not auto.cpu_guard_percent
                                 or members[n].telemetry.cpu_percent < auto.cpu_guard_percent)
                            for n in live)
-            progress = state.progress.get(name)
-            weights = weights_now_and_ahead(job.planner.schedule, min(progress.values()) if progress else 0,
-                                            auto.lookahead_steps)
+            weights = weights_now_and_ahead(job.planner.schedule, state.floor_step(name), auto.lookahead_steps)
             for s in job.spec.sources:
                 base, maximum = pool_bounds(job.spec, s.name, self.cfg.loader_workers)
                 prefix = loader_prefix(name, s.name)
@@ -248,17 +248,25 @@ class Leadership:
             self.propose(entries, now)
 
     def _record_progress(self, now: float) -> None:
+        """One ``job_progress`` record per job whose floor or far-ahead ranks moved (see
+        ``cluster.progress``): O(jobs) records per pass, whatever the number of ranks."""
         state = self.cluster.state
-        best: dict[tuple[str, int, int], int] = {}
+        reported: dict[str, dict[tuple[int, int], int]] = {}
         for member in self.cluster.members.members.values():
             for rid, view in member.roles.items():
                 job = rid.split("/", 1)[0]
-                for dp, mp, step in view.trainers:
-                    best[(job, dp, mp)] = max(best.get((job, dp, mp), 0), step)
-        entries = [("trainer_progress", {"job": job, "dp_rank": dp, "mp_rank": mp, "next_step": step})
-                   for (job, dp, mp), step in sorted(best.items())
-                   if state.is_active(job) and dp < state.jobs[job]["dp_size"]
-                   and step > state.next_step(job, dp, mp)]
+                ranks = reported.setdefault(job, {})
+                for dp, mp, step in view.trainers:  # typed and range-checked at decode
+                    if step > ranks.get((dp, mp), -1):
+                        ranks[(dp, mp)] = step
+        entries = []
+        for job, ranks in sorted(reported.items()):
+            if not state.is_active(job):
+                continue
+            runtime = self.jobs.get(job)
+            data = progress_record(state, job, ranks, runtime.spec.topology.mp_size if runtime is not None else None)
+            if data is not None:
+                entries.append(("job_progress", data))
         if entries:
             self.propose(entries, now)
 

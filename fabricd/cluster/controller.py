@@ -25,7 +25,7 @@ from .lease import BecameLeader, LeaderChanged, LeaseBackend, LeaseConfig, Lease
 from .log import CheckpointLog, LogError, LogFull
 from .membership import MemberBeat, Membership
 from .replication import Committed, HigherTerm, ReplicationTracker, ShadowReplica
-from .replication import LogAck, LogAppend, SnapshotChunk, SnapshotRequest
+from .replication import LogAck, LogAppend, SnapshotAck, SnapshotChunk, SnapshotRequest
 from .state import FabricState, Record
 from .term_store import FileTermStore
 
@@ -130,7 +130,7 @@ class ClusterController:
             self.state = self.replica.state
             self.commit_seq = max(self.commit_seq, self.replica.commit_seq)
             return self._repl_actions(actions, now)
-        if isinstance(msg, (LogAck, SnapshotRequest)):
+        if isinstance(msg, (LogAck, SnapshotAck, SnapshotRequest)):
             if self.tracker is None:
                 return []
             return self._repl_actions(self.tracker.on_message(msg, now), now)
@@ -148,28 +148,38 @@ class ClusterController:
             raise NotLeader(self.lease.leader, self.leader_endpoint())
         term, seq = self.lease.term, self.state.last_seq
         records = []
-        trial = self.state.copy()
-        for kind, data in entries:
-            seq += 1
-            rec = Record(term=term, seq=seq, kind=kind, data=data)
-            trial.apply(rec)  # validates before anything is written
-            records.append(rec)
-        if not records:
-            return []
+        # applied as validated (each apply is all-or-nothing); should a later record or the log
+        # write fail, the state is rebuilt from the log: O(state) only then, not on every proposal
         try:
-            self.log.append(records)
+            for kind, data in entries:
+                seq += 1
+                rec = Record(term=term, seq=seq, kind=kind, data=data)
+                self.state.apply(rec)
+                records.append(rec)
+            if records:
+                self.log.append(records)
         except LogFull:
+            self._undo(records)
             self.counters["log_full"] += 1
             log.error("checkpoint log is full: stepping down rather than run unlogged")
             out = self._lease_actions(self.lease.resign(now, "checkpoint log disk full"), now)
             raise LogFull(f"log full; resigned the lease ({len(out)} messages pending)") from None
-        for rec in records:
-            self.state.apply(rec)
+        except BaseException:
+            self._undo(records)
+            raise
+        if not records:
+            return []
         out = self._repl_actions(self.tracker.on_appended(seq, now), now)
         self.commit_seq = max(self.commit_seq, self.tracker.commit_seq)
         return out
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _undo(self, applied: list[Record]) -> None:
+        """Take back records applied to the state but not logged: the state is the log's again."""
+        if applied:
+            self.state = self.log.state_at(self.log.last_position[1])
+            self.replica.state = self.state
 
     def _lease_actions(self, actions: list, now: float) -> list[tuple[str, Any]]:
         out = []

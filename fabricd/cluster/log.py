@@ -39,6 +39,7 @@ import logging
 import os
 import struct
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ from fabricd.cluster.log_files import (
     valid_frame_after,
     write_all,
 )
-from fabricd.cluster.state import FabricState, Record, StateError
+from fabricd.cluster.state import FabricState, Record, StateError, encode_snapshot
 from fabricd.errors import FabricdError
 from fabricd.failpoints import FailpointHit, failpoint
 
@@ -70,6 +71,10 @@ __all__ = ["CheckpointLog", "Compacted", "LogError", "LogFull", "encode_frame"]
 log = logging.getLogger(__name__)
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: The most recent records are kept in memory (at most this many, and at most RECENT_BYTES of
+#: them as written), so a leader streaming them to many shadows reads and parses no file.
+RECENT_RECORDS = 65536
+RECENT_BYTES = 8 << 20
 
 
 class LogError(FabricdError):
@@ -112,6 +117,9 @@ class CheckpointLog:
         self._last_seq = 0
         self._opened = False
         self._broken: str | None = None
+        self._recent: deque[Record] = deque()  # consecutive seqs ending at _last_seq
+        self._recent_sizes: deque[int] = deque()  # their sizes as written
+        self._recent_bytes = 0
 
     # -- opening --------------------------------------------------------------------------
 
@@ -125,6 +133,7 @@ class CheckpointLog:
             self._snap_term, self._snap_seq = state.last_term, state.last_seq
             self._last_term, self._last_seq = state.last_term, state.last_seq
             self._segments = []
+            self._forget_recent()
             paths = segment_files(self.directory)
             for i, (first, path) in enumerate(paths):
                 if not self._load_segment(first, path, state, last=(i == len(paths) - 1)):
@@ -154,7 +163,8 @@ class CheckpointLog:
                 log.warning("log %s: ignoring unusable snapshot: %s", self.directory, e)
         return FabricState()
 
-    def _read_snapshot(self, path: Path, seq: int) -> FabricState:
+    @staticmethod
+    def _snapshot_file_payload(path: Path) -> bytes:
         data = path.read_bytes()
         if len(data) < HEADER.size:
             raise LogError(f"{path}: short snapshot ({len(data)} bytes)")
@@ -162,6 +172,10 @@ class CheckpointLog:
         payload = data[HEADER.size:]
         if length != len(payload) or zlib.crc32(payload) != crc:
             raise LogError(f"{path}: snapshot length or CRC mismatch")
+        return payload
+
+    def _read_snapshot(self, path: Path, seq: int) -> FabricState:
+        payload = self._snapshot_file_payload(path)
         try:
             state = FabricState.from_snapshot(json.loads(payload))
         except (ValueError, StateError) as e:
@@ -309,6 +323,22 @@ class CheckpointLog:
         seg.size = off
         seg.last_seq = records[-1].seq
         self._last_term, self._last_seq = records[-1].term, records[-1].seq
+        self._remember(records, [len(f) for f in frames])
+
+    def _remember(self, records: Sequence[Record], sizes: list[int]) -> None:
+        if self._recent and self._recent[-1].seq != records[0].seq - 1:
+            self._forget_recent()
+        self._recent.extend(records)
+        self._recent_sizes.extend(sizes)
+        self._recent_bytes += sum(sizes)
+        while self._recent and (len(self._recent) > RECENT_RECORDS or self._recent_bytes > RECENT_BYTES):
+            self._recent.popleft()
+            self._recent_bytes -= self._recent_sizes.popleft()
+
+    def _forget_recent(self) -> None:
+        self._recent.clear()
+        self._recent_sizes.clear()
+        self._recent_bytes = 0
 
     def _failpoint(self, name: str) -> None:
         try:
@@ -362,6 +392,11 @@ class CheckpointLog:
         out: list[Record] = []
         if from_seq > self._last_seq or limit <= 0:
             return out
+        recent = self._recent
+        if recent and recent[0].seq <= from_seq:
+            # deque indexing walks from the nearer end: reads near the tail (the usual) stay cheap
+            start = from_seq - recent[0].seq
+            return [recent[i] for i in range(start, min(len(recent), start + limit))]
         i = bisect.bisect_right([s.first_seq for s in self._segments], from_seq) - 1
         seq = from_seq
         while i < len(self._segments) and len(out) < limit and seq <= self._last_seq:
@@ -417,6 +452,18 @@ class CheckpointLog:
             return None
         return self.load_snapshot_state().to_snapshot()
 
+    def snapshot_payload(self) -> bytes:
+        """The newest snapshot's bytes as stored (:func:`~fabricd.cluster.state.encode_snapshot` of
+        the state at ``snapshot_position``; of the empty state if there is none), CRC-checked but
+        not parsed: what the leader streams to a shadow that needs a snapshot."""
+        if self._snap_seq == 0:
+            return encode_snapshot(FabricState().to_snapshot())
+        path = snapshot_path(self.directory, self._snap_seq)
+        try:
+            return self._snapshot_file_payload(path)
+        except OSError as e:
+            raise _os_error(e, f"{path}: read snapshot") from e
+
     def load_snapshot_state(self) -> FabricState:
         """The state stored in the newest snapshot (empty if none)."""
         if self._snap_seq == 0:
@@ -452,7 +499,7 @@ class CheckpointLog:
     def _write_snapshot(self, snapshot: dict[str, Any], seq: int) -> None:
         final = snapshot_path(self.directory, seq)
         tmp = final.with_name(final.name + ".tmp")
-        frame = encode_frame(json.dumps(snapshot, separators=(",", ":"), sort_keys=True).encode())
+        frame = encode_frame(encode_snapshot(snapshot))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -509,6 +556,9 @@ class CheckpointLog:
         except OSError as e:
             self._broken = f"truncate failed: {e}"
             raise _os_error(e, f"{self.directory}: truncate after seq {seq}") from e
+        while self._recent and self._recent[-1].seq > seq:
+            self._recent.pop()
+            self._recent_bytes -= self._recent_sizes.pop()
         log.warning("log %s: truncated records %d..%d", self.directory, seq + 1, self._last_seq)
         self._last_term, self._last_seq = new_term, seq
 
@@ -531,6 +581,7 @@ class CheckpointLog:
             self._broken = f"dropping segments failed: {e}"
             raise _os_error(e, f"{self.directory}: install snapshot") from e
         self._segments = []
+        self._forget_recent()
         self._snap_term, self._snap_seq = state.last_term, state.last_seq
         self._last_term, self._last_seq = state.last_term, state.last_seq
         log.info("log %s: installed snapshot at seq %d (term %d)", self.directory, state.last_seq, state.last_term)
@@ -540,4 +591,5 @@ class CheckpointLog:
         """Release the file descriptors. The log may be opened again."""
         self._close_fd()
         self._segments = []
+        self._forget_recent()
         self._opened = False

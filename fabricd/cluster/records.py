@@ -15,7 +15,10 @@ from typing import Annotated, Any
 import msgspec
 from fabric_client.protocol import Count, DpRank, DpSize, MpRank, Name, NextStep, OptName, SpecText, Step, Text
 
-__all__ = ["RECORD_TYPES", "RecordDataError", "check_data"]
+__all__ = ["MAX_PROGRESS_AHEAD", "RECORD_TYPES", "RecordDataError", "check_data"]
+
+#: Most ranks a ``job_progress`` record lists ahead of its floor.
+MAX_PROGRESS_AHEAD = 32
 
 NonEmptyIdent = Annotated[str, msgspec.Meta(min_length=1, max_length=4 * 255)]
 Extra = Annotated[dict[str, Any], msgspec.Meta(max_length=256)]
@@ -58,6 +61,14 @@ class TrainerProgress(_Data):
     next_step: NextStep
 
 
+class JobProgress(_Data):
+    """Every rank of the job reached ``floor``; ``ahead`` lists ranks well past it."""
+
+    job: Name
+    floor: NextStep
+    ahead: Annotated[list[tuple[DpRank, MpRank, NextStep]], msgspec.Meta(max_length=MAX_PROGRESS_AHEAD)]
+
+
 class TrainerHost(_Data):
     job: Name
     dp_rank: DpRank
@@ -96,6 +107,7 @@ RECORD_TYPES: dict[str, type[_Data]] = {
     "job_cancelled": JobCancelled,
     "sample_skipped": SampleSkipped,
     "trainer_progress": TrainerProgress,
+    "job_progress": JobProgress,
     "trainer_host": TrainerHost,
     "pool_resized": PoolResized,
     "role_assigned": RoleAssigned,

@@ -6,12 +6,17 @@ daemon maps the messages to the wire and carries out the actions.
 - :class:`ReplicationTracker` (leader, one per term) streams new records to every shadow, at
   most ``window`` records unacknowledged per shadow, resends to shadows that fall silent, sends
   heartbeats that carry the commit point, and falls back to a snapshot for a shadow that lags
-  behind what the log still holds. ``commit_seq`` is the highest seq that the leader holds
+  behind what the log still holds. A snapshot streams in chunks of at most ``CHUNK_BYTES``
+  (at most ``snapshot_window`` chunks unacknowledged), cut from bytes encoded once per
+  snapshot position (see :mod:`~fabricd.cluster.snapshot_transfer`), so its size is bounded by
+  nothing but the log's frame limit. ``commit_seq`` is the highest seq that the leader holds
   durably and ``required_acks`` shadows acknowledged as durable.
 - :class:`ShadowReplica` (every other daemon) accepts appends in order, writes them to its own
   :class:`~fabricd.cluster.log.CheckpointLog` *before* acknowledging, rejects anything stamped
   with an older term (counted: the fencing rule), truncates a conflicting uncommitted tail left
-  by an older leader, and installs a snapshot when it is too far behind.
+  by an older leader, and installs a snapshot when it is too far behind: it reassembles the
+  chunks in order, acknowledges each (``SnapshotAck``), checks the checksum of the whole, and
+  restarts cleanly when a newer transfer (new term, leader or snapshot) begins.
 
 Consistency is Raft's log matching rule: an append names the (seq, term) of the record just
 before its records (``prev_seq``/``prev_term``), and a shadow accepts it only if its own log
@@ -29,13 +34,23 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Protocol, Union
+from dataclasses import dataclass
+from typing import Protocol, Union
 
 from fabricd.cluster.log import CheckpointLog, Compacted, LogError
-from fabricd.cluster.state import FabricState, Record, StateError
+from fabricd.cluster.snapshot_transfer import CHUNK_BYTES, EncodedSnapshot, SnapshotAssembly
+from fabricd.cluster.state import FabricState, Record, StateError, decode_snapshot
 from fabricd.cluster.lease import Send  # one 'send to a peer' action for the whole cluster layer
-from fabricd.errors import FabricdError
+from fabricd.cluster.replication_messages import (  # re-exported: the messages are part of this API
+    MESSAGE_TYPES,
+    LogAck,
+    LogAppend,
+    Message,
+    ReplicationError,
+    SnapshotAck,
+    SnapshotChunk,
+    SnapshotRequest,
+)
 
 __all__ = [
     "Action",
@@ -50,99 +65,12 @@ __all__ = [
     "ReplicationTracker",
     "Send",
     "ShadowReplica",
+    "SnapshotAck",
     "SnapshotChunk",
     "SnapshotRequest",
-    "message_from_dict",
-    "message_to_dict",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class ReplicationError(FabricdError):
-    """A replication message that cannot be decoded (the transport drops and counts it)."""
-
-
-# -- messages ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LogAppend:
-    """Leader -> shadow: records ``prev_seq + 1 ...`` (as ``Record.to_dict()``), or none (heartbeat).
-
-    ``prev_term`` is the term of record ``prev_seq`` in the leader's log (0 for seq 0): the shadow
-    accepts only if its own record ``prev_seq`` has that term. ``commit_seq`` is the leader's.
-    """
-
-    term: int
-    leader: str
-    prev_seq: int
-    records: list[dict]
-    commit_seq: int
-    prev_term: int
-
-
-@dataclass(frozen=True)
-class LogAck:
-    """Shadow -> leader.
-
-    ``ok=True``: the shadow holds durably, and matching the leader's log, every record up to
-    ``seq``. ``ok=False``: the append was refused (older term, gap or mismatch at ``prev_seq``);
-    ``seq`` is then the highest seq at which the shadow's log may still match the leader's (a
-    hint to back up to), and ``term`` the shadow's highest term.
-    """
-
-    term: int
-    shadow: str
-    seq: int
-    ok: bool
-
-
-@dataclass(frozen=True)
-class SnapshotRequest:
-    """Shadow -> leader: it cannot continue from its own log; send a snapshot."""
-
-    term: int
-    shadow: str
-
-
-@dataclass(frozen=True)
-class SnapshotChunk:
-    """Leader -> shadow: the whole state at ``seq`` (``FabricState.to_snapshot()``), committed."""
-
-    term: int
-    leader: str
-    seq: int
-    snapshot: dict
-    commit_seq: int
-
-
-Message = Union[LogAppend, LogAck, SnapshotRequest, SnapshotChunk]
-MESSAGE_TYPES: dict[str, type] = {"log_append": LogAppend, "log_ack": LogAck,
-                                  "snapshot_request": SnapshotRequest, "snapshot_chunk": SnapshotChunk}
-_TYPE_NAMES = {cls: name for name, cls in MESSAGE_TYPES.items()}
-_FIELD_TYPES = {"term": int, "leader": str, "shadow": str, "prev_seq": int, "prev_term": int, "records": list,
-                "commit_seq": int, "seq": int, "ok": bool, "snapshot": dict}
-
-
-def message_to_dict(msg: Message) -> dict[str, Any]:
-    """A JSON-typed dict with a ``type`` key, for the transport."""
-    return {"type": _TYPE_NAMES[type(msg)], **asdict(msg)}
-
-
-def message_from_dict(d: Any) -> Message:
-    """Decode :func:`message_to_dict` output; raises ReplicationError naming what is wrong."""
-    if not isinstance(d, dict) or d.get("type") not in MESSAGE_TYPES:
-        raise ReplicationError(f"not a replication message: {d!r:.200}")
-    cls = MESSAGE_TYPES[d["type"]]
-    names = {f.name for f in fields(cls)}
-    if set(d) - {"type"} != names:
-        raise ReplicationError(f"{d['type']}: expected fields {sorted(names)}, got {sorted(set(d) - {'type'})}")
-    for name in names:
-        typ, value = _FIELD_TYPES[name], d[name]
-        if not isinstance(value, typ) or (typ is int and (isinstance(value, bool) or value < 0)):
-            raise ReplicationError(f"{d['type']}: {name} = {value!r:.100} is not a valid {typ.__name__}")
-    return cls(**{n: d[n] for n in names})
 
 
 # -- actions ----------------------------------------------------------------------------------
@@ -175,7 +103,9 @@ class LogReader(Protocol):
     def last_position(self) -> tuple[int, int]: ...
     def read(self, from_seq: int, limit: int = 1000) -> list[Record]: ...
     def term_at(self, seq: int) -> int | None: ...
-    def load_snapshot(self) -> dict[str, Any] | None: ...
+    @property
+    def snapshot_position(self) -> tuple[int, int]: ...
+    def snapshot_payload(self) -> bytes: ...
 
 
 # -- leader side ------------------------------------------------------------------------------
@@ -192,6 +122,9 @@ class _Peer:
     last_sent: float = -math.inf
     last_heard: float = 0.0
     probe_out: bool = False  # a probe (or snapshot) awaits its answer
+    snapshot: EncodedSnapshot | None = None  # the snapshot being streamed (mode _SNAPSHOT)
+    snap_acked: int = 0  # bytes of it the shadow acknowledged
+    snap_sent: int = 0  # bytes of it sent
 
 
 class ReplicationTracker:
@@ -199,13 +132,16 @@ class ReplicationTracker:
 
     def __init__(self, leader: str, term: int, shadows: Sequence[str], required_acks: int, log: LogReader, *,
                  window: int = 256, clock_now: float, heartbeat_s: float = 0.5, resend_s: float = 2.0,
-                 max_batch: int = 256) -> None:
+                 max_batch: int = 256, chunk_bytes: int = CHUNK_BYTES, snapshot_window: int = 4) -> None:
         if len(set(shadows)) != len(shadows) or leader in shadows:
             raise ValueError(f"shadows = {list(shadows)!r} must be distinct and exclude the leader {leader!r}")
         if not 0 <= required_acks <= len(shadows):
             raise ValueError(f"required_acks = {required_acks!r} must be within 0..{len(shadows)} (shadows)")
-        if window < 1 or max_batch < 1:
-            raise ValueError(f"window = {window!r} and max_batch = {max_batch!r} must be >= 1")
+        if window < 1 or max_batch < 1 or snapshot_window < 1:
+            raise ValueError(f"window = {window!r}, max_batch = {max_batch!r} and snapshot_window = "
+                             f"{snapshot_window!r} must be >= 1")
+        if not 1 <= chunk_bytes <= CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes = {chunk_bytes!r} must be within 1..{CHUNK_BYTES}")
         self.leader = leader
         self.term = term
         self.required_acks = required_acks
@@ -213,7 +149,10 @@ class ReplicationTracker:
         self.max_batch = max_batch
         self.heartbeat_s = heartbeat_s
         self.resend_s = resend_s
+        self.chunk_bytes = chunk_bytes
+        self.snapshot_window = snapshot_window
         self._log = log
+        self._encoded: EncodedSnapshot | None = None  # the newest snapshot, encoded once
         self._local_seq = log.last_position[1]
         self._own_term_committed = False
         self.commit_seq = self._local_seq if required_acks == 0 else 0
@@ -240,9 +179,9 @@ class ReplicationTracker:
         return actions
 
     def on_message(self, msg: Message, now: float) -> list[Action]:
-        """A LogAck or SnapshotRequest from a shadow."""
+        """A LogAck, SnapshotAck or SnapshotRequest from a shadow."""
         self._now = max(self._now, now)
-        if not isinstance(msg, (LogAck, SnapshotRequest)):
+        if not isinstance(msg, (LogAck, SnapshotAck, SnapshotRequest)):
             self.counters["unexpected_message"] += 1
             return []
         peer = self._peers.get(msg.shadow)
@@ -259,15 +198,20 @@ class ReplicationTracker:
         if isinstance(msg, SnapshotRequest):
             self.counters["snapshot_requests"] += 1
             return self._send_snapshot(peer, now)
+        if isinstance(msg, SnapshotAck):
+            return self._on_snapshot_ack(peer, msg, now)
         if not msg.ok:
             return self._on_reject(peer, msg.seq, now)
         seq = min(msg.seq, self._local_seq)
+        raised = seq > peer.match_seq
         peer.match_seq = max(peer.match_seq, seq)
         if peer.mode != _REPLICATE:
-            peer.mode, peer.probe_out = _REPLICATE, False
+            peer.mode, peer.probe_out, peer.snapshot = _REPLICATE, False, None
             peer.next_seq = peer.match_seq + 1
         peer.next_seq = max(peer.next_seq, peer.match_seq + 1)
-        actions = self._advance_commit()
+        # only an ack that raised a match past the commit point can move it: heartbeat acks from
+        # many shadows then cost O(1) each, not a pass over every shadow
+        actions = self._advance_commit() if raised and seq > self.commit_seq else []
         if peer.next_seq <= self._local_seq and self._credit(peer) > 0:
             actions += self._send_append(peer, now)
         return actions
@@ -279,9 +223,9 @@ class ReplicationTracker:
         for peer in self._peers.values():
             since_sent = now - peer.last_sent
             if peer.mode == _SNAPSHOT:
-                if since_sent >= self.resend_s:
-                    self.counters["snapshot_resends"] += 1
-                    actions += self._send_snapshot(peer, now)
+                if since_sent >= self.resend_s and now - peer.last_heard >= self.resend_s:
+                    # chunks in flight and no answer: assume they were lost; resend from the acked offset
+                    actions += self._resend_snapshot(peer, now)
             elif peer.mode == _PROBE:
                 if not peer.probe_out or since_sent >= self.resend_s:
                     actions += self._send_append(peer, now)
@@ -331,6 +275,11 @@ class ReplicationTracker:
         self.counters["rejected"] += 1
         if peer.mode == _SNAPSHOT:
             return []  # an answer to an append sent before the snapshot
+        if hint < peer.match_seq:
+            # the shadow no longer holds what it acknowledged (it lost its log, a fresh disk):
+            # start over from what it holds now (commit_seq never goes back, so this is safe)
+            self.counters["shadow_regressed"] += 1
+            peer.match_seq = hint
         peer.mode, peer.probe_out = _PROBE, False
         peer.next_seq = max(peer.match_seq + 1, min(peer.next_seq, hint + 1))
         return self._send_append(peer, now)
@@ -359,12 +308,63 @@ class ReplicationTracker:
         self.counters["records_sent"] += len(records)
         return [Send(peer.name, msg)]
 
+    def _snapshot(self) -> EncodedSnapshot:
+        """The log's newest snapshot, encoded once per snapshot position and shared by every send."""
+        term, seq = self._log.snapshot_position
+        if self._encoded is None or (self._encoded.seq, self._encoded.term) != (seq, term):
+            self._encoded = EncodedSnapshot.of(seq, term, self._log.snapshot_payload())
+            self.counters["snapshots_encoded"] += 1
+        return self._encoded
+
     def _send_snapshot(self, peer: _Peer, now: float) -> list[Action]:
-        snapshot = self._log.load_snapshot() or FabricState().to_snapshot()
-        peer.mode, peer.probe_out, peer.last_sent = _SNAPSHOT, True, now
+        """Start streaming the newest snapshot to ``peer`` (from its first byte)."""
+        peer.snapshot = self._snapshot()
+        peer.mode, peer.probe_out = _SNAPSHOT, True
+        peer.snap_acked = peer.snap_sent = 0
+        peer.last_heard = now  # the resend timer runs from the start of the transfer
         self.counters["snapshots_sent"] += 1
-        return [Send(peer.name, SnapshotChunk(term=self.term, leader=self.leader, seq=snapshot["last_seq"],
-                                              snapshot=snapshot, commit_seq=self.commit_seq))]
+        return self._send_chunks(peer, now)
+
+    def _resend_snapshot(self, peer: _Peer, now: float) -> list[Action]:
+        """Chunks in flight and no answer: resend from the acknowledged offset (the last chunk if
+        all were acknowledged but no LogAck came); a newer snapshot instead if none was taken."""
+        self.counters["snapshot_resends"] += 1
+        snap = peer.snapshot
+        if snap is None or (peer.snap_acked == 0 and self._log.snapshot_position != (snap.term, snap.seq)):
+            return self._send_snapshot(peer, now)
+        last_chunk = (snap.total - 1) // self.chunk_bytes * self.chunk_bytes
+        peer.snap_sent = min(peer.snap_acked, last_chunk)
+        return self._send_chunks(peer, now)
+
+    def _on_snapshot_ack(self, peer: _Peer, msg: SnapshotAck, now: float) -> list[Action]:
+        snap = peer.snapshot
+        if peer.mode != _SNAPSHOT or snap is None or msg.seq != snap.seq or msg.received > snap.total:
+            self.counters["stale_snapshot_acks"] += 1
+            return []
+        if msg.received < peer.snap_acked:
+            self.counters["snapshot_restarts"] += 1  # the shadow dropped what it held: resend from there
+            peer.snap_sent = msg.received
+        peer.snap_acked = msg.received
+        peer.snap_sent = max(peer.snap_sent, peer.snap_acked)
+        return self._send_chunks(peer, now)
+
+    def _send_chunks(self, peer: _Peer, now: float) -> list[Action]:
+        """Chunks from ``snap_sent`` on, at most ``snapshot_window`` unacknowledged."""
+        snap = peer.snapshot
+        if snap is None:
+            return []
+        out: list[Action] = []
+        limit = peer.snap_acked + self.snapshot_window * self.chunk_bytes
+        while peer.snap_sent < min(snap.total, limit):
+            data = snap.chunk(peer.snap_sent, self.chunk_bytes)
+            out.append(Send(peer.name, SnapshotChunk(term=self.term, leader=self.leader, seq=snap.seq,
+                                                     commit_seq=self.commit_seq, offset=peer.snap_sent,
+                                                     total=snap.total, checksum=snap.checksum, data=data)))
+            peer.snap_sent += len(data)
+        if out:
+            peer.last_sent = now
+            self.counters["snapshot_chunks_sent"] += len(out)
+        return out
 
 
 # -- shadow side ------------------------------------------------------------------------------
@@ -377,7 +377,8 @@ class ShadowReplica:
     propagates and the replica refuses further input: reopen the log and build a new replica.
     """
 
-    def __init__(self, node: str, log: CheckpointLog, state: FabricState) -> None:
+    def __init__(self, node: str, log: CheckpointLog, state: FabricState, *,
+                 assembly: SnapshotAssembly | None = None) -> None:
         self.node = node
         self.log = log
         self.state = state
@@ -386,6 +387,13 @@ class ShadowReplica:
         self.commit_seq = log.snapshot_position[1]
         self.counters: Counter[str] = Counter()
         self._failed: str | None = None
+        self._assembly = assembly or SnapshotAssembly()
+        self._done: tuple[int, str, int, int, int] | None = None  # the last transfer taken in full
+
+    @property
+    def snapshot_bytes_held(self) -> int:
+        """Bytes of a snapshot transfer in progress held in memory (at most its total)."""
+        return self._assembly.received
 
     def on_message(self, msg: Message, now: float) -> list[Action]:
         """A LogAppend or SnapshotChunk from a leader."""
@@ -487,28 +495,46 @@ class ShadowReplica:
         return [r for r in records if r.seq > last]
 
     def _on_snapshot(self, m: SnapshotChunk) -> list[Action]:
-        snap = m.snapshot
-        if not isinstance(snap, dict) or snap.get("last_seq") != m.seq or not isinstance(snap.get("last_term"), int):
-            self.counters["malformed"] += 1
-            log.error("replica %s: dropped a snapshot from %s whose seq does not match %d", self.node, m.leader, m.seq)
-            return []
+        key = (m.term, m.leader, m.seq, m.total, m.checksum)
+        if key == self._done:  # a resend of a transfer already taken: its LogAck was lost
+            return [Send(m.leader, SnapshotAck(term=self.highest_term, shadow=self.node, seq=m.seq,
+                                               received=m.total)),
+                    self._ack(m.leader, m.seq, ok=True)]
+        got = self._assembly.add(m.term, m.leader, m.seq, m.total, m.checksum, m.offset, m.data)
+        self.counters[f"snapshot_chunks_{got.status}"] += 1
+        if got.status in ("invalid", "corrupt"):
+            log.error("replica %s: snapshot chunk from %s (seq %d, offset %d) refused: %s", self.node, m.leader,
+                      m.seq, m.offset, got.reason)
+        if got.status == "stale" or (got.status == "invalid" and self._assembly.key != key):
+            return []  # not about the transfer in progress: nothing to acknowledge
+        if got.status != "complete" or got.data is None:
+            return [Send(m.leader, SnapshotAck(term=self.highest_term, shadow=self.node, seq=m.seq,
+                                               received=got.received))]
+        return self._install(m, got.data)
+
+    def _install(self, m: SnapshotChunk, data: bytes) -> list[Action]:
+        """A whole snapshot arrived with its checksum right: install it unless we hold it already."""
         try:
-            FabricState.from_snapshot(snap)
+            snap_state = decode_snapshot(data)
+            if snap_state.last_seq != m.seq:
+                raise StateError(f"snapshot holds seq {snap_state.last_seq}, its chunks say {m.seq}")
         except StateError as e:
             self.counters["malformed"] += 1
             log.error("replica %s: dropped a malformed snapshot from %s: %s", self.node, m.leader, e)
             return []
+        self._done = (m.term, m.leader, m.seq, m.total, m.checksum)
         last = self.log.last_position[1]
         have = False
         if m.seq <= last:
             try:
-                have = self.log.term_at(m.seq) == snap["last_term"]
+                have = self.log.term_at(m.seq) == snap_state.last_term
             except Compacted:
                 have = True  # below our own snapshot: committed, so the same
         if not have:
-            self.state = self.log.install_snapshot(snap)
+            self.state = self.log.install_snapshot(snap_state.to_snapshot())
             self.counters["snapshots_installed"] += 1
-        actions: list[Action] = []
+        actions: list[Action] = [Send(m.leader, SnapshotAck(term=self.highest_term, shadow=self.node, seq=m.seq,
+                                                            received=m.total))]
         if m.seq > self.commit_seq:
             self.commit_seq = m.seq
             actions.append(Committed(m.seq))

@@ -22,7 +22,15 @@ errors; ``int`` fields are non-negative, ``str`` fields non-empty unless noted):
 ``trainer_progress``
     ``job`` str (active), ``dp_rank`` int < dp_size, ``mp_rank`` int, ``next_step`` int.
     Progress is monotone: a ``next_step`` below the one recorded is ignored, never an error,
-    so replay is deterministic whatever order reports reached the leader in.
+    so replay is deterministic whatever order reports reached the leader in. Written by older
+    leaders (one record per rank per advance); still applied when replaying their logs.
+``job_progress``
+    ``job`` str (active), ``floor`` int, ``ahead`` list of ``[dp_rank, mp_rank, next_step]``
+    (ints, ``dp_rank`` < dp_size, at most ``MAX_PROGRESS_AHEAD`` items): every rank of the job has
+    reached ``floor``; the ranks listed have reached their ``next_step``. One record per job
+    describes all its ranks, so progress costs the log O(ranks ahead of the floor), not O(ranks).
+    Monotone like ``trainer_progress``: a rank's step is the highest the floor or a record ever
+    gave it; lower values are ignored, never an error.
 ``trainer_host``
     ``job`` str (active), ``dp_rank`` int < dp_size, ``mp_rank`` int, ``host`` str,
     ``declared_ms`` int (wall-clock milliseconds of the trainer's ``Locate``). The host a trainer
@@ -45,29 +53,35 @@ deterministic contents, so two replicas with the same records produce equal snap
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from fabricd.errors import FabricdError
 
-from .records import RECORD_TYPES, RecordDataError, check_data
+from .records import MAX_PROGRESS_AHEAD, RECORD_TYPES, RecordDataError, check_data
 
 __all__ = [
     "RECORD_KINDS",
     "RECORD_SCHEMAS",
+    "MAX_PROGRESS_AHEAD",
     "SNAPSHOT_VERSION",
     "FabricState",
+    "decode_snapshot",
+    "encode_snapshot",
     "Record",
     "StateError",
 ]
 
 SNAPSHOT_VERSION = 1
+#: Most ranks one ``job_progress`` record lists individually (the rest are covered by its floor).
 
 RECORD_KINDS = (
     "job_submitted",
     "job_cancelled",
     "sample_skipped",
     "trainer_progress",
+    "job_progress",
     "trainer_host",
     "pool_resized",
     "role_assigned",
@@ -132,7 +146,8 @@ class FabricState:
 
     ``jobs``: name -> {"spec_toml", "spec_origin", "fingerprint", "dp_size", "extra", "cancelled",
     "cancel_reason", "term", "seq"}; ``skipped``: job -> set of (source, sample_id, piece, step);
-    ``progress``: job -> {"dp_rank/mp_rank": next_step}; ``hosts``: job -> {"dp_rank/mp_rank":
+    ``progress``: job -> {"dp_rank/mp_rank": next_step} for the ranks ahead of the job's floor;
+    ``progress_floor``: job -> the step every rank reached (absent: 0); ``hosts``: job -> {"dp_rank/mp_rank":
     [host, declared_ms]}; ``pools``: job -> {source: workers}; ``roles``: role_id -> {"job", "kind",
     "node", "extra", "term", "seq"}; ``members``: node -> {"endpoint", "term"}.
     """
@@ -140,6 +155,7 @@ class FabricState:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, set[SkippedUnit]] = field(default_factory=dict)
     progress: dict[str, dict[str, int]] = field(default_factory=dict)
+    progress_floor: dict[str, int] = field(default_factory=dict)
     hosts: dict[str, dict[str, list]] = field(default_factory=dict)
     pools: dict[str, dict[str, int]] = field(default_factory=dict)
     roles: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -177,6 +193,7 @@ class FabricState:
         if old is not None and old["fingerprint"] != d["fingerprint"]:
             self.skipped.pop(job, None)
             self.progress.pop(job, None)
+            self.progress_floor.pop(job, None)
         self.jobs[job] = {"spec_toml": d["spec_toml"], "spec_origin": d["spec_origin"],
                           "fingerprint": d["fingerprint"], "dp_size": d["dp_size"], "extra": d["extra"],
                           "cancelled": False, "cancel_reason": "", "term": rec.term, "seq": rec.seq}
@@ -203,8 +220,29 @@ class FabricState:
         self._trainer_rank(rec, d)
         ranks = self.progress[d["job"]]
         key = f"{d['dp_rank']}/{d['mp_rank']}"
-        if d["next_step"] > ranks.get(key, -1):
+        if d["next_step"] > max(ranks.get(key, -1), self.progress_floor.get(d["job"], 0)):
             ranks[key] = d["next_step"]
+
+    def _apply_job_progress(self, rec: Record, d: dict[str, Any]) -> None:
+        entry = self._active_job(rec, d["job"])
+        ahead, floor = d["ahead"], d["floor"]  # types and ranges checked (records.JobProgress)
+        for item in ahead:
+            if item[0] >= entry["dp_size"]:
+                raise StateError(f"record seq {rec.seq} (job_progress): ahead item {list(item)} has "
+                                 f"dp_rank >= dp_size {entry['dp_size']}")
+        job = d["job"]
+        ranks = self.progress[job]
+        old_floor = self.progress_floor.get(job, 0)
+        if floor > old_floor:
+            self.progress_floor[job] = floor
+            # ranks the floor caught up with need no entry of their own: O(ranks ahead), not O(ranks)
+            for key in [k for k, step in ranks.items() if step <= floor]:
+                del ranks[key]
+        floor = max(floor, old_floor)
+        for dp, mp, step in ahead:
+            key = f"{dp}/{mp}"
+            if step > max(ranks.get(key, 0), floor):
+                ranks[key] = step
 
     def _apply_trainer_host(self, rec: Record, d: dict[str, Any]) -> None:
         self._trainer_rank(rec, d)
@@ -240,8 +278,13 @@ class FabricState:
         return entry is not None and not entry["cancelled"]
 
     def next_step(self, job: str, dp_rank: int, mp_rank: int = 0) -> int:
-        """The step a trainer rank is known to resume at (0 if it never reported)."""
-        return self.progress.get(job, {}).get(f"{dp_rank}/{mp_rank}", 0)
+        """The step a trainer rank is known to resume at (0 if it never reported). Never goes down
+        while the job stays submitted with the same fingerprint."""
+        return max(self.progress.get(job, {}).get(f"{dp_rank}/{mp_rank}", 0), self.progress_floor.get(job, 0))
+
+    def floor_step(self, job: str) -> int:
+        """The step every rank of ``job`` is known to have reached (0 if none recorded)."""
+        return self.progress_floor.get(job, 0)
 
     def trainer_host(self, job: str, dp_rank: int, mp_rank: int = 0) -> tuple[str, int] | None:
         """The host a trainer rank last declared, with the declaration's time (ms), or None."""
@@ -267,6 +310,7 @@ class FabricState:
             "jobs": {k: _json_copy(self.jobs[k]) for k in sorted(self.jobs)},
             "skipped": {k: [list(u) for u in sorted(self.skipped[k])] for k in sorted(self.skipped)},
             "progress": {k: dict(sorted(self.progress[k].items())) for k in sorted(self.progress)},
+            "progress_floor": dict(sorted(self.progress_floor.items())),
             "hosts": {k: {r: list(v) for r, v in sorted(self.hosts[k].items())} for k in sorted(self.hosts)},
             "pools": {k: dict(sorted(self.pools[k].items())) for k in sorted(self.pools)},
             "roles": {k: _json_copy(self.roles[k]) for k in sorted(self.roles)},
@@ -284,6 +328,8 @@ class FabricState:
                 skipped={str(k): {(str(s), int(i), int(p), int(t)) for s, i, p, t in v}
                          for k, v in d["skipped"].items()},
                 progress={str(k): {str(r): int(n) for r, n in v.items()} for k, v in d["progress"].items()},
+                # absent from snapshots written before job_progress records
+                progress_floor={str(k): int(n) for k, n in d.get("progress_floor", {}).items()},
                 # absent from snapshots written before trainers declared hosts
                 hosts={str(k): {str(r): [str(h), int(t)] for r, (h, t) in v.items()}
                        for k, v in d.get("hosts", {}).items()},
@@ -304,6 +350,21 @@ class FabricState:
     def copy(self) -> FabricState:
         """An independent deep copy (O(state))."""
         return FabricState.from_snapshot(self.to_snapshot())
+
+
+def encode_snapshot(snapshot: dict[str, Any]) -> bytes:
+    """The canonical bytes of a :meth:`FabricState.to_snapshot` dict: compact JSON with sorted
+    keys, so equal states encode to equal bytes (what the log stores and the leader streams)."""
+    return json.dumps(snapshot, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_snapshot(data: bytes) -> FabricState:
+    """The state in :func:`encode_snapshot` output; raises StateError if it is not one."""
+    try:
+        snapshot = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise StateError(f"malformed snapshot: not JSON ({e})") from e
+    return FabricState.from_snapshot(snapshot)
 
 
 def _json_copy(v: Any) -> Any:

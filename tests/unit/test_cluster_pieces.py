@@ -160,9 +160,9 @@ def test_membership_liveness_and_restarts():
     LogAppend(term=1, leader="a", prev_seq=0, records=[], commit_seq=0, prev_term=0),
 ])
 def test_peer_messages_round_trip(msg):
-    frames = protocol.encode(to_peer("a", msg))
-    envelope, _ = protocol.decode(frames)
-    assert from_peer(envelope) == msg
+    frames = protocol.encode(*to_peer("a", msg))
+    envelope, payload = protocol.decode(frames)
+    assert from_peer(envelope, payload) == msg
 
 
 @pytest.mark.parametrize("kind, body", [

@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import random
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from fabric_client import protocol
+from fabric_client.errors import ProtocolError
 from fabricd.cluster.log import CheckpointLog, LogError
 from fabricd.cluster.replication import (
     Committed,
     HigherTerm,
     LogAck,
     LogAppend,
-    ReplicationError,
     ReplicationTracker,
     Send,
     ShadowReplica,
+    SnapshotAck,
     SnapshotChunk,
     SnapshotRequest,
-    message_from_dict,
-    message_to_dict,
 )
-from fabricd.cluster.state import FabricState, Record
+from fabricd.cluster.state import FabricState, Record, encode_snapshot
+from fabricd.cluster.wire import from_peer, to_peer
 from fabricd.failpoints import FailpointHit, configure
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
@@ -91,7 +95,7 @@ class Net:
                     assert len(a.msg.records) <= self.tracker.window
                     self.sent_records[a.to] = self.sent_records.get(a.to, 0) + len(a.msg.records)
                 # Everything crosses the wire as dicts.
-                self.queue.append((a.to, message_from_dict(message_to_dict(a.msg))))
+                self.queue.append((a.to, _over_the_wire(a.msg)))
             elif isinstance(a, Committed) and source is None:
                 assert a.seq == self.tracker.commit_seq
                 self.check_commit(a.seq)
@@ -297,7 +301,9 @@ def test_stale_term_appends_are_rejected_and_counted(tmp_path: Path) -> None:
     actions = rep.on_message(old, 9.0)
     assert actions == [Send("old", LogAck(term=2, shadow="a", seq=3, ok=False))]
     assert rep.counters["stale_term_rejected"] == 1 and rep.log.last_position == before
-    stale_snap = SnapshotChunk(term=1, leader="old", seq=1, snapshot=FabricState().to_snapshot(), commit_seq=1)
+    data = encode_snapshot(FabricState().to_snapshot())
+    stale_snap = SnapshotChunk(term=1, leader="old", seq=0, commit_seq=1, offset=0, total=len(data),
+                               checksum=zlib.crc32(data), data=data)
     assert rep.on_message(stale_snap, 9.0)[0].msg.ok is False
     assert rep.counters["stale_term_rejected"] == 2
     # The old leader's tracker, seeing the newer term, is told to step down.
@@ -388,14 +394,24 @@ def test_random_loss_and_compaction_converge(tmp_path: Path, seed: int) -> None:
 
 def test_messages_round_trip_and_malformed_ones_are_refused() -> None:
     msgs = [LogAppend(1, "L", 0, [], 0, 0), LogAck(1, "a", 3, True), SnapshotRequest(2, "a"),
-            SnapshotChunk(2, "L", 0, FabricState().to_snapshot(), 0)]
+            SnapshotChunk(2, "L", 0, 0, 0, 3, 7, b"abc"), SnapshotAck(2, "a", 0, 3)]
     for m in msgs:
-        assert message_from_dict(message_to_dict(m)) == m
-    for bad in [None, {"type": "nope"}, {**message_to_dict(msgs[1]), "ok": "yes"},
-                {**message_to_dict(msgs[1]), "seq": -1}, {k: v for k, v in message_to_dict(msgs[0]).items()
-                                                         if k != "prev_term"}]:
-        with pytest.raises(ReplicationError):
-            message_from_dict(bad)
+        assert _over_the_wire(m) == m
+    ack = {"term": 1, "shadow": "a", "seq": 3, "ok": True}
+    for kind, body in [("log_ack", {**ack, "ok": "yes"}), ("log_ack", {**ack, "seq": -1}),
+                       ("log_ack", {**ack, "seq": 2**70}), ("log_ack", {"term": 1, "shadow": "a", "seq": 3}),
+                       ("nope", ack), ("log_append", None)]:
+        with pytest.raises(ProtocolError):
+            from_peer(protocol.PeerMessage(sender="a", kind=kind, body=msgspec.Raw(json.dumps(body).encode())))
+    chunk, payload = to_peer("L", msgs[3])
+    with pytest.raises(ProtocolError, match="payload frames"):
+        from_peer(chunk, [])  # the data frame is missing
+
+
+def _over_the_wire(msg):
+    """``msg`` encoded and decoded as the daemons do (envelope header + payload frames)."""
+    envelope, payload = protocol.decode(protocol.encode(*to_peer("x", msg)))
+    return from_peer(envelope, payload)
 
 
 def test_tracker_configuration_is_checked(tmp_path: Path) -> None:
