@@ -14,7 +14,7 @@ the real wire path (``wire.to_peer`` → ``protocol.encode`` → ``protocol.deco
   lengths instead of indexed files.
 - The other daemons are synthetic: each sends a ``MemberBeat`` per heartbeat with plausible
   telemetry, its trainers' host declarations, and the positions of the trainers its constructors
-  serve (what ``daemon._role_view`` reports); as replicas they acknowledge every ``LogAppend``
+  serve (what ``fabricd.status.role_view`` reports); as replicas they acknowledge every ``LogAppend``
   at once (``AckingShadow``) without storing it. One of them, ``d001``, loses its disk and comes
   back as a real, empty ``ShadowReplica`` to measure catch-up.
 

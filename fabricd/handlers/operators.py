@@ -1,0 +1,84 @@
+"""Requests from operators (``fabricctl``): submit and cancel jobs, read the status."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from fabric_client import protocol
+
+from ..admission import check_submission, is_retry
+from ..config import parse_job_spec
+from ..errors import ConfigError
+from ..status import build_status
+from . import Reply, handles
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+@handles(protocol.SubmitJob)
+def submit(daemon: Daemon, _identity: bytes, msg: protocol.SubmitJob, _payload: list) -> Reply:
+    """Request: ``SubmitJob(spec_toml, spec_path)``. Reply: ``JobAccepted(job, fingerprint,
+    state)`` once the job is recorded (state ``indexing``: follow it with ``StatusRequest``), or at
+    once for a job already running with this very spec; ``ErrorReply(invalid_spec)`` for a spec
+    that does not parse, passes a bound, names a missing path or a file of another format, or needs
+    more roles per daemon than allowed; ``ErrorReply(not_leader)`` naming the leader.
+
+    A different spec under a running job's name replaces it; the same spec of a failed job runs
+    it again."""
+    try:
+        spec = parse_job_spec(msg.spec_toml, msg.spec_path)
+    except ConfigError as e:
+        return protocol.ErrorReply(code=protocol.ErrorCode.INVALID_SPEC, reason=str(e))
+    now = time.monotonic()
+    if not daemon.cluster.is_leader(now):
+        return daemon.not_leader()
+    try:
+        check_submission(spec, daemon.cfg)  # roles per daemon, source paths and formats
+    except ConfigError as e:
+        return protocol.ErrorReply(code=protocol.ErrorCode.INVALID_SPEC, reason=str(e))
+    current = daemon.cluster.state.jobs.get(spec.name)
+    entries: list[tuple[str, dict]] = []
+    if current is not None and not current["cancelled"]:
+        job = daemon.jobs.get(spec.name)
+        same = current["spec_toml"] == msg.spec_toml and current["spec_origin"] == spec.file
+        if same and not is_retry(job.state if job else None):
+            return protocol.JobAccepted(job=spec.name, fingerprint=job.fingerprint if job else "",
+                                        state=job.state if job else "indexing")
+        log.warning("job %s resubmitted %s; replacing it", spec.name,
+                    "after it failed" if same else "with a different spec")
+        entries += daemon.release_roles(spec.name)
+        entries.append(("job_cancelled", {"job": spec.name, "reason": "resubmitted"}))
+    entries.append(("job_submitted", {"job": spec.name, "spec_toml": msg.spec_toml, "spec_origin": spec.file,
+                                      "fingerprint": "", "dp_size": spec.topology.dp_size}))
+    if not daemon.propose(entries, now):
+        return protocol.ErrorReply(code=protocol.ErrorCode.INTERNAL, reason="could not record the job; see the daemon log")
+    return protocol.JobAccepted(job=spec.name, fingerprint="", state="indexing")
+
+
+@handles(protocol.CancelJob)
+def cancel(daemon: Daemon, _identity: bytes, msg: protocol.CancelJob, _payload: list) -> Reply:
+    """Request: ``CancelJob(job)``. Reply: ``Ok`` once the cancellation is recorded (its roles are
+    released with it); ``ErrorReply(unknown_job | not_leader)``."""
+    now = time.monotonic()
+    if not daemon.cluster.is_leader(now):
+        return daemon.not_leader()
+    current = daemon.cluster.state.jobs.get(msg.job)
+    if current is None or current["cancelled"]:
+        return protocol.ErrorReply(code=protocol.ErrorCode.UNKNOWN_JOB, reason=f"no job named {msg.job!r}")
+    if not daemon.propose(daemon.release_roles(msg.job) + [("job_cancelled", {"job": msg.job, "reason": "cancelled"})],
+                          now):
+        return protocol.ErrorReply(code=protocol.ErrorCode.INTERNAL, reason="could not record the cancellation")
+    return protocol.Ok()
+
+
+@handles(protocol.StatusRequest)
+def status(daemon: Daemon, _identity: bytes, _msg: protocol.StatusRequest, _payload: list) -> Reply:
+    """Request: ``StatusRequest()``. Reply: ``StatusReply(status)``: this node, the cluster as it
+    sees it (lease, log, replicas, members), its telemetry and counters (drops per reason), and
+    per job its state, roles, progress, trainer hosts and pools (see :mod:`fabricd.status`)."""
+    return protocol.StatusReply(status=build_status(daemon, time.monotonic()))
