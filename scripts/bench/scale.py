@@ -56,6 +56,7 @@ from fabricd.cluster.controller import ClusterController  # noqa: E402
 from fabricd.cluster.log import CheckpointLog  # noqa: E402
 from fabricd.cluster.log_files import encode_record  # noqa: E402
 from fabricd.cluster.membership import MemberBeat  # noqa: E402
+from fabricd.cluster.telemetry import NodeTelemetry, RoleProcessTelemetry, RoleView  # noqa: E402
 from fabricd.cluster.replication import LogAck, LogAppend, ShadowReplica  # noqa: E402
 from fabricd.cluster.wire import from_peer, to_peer  # noqa: E402
 from fabricd.config import JobSpec, load_node_config, parse_job_spec  # noqa: E402
@@ -203,28 +204,28 @@ class Fabric:
 
     # -- the synthetic daemons (not measured) ----------------------------------------------
 
-    def telemetry(self, i: int) -> dict[str, Any]:
+    def telemetry(self, i: int) -> NodeTelemetry:
         node = self.names[i]
-        loaders = {rid: {"units": 1000 * self.step, "busy_s": 0.5 * self.step * HEARTBEAT_S, "rss_mb": 300}
+        loaders = {rid: RoleProcessTelemetry(units=1000 * self.step, busy_s=0.5 * self.step * HEARTBEAT_S, rss_mb=300)
                    for rid, r in self._roles_on(node) if r["kind"] == "source_loader"}
         # this daemon's host runs the trainers of DP ranks i*k .. i*k+k-1 (all MP ranks); like the
         # daemon, it passes on the declarations the state does not hold yet
         k = max(1, self.dp // self.nodes)
-        declarations = [[JOB, dp, mp, f"host{i:03d}", 1_000 + i] for dp in range(i * k, min(self.dp, (i + 1) * k))
+        declarations = [(JOB, dp, mp, f"host{i:03d}", 1_000 + i) for dp in range(i * k, min(self.dp, (i + 1) * k))
                         for mp in range(self.mp) if self.ctl.state.host_is_news(JOB, dp, mp, f"host{i:03d}", 1_000 + i)]
-        return {"cpu_percent": 35.0 + i % 20, "mem_used_percent": 40.0, "mem_available_mb": 64000,
-                "hostname": f"host{i:03d}", "roles": len(loaders), "role_processes": loaders,
-                "trainer_hosts": declarations}
+        return NodeTelemetry(cpu_percent=35.0 + i % 20, mem_used_percent=40.0, mem_available_mb=64000,
+                             hostname=f"host{i:03d}", roles=len(loaders), role_processes=loaders,
+                             trainer_hosts=declarations)
 
-    def roles_view(self, i: int) -> dict[str, dict]:
+    def roles_view(self, i: int) -> dict[str, RoleView]:
         node, view = self.names[i], {}
         lag = i % 2  # odd daemons' reports are a heartbeat older
         for rid, r in self._roles_on(node):
-            entry: dict[str, Any] = {"endpoint": f"tcp://10.0.0.{i % 256}:9000", "kind": r["kind"], "alive": True}
+            trainers = []
             if r["kind"] == "constructor" and not rid.endswith("/standby") and self.trainers_running:
-                entry["trainers"] = [[dp, mp, max(0, self.step - lag)] for dp in r["extra"]["ranks"]
-                                     for mp in range(self.mp)]
-            view[rid] = entry
+                trainers = [(dp, mp, max(0, self.step - lag)) for dp in r["extra"]["ranks"] for mp in range(self.mp)]
+            view[rid] = RoleView(endpoint=f"tcp://10.0.0.{i % 256}:9000", kind=r["kind"], alive=True,
+                                 trainers=trainers)
         return view
 
     def _roles_on(self, node: str) -> list[tuple[str, dict]]:
