@@ -93,6 +93,7 @@ class FuzzRun:
         self.cluster: LocalCluster | None = None
         self.trainer: _Trainer | None = None
         self.per_socket: Counter[str] = Counter()
+        self.replies: Counter[str] = Counter()  # answers received (refusals, mostly): proof of processing
         self.max_handler_ms = 0.0
         self._ctx = zmq.Context()
         self._cache: dict[str, list[bytes]] = {}
@@ -249,8 +250,9 @@ class FuzzRun:
                     t.drain(timeout_ms=500)
             self._ping(pingers)
         finally:
-            for ts in targets.values():
+            for kind, ts in targets.items():
                 for t in ts:
+                    self.replies[kind] += t.received
                     t.close()
             for t, _ in pingers:
                 t.close()
@@ -294,6 +296,7 @@ class FuzzRun:
         return {
             "messages": sum(self.per_socket.values()),
             "per_socket": dict(self.per_socket),
+            "replies": dict(self.replies),
             "crashes": len(crashed),
             "role_restarts": restarts,
             "rss_growth_mb": round(rss_after - self.rss_before, 1),

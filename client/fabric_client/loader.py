@@ -59,7 +59,6 @@ from . import protocol
 from .batch import decode_batch, decode_verified
 from .errors import BatchIntegrityError, FabricUnavailable, ProtocolError
 from .limits import MAX_STEP
-from .sockets import SocketFactory
 from .session import (
     MAX_PREFETCH,
     Action,
@@ -74,6 +73,7 @@ from .session import (
     ReturnCredit,
     TrainerSession,
 )
+from .sockets import SocketFactory
 
 __all__ = ["Loader", "FabricBatch", "HOST_ENV", "STATE_JOB", "STATE_NEXT_STEP", "STATE_NEXT_MICRO"]
 
