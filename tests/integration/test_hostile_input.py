@@ -128,3 +128,46 @@ def test_every_field_of_every_record_mutated_is_dropped_counted_and_logged_brief
     records, _ = consume(local_daemon.address, "t", 0, 1, steps=2)
     assert_exact(records, expected(job_file, range(2)), 0)
     assert json.dumps(after)  # status stays JSON
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_is_honoured_within_seconds_under_a_flood(tmp_path, tiny_corpus, local_daemon):
+    """While a flood of malformed messages (deep nesting, huge lists) keeps the control socket
+    busy, SIGTERM still stops the daemon and its roles within a few seconds."""
+    import signal
+    import threading
+
+    job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=1)
+    submit(local_daemon, job_file)
+    rng = random.Random(5)
+    flood = [[h] for name in ("plan_request", "role_stats", "locate", "subscribe")
+             for _, h in fuzzing.field_mutations(protocol.message_types()[name], rng)] * 20
+    stop = threading.Event()
+
+    def hammer() -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(local_daemon.address)
+        try:
+            for frames in flood:
+                if stop.is_set():
+                    break
+                if sock.poll(100, zmq.POLLOUT):
+                    sock.send_multipart(frames, zmq.NOBLOCK)
+                while sock.poll(0):
+                    sock.recv_multipart()
+        finally:
+            sock.close()
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # the flood is under way
+    proc = local_daemon.proc
+    started = time.monotonic()
+    local_daemon.signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    took = time.monotonic() - started
+    stop.set()
+    thread.join(10)
+    assert proc.returncode == 0, local_daemon.tail()
+    assert took < 10.0, f"SIGTERM took {took:.1f}s under the flood"
