@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +35,8 @@ def main() -> int:
                     help="run the daemons in network namespaces, enabling partition faults (needs root)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C: the finally below stops every daemon this run started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="fabricd-chaos-"))
     netns = args.netns == "yes" or (args.netns == "auto" and available())
     kinds = tuple(args.kinds.split(",")) if args.kinds else FAULT_KINDS + (PARTITION_KINDS if netns else ())
