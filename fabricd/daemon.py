@@ -189,13 +189,13 @@ class Daemon:
             return local.endpoint if local.alive else None
         assigned = self.cluster.state.roles.get(role_id)
         now = time.monotonic()
-        if assigned is None or not self.cluster.members.alive(assigned["node"], now):
+        if assigned is None or not self.cluster.members.alive(assigned.node, now):
             return None
-        view = self.cluster.members.members[assigned["node"]].roles.get(role_id)
+        view = self.cluster.members.members[assigned.node].roles.get(role_id)
         return view.endpoint if view is not None and view.alive else None
 
     def role_ids(self, job: str) -> list[str]:
-        return [rid for rid, r in self.cluster.state.roles.items() if r["job"] == job]
+        return [rid for rid, r in self.cluster.state.roles.items() if r.job == job]
 
     def committed_skips(self, job: str) -> tuple[object | None, Collection[tuple[str, int, int, int]]]:
         """The job's skip records that are committed (a constructor may drop only those: an
@@ -204,7 +204,8 @@ class Daemon:
         state, commit = self.cluster.state, self.cluster.commit_seq
         units = state.skipped.get(job, set())
         if state.last_seq <= commit:
-            return (state.jobs.get(job, {}).get("seq"), len(units)), units
+            entry = state.jobs.get(job)
+            return (entry.seq if entry is not None else None, len(units)), units
         tail, seq = set(), commit + 1
         while seq <= state.last_seq:
             records = self.cluster.log.read(seq, 1000)

@@ -163,7 +163,7 @@ class Leadership:
     def _place(self, now: float, live: list[str]) -> None:
         """Place every ready job's roles; release the roles no job wants any more."""
         state, members = self.cluster.state, self.cluster.members.members
-        load = Counter(r["node"] for r in state.roles.values())
+        load = Counter(r.node for r in state.roles.values())
         cpu = {n: v.telemetry.cpu_percent for n, v in members.items()}
         memory = {n: v.telemetry.mem_used_percent for n, v in members.items()}
         on_host = nodes_by_host({p.node_id: {p.node_id, p.control.rsplit(":", 1)[0].split("://")[-1],
@@ -179,15 +179,15 @@ class Leadership:
                                                          group_nodes=group_nodes,
                                                          pool_sizes=state.pools.get(name))}
             # a role whose arguments changed (a new fingerprint, say) is placed afresh
-            current = {rid: r["node"] for rid, r in state.roles.items()
-                       if r["job"] == name and rid in wants and r["extra"] == wants[rid].extra}
+            current = {rid: r.node for rid, r in state.roles.items()
+                       if r.job == name and rid in wants and r.extra == wants[rid].extra}
             moves = place_roles(list(wants.values()), live=live, current=current, load=load, cpu=cpu, memory=memory)
             for rid, node in moves.items():
                 want = wants[rid]
                 entries.append(("role_assigned", {"role_id": rid, "job": name, "kind": want.kind, "node": node,
                                                   "extra": want.extra}))
             entries += [("role_released", {"role_id": rid, "reason": "no longer wanted"})
-                        for rid, r in state.roles.items() if r["job"] == name and rid not in wants]
+                        for rid, r in state.roles.items() if r.job == name and rid not in wants]
         if entries:
             for kind, data in entries:
                 log.info("%s %s → %s", kind, data["role_id"], data.get("node", "-"))

@@ -47,23 +47,23 @@ class LocalReconciler:
         d = self.daemon
         # a job starts (indexes, planner) on a committed record; a cancellation acts at once
         active = {name: j for name, j in d.cluster.state.jobs.items()
-                  if not j["cancelled"] and (name in d.jobs or j["seq"] <= commit)}
+                  if not j.cancelled and (name in d.jobs or j.seq <= commit)}
         for name in list(d.jobs):
-            if (name not in active or d.jobs[name].spec.text != active[name]["spec_toml"]
-                    or d.jobs[name].record_seq != active[name]["seq"]):  # resubmitted: run it afresh
+            if (name not in active or d.jobs[name].spec.text != active[name].spec_toml
+                    or d.jobs[name].record_seq != active[name].seq):  # resubmitted: run it afresh
                 log.info("job %s %s", name, "cancelled" if name not in active else "replaced")
                 d.jobs.pop(name).close()  # stops its plan worker
         for name, entry in active.items():
             if name in d.jobs:
                 continue
             path = d.jobs_dir / f"{name}.toml"
-            path.write_text(entry["spec_toml"], encoding="utf-8")
+            path.write_text(entry.spec_toml, encoding="utf-8")
             try:
-                spec = parse_job_spec(entry["spec_toml"], entry["spec_origin"])
+                spec = parse_job_spec(entry.spec_toml, entry.spec_origin)
             except ConfigError as e:  # validated by the leader; a local path problem, say
                 log.error("job %s cannot run on this node: %s", name, e)
                 continue
-            d.jobs[name] = JobRuntime(spec, index_dir=d.index_dir, directory=d, record_seq=entry["seq"])
+            d.jobs[name] = JobRuntime(spec, index_dir=d.index_dir, directory=d, record_seq=entry.seq)
 
     def _roles(self, commit: int) -> None:
         d = self.daemon
@@ -76,10 +76,10 @@ class LocalReconciler:
             if rid in d.supervisor.roles:
                 continue
             r = state.roles[rid]
-            job = d.jobs[r["job"]]
-            extra = {**r["extra"], "assignment": r["extra"], "index_dir": str(d.index_dir)}
+            job = d.jobs[r.job]
+            extra = {**r.extra, "assignment": r.extra, "index_dir": str(d.index_dir)}
             d.supervisor.start(RoleArgs(
-                kind=r["kind"], role_id=rid, daemon=d.local_endpoint, job=r["job"],
-                spec_path=str(d.jobs_dir / f"{r['job']}.toml"), spec_origin=job.spec.file,
+                kind=r.kind, role_id=rid, daemon=d.local_endpoint, job=r.job,
+                spec_path=str(d.jobs_dir / f"{r.job}.toml"), spec_origin=job.spec.file,
                 bind_host=d.cfg.advertise_host, heartbeat_s=d.cfg.heartbeat_s,
                 max_message_bytes=d.cfg.max_message_bytes, extra=extra, parent_pid=os.getpid()))

@@ -33,8 +33,8 @@ def build_status(daemon: Daemon, now: float) -> dict[str, Any]:
             assigned = state.roles[rid]
             local = daemon.supervisor.roles.get(rid)
             endpoint = daemon.endpoint(rid)
-            info = {"id": rid, "kind": assigned["kind"], "node": assigned["node"], "endpoint": endpoint,
-                    "alive": endpoint is not None, "source": assigned["extra"].get("source")}
+            info = {"id": rid, "kind": assigned.kind, "node": assigned.node, "endpoint": endpoint,
+                    "alive": endpoint is not None, "source": assigned.extra.get("source")}
             if local is not None:
                 info.update(pid=local.pid, restarts=local.restarts, stats=msgspec.to_builtins(local.stats),
                             **daemon.supervisor.telemetry(local))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import JobSpec
+from .state import RoleEntry
 
 __all__ = [
     "MEMORY_GUARD_PERCENT",
@@ -185,19 +186,19 @@ def place_roles(wants: Sequence[RoleWant], *, live: Sequence[str], current: Mapp
     return moves
 
 
-def local_changes(roles: Mapping[str, Mapping[str, Any]], *, node: str, jobs: Iterable[str], commit_seq: int,
+def local_changes(roles: Mapping[str, RoleEntry], *, node: str, jobs: Iterable[str], commit_seq: int,
                   running: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """What ``node`` must stop and start to match the state's role records: ``(stop, start)``.
 
-    ``roles`` is the state's role_id → record, ``jobs`` the jobs this node runs, ``running``
+    ``roles`` is the state's role_id → :class:`RoleEntry`, ``jobs`` the jobs this node runs, ``running``
     role_id → the arguments (``extra``) a running role was started with. A role starts only
     once its record is committed (``seq <= commit_seq``): a record a later leader may truncate
     never starts a process. A role stops as soon as the state no longer assigns it here as it
     runs, committed or not — stopping early costs a pause, never a wrong batch.
     """
     jobs = set(jobs)
-    mine = {rid: r for rid, r in roles.items() if r["node"] == node and r["job"] in jobs}
-    stop = [rid for rid, extra in running.items() if rid not in mine or mine[rid]["extra"] != extra]
+    mine = {rid: r for rid, r in roles.items() if r.node == node and r.job in jobs}
+    stop = [rid for rid, extra in running.items() if rid not in mine or mine[rid].extra != extra]
     start = [rid for rid, r in mine.items()
-             if (rid not in running or rid in stop) and r.get("seq", 0) <= commit_seq]
+             if (rid not in running or rid in stop) and r.seq <= commit_seq]
     return stop, start

@@ -37,7 +37,7 @@ def progress_record(state: FabricState, job: str, reported: Mapping[tuple[int, i
                     *, min_gain: int = MIN_GAIN, max_ahead: int = MAX_PROGRESS_AHEAD) -> dict[str, Any] | None:
     """The data of a ``job_progress`` record for ``job`` (active) from the ranks' reported next
     steps, or None if it would change nothing. ``mp_size`` None: the floor is not raised."""
-    dp_size = state.jobs[job]["dp_size"]
+    dp_size = state.jobs[job].dp_size
     floor = state.floor_step(job)
     # what the state holds per rank, by (dp, mp): O(ranks ahead of the floor), small in steady state
     recorded: dict[tuple[int, int], int] = {}

@@ -4,8 +4,8 @@ A record reaches the checkpoint log only after its data has been converted into 
 kind: every field typed and bounded (steps ≤ MAX_STEP, ranks inside the protocol's limits, names
 non-empty and short, pool sizes sane). So a value no job could hold (a trainer at step 2^70, a
 rank of -1) is refused when the leader proposes it, never written, never replicated, and never
-met by code that reads the state. The state keeps the checked data as plain dicts (JSON-typed,
-so snapshots stay deterministic); nothing unchecked reaches it.
+met by code that reads the state. The state applies the checked Structs (its entries are typed
+Structs too, see ``fabricd.cluster.state``); nothing unchecked reaches it.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ class RecordDataError(ValueError):
     """A record's data does not fit its kind; the message names the field and the bound."""
 
 
-def check_data(kind: str, data: Any) -> dict[str, Any]:
-    """``data`` checked against ``kind``'s record, optional fields filled in, as a plain dict."""
+def check_data(kind: str, data: Any) -> _Data:
+    """``data`` checked against ``kind``'s record: the record's Struct, optional fields filled in."""
     cls = RECORD_TYPES.get(kind)
     if cls is None:
         raise RecordDataError(f"unknown kind {kind!r:.80} (known: {', '.join(RECORD_TYPES)})")
@@ -129,7 +129,7 @@ def check_data(kind: str, data: Any) -> dict[str, Any]:
         rec = msgspec.convert(data, cls)
     except (msgspec.ValidationError, RecursionError, TypeError) as e:
         raise RecordDataError(_describe(str(e), data)) from None
-    return msgspec.structs.asdict(rec)
+    return rec
 
 
 def _describe(reason: str, data: Any) -> str:

@@ -55,10 +55,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from fabricd.errors import FabricdError
 
+from . import records as R
 from .records import MAX_PROGRESS_AHEAD, RECORD_TYPES, RecordDataError, check_data
 
 __all__ = [
@@ -67,6 +70,9 @@ __all__ = [
     "MAX_PROGRESS_AHEAD",
     "SNAPSHOT_VERSION",
     "FabricState",
+    "JobEntry",
+    "MemberEntry",
+    "RoleEntry",
     "decode_snapshot",
     "encode_snapshot",
     "Record",
@@ -128,9 +134,9 @@ def _is_int(v: Any) -> bool:
 _MAX_POSITION = 1 << 53  # a term or a log position
 
 
-def _check_data(rec: Record) -> dict[str, Any]:
-    """The record's data checked against its kind (types and ranges), optional keys filled in;
-    raises StateError naming the bad key."""
+def _check_data(rec: Record) -> Any:
+    """The record's data as the typed record of its kind (types and ranges checked, optional
+    fields filled in); raises StateError naming the bad key."""
     try:
         return check_data(rec.kind, rec.data)
     except RecordDataError as e:
@@ -139,27 +145,78 @@ def _check_data(rec: Record) -> dict[str, Any]:
 
 SkippedUnit = tuple[str, int, int, int]  # (source, sample_id, piece, step)
 
+_Seq = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class JobEntry(msgspec.Struct, frozen=True):
+    """A job the state holds: the ``job_submitted`` record that (re)submitted it, at ``term``/``seq``,
+    and whether it was cancelled since. Frozen: applying a record replaces the entry."""
+
+    spec_toml: str
+    spec_origin: str
+    fingerprint: str
+    dp_size: Annotated[int, msgspec.Meta(ge=1)]
+    extra: dict[str, Any]
+    cancelled: bool
+    cancel_reason: str
+    term: _Seq
+    seq: _Seq
+
+
+class RoleEntry(msgspec.Struct, frozen=True):
+    """A role the leader assigned: its job, kind, daemon and arguments, by the ``role_assigned``
+    record at ``term``/``seq`` (``seq`` 0 in snapshots written before roles kept it)."""
+
+    job: str
+    kind: str
+    node: str
+    extra: dict[str, Any]
+    term: _Seq
+    seq: _Seq = 0
+
+
+class MemberEntry(msgspec.Struct, frozen=True):
+    """A daemon the leader admitted to the membership (``member_seen`` in ``term``)."""
+
+    endpoint: str
+    term: _Seq
+
+
+class _Snapshot(msgspec.Struct):
+    """The layout of :meth:`FabricState.to_snapshot` (what ``from_snapshot`` converts back)."""
+
+    version: int
+    last_term: _Seq
+    last_seq: _Seq
+    jobs: dict[str, JobEntry]
+    skipped: dict[str, list[tuple[str, int, int, int]]]
+    progress: dict[str, dict[str, int]]
+    roles: dict[str, RoleEntry]
+    members: dict[str, MemberEntry]
+    progress_floor: dict[str, int] = {}  # absent from snapshots written before job_progress records
+    hosts: dict[str, dict[str, tuple[str, int]]] = {}  # absent before trainers declared hosts
+    pools: dict[str, dict[str, int]] = {}
+
 
 @dataclass
 class FabricState:
     """What the leader decided, rebuilt by applying records in order.
 
-    ``jobs``: name -> {"spec_toml", "spec_origin", "fingerprint", "dp_size", "extra", "cancelled",
-    "cancel_reason", "term", "seq"}; ``skipped``: job -> set of (source, sample_id, piece, step);
+    ``jobs``: name -> :class:`JobEntry`; ``skipped``: job -> set of (source, sample_id, piece, step);
     ``progress``: job -> {"dp_rank/mp_rank": next_step} for the ranks ahead of the job's floor;
     ``progress_floor``: job -> the step every rank reached (absent: 0); ``hosts``: job -> {"dp_rank/mp_rank":
-    [host, declared_ms]}; ``pools``: job -> {source: workers}; ``roles``: role_id -> {"job", "kind",
-    "node", "extra", "term", "seq"}; ``members``: node -> {"endpoint", "term"}.
+    [host, declared_ms]}; ``pools``: job -> {source: workers}; ``roles``: role_id -> :class:`RoleEntry`;
+    ``members``: node -> :class:`MemberEntry`.
     """
 
-    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[str, JobEntry] = field(default_factory=dict)
     skipped: dict[str, set[SkippedUnit]] = field(default_factory=dict)
     progress: dict[str, dict[str, int]] = field(default_factory=dict)
     progress_floor: dict[str, int] = field(default_factory=dict)
     hosts: dict[str, dict[str, list]] = field(default_factory=dict)
     pools: dict[str, dict[str, int]] = field(default_factory=dict)
-    roles: dict[str, dict[str, Any]] = field(default_factory=dict)
-    members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    roles: dict[str, RoleEntry] = field(default_factory=dict)
+    members: dict[str, MemberEntry] = field(default_factory=dict)
     last_term: int = 0
     last_seq: int = 0
 
@@ -177,60 +234,59 @@ class FabricState:
         self.last_seq = rec.seq
         self.last_term = rec.term
 
-    def _active_job(self, rec: Record, job: str) -> dict[str, Any]:
+    def _active_job(self, rec: Record, job: str) -> JobEntry:
         entry = self.jobs.get(job)
-        if entry is None or entry["cancelled"]:
+        if entry is None or entry.cancelled:
             raise StateError(f"record seq {rec.seq} ({rec.kind}): job {job!r} is not an active job")
         return entry
 
-    def _apply_job_submitted(self, rec: Record, d: dict[str, Any]) -> None:
-        job = d["job"]
+    def _apply_job_submitted(self, rec: Record, d: R.JobSubmitted) -> None:
+        job = d.job
         old = self.jobs.get(job)
-        if old is not None and not old["cancelled"]:
+        if old is not None and not old.cancelled:
             raise StateError(f"record seq {rec.seq} (job_submitted): job {job!r} is already active")
-        if d["dp_size"] < 1:
-            raise StateError(f"record seq {rec.seq} (job_submitted): dp_size = {d['dp_size']} must be >= 1")
-        if old is not None and old["fingerprint"] != d["fingerprint"]:
+        if d.dp_size < 1:
+            raise StateError(f"record seq {rec.seq} (job_submitted): dp_size = {d.dp_size} must be >= 1")
+        if old is not None and old.fingerprint != d.fingerprint:
             self.skipped.pop(job, None)
             self.progress.pop(job, None)
             self.progress_floor.pop(job, None)
-        self.jobs[job] = {"spec_toml": d["spec_toml"], "spec_origin": d["spec_origin"],
-                          "fingerprint": d["fingerprint"], "dp_size": d["dp_size"], "extra": d["extra"],
-                          "cancelled": False, "cancel_reason": "", "term": rec.term, "seq": rec.seq}
+        self.jobs[job] = JobEntry(spec_toml=d.spec_toml, spec_origin=d.spec_origin, fingerprint=d.fingerprint,
+                                  dp_size=d.dp_size, extra=d.extra, cancelled=False, cancel_reason="",
+                                  term=rec.term, seq=rec.seq)
         self.skipped.setdefault(job, set())
         self.progress.setdefault(job, {})
         self.pools.pop(job, None)  # a (re)submitted job starts from its spec's pool sizes
 
-    def _apply_job_cancelled(self, rec: Record, d: dict[str, Any]) -> None:
-        entry = self._active_job(rec, d["job"])
-        entry["cancelled"] = True
-        entry["cancel_reason"] = d["reason"]
+    def _apply_job_cancelled(self, rec: Record, d: R.JobCancelled) -> None:
+        entry = self._active_job(rec, d.job)
+        self.jobs[d.job] = msgspec.structs.replace(entry, cancelled=True, cancel_reason=d.reason)
 
-    def _apply_sample_skipped(self, rec: Record, d: dict[str, Any]) -> None:
-        self._active_job(rec, d["job"])
-        self.skipped[d["job"]].add((d["source"], d["sample_id"], d["piece"], d["step"]))
+    def _apply_sample_skipped(self, rec: Record, d: R.SampleSkipped) -> None:
+        self._active_job(rec, d.job)
+        self.skipped[d.job].add((d.source, d.sample_id, d.piece, d.step))
 
-    def _trainer_rank(self, rec: Record, d: dict[str, Any]) -> None:
-        entry = self._active_job(rec, d["job"])
-        if d["dp_rank"] >= entry["dp_size"]:
-            raise StateError(f"record seq {rec.seq} ({rec.kind}): dp_rank = {d['dp_rank']} "
-                             f">= dp_size {entry['dp_size']} of job {d['job']!r}")
+    def _trainer_rank(self, rec: Record, d: R.TrainerProgress | R.TrainerHost) -> None:
+        entry = self._active_job(rec, d.job)
+        if d.dp_rank >= entry.dp_size:
+            raise StateError(f"record seq {rec.seq} ({rec.kind}): dp_rank = {d.dp_rank} "
+                             f">= dp_size {entry.dp_size} of job {d.job!r}")
 
-    def _apply_trainer_progress(self, rec: Record, d: dict[str, Any]) -> None:
+    def _apply_trainer_progress(self, rec: Record, d: R.TrainerProgress) -> None:
         self._trainer_rank(rec, d)
-        ranks = self.progress[d["job"]]
-        key = f"{d['dp_rank']}/{d['mp_rank']}"
-        if d["next_step"] > max(ranks.get(key, -1), self.progress_floor.get(d["job"], 0)):
-            ranks[key] = d["next_step"]
+        ranks = self.progress[d.job]
+        key = f"{d.dp_rank}/{d.mp_rank}"
+        if d.next_step > max(ranks.get(key, -1), self.progress_floor.get(d.job, 0)):
+            ranks[key] = d.next_step
 
-    def _apply_job_progress(self, rec: Record, d: dict[str, Any]) -> None:
-        entry = self._active_job(rec, d["job"])
-        ahead, floor = d["ahead"], d["floor"]  # types and ranges checked (records.JobProgress)
+    def _apply_job_progress(self, rec: Record, d: R.JobProgress) -> None:
+        entry = self._active_job(rec, d.job)
+        ahead, floor = d.ahead, d.floor  # types and ranges checked (records.JobProgress)
         for item in ahead:
-            if item[0] >= entry["dp_size"]:
+            if item[0] >= entry.dp_size:
                 raise StateError(f"record seq {rec.seq} (job_progress): ahead item {list(item)} has "
-                                 f"dp_rank >= dp_size {entry['dp_size']}")
-        job = d["job"]
+                                 f"dp_rank >= dp_size {entry.dp_size}")
+        job = d.job
         ranks = self.progress[job]
         old_floor = self.progress_floor.get(job, 0)
         if floor > old_floor:
@@ -244,38 +300,38 @@ class FabricState:
             if step > max(ranks.get(key, 0), floor):
                 ranks[key] = step
 
-    def _apply_trainer_host(self, rec: Record, d: dict[str, Any]) -> None:
+    def _apply_trainer_host(self, rec: Record, d: R.TrainerHost) -> None:
         self._trainer_rank(rec, d)
-        ranks = self.hosts.setdefault(d["job"], {})
-        key = f"{d['dp_rank']}/{d['mp_rank']}"
-        if key not in ranks or d["declared_ms"] > ranks[key][1]:
-            ranks[key] = [d["host"], d["declared_ms"]]
+        ranks = self.hosts.setdefault(d.job, {})
+        key = f"{d.dp_rank}/{d.mp_rank}"
+        if key not in ranks or d.declared_ms > ranks[key][1]:
+            ranks[key] = [d.host, d.declared_ms]
 
-    def _apply_pool_resized(self, rec: Record, d: dict[str, Any]) -> None:
-        self._active_job(rec, d["job"])
-        if d["workers"] < 1:
-            raise StateError(f"record seq {rec.seq} (pool_resized): workers = {d['workers']} must be >= 1")
-        self.pools.setdefault(d["job"], {})[d["source"]] = d["workers"]
+    def _apply_pool_resized(self, rec: Record, d: R.PoolResized) -> None:
+        self._active_job(rec, d.job)
+        if d.workers < 1:
+            raise StateError(f"record seq {rec.seq} (pool_resized): workers = {d.workers} must be >= 1")
+        self.pools.setdefault(d.job, {})[d.source] = d.workers
 
-    def _apply_role_assigned(self, rec: Record, d: dict[str, Any]) -> None:
-        self._active_job(rec, d["job"])
-        self.roles[d["role_id"]] = {"job": d["job"], "kind": d["kind"], "node": d["node"], "extra": d["extra"],
-                                    "term": rec.term, "seq": rec.seq}
+    def _apply_role_assigned(self, rec: Record, d: R.RoleAssigned) -> None:
+        self._active_job(rec, d.job)
+        self.roles[d.role_id] = RoleEntry(job=d.job, kind=d.kind, node=d.node, extra=d.extra,
+                                          term=rec.term, seq=rec.seq)
 
-    def _apply_role_released(self, rec: Record, d: dict[str, Any]) -> None:
-        if d["role_id"] not in self.roles:
-            raise StateError(f"record seq {rec.seq} (role_released): role {d['role_id']!r} is not assigned")
-        del self.roles[d["role_id"]]
+    def _apply_role_released(self, rec: Record, d: R.RoleReleased) -> None:
+        if d.role_id not in self.roles:
+            raise StateError(f"record seq {rec.seq} (role_released): role {d.role_id!r} is not assigned")
+        del self.roles[d.role_id]
 
-    def _apply_member_seen(self, rec: Record, d: dict[str, Any]) -> None:
-        self.members[d["node"]] = {"endpoint": d["endpoint"], "term": rec.term}
+    def _apply_member_seen(self, rec: Record, d: R.MemberSeen) -> None:
+        self.members[d.node] = MemberEntry(endpoint=d.endpoint, term=rec.term)
 
     # -- queries --------------------------------------------------------------------------
 
     def is_active(self, job: str) -> bool:
         """Whether ``job`` is submitted and not cancelled."""
         entry = self.jobs.get(job)
-        return entry is not None and not entry["cancelled"]
+        return entry is not None and not entry.cancelled
 
     def next_step(self, job: str, dp_rank: int, mp_rank: int = 0) -> int:
         """The step a trainer rank is known to resume at (0 if it never reported). Never goes down
@@ -294,7 +350,7 @@ class FabricState:
     def host_is_news(self, job: str, dp_rank: int, mp_rank: int, host: str, declared_ms: int) -> bool:
         """Whether recording this host declaration would change the state: the job is active, the
         rank is inside it, and no declaration of this host, or a newer one, is recorded."""
-        if not host or not self.is_active(job) or dp_rank >= self.jobs[job]["dp_size"]:
+        if not host or not self.is_active(job) or dp_rank >= self.jobs[job].dp_size:
             return False
         recorded = self.trainer_host(job, dp_rank, mp_rank)
         return recorded is None or (recorded[0] != host and recorded[1] < declared_ms)
@@ -307,49 +363,59 @@ class FabricState:
             "version": SNAPSHOT_VERSION,
             "last_term": self.last_term,
             "last_seq": self.last_seq,
-            "jobs": {k: _json_copy(self.jobs[k]) for k in sorted(self.jobs)},
+            "jobs": {k: msgspec.to_builtins(self.jobs[k]) for k in sorted(self.jobs)},
             "skipped": {k: [list(u) for u in sorted(self.skipped[k])] for k in sorted(self.skipped)},
             "progress": {k: dict(sorted(self.progress[k].items())) for k in sorted(self.progress)},
             "progress_floor": dict(sorted(self.progress_floor.items())),
             "hosts": {k: {r: list(v) for r, v in sorted(self.hosts[k].items())} for k in sorted(self.hosts)},
             "pools": {k: dict(sorted(self.pools[k].items())) for k in sorted(self.pools)},
-            "roles": {k: _json_copy(self.roles[k]) for k in sorted(self.roles)},
-            "members": {k: dict(self.members[k]) for k in sorted(self.members)},
+            "roles": {k: msgspec.to_builtins(self.roles[k]) for k in sorted(self.roles)},
+            "members": {k: msgspec.to_builtins(self.members[k]) for k in sorted(self.members)},
         }
 
     @classmethod
     def from_snapshot(cls, d: Any) -> FabricState:
-        """Rebuild a state from :meth:`to_snapshot` output; raises StateError if malformed."""
+        """Rebuild a state from :meth:`to_snapshot` output; raises StateError naming what is
+        malformed (the key and what it should be)."""
+        if isinstance(d, dict) and "version" in d and d["version"] != SNAPSHOT_VERSION:
+            raise StateError(f"snapshot version = {d['version']!r:.40}, this daemon reads {SNAPSHOT_VERSION}")
         try:
-            if d["version"] != SNAPSHOT_VERSION:
-                raise StateError(f"snapshot version = {d['version']!r}, this daemon reads {SNAPSHOT_VERSION}")
-            st = cls(
-                jobs={str(k): dict(v) for k, v in d["jobs"].items()},
-                skipped={str(k): {(str(s), int(i), int(p), int(t)) for s, i, p, t in v}
-                         for k, v in d["skipped"].items()},
-                progress={str(k): {str(r): int(n) for r, n in v.items()} for k, v in d["progress"].items()},
-                # absent from snapshots written before job_progress records
-                progress_floor={str(k): int(n) for k, n in d.get("progress_floor", {}).items()},
-                # absent from snapshots written before trainers declared hosts
-                hosts={str(k): {str(r): [str(h), int(t)] for r, (h, t) in v.items()}
-                       for k, v in d.get("hosts", {}).items()},
-                pools={str(k): {str(s): int(n) for s, n in v.items()} for k, v in d.get("pools", {}).items()},
-                roles={str(k): dict(v) for k, v in d["roles"].items()},
-                members={str(k): dict(v) for k, v in d["members"].items()},
-                last_term=int(d["last_term"]),
-                last_seq=int(d["last_seq"]),
-            )
-        except StateError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise StateError(f"malformed snapshot: {type(e).__name__}: {e}") from e
-        if st.last_seq < 0 or st.last_term < 0:
-            raise StateError(f"malformed snapshot: last_seq = {st.last_seq}, last_term = {st.last_term}")
-        return st
+            snap = msgspec.convert(d, _Snapshot)
+        except (msgspec.ValidationError, RecursionError, TypeError) as e:
+            raise StateError(f"malformed snapshot: {_name_the_key(d, str(e))[:300]}") from None
+        if snap.version != SNAPSHOT_VERSION:
+            raise StateError(f"snapshot version = {snap.version}, this daemon reads {SNAPSHOT_VERSION}")
+        return cls(
+            jobs=snap.jobs,
+            skipped={k: set(v) for k, v in snap.skipped.items()},
+            progress=snap.progress,
+            progress_floor=snap.progress_floor,
+            hosts={k: {r: list(v) for r, v in ranks.items()} for k, ranks in snap.hosts.items()},
+            pools=snap.pools,
+            roles=snap.roles,
+            members=snap.members,
+            last_term=snap.last_term,
+            last_seq=snap.last_seq,
+        )
 
     def copy(self) -> FabricState:
         """An independent deep copy (O(state))."""
         return FabricState.from_snapshot(self.to_snapshot())
+
+
+def _name_the_key(snapshot: Any, reason: str) -> str:
+    """msgspec's "... - at `$.jobs[...].dp_size`" with the key of the bad entry: `$.jobs['j'].dp_size`."""
+    where = reason.rpartition(" - at `$.")[2]
+    section = where.partition("[...]")[0]
+    section_type = next((f.type for f in msgspec.structs.fields(_Snapshot) if f.name == section), None)
+    if "[...]" not in where or section_type is None or not isinstance(snapshot.get(section), dict):
+        return reason
+    for key, value in snapshot[section].items():  # only on a malformed snapshot: O(section) is fine
+        try:
+            msgspec.convert({key: value}, section_type)
+        except (msgspec.ValidationError, RecursionError, TypeError):
+            return reason.replace(f"$.{section}[...]", f"$.{section}[{key!r:.80}]", 1)
+    return reason
 
 
 def encode_snapshot(snapshot: dict[str, Any]) -> bytes:
@@ -365,12 +431,4 @@ def decode_snapshot(data: bytes) -> FabricState:
     except (UnicodeDecodeError, ValueError) as e:
         raise StateError(f"malformed snapshot: not JSON ({e})") from e
     return FabricState.from_snapshot(snapshot)
-
-
-def _json_copy(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _json_copy(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_json_copy(x) for x in v]
-    return v
 

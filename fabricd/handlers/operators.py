@@ -43,9 +43,9 @@ def submit(daemon: Daemon, _identity: bytes, msg: protocol.SubmitJob, _payload: 
         return protocol.ErrorReply(code=protocol.ErrorCode.INVALID_SPEC, reason=str(e))
     current = daemon.cluster.state.jobs.get(spec.name)
     entries: list[tuple[str, dict]] = []
-    if current is not None and not current["cancelled"]:
+    if current is not None and not current.cancelled:
         job = daemon.jobs.get(spec.name)
-        same = current["spec_toml"] == msg.spec_toml and current["spec_origin"] == spec.file
+        same = current.spec_toml == msg.spec_toml and current.spec_origin == spec.file
         if same and not is_retry(job.state if job else None):
             return protocol.JobAccepted(job=spec.name, fingerprint=job.fingerprint if job else "",
                                         state=job.state if job else "indexing")
@@ -68,7 +68,7 @@ def cancel(daemon: Daemon, _identity: bytes, msg: protocol.CancelJob, _payload: 
     if not daemon.cluster.is_leader(now):
         return daemon.not_leader()
     current = daemon.cluster.state.jobs.get(msg.job)
-    if current is None or current["cancelled"]:
+    if current is None or current.cancelled:
         return protocol.ErrorReply(code=protocol.ErrorCode.UNKNOWN_JOB, reason=f"no job named {msg.job!r}")
     if not daemon.propose(daemon.release_roles(msg.job) + [("job_cancelled", {"job": msg.job, "reason": "cancelled"})],
                           now):

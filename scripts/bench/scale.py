@@ -58,6 +58,7 @@ from fabricd.cluster.log_files import encode_record  # noqa: E402
 from fabricd.cluster.membership import MemberBeat  # noqa: E402
 from fabricd.cluster.telemetry import NodeTelemetry, RoleProcessTelemetry, RoleView  # noqa: E402
 from fabricd.cluster.replication import LogAck, LogAppend, ShadowReplica  # noqa: E402
+from fabricd.cluster.state import RoleEntry  # noqa: E402
 from fabricd.cluster.wire import from_peer, to_peer  # noqa: E402
 from fabricd.config import JobSpec, load_node_config, parse_job_spec  # noqa: E402
 from fabricd.job import build_planner  # noqa: E402
@@ -152,7 +153,7 @@ class Fabric:
         self.inbox: list[list[bytes]] = []  # frames on their way to the leader
         self.step = 0
         self.trainers_running = False
-        self._by_node: tuple[dict, int, dict[str, list[tuple[str, dict]]]] | None = None
+        self._by_node: tuple[dict, int, dict[str, list[tuple[str, RoleEntry]]]] | None = None
 
     # -- the leader's side (measured) ------------------------------------------------------
 
@@ -207,7 +208,7 @@ class Fabric:
     def telemetry(self, i: int) -> NodeTelemetry:
         node = self.names[i]
         loaders = {rid: RoleProcessTelemetry(units=1000 * self.step, busy_s=0.5 * self.step * HEARTBEAT_S, rss_mb=300)
-                   for rid, r in self._roles_on(node) if r["kind"] == "source_loader"}
+                   for rid, r in self._roles_on(node) if r.kind == "source_loader"}
         # this daemon's host runs the trainers of DP ranks i*k .. i*k+k-1 (all MP ranks); like the
         # daemon, it passes on the declarations the state does not hold yet
         k = max(1, self.dp // self.nodes)
@@ -222,18 +223,18 @@ class Fabric:
         lag = i % 2  # odd daemons' reports are a heartbeat older
         for rid, r in self._roles_on(node):
             trainers = []
-            if r["kind"] == "constructor" and not rid.endswith("/standby") and self.trainers_running:
-                trainers = [(dp, mp, max(0, self.step - lag)) for dp in r["extra"]["ranks"] for mp in range(self.mp)]
-            view[rid] = RoleView(endpoint=f"tcp://10.0.0.{i % 256}:9000", kind=r["kind"], alive=True,
+            if r.kind == "constructor" and not rid.endswith("/standby") and self.trainers_running:
+                trainers = [(dp, mp, max(0, self.step - lag)) for dp in r.extra["ranks"] for mp in range(self.mp)]
+            view[rid] = RoleView(endpoint=f"tcp://10.0.0.{i % 256}:9000", kind=r.kind, alive=True,
                                  trainers=trainers)
         return view
 
-    def _roles_on(self, node: str) -> list[tuple[str, dict]]:
+    def _roles_on(self, node: str) -> list[tuple[str, RoleEntry]]:
         roles = self.ctl.state.roles
         if self._by_node is None or self._by_node[0] is not roles or self._by_node[1] != self.ctl.state.last_seq:
-            by_node: dict[str, list[tuple[str, dict]]] = {}
+            by_node: dict[str, list[tuple[str, RoleEntry]]] = {}
             for rid, r in roles.items():
-                by_node.setdefault(r["node"], []).append((rid, r))
+                by_node.setdefault(r.node, []).append((rid, r))
             self._by_node = (roles, self.ctl.state.last_seq, by_node)
         return self._by_node[2].get(node, [])
 
@@ -282,10 +283,10 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         fab.heartbeat()
         beats += 1
     st = fab.ctl.state
-    roles = sum(r["job"] == JOB for r in st.roles.values())
+    roles = sum(r.job == JOB for r in st.roles.values())
     setup_cpu = fab.cpu_s
     print(f"setup: {len(st.hosts.get(JOB, {}))} trainer hosts recorded, {roles} roles placed on "
-          f"{len({r['node'] for r in st.roles.values()})} daemons, {st.last_seq} records on all "
+          f"{len({r.node for r in st.roles.values()})} daemons, {st.last_seq} records on all "
           f"{args.nodes - 1} shadows after {beats} heartbeats; leader CPU {setup_cpu:.1f} s; first placement "
           f"pass {1000 * fab.placement_s[0]:.1f} ms CPU", flush=True)
 

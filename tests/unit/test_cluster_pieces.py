@@ -9,6 +9,7 @@ import pytest
 
 from fabric_client import protocol
 
+from fabricd.cluster.state import RoleEntry
 from fabricd.cluster.telemetry import NodeTelemetry, RoleView
 from fabric_client.errors import ProtocolError
 from fabricd.cluster.lease import LeaseAck, VoteRequest
@@ -122,12 +123,15 @@ def test_loaders_avoid_daemons_short_of_memory(tmp_path):
 
 
 def test_roles_start_only_on_committed_records_and_stop_at_once():
+    def role(job: str, node: str, extra: dict, seq: int) -> RoleEntry:
+        return RoleEntry(job=job, kind="source_loader", node=node, extra=extra, term=1, seq=seq)
+
     roles = {
-        "j/a": {"job": "j", "node": "n1", "extra": {"x": 1}, "seq": 3},
-        "j/b": {"job": "j", "node": "n1", "extra": {"x": 2}, "seq": 7},   # not committed yet
-        "j/c": {"job": "j", "node": "n2", "extra": {}, "seq": 2},          # another daemon's
-        "k/d": {"job": "k", "node": "n1", "extra": {}, "seq": 1},          # a job this node does not run
-        "j/e": {"job": "j", "node": "n1", "extra": {"x": 9}, "seq": 8},   # re-assigned with new arguments
+        "j/a": role("j", "n1", {"x": 1}, 3),
+        "j/b": role("j", "n1", {"x": 2}, 7),   # not committed yet
+        "j/c": role("j", "n2", {}, 2),          # another daemon's
+        "k/d": role("k", "n1", {}, 1),          # a job this node does not run
+        "j/e": role("j", "n1", {"x": 9}, 8),   # re-assigned with new arguments
     }
     running = {"j/e": {"x": 5}, "j/gone": {}, "j/a": {"x": 1}}
     stop, start = local_changes(roles, node="n1", jobs={"j"}, commit_seq=5, running=running)
@@ -136,7 +140,8 @@ def test_roles_start_only_on_committed_records_and_stop_at_once():
     stop, start = local_changes(roles, node="n1", jobs={"j"}, commit_seq=8, running={"j/a": {"x": 1}})
     assert stop == [] and sorted(start) == ["j/b", "j/e"]
     # records from snapshots written before roles carried their seq count as committed
-    legacy = {"j/a": {"job": "j", "node": "n1", "extra": {}}}
+    legacy = {"j/a": msgspec.convert({"job": "j", "kind": "source_loader", "node": "n1", "extra": {}, "term": 1},
+                                     RoleEntry)}
     assert local_changes(legacy, node="n1", jobs={"j"}, commit_seq=0, running={}) == ([], ["j/a"])
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fabricd.cluster.state import RECORD_KINDS, RECORD_SCHEMAS, FabricState, Record, StateError
+from fabricd.cluster.state import RECORD_KINDS, RECORD_SCHEMAS, FabricState, MemberEntry, Record, StateError
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
@@ -52,13 +52,13 @@ def test_every_kind_has_a_schema() -> None:
 def test_apply_builds_the_expected_state() -> None:
     st, _ = populated()
     assert st.last_seq == 9 and st.last_term == 1
-    assert st.jobs["j"]["dp_size"] == 4 and not st.jobs["j"]["cancelled"]
-    assert st.jobs["k"]["cancelled"] and st.jobs["k"]["cancel_reason"] == "operator"
-    assert st.jobs["k"]["extra"] == {"owner": "me"}
+    assert st.jobs["j"].dp_size == 4 and not st.jobs["j"].cancelled
+    assert st.jobs["k"].cancelled and st.jobs["k"].cancel_reason == "operator"
+    assert st.jobs["k"].extra == {"owner": "me"}
     assert st.skipped["j"] == {("web", 17, 0, 3)}
     assert st.next_step("j", 1) == 5 and st.next_step("j", 0) == 0
-    assert set(st.roles) == {"j/sl/0"} and st.roles["j/sl/0"]["node"] == "a"
-    assert st.members == {"a": {"endpoint": "tcp://a:7700", "term": 1}}
+    assert set(st.roles) == {"j/sl/0"} and st.roles["j/sl/0"].node == "a"
+    assert st.members == {"a": MemberEntry(endpoint="tcp://a:7700", term=1)}
 
 
 def test_snapshot_round_trip_through_json() -> None:
@@ -190,3 +190,36 @@ def test_malformed_snapshot() -> None:
         FabricState.from_snapshot({**snap, "version": 99})
     with pytest.raises(StateError, match="malformed"):
         FabricState.from_snapshot({k: v for k, v in snap.items() if k != "jobs"})
+    bad_job = json.loads(json.dumps(snap))
+    bad_job["jobs"]["j"]["dp_size"] = "4"
+    with pytest.raises(StateError, match=r"malformed snapshot: Expected `int`, got `str` - at `\$.jobs\['j'\].dp_size`"):
+        FabricState.from_snapshot(bad_job)
+    bad_role = json.loads(json.dumps(snap))
+    del bad_role["roles"]["j/sl/0"]["node"]
+    with pytest.raises(StateError, match=r"missing required field `node` - at `\$.roles\['j/sl/0'\]`"):
+        FabricState.from_snapshot(bad_role)
+    for not_a_snapshot in (None, [], "x", {"version": 1}):
+        with pytest.raises(StateError, match="malformed snapshot"):
+            FabricState.from_snapshot(not_a_snapshot)
+
+
+def test_snapshot_entries_keep_their_json_layout() -> None:
+    """Snapshot files written while the entries were dicts read back the same (and vice versa)."""
+    snap = populated()[0].to_snapshot()
+    assert snap["jobs"]["k"] == {"spec_toml": "[job]\nname='j'\n", "spec_origin": "/etc/j.toml", "fingerprint": "fp1",
+                                 "dp_size": 2, "extra": {"owner": "me"}, "cancelled": True,
+                                 "cancel_reason": "operator", "term": 1, "seq": 6}
+    assert snap["roles"] == {"j/sl/0": {"job": "j", "kind": "source_loader", "node": "a", "extra": {"source": "web"},
+                                        "term": 1, "seq": 3}}
+    assert snap["members"] == {"a": {"endpoint": "tcp://a:7700", "term": 1}}
+    # roles in snapshots written before they carried their seq: seq 0 (counts as committed)
+    del snap["roles"]["j/sl/0"]["seq"]
+    assert FabricState.from_snapshot(snap).roles["j/sl/0"].seq == 0
+
+
+def test_cancelling_replaces_the_entry_and_leaves_copies_alone() -> None:
+    st, _ = populated()
+    copy, entry = st.copy(), st.jobs["j"]
+    Writer(st)("job_cancelled", job="j", reason="done")
+    assert st.jobs["j"].cancelled and st.jobs["j"].cancel_reason == "done"
+    assert not entry.cancelled and not copy.jobs["j"].cancelled and copy.is_active("j")
