@@ -192,9 +192,7 @@ class Constructor:
         del self.plan_requested[msg.step]
         if len(payload) != len(msg.columns) or len(msg.dtypes) != len(msg.columns):
             raise ProtocolError(protocol.ErrorCode.MALFORMED, "plan_reply columns and frames differ")
-        if any(len(k) != 3 for k in msg.skips):
-            raise ProtocolError(protocol.ErrorCode.MALFORMED, "plan_reply skips are not [source, sample_id, piece]")
-        skips = {(int(a), int(b), int(c)) for a, b, c in msg.skips}
+        skips = set(msg.skips)  # (source, sample_id, piece) triples: typed and bounded at decode
         old = self.builds.get(msg.step)
         if old is not None:
             self._update_skips(old, skips, msg, payload)
@@ -216,12 +214,13 @@ class Constructor:
         self._forget_recorded(msg.step, skips)
         # recorded units are dropped unread; units this constructor reported are never delivered
         settled = {}
-        for row in range(msg.rows):
-            key = build.key(row)
-            if key in skips:
-                settled[row] = RECORDED_SKIP
-            elif (msg.step, key) in self.reported:
-                settled[row] = self.reported[(msg.step, key)][0]
+        if skips or any(step == msg.step for step, _ in self.reported):  # the common case: neither
+            for row in range(msg.rows):
+                key = build.key(row)
+                if key in skips:
+                    settled[row] = RECORDED_SKIP
+                elif (msg.step, key) in self.reported:
+                    settled[row] = self.reported[(msg.step, key)][0]
         for src_idx in np.unique(rows["source"]):
             sel = [i for i in np.flatnonzero(rows["source"] == src_idx).tolist() if i not in settled]
             name = self.source_names[int(src_idx)]
