@@ -31,6 +31,7 @@ import random
 import signal
 import threading
 import time
+from bisect import bisect_right
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ class _Trainer(threading.Thread):
         self.addresses, self.job, self.dp_rank, self.dp_size = addresses, job, dp_rank, dp_size
         self.pace_s, self.stop_event = pace_s, stop
         self.records: list[tuple[tuple[int, int, int], str, float]] = []
+        self.times: list[float] = []  # receive times, in order (parallel to records)
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -88,7 +90,9 @@ class _Trainer(threading.Thread):
             with Loader(self.addresses, job=self.job, dp_rank=self.dp_rank, dp_size=self.dp_size,
                         deadline_s=120, stall_s=0.5, prefetch=2) as loader:
                 for b in loader:
-                    self.records.append(((b.step, b.dp_rank, b.micro_batch), b.checksum, time.time()))
+                    now = time.time()
+                    self.records.append(((b.step, b.dp_rank, b.micro_batch), b.checksum, now))
+                    self.times.append(now)
                     if self.stop_event.is_set():
                         break
                     time.sleep(self.pace_s)
@@ -97,7 +101,12 @@ class _Trainer(threading.Thread):
 
     def received_after(self, t: float) -> float | None:
         """When the first batch after ``t`` reached the trainer (None: not yet)."""
-        return next((ts for *_, ts in self.records[-200:] if ts > t), None)
+        times = self.times
+        i = bisect_right(times, t)
+        return times[i] if i < len(times) else None
+
+    def last_step(self) -> int:
+        return self.records[-1][0][0] if self.records else -1
 
 
 def _running(pid: int) -> bool:
@@ -295,13 +304,16 @@ class ChaosRun:
         return out
 
     def _transient_read_error(self) -> tuple[str, str]:
-        """Arm every loader process of one source to fail one unit planned a few steps ahead
-        1-3 times; wait until the trainers are past that step; disarm."""
+        """Arm every loader process of one source to fail one unit of one rank's batch, planned a
+        few steps ahead of that rank's trainer, 1-3 times; wait until that trainer is past the
+        step; disarm. (Trainer threads are not in lockstep as real ranks are: one may run ahead.)"""
         if self.oracle is None:
             self.oracle = BatchOracle(load_job_spec(self.job_file))
-        ahead = max((t.records[-1][0][0] for t in self.trainers if t.records), default=0) + self.rng.randint(12, 20)
+        trainer = self.rng.choice(self.trainers)
+        ahead = trainer.last_step() + self.rng.randint(12, 20)
         plan = self.oracle.planner.plan(ahead, self.dp_size)
-        row = self.rng.randrange(len(plan.rank))
+        rows = [i for i in range(len(plan.rank)) if int(plan.rank[i]) == trainer.dp_rank] or list(range(len(plan.rank)))
+        row = self.rng.choice(rows)
         source = self.oracle.spec.sources[int(plan.source[row])].name
         times = self.rng.randint(1, 3)
         spec = f"loader.transient_error=fail({source}:{int(plan.sample_id[row])}*{times})"
@@ -317,15 +329,16 @@ class ChaosRun:
         finally:
             self.armed.write_text("")
         deadline = time.monotonic() + 60
-        while min((t.records[-1][0][0] for t in self.trainers if t.records), default=0) <= ahead \
-                and time.monotonic() < deadline:
+        while trainer.last_step() <= ahead and time.monotonic() < deadline:
             time.sleep(0.05)
+        passed = trainer.last_step() > ahead
         for pid in pids:  # disarm: the file is empty now
             try:
                 os.kill(pid, signal.SIGUSR1)
             except ProcessLookupError:
                 pass
-        return source, f"{spec} at step {ahead} in {len(pids)} loaders"
+        return source, (f"{spec} at step {ahead} (rank {trainer.dp_rank}) in {len(pids)} loaders"
+                        + ("" if passed else "; RANK NOT PAST THE STEP IN 60s"))
 
     def _malformed_burst(self) -> tuple[str, str]:
         """Malformed messages to a live daemon's control endpoint and to a constructor; then check
@@ -394,13 +407,24 @@ class ChaosRun:
         oracle = BatchOracle(spec, skips=skips)
         want = {b.key(): b.checksum for s in range(last) for b in oracle.step(s)}
         lost = duplicated = mismatched = 0
+        self.mismatches: list[dict[str, Any]] = []  # what was altered, to be compared with the logs
         for t in self.trainers:
-            got = [(k, c) for k, c, _ in t.records if k[0] < last]
-            seen = Counter(k for k, _ in got)
+            got = [(k, c, ts) for k, c, ts in t.records if k[0] < last]
+            seen = Counter(k for k, *_ in got)
             lost += sum(1 for k in want if k[1] == t.dp_rank and k not in seen)
             duplicated += sum(n - 1 for n in seen.values() if n > 1)
-            mismatched += sum(1 for k, c in got if want.get(k) != c)
-            mismatched += sum(1 for a, b in zip(got, got[1:]) if a[0] >= b[0])  # out of order
+            for k, c, ts in got:
+                if want.get(k) != c:
+                    mismatched += 1
+                    self.mismatches.append({"why": "checksum", "key": k, "got": c, "want": want.get(k), "at": ts})
+            for a, b in zip(got, got[1:]):
+                if a[0] >= b[0]:
+                    mismatched += 1
+                    self.mismatches.append({"why": "order", "key": b[0], "after": a[0], "at": b[2]})
+        if self.mismatches:
+            (self.workdir / "mismatches.json").write_text(json.dumps(self.mismatches, indent=1))
+            for m in self.mismatches[:20]:
+                log.error("altered batch: %s", m)
         logs = self._logs()
         stale = sum(1 for records in logs for a, b in zip(records, records[1:]) if b[0] < a[0])
         diverged = 0
@@ -417,6 +441,7 @@ class ChaosRun:
             "log_divergence": diverged,
             "two_leaders_in_a_term": sum(1 for nodes in self.leaders_by_term.values() if len(nodes) > 1),
             "unrecovered": sum(1 for r in recoveries if r is None),
+            "transient_not_passed": sum(1 for f in self.faults if "NOT PAST" in f.detail),
             "orphaned_processes": len(self.cluster.leftovers),
             "daemon_crashes": len(self.crashes),
             "malformed_casualties": len(self.casualties),
