@@ -39,7 +39,7 @@ from .cluster.state import StateError
 from .cluster.wire import to_peer
 from .config import NodeConfig
 from .handlers import HANDLERS
-from .job import JobRuntime
+from .job import JobRuntime, SkipUnit
 from .leadership import Leadership
 from .ratelog import RateLimitedLog, truncate
 from .reconcile import LocalReconciler
@@ -197,15 +197,17 @@ class Daemon:
     def role_ids(self, job: str) -> list[str]:
         return [rid for rid, r in self.cluster.state.roles.items() if r.job == job]
 
-    def committed_skips(self, job: str) -> tuple[object | None, Collection[tuple[str, int, int, int]]]:
-        """The job's skip records that are committed (a constructor may drop only those: an
-        uncommitted one can still be truncated by a new leader), with a cache key (None while
-        records past the commit point exist: they are read back from the log, and subtracted)."""
+    def skip_records(self, job: str) -> tuple[object, Collection[SkipUnit], Collection[SkipUnit]]:
+        """The job's skip records as ``(key, committed, uncommitted)``; ``key`` changes whenever
+        either does. A constructor may drop only committed units (an uncommitted record can still
+        be truncated by a new leader); it must not deliver an uncommitted one either, until the
+        record is committed or gone (``PlanReply.pending``)."""
         state, commit = self.cluster.state, self.cluster.commit_seq
         units = state.skipped.get(job, set())
+        entry = state.jobs.get(job)
+        key = (entry.seq if entry is not None else None, len(units), commit, state.last_seq, state.last_term)
         if state.last_seq <= commit:
-            entry = state.jobs.get(job)
-            return (entry.seq if entry is not None else None, len(units)), units
+            return key, units, ()
         tail, seq = set(), commit + 1
         while seq <= state.last_seq:
             records = self.cluster.log.read(seq, 1000)
@@ -214,7 +216,14 @@ class Daemon:
             tail |= {(r.data["source"], r.data["sample_id"], r.data["piece"], r.data["step"])
                      for r in records if r.kind == "sample_skipped" and r.data.get("job") == job}
             seq = records[-1].seq + 1
-        return None, units - tail
+        return key, units - tail, tail
+
+    def reported_skips(self, job: str, step: int) -> Collection[tuple[str, int, int]]:
+        """``(source, sample_id, piece)`` reported as skipped at ``step`` and waiting, on this
+        daemon as leader, to be appended to the log (none on a follower)."""
+        if not self.cluster.is_leader(time.monotonic()):
+            return ()
+        return self.leadership.pending_units(job, step)
 
     # -- decisions (leader only; see fabricd.leadership) --------------------------------------------
 

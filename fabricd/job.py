@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 PLAN_COLUMNS = (("rank", "int32"), ("micro", "int32"), ("source", "int32"), ("sample_id", "int64"),
                 ("piece", "int32"))
+#: one skip record: (source name, sample_id, piece, step), as ``FabricState.skipped[job]`` holds them
+SkipUnit = tuple[str, int, int, int]
+
 PLAN_CACHE_STEPS = 128
 #: Steps planned past the highest step asked for, so the next requests find their plan ready.
 PLAN_AHEAD_STEPS = 4
@@ -39,6 +42,16 @@ PLAN_AHEAD_STEPS = 4
 PLAN_QUEUE_STEPS = 256
 #: A plan running longer than this is logged, counted (plans_over_deadline) and shown in status.
 PLAN_DEADLINE_S = 30.0
+
+
+def _by_step(units: Collection[SkipUnit], names: Mapping[str, int]) -> dict[int, list[list[int]]]:
+    by_step: dict[int, list[list[int]]] = {}
+    for source, sample_id, piece, at in units:
+        if source in names:
+            by_step.setdefault(at, []).append([names[source], sample_id, piece])
+    for rows in by_step.values():
+        rows.sort()
+    return by_step
 
 
 def open_sources(spec: JobSpec, *, index_dir: Path | None = None, progress: bool = False) -> dict[str, SourceIndex]:
@@ -75,9 +88,11 @@ class RoleDirectory(Protocol):
 
     def endpoint(self, role_id: str) -> str | None: ...     # endpoint of a live role, or None
     def role_ids(self, job: str) -> list[str]: ...           # every role assigned for ``job``
-    # the job's committed skip records (source, sample_id, piece, step), with a key that changes
-    # whenever they do (None: do not cache them)
-    def committed_skips(self, job: str) -> tuple[object | None, Collection[tuple[str, int, int, int]]]: ...
+    # the job's skip records (source, sample_id, piece, step), committed and not yet committed,
+    # with a key that changes whenever either does
+    def skip_records(self, job: str) -> tuple[object, Collection[SkipUnit], Collection[SkipUnit]]: ...
+    # (source, sample_id, piece) reported at ``step`` and not yet in the log (on the leader)
+    def reported_skips(self, job: str, step: int) -> Collection[tuple[str, int, int]]: ...
 
 
 class JobRuntime:
@@ -106,6 +121,7 @@ class JobRuntime:
         self.skips: list[dict[str, Any]] = []  # most recent skip reports, bounded
         self._skips_key: object | None = None       # committed skip records by step, for PlanReply.skips
         self._skips_by_step: dict[int, list[list[int]]] = {}
+        self._uncommitted_by_step: dict[int, list[list[int]]] = {}  # ... and records not yet committed
         self._thread = threading.Thread(target=self._prepare, name=f"index-{spec.name}", daemon=True)
         self._thread.start()
 
@@ -190,27 +206,33 @@ class JobRuntime:
             return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=f"step {req.step} is being planned"), ()
         part = plan.for_ranks(req.ranks)
         frames = tuple(np.ascontiguousarray(getattr(part, name), dtype) for name, dtype in PLAN_COLUMNS)
+        skips, pending = self.step_skips(req.step)
         reply = protocol.PlanReply(job=self.spec.name, step=req.step, dp_size=plan.dp_size, rows=len(part.rank),
                                    columns=[n for n, _ in PLAN_COLUMNS], dtypes=[d for _, d in PLAN_COLUMNS],
                                    num_micro=[int(plan.num_micro[r]) for r in req.ranks],
-                                   skips=self.step_skips(req.step))
+                                   skips=skips, pending=pending)
         return reply, frames
 
-    def step_skips(self, step: int) -> list[list[int]]:
-        """The committed skip records of ``step`` as ``[source index, sample_id, piece]``, sorted:
-        what a constructor must drop from that step (``PlanReply.skips``), at most
-        ``MAX_LIST_ITEMS`` of them (a step plans far fewer units than that)."""
-        key, units = self.directory.committed_skips(self.spec.name)
-        if key is None or key != self._skips_key:
-            names = {s.name: i for i, s in enumerate(self.spec.sources)}
-            by_step: dict[int, list[list[int]]] = {}
-            for source, sample_id, piece, at in units:
-                if source in names:
-                    by_step.setdefault(at, []).append([names[source], sample_id, piece])
-            for rows in by_step.values():
-                rows.sort()
-            self._skips_key, self._skips_by_step = key, by_step
-        return self._skips_by_step.get(step, [])[:MAX_LIST_ITEMS]
+    def step_skips(self, step: int) -> tuple[list[list[int]], list[list[int]]]:
+        """The skip records of ``step`` as ``[source index, sample_id, piece]``, sorted: the
+        committed ones (``PlanReply.skips``: what a constructor must drop) and the pending ones
+        (``PlanReply.pending``: records not yet committed and, on the leader, reports not yet
+        appended: what a constructor must not deliver until they are settled), at most
+        ``MAX_LIST_ITEMS`` each (a step plans far fewer units than that)."""
+        key, committed, uncommitted = self.directory.skip_records(self.spec.name)
+        names = {s.name: i for i, s in enumerate(self.spec.sources)}
+        if key != self._skips_key:
+            self._skips_key = key
+            self._skips_by_step, self._uncommitted_by_step = _by_step(committed, names), _by_step(uncommitted, names)
+        skips = self._skips_by_step.get(step, [])
+        pending = list(self._uncommitted_by_step.get(step, []))
+        reported = self.directory.reported_skips(self.spec.name, step)
+        if reported:
+            have = {tuple(u) for u in skips} | {tuple(u) for u in pending}
+            pending += [[names[source], sample_id, piece] for source, sample_id, piece in reported
+                        if source in names and (names[source], sample_id, piece) not in have]
+            pending.sort()
+        return skips[:MAX_LIST_ITEMS], pending[:MAX_LIST_ITEMS]
 
     def close(self) -> None:
         """The job was dropped or cancelled here: stop its plan worker (after the plan in progress)."""

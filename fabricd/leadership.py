@@ -69,6 +69,7 @@ class Leadership:
         self.cfg, self.cluster, self.jobs, self.propose = cfg, cluster, jobs, propose
         self.pending_skips: list[dict] = []  # skip reports received while leader, not yet recorded
         self._pending_keys: set[tuple] = set()
+        self._pending_units: dict[tuple[str, int], set[tuple[str, int, int]]] = {}  # (job, step) → units
         self.counters = {"skips_invalid": 0, "skips_overflowed": 0, "skips_recorded": 0}
         self._next_progress = 0.0
         self._next_autoscale = 0.0
@@ -110,7 +111,13 @@ class Leadership:
             return False
         self.pending_skips.append(report)
         self._pending_keys.add(key)
+        self._pending_units.setdefault((report["job"], report["step"]), set()).add(
+            (report["source"], report["sample_id"], report["piece"]))
         return True
+
+    def pending_units(self, job: str, step: int) -> set[tuple[str, int, int]]:
+        """``(source, sample_id, piece)`` of ``job``'s reports for ``step`` waiting to be appended."""
+        return self._pending_units.get((job, step), set())
 
     def _record_skips(self, now: float) -> None:
         """Propose the valid pending skip reports; they leave the pending list only once appended."""
@@ -133,6 +140,9 @@ class Leadership:
         else:  # not appended (lost the lease, log error): everything still valid stays pending
             self.pending_skips = waiting + [data for _, data in entries]
         self._pending_keys = {_skip_key(r) for r in self.pending_skips}
+        self._pending_units = {}
+        for r in self.pending_skips:
+            self._pending_units.setdefault((r["job"], r["step"]), set()).add((r["source"], r["sample_id"], r["piece"]))
 
     def _check_skip(self, r: dict) -> str:
         """"" for a report that can be recorded, "wait" while its job is still indexing, else why not."""

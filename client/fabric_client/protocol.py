@@ -390,6 +390,10 @@ class PlanReply(Message, tag="plan_reply"):
     #: the units the log records as skipped at this step, committed records only, as
     #: ``(source index, sample_id, piece)``; the constructor drops exactly these (``fabricd.assemble``)
     skips: Bounded(tuple[Count, Count, Count], MAX_LIST_ITEMS) = []
+    #: units reported as skipped at this step whose record is not committed yet (the leader's
+    #: queue, the log's uncommitted tail): the constructor delivers none of them until the record
+    #: is committed (then it drops them) or gone (then it delivers them)
+    pending: Bounded(tuple[Count, Count, Count], MAX_LIST_ITEMS) = []
 
 
 class SkipReport(Message, tag="skip_report"):

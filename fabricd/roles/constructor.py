@@ -17,7 +17,10 @@ load is loaded once more (``UNIT_RETRIES``); if it fails again it is reported (`
 every ``REPORT_RESEND_S`` until recorded) and its rank's batches of that step wait: the step's
 plan is asked again every ``SKIP_POLL_S`` until its skip records include the unit. A reported unit
 is never delivered, even by a later rebuild of the step. A plan reply whose skip records changed
-under an already built rank rebuilds that step.
+under an already built rank rebuilds that step. The plan reply also names the step's units whose
+skip records are pending (reported by some constructor, not committed yet): a rank with such a
+unit waits too, until the record is committed (the unit is dropped) or gone (it is delivered), so
+that a constructor which loaded the unit fine never delivers what the log then skips.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class _StepBuild:
     results: list[Any]                     # SampleData | reason str | None (pending)
     pending_by_rank: dict[int, int]
     skips: set[UnitKey] = field(default_factory=set)         # committed skip records of the step
+    pending: set[UnitKey] = field(default_factory=set)       # reported, their records not committed yet
     failures: dict[int, int] = field(default_factory=dict)   # row → failed loads
     waiting: set[int] = field(default_factory=set)           # ranks held for skip records
     assembled: set[int] = field(default_factory=set)
@@ -193,13 +197,14 @@ class Constructor:
         if len(payload) != len(msg.columns) or len(msg.dtypes) != len(msg.columns):
             raise ProtocolError(protocol.ErrorCode.MALFORMED, "plan_reply columns and frames differ")
         skips = set(msg.skips)  # (source, sample_id, piece) triples: typed and bounded at decode
+        pending = set(msg.pending) - skips
         old = self.builds.get(msg.step)
         if old is not None:
-            self._update_skips(old, skips, msg, payload)
+            self._update_skips(old, skips, pending, msg, payload)
             return
-        self._start_build(msg, payload, skips)
+        self._start_build(msg, payload, skips, pending)
 
-    def _start_build(self, msg: protocol.PlanReply, payload: list, skips: set[UnitKey]) -> None:
+    def _start_build(self, msg: protocol.PlanReply, payload: list, skips: set[UnitKey], pending: set[UnitKey]) -> None:
         rows = {name: np.frombuffer(f.buffer, np.dtype(dt)) for name, dt, f in zip(msg.columns, msg.dtypes, payload)}
         if any(len(col) != msg.rows for col in rows.values()):
             raise ProtocolError(protocol.ErrorCode.MALFORMED, "plan_reply column lengths differ")
@@ -207,7 +212,7 @@ class Constructor:
             step=msg.step, rows=rows, num_micro=dict(zip(self.ranks, msg.num_micro)),
             results=[None] * msg.rows,
             pending_by_rank={r: int(np.count_nonzero(rows["rank"] == r)) for r in self.ranks},
-            skips=skips,
+            skips=skips, pending=pending,
         )
         self.builds[msg.step] = build
         self.stats["plans"] += 1
@@ -232,26 +237,28 @@ class Constructor:
             if count == 0 and rank not in build.assembled:
                 self._assemble(build, rank)
 
-    def _update_skips(self, build: _StepBuild, skips: set[UnitKey], msg: protocol.PlanReply, payload: list) -> None:
-        """A newer answer for a step being built: apply skip records that appeared since."""
+    def _update_skips(self, build: _StepBuild, skips: set[UnitKey], pending: set[UnitKey], msg: protocol.PlanReply,
+                      payload: list) -> None:
+        """A newer answer for a step being built: apply skip records that appeared since, and
+        release ranks held for records that are now settled."""
         self._forget_recorded(build.step, skips)
-        if skips == build.skips:
-            return
-        added = skips - build.skips
-        touched = {int(build.rows["rank"][row]) for row in range(len(build.results)) if build.key(row) in added}
-        if not skips >= build.skips or touched & build.assembled:
-            # a rank already packed a unit now recorded as skipped (another constructor's report, or
-            # records a new leader truncated): its batches must follow the log; build the step again
-            log.warning("step %d: skip records changed under built batches; rebuilding", build.step)
-            self.stats["rebuilt_for_skips"] += 1
-            del self.builds[build.step]
-            self._start_build(msg, payload, skips)
-            return
-        build.skips = skips
-        rows = [row for row in range(len(build.results)) if build.key(row) in added]
-        rows = [row for row in rows if build.results[row] is None]  # loaded ones are dropped at assembly
-        self._resolve(build, np.asarray(rows, np.int64), [RECORDED_SKIP] * len(rows), final=True)
-        for rank in sorted(build.waiting & touched):
+        if skips != build.skips:
+            added = skips - build.skips
+            touched = {int(build.rows["rank"][row]) for row in range(len(build.results)) if build.key(row) in added}
+            if not skips >= build.skips or touched & build.assembled:
+                # a rank already packed a unit now recorded as skipped (another constructor's report, or
+                # records a new leader truncated): its batches must follow the log; build the step again
+                log.warning("step %d: skip records changed under built batches; rebuilding", build.step)
+                self.stats["rebuilt_for_skips"] += 1
+                del self.builds[build.step]
+                self._start_build(msg, payload, skips, pending)
+                return
+            build.skips, build.pending = skips, pending
+            rows = [row for row in range(len(build.results)) if build.key(row) in added]
+            rows = [row for row in rows if build.results[row] is None]  # loaded ones are dropped at assembly
+            self._resolve(build, np.asarray(rows, np.int64), [RECORDED_SKIP] * len(rows), final=True)
+        build.pending = pending
+        for rank in sorted(build.waiting):  # held again by _assemble while anything is unsettled
             build.waiting.discard(rank)
             self._assemble(build, rank)
 
@@ -431,10 +438,16 @@ class Constructor:
     # -- packing and delivery -----------------------------------------------------------------
 
     def _assemble(self, build: _StepBuild, rank: int) -> None:
-        """Pack ``rank``'s batches of the step, unless a unit failed without a skip record: then
-        report it and hold the rank until the record is committed."""
+        """Pack ``rank``'s batches of the step, unless a unit failed without a skip record (then
+        report it and hold the rank until the record is committed) or a unit's skip record is
+        pending (hold the rank until it is committed or gone)."""
         rows = build.rows
         mine = np.flatnonzero(rows["rank"] == rank)
+        if build.pending and any(build.key(i) in build.pending for i in mine.tolist()):
+            # another constructor reported a unit of this rank and its record is not committed yet:
+            # delivering it now could contradict the log (it may still skip the unit), so wait
+            build.waiting.add(rank)
+            return
         units, unrecorded = apply_skip_records([build.results[i] for i in mine.tolist()],
                                                source_ids=rows["source"][mine], sample_ids=rows["sample_id"][mine],
                                                pieces=rows["piece"][mine], recorded=build.skips)

@@ -67,12 +67,15 @@ def test_a_refused_proposal_keeps_the_reports_pending(leader):
     outcome["accept"] = False
     lead.add_skip(_skip())
     lead.add_skip(_skip())  # a re-sent report is not queued twice
+    assert lead.pending_units("j", 3) == {("web", 1, 0)}  # plan replies name it pending
     lead._record_skips(1.0)
     lead._record_skips(1.1)
     assert outcome["calls"] == 2 and len(lead.pending_skips) == 1 and c.state.skipped["j"] == set()
+    assert lead.pending_units("j", 3) == {("web", 1, 0)} and lead.pending_units("j", 4) == set()
     outcome["accept"] = True
     lead._record_skips(1.2)
     assert c.state.skipped["j"] == {("web", 1, 0, 3)} and lead.pending_skips == []
+    assert lead.pending_units("j", 3) == set()  # in the log now (the log's uncommitted tail says the rest)
     lead.add_skip(_skip(reason="again"))  # already recorded: nothing proposed
     calls = outcome["calls"]
     lead._record_skips(1.3)

@@ -162,8 +162,11 @@ class NoRoles:
     def role_ids(self, job: str) -> list[str]:
         return []
 
-    def committed_skips(self, job: str) -> tuple[object | None, set]:
-        return 0, set()
+    def skip_records(self, job: str) -> tuple[object, set, set]:
+        return 0, set(), set()
+
+    def reported_skips(self, job: str, step: int) -> set:
+        return set()
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +230,35 @@ def test_constructor_asks_again_soon_for_a_step_being_planned() -> None:
     c._on_refused(protocol.ErrorReply(code=protocol.ErrorCode.BAD_REQUEST, reason="step 8 is being planned"))
     c._on_refused(protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason="step 9 is being planned"))
     assert c.plan_requested[8] == sent and 9 not in c.plan_requested
+
+
+class SkipRecords(NoRoles):
+    """Committed and uncommitted skip records of job "pj", and one report the leader holds."""
+
+    def __init__(self) -> None:
+        self.committed = {("code", 1, 0, 5), ("ocr", 2, 0, 6)}
+        self.uncommitted = {("code", 3, 0, 5)}
+        self.reported = {5: {("ocr", 4, 1), ("code", 3, 0)}}  # the second also in the log's tail
+
+    def skip_records(self, job: str) -> tuple[object, set, set]:
+        return (len(self.committed), len(self.uncommitted)), self.committed, self.uncommitted
+
+    def reported_skips(self, job: str, step: int) -> set:
+        return self.reported.get(step, set())
+
+
+def test_plan_replies_name_committed_skips_and_pending_ones_apart(corpus: Path, tmp_path: Path) -> None:
+    spec = parse_job_spec(job_toml(corpus, name="pj", seed=4, dp_size=4, samples_per_step=16, prefetch=2),
+                          tmp_path / "pj.toml")
+    records = SkipRecords()
+    job = JobRuntime(spec, index_dir=tmp_path, directory=records)
+    try:
+        names = {s.name: i for i, s in enumerate(spec.sources)}
+        code, ocr = names["code"], names["ocr"]
+        assert job.step_skips(5) == ([[code, 1, 0]], sorted([[code, 3, 0], [ocr, 4, 1]]))
+        assert job.step_skips(6) == ([[ocr, 2, 0]], [])
+        records.committed |= records.uncommitted  # the tail is committed; the leader's report is not yet
+        records.uncommitted = set()
+        assert job.step_skips(5) == (sorted([[code, 1, 0], [code, 3, 0]]), [[ocr, 4, 1]])
+    finally:
+        job.close()
