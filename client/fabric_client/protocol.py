@@ -339,6 +339,13 @@ class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
     hedged: Count = 0
     plans: Count = 0
     evicted_steps: Count = 0
+    #: skips: failed loads retried, units reported, ranks held for skip records now, steps rebuilt
+    #: because their records changed, and failed units of delivered micro-batches loaded again
+    unit_retries: Count = 0
+    skip_reports: Count = 0
+    waiting_for_skips: Count = 0
+    rebuilt_for_skips: Count = 0
+    delivered_unit_reloads: Count = 0
     #: trainers subscribed now, and the last position of trainers that left (dp, mp, next_step)
     subscriptions: Bounded(TrainerPosition, MAX_DP_SIZE) = []
     departed: Bounded(tuple[DpRank, MpRank, NextStep], MAX_DP_SIZE) = []

@@ -20,7 +20,10 @@ is never delivered, even by a later rebuild of the step. A plan reply whose skip
 under an already built rank rebuilds that step. The plan reply also names the step's units whose
 skip records are pending (reported by some constructor, not committed yet): a rank with such a
 unit waits too, until the record is committed (the unit is dropped) or gone (it is delivered), so
-that a constructor which loaded the unit fine never delivers what the log then skips.
+that a constructor which loaded the unit fine never delivers what the log then skips. Conversely,
+a unit that fails in a micro-batch some trainer of the rank is already past (another constructor
+delivered it before this one took over) is never reported: that would contradict what the trainer
+holds. It is loaded again, backing off, until it loads.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class _StepBuild:
     pending: set[UnitKey] = field(default_factory=set)       # reported, their records not committed yet
     failures: dict[int, int] = field(default_factory=dict)   # row → failed loads
     waiting: set[int] = field(default_factory=set)           # ranks held for skip records
+    reload: dict[int, list[float]] = field(default_factory=dict)  # row → [next load, interval]: see _assemble
     assembled: set[int] = field(default_factory=set)
     batches: dict[tuple[int, int], EncodedBatch] = field(default_factory=dict)
 
@@ -134,7 +138,8 @@ class Constructor:
         self.reported: dict[tuple[int, UnitKey], list] = {}
         self.stats = {"built_batches": 0, "skipped_units": 0, "malformed": 0, "load_retries": 0, "hedged": 0,
                       "plans": 0, "evicted_steps": 0, "ranks": self.ranks, "unit_retries": 0, "skip_reports": 0,
-                      "waiting_for_skips": 0, "rebuilt_for_skips": 0}
+                      "waiting_for_skips": 0, "rebuilt_for_skips": 0,
+                      "delivered_unit_reloads": 0}
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -276,6 +281,11 @@ class Constructor:
                 self._send_skip(step, key, reason)
         waiting = 0
         for step, build in self.builds.items():
+            due = [row for row, (at, _) in build.reload.items() if now >= at and build.results[row] is None]
+            for row in due:
+                build.reload[row][0] = float("inf")  # until it fails again (then _reload sets the next time)
+                source = self.source_names[build.key(row)[0]]
+                self.queue[source].append((_LoadJob(source, np.asarray([row], np.int64)), step))
             if not build.waiting:
                 continue
             waiting += len(build.waiting)
@@ -284,6 +294,18 @@ class Constructor:
                 self.plan_requested[step] = now
                 self.link.send(protocol.PlanRequest(job=self.spec.name, step=step, ranks=self.ranks))
         self.stats["waiting_for_skips"] = waiting
+
+    def _reload(self, build: _StepBuild, row: int, reason: str) -> None:
+        """Load a failed unit again later (backing off) instead of reporting it."""
+        entry = build.reload.setdefault(row, [0.0, REPORT_RESEND_S])
+        wait = entry[1]
+        entry[0], entry[1] = time.monotonic() + wait, min(wait * 2, 8 * REPORT_RESEND_S)
+        build.results[row] = None
+        build.failures.pop(row, None)
+        build.pending_by_rank[int(build.rows["rank"][row])] += 1
+        self.stats["delivered_unit_reloads"] += 1
+        log.warning("step %d: unit %s failed (%s) but its micro-batch was delivered already; loading it again "
+                    "in %.0fs", build.step, build.key(row), reason[:200], wait)
 
     def _report(self, step: int, key: UnitKey, reason: str) -> None:
         if (step, key) in self.reported:
@@ -452,10 +474,17 @@ class Constructor:
                                                source_ids=rows["source"][mine], sample_ids=rows["sample_id"][mine],
                                                pieces=rows["piece"][mine], recorded=build.skips)
         if unrecorded:
+            front = self.delivery.furthest(rank)
             for pos in unrecorded:
                 row = int(mine[pos])
-                self._report(build.step, build.key(row), str(units[pos]))
-            build.waiting.add(rank)
+                if front is not None and (build.step, int(rows["micro"][row])) < front:
+                    # its micro-batch was delivered already (before a relocation or an eviction): a
+                    # skip record would contradict it, so the unit is loaded again until it loads
+                    self._reload(build, row, str(units[pos]))
+                else:
+                    self._report(build.step, build.key(row), str(units[pos]))
+            if not build.reload or all(int(rows["rank"][r]) != rank for r in build.reload):
+                build.waiting.add(rank)
             return
         unit_of = dict(zip(mine.tolist(), units))
         num_micro = build.num_micro[rank]

@@ -243,6 +243,13 @@ class TrainerDelivery:
                 out[sub.dp_rank] = pos
         return out
 
+    def furthest(self, dp_rank: int) -> tuple[int, int] | None:
+        """The furthest ``(step, micro)`` a trainer of ``dp_rank`` here is at (or left at): every
+        batch of that rank before it was delivered to someone, by this constructor or another."""
+        out = [(sub.step, sub.micro) for sub in self._subs.values() if sub.dp_rank == dp_rank]
+        out += [(step, 0) for (dp, _), step in self._departed.items() if dp == dp_rank]
+        return max(out, default=None)
+
     def pump(self, lookup: Callable[[int, int, int], EncodedBatch | None]) -> int:
         """Send what credits allow; ``lookup(dp_rank, step, micro)`` gives a built batch or None.
 

@@ -135,3 +135,49 @@ def test_without_pending_records_nothing_waits(setup):
     build = s.con.builds[STEP]
     assert build.assembled == {0, 1} and not build.waiting
     assert _checksums(s, 0) == _expected(s, 0)
+
+
+def _fail_target_twice(s: SimpleNamespace) -> None:
+    """Every unit loads except the target, which fails on the load and on its retry."""
+    _load_everything_but_target(s)
+    build = s.con.builds[STEP]
+    for _ in range(2):
+        for q in s.con.queue.values():
+            q.clear()
+        s.con._resolve(build, np.asarray([s.target], np.int64), ["503 from the object store"])
+
+
+def _load_everything_but_target(s: SimpleNamespace) -> None:
+    build = s.con.builds[STEP]
+    rows = [i for i in range(len(build.results)) if build.results[i] is None and i != s.target]
+    for q in s.con.queue.values():
+        q.clear()
+    s.con._resolve(build, np.asarray(rows, np.int64), [s.units[i] for i in rows])
+
+
+def test_a_failed_unit_of_an_undelivered_batch_is_reported_and_its_rank_held(setup):
+    s = setup
+    _feed(s)
+    _fail_target_twice(s)
+    build = s.con.builds[STEP]
+    assert (STEP, _unit_key(s)) in s.con.reported and 0 in build.waiting and 0 not in build.assembled
+
+
+def test_a_failed_unit_of_a_delivered_batch_is_loaded_again_not_reported(setup):
+    """A trainer of rank 0 is past the step (another constructor delivered it before this one
+    took over): reporting the unit now would make the log contradict what the trainer holds."""
+    s = setup
+    s.con.delivery.handle(b"trainer-0", protocol.Subscribe(job=s.spec.name, fingerprint="", dp_rank=0, mp_rank=0,
+                                                           next_step=STEP + 1, next_micro=0, credits=0))
+    _feed(s)
+    _fail_target_twice(s)
+    build = s.con.builds[STEP]
+    assert not s.con.reported and s.con.stats["delivered_unit_reloads"] == 1
+    assert 0 not in build.assembled and s.target in build.reload
+    s.con._chase_skips(build.reload[s.target][0] - 0.01)
+    assert not any(s.con.queue.values()), "not before its backoff"
+    s.con._chase_skips(build.reload[s.target][0])
+    queued = [job for q in s.con.queue.values() for job, step in q if step == STEP]
+    assert [r.tolist() for r in (j.rows for j in queued)] == [[s.target]]
+    s.con._resolve(build, np.asarray([s.target], np.int64), [s.units[s.target]])  # it loads this time
+    assert 0 in build.assembled and _checksums(s, 0) == _expected(s, 0)
