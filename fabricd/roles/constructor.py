@@ -23,7 +23,9 @@ unit waits too, until the record is committed (the unit is dropped) or gone (it 
 that a constructor which loaded the unit fine never delivers what the log then skips. Conversely,
 a unit that fails in a micro-batch some trainer of the rank is already past (another constructor
 delivered it before this one took over) is never reported: that would contradict what the trainer
-holds. It is loaded again, backing off, until it loads.
+holds. It is loaded again, backing off, until it loads. And a failed unit that no trainer
+subscribed here needs any more (it moved to another constructor, which may deliver the unit) is
+not reported either: its rank waits, and the unit is reported only once a trainer here needs it.
 """
 
 from __future__ import annotations
@@ -477,12 +479,16 @@ class Constructor:
             front = self.delivery.furthest(rank)
             for pos in unrecorded:
                 row = int(mine[pos])
-                if front is not None and (build.step, int(rows["micro"][row])) < front:
+                micro = int(rows["micro"][row])
+                if front is not None and (build.step, micro) < front:
                     # its micro-batch was delivered already (before a relocation or an eviction): a
                     # skip record would contradict it, so the unit is loaded again until it loads
                     self._reload(build, row, str(units[pos]))
-                else:
+                elif self.delivery.needs(rank, build.step, micro):
                     self._report(build.step, build.key(row), str(units[pos]))
+                # else no trainer here needs the batch (it moved on to another constructor, which
+                # may deliver the unit): the rank waits unreported, and is looked at again with
+                # the step's next plan reply
             if not build.reload or all(int(rows["rank"][r]) != rank for r in build.reload):
                 build.waiting.add(rank)
             return

@@ -250,6 +250,10 @@ class TrainerDelivery:
         out += [(step, 0) for (dp, _), step in self._departed.items() if dp == dp_rank]
         return max(out, default=None)
 
+    def needs(self, dp_rank: int, step: int, micro: int) -> bool:
+        """Whether a trainer subscribed here still needs that batch of ``dp_rank``."""
+        return any(sub.dp_rank == dp_rank and (sub.step, sub.micro) <= (step, micro) for sub in self._subs.values())
+
     def pump(self, lookup: Callable[[int, int, int], EncodedBatch | None]) -> int:
         """Send what credits allow; ``lookup(dp_rank, step, micro)`` gives a built batch or None.
 

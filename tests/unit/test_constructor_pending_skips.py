@@ -155,20 +155,37 @@ def _load_everything_but_target(s: SimpleNamespace) -> None:
     s.con._resolve(build, np.asarray(rows, np.int64), [s.units[i] for i in rows])
 
 
-def test_a_failed_unit_of_an_undelivered_batch_is_reported_and_its_rank_held(setup):
+def _subscribe(s: SimpleNamespace, step: int) -> None:
+    s.con.delivery.handle(b"trainer-0", protocol.Subscribe(job=s.spec.name, fingerprint="", dp_rank=0, mp_rank=0,
+                                                           next_step=step, next_micro=0, credits=0))
+
+
+def test_a_failed_unit_of_a_batch_a_trainer_needs_is_reported_and_its_rank_held(setup):
     s = setup
+    _subscribe(s, STEP)
     _feed(s)
     _fail_target_twice(s)
     build = s.con.builds[STEP]
     assert (STEP, _unit_key(s)) in s.con.reported and 0 in build.waiting and 0 not in build.assembled
 
 
+def test_a_failed_unit_no_trainer_here_needs_is_held_unreported_until_one_does(setup):
+    """The trainer moved on to another constructor, which may deliver the unit: no report."""
+    s = setup
+    _feed(s)
+    _fail_target_twice(s)
+    build = s.con.builds[STEP]
+    assert not s.con.reported and 0 in build.waiting and 0 not in build.assembled
+    _subscribe(s, STEP)  # a trainer of rank 0 (back) here at the step: now the unit is reported
+    _feed(s)
+    assert (STEP, _unit_key(s)) in s.con.reported and 0 in build.waiting
+
+
 def test_a_failed_unit_of_a_delivered_batch_is_loaded_again_not_reported(setup):
     """A trainer of rank 0 is past the step (another constructor delivered it before this one
     took over): reporting the unit now would make the log contradict what the trainer holds."""
     s = setup
-    s.con.delivery.handle(b"trainer-0", protocol.Subscribe(job=s.spec.name, fingerprint="", dp_rank=0, mp_rank=0,
-                                                           next_step=STEP + 1, next_micro=0, credits=0))
+    _subscribe(s, STEP + 1)
     _feed(s)
     _fail_target_twice(s)
     build = s.con.builds[STEP]
