@@ -83,6 +83,7 @@ class Daemon:
         self.declared_hosts: dict[tuple[str, int, int], tuple[str, int]] = {}
         self.hostname = socket.gethostname()
         self.leadership = Leadership(cfg, self.cluster, self.jobs, self.propose)
+        self._skip_tails: dict[str, tuple[object, tuple]] = {}  # job → (key, skip_records answer) past the commit point
         self.reconciler = LocalReconciler(self)
 
     # -- setup ----------------------------------------------------------------------------------
@@ -208,6 +209,9 @@ class Daemon:
         key = (entry.seq if entry is not None else None, len(units), commit, state.last_seq, state.last_term)
         if state.last_seq <= commit:
             return key, units, ()
+        cached = self._skip_tails.get(job)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         tail, seq = set(), commit + 1
         while seq <= state.last_seq:
             records = self.cluster.log.read(seq, 1000)
@@ -216,6 +220,7 @@ class Daemon:
             tail |= {(r.data["source"], r.data["sample_id"], r.data["piece"], r.data["step"])
                      for r in records if r.kind == "sample_skipped" and r.data.get("job") == job}
             seq = records[-1].seq + 1
+        self._skip_tails[job] = (key, (key, units - tail, tail))  # read from the log once per change
         return key, units - tail, tail
 
     def reported_skips(self, job: str, step: int) -> Collection[tuple[str, int, int]]:

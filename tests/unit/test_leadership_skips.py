@@ -101,3 +101,21 @@ def test_pending_reports_are_bounded_and_the_overflow_counted(leader, monkeypatc
     lead._record_skips(1.0)
     assert len(c.state.skipped["j"]) == 3
     assert lead.add_skip(_skip(step=4))  # room again: the re-sent report is taken
+
+
+def test_the_daemon_tells_committed_skip_records_from_the_uncommitted_tail(leader):
+    from fabricd.daemon import Daemon
+
+    _, c, _, _ = leader
+    rec = {"job": "j", "source": "web", "piece": 0, "step": 3, "reason": "503"}
+    c.propose([("sample_skipped", {**rec, "sample_id": 1})], 1.0)
+    committed_at = c.commit_seq
+    c.propose([("sample_skipped", {**rec, "sample_id": 2})], 1.1)
+    daemon = SimpleNamespace(cluster=c, _skip_tails={})
+    key, committed, uncommitted = Daemon.skip_records(daemon, "j")
+    assert committed == {("web", 1, 0, 3), ("web", 2, 0, 3)} and uncommitted == ()
+    c.commit_seq = committed_at  # as a leader that has not heard the acknowledgements yet
+    key2, committed, uncommitted = Daemon.skip_records(daemon, "j")
+    assert key2 != key and committed == {("web", 1, 0, 3)} and uncommitted == {("web", 2, 0, 3)}
+    c.log.read = None  # the tail is read from the log once per change, not per plan request
+    assert Daemon.skip_records(daemon, "j") == (key2, committed, uncommitted)
