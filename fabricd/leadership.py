@@ -70,7 +70,7 @@ class Leadership:
         self.pending_skips: list[dict] = []  # skip reports received while leader, not yet recorded
         self._pending_keys: set[tuple] = set()
         self._pending_units: dict[tuple[str, int], set[tuple[str, int, int]]] = {}  # (job, step) → units
-        self.counters = {"skips_invalid": 0, "skips_overflowed": 0, "skips_recorded": 0}
+        self.counters = {"skips_invalid": 0, "skips_overflowed": 0, "skips_recorded": 0, "skips_refused_delivered": 0}
         self._next_progress = 0.0
         self._next_autoscale = 0.0
         self._next_placement = 0.0
@@ -123,6 +123,7 @@ class Leadership:
         """Propose the valid pending skip reports; they leave the pending list only once appended."""
         state = self.cluster.state
         entries, waiting = [], []
+        delivered = self._trainer_steps()
         for report in self.pending_skips:
             verdict = self._check_skip(report)
             if verdict == "wait":
@@ -131,8 +132,18 @@ class Leadership:
                 self.counters["skips_invalid"] += 1
                 log.warning("skip report dropped: %s: %.300r", verdict, report)
             elif (report["source"], report["sample_id"], report["piece"], report["step"]) \
-                    not in state.skipped.get(report["job"], ()):
-                entries.append(("sample_skipped", {**report, "reason": report["reason"][:MAX_SKIP_REASON_CHARS]}))
+                    in state.skipped.get(report["job"], ()):
+                continue
+            elif delivered.get((report["job"], report.get("dp_rank")), -1) > report["step"]:
+                # a trainer of the unit's rank is past the step: some constructor delivered the
+                # batch with the unit (a late or re-sent report, say from behind a partition)
+                self.counters["skips_refused_delivered"] += 1
+                log.warning("skip report refused: a trainer of dp rank %s is at step %d, past step %d: %.300r",
+                            report.get("dp_rank"), delivered[(report["job"], report.get("dp_rank"))],
+                            report["step"], report)
+            else:
+                data = {k: v for k, v in report.items() if k != "dp_rank"}
+                entries.append(("sample_skipped", {**data, "reason": report["reason"][:MAX_SKIP_REASON_CHARS]}))
         recorded = not entries or self.propose(entries, now)
         if recorded:
             self.counters["skips_recorded"] += len(entries)
@@ -143,6 +154,18 @@ class Leadership:
         self._pending_units = {}
         for r in self.pending_skips:
             self._pending_units.setdefault((r["job"], r["step"]), set()).add((r["source"], r["sample_id"], r["piece"]))
+
+    def _trainer_steps(self) -> dict[tuple[str, int], int]:
+        """(job, dp rank) → the furthest step a trainer of that rank is known to be at (from the
+        constructors' heartbeats: every step before it was delivered to that rank)."""
+        out: dict[tuple[str, int], int] = {}
+        for member in self.cluster.members.members.values():
+            for rid, view in member.roles.items():
+                job = rid.split("/", 1)[0]
+                for dp, _mp, step in view.trainers:
+                    if step > out.get((job, dp), -1):
+                        out[(job, dp)] = step
+        return out
 
     def _check_skip(self, r: dict) -> str:
         """"" for a report that can be recorded, "wait" while its job is still indexing, else why not."""

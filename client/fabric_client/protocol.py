@@ -404,7 +404,9 @@ class PlanReply(Message, tag="plan_reply"):
 
 
 class SkipReport(Message, tag="skip_report"):
-    """A constructor skipped a unit that could not be read or decoded."""
+    """A constructor skipped a unit that could not be read or decoded. ``dp_rank`` is the rank
+    whose batch holds the unit: the leader refuses the report once a trainer of that rank is
+    known to be past ``step`` (the batch was delivered with the unit by another constructor)."""
 
     job: Name
     step: Step
@@ -412,6 +414,7 @@ class SkipReport(Message, tag="skip_report"):
     sample_id: Count
     piece: Count
     reason: Text
+    dp_rank: DpRank = 0
 
 
 class PoolsRequest(Message, tag="pools_request"):

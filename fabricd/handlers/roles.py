@@ -62,7 +62,7 @@ def pools(daemon: Daemon, _identity: bytes, msg: protocol.PoolsRequest, _payload
 
 @handles(protocol.SkipReport)
 def skip(daemon: Daemon, _identity: bytes, msg: protocol.SkipReport, _payload: list) -> Reply:
-    """Request: ``SkipReport(job, step, source, sample_id, piece, reason)``. No reply: the
+    """Request: ``SkipReport(job, step, source, sample_id, piece, reason, dp_rank)``. No reply: the
     constructor re-sends until it sees the skip among the step's committed records (``PlanReply``).
     The leader checks and records it; another daemon forwards it to the leader."""
     if (msg.source, msg.sample_id, msg.piece, msg.step) in daemon.cluster.state.skipped.get(msg.job, ()):
@@ -71,7 +71,7 @@ def skip(daemon: Daemon, _identity: bytes, msg: protocol.SkipReport, _payload: l
     if job is not None:
         job.on_skip(msg)
     record = {"job": msg.job, "source": msg.source, "sample_id": msg.sample_id, "piece": msg.piece,
-              "step": msg.step, "reason": msg.reason}
+              "step": msg.step, "reason": msg.reason, "dp_rank": msg.dp_rank}
     if daemon.cluster.is_leader(time.monotonic()):
         daemon.leadership.add_skip(record)  # checked, bounded; kept until recorded
     elif (leader := daemon.cluster.leader) in daemon.peers:

@@ -136,7 +136,8 @@ class Constructor:
         self.by_socket: dict[zmq.Socket, tuple[str, _Worker]] = {}
         self.req_ids = itertools.count(1)
         self.next_pools = 0.0
-        # (step, unit) reported as skipped and not yet seen recorded → [reason, next send, resend interval]
+        # (step, unit) reported as skipped and not yet seen recorded →
+        # [reason, next send, resend interval, dp rank, micro-batch]
         self.reported: dict[tuple[int, UnitKey], list] = {}
         self.stats = {"built_batches": 0, "skipped_units": 0, "malformed": 0, "load_retries": 0, "hedged": 0,
                       "plans": 0, "evicted_steps": 0, "ranks": self.ranks, "unit_retries": 0, "skip_reports": 0,
@@ -277,10 +278,12 @@ class Constructor:
         """Re-send unrecorded skip reports (backing off) and ask again for the plans of steps held
         for skip records."""
         for (step, key), entry in self.reported.items():
-            reason, due, interval = entry
-            if now >= due:
+            reason, due, interval, rank, micro = entry
+            if now >= due and self.delivery.needs(rank, step, micro):
+                # (no longer needed here: not re-sent, lest a report reach the leader after another
+                # constructor delivered the unit; it is sent again once a trainer here needs it)
                 entry[1], entry[2] = now + interval, min(interval * 2, 8 * REPORT_RESEND_S)
-                self._send_skip(step, key, reason)
+                self._send_skip(step, key, reason, rank)
         waiting = 0
         for step, build in self.builds.items():
             due = [row for row, (at, _) in build.reload.items() if now >= at and build.results[row] is None]
@@ -309,7 +312,7 @@ class Constructor:
         log.warning("step %d: unit %s failed (%s) but its micro-batch was delivered already; loading it again "
                     "in %.0fs", build.step, build.key(row), reason[:200], wait)
 
-    def _report(self, step: int, key: UnitKey, reason: str) -> None:
+    def _report(self, step: int, key: UnitKey, reason: str, rank: int, micro: int) -> None:
         if (step, key) in self.reported:
             return
         if len(self.reported) >= MAX_REPORTED:
@@ -318,13 +321,13 @@ class Constructor:
             oldest = next(iter(self.reported))
             log.error("%d skip reports unrecorded; forgetting step %d unit %s", MAX_REPORTED, *oldest)
             self.reported.pop(oldest)
-        self.reported[(step, key)] = [reason, time.monotonic() + REPORT_RESEND_S, REPORT_RESEND_S]
+        self.reported[(step, key)] = [reason, time.monotonic() + REPORT_RESEND_S, REPORT_RESEND_S, rank, micro]
         self.stats["skip_reports"] += 1
-        self._send_skip(step, key, reason)
+        self._send_skip(step, key, reason, rank)
 
-    def _send_skip(self, step: int, key: UnitKey, reason: str) -> None:
+    def _send_skip(self, step: int, key: UnitKey, reason: str, rank: int) -> None:
         source, sample_id, piece = key
-        self.link.send(protocol.SkipReport(job=self.spec.name, step=step, source=self.source_names[source],
+        self.link.send(protocol.SkipReport(job=self.spec.name, step=step, dp_rank=rank, source=self.source_names[source],
                                            sample_id=sample_id, piece=piece, reason=reason))
 
     # -- fetching units from the source-loader pools -------------------------------------------
@@ -485,7 +488,7 @@ class Constructor:
                     # skip record would contradict it, so the unit is loaded again until it loads
                     self._reload(build, row, str(units[pos]))
                 elif self.delivery.needs(rank, build.step, micro):
-                    self._report(build.step, build.key(row), str(units[pos]))
+                    self._report(build.step, build.key(row), str(units[pos]), rank, micro)
                 # else no trainer here needs the batch (it moved on to another constructor, which
                 # may deliver the unit): the rank waits unreported, and is looked at again with
                 # the step's next plan reply

@@ -198,3 +198,19 @@ def test_a_failed_unit_of_a_delivered_batch_is_loaded_again_not_reported(setup):
     assert [r.tolist() for r in (j.rows for j in queued)] == [[s.target]]
     s.con._resolve(build, np.asarray([s.target], np.int64), [s.units[s.target]])  # it loads this time
     assert 0 in build.assembled and _checksums(s, 0) == _expected(s, 0)
+
+
+def test_a_report_is_re_sent_only_while_a_trainer_here_needs_its_batch(setup):
+    s = setup
+    _subscribe(s, STEP)
+    _feed(s)
+    sent = []
+    s.con._send_skip = lambda step, key, reason, rank: sent.append((step, key, rank))
+    _fail_target_twice(s)
+    assert sent == [(STEP, _unit_key(s), 0)]
+    due = s.con.reported[(STEP, _unit_key(s))][1]
+    s.con._chase_skips(due)
+    assert len(sent) == 2  # re-sent: the trainer still waits for the batch
+    s.con.delivery.handle(b"trainer-0", protocol.Unsubscribe(job=s.spec.name, dp_rank=0, mp_rank=0))
+    s.con._chase_skips(due + 3600)
+    assert len(sent) == 2, "the trainer left (to a constructor that may deliver the unit): no more re-sends"

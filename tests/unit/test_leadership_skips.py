@@ -119,3 +119,21 @@ def test_the_daemon_tells_committed_skip_records_from_the_uncommitted_tail(leade
     assert key2 != key and committed == {("web", 1, 0, 3)} and uncommitted == {("web", 2, 0, 3)}
     c.log.read = None  # the tail is read from the log once per change, not per plan request
     assert Daemon.skip_records(daemon, "j") == (key2, committed, uncommitted)
+
+
+def test_a_report_for_a_step_a_trainer_of_its_rank_is_past_is_refused(leader):
+    """Another constructor delivered the batch with the unit (the report comes late, from behind a
+    partition, or re-sent): recording it now would make the log contradict the trainer's batch."""
+    from fabricd.cluster.telemetry import RoleView
+
+    lead, c, _, _ = leader
+    member = next(iter(c.members.members.values()))
+    member.roles = {"j/constructor/0": RoleView(endpoint="tcp://x:1", kind="constructor", alive=True,
+                                                trainers=[(0, 0, 5), (0, 1, 4), (1, 0, 3)])}
+    for r in (_skip(step=3, dp_rank=0), _skip(step=4, dp_rank=0, sample_id=0), _skip(step=3, dp_rank=1, sample_id=3),
+              _skip(step=5, dp_rank=0, sample_id=2, piece=1)):
+        lead.add_skip(r)
+    lead._record_skips(1.0)
+    # dp 0 is at step 5 (mp 0): steps 3 and 4 were delivered; dp 1 is at step 3, mid-step or not begun
+    assert c.state.skipped["j"] == {("web", 3, 0, 3), ("web", 2, 1, 5)}
+    assert lead.counters["skips_refused_delivered"] == 2 and lead.pending_skips == []
