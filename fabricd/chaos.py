@@ -40,6 +40,7 @@ from typing import Any
 import psutil
 
 from fabric_client import Loader, protocol
+from fabric_client.keys import ClientKeys
 
 from .cluster.log import CheckpointLog
 from .config import load_job_spec
@@ -77,10 +78,10 @@ class _Trainer(threading.Thread):
     """One trainer rank: consumes batches at a fixed pace and records what it got, and when."""
 
     def __init__(self, addresses: list[str], job: str, dp_rank: int, dp_size: int, pace_s: float,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, keys: ClientKeys | None = None) -> None:
         super().__init__(daemon=True, name=f"trainer-{dp_rank}")
         self.addresses, self.job, self.dp_rank, self.dp_size = addresses, job, dp_rank, dp_size
-        self.pace_s, self.stop_event = pace_s, stop
+        self.pace_s, self.stop_event, self.keys = pace_s, stop, keys
         self.records: list[tuple[tuple[int, int, int], str, float]] = []
         self.times: list[float] = []  # receive times, in order (parallel to records)
         self.error: BaseException | None = None
@@ -88,7 +89,7 @@ class _Trainer(threading.Thread):
     def run(self) -> None:
         try:
             with Loader(self.addresses, job=self.job, dp_rank=self.dp_rank, dp_size=self.dp_size,
-                        deadline_s=120, stall_s=0.5, prefetch=2) as loader:
+                        deadline_s=120, stall_s=0.5, prefetch=2, keys=self.keys) as loader:
                 for b in loader:
                     now = time.time()
                     self.records.append(((b.step, b.dp_rank, b.micro_batch), b.checksum, now))
@@ -174,7 +175,8 @@ class ChaosRun:
             time.sleep(0.1)
         self._monitor = threading.Thread(target=self._watch_leaders, daemon=True, name="leader-monitor")
         self._monitor.start()
-        self.trainers = [_Trainer(self.cluster.addresses, "chaos", d, self.dp_size, self.pace_s, self.stop_event)
+        self.trainers = [_Trainer(self.cluster.addresses, "chaos", d, self.dp_size, self.pace_s, self.stop_event,
+                                  keys=self.cluster.trainer_keys)
                          for d in range(self.dp_size)]
         for t in self.trainers:
             t.start()
@@ -353,11 +355,13 @@ class ChaosRun:
             st = self.cluster.status(n) or {}
             constructors += [r["endpoint"] for r in st.get("jobs", {}).get("chaos", {}).get("roles", [])
                              if r["kind"] == "constructor" and r.get("endpoint") and r["node"] == n]
+        keys = [self.cluster.node_keys(node)]  # the insider: its messages reach the handlers
         if constructors:
             targets.append(self.rng.choice(constructors))
+            keys.append(self.cluster.trainer_keys)
         messages = burst(self.rng)
-        for endpoint in targets:
-            send_burst(endpoint, messages)
+        for endpoint, k in zip(targets, keys):
+            send_burst(endpoint, messages, keys=k)
         time.sleep(1.0)  # a process that dies of it is gone by now
         died = [f"daemon {n}" for n, pid in daemon_pids.items()
                 if self.cluster.daemons[n].proc is None or self.cluster.daemons[n].proc.pid != pid

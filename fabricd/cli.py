@@ -15,6 +15,7 @@ import click
 
 from fabric_client import protocol
 from fabric_client.errors import FabricError
+from fabric_client.keys import KINDS, ClientKeys, KeysError, generate, list_keys
 
 from .config import load_job_spec, load_node_config
 from .node_checks import check_node_environment
@@ -59,6 +60,9 @@ def run_cmd(config_path: str) -> None:
         raise click.ClickException(f"{cfg.file}: node.control = {cfg.control!r}: cannot bind: {e.strerror}") from e
     except FabricdError as e:  # the term store or the checkpoint log cannot be read
         raise click.ClickException(f"cannot start: {e}") from e
+    except KeysError as e:  # a key of [security] keys_dir is missing or malformed
+        raise click.ClickException(f"{cfg.file}: security.keys_dir = {str(cfg.security.keys_dir)!r}: {e} "
+                                   "(make keys with `fabricctl keys generate`, or set insecure = true)") from e
     except OSError as e:  # the state dir filled up or changed under us since the check
         raise click.ClickException(f"{cfg.file}: node.state_dir = {str(cfg.state_dir)!r}: cannot start: {e}") from e
     arm_on_signal()
@@ -87,19 +91,24 @@ def _address(address: str | None, config: str | None) -> str:
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Read the daemon's endpoint from this node config instead.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for each answer.")
+@click.option("--key", "key_file", envvar="FABRICCTL_KEY", default=None, type=click.Path(dir_okay=False),
+              help="Operator key file (KEYS/operators/NAME.key_secret; default $FABRICCTL_KEY). The server key is "
+                   "KEYS/server.key (or $FABRIC_SERVER_KEY). Without one, requests are plaintext.")
 @click.pass_context
-def fabricctl_main(ctx: click.Context, address: str | None, config_path: str | None, timeout: float) -> None:
+def fabricctl_main(ctx: click.Context, address: str | None, config_path: str | None, timeout: float,
+                   key_file: str | None) -> None:
     """Control a fabricd daemon, or compute what a job should deliver."""
-    ctx.obj = {"address": address, "config": config_path, "timeout": timeout}
+    ctx.obj = {"address": address, "config": config_path, "timeout": timeout, "key_file": key_file}
 
 
 def _request(ctx: click.Context, msg: protocol.Message) -> protocol.Message:
     """Ask the daemons of --address (comma-separated) in turn; decisions go to the leader."""
     try:
         addresses = _address(ctx.obj["address"], ctx.obj["config"]).split(",")
-        return request_any(addresses, msg, timeout_s=ctx.obj["timeout"],
+        keys = ClientKeys.load(ctx.obj["key_file"]) if ctx.obj["key_file"] else None
+        return request_any(addresses, msg, timeout_s=ctx.obj["timeout"], keys=keys,
                            leader_only=isinstance(msg, (protocol.SubmitJob, protocol.CancelJob)))
-    except (FabricError, FabricdError) as e:
+    except (FabricError, FabricdError, KeysError) as e:
         raise click.ClickException(str(e)) from e
 
 
@@ -167,6 +176,12 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
                f"{log_pos['commit_seq']}; malformed dropped {status['counters']['malformed_dropped']}")
     if cluster.get("degraded"):
         click.echo(f"DEGRADED: {cluster['degraded']} (this daemon follows but cannot vote or lead)")
+    sec = status.get("security", {})
+    if sec.get("insecure"):
+        click.echo(f"INSECURE: {sec['warning']}")
+    elif sec:
+        click.echo(f"security: CurveZMQ, keys {sec['keys']} in {sec['keys_dir']}; "
+                   f"refused handshakes {sec['refused_handshakes']}")
     replicas = cluster.get("replicas", {})
     for node, m in cluster["members"].items():
         t = m.get("telemetry") or {}
@@ -225,6 +240,8 @@ def dev_cluster_cmd(nodes: int, workdir: str, loader_workers: int) -> None:
         addresses = ",".join(cluster.addresses)
         click.echo(f"{nodes} daemons up; leader {cluster.leader()}; logs under {Path(workdir).absolute()}/*/fabricd.log")
         click.echo(f"  export FABRICD_ADDRESS={addresses}")
+        for var, value in cluster.client_env().items():  # the local trainer's and operator's keys
+            click.echo(f"  export {var}={value}")
         click.echo("  fabricctl submit config/jobs/demo.toml --wait; fabricctl status   (Ctrl-C stops the cluster)")
         while not stop:
             time.sleep(0.5)
@@ -233,6 +250,49 @@ def dev_cluster_cmd(nodes: int, workdir: str, loader_workers: int) -> None:
     finally:
         cluster.stop()
         click.echo("stopped")
+
+
+@fabricctl_main.group("keys")
+def keys_group() -> None:
+    """CurveZMQ keys: who may talk to the fabric (see fabric_client.keys)."""
+
+
+@keys_group.command("generate")
+@click.argument("kind", type=click.Choice(["server", *KINDS]))
+@click.argument("names", nargs=-1)
+@click.option("--dir", "keys_dir", default="/etc/fabricd/keys", show_default=True,
+              type=click.Path(file_okay=False), help="The keys directory.")
+def keys_generate_cmd(kind: str, names: tuple[str, ...], keys_dir: str) -> None:
+    """Make key pairs: `server` (once per fabric), or `node ID...`, `trainer NAME...`,
+    `operator NAME...`. Secret files are mode 0600; nothing is overwritten. Copy the directory to
+    every node (the secrets of trainers and operators only to them), then reload the daemons'
+    allow-lists with SIGHUP (`systemctl reload fabricd`)."""
+    if kind == "server":
+        names = names or ("server",)
+    elif not names:
+        raise click.UsageError(f"name the {kind} key(s) to make")
+    for name in names:
+        try:
+            public, secret = generate(keys_dir, kind, name)
+        except KeysError as e:
+            raise click.ClickException(str(e)) from e
+        click.echo(f"{kind} {name}: {public} (public), {secret} (secret, 0600)")
+
+
+@keys_group.command("list")
+@click.option("--dir", "keys_dir", default="/etc/fabricd/keys", show_default=True,
+              type=click.Path(file_okay=False, exists=True), help="The keys directory.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per key.")
+def keys_list_cmd(keys_dir: str, as_json: bool) -> None:
+    """Every key of a keys directory: kind, name, public key, and whether its secret is here."""
+    try:
+        keys = list_keys(keys_dir)
+    except KeysError as e:
+        raise click.ClickException(str(e)) from e
+    for k in keys:
+        click.echo(json.dumps(k) if as_json else f"{k['kind']:9} {k['name']:24} {k['public_key']}  secret: {k['secret']}")
+    if not keys and not as_json:
+        click.echo(f"no keys in {keys_dir} (make them with `fabricctl keys generate`)")
 
 
 @fabricctl_main.command("expect")

@@ -174,6 +174,14 @@ class PeerSpec:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """CurveZMQ on every socket (see ``fabric_client.keys``); plaintext only with ``insecure``."""
+
+    keys_dir: Path        # server.key_secret, nodes/<id>.key_secret, and the allow-lists
+    insecure: bool        # plaintext, no authentication: warned at every start, shown in status
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """The fabric's daemons. A node with no ``[cluster]`` table is a cluster of one."""
 
@@ -208,6 +216,7 @@ class NodeConfig:
     heartbeat_s: float
     max_message_bytes: int
     cluster: ClusterConfig
+    security: SecurityConfig
 
     @property
     def endpoint_file(self) -> Path:
@@ -225,6 +234,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     roles = root.table("roles")
     limits = root.table("limits")
     cluster_t = root.table("cluster")
+    security_t = root.table("security")
     control = _endpoint(node, "control", node.str("control", "tcp://127.0.0.1:7700"), bind=True)
     advertise_host = node.str("advertise_host", "127.0.0.1")
     if not valid_host(advertise_host) or advertise_host in ("*", "0.0.0.0", "::"):
@@ -252,10 +262,18 @@ def load_node_config(path: str | Path) -> NodeConfig:
         heartbeat_s=roles.float("heartbeat_s", 1.0, min=B.MIN_PERIOD_S, max=B.MAX_PERIOD_S),
         max_message_bytes=limits.int("max_message_bytes", 256 << 20, min=1 << 16),
         cluster=cluster,
+        security=_security_config(security_t, path),
     )
-    for table in (node, roles, limits, cluster_t, root):
+    for table in (node, roles, limits, cluster_t, security_t, root):
         table.done()
     return cfg
+
+
+def _security_config(t: _Table, path: Path) -> SecurityConfig:
+    keys_dir = Path(t.str("keys_dir", "/etc/fabricd/keys"))
+    if not keys_dir.is_absolute():
+        keys_dir = (path.parent / keys_dir).resolve()
+    return SecurityConfig(keys_dir=keys_dir, insecure=t.bool("insecure", False))
 
 
 def _endpoint(t: _Table, key: str, value: str, *, bind: bool) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 from fabric_client import protocol
 from fabric_client.errors import ProtocolError
+from fabric_client.keys import KeyRing
 from fabric_client.sockets import SocketFactory
 
 from . import __version__
@@ -38,7 +39,7 @@ from .cluster.log import LogError
 from .cluster.state import StateError
 from .cluster.wire import to_peer
 from .config import NodeConfig
-from .handlers import HANDLERS
+from .handlers import CALLERS, HANDLERS, caller_kind
 from .job import JobRuntime, SkipUnit
 from .leadership import Leadership
 from .ratelog import RateLimitedLog, truncate
@@ -57,7 +58,14 @@ class Daemon:
     def __init__(self, cfg: NodeConfig) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
-        self.sockets = SocketFactory(self.ctx, max_message_bytes=cfg.max_message_bytes)
+        if cfg.security.insecure:
+            self.ring = None
+            log.warning("INSECURE: %s has [security] insecure = true: plaintext sockets, and anyone who can "
+                        "reach this node may submit and cancel jobs, register roles and read data", cfg.file)
+        else:  # KeysError (names the file) when a key is missing or malformed
+            self.ring = KeyRing(cfg.security.keys_dir, cfg.node_id)
+        self.sockets = SocketFactory(self.ctx, max_message_bytes=cfg.max_message_bytes, ring=self.ring,
+                                     keys=None if self.ring is None else self.ring.client())
         self.sock = self.sockets.router(hwm=10000)
         self.bound_endpoint = self._bind(cfg.control)
         self.supervisor = Supervisor(backoff_s=cfg.restart_backoff_s, backoff_max_s=cfg.restart_backoff_max_s)
@@ -143,6 +151,7 @@ class Daemon:
             s.close(linger=0)
         self.sock.close(linger=0)
         self.cluster.log.close()
+        self.sockets.close()
         self.ctx.term()
 
     def send_to_peers(self, messages: list[tuple[str, Any]]) -> None:
@@ -163,6 +172,8 @@ class Daemon:
             handler = HANDLERS.get(type(msg))
             if handler is None:
                 raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"the daemon does not serve {msg.TYPE}")
+            if self.ring is not None:
+                self._authorize(msg, self.sockets.caller(frames))
             reply = handler(self, identity, msg, payload)
             self.reconciler.run()
         except ProtocolError as e:
@@ -182,6 +193,16 @@ class Daemon:
         except zmq.ZMQError as e:  # EHOSTUNREACH: the peer left; EAGAIN: its queue is full
             self.counters["unroutable_replies"] += 1
             log.debug("reply to a departed peer dropped: %s", e)
+
+    def _authorize(self, msg: protocol.Message, who: str | None) -> None:
+        """Refuse a message its sender's key may not send (see ``fabricd.handlers``)."""
+        allowed = CALLERS[type(msg)]
+        kind = caller_kind(who, self.cfg.node_id) if who is not None else None
+        if kind is None or ("any" not in allowed and kind not in allowed):
+            raise ProtocolError(protocol.ErrorCode.FORBIDDEN,
+                                f"{who or 'a key no longer allowed'} may not send {msg.TYPE}")
+        if isinstance(msg, protocol.PeerMessage) and msg.sender != who.partition(":")[2]:
+            raise ProtocolError(protocol.ErrorCode.FORBIDDEN, f"{who} may not send peer messages as {msg.sender!r}")
 
     # RoleDirectory, for JobRuntime.locate / pools
     def endpoint(self, role_id: str) -> str | None:

@@ -28,6 +28,8 @@ import msgspec
 import msgspec.inspect as mi
 import zmq
 from fabric_client import protocol
+from fabric_client.keys import ClientKeys
+from fabric_client.sockets import SocketFactory
 
 __all__ = ["valid_value", "valid_record", "field_mutations", "frame_damage", "header", "encode_raw", "burst",
            "send_burst", "BURST_TYPES"]
@@ -240,13 +242,12 @@ def burst(rng: random.Random, *, count: int = 68, types: tuple[str, ...] = BURST
 
 
 def send_burst(endpoint: str, messages: list[list[bytes]], *, context: zmq.Context | None = None,
-               linger_s: float = 2.0) -> int:
-    """Send ``messages`` from one plain DEALER to ``endpoint``, drain whatever comes back for
+               linger_s: float = 2.0, keys: ClientKeys | None = None) -> int:
+    """Send ``messages`` from one DEALER to ``endpoint`` (authenticated with ``keys``: the hostile
+    insider, whose messages get past the handshake to the decoders), drain whatever comes back for
     ``linger_s`` (so replies do not pile up at the receiver), and return how many replies came."""
     ctx = context or zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock = SocketFactory(ctx, keys=keys).dealer(hwm=10_000)
     replies = 0
     try:
         sock.connect(endpoint)

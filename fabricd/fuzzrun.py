@@ -33,6 +33,8 @@ import psutil
 import zmq
 
 from fabric_client import protocol
+from fabric_client.keys import ClientKeys
+from fabric_client.sockets import SocketFactory
 
 from . import fuzzing
 from .chaos import _Trainer, make_corpus
@@ -56,11 +58,8 @@ _WINDOW = 200  # messages in flight per socket before the fuzzer waits for repli
 class _Target:
     """One DEALER to one endpoint, sending with a bounded window of unanswered messages."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, replies: bool) -> None:
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 1000)
-        self.sock.setsockopt(zmq.RCVHWM, 1000)
+    def __init__(self, ctx: zmq.Context, endpoint: str, replies: bool, keys: ClientKeys | None) -> None:
+        self.sock = SocketFactory(ctx, keys=keys).dealer(hwm=1000)
         self.sock.connect(endpoint)
         self.replies, self.outstanding, self.received = replies, 0, 0
 
@@ -119,7 +118,8 @@ class FuzzRun:
             time.sleep(0.1)
         self.fingerprint = self.cluster.status(leader)["jobs"]["fuzz"]["fingerprint"]
         self.pids = {n: d.proc.pid for n, d in self.cluster.daemons.items()}
-        self.trainer = _Trainer(self.cluster.addresses, "fuzz", 0, 4, 0.02, self.stop_event)
+        self.trainer = _Trainer(self.cluster.addresses, "fuzz", 0, 4, 0.02, self.stop_event,
+                                keys=self.cluster.trainer_keys)
         self.trainer.start()
         deadline = time.monotonic() + 60
         while len(self.trainer.records) < 20 and time.monotonic() < deadline and self.trainer.is_alive():
@@ -229,8 +229,20 @@ class FuzzRun:
             "constructor": [r["endpoint"] for r in roles if r["kind"] == "constructor"],
             "trainer_stream": [r["endpoint"] for r in roles if r["kind"] == "constructor"],
         }
-        targets = {k: [_Target(self._ctx, e, replies=k != "peer") for e in eps] for k, eps in endpoints.items() if eps}
-        pingers = [(_Target(self._ctx, d.address, replies=True), n) for n, d in self.cluster.daemons.items()]
+        # authenticated as what each socket admits (a hostile insider: the messages reach the
+        # decoders and handlers); the control sockets get every kind of key in rotation, so the
+        # operator, trainer and role handlers (this node's own key) all see fuzz
+        c = self.cluster
+        keys = {"peer": [c.node_keys("node-b")], "source_loader": [c.node_keys("node-a")],
+                "constructor": [c.trainer_keys], "trainer_stream": [c.trainer_keys]}
+        targets = {}
+        for kind, eps in endpoints.items():
+            if kind == "control":
+                targets[kind] = [_Target(self._ctx, e, True, k) for n, e in zip(c.daemons, eps)
+                                 for k in (c.operator_keys, c.trainer_keys, c.node_keys(n))]
+            elif eps:
+                targets[kind] = [_Target(self._ctx, e, kind != "peer", k) for e in eps for k in keys[kind]]
+        pingers = [(_Target(self._ctx, d.address, True, c.operator_keys), n) for n, d in c.daemons.items()]
         started = time.monotonic()
         try:
             for i in range(messages_per_kind):

@@ -3,6 +3,11 @@
 ``LocalDaemon`` writes a node config into a work directory, starts ``python -m fabricd run``,
 waits for its control endpoint, and on exit stops it and every process it started, by pid
 (SIGTERM, then SIGKILL after a grace period), so nothing is left running.
+
+They run secure, as a real fabric does: a keys directory (``keys_dir``, else ``$FABRICD_KEYS_DIR``,
+else ``WORKDIR/keys``) gets a server key, a key per node, a trainer key (``trainers/trainer``) and an
+operator key (``operators/operator``) if it lacks them (:func:`ensure_keys`); ``client()`` uses the
+operator key and ``trainer_keys`` is what a ``Loader`` needs. ``insecure=True`` runs plaintext.
 """
 
 from __future__ import annotations
@@ -18,11 +23,32 @@ from pathlib import Path
 import psutil
 
 from fabric_client import protocol
+from fabric_client.keys import ClientKeys, KeysError, generate
 
 from .ctl import ControlClient
 from .netns import NetnsLab
 
-__all__ = ["LocalDaemon", "LocalCluster", "free_port"]
+__all__ = ["LocalDaemon", "LocalCluster", "ensure_keys", "free_port"]
+
+#: a keys directory shared by the local daemons of this process (tests set it per worker)
+KEYS_DIR_ENV = "FABRICD_KEYS_DIR"
+
+
+def ensure_keys(keys_dir: str | Path, node_ids: list[str]) -> Path:
+    """Make the keys a local fabric needs in ``keys_dir`` (those it already has are kept): the
+    server key, one per node of ``node_ids``, ``trainers/trainer`` and ``operators/operator``."""
+    keys_dir = Path(keys_dir)
+    wanted = [("server", "server", keys_dir / "server.key"), ("trainer", "trainer", keys_dir / "trainers/trainer.key"),
+              ("operator", "operator", keys_dir / "operators/operator.key")]
+    wanted += [("node", n, keys_dir / f"nodes/{n}.key") for n in node_ids]
+    for kind, name, public in wanted:
+        if not public.exists():
+            try:
+                generate(keys_dir, kind, name)
+            except KeysError:
+                if not public.exists():  # not a concurrent maker of the same key: a real problem
+                    raise
+    return keys_dir
 
 
 class LocalDaemon:
@@ -31,8 +57,10 @@ class LocalDaemon:
     def __init__(self, workdir: str | Path, *, node_id: str = "local", loader_workers: int = 1,
                  log_level: str = "INFO", extra_env: dict[str, str] | None = None, port: int = 0,
                  cluster_toml: str = "", heartbeat_s: float = 0.5, host: str = "127.0.0.1",
-                 wrap: list[str] | None = None) -> None:
+                 wrap: list[str] | None = None, keys_dir: str | Path | None = None, insecure: bool = False) -> None:
         self.workdir = Path(workdir).absolute()
+        self.insecure = insecure
+        self.keys_dir = Path(keys_dir or os.environ.get(KEYS_DIR_ENV) or self.workdir / "keys").absolute()
         self.node_id = node_id
         self.loader_workers = loader_workers
         self.log_level = log_level
@@ -59,8 +87,12 @@ class LocalDaemon:
             f'[node]\nid = "{self.node_id}"\ncontrol = "tcp://{self.host}:{self.port}"\nadvertise_host = "{self.host}"\n'
             f'state_dir = "{state}"\nlog_level = "{self.log_level}"\n\n'
             f"[roles]\nloader_workers = {self.loader_workers}\nrestart_backoff_s = 0.2\n"
-            f"restart_backoff_max_s = 2.0\nheartbeat_s = {self.heartbeat_s}\n\n{self.cluster_toml}"
+            f"restart_backoff_max_s = 2.0\nheartbeat_s = {self.heartbeat_s}\n\n"
+            f'[security]\nkeys_dir = "{self.keys_dir}"\ninsecure = {"true" if self.insecure else "false"}\n\n'
+            f"{self.cluster_toml}"
         )
+        if not self.insecure:
+            ensure_keys(self.keys_dir, [self.node_id])
         self._log_file = open(self.log_path, "ab")
         env = {**os.environ, **self.extra_env}
         self.proc = subprocess.Popen([*self.wrap, sys.executable, "-m", "fabricd", "run", "--config", str(self.config_path)],
@@ -72,7 +104,7 @@ class LocalDaemon:
                 raise RuntimeError(f"fabricd exited with {self.proc.returncode}; see {self.log_path}:\n{self.tail()}")
             if endpoint_file.exists():
                 self.address = endpoint_file.read_text().strip()
-                with ControlClient(self.address, timeout_s=2.0, retries=0) as client:
+                with ControlClient(self.address, timeout_s=2.0, retries=0, keys=self.operator_keys) as client:
                     try:
                         client.request(protocol.Hello(protocol=protocol.PROTOCOL_VERSION, peer="ctl"))
                         return self.address
@@ -82,10 +114,27 @@ class LocalDaemon:
         self.stop()
         raise RuntimeError(f"fabricd did not come up within {timeout:.0f}s; see {self.log_path}:\n{self.tail()}")
 
+    @property
+    def operator_keys(self) -> ClientKeys | None:
+        """The local operator's keys (None when insecure)."""
+        return None if self.insecure else ClientKeys.load(self.keys_dir / "operators/operator.key_secret")
+
+    @property
+    def trainer_keys(self) -> ClientKeys | None:
+        """The local trainer's keys, for a ``Loader`` (None when insecure)."""
+        return None if self.insecure else ClientKeys.load(self.keys_dir / "trainers/trainer.key_secret")
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for a trainer or fabricctl subprocess of this fabric (its key files)."""
+        if self.insecure:
+            return {}
+        return {"FABRIC_KEY": str(self.keys_dir / "trainers/trainer.key_secret"),
+                "FABRICCTL_KEY": str(self.keys_dir / "operators/operator.key_secret")}
+
     def client(self, timeout_s: float = 10.0) -> ControlClient:
         if self.address is None:
             raise RuntimeError("daemon not started")
-        return ControlClient(self.address, timeout_s=timeout_s)
+        return ControlClient(self.address, timeout_s=timeout_s, keys=self.operator_keys)
 
     def status(self) -> dict:
         with self.client() as c:
@@ -162,8 +211,9 @@ class LocalCluster:
     def __init__(self, workdir: str | Path, *, nodes: int = 3, loader_workers: int = 1, log_level: str = "INFO",
                  lease_duration_s: float = 2.0, renew_deadline_s: float = 1.3, retry_period_s: float = 0.3,
                  heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None,
-                 lab: NetnsLab | None = None) -> None:
+                 lab: NetnsLab | None = None, keys_dir: str | Path | None = None, insecure: bool = False) -> None:
         self.workdir = Path(workdir).absolute()
+        keys_dir = Path(keys_dir or os.environ.get(KEYS_DIR_ENV) or self.workdir / "keys")
         self.lab = lab
         ids = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
         # on loopback every daemon needs its own port; in namespaces each has its own address
@@ -175,10 +225,20 @@ class LocalCluster:
         self.daemons = {n: LocalDaemon(self.workdir / n, node_id=n, loader_workers=loader_workers,
                                        log_level=log_level, extra_env=extra_env, port=ports[n], cluster_toml=cluster,
                                        heartbeat_s=heartbeat_s, host=hosts[n],
-                                       wrap=lab.command(i, []) if lab else None)
+                                       wrap=lab.command(i, []) if lab else None, keys_dir=keys_dir, insecure=insecure)
                         for i, n in enumerate(ids)}
+        if not insecure:  # every node's key is in the allow-lists before the first daemon reads them
+            ensure_keys(keys_dir, ids)
+        first = next(iter(self.daemons.values()))
+        self.trainer_keys, self.operator_keys = first.trainer_keys, first.operator_keys
+        self.client_env = first.client_env
         self.addresses = [f"tcp://{hosts[n]}:{ports[n]}" for n in ids]
         self.leftovers: list[int] = []
+
+    def node_keys(self, node: str) -> ClientKeys | None:
+        """The keys of ``node`` as a client (what its role processes use; None when insecure)."""
+        d = self.daemons[node]
+        return None if d.insecure else ClientKeys.load(d.keys_dir / f"nodes/{node}.key_secret")
 
     def start(self, timeout: float = 30.0) -> list[str]:
         try:

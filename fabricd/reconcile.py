@@ -82,4 +82,5 @@ class LocalReconciler:
                 kind=r.kind, role_id=rid, daemon=d.local_endpoint, job=r.job,
                 spec_path=str(d.jobs_dir / f"{r.job}.toml"), spec_origin=job.spec.file,
                 bind_host=d.cfg.advertise_host, heartbeat_s=d.cfg.heartbeat_s,
-                max_message_bytes=d.cfg.max_message_bytes, extra=extra, parent_pid=os.getpid()))
+                max_message_bytes=d.cfg.max_message_bytes, extra=extra, parent_pid=os.getpid(),
+                node_id=d.cfg.node_id, keys_dir="" if d.ring is None else str(d.cfg.security.keys_dir)))

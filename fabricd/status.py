@@ -61,6 +61,12 @@ def build_status(daemon: Daemon, now: float) -> dict[str, Any]:
         "dropped": dict(daemon.dropped),
         "log_lines_suppressed": dict(daemon.bad_input.suppressed),
         "leadership": dict(daemon.leadership.counters),
+        "security": ({"insecure": True, "warning": "plaintext sockets, no authentication ([security] insecure = true)"}
+                     if daemon.ring is None else
+                     {"insecure": False, "keys_dir": str(daemon.ring.keys_dir),
+                      "keys": {kind: sum(1 for w in daemon.ring.names if w.startswith(kind + ":"))
+                               for kind in ("node", "trainer", "operator")},
+                      "refused_handshakes": daemon.sockets.refused_handshakes()}),
         "jobs": jobs,
     }
     # round-trip through JSON so nothing non-serializable reaches the encoder

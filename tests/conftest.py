@@ -15,6 +15,28 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fabric_keys(tmp_path_factory) -> Iterator[Path]:
+    """Every test runs secure, as a real fabric does: one keys directory per test worker (the
+    local daemons add their node keys to it), and the environment that points the Loader
+    (``FABRIC_KEY``) and control clients (``FABRICCTL_KEY``) at its trainer and operator keys."""
+    import os
+
+    from fabricd.localnode import KEYS_DIR_ENV, ensure_keys
+
+    keys = ensure_keys(tmp_path_factory.mktemp("keys"), [])
+    env = {KEYS_DIR_ENV: str(keys), "FABRIC_KEY": str(keys / "trainers/trainer.key_secret"),
+           "FABRICCTL_KEY": str(keys / "operators/operator.key_secret")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield keys
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A small 5-source corpus (with a few corrupt samples), built once per test worker."""
@@ -115,3 +137,19 @@ def local_daemon(tmp_path) -> Iterator:
         daemon.stop()
         alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
         assert not alive, f"processes outlived the daemon: {alive}"
+
+
+def keyed_dealer(kind: str, node: str | None = None, *, hwm: int = 1000):
+    """A DEALER authenticated with this worker's test keys: ``trainer``, ``operator``, or
+    ``node`` (the key of daemon ``node``: what its role processes and peers use)."""
+    import os
+
+    import zmq
+
+    from fabric_client.keys import ClientKeys
+    from fabric_client.sockets import SocketFactory
+
+    keys = Path(os.environ["FABRICD_KEYS_DIR"])
+    path = {"trainer": keys / "trainers/trainer.key_secret", "operator": keys / "operators/operator.key_secret",
+            "node": keys / f"nodes/{node}.key_secret"}[kind]
+    return SocketFactory(zmq.Context.instance(), keys=ClientKeys.load(path)).dealer(hwm=hwm)

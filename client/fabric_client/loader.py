@@ -73,12 +73,16 @@ from .session import (
     ReturnCredit,
     TrainerSession,
 )
+from .keys import ClientKeys, client_keys_from_env
 from .sockets import SocketFactory
 
 __all__ = ["Loader", "FabricBatch", "HOST_ENV", "STATE_JOB", "STATE_NEXT_STEP", "STATE_NEXT_MICRO"]
 
 #: Environment variable naming the trainer's host when its hostname is not how daemons know it.
 HOST_ENV = "FABRIC_TRAINER_HOST"
+#: Environment variable naming this trainer's CurveZMQ key file (``keys/trainers/NAME.key_secret``),
+#: used when ``Loader(keys=...)`` is not given.
+KEY_ENV = "FABRIC_KEY"
 
 #: Keys of :meth:`Loader.state_dict`.
 STATE_JOB = "job"
@@ -151,6 +155,7 @@ class Loader:
         decode_workers: int | None = None,
         host: str | None = None,
         primary_check_s: float = 3.0,
+        keys: ClientKeys | str | os.PathLike | None = None,
     ) -> None:
         addresses = [address] if isinstance(address, str) else list(address)
         if not addresses or not all(isinstance(a, str) and a for a in addresses):
@@ -190,7 +195,10 @@ class Loader:
         self.max_steps = max_steps
         self._own_context = context is None
         self._ctx = zmq.Context() if context is None else context
-        self._sockets = SocketFactory(self._ctx)
+        #: CurveZMQ: this trainer's key pair and the fabric's server key (None: plaintext)
+        self.keys = ClientKeys.load(keys) if isinstance(keys, (str, os.PathLike)) else (
+            keys if keys is not None else client_keys_from_env(KEY_ENV))
+        self._sockets = SocketFactory(self._ctx, keys=self.keys)
         self._clock = time.monotonic
         self._workers = decode_workers if decode_workers is not None else _default_workers()
         self._pool: ThreadPoolExecutor | None = None

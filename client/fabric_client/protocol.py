@@ -94,6 +94,7 @@ class ErrorCode:
     INVALID_SPEC = "invalid_spec"
     STALE = "stale"
     NOT_LEADER = "not_leader"
+    FORBIDDEN = "forbidden"   # the caller's key may not send this message
     INTERNAL = "internal"
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@handles(protocol.SubmitJob)
+@handles(protocol.SubmitJob, callers=("operator",))
 def submit(daemon: Daemon, _identity: bytes, msg: protocol.SubmitJob, _payload: list) -> Reply:
     """Request: ``SubmitJob(spec_toml, spec_path)``. Reply: ``JobAccepted(job, fingerprint,
     state)`` once the job is recorded (state ``indexing``: follow it with ``StatusRequest``), or at
@@ -60,7 +60,7 @@ def submit(daemon: Daemon, _identity: bytes, msg: protocol.SubmitJob, _payload: 
     return protocol.JobAccepted(job=spec.name, fingerprint="", state="indexing")
 
 
-@handles(protocol.CancelJob)
+@handles(protocol.CancelJob, callers=("operator",))
 def cancel(daemon: Daemon, _identity: bytes, msg: protocol.CancelJob, _payload: list) -> Reply:
     """Request: ``CancelJob(job)``. Reply: ``Ok`` once the cancellation is recorded (its roles are
     released with it); ``ErrorReply(unknown_job | not_leader)``."""
@@ -76,7 +76,7 @@ def cancel(daemon: Daemon, _identity: bytes, msg: protocol.CancelJob, _payload: 
     return protocol.Ok()
 
 
-@handles(protocol.StatusRequest)
+@handles(protocol.StatusRequest, callers=("operator",))
 def status(daemon: Daemon, _identity: bytes, _msg: protocol.StatusRequest, _payload: list) -> Reply:
     """Request: ``StatusRequest()``. Reply: ``StatusReply(status)``: this node, the cluster as it
     sees it (lease, log, replicas, members), its telemetry and counters (drops per reason), and

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..daemon import Daemon
 
 
-@handles(protocol.PeerMessage)
+@handles(protocol.PeerMessage, callers=("peer",))
 def peer(daemon: Daemon, _identity: bytes, msg: protocol.PeerMessage, payload: list) -> Reply:
     """Request: ``PeerMessage(sender, kind, body)`` + payload frames (a snapshot chunk's bytes).
     No reply on this socket: what the cluster answers goes to the sender's own control endpoint.

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@handles(protocol.RoleHello)
+@handles(protocol.RoleHello, callers=("role",))
 def role_hello(daemon: Daemon, _identity: bytes, msg: protocol.RoleHello, _payload: list) -> Reply:
     """Request: ``RoleHello(role_id, kind, endpoint, pid)``. No reply. Recorded only from the
     process this daemon started for ``role_id`` (its pid); anything else is ignored."""
@@ -31,7 +31,7 @@ def role_hello(daemon: Daemon, _identity: bytes, msg: protocol.RoleHello, _paylo
     return None
 
 
-@handles(protocol.RoleStats)
+@handles(protocol.RoleStats, callers=("role",))
 def role_stats(daemon: Daemon, _identity: bytes, msg: protocol.RoleStats, _payload: list) -> Reply:
     """Request: ``RoleStats(role_id, stats: RoleCounters)``. No reply. The counters of a role this
     daemon runs (typed and bounded at decode) feed its heartbeats and status."""
@@ -42,7 +42,7 @@ def role_stats(daemon: Daemon, _identity: bytes, msg: protocol.RoleStats, _paylo
     return None
 
 
-@handles(protocol.PlanRequest)
+@handles(protocol.PlanRequest, callers=("role",))
 def plan(daemon: Daemon, _identity: bytes, msg: protocol.PlanRequest, _payload: list) -> Reply:
     """Request: ``PlanRequest(job, step, ranks)``. Reply: ``PlanReply(job, step, dp_size, rows,
     columns, dtypes, num_micro, skips)`` + one frame per column, for a step already planned;
@@ -52,7 +52,7 @@ def plan(daemon: Daemon, _identity: bytes, msg: protocol.PlanRequest, _payload: 
     return job if isinstance(job, protocol.ErrorReply) else job.plan(msg)
 
 
-@handles(protocol.PoolsRequest)
+@handles(protocol.PoolsRequest, callers=("role",))
 def pools(daemon: Daemon, _identity: bytes, msg: protocol.PoolsRequest, _payload: list) -> Reply:
     """Request: ``PoolsRequest(job)``. Reply: ``PoolsReply(job, pools)``: source name → endpoints
     of its live source-loader workers, anywhere in the cluster; ``ErrorReply(unknown_job)``."""
@@ -60,7 +60,7 @@ def pools(daemon: Daemon, _identity: bytes, msg: protocol.PoolsRequest, _payload
     return job if isinstance(job, protocol.ErrorReply) else protocol.PoolsReply(job=msg.job, pools=job.pools())
 
 
-@handles(protocol.SkipReport)
+@handles(protocol.SkipReport, callers=("role", "peer"))
 def skip(daemon: Daemon, _identity: bytes, msg: protocol.SkipReport, _payload: list) -> Reply:
     """Request: ``SkipReport(job, step, source, sample_id, piece, reason, dp_rank)``. No reply: the
     constructor re-sends until it sees the skip among the step's committed records (``PlanReply``).

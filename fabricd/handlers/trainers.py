@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ..daemon import Daemon
 
 
-@handles(protocol.Hello)
+@handles(protocol.Hello, callers=("any",))
 def hello(daemon: Daemon, _identity: bytes, msg: protocol.Hello, _payload: list) -> Reply:
     """Request: ``Hello(protocol, peer)``. Reply: ``Welcome(protocol, node, daemon_version)``, or
     ``ErrorReply(version)`` when the peer speaks another protocol version."""
@@ -24,13 +24,13 @@ def hello(daemon: Daemon, _identity: bytes, msg: protocol.Hello, _payload: list)
     return protocol.Welcome(protocol=protocol.PROTOCOL_VERSION, node=daemon.cfg.node_id, daemon_version=__version__)
 
 
-@handles(protocol.Ping)
+@handles(protocol.Ping, callers=("any",))
 def ping(_daemon: Daemon, _identity: bytes, msg: protocol.Ping, _payload: list) -> Reply:
     """Request: ``Ping(nonce)``. Reply: ``Pong(nonce)`` (behind whatever is queued before it)."""
     return protocol.Pong(nonce=msg.nonce)
 
 
-@handles(protocol.Locate)
+@handles(protocol.Locate, callers=("trainer", "operator"))
 def locate(daemon: Daemon, _identity: bytes, msg: protocol.Locate, _payload: list) -> Reply:
     """Request: ``Locate(job, dp_rank, dp_size, mp_rank, avoid, host)``. Reply: ``Located(job,
     fingerprint, endpoint, dp_size, mp_size, prefetch, standby)`` naming the rank's constructor

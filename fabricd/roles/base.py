@@ -23,6 +23,7 @@ import zmq
 
 from fabric_client import protocol
 from fabric_client.errors import ProtocolError
+from fabric_client.keys import KeyRing, KeysError
 from fabric_client.sockets import SocketFactory
 
 __all__ = ["RoleArgs", "DaemonLink", "set_parent_death_signal", "StopFlag"]
@@ -45,6 +46,8 @@ class RoleArgs:
     max_message_bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
     parent_pid: int = 0   # the daemon; a role whose parent is not (or no longer) this pid exits
+    node_id: str = ""     # the daemon's node: its key is this role's key
+    keys_dir: str = ""    # CurveZMQ keys (fabric_client.keys); "" on an insecure node: plaintext
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -83,13 +86,31 @@ class StopFlag:
         return self.stopping
 
 
+def role_sockets(ctx: zmq.Context, args: RoleArgs) -> SocketFactory:
+    """The role process's socket factory: CurveZMQ with its node's keys (it serves with the
+    fabric's server key, and connects as its node), or plaintext on an insecure node. SIGHUP
+    reads the allow-lists again (the daemon forwards it when its own are reloaded)."""
+    if not args.keys_dir:
+        return SocketFactory(ctx, max_message_bytes=args.max_message_bytes)
+    ring = KeyRing(args.keys_dir, args.node_id)
+
+    def reload(*_: object) -> None:
+        try:
+            log.info("allow-lists reloaded: %s", ring.reload())
+        except KeysError as e:  # keep the old lists: a half-written key file must not lock anyone out
+            log.error("allow-lists not reloaded: %s", e)
+
+    signal.signal(signal.SIGHUP, reload)
+    return SocketFactory(ctx, max_message_bytes=args.max_message_bytes, ring=ring, keys=ring.client())
+
+
 class DaemonLink:
     """A role's DEALER connection to its daemon: hello, heartbeats, and request/reply."""
 
-    def __init__(self, ctx: zmq.Context, args: RoleArgs, endpoint: str) -> None:
+    def __init__(self, sockets: SocketFactory, args: RoleArgs, endpoint: str) -> None:
         self.args = args
         self.endpoint = endpoint
-        self.sock = SocketFactory(ctx, max_message_bytes=args.max_message_bytes).dealer()
+        self.sock = sockets.dealer()
         self.sock.connect(args.daemon)
         self._next_beat = 0.0
         self.malformed = 0

@@ -45,11 +45,10 @@ from fabric_client import protocol
 from fabric_client.batch import encode_batch
 from fabric_client.errors import ProtocolError
 from fabric_client.limits import MAX_STEP
-from fabric_client.sockets import SocketFactory
 
 from ..assemble import RECORDED_SKIP, UnitKey, apply_skip_records, assemble_micro_batch
 from ..config import JobSpec, parse_job_spec
-from .base import DaemonLink, RoleArgs, StopFlag
+from .base import DaemonLink, RoleArgs, StopFlag, role_sockets
 from .delivery import EncodedBatch, TrainerDelivery
 from .sample_wire import decode_load_reply
 
@@ -119,10 +118,10 @@ class Constructor:
         self.source_names = [s.name for s in spec.sources]
         self.compression = None if spec.batch.compression == "none" else spec.batch.compression
 
-        self.sockets = SocketFactory(ctx, max_message_bytes=args.max_message_bytes)
-        self.trainers = self.sockets.router()
+        self.sockets = role_sockets(ctx, args)
+        self.trainers = self.sockets.router(domain="stream")
         port = self.trainers.bind_to_random_port(f"tcp://{args.bind_host}")
-        self.link = DaemonLink(ctx, args, f"tcp://{args.bind_host}:{port}")
+        self.link = DaemonLink(self.sockets, args, f"tcp://{args.bind_host}:{port}")
         self.delivery = TrainerDelivery(self.trainers, job=spec.name, fingerprint=args.extra["fingerprint"],
                                         ranks=self.ranks, mp_size=spec.topology.mp_size)
         self.poller = zmq.Poller()
@@ -167,6 +166,7 @@ class Constructor:
                 w.sock.close(linger=0)
         self.link.close()
         self.trainers.close(linger=200)  # lets a farewell reach the trainers; bounded
+        self.sockets.close()  # the authenticator thread, once no socket needs it
 
     # -- what to build ------------------------------------------------------------------------
 

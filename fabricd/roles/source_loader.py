@@ -18,14 +18,13 @@ import zmq
 
 from fabric_client import protocol
 from fabric_client.errors import ProtocolError
-from fabric_client.sockets import SocketFactory
 
 from ..config import parse_job_spec
 from ..errors import SampleError
 from ..failpoints import failpoint, fails
 from ..sources.index import open_index
 from ..sources.transform import SampleLoader, TransformSpec
-from .base import DaemonLink, RoleArgs, StopFlag
+from .base import DaemonLink, RoleArgs, StopFlag, role_sockets
 from .sample_wire import encode_load_reply
 
 __all__ = ["run_source_loader", "MAX_UNITS_PER_REQUEST"]
@@ -49,9 +48,10 @@ def run_source_loader(args: RoleArgs) -> int:
 
     stop = StopFlag(args.parent_pid)
     ctx = zmq.Context()
-    sock = SocketFactory(ctx, max_message_bytes=args.max_message_bytes).router()
+    sockets = role_sockets(ctx, args)
+    sock = sockets.router(domain="loader")
     port = sock.bind_to_random_port(f"tcp://{args.bind_host}")
-    link = DaemonLink(ctx, args, f"tcp://{args.bind_host}:{port}")
+    link = DaemonLink(sockets, args, f"tcp://{args.bind_host}:{port}")
     stats = {"requests": 0, "units": 0, "failed_units": 0, "malformed": 0, "busy_s": 0.0,
              "source": source.name}
     poller = zmq.Poller()
@@ -89,6 +89,7 @@ def run_source_loader(args: RoleArgs) -> int:
     finally:
         link.close()
         sock.close(linger=0)
+        sockets.close()
         ctx.term()
     return 0
 

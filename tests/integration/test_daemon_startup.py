@@ -3,6 +3,7 @@ traceback (port in use, state dir that is a file, term file unreadable or corrup
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -10,12 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from fabricd.localnode import KEYS_DIR_ENV, ensure_keys
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
 def _run(tmp_path: Path, control: str, state_dir: Path) -> subprocess.CompletedProcess:
+    keys = ensure_keys(os.environ[KEYS_DIR_ENV], ["a"])
     cfg = tmp_path / "fabricd.toml"
-    cfg.write_text(f'[node]\nid = "a"\ncontrol = "{control}"\nstate_dir = "{state_dir}"\n')
+    cfg.write_text(f'[node]\nid = "a"\ncontrol = "{control}"\nstate_dir = "{state_dir}"\n\n'
+                   f'[security]\nkeys_dir = "{keys}"\n')
     return subprocess.run([sys.executable, "-m", "fabricd", "run", "--config", str(cfg)], capture_output=True,
                           text=True, timeout=45, stdin=subprocess.DEVNULL)
 
@@ -53,3 +58,13 @@ def test_term_file_unreadable_or_corrupt(tmp_path, kind):
     else:
         (state / "term.json").write_text("{not json")
     _one_line(_run(tmp_path, "tcp://127.0.0.1:0", state), "term store", str(state / "term.json"))
+
+
+def test_missing_keys_are_one_line_naming_the_key_and_how_to_make_it(tmp_path):
+    cfg = tmp_path / "fabricd.toml"
+    cfg.write_text(f'[node]\nid = "a"\ncontrol = "tcp://127.0.0.1:0"\nstate_dir = "{tmp_path / "st"}"\n\n'
+                   f'[security]\nkeys_dir = "{tmp_path / "nokeys"}"\n')
+    proc = subprocess.run([sys.executable, "-m", "fabricd", "run", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=45, stdin=subprocess.DEVNULL)
+    _one_line(proc, "security.keys_dir", str(tmp_path / "nokeys"), "does not exist", "fabricctl keys generate",
+              "insecure = true")

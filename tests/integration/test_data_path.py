@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 from fabric_client import Loader, protocol
 from fabric_client.errors import FabricUnavailable, RemoteError
 from fabricd.config import load_job_spec
 from fabricd.expect import BatchOracle
 
-from ..conftest import write_job
+from ..conftest import keyed_dealer, write_job
 
 pytestmark = [pytest.mark.integration]
 
@@ -164,16 +163,14 @@ def test_resume_with_another_world_size_loses_and_repeats_nothing(tmp_path, tiny
 def test_malformed_messages_are_dropped_and_the_daemon_keeps_serving(tmp_path, tiny_corpus, local_daemon):
     job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=1)
     submit(local_daemon, job_file)
-    ctx = zmq.Context.instance()
     located = None
     garbage = [[b"\x00\xff garbage"], [b'{"v": 1, "t": "locate"}'], [b'{"v": 7, "t": "ping"}'],
                [b'{"v": 1, "t": "nope"}'], [b'{"v": 1, "t": "plan_request", "job": "t", "step": -1, "ranks": [0]}'],
                []]
     with local_daemon.client() as client:
         located, _ = client.request(protocol.Locate(job="t", dp_rank=0, dp_size=1))
-    for endpoint in (local_daemon.address, located.endpoint):
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+    for endpoint, kind in ((local_daemon.address, "node"), (located.endpoint, "trainer")):
+        sock = keyed_dealer(kind, "test")  # authenticated: the garbage reaches the decoders
         sock.connect(endpoint)
         for frames in garbage:
             sock.send_multipart(frames or [b""])

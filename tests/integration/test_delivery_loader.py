@@ -215,6 +215,13 @@ class LocatorStub(_Thread):
             self.sock.close(linger=0)
 
 
+@pytest.fixture(autouse=True)
+def plaintext(monkeypatch):
+    """The stubs here serve plaintext (this file tests the delivery protocol, not authentication:
+    that is tests/integration/test_curve.py), so the Loader does not take the worker's key."""
+    monkeypatch.delenv("FABRIC_KEY", raising=False)
+
+
 @pytest.fixture
 def ctx():
     context = zmq.Context()

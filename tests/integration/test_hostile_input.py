@@ -19,7 +19,7 @@ from fabric_client import protocol
 from fabric_client.limits import MAX_STEP
 from fabricd import fuzzing
 
-from ..conftest import write_job
+from ..conftest import keyed_dealer, write_job
 from .test_data_path import assert_exact, consume, expected, submit
 
 pytestmark = [pytest.mark.integration]
@@ -32,11 +32,11 @@ BAD_ROLE_STATS = [
 ]
 
 
-def _send_all(endpoint: str, messages: list[list[bytes]], *, expect_replies: bool) -> list:
-    """Send every message from one DEALER; collect the replies (each must be an ErrorReply)."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
+def _send_all(endpoint: str, messages: list[list[bytes]], *, expect_replies: bool, kind: str = "node") -> list:
+    """Send every message from one DEALER authenticated as ``kind`` (by default the daemon's own
+    node key: the hostile insider, whose messages reach the decoders and handlers); collect the
+    replies (each must be an ErrorReply)."""
+    sock = keyed_dealer(kind, "test", hwm=0)
     sock.connect(endpoint)
     try:
         for frames in messages:
@@ -82,7 +82,8 @@ def test_poisoned_role_stats_plans_and_subscriptions_are_dropped(tmp_path, tiny_
     # the constructor: a subscription at step 2^62 and deep nesting; the loader: deep nesting
     sub = head({"t": "subscribe", "job": "t", "fingerprint": "", "dp_rank": 0, "mp_rank": 0,
                 "next_step": 2**62, "next_micro": 0, "credits": 1})
-    assert len(_send_all(constructor["endpoint"], [[sub], [b"[" * 100_000]], expect_replies=True)) == 2
+    assert len(_send_all(constructor["endpoint"], [[sub], [b"[" * 100_000]], expect_replies=True,
+                         kind="trainer")) == 2
     _send_all(loader["endpoint"], [[b"[" * 100_000], [head({"t": "load_request", "job": "t", "source": "code",
                                                              "req_id": 2**70, "count": 1})]], expect_replies=False)
 
@@ -145,8 +146,7 @@ def test_sigterm_is_honoured_within_seconds_under_a_flood(tmp_path, tiny_corpus,
     stop = threading.Event()
 
     def hammer() -> None:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = keyed_dealer("node", "test")
         sock.connect(local_daemon.address)
         try:
             for frames in flood:
