@@ -21,6 +21,7 @@ from fabric_client.limits import MAX_NAME_CHARS
 from . import spec_bounds as B
 from .errors import ConfigError
 from .node_checks import endpoint_problem, valid_host
+from .sources.roots import DEFAULT_DATA_ROOTS, MAX_DATA_ROOTS, resolve_roots
 
 __all__ = [
     "NodeConfig",
@@ -208,6 +209,8 @@ class NodeConfig:
     heartbeat_s: float
     max_message_bytes: int
     cluster: ClusterConfig
+    # directories (resolved) datasets may be read from; see fabricd.sources.roots
+    data_roots: tuple[Path, ...] = DEFAULT_DATA_ROOTS
 
     @property
     def endpoint_file(self) -> Path:
@@ -252,10 +255,32 @@ def load_node_config(path: str | Path) -> NodeConfig:
         heartbeat_s=roles.float("heartbeat_s", 1.0, min=B.MIN_PERIOD_S, max=B.MAX_PERIOD_S),
         max_message_bytes=limits.int("max_message_bytes", 256 << 20, min=1 << 16),
         cluster=cluster,
+        data_roots=_data_roots(node),
     )
     for table in (node, roles, limits, cluster_t, root):
         table.done()
     return cfg
+
+
+def _data_roots(t: _Table) -> tuple[Path, ...]:
+    """``[node] data_roots``: absolute directories, at most MAX_DATA_ROOTS, resolved (symlinks
+    followed); absent means DEFAULT_DATA_ROOTS, logged so the choice is visible."""
+    if "data_roots" not in t.data:
+        t.used.add("data_roots")
+        log.info("%s: no [node] data_roots; sources may only be read below %s", t.file,
+                 ", ".join(map(str, DEFAULT_DATA_ROOTS)))
+        return resolve_roots(DEFAULT_DATA_ROOTS)
+    value = t._get("data_roots", None, False)
+    if not isinstance(value, list) or not value:
+        raise t.error("data_roots", value, "expected a non-empty list of absolute directory paths")
+    if len(value) > MAX_DATA_ROOTS:
+        raise t.error("data_roots", f"{len(value)} entries", f"at most MAX_DATA_ROOTS ({MAX_DATA_ROOTS}) entries are allowed")
+    for v in value:
+        if not isinstance(v, str) or not v or "\0" in v or not Path(v).is_absolute():
+            raise t.error("data_roots", v, "expected an absolute directory path (like \"/data/corpora\")")
+        if Path(v).exists() and not Path(v).is_dir():
+            raise t.error("data_roots", v, "not a directory")
+    return resolve_roots(value)
 
 
 def _endpoint(t: _Table, key: str, value: str, *, bind: bool) -> str:

@@ -7,12 +7,14 @@ waits for its control endpoint, and on exit stops it and every process it starte
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -26,13 +28,19 @@ __all__ = ["LocalDaemon", "LocalCluster", "free_port"]
 
 
 class LocalDaemon:
-    """One daemon process with its config, state and log under ``workdir``."""
+    """One daemon process with its config, state and log under ``workdir``.
+
+    ``data_roots`` go to its config's ``[node] data_roots`` (the directories jobs may read data
+    from); by default the directory holding ``workdir``, where tests, benchmarks and chaos runs
+    keep their corpora next to the daemon's work directory.
+    """
 
     def __init__(self, workdir: str | Path, *, node_id: str = "local", loader_workers: int = 1,
                  log_level: str = "INFO", extra_env: dict[str, str] | None = None, port: int = 0,
                  cluster_toml: str = "", heartbeat_s: float = 0.5, host: str = "127.0.0.1",
-                 wrap: list[str] | None = None) -> None:
+                 wrap: list[str] | None = None, data_roots: Sequence[str | Path] | None = None) -> None:
         self.workdir = Path(workdir).absolute()
+        self.data_roots = [Path(p).absolute() for p in data_roots] if data_roots else [self.workdir.parent]
         self.node_id = node_id
         self.loader_workers = loader_workers
         self.log_level = log_level
@@ -57,7 +65,8 @@ class LocalDaemon:
         endpoint_file.unlink(missing_ok=True)
         self.config_path.write_text(
             f'[node]\nid = "{self.node_id}"\ncontrol = "tcp://{self.host}:{self.port}"\nadvertise_host = "{self.host}"\n'
-            f'state_dir = "{state}"\nlog_level = "{self.log_level}"\n\n'
+            f'state_dir = "{state}"\nlog_level = "{self.log_level}"\n'
+            f"data_roots = {json.dumps([str(p) for p in self.data_roots])}\n\n"
             f"[roles]\nloader_workers = {self.loader_workers}\nrestart_backoff_s = 0.2\n"
             f"restart_backoff_max_s = 2.0\nheartbeat_s = {self.heartbeat_s}\n\n{self.cluster_toml}"
         )
@@ -157,13 +166,15 @@ class LocalCluster:
     """``nodes`` daemons on this machine forming one fabric (peers on 127.0.0.1), for trying things.
 
     Peers must know each other's endpoints before they start, so ports are picked up front.
+    Every daemon reads data from ``data_roots`` (default: the directory holding ``workdir``).
     """
 
     def __init__(self, workdir: str | Path, *, nodes: int = 3, loader_workers: int = 1, log_level: str = "INFO",
                  lease_duration_s: float = 2.0, renew_deadline_s: float = 1.3, retry_period_s: float = 0.3,
                  heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None,
-                 lab: NetnsLab | None = None) -> None:
+                 lab: NetnsLab | None = None, data_roots: Sequence[str | Path] | None = None) -> None:
         self.workdir = Path(workdir).absolute()
+        roots = list(data_roots) if data_roots else [self.workdir.parent]
         self.lab = lab
         ids = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
         # on loopback every daemon needs its own port; in namespaces each has its own address
@@ -175,7 +186,7 @@ class LocalCluster:
         self.daemons = {n: LocalDaemon(self.workdir / n, node_id=n, loader_workers=loader_workers,
                                        log_level=log_level, extra_env=extra_env, port=ports[n], cluster_toml=cluster,
                                        heartbeat_s=heartbeat_s, host=hosts[n],
-                                       wrap=lab.command(i, []) if lab else None)
+                                       wrap=lab.command(i, []) if lab else None, data_roots=roots)
                         for i, n in enumerate(ids)}
         self.addresses = [f"tcp://{hosts[n]}:{ports[n]}" for n in ids]
         self.leftovers: list[int] = []

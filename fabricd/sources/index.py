@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fabricd.errors import SourceError
+from fabricd.sources.roots import escapes_dir, outside_roots
 from fabricd.tokenizer import IMAGE_PLACEHOLDER, TOKENIZER_ID, text_token_counts
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "index_path",
     "image_bytes_array",
     "open_index",
+    "check_in_roots",
     "require_samples",
     "skip_reasons",
 ]
@@ -307,7 +309,9 @@ def _parse_jsonl_line(line: bytes) -> tuple[str, list[str]] | None:
     return text, images
 
 
-def _index_jsonl_file(path: Path, on_bytes) -> tuple[np.ndarray, ...]:
+def _index_jsonl_file(path: Path, on_bytes, source_dir: Path) -> tuple[np.ndarray, ...]:
+    """Index columns of one JSONL file. Image sizes are read only for images inside
+    ``source_dir`` (resolved): an image leading out of it fails its sample when it is read."""
     rows: list[int] = []
     tokens: list[int] = []
     nimgs: list[int] = []
@@ -335,6 +339,8 @@ def _index_jsonl_file(path: Path, on_bytes) -> tuple[np.ndarray, ...]:
                 continue
             size = 0
             for p in images:
+                if escapes_dir(base / p, source_dir) is not None:
+                    continue  # never stat outside the source; the reader fails this sample
                 try:
                     size += os.stat(base / p).st_size
                 except OSError:
@@ -351,6 +357,7 @@ def _index_jsonl_file(path: Path, on_bytes) -> tuple[np.ndarray, ...]:
 def _build(name: str, root: Path, format: str, files: list[str], fingerprint: str,
            progress: bool) -> SourceIndex:
     base = root if root.is_dir() else root.parent
+    source_dir = base.resolve()
     cols = _Columns([], [], [], [], [])
     skipped: list[tuple[str, str]] = []
     rows_skipped = 0
@@ -374,7 +381,7 @@ def _build(name: str, root: Path, format: str, files: list[str], fingerprint: st
                     row, tok, nimg, ib, bad = _index_parquet_file(path)
                     on_bytes(os.stat(path).st_size)
                 else:
-                    row, tok, nimg, ib, bad = _index_jsonl_file(path, on_bytes)
+                    row, tok, nimg, ib, bad = _index_jsonl_file(path, on_bytes, source_dir)
             except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never fatal
                 reason = f"{type(e).__name__}: {e}"
                 log.warning("source %r: skipping unreadable file %s: %s", name, path, reason)
@@ -511,8 +518,27 @@ def _remove_stale(path: Path, keep: Path) -> None:
                 log.warning("could not remove stale index %s: %s", old, e)
 
 
+def check_in_roots(name: str, root: Path, files: list[str], roots: Sequence[Path]) -> None:
+    """Raise SourceError when the source ``root`` or one of its data ``files`` (relative to its
+    directory) resolves outside ``roots``; the error names the path, where it leads and the roots.
+
+    The directory walk never descends a symlinked directory, so below a resolved ``root`` only a
+    data file that is itself a symlink can lead elsewhere: those are the files resolved here."""
+    problem = outside_roots(root, roots)
+    if problem:
+        raise SourceError(f"source {name!r}: {problem}")
+    base = root if root.is_dir() else root.parent
+    for rel in files:
+        path = base / rel
+        if os.path.islink(path):
+            problem = outside_roots(path, roots)
+            if problem:
+                raise SourceError(f"source {name!r}: data file {problem}")
+
+
 def open_index(name: str, path: str | Path, *, format: str | None = None, index_dir: Path | None = None,
-               progress: bool = False, rebuild: bool = False) -> SourceIndex:
+               progress: bool = False, rebuild: bool = False,
+               roots: Sequence[Path] | None = None) -> SourceIndex:
     """The index of the source at ``path`` (a directory or a single file), built if needed.
 
     Reuses the persisted index when its fingerprint matches the source; otherwise (or with
@@ -520,10 +546,19 @@ def open_index(name: str, path: str | Path, *, format: str | None = None, index_
     ``index_dir`` when that location is not writable) and removes indexes of older
     fingerprints there. Unreadable files and bad rows are skipped and recorded, never fatal.
 
-    Raises SourceError for a missing path, a source without data files, an unknown or mixed
-    format, or when the index can be written nowhere.
+    ``roots`` are the node's data roots (:mod:`fabricd.sources.roots`): the source and each of its
+    data files must resolve inside one of them, else nothing of it is read. ``None`` reads with
+    the caller's own rights (offline tools such as ``fabricctl expect``); a daemon always passes
+    its roots.
+
+    Raises SourceError for a source outside ``roots``, a missing path, a source without data
+    files, an unknown or mixed format, or when the index can be written nowhere.
     """
     root = Path(path).expanduser()
+    if roots is not None:
+        problem = outside_roots(root, roots)  # before anything is looked at, even its existence
+        if problem:
+            raise SourceError(f"source {name!r}: {problem}")
     if not root.exists():
         raise SourceError(f"source {name!r}: {root}: no such file or directory")
     root = root.resolve()
@@ -534,6 +569,8 @@ def open_index(name: str, path: str | Path, *, format: str | None = None, index_
     files = list_data_files(root, format)
     if not files:
         raise SourceError(f"source {name!r}: {root}: no {format} data files")
+    if roots is not None:
+        check_in_roots(name, root, files, roots)
     fp = source_fingerprint(root, format)
     primary = index_path(root, fp)
     fallback = _fallback_path(index_dir, name, root, fp) if index_dir is not None else None
