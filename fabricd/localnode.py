@@ -24,15 +24,19 @@ from fabric_client import protocol
 from .ctl import ControlClient
 from .netns import NetnsLab
 
-__all__ = ["LocalDaemon", "LocalCluster", "free_port"]
+__all__ = ["LocalDaemon", "LocalCluster", "DATA_ROOTS_ENV", "default_data_roots", "free_port"]
+
+#: Environment variable naming the data roots of local daemons started without ``data_roots``.
+DATA_ROOTS_ENV = "FABRICD_LOCAL_DATA_ROOTS"
 
 
 class LocalDaemon:
     """One daemon process with its config, state and log under ``workdir``.
 
     ``data_roots`` go to its config's ``[node] data_roots`` (the directories jobs may read data
-    from); by default the directory holding ``workdir``, where tests, benchmarks and chaos runs
-    keep their corpora next to the daemon's work directory.
+    from). By default: the directories in ``$FABRICD_LOCAL_DATA_ROOTS`` (separated by ``:``) when
+    it is set (the test suite sets it to its temporary directory), else the directory holding
+    ``workdir``, where benchmarks and chaos runs keep their corpora next to the daemons.
     """
 
     def __init__(self, workdir: str | Path, *, node_id: str = "local", loader_workers: int = 1,
@@ -40,7 +44,7 @@ class LocalDaemon:
                  cluster_toml: str = "", heartbeat_s: float = 0.5, host: str = "127.0.0.1",
                  wrap: list[str] | None = None, data_roots: Sequence[str | Path] | None = None) -> None:
         self.workdir = Path(workdir).absolute()
-        self.data_roots = [Path(p).absolute() for p in data_roots] if data_roots else [self.workdir.parent]
+        self.data_roots = [Path(p).absolute() for p in data_roots or default_data_roots(self.workdir)]
         self.node_id = node_id
         self.loader_workers = loader_workers
         self.log_level = log_level
@@ -155,6 +159,13 @@ class LocalDaemon:
         self.stop()
 
 
+def default_data_roots(workdir: Path) -> list[Path]:
+    """Where local daemons read data from unless told: ``$FABRICD_LOCAL_DATA_ROOTS`` (``:``-separated
+    absolute directories) when set, else the directory holding ``workdir``."""
+    env = os.environ.get(DATA_ROOTS_ENV, "")
+    return [Path(p) for p in env.split(os.pathsep) if p] or [Path(workdir).absolute().parent]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (for configs that need one up front)."""
     with socket.socket() as s:
@@ -166,7 +177,7 @@ class LocalCluster:
     """``nodes`` daemons on this machine forming one fabric (peers on 127.0.0.1), for trying things.
 
     Peers must know each other's endpoints before they start, so ports are picked up front.
-    Every daemon reads data from ``data_roots`` (default: the directory holding ``workdir``).
+    Every daemon reads data from ``data_roots`` (default: :func:`default_data_roots`).
     """
 
     def __init__(self, workdir: str | Path, *, nodes: int = 3, loader_workers: int = 1, log_level: str = "INFO",
@@ -174,7 +185,7 @@ class LocalCluster:
                  heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None,
                  lab: NetnsLab | None = None, data_roots: Sequence[str | Path] | None = None) -> None:
         self.workdir = Path(workdir).absolute()
-        roots = list(data_roots) if data_roots else [self.workdir.parent]
+        roots = list(data_roots or default_data_roots(self.workdir))
         self.lab = lab
         ids = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
         # on loopback every daemon needs its own port; in namespaces each has its own address
