@@ -78,6 +78,8 @@ def check_sources(spec: JobSpec, roots: Sequence[Path] | None = None) -> None:
     files = max(1, min(_MAX_FILES_PER_SOURCE, SUBMIT_CHECKED_FILES // n))
     for i, s in enumerate(spec.sources):
         key = f"sources[{i}].path"
+        if "\0" in str(s.path):
+            raise ConfigError(spec.file, key, str(s.path), f"source {s.name!r}: a path cannot contain a NUL character")
         problem = outside_roots(s.path, roots) if roots is not None else None
         if problem is None:
             problem = _source_problem(s.path, s.format, entries=entries, files=files, roots=roots)

@@ -343,7 +343,7 @@ def _index_jsonl_file(path: Path, on_bytes, source_dir: Path) -> tuple[np.ndarra
                     continue  # never stat outside the source; the reader fails this sample
                 try:
                     size += os.stat(base / p).st_size
-                except OSError:
+                except (OSError, ValueError):  # ValueError: a NUL byte in the path
                     pass  # the reader fails this sample later; it is skipped then
             rows.append(offset)
             tokens.append(len(data) - len(IMAGE_PLACEHOLDER) * data.count(IMAGE_PLACEHOLDER.encode()) + 1)

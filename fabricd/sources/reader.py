@@ -253,8 +253,8 @@ class SourceReader:
                     break
                 try:
                     images.append(target.read_bytes())  # the checked path, not the link again
-                except OSError as e:
-                    out[pos] = self._error(sid, f"image {img_path}: {e.strerror or e}")
+                except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+                    out[pos] = self._error(sid, f"image {img_path}: {getattr(e, 'strerror', None) or e}")
                     break
             else:
                 out[pos] = RawSample(text=text, images=tuple(images))

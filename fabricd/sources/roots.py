@@ -38,7 +38,7 @@ def resolved(path: Path | str) -> Path:
     """``path`` made absolute with symlinks and ``..`` resolved (as far as it exists)."""
     try:
         return Path(path).resolve(strict=False)
-    except (OSError, RuntimeError):  # a symlink loop: keep the lexical form, it contains nothing
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte: keep the lexical form
         return Path(os.path.abspath(path))
 
 

@@ -285,3 +285,20 @@ def test_outside_roots_message_names_path_target_and_roots(tmp_path):
     why = outside_roots(tmp_path / "r" / "l", (tmp_path / "r",))
     assert why.startswith(f"{tmp_path / 'r' / 'l'} (it resolves to /etc) is outside the node's data_roots [{tmp_path / 'r'}]")
     assert outside_roots(tmp_path / "r" / "x", (tmp_path / "r",)) is None
+
+
+def test_a_nul_byte_in_a_source_path_is_refused_not_raised(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    with pytest.raises(ConfigError, match="NUL"):
+        check_sources(spec_for(tmp_path, f"{root}/a\\u0000b"), roots=(root,))
+
+
+def test_a_nul_byte_in_a_jsonl_image_path_is_a_sample_error(tmp_path):
+    src = tmp_path / "src"
+    png(src / "ok.png")
+    (src / "a.jsonl").write_text('{"text": "x", "images": ["ok.png"]}\n{"text": "y", "images": ["o\\u0000k.png"]}\n')
+    idx = open_index("s", src)
+    assert idx.num_samples == 2 and not idx.files_skipped
+    ok, bad = SourceReader(idx, roots=(tmp_path,)).read(np.arange(2))
+    assert ok.images == ((src / "ok.png").read_bytes(),) and isinstance(bad, SampleError)
