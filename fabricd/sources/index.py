@@ -575,6 +575,12 @@ def open_index(name: str, path: str | Path, *, format: str | None = None, index_
     primary = index_path(root, fp)
     fallback = _fallback_path(index_dir, name, root, fp) if index_dir is not None else None
     locations = [primary] + ([fallback] if fallback is not None else [])
+    if roots is not None and outside_roots(primary, roots):  # a symlinked .fabricd-index leading out
+        log.warning("source %r: index location %s leads outside the data roots; not used", name, primary)
+        locations = locations[1:]
+        if not locations:
+            raise SourceError(f"source {name!r}: index location {outside_roots(primary, roots)}; "
+                              "remove that link or pass index_dir")
 
     if not rebuild:
         for loc in locations:

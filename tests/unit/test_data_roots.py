@@ -302,3 +302,16 @@ def test_a_nul_byte_in_a_jsonl_image_path_is_a_sample_error(tmp_path):
     assert idx.num_samples == 2 and not idx.files_skipped
     ok, bad = SourceReader(idx, roots=(tmp_path,)).read(np.arange(2))
     assert ok.images == ((src / "ok.png").read_bytes(),) and isinstance(bad, SampleError)
+
+
+def test_an_index_dir_symlinked_out_of_the_roots_is_neither_read_nor_written(tmp_path):
+    root = tmp_path / "data"
+    write_parquet(root / "src" / "a.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "src" / ".fabricd-index").symlink_to(elsewhere)
+    idx = open_index("s", root / "src", roots=(root,), index_dir=tmp_path / "node-idx")
+    assert idx.num_samples == 3 and list(elsewhere.iterdir()) == []
+    assert list((tmp_path / "node-idx").rglob("index-*.parquet"))
+    with pytest.raises(SourceError, match="index location"):
+        open_index("s", root / "src", roots=(root,))
