@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fabricd.errors import SourceError
-from fabricd.sources.roots import escapes_dir, outside_roots
+from fabricd.sources.roots import check_in_roots, escapes_dir, outside_roots
 from fabricd.tokenizer import IMAGE_PLACEHOLDER, TOKENIZER_ID, text_token_counts
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "index_path",
     "image_bytes_array",
     "open_index",
-    "check_in_roots",
     "require_samples",
     "skip_reasons",
 ]
@@ -516,24 +515,6 @@ def _remove_stale(path: Path, keep: Path) -> None:
                 log.info("removed stale index %s", old)
             except OSError as e:
                 log.warning("could not remove stale index %s: %s", old, e)
-
-
-def check_in_roots(name: str, root: Path, files: list[str], roots: Sequence[Path]) -> None:
-    """Raise SourceError when the source ``root`` or one of its data ``files`` (relative to its
-    directory) resolves outside ``roots``; the error names the path, where it leads and the roots.
-
-    The directory walk never descends a symlinked directory, so below a resolved ``root`` only a
-    data file that is itself a symlink can lead elsewhere: those are the files resolved here."""
-    problem = outside_roots(root, roots)
-    if problem:
-        raise SourceError(f"source {name!r}: {problem}")
-    base = root if root.is_dir() else root.parent
-    for rel in files:
-        path = base / rel
-        if os.path.islink(path):
-            problem = outside_roots(path, roots)
-            if problem:
-                raise SourceError(f"source {name!r}: data file {problem}")
 
 
 def open_index(name: str, path: str | Path, *, format: str | None = None, index_dir: Path | None = None,

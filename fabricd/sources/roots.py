@@ -26,7 +26,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DEFAULT_DATA_ROOTS", "MAX_DATA_ROOTS", "resolved", "resolve_roots", "outside_roots", "roots_text", "escapes_dir"]
+from fabricd.errors import SourceError
+
+__all__ = ["DEFAULT_DATA_ROOTS", "MAX_DATA_ROOTS", "resolved", "resolve_roots", "outside_roots", "roots_text",
+           "escapes_dir", "check_in_roots"]
 
 #: Where datasets are read from when a node config names no ``data_roots``.
 DEFAULT_DATA_ROOTS: tuple[Path, ...] = (Path("/var/lib/fabricd/data"),)
@@ -68,3 +71,21 @@ def escapes_dir(path: Path | str, base: Path) -> Path | None:
     or None when it stays inside."""
     target = resolved(Path(path))
     return None if target.is_relative_to(base) else target
+
+
+def check_in_roots(name: str, root: Path, files: list[str], roots: Sequence[Path]) -> None:
+    """Raise SourceError when the source ``root`` or one of its data ``files`` (relative to its
+    directory) resolves outside ``roots``; the error names the path, where it leads and the roots.
+
+    The directory walk never descends a symlinked directory, so below a resolved ``root`` only a
+    data file that is itself a symlink can lead elsewhere: those are the files resolved here."""
+    problem = outside_roots(root, roots)
+    if problem:
+        raise SourceError(f"source {name!r}: {problem}")
+    base = root if root.is_dir() else root.parent
+    for rel in files:
+        path = base / rel
+        if os.path.islink(path):
+            problem = outside_roots(path, roots)
+            if problem:
+                raise SourceError(f"source {name!r}: data file {problem}")
