@@ -5,12 +5,15 @@ cluster or the filesystem, cheaply enough to run in the daemon's request loop:
 
 * the roles the job needs fit the cluster: at most ``MAX_ROLES_PER_DAEMON`` per daemon
   (:func:`fabricd.spec_bounds.roles_needed`);
+* every source path resolves inside the node's ``data_roots`` (:mod:`fabricd.sources.roots`),
+  before anything else about it is looked at; the refusal names the path and the roots;
 * every source path exists, holds data files of its format, and the first few of them *are* of
   that format (Parquet: ``PAR1`` at both ends; JSONL: the first non-blank line is a JSON
   object). The work is bounded per job: ``SUBMIT_SCAN_ENTRIES`` directory entries walked and
   ``SUBMIT_CHECKED_FILES`` files opened in all, shared by the sources (each gets at least
   ``_MIN_ENTRIES_PER_SOURCE`` entries and one file). The rest is checked when the source is
   indexed, and a file that fails then is reported with its reason in the job's status and error.
+  A data file looked at here that is a symlink leading out of the roots is refused, unopened.
 
 Each failure is a :class:`~fabricd.errors.ConfigError` naming the spec file, the key and the
 value (the source path), which the daemon answers as ``INVALID_SPEC``.
@@ -23,11 +26,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from .config import JobSpec, NodeConfig
 from .errors import ConfigError
 from .sources.index import FORMATS
+from .sources.roots import outside_roots
 from .spec_bounds import MAX_ROLES_PER_DAEMON, roles_needed
 
 __all__ = ["SUBMIT_SCAN_ENTRIES", "SUBMIT_CHECKED_FILES", "check_submission", "check_roles", "check_sources",
@@ -46,7 +51,7 @@ _JSONL_PROBE_BYTES = 1 << 20
 def check_submission(spec: JobSpec, cfg: NodeConfig) -> None:
     """Everything admission checks (see the module docstring). Raises ConfigError."""
     check_roles(spec, cfg)
-    check_sources(spec)
+    check_sources(spec, roots=cfg.data_roots)
 
 
 def check_roles(spec: JobSpec, cfg: NodeConfig) -> None:
@@ -65,19 +70,25 @@ def check_roles(spec: JobSpec, cfg: NodeConfig) -> None:
                           f"({MAX_ROLES_PER_DAEMON}) each ({allowed}); raise ranks_per_constructor or add daemons")
 
 
-def check_sources(spec: JobSpec) -> None:
-    """Refuse a source whose path is missing, has no data files, or whose files are not its format."""
+def check_sources(spec: JobSpec, roots: Sequence[Path] | None = None) -> None:
+    """Refuse a source outside ``roots`` (the node's data roots; None: not confined), or whose
+    path is missing, has no data files, or whose files are not its format."""
     n = len(spec.sources)
     entries = max(_MIN_ENTRIES_PER_SOURCE, SUBMIT_SCAN_ENTRIES // n)
     files = max(1, min(_MAX_FILES_PER_SOURCE, SUBMIT_CHECKED_FILES // n))
     for i, s in enumerate(spec.sources):
         key = f"sources[{i}].path"
-        problem = _source_problem(s.path, s.format, entries=entries, files=files)
+        if "\0" in str(s.path):
+            raise ConfigError(spec.file, key, str(s.path), f"source {s.name!r}: a path cannot contain a NUL character")
+        problem = outside_roots(s.path, roots) if roots is not None else None
+        if problem is None:
+            problem = _source_problem(s.path, s.format, entries=entries, files=files, roots=roots)
         if problem:
             raise ConfigError(spec.file, key, str(s.path), f"source {s.name!r}: {problem}")
 
 
-def _source_problem(root: Path, format: str | None, *, entries: int, files: int) -> str | None:
+def _source_problem(root: Path, format: str | None, *, entries: int, files: int,
+                    roots: Sequence[Path] | None) -> str | None:
     if not root.exists():
         return "no such file or directory"
     exts = {e: f for f, es in FORMATS.items() for e in es}
@@ -95,6 +106,9 @@ def _source_problem(root: Path, format: str | None, *, entries: int, files: int)
     if format is None and len(found) > 1:
         return f"mixed formats {sorted(found)}; split them into separate sources"
     for path, fmt in found_files:
+        problem = outside_roots(path, roots) if roots is not None and os.path.islink(path) else None
+        if problem:
+            return f"data file {problem}"
         problem = check_data_file(path, fmt)
         if problem:
             return problem

@@ -228,17 +228,21 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.option("--dir", "workdir", default=".fabricd-dev", show_default=True, type=click.Path(file_okay=False),
               help="Configs, state and logs of the daemons.")
 @click.option("--loader-workers", default=2, show_default=True, help="Source-loader workers per source.")
-def dev_cluster_cmd(nodes: int, workdir: str, loader_workers: int) -> None:
+@click.option("--data-root", "data_roots", multiple=True, type=click.Path(file_okay=False),
+              help="A directory jobs may read data from (repeatable). Default: the current directory.")
+def dev_cluster_cmd(nodes: int, workdir: str, loader_workers: int, data_roots: tuple[str, ...]) -> None:
     """Run a local fabric of NODES daemons on 127.0.0.1 until Ctrl-C (for trying things)."""
     from .localnode import LocalCluster
 
-    cluster = LocalCluster(workdir, nodes=nodes, loader_workers=loader_workers)
+    roots = [Path(p).absolute() for p in data_roots] or [Path.cwd()]
+    cluster = LocalCluster(workdir, nodes=nodes, loader_workers=loader_workers, data_roots=roots)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
         cluster.start()
         addresses = ",".join(cluster.addresses)
         click.echo(f"{nodes} daemons up; leader {cluster.leader()}; logs under {Path(workdir).absolute()}/*/fabricd.log")
+        click.echo(f"  jobs may read data below: {', '.join(map(str, roots))} (--data-root to change)")
         click.echo(f"  export FABRICD_ADDRESS={addresses}")
         for var, value in cluster.client_env().items():  # the local trainer's and operator's keys
             click.echo(f"  export {var}={value}")

@@ -21,6 +21,7 @@ from fabric_client.limits import MAX_NAME_CHARS
 from . import spec_bounds as B
 from .errors import ConfigError
 from .node_checks import endpoint_problem, valid_host
+from .sources.roots import DEFAULT_DATA_ROOTS, MAX_DATA_ROOTS, resolve_roots
 
 __all__ = [
     "NodeConfig",
@@ -217,6 +218,8 @@ class NodeConfig:
     max_message_bytes: int
     cluster: ClusterConfig
     security: SecurityConfig
+    # directories (resolved) datasets may be read from; see fabricd.sources.roots
+    data_roots: tuple[Path, ...] = DEFAULT_DATA_ROOTS
 
     @property
     def endpoint_file(self) -> Path:
@@ -263,6 +266,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
         max_message_bytes=limits.int("max_message_bytes", 256 << 20, min=1 << 16),
         cluster=cluster,
         security=_security_config(security_t, path),
+        data_roots=_data_roots(node),
     )
     for table in (node, roles, limits, cluster_t, security_t, root):
         table.done()
@@ -274,6 +278,27 @@ def _security_config(t: _Table, path: Path) -> SecurityConfig:
     if not keys_dir.is_absolute():
         keys_dir = (path.parent / keys_dir).resolve()
     return SecurityConfig(keys_dir=keys_dir, insecure=t.bool("insecure", False))
+
+
+def _data_roots(t: _Table) -> tuple[Path, ...]:
+    """``[node] data_roots``: absolute directories, at most MAX_DATA_ROOTS, resolved (symlinks
+    followed); absent means DEFAULT_DATA_ROOTS, logged so the choice is visible."""
+    if "data_roots" not in t.data:
+        t.used.add("data_roots")
+        log.info("%s: no [node] data_roots; sources may only be read below %s", t.file,
+                 ", ".join(map(str, DEFAULT_DATA_ROOTS)))
+        return resolve_roots(DEFAULT_DATA_ROOTS)
+    value = t._get("data_roots", None, False)
+    if not isinstance(value, list) or not value:
+        raise t.error("data_roots", value, "expected a non-empty list of absolute directory paths")
+    if len(value) > MAX_DATA_ROOTS:
+        raise t.error("data_roots", f"{len(value)} entries", f"at most MAX_DATA_ROOTS ({MAX_DATA_ROOTS}) entries are allowed")
+    for v in value:
+        if not isinstance(v, str) or not v or "\0" in v or not Path(v).is_absolute():
+            raise t.error("data_roots", v, "expected an absolute directory path (like \"/data/corpora\")")
+        if Path(v).exists() and not Path(v).is_dir():
+            raise t.error("data_roots", v, "not a directory")
+    return resolve_roots(value)
 
 
 def _endpoint(t: _Table, key: str, value: str, *, bind: bool) -> str:

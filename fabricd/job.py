@@ -10,7 +10,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,12 +54,15 @@ def _by_step(units: Collection[SkipUnit], names: Mapping[str, int]) -> dict[int,
     return by_step
 
 
-def open_sources(spec: JobSpec, *, index_dir: Path | None = None, progress: bool = False) -> dict[str, SourceIndex]:
+def open_sources(spec: JobSpec, *, index_dir: Path | None = None, progress: bool = False,
+                 roots: Sequence[Path] | None = None) -> dict[str, SourceIndex]:
     """Open (building or reusing) the index of every source of ``spec``.
 
     Indexes live next to their source; ``index_dir`` is where they go when a source is read-only.
+    ``roots``: the node's data roots, which every source must resolve inside (None: not confined,
+    for offline tools).
     """
-    return {s.name: open_index(s.name, s.path, format=s.format, index_dir=index_dir, progress=progress)
+    return {s.name: open_index(s.name, s.path, format=s.format, index_dir=index_dir, progress=progress, roots=roots)
             for s in spec.sources}
 
 
@@ -103,8 +106,10 @@ class JobRuntime:
     roles on any daemon.
     """
 
-    def __init__(self, spec: JobSpec, *, index_dir: Path, directory: RoleDirectory, record_seq: int = -1) -> None:
+    def __init__(self, spec: JobSpec, *, index_dir: Path, directory: RoleDirectory, record_seq: int = -1,
+                 data_roots: Sequence[Path] | None = None) -> None:
         self.spec = spec
+        self.data_roots = data_roots  # the node's; a source outside them fails the job here
         self.record_seq = record_seq  # seq of the job_submitted record this runtime runs
         self.index_dir = index_dir
         self.directory = directory
@@ -128,7 +133,8 @@ class JobRuntime:
     def _prepare(self) -> None:
         try:
             started = time.monotonic()
-            indexes = open_sources(self.spec, index_dir=self.index_dir, progress=sys.stderr.isatty())
+            indexes = open_sources(self.spec, index_dir=self.index_dir, progress=sys.stderr.isatty(),
+                                   roots=self.data_roots)
             weighted = {name for _, weights in self.spec.mixture.points for name, w in weights if w > 0}
             for name in sorted(weighted, key=[s.name for s in self.spec.sources].index):
                 require_samples(indexes[name])  # the real reason (file, column, type), not "0 units"

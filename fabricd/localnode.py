@@ -12,12 +12,14 @@ operator key and ``trainer_keys`` is what a ``Loader`` needs. ``insecure=True`` 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -28,8 +30,10 @@ from fabric_client.keys import ClientKeys, KeysError, generate
 from .ctl import ControlClient
 from .netns import NetnsLab
 
-__all__ = ["LocalDaemon", "LocalCluster", "ensure_keys", "free_port"]
+__all__ = ["LocalDaemon", "LocalCluster", "DATA_ROOTS_ENV", "default_data_roots", "ensure_keys", "free_port"]
 
+#: Environment variable naming the data roots of local daemons started without ``data_roots``.
+DATA_ROOTS_ENV = "FABRICD_LOCAL_DATA_ROOTS"
 #: a keys directory shared by the local daemons of this process (tests set it per worker)
 KEYS_DIR_ENV = "FABRICD_KEYS_DIR"
 
@@ -52,13 +56,21 @@ def ensure_keys(keys_dir: str | Path, node_ids: list[str]) -> Path:
 
 
 class LocalDaemon:
-    """One daemon process with its config, state and log under ``workdir``."""
+    """One daemon process with its config, state and log under ``workdir``.
+
+    ``data_roots`` go to its config's ``[node] data_roots`` (the directories jobs may read data
+    from). By default: the directories in ``$FABRICD_LOCAL_DATA_ROOTS`` (separated by ``:``) when
+    it is set (the test suite sets it to its temporary directory), else the directory holding
+    ``workdir``, where benchmarks and chaos runs keep their corpora next to the daemons.
+    """
 
     def __init__(self, workdir: str | Path, *, node_id: str = "local", loader_workers: int = 1,
                  log_level: str = "INFO", extra_env: dict[str, str] | None = None, port: int = 0,
                  cluster_toml: str = "", heartbeat_s: float = 0.5, host: str = "127.0.0.1",
-                 wrap: list[str] | None = None, keys_dir: str | Path | None = None, insecure: bool = False) -> None:
+                 wrap: list[str] | None = None, data_roots: Sequence[str | Path] | None = None,
+                 keys_dir: str | Path | None = None, insecure: bool = False) -> None:
         self.workdir = Path(workdir).absolute()
+        self.data_roots = [Path(p).absolute() for p in data_roots or default_data_roots(self.workdir)]
         self.insecure = insecure
         self.keys_dir = Path(keys_dir or os.environ.get(KEYS_DIR_ENV) or self.workdir / "keys").absolute()
         self.node_id = node_id
@@ -85,7 +97,8 @@ class LocalDaemon:
         endpoint_file.unlink(missing_ok=True)
         self.config_path.write_text(
             f'[node]\nid = "{self.node_id}"\ncontrol = "tcp://{self.host}:{self.port}"\nadvertise_host = "{self.host}"\n'
-            f'state_dir = "{state}"\nlog_level = "{self.log_level}"\n\n'
+            f'state_dir = "{state}"\nlog_level = "{self.log_level}"\n'
+            f"data_roots = {json.dumps([str(p) for p in self.data_roots])}\n\n"
             f"[roles]\nloader_workers = {self.loader_workers}\nrestart_backoff_s = 0.2\n"
             f"restart_backoff_max_s = 2.0\nheartbeat_s = {self.heartbeat_s}\n\n"
             f'[security]\nkeys_dir = "{self.keys_dir}"\ninsecure = {"true" if self.insecure else "false"}\n\n'
@@ -195,6 +208,13 @@ class LocalDaemon:
         self.stop()
 
 
+def default_data_roots(workdir: Path) -> list[Path]:
+    """Where local daemons read data from unless told: ``$FABRICD_LOCAL_DATA_ROOTS`` (``:``-separated
+    absolute directories) when set, else the directory holding ``workdir``."""
+    env = os.environ.get(DATA_ROOTS_ENV, "")
+    return [Path(p) for p in env.split(os.pathsep) if p] or [Path(workdir).absolute().parent]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (for configs that need one up front)."""
     with socket.socket() as s:
@@ -206,13 +226,16 @@ class LocalCluster:
     """``nodes`` daemons on this machine forming one fabric (peers on 127.0.0.1), for trying things.
 
     Peers must know each other's endpoints before they start, so ports are picked up front.
+    Every daemon reads data from ``data_roots`` (default: :func:`default_data_roots`).
     """
 
     def __init__(self, workdir: str | Path, *, nodes: int = 3, loader_workers: int = 1, log_level: str = "INFO",
                  lease_duration_s: float = 2.0, renew_deadline_s: float = 1.3, retry_period_s: float = 0.3,
                  heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None,
-                 lab: NetnsLab | None = None, keys_dir: str | Path | None = None, insecure: bool = False) -> None:
+                 lab: NetnsLab | None = None, data_roots: Sequence[str | Path] | None = None,
+                 keys_dir: str | Path | None = None, insecure: bool = False) -> None:
         self.workdir = Path(workdir).absolute()
+        roots = list(data_roots or default_data_roots(self.workdir))
         keys_dir = Path(keys_dir or os.environ.get(KEYS_DIR_ENV) or self.workdir / "keys")
         self.lab = lab
         ids = [f"node-{chr(ord('a') + i)}" for i in range(nodes)]
@@ -225,7 +248,8 @@ class LocalCluster:
         self.daemons = {n: LocalDaemon(self.workdir / n, node_id=n, loader_workers=loader_workers,
                                        log_level=log_level, extra_env=extra_env, port=ports[n], cluster_toml=cluster,
                                        heartbeat_s=heartbeat_s, host=hosts[n],
-                                       wrap=lab.command(i, []) if lab else None, keys_dir=keys_dir, insecure=insecure)
+                                       wrap=lab.command(i, []) if lab else None, data_roots=roots,
+                                       keys_dir=keys_dir, insecure=insecure)
                         for i, n in enumerate(ids)}
         if not insecure:  # every node's key is in the allow-lists before the first daemon reads them
             ensure_keys(keys_dir, ids)

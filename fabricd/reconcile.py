@@ -63,7 +63,8 @@ class LocalReconciler:
             except ConfigError as e:  # validated by the leader; a local path problem, say
                 log.error("job %s cannot run on this node: %s", name, e)
                 continue
-            d.jobs[name] = JobRuntime(spec, index_dir=d.index_dir, directory=d, record_seq=entry.seq)
+            d.jobs[name] = JobRuntime(spec, index_dir=d.index_dir, directory=d, record_seq=entry.seq,
+                                      data_roots=d.cfg.data_roots)
 
     def _roles(self, commit: int) -> None:
         d = self.daemon
@@ -77,7 +78,8 @@ class LocalReconciler:
                 continue
             r = state.roles[rid]
             job = d.jobs[r.job]
-            extra = {**r.extra, "assignment": r.extra, "index_dir": str(d.index_dir)}
+            extra = {**r.extra, "assignment": r.extra, "index_dir": str(d.index_dir),
+                     "data_roots": [str(p) for p in d.cfg.data_roots]}
             d.supervisor.start(RoleArgs(
                 kind=r.kind, role_id=rid, daemon=d.local_endpoint, job=r.job,
                 spec_path=str(d.jobs_dir / f"{r.job}.toml"), spec_origin=job.spec.file,

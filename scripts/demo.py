@@ -210,7 +210,7 @@ def main() -> int:
     spec = load_job_spec(JOB_FILE)
     run_dir = DEMO_DIR / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cluster = LocalCluster(run_dir / "cluster", nodes=args.nodes, loader_workers=2)
+    cluster = LocalCluster(run_dir / "cluster", nodes=args.nodes, loader_workers=2, data_roots=[DEMO_DIR / "data"])
     try:
         cluster.start()
         leader = cluster.leader()

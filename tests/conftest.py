@@ -37,6 +37,23 @@ def fabric_keys(tmp_path_factory) -> Iterator[Path]:
             os.environ[k] = v
 
 
+@pytest.fixture(scope="session", autouse=True)
+def local_data_roots(tmp_path_factory) -> Iterator[None]:
+    """Local daemons started by tests read data from anywhere under this session's temp dir
+    (corpora are made by session fixtures, beside each test's own tmp_path)."""
+    import os
+
+    from fabricd.localnode import DATA_ROOTS_ENV
+
+    old = os.environ.get(DATA_ROOTS_ENV)
+    os.environ[DATA_ROOTS_ENV] = str(tmp_path_factory.getbasetemp())
+    yield
+    if old is None:
+        os.environ.pop(DATA_ROOTS_ENV, None)
+    else:
+        os.environ[DATA_ROOTS_ENV] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A small 5-source corpus (with a few corrupt samples), built once per test worker."""

@@ -25,8 +25,9 @@ def submit(daemon: Daemon, _identity: bytes, msg: protocol.SubmitJob, _payload: 
     """Request: ``SubmitJob(spec_toml, spec_path)``. Reply: ``JobAccepted(job, fingerprint,
     state)`` once the job is recorded (state ``indexing``: follow it with ``StatusRequest``), or at
     once for a job already running with this very spec; ``ErrorReply(invalid_spec)`` for a spec
-    that does not parse, passes a bound, names a missing path or a file of another format, or needs
-    more roles per daemon than allowed; ``ErrorReply(not_leader)`` naming the leader.
+    that does not parse, passes a bound, names a path outside the node's ``data_roots``, a missing
+    path or a file of another format, or needs more roles per daemon than allowed;
+    ``ErrorReply(not_leader)`` naming the leader.
 
     A different spec under a running job's name replaces it; the same spec of a failed job runs
     it again."""

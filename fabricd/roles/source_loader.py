@@ -41,10 +41,12 @@ def run_source_loader(args: RoleArgs) -> int:
     source_name = args.extra["source"]
     source = next(s for s in spec.sources if s.name == source_name)
     bucket = spec.bucket(source.bucket)
-    index = open_index(source.name, source.path, format=source.format, index_dir=Path(args.extra["index_dir"]))
+    roots = [Path(p) for p in args.extra["data_roots"]]  # the node's: nothing outside them is read
+    index = open_index(source.name, source.path, format=source.format, index_dir=Path(args.extra["index_dir"]),
+                       roots=roots)
     tspec = TransformSpec(max_seq_len=bucket.max_seq_len, long_samples=bucket.long_samples,
                           image_tokens=spec.tokens.image_tokens, image_size=spec.tokens.image_size)
-    loader = SampleLoader(index, tspec)
+    loader = SampleLoader(index, tspec, roots=roots)
 
     stop = StopFlag(args.parent_pid)
     ctx = zmq.Context()

@@ -20,7 +20,17 @@ JSONL
 One JSON object per line: ``{"text": "...", "images": ["pages/0001.png", ...]}``. ``images`` is
 optional and holds paths relative to the JSONL file. Other keys are ignored, blank lines are
 ignored, and a malformed line (bad JSON, no string ``text``, ``images`` not a list of strings)
-is skipped and counted when the source is indexed, never an error.
+is skipped and counted when the source is indexed, never an error. An image path must resolve
+(symlinks followed) inside the source's directory (the source itself, or a single-file
+source's directory): an absolute path elsewhere, a ``..`` climbing out or a symlink leading out
+makes that sample a per-sample error, skipped and counted like an unreadable image, online and
+in ``fabricctl expect`` alike.
+
+Where data may be read from
+---------------------------
+A daemon reads sources only below its node's ``[node] data_roots`` (default
+``/var/lib/fabricd/data``), paths compared after resolving symlinks; see
+:mod:`fabricd.sources.roots`.
 
 Images and text
 ---------------

@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fabricd.errors import SourceError
+from fabricd.sources.roots import check_in_roots, escapes_dir, outside_roots
 from fabricd.tokenizer import IMAGE_PLACEHOLDER, TOKENIZER_ID, text_token_counts
 
 __all__ = [
@@ -307,7 +308,9 @@ def _parse_jsonl_line(line: bytes) -> tuple[str, list[str]] | None:
     return text, images
 
 
-def _index_jsonl_file(path: Path, on_bytes) -> tuple[np.ndarray, ...]:
+def _index_jsonl_file(path: Path, on_bytes, source_dir: Path) -> tuple[np.ndarray, ...]:
+    """Index columns of one JSONL file. Image sizes are read only for images inside
+    ``source_dir`` (resolved): an image leading out of it fails its sample when it is read."""
     rows: list[int] = []
     tokens: list[int] = []
     nimgs: list[int] = []
@@ -335,9 +338,11 @@ def _index_jsonl_file(path: Path, on_bytes) -> tuple[np.ndarray, ...]:
                 continue
             size = 0
             for p in images:
+                if escapes_dir(base / p, source_dir) is not None:
+                    continue  # never stat outside the source; the reader fails this sample
                 try:
                     size += os.stat(base / p).st_size
-                except OSError:
+                except (OSError, ValueError):  # ValueError: a NUL byte in the path
                     pass  # the reader fails this sample later; it is skipped then
             rows.append(offset)
             tokens.append(len(data) - len(IMAGE_PLACEHOLDER) * data.count(IMAGE_PLACEHOLDER.encode()) + 1)
@@ -351,6 +356,7 @@ def _index_jsonl_file(path: Path, on_bytes) -> tuple[np.ndarray, ...]:
 def _build(name: str, root: Path, format: str, files: list[str], fingerprint: str,
            progress: bool) -> SourceIndex:
     base = root if root.is_dir() else root.parent
+    source_dir = base.resolve()
     cols = _Columns([], [], [], [], [])
     skipped: list[tuple[str, str]] = []
     rows_skipped = 0
@@ -374,7 +380,7 @@ def _build(name: str, root: Path, format: str, files: list[str], fingerprint: st
                     row, tok, nimg, ib, bad = _index_parquet_file(path)
                     on_bytes(os.stat(path).st_size)
                 else:
-                    row, tok, nimg, ib, bad = _index_jsonl_file(path, on_bytes)
+                    row, tok, nimg, ib, bad = _index_jsonl_file(path, on_bytes, source_dir)
             except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never fatal
                 reason = f"{type(e).__name__}: {e}"
                 log.warning("source %r: skipping unreadable file %s: %s", name, path, reason)
@@ -512,7 +518,8 @@ def _remove_stale(path: Path, keep: Path) -> None:
 
 
 def open_index(name: str, path: str | Path, *, format: str | None = None, index_dir: Path | None = None,
-               progress: bool = False, rebuild: bool = False) -> SourceIndex:
+               progress: bool = False, rebuild: bool = False,
+               roots: Sequence[Path] | None = None) -> SourceIndex:
     """The index of the source at ``path`` (a directory or a single file), built if needed.
 
     Reuses the persisted index when its fingerprint matches the source; otherwise (or with
@@ -520,10 +527,19 @@ def open_index(name: str, path: str | Path, *, format: str | None = None, index_
     ``index_dir`` when that location is not writable) and removes indexes of older
     fingerprints there. Unreadable files and bad rows are skipped and recorded, never fatal.
 
-    Raises SourceError for a missing path, a source without data files, an unknown or mixed
-    format, or when the index can be written nowhere.
+    ``roots`` are the node's data roots (:mod:`fabricd.sources.roots`): the source and each of its
+    data files must resolve inside one of them, else nothing of it is read. ``None`` reads with
+    the caller's own rights (offline tools such as ``fabricctl expect``); a daemon always passes
+    its roots.
+
+    Raises SourceError for a source outside ``roots``, a missing path, a source without data
+    files, an unknown or mixed format, or when the index can be written nowhere.
     """
     root = Path(path).expanduser()
+    if roots is not None:
+        problem = outside_roots(root, roots)  # before anything is looked at, even its existence
+        if problem:
+            raise SourceError(f"source {name!r}: {problem}")
     if not root.exists():
         raise SourceError(f"source {name!r}: {root}: no such file or directory")
     root = root.resolve()
@@ -534,10 +550,18 @@ def open_index(name: str, path: str | Path, *, format: str | None = None, index_
     files = list_data_files(root, format)
     if not files:
         raise SourceError(f"source {name!r}: {root}: no {format} data files")
+    if roots is not None:
+        check_in_roots(name, root, files, roots)
     fp = source_fingerprint(root, format)
     primary = index_path(root, fp)
     fallback = _fallback_path(index_dir, name, root, fp) if index_dir is not None else None
     locations = [primary] + ([fallback] if fallback is not None else [])
+    if roots is not None and outside_roots(primary, roots):  # a symlinked .fabricd-index leading out
+        log.warning("source %r: index location %s leads outside the data roots; not used", name, primary)
+        locations = locations[1:]
+        if not locations:
+            raise SourceError(f"source {name!r}: index location {outside_roots(primary, roots)}; "
+                              "remove that link or pass index_dir")
 
     if not rebuild:
         for loc in locations:

@@ -12,7 +12,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from fabricd.errors import SampleError, SourceError
 from fabricd.sources.index import SourceIndex, _parse_jsonl_line, image_bytes_array, source_fingerprint
+from fabricd.sources.roots import outside_roots, resolved
 
 __all__ = ["RawSample", "SourceReader"]
 
@@ -56,10 +57,14 @@ class SourceReader:
 
     Construction checks that the source still has the fingerprint it was indexed with and raises
     SourceError otherwise: a source changed under a running job is never silently mixed.
+    With ``roots`` (the node's data roots), a data file is checked to resolve inside them each
+    time it is opened; a JSONL image must resolve inside the source's directory, whatever the
+    roots (:mod:`fabricd.sources.roots`). Either failure is a SampleError of the sample.
     Not thread-safe; use one reader per thread or process.
     """
 
-    def __init__(self, index: SourceIndex, *, cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, index: SourceIndex, *, cache_bytes: int = 256 << 20,
+                 roots: Sequence[Path] | None = None) -> None:
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         try:
@@ -72,7 +77,9 @@ class SourceReader:
                 f"(fingerprint {index.fingerprint[:16]} -> {current[:16]}); re-index explicitly"
             )
         self.index = index
+        self.roots = tuple(roots) if roots is not None else None
         base = index.base_dir
+        self._source_dir = base.resolve()  # JSONL images must resolve inside it
         self._paths = [base / f for f in index.files]
         self.cache_bytes = int(cache_bytes)
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
@@ -132,7 +139,12 @@ class SourceReader:
         if f is not None:
             self._files.move_to_end(fi)
             return f
-        f = opener(self._paths[fi])
+        path = self._paths[fi]
+        if self.roots is not None:  # re-checked at open: a file swapped for a symlink since indexing
+            problem = outside_roots(path, self.roots)
+            if problem:
+                raise PermissionError(problem)
+        f = opener(path)
         self._files[fi] = f
         while len(self._files) > _MAX_OPEN_FILES:
             _, old = self._files.popitem(last=False)
@@ -234,10 +246,15 @@ class SourceReader:
             images = []
             for p in paths:
                 img_path = path.parent / p
+                target = resolved(img_path)
+                if not target.is_relative_to(self._source_dir):  # absolute elsewhere, "..", a symlink out
+                    out[pos] = self._error(sid, f"image {p!r} resolves to {target}, outside the source "
+                                                f"directory {self._source_dir}")
+                    break
                 try:
-                    images.append(img_path.read_bytes())
-                except OSError as e:
-                    out[pos] = self._error(sid, f"image {img_path}: {e.strerror or e}")
+                    images.append(target.read_bytes())  # the checked path, not the link again
+                except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+                    out[pos] = self._error(sid, f"image {img_path}: {getattr(e, 'strerror', None) or e}")
                     break
             else:
                 out[pos] = RawSample(text=text, images=tuple(images))

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -215,10 +217,13 @@ def transform(raw: RawSample, piece: int, spec: TransformSpec, *, source: str = 
 class SampleLoader:
     """What a source-loader process does: read + decode + transform units of one source."""
 
-    def __init__(self, index: SourceIndex, spec: TransformSpec, *, cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, index: SourceIndex, spec: TransformSpec, *, cache_bytes: int = 256 << 20,
+                 roots: Sequence[Path] | None = None) -> None:
+        """``roots``: the node's data roots, re-checked whenever a data file is opened (see
+        :class:`~fabricd.sources.reader.SourceReader`); None for offline tools."""
         self.index = index
         self.spec = spec
-        self.reader = SourceReader(index, cache_bytes=cache_bytes)
+        self.reader = SourceReader(index, cache_bytes=cache_bytes, roots=roots)
 
     def load(self, sample_ids: np.ndarray, pieces: np.ndarray) -> list[SampleData | SampleError]:
         """Units ``(sample_ids[i], pieces[i])``, in order; a failing unit is a SampleError in its
