@@ -44,6 +44,8 @@ from .leadership import Leadership
 from .ratelog import RateLimitedLog, truncate
 from .reconcile import LocalReconciler
 from .roles.supervisor import Supervisor
+from .sdnotify import SystemdNotifier
+from .service import ServiceLifecycle
 from .status import node_telemetry, role_view
 
 __all__ = ["Daemon"]
@@ -52,9 +54,13 @@ log = logging.getLogger(__name__)
 
 
 class Daemon:
-    """The node daemon. ``serve()`` runs until ``stop()`` (from a signal handler or a test)."""
+    """The node daemon. ``serve()`` runs until ``stop()`` (from a signal handler or a test).
 
-    def __init__(self, cfg: NodeConfig) -> None:
+    ``notifier`` (optional) reports to systemd through :attr:`service`, which also runs the
+    reloads asked for by ``service.request_reload()`` (SIGHUP) and its ``reload_hooks``.
+    """
+
+    def __init__(self, cfg: NodeConfig, notifier: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
         self.sockets = SocketFactory(self.ctx, max_message_bytes=cfg.max_message_bytes)
@@ -85,6 +91,7 @@ class Daemon:
         self.leadership = Leadership(cfg, self.cluster, self.jobs, self.propose)
         self._skip_tails: dict[str, tuple[object, tuple]] = {}  # job → (key, skip_records answer) past the commit point
         self.reconciler = LocalReconciler(self)
+        self.service = ServiceLifecycle(self, notifier)
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -120,6 +127,7 @@ class Daemon:
                 if self.cluster.is_leader(now):
                     self.leadership.run(now)
                 self.reconciler.run()
+                self.service.turn(now)  # reload if asked; READY, STATUS, WATCHDOG to systemd
                 if not poller.poll(50):
                     continue
                 for _ in range(1000):  # drain, bounded so the cluster tick is never starved
@@ -132,6 +140,8 @@ class Daemon:
             self.shutdown()
 
     def stop(self) -> None:
+        if not self._stopping:
+            self.service.stopping()
         self._stopping = True
 
     def shutdown(self) -> None:
