@@ -52,6 +52,8 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger(__name__)
 
+PEER_LINGER_MS = 200  # at shutdown: how long queued peer messages (the lease release) may take to leave
+
 
 class Daemon:
     """The node daemon. ``serve()`` runs until ``stop()`` (from a signal handler or a test).
@@ -145,12 +147,14 @@ class Daemon:
         self._stopping = True
 
     def shutdown(self) -> None:
+        # a leader hands over first, so a shadow is elected while the roles drain
+        self.send_to_peers(self.cluster.release_lease(time.monotonic()))
         log.info("stopping %d role processes", len(self.supervisor.roles))
         self.supervisor.stop()
         for job in self.jobs.values():
             job.close()
         for s in self.peers.values():
-            s.close(linger=0)
+            s.close(linger=PEER_LINGER_MS)  # the lease release may still be queued
         self.sock.close(linger=0)
         self.cluster.log.close()
         self.ctx.term()

@@ -77,6 +77,7 @@ from fabricd.cluster.lease_messages import (
     LeaseAck,
     LeaseConfig,
     LeaseMessage,
+    LeaseRelease,
     LeaseRenew,
     Send,
     SteppedDown,
@@ -90,7 +91,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FOLLOWER", "PRE_CANDIDATE", "CANDIDATE", "LEADER",
     "LeaseConfig",
-    "VoteRequest", "VoteReply", "LeaseRenew", "LeaseAck", "LeaseMessage",
+    "VoteRequest", "VoteReply", "LeaseRenew", "LeaseAck", "LeaseRelease", "LeaseMessage",
     "Send", "BecameLeader", "SteppedDown", "LeaderChanged", "Action",
     "LeaseBackend", "LeaseElection",
 ]
@@ -134,6 +135,11 @@ class LeaseBackend(Protocol):
 
     def resign(self, now: float, reason: str) -> list[Action]:
         """Give the lease up at once (e.g. the log disk is full)."""
+        ...
+
+    def release(self, now: float, reason: str) -> list[Action]:
+        """Give the lease up at once and tell the voters, so another node leads without waiting
+        out the lease (a clean shutdown)."""
         ...
 
     def status(self) -> dict[str, Any]:
@@ -284,6 +290,8 @@ class LeaseElection:
             handler = self._on_renew
         elif isinstance(msg, LeaseAck):
             handler = self._on_ack
+        elif isinstance(msg, LeaseRelease):
+            handler = self._on_release
         else:
             raise TypeError(f"lease: not a lease message: {type(msg).__name__}")
         return self._run(now, handler, msg)
@@ -295,6 +303,24 @@ class LeaseElection:
     def _on_resign(self, reason: str, now: float, out: list[Action]) -> None:
         if self._role == LEADER:
             self._step_down(now, reason, out)
+        self._hold_until = now + self._config.lease_duration_s
+        self._next_campaign_at = self._hold_until + self._jitter()
+
+    def release(self, now: float, reason: str) -> list[Action]:
+        """Step down now and send ``LeaseRelease`` to the other voters: they forget their grant
+        to this node and campaign after a jitter instead of a lease. This node campaigns again
+        only after a lease (it is going away); it may still vote for a successor. Safe because
+        it stopped claiming the lease before the release left. Not leading: nothing is sent."""
+        return self._run(now, self._on_release_own, reason)
+
+    def _on_release_own(self, reason: str, now: float, out: list[Action]) -> None:
+        if self._role == LEADER:
+            term = self._term
+            self._step_down(now, reason, out)
+            release = LeaseRelease(term=term, leader=self._node_id)
+            out.extend(Send(v, release) for v in self._others)
+            if self._grant_holder == self._node_id:
+                self._granted_at, self._grant_holder = None, None
         self._hold_until = now + self._config.lease_duration_s
         self._next_campaign_at = self._hold_until + self._jitter()
 
@@ -567,6 +593,21 @@ class LeaseElection:
         self._leader_seen_at = now
         self._record_grant(msg.leader, now)
         out.append(Send(msg.leader, LeaseAck(self._term, self._node_id, msg.renew_id, True)))
+
+    def _on_release(self, msg: LeaseRelease, now: float, out: list[Action]) -> None:
+        if msg.leader == self._node_id or msg.leader not in self._voter_set:
+            return
+        if msg.term < self._term:
+            self._stale_rejected += 1
+            return
+        if msg.term > self._term:
+            self._adopt_term(msg.term, now, f"lease release from {msg.leader}", out)
+        if self._leader == msg.leader:
+            self._leader = None
+        if self._grant_holder == msg.leader:       # the lease it was granted is over: no stickiness
+            self._granted_at, self._grant_holder = None, None
+        if self._role == FOLLOWER and not self._granted_recently(now):
+            self._next_campaign_at = min(self._next_campaign_at, now + self._jitter())
 
     def _on_ack(self, msg: LeaseAck, now: float, out: list[Action]) -> None:
         if msg.voter not in self._voter_set or msg.voter == self._node_id:
