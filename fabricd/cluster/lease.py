@@ -19,6 +19,15 @@ Protocol
     stickiness); the vote is saved before the reply is returned. The winner sends ``LeaseRenew``
     every ``retry_period_s``; voters ack any renew whose term is not older than theirs.
 
+Release (a clean shutdown)
+    A leader that stops on purpose steps down first and then sends ``LeaseRelease(term,
+    itself)``. A voter that receives it for its current term forgets its grant to that node (its
+    stickiness ends: the lease it granted is over, since the leader no longer claims it) and
+    campaigns after a jitter rather than a lease, so a shadow leads at once. A release of an
+    older term is rejected like any stale message; one from a node the voter did not grant to
+    changes no grant. A renew reordered after the release only re-grants to the old leader,
+    which delays the election and never overlaps two leases.
+
 Lease validity
     Renew ``r`` is sent at leader time ``t_s(r)``. Once a majority (the leader counts itself)
     acked it, the lease is valid until ``t_s(r) + renew_deadline_s``; right after the election it
