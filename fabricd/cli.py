@@ -17,7 +17,7 @@ from fabric_client import protocol
 from fabric_client.errors import FabricError
 from fabric_client.keys import KINDS, ClientKeys, KeysError, generate, list_keys
 
-from .config import load_job_spec, load_node_config
+from .config import NodeConfig, load_job_spec, load_node_config
 from .node_checks import check_node_environment
 from .ctl import request_any
 from .errors import FabricdError
@@ -39,13 +39,18 @@ def fabricd_main() -> None:
 def run_cmd(config_path: str) -> None:
     """Run the daemon in the foreground, logging to stdout, until SIGTERM or SIGINT.
 
-    A config or a machine it cannot start with (port in use, state dir unusable, term file
-    unreadable) is one line on stderr naming the file, key and value, and exit status 1.
+    Under systemd (``Type=notify``) it reports readiness, status, watchdog pings and stopping on
+    ``$NOTIFY_SOCKET``. SIGHUP re-reads the config and applies what can change live (the log
+    level; see ``Daemon.service.reload_hooks``). A config or a machine it cannot start with (port
+    in use, state dir unusable, term file unreadable) is one line on stderr naming the file, key
+    and value, and exit status 1.
     """
     import zmq
 
     from .daemon import Daemon
+    from .sdnotify import SystemdNotifier
 
+    notifier = SystemdNotifier()  # reads and unsets $NOTIFY_SOCKET: role processes must not inherit it
     try:
         cfg = load_node_config(config_path)
         check_node_environment(cfg)
@@ -55,7 +60,7 @@ def run_cmd(config_path: str) -> None:
                         format="%(asctime)s %(levelname)s [fabricd pid=%(process)d] %(name)s: %(message)s")
     os.environ.setdefault("FABRICD_LOG_LEVEL", cfg.log_level)
     try:
-        daemon = Daemon(cfg)
+        daemon = Daemon(cfg, notifier)
     except zmq.ZMQError as e:  # the control bind, or a peer endpoint ZeroMQ refuses
         raise click.ClickException(f"{cfg.file}: node.control = {cfg.control!r}: cannot bind: {e.strerror}") from e
     except FabricdError as e:  # the term store or the checkpoint log cannot be read
@@ -68,7 +73,19 @@ def run_cmd(config_path: str) -> None:
     arm_on_signal()
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    daemon.service.reload_hooks.append(_apply_log_level)
+    signal.signal(signal.SIGHUP, lambda *_: daemon.service.request_reload())
     daemon.serve()
+
+
+def _apply_log_level(cfg: NodeConfig) -> None:
+    """Reload hook: the daemon's log level, and that of the role processes started from now on."""
+    root = logging.getLogger()
+    if logging.getLevelName(root.level) != cfg.log_level:
+        logging.getLogger(__name__).warning("reload: log level %s -> %s", logging.getLevelName(root.level),
+                                            cfg.log_level)
+        root.setLevel(cfg.log_level)
+    os.environ["FABRICD_LOG_LEVEL"] = cfg.log_level
 
 
 # --------------------------------------------------------------------------------------------

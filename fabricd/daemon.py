@@ -45,17 +45,25 @@ from .leadership import Leadership
 from .ratelog import RateLimitedLog, truncate
 from .reconcile import LocalReconciler
 from .roles.supervisor import Supervisor
+from .sdnotify import SystemdNotifier
+from .service import ServiceLifecycle
 from .status import node_telemetry, role_view
 
 __all__ = ["Daemon"]
 
 log = logging.getLogger(__name__)
 
+PEER_LINGER_MS = 200  # at shutdown: how long queued peer messages (the lease release) may take to leave
+
 
 class Daemon:
-    """The node daemon. ``serve()`` runs until ``stop()`` (from a signal handler or a test)."""
+    """The node daemon. ``serve()`` runs until ``stop()`` (from a signal handler or a test).
 
-    def __init__(self, cfg: NodeConfig) -> None:
+    ``notifier`` (optional) reports to systemd through :attr:`service`, which also runs the
+    reloads asked for by ``service.request_reload()`` (SIGHUP) and its ``reload_hooks``.
+    """
+
+    def __init__(self, cfg: NodeConfig, notifier: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
         if cfg.security.insecure:
@@ -93,6 +101,7 @@ class Daemon:
         self.leadership = Leadership(cfg, self.cluster, self.jobs, self.propose)
         self._skip_tails: dict[str, tuple[object, tuple]] = {}  # job → (key, skip_records answer) past the commit point
         self.reconciler = LocalReconciler(self)
+        self.service = ServiceLifecycle(self, notifier)
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -128,6 +137,7 @@ class Daemon:
                 if self.cluster.is_leader(now):
                     self.leadership.run(now)
                 self.reconciler.run()
+                self.service.turn(now)  # reload if asked; READY, STATUS, WATCHDOG to systemd
                 if not poller.poll(50):
                     continue
                 for _ in range(1000):  # drain, bounded so the cluster tick is never starved
@@ -140,15 +150,19 @@ class Daemon:
             self.shutdown()
 
     def stop(self) -> None:
+        if not self._stopping:
+            self.service.stopping()
         self._stopping = True
 
     def shutdown(self) -> None:
+        # a leader hands over first, so a shadow is elected while the roles drain
+        self.send_to_peers(self.cluster.release_lease(time.monotonic()))
         log.info("stopping %d role processes", len(self.supervisor.roles))
         self.supervisor.stop()
         for job in self.jobs.values():
             job.close()
         for s in self.peers.values():
-            s.close(linger=0)
+            s.close(linger=PEER_LINGER_MS)  # the lease release may still be queued
         self.sock.close(linger=0)
         self.cluster.log.close()
         self.sockets.close()

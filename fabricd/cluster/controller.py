@@ -136,6 +136,11 @@ class ClusterController:
             return self._repl_actions(self.tracker.on_message(msg, now), now)
         return self._lease_actions(self.lease.on_message(msg, now), now)
 
+    def release_lease(self, now: float) -> list[tuple[str, Any]]:
+        """Stop leading now and tell the peers, so a shadow takes over without waiting out the
+        lease (a clean shutdown); nothing when this daemon does not lead."""
+        return self._lease_actions(self.lease.release(now, "shutting down: lease released"), now)
+
     # -- decisions (leader only) ----------------------------------------------------------------
 
     def propose(self, entries: Iterable[tuple[str, dict]], now: float) -> list[tuple[str, Any]]:

@@ -19,6 +19,15 @@ Protocol
     stickiness); the vote is saved before the reply is returned. The winner sends ``LeaseRenew``
     every ``retry_period_s``; voters ack any renew whose term is not older than theirs.
 
+Release (a clean shutdown)
+    A leader that stops on purpose steps down first and then sends ``LeaseRelease(term,
+    itself)``. A voter that receives it for its current term forgets its grant to that node (its
+    stickiness ends: the lease it granted is over, since the leader no longer claims it) and
+    campaigns after a jitter rather than a lease, so a shadow leads at once. A release of an
+    older term is rejected like any stale message; one from a node the voter did not grant to
+    changes no grant. A renew reordered after the release only re-grants to the old leader,
+    which delays the election and never overlaps two leases.
+
 Lease validity
     Renew ``r`` is sent at leader time ``t_s(r)``. Once a majority (the leader counts itself)
     acked it, the lease is valid until ``t_s(r) + renew_deadline_s``; right after the election it
@@ -77,6 +86,7 @@ from fabricd.cluster.lease_messages import (
     LeaseAck,
     LeaseConfig,
     LeaseMessage,
+    LeaseRelease,
     LeaseRenew,
     Send,
     SteppedDown,
@@ -90,7 +100,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FOLLOWER", "PRE_CANDIDATE", "CANDIDATE", "LEADER",
     "LeaseConfig",
-    "VoteRequest", "VoteReply", "LeaseRenew", "LeaseAck", "LeaseMessage",
+    "VoteRequest", "VoteReply", "LeaseRenew", "LeaseAck", "LeaseRelease", "LeaseMessage",
     "Send", "BecameLeader", "SteppedDown", "LeaderChanged", "Action",
     "LeaseBackend", "LeaseElection",
 ]
@@ -134,6 +144,11 @@ class LeaseBackend(Protocol):
 
     def resign(self, now: float, reason: str) -> list[Action]:
         """Give the lease up at once (e.g. the log disk is full)."""
+        ...
+
+    def release(self, now: float, reason: str) -> list[Action]:
+        """Give the lease up at once and tell the voters, so another node leads without waiting
+        out the lease (a clean shutdown)."""
         ...
 
     def status(self) -> dict[str, Any]:
@@ -284,6 +299,8 @@ class LeaseElection:
             handler = self._on_renew
         elif isinstance(msg, LeaseAck):
             handler = self._on_ack
+        elif isinstance(msg, LeaseRelease):
+            handler = self._on_release
         else:
             raise TypeError(f"lease: not a lease message: {type(msg).__name__}")
         return self._run(now, handler, msg)
@@ -295,6 +312,24 @@ class LeaseElection:
     def _on_resign(self, reason: str, now: float, out: list[Action]) -> None:
         if self._role == LEADER:
             self._step_down(now, reason, out)
+        self._hold_until = now + self._config.lease_duration_s
+        self._next_campaign_at = self._hold_until + self._jitter()
+
+    def release(self, now: float, reason: str) -> list[Action]:
+        """Step down now and send ``LeaseRelease`` to the other voters: they forget their grant
+        to this node and campaign after a jitter instead of a lease. This node campaigns again
+        only after a lease (it is going away); it may still vote for a successor. Safe because
+        it stopped claiming the lease before the release left. Not leading: nothing is sent."""
+        return self._run(now, self._on_release_own, reason)
+
+    def _on_release_own(self, reason: str, now: float, out: list[Action]) -> None:
+        if self._role == LEADER:
+            term = self._term
+            self._step_down(now, reason, out)
+            release = LeaseRelease(term=term, leader=self._node_id)
+            out.extend(Send(v, release) for v in self._others)
+            if self._grant_holder == self._node_id:
+                self._granted_at, self._grant_holder = None, None
         self._hold_until = now + self._config.lease_duration_s
         self._next_campaign_at = self._hold_until + self._jitter()
 
@@ -567,6 +602,21 @@ class LeaseElection:
         self._leader_seen_at = now
         self._record_grant(msg.leader, now)
         out.append(Send(msg.leader, LeaseAck(self._term, self._node_id, msg.renew_id, True)))
+
+    def _on_release(self, msg: LeaseRelease, now: float, out: list[Action]) -> None:
+        if msg.leader == self._node_id or msg.leader not in self._voter_set:
+            return
+        if msg.term < self._term:
+            self._stale_rejected += 1
+            return
+        if msg.term > self._term:
+            self._adopt_term(msg.term, now, f"lease release from {msg.leader}", out)
+        if self._leader == msg.leader:
+            self._leader = None
+        if self._grant_holder == msg.leader:       # the lease it was granted is over: no stickiness
+            self._granted_at, self._grant_holder = None, None
+        if self._role == FOLLOWER and not self._granted_recently(now):
+            self._next_campaign_at = min(self._next_campaign_at, now + self._jitter())
 
     def _on_ack(self, msg: LeaseAck, now: float, out: list[Action]) -> None:
         if msg.voter not in self._voter_set or msg.voter == self._node_id:

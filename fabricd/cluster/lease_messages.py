@@ -24,6 +24,7 @@ __all__ = [
     "LeaseAck",
     "LeaseConfig",
     "LeaseMessage",
+    "LeaseRelease",
     "LeaseRenew",
     "Send",
     "SteppedDown",
@@ -97,7 +98,17 @@ class LeaseAck:
     ok: bool
 
 
-LeaseMessage = Union[VoteRequest, VoteReply, LeaseRenew, LeaseAck]
+@dataclass(frozen=True)
+class LeaseRelease:
+    """Leader -> voters, once, as it stops leading ``term`` on purpose (a clean shutdown): the
+    grants made to it end now, so a shadow can be elected without waiting out the lease. Sent
+    only after the leader stopped acting as one."""
+
+    term: Counter
+    leader: Name
+
+
+LeaseMessage = Union[VoteRequest, VoteReply, LeaseRenew, LeaseAck, LeaseRelease]
 
 
 # --- actions -----------------------------------------------------------------------------------

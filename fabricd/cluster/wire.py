@@ -22,7 +22,7 @@ from fabric_client import protocol
 from fabric_client.errors import ProtocolError
 
 from . import replication
-from .lease import LeaseAck, LeaseRenew, VoteReply, VoteRequest
+from .lease import LeaseAck, LeaseRelease, LeaseRenew, VoteReply, VoteRequest
 from .membership import MemberBeat
 
 __all__ = ["PEER_KINDS", "to_peer", "from_peer"]
@@ -32,6 +32,7 @@ PEER_KINDS: dict[str, type] = {
     "vote_reply": VoteReply,
     "lease_renew": LeaseRenew,
     "lease_ack": LeaseAck,
+    "lease_release": LeaseRelease,
     "member_beat": MemberBeat,
     **replication.MESSAGE_TYPES,
 }
