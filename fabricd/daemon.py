@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Collection
@@ -207,6 +208,21 @@ class Daemon:
         except zmq.ZMQError as e:  # EHOSTUNREACH: the peer left; EAGAIN: its queue is full
             self.counters["unroutable_replies"] += 1
             log.debug("reply to a departed peer dropped: %s", e)
+
+    def reload_keys(self) -> None:
+        """Read the key allow-lists again (a key added is let in, one removed is refused from its
+        next message on) and have every local role process do the same (SIGHUP). A keys directory
+        that cannot be read keeps the lists in force (raises KeysError, logged by the reload)."""
+        if self.ring is None:
+            return
+        counts = self.ring.reload()
+        log.warning("reload: key allow-lists read again: %s", counts)
+        for role in self.supervisor.roles.values():
+            if role.pid is not None and role.alive:
+                try:
+                    os.kill(role.pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
 
     def _authorize(self, msg: protocol.Message, who: str | None) -> None:
         """Refuse a message its sender's key may not send (see ``fabricd.handlers``)."""

@@ -127,17 +127,29 @@ def client_keys_from_env(var: str) -> ClientKeys | None:
     return ClientKeys.load(path) if path else None
 
 
+def _first(candidates: list[Path]) -> Path:
+    return next((p for p in candidates if p.is_file()), candidates[-1])
+
+
 class KeyRing:
     """A node's view of a keys directory: its server key pair, its node key pair, and the public
-    keys of every node, trainer and operator (the allow-lists), by public key."""
+    keys of every node, trainer and operator (the allow-lists), by public key.
 
-    def __init__(self, keys_dir: str | Path, node_id: str) -> None:
+    The two secrets are read from ``$CREDENTIALS_DIRECTORY`` when systemd provides them there
+    (``LoadCredential=server.key_secret:...`` and ``node.key_secret:...``: they can stay readable
+    by root alone), else from the keys directory (``server.key_secret``, then
+    ``nodes/NODE_ID.key_secret`` or ``node.key_secret``)."""
+
+    def __init__(self, keys_dir: str | Path, node_id: str, *, credentials: str | Path | None = None) -> None:
         self.keys_dir = Path(keys_dir)
-        self.node_id = node_id
+        self.node_id = _check_name(node_id)
         if not self.keys_dir.is_dir():
             raise KeysError(f"keys directory {self.keys_dir} does not exist")
-        self.server = KeyPair.load(self.keys_dir / f"{SERVER}.key_secret")
-        self.node = KeyPair.load(self.keys_dir / KINDS["node"] / f"{_check_name(node_id)}.key_secret")
+        creds = credentials if credentials is not None else os.environ.get("CREDENTIALS_DIRECTORY")
+        first = [Path(creds)] if creds else []
+        self.server = KeyPair.load(_first([d / f"{SERVER}.key_secret" for d in first] + [self.keys_dir / f"{SERVER}.key_secret"]))
+        self.node = KeyPair.load(_first([d / "node.key_secret" for d in first] + [self.keys_dir / "node.key_secret",
+                                         self.keys_dir / KINDS["node"] / f"{node_id}.key_secret"]))
         self.server_public = self.server.public
         self.users: dict[bytes, str] = {}  # public key → "kind:name"
         self.names: frozenset[str] = frozenset()
@@ -158,8 +170,8 @@ class KeyRing:
                 users[public] = who
                 counts[kind] += 1
         if users.get(self.node.public) != f"node:{self.node_id}":
-            raise KeysError(f"{self.keys_dir / KINDS['node'] / (self.node_id + '.key')}: missing or not this node's "
-                            "public key")
+            raise KeysError(f"{self.keys_dir / KINDS['node'] / (self.node_id + '.key')}: missing, or not the public "
+                            "key of this node's secret key")
         self.users = users
         self.names = frozenset(users.values())
         return counts

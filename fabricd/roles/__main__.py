@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from ..failpoints import arm_on_signal
@@ -11,6 +12,7 @@ from .base import RoleArgs, set_parent_death_signal
 
 
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a key reload (SIGHUP) must not kill a role still starting
     set_parent_death_signal()
     args = RoleArgs.from_json(argv[1])
     if os.getppid() != args.parent_pid:

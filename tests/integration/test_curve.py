@@ -128,3 +128,25 @@ def test_each_kind_of_key_may_do_only_its_own_kind_of_thing(tmp_path, running):
     records, _ = consume(daemon.address, "t", 0, 1, steps=2)
     assert_exact(records, expected(job_file, range(2)), 0)
     assert json.dumps(st)
+
+
+def test_a_key_added_to_the_allow_lists_gets_in_after_sighup(tmp_path, running):
+    """Key rotation without a restart: a new trainer key is unknown until the daemon (SIGHUP)
+    and its role processes read the allow-lists again; then it locates and streams."""
+    import signal
+    import time
+
+    daemon, job_file, _ = running
+    _, secret = generate(os.environ[KEYS_DIR_ENV], "trainer", f"bob-{os.getpid()}-{time.monotonic_ns()}")
+    bob = ClientKeys.load(secret)
+    ping = protocol.encode(protocol.Ping(nonce=3))
+    assert _ask(SocketFactory(zmq.Context.instance(), keys=bob).dealer(), daemon.address, ping) is None
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    reply = None
+    while reply is None and time.monotonic() < deadline:
+        reply = _ask(SocketFactory(zmq.Context.instance(), keys=bob).dealer(), daemon.address, ping, wait_ms=500)
+    assert isinstance(reply, protocol.Pong), "the new key was not let in after SIGHUP"
+    assert daemon.proc.poll() is None
+    records, _ = consume(daemon.address, "t", 0, 1, steps=2, keys=bob)  # the constructor knows bob too
+    assert_exact(records, expected(job_file, range(2)), 0)
