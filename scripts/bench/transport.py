@@ -8,8 +8,11 @@ process over tcp loopback; the trainer receives, decodes and checksum-verifies e
 numpy arrays. Raw path: a separate process PUSHes the same arrays (one frame per array,
 ``copy=False``); the receiver ``recv(copy=False)``s and ``np.frombuffer``s every frame.
 
-Trials alternate raw, loader, raw, loader, ... and the medians are reported, for lz4 and for
-no compression. The last line of output is one JSON object (headline: lz4).
+Trials alternate raw, loader, loader over CurveZMQ, raw, ... and the medians are reported, for
+lz4 and for no compression. ``curve_ratio`` is the encrypted ÷ plaintext Loader throughput, same
+run: the fabric's sockets are CurveZMQ by default (the trainer authenticates with its key, the
+stream is encrypted), so that is the price of security. The last line of output is one JSON
+object (headline: lz4).
 
     python scripts/bench/transport.py [--seconds 3] [--trials 3] [--batch-kib 1024]
 """
@@ -23,6 +26,7 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +41,11 @@ for path in (ROOT, os.path.join(ROOT, "client")):
         sys.path.insert(0, path)
 
 from fabric_client import Loader, protocol  # noqa: E402
+from fabric_client.keys import ClientKeys, KeyRing  # noqa: E402
+from fabric_client.sockets import SocketFactory  # noqa: E402
 from fabric_client.batch import checksum, encode_batch  # noqa: E402
 from fabricd.pack import IMAGE_ID, pack_micro_batch  # noqa: E402
+from fabricd.localnode import ensure_keys  # noqa: E402
 from fabricd.roles.delivery import EncodedBatch, TrainerDelivery  # noqa: E402
 
 log = logging.getLogger("bench.transport")
@@ -105,19 +112,20 @@ def array_bytes(arrays: dict[str, np.ndarray]) -> int:
 # ------------------------------------------------------------------------------ server processes
 
 
-def serve_loader(conn: Any, compression: str | None, target_bytes: int, prefetch: int) -> None:
-    """Constructor stand-in: a locator ROUTER (Hello/Locate) and a delivery ROUTER, one loop."""
+def serve_loader(conn: Any, compression: str | None, target_bytes: int, prefetch: int,
+                 keys_dir: str | None = None) -> None:
+    """Constructor stand-in: a locator ROUTER (Hello/Locate) and a delivery ROUTER, one loop,
+    from the fabric's socket factory (CurveZMQ servers with the node's keys when ``keys_dir``)."""
     ctx = zmq.Context()
     frames = []
     for seed in range(DISTINCT):
         arrays = build_arrays(seed, target_bytes)
         frames.append((encode_batch(arrays, compression=compression), checksum(arrays), array_bytes(arrays)))
-    loc = ctx.socket(zmq.ROUTER)
-    loc.setsockopt(zmq.LINGER, 0)
+    ring = KeyRing(keys_dir, "bench") if keys_dir else None
+    sockets = SocketFactory(ctx, ring=ring)
+    loc = sockets.router(domain="control")
     loc_port = loc.bind_to_random_port("tcp://127.0.0.1")
-    data = ctx.socket(zmq.ROUTER)
-    data.setsockopt(zmq.LINGER, 0)
-    data.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    data = sockets.router(domain="stream")
     data_port = data.bind_to_random_port("tcp://127.0.0.1")
     endpoint = f"tcp://127.0.0.1:{data_port}"
     delivery = TrainerDelivery(data, job=JOB, fingerprint=FINGERPRINT, ranks=[0], mp_size=1)
@@ -154,6 +162,7 @@ def serve_loader(conn: Any, compression: str | None, target_bytes: int, prefetch
     finally:
         loc.close(linger=0)
         data.close(linger=0)
+        sockets.close()
         ctx.term()
 
 
@@ -191,14 +200,16 @@ def _stop(proc: mp.Process, conn: Any) -> None:
 
 
 def trial_loader(
-    mpctx: Any, compression: str | None, seconds: float, target_bytes: int, prefetch: int, verify: bool = True
+    mpctx: Any, compression: str | None, seconds: float, target_bytes: int, prefetch: int, verify: bool = True,
+    keys_dir: str | None = None,
 ) -> dict:
     parent, child = mpctx.Pipe()
-    proc = mpctx.Process(target=serve_loader, args=(child, compression, target_bytes, prefetch), daemon=True)
+    proc = mpctx.Process(target=serve_loader, args=(child, compression, target_bytes, prefetch, keys_dir), daemon=True)
     proc.start()
+    keys = ClientKeys.load(os.path.join(keys_dir, "trainers", "trainer.key_secret")) if keys_dir else None
     try:
         address, batch_bytes, wire_bytes = parent.recv()
-        with Loader(address, job=JOB, dp_rank=0, dp_size=1, verify=verify, deadline_s=30) as loader:
+        with Loader(address, job=JOB, dp_rank=0, dp_size=1, verify=verify, deadline_s=30, keys=keys) as loader:
             it = iter(loader)
             warm_end = time.perf_counter() + 0.5
             while time.perf_counter() < warm_end:
@@ -246,15 +257,18 @@ def trial_raw(mpctx: Any, seconds: float, target_bytes: int) -> dict:
 
 
 def run(
-    compression: str | None, seconds: float, trials: int, target_bytes: int, prefetch: int, diagnose: bool
+    compression: str | None, seconds: float, trials: int, target_bytes: int, prefetch: int, diagnose: bool,
+    keys_dir: str,
 ) -> dict:
     mpctx = mp.get_context("spawn")
-    raw, loader, unverified, info = [], [], [], {}
+    raw, loader, curve, unverified, info = [], [], [], [], {}
     for i in range(trials):
         r = trial_raw(mpctx, seconds, target_bytes)
         ld = trial_loader(mpctx, compression, seconds, target_bytes, prefetch)
+        cv = trial_loader(mpctx, compression, seconds, target_bytes, prefetch, keys_dir=keys_dir)
         raw.append(r["gbps"])
         loader.append(ld["gbps"])
+        curve.append(cv["gbps"])
         info = ld
         extra = ""
         if diagnose:  # where the time goes: the same loader path without checksum verification
@@ -262,14 +276,18 @@ def run(
             unverified.append(nv["gbps"])
             extra = f", loader unverified {nv['gbps']:.2f} GB/s (diagnostic)"
         print(f"  [{compression or 'none'}] trial {i}: raw {r['gbps']:.2f} GB/s ({r['batches']} msgs), "
-              f"loader {ld['gbps']:.2f} GB/s ({ld['batches']} batches){extra}", flush=True)
-    raw_med, loader_med = statistics.median(raw), statistics.median(loader)
+              f"loader {ld['gbps']:.2f} GB/s ({ld['batches']} batches), loader over CurveZMQ {cv['gbps']:.2f} GB/s"
+              f"{extra}", flush=True)
+    raw_med, loader_med, curve_med = statistics.median(raw), statistics.median(loader), statistics.median(curve)
     diag = {"loader_unverified_gbps": round(statistics.median(unverified), 3)} if unverified else {}
     return {
         **diag,
         "loader_gbps": round(loader_med, 3),
         "raw_gbps": round(raw_med, 3),
         "ratio": round(loader_med / raw_med, 3),
+        "curve_gbps": round(curve_med, 3),
+        "curve_ratio": round(curve_med / loader_med, 3),
+        "curve_trials": [round(x, 3) for x in curve],
         "compression": compression or "none",
         "batch_bytes": info["batch_bytes"],
         "wire_bytes": info["wire_bytes"],
@@ -290,17 +308,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     target = args.batch_kib * 1024
+    os.environ.pop("FABRIC_KEY", None)  # the plaintext trials are plaintext whatever the environment says
     results = {}
-    for compression in ("lz4", None):
-        res = run(compression, args.seconds, args.trials, target, args.prefetch, args.diagnose)
-        results[res["compression"]] = res
-        print(f"{res['compression']}: loader {res['loader_gbps']} GB/s, raw {res['raw_gbps']} GB/s, "
-              f"ratio {res['ratio']}, batch {res['batch_bytes']} array bytes -> {res['wire_bytes']} wire bytes",
-              flush=True)
+    with tempfile.TemporaryDirectory() as keys_dir:
+        ensure_keys(keys_dir, ["bench"])
+        for compression in ("lz4", None):
+            res = run(compression, args.seconds, args.trials, target, args.prefetch, args.diagnose, keys_dir)
+            results[res["compression"]] = res
+            print(f"{res['compression']}: loader {res['loader_gbps']} GB/s, raw {res['raw_gbps']} GB/s, "
+                  f"ratio {res['ratio']}, over CurveZMQ {res['curve_gbps']} GB/s (curve_ratio {res['curve_ratio']}), "
+                  f"batch {res['batch_bytes']} array bytes -> {res['wire_bytes']} wire bytes", flush=True)
     head, none = results["lz4"], results["none"]
     line = {
-        **{k: head[k] for k in ("loader_gbps", "raw_gbps", "ratio", "compression", "batch_bytes", "wire_bytes")},
+        **{k: head[k] for k in ("loader_gbps", "raw_gbps", "ratio", "curve_gbps", "curve_ratio", "compression",
+                                "batch_bytes", "wire_bytes")},
         "none_loader_gbps": none["loader_gbps"],
+        "none_curve_ratio": none["curve_ratio"],
         "none_raw_gbps": none["raw_gbps"],
         "none_ratio": none["ratio"],
         **({"loader_unverified_gbps": head["loader_unverified_gbps"],
