@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import os
 import subprocess
 import sys
 import time
@@ -84,7 +85,8 @@ def run_trainers(cluster: LocalCluster, spec, steps: int, out_dir: Path, compute
                 [sys.executable, str(ROOT / "scripts" / "sim_trainer.py"), "--address", ",".join(cluster.addresses),
                  "--stall-s", "1.0", "--host", trainer_host(cluster, spec, d),
                  "--job", spec.name, "--dp-rank", str(d), "--dp-size", str(dp), "--mp-rank", str(m),
-                 "--steps", str(steps), "--out", str(out), "--compute-ms", str(compute_ms)]))
+                 "--steps", str(steps), "--out", str(out), "--compute-ms", str(compute_ms)],
+                env={**os.environ, **cluster.client_env()}))  # the trainer key: the fabric runs secure
     failover: dict = {}
     try:
         with tqdm(total=steps, desc="steps delivered to every rank", unit="step") as bar:
@@ -240,6 +242,7 @@ def main() -> int:
         "leader_killed": failover.get("killed"),
         "constructors_on_trainer_hosts": affinity,
         "daemon_malformed_dropped": status["counters"]["malformed_dropped"],
+        "secure": not status["security"]["insecure"],  # CurveZMQ on every socket, generated keys
     }
     print()
     print(f"delivered {summary['batches']} micro-batches ({args.steps} steps × {spec.topology.dp_size} DP × "
