@@ -434,6 +434,14 @@ class JobSpec:
     sources: tuple[SourceSpec, ...]
     mixture: MixtureSpec
     autoscale: AutoscaleSpec = AutoscaleSpec()
+    #: trainer keys (names under ``keys/trainers/``) that may locate and stream this job's data;
+    #: empty: any trainer key of the fabric (access, not content: outside the fingerprint)
+    trainers: tuple[str, ...] = ()
+
+    def trainer_allowed(self, who: str | None) -> bool:
+        """Whether the authenticated caller ``who`` (``kind:name``; None on an insecure node) may
+        locate and stream this job's data."""
+        return who is None or not self.trainers or who in {f"trainer:{n}" for n in self.trainers}
 
     def bucket(self, name: str) -> BucketSpec:
         for b in self.buckets:
@@ -498,6 +506,7 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     if not set(name) <= _JOB_NAME_CHARS or len(name) > 128:
         raise job.error("name", name, "use at most 128 letters, digits, '-', '_' or '.'")
     seed = job.int("seed", 0, min=0, max=2**63 - 1)
+    trainers = _str_list(job, "trainers", max=B.MAX_JOB_TRAINER_KEYS, bound="MAX_JOB_TRAINER_KEYS")
 
     topo_t = root.table("topology", required=True)
     topology = Topology(
@@ -617,5 +626,5 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     return JobSpec(
         file=file, text=text, name=name, seed=seed, topology=topology, batch=batch,
         tokens=tokens, cost=cost, balance=balance, buckets=tuple(buckets), sources=tuple(sources),
-        mixture=mixture, autoscale=autoscale,
+        mixture=mixture, autoscale=autoscale, trainers=trainers,
     )

@@ -233,6 +233,9 @@ class Daemon:
                                 f"{who or 'a key no longer allowed'} may not send {msg.TYPE}")
         if isinstance(msg, protocol.PeerMessage) and msg.sender != who.partition(":")[2]:
             raise ProtocolError(protocol.ErrorCode.FORBIDDEN, f"{who} may not send peer messages as {msg.sender!r}")
+        if isinstance(msg, protocol.Locate) and kind == "trainer" and (job := self.jobs.get(msg.job)) is not None \
+                and not job.spec.trainer_allowed(who):
+            raise ProtocolError(protocol.ErrorCode.FORBIDDEN, f"{who} may not read job {msg.job!r} (its job.trainers)")
 
     # RoleDirectory, for JobRuntime.locate / pools
     def endpoint(self, role_id: str) -> str | None:

@@ -12,6 +12,7 @@ bound                                  value                   applies to
 ``fabric_client.limits.MAX_DP_SIZE``   65,536                  ``topology.dp_size``, ``ranks_per_constructor``
 ``fabric_client.limits.MAX_MP_SIZE``   1,024                   ``topology.mp_size``
 ``MAX_CONSTRUCTOR_NODES``              4,096                   entries of ``topology.constructor_nodes``
+``MAX_JOB_TRAINER_KEYS``               4,096                   entries of ``job.trainers``
 ``MAX_SAMPLES_PER_STEP``               2^21 (2,097,152)        ``batch.samples_per_step``
 ``MAX_MICRO_BATCH_TOKENS``             2^24 (16,777,216)       ``batch.micro_batch_tokens``
 ``MAX_SEQ_LEN``                        2^24 (16,777,216)       ``buckets[].max_seq_len``
@@ -64,6 +65,7 @@ __all__ = [
 MAX_SPEC_BYTES = 1 << 20
 #: Most daemons a job may name in ``topology.constructor_nodes``.
 MAX_CONSTRUCTOR_NODES = 4096
+MAX_JOB_TRAINER_KEYS = 4096
 #: Largest global batch, in samples (units) per step; one step's plan is O(this).
 MAX_SAMPLES_PER_STEP = 1 << 21
 #: Largest packing budget of one micro-batch, in tokens.

@@ -367,6 +367,7 @@ class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
     busy_s: Seconds = 0.0
     # every role
     malformed: Count = 0
+    forbidden: Count = 0  # messages from a key that may not send them (a trainer of another job)
     sent: Count = 0
 
 

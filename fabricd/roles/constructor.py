@@ -141,7 +141,7 @@ class Constructor:
         self.stats = {"built_batches": 0, "skipped_units": 0, "malformed": 0, "load_retries": 0, "hedged": 0,
                       "plans": 0, "evicted_steps": 0, "ranks": self.ranks, "unit_retries": 0, "skip_reports": 0,
                       "waiting_for_skips": 0, "rebuilt_for_skips": 0,
-                      "delivered_unit_reloads": 0}
+                      "delivered_unit_reloads": 0, "forbidden": 0}
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -526,6 +526,10 @@ class Constructor:
             if sock is self.trainers:
                 identity, body = frames[0].bytes, frames[1:]
                 msg, _ = protocol.decode(body)
+                who = self.sockets.caller(frames)
+                if self.sockets.ring is not None and (who is None or not self.spec.trainer_allowed(who)):
+                    raise ProtocolError(protocol.ErrorCode.FORBIDDEN,
+                                        f"{who or 'a key no longer allowed'} may not read job {self.spec.name!r}")
                 self.delivery.handle(identity, msg)
             elif sock is self.link.sock:
                 msg, payload = protocol.decode(frames)
@@ -539,8 +543,9 @@ class Constructor:
                 _, worker = self.by_socket[sock]
                 self._on_load_reply(worker, frames)
         except ProtocolError as e:
-            self.stats["malformed"] += 1
-            log.warning("dropped malformed message: %s", e)
+            forbidden = e.code == protocol.ErrorCode.FORBIDDEN
+            self.stats["forbidden" if forbidden else "malformed"] += 1
+            log.warning("dropped %s message: %s", "a forbidden" if forbidden else "malformed", e)
             if sock is self.trainers:
                 try:
                     self.trainers.send_multipart(

@@ -150,3 +150,33 @@ def test_a_key_added_to_the_allow_lists_gets_in_after_sighup(tmp_path, running):
     assert daemon.proc.poll() is None
     records, _ = consume(daemon.address, "t", 0, 1, steps=2, keys=bob)  # the constructor knows bob too
     assert_exact(records, expected(job_file, range(2)), 0)
+
+
+def test_a_job_that_names_its_trainers_serves_only_them(tmp_path, tiny_corpus):
+    """``job.trainers``: only those trainer keys may locate the job or stream its data; another
+    trainer key of the same fabric is refused at the daemon and at the constructor."""
+    import time
+
+    keys = ensure_keys(os.environ[KEYS_DIR_ENV], ["test"])
+    eve = f"eve-{os.getpid()}-{time.monotonic_ns()}"
+    generate(keys, "trainer", eve)  # listed in the fabric's allow-lists (before the daemon starts)
+    daemon = LocalDaemon(tmp_path / "node", node_id="test")
+    daemon.start()
+    try:
+        job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=1)
+        job_file.write_text(job_file.read_text().replace("[job]\n", '[job]\ntrainers = ["trainer"]\n', 1))
+        submit(daemon, job_file)
+        eve_keys = ClientKeys.load(keys / f"trainers/{eve}.key_secret")
+        locate = protocol.encode(protocol.Locate(job="t", dp_rank=0, dp_size=1))
+        reply = _ask(SocketFactory(zmq.Context.instance(), keys=eve_keys).dealer(), daemon.address, locate)
+        assert isinstance(reply, protocol.ErrorReply) and reply.code == "forbidden" and eve in reply.reason, reply
+        located = _ask(keyed_dealer("trainer"), daemon.address, locate)
+        assert isinstance(located, protocol.Located), located
+        subscribe = protocol.encode(protocol.Subscribe(job="t", fingerprint=located.fingerprint, dp_rank=0, mp_rank=0,
+                                                       next_step=0, next_micro=0, credits=1))
+        reply = _ask(SocketFactory(zmq.Context.instance(), keys=eve_keys).dealer(), located.endpoint, subscribe)
+        assert isinstance(reply, protocol.ErrorReply) and reply.code == "forbidden", reply
+        records, _ = consume(daemon.address, "t", 0, 1, steps=2)  # the named trainer is served, exactly
+        assert_exact(records, expected(job_file, range(2)), 0)
+    finally:
+        daemon.stop()
