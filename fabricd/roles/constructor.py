@@ -48,6 +48,7 @@ from fabric_client.limits import MAX_STEP
 
 from ..assemble import RECORDED_SKIP, UnitKey, apply_skip_records, assemble_micro_batch
 from ..config import JobSpec, parse_job_spec
+from ..ratelog import RateLimitedLog, truncate
 from .base import DaemonLink, RoleArgs, StopFlag, role_sockets
 from .delivery import EncodedBatch, TrainerDelivery
 from .sample_wire import decode_load_reply
@@ -138,6 +139,7 @@ class Constructor:
         # (step, unit) reported as skipped and not yet seen recorded →
         # [reason, next send, resend interval, dp rank, micro-batch]
         self.reported: dict[tuple[int, UnitKey], list] = {}
+        self.bad_input = RateLimitedLog(log)  # warnings about hostile or broken input, rate-limited
         self.stats = {"built_batches": 0, "skipped_units": 0, "malformed": 0, "load_retries": 0, "hedged": 0,
                       "plans": 0, "evicted_steps": 0, "ranks": self.ranks, "unit_retries": 0, "skip_reports": 0,
                       "waiting_for_skips": 0, "rebuilt_for_skips": 0,
@@ -545,7 +547,8 @@ class Constructor:
         except ProtocolError as e:
             forbidden = e.code == protocol.ErrorCode.FORBIDDEN
             self.stats["forbidden" if forbidden else "malformed"] += 1
-            log.warning("dropped %s message: %s", "a forbidden" if forbidden else "malformed", e)
+            self.bad_input.warning(e.code, "dropped %s message: %s", "a forbidden" if forbidden else "malformed",
+                                   truncate(str(e)))
             if sock is self.trainers:
                 try:
                     self.trainers.send_multipart(
