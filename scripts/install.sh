@@ -158,8 +158,8 @@ elif [ -z "$NODE_ID" ] && [ -z "$CFG_SRC" ]; then
     KEY_ACTION=later   # the template config: its node.id is a placeholder
 else
     need_node "no keys installed and no --keys DIR"
-    [ -n "$KEYS_PY" ] || die "no keys installed and no --keys DIR, and no Python here imports fabric_client to" \
-        "generate them (install the package, pass --python, or pass --keys DIR)"
+    [ -n "$KEYS_PY" ] || [ "$PACKAGE" = 1 ] || die "no keys installed and no --keys DIR, and no Python here" \
+        "imports fabric_client to generate them (install the package, pass --python, or pass --keys DIR)"
     KEY_ACTION=generate
 fi
 
@@ -179,7 +179,11 @@ except KeysError as e:
 print(f"install.sh: keys of node {node_id}: allow-lists of " + ", ".join(f"{n} {k}(s)" for k, n in counts.items()))
 EOF
 }
-[ "$KEY_ACTION" != keep ] || check_keys "$KEYS_ETC" "/etc/fabricd/keys" || exit 1
+KEYS_CHECKED=0
+if [ "$KEY_ACTION" = keep ] && [ -n "$KEYS_PY" ]; then
+    check_keys "$KEYS_ETC" "/etc/fabricd/keys" || exit 1
+    KEYS_CHECKED=1
+fi
 
 # --- 1. the package ---------------------------------------------------------------------------
 if [ "$PACKAGE" = 1 ]; then
@@ -196,6 +200,8 @@ if [ "$PACKAGE" = 1 ]; then
 elif [ -z "$ROOT" ]; then
     [ -x "$VENV/bin/fabricd" ] || die "--no-package: $VENV/bin/fabricd is not installed"
 fi
+[ -n "$KEYS_PY" ] || KEYS_PY="$(python_with fabric_client.keys)"   # the virtualenv made just now
+[ -n "$KEYS_PY" ] || [ "$KEY_ACTION" != generate ] || die "$VENV/bin/python cannot import fabric_client to generate keys"
 
 # --- 2. the user ------------------------------------------------------------------------------
 install -D -m 0644 "$SRC/systemd/fabricd.sysusers" "$ROOT/usr/lib/sysusers.d/fabricd.conf"
@@ -286,6 +292,7 @@ elif [ "$KEY_ACTION" = later ]; then
     say "no keys yet: set node.id in /etc/fabricd/fabricd.toml, then run install.sh again (it generates" \
         "them), or pass --keys DIR"
 else
+    [ "$KEYS_CHECKED" = 1 ] || check_keys "$KEYS_ETC" "/etc/fabricd/keys" || exit 1
     say "keys kept in /etc/fabricd/keys"
 fi
 

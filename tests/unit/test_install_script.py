@@ -10,6 +10,7 @@ is skipped with ``--no-package``; ``--python`` is this checkout's interpreter (i
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import subprocess
@@ -25,9 +26,17 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "install.sh"
 
 
-def _install(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), "--no-package", "--python", sys.executable, *args],
-                          capture_output=True, text=True, timeout=80, stdin=subprocess.DEVNULL)
+def _install(*args: str, package: bool = False, python: str = sys.executable) -> subprocess.CompletedProcess:
+    # the system's python3 (not this checkout's) is the fallback the script finds on PATH
+    return subprocess.run(["bash", str(SCRIPT), *([] if package else ["--no-package"]), "--python", python, *args],
+                          capture_output=True, text=True, timeout=80, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PATH": _system_path()})
+
+
+def _system_path() -> str:
+    """PATH without this checkout's virtualenv."""
+    return os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if Path(d).resolve() != Path(sys.executable).parent.resolve())
 
 
 def _mode(path: Path) -> int:
@@ -168,6 +177,42 @@ def test_generates_a_fabric_of_one_node(tmp_path):
     assert {f: (k / f).read_bytes() for f in _files(k)} == before
     proc = _install("--root", str(root), "--config", str(_config(tmp_path, "other")))
     assert proc.returncode != 0 and "no nodes/other.key" in proc.stderr, proc.stderr
+
+
+def test_first_install_generates_keys_with_the_new_virtualenv(tmp_path):
+    """With the package step, the virtualenv does not exist when the script starts; the keys are
+    made once it does. A stand-in for the base Python: ``-m venv DIR`` makes a virtualenv whose
+    python is this checkout's (so imports fabric_client) and whose pip does nothing; anything else
+    runs this Python without its site-packages (-S: tomllib, but no fabric_client)."""
+    _need_sysusers()
+    base = tmp_path / "base-python"
+    base.write_text(f"""#!/bin/bash
+if [ "$1" = -m ] && [ "$2" = venv ]; then
+    mkdir -p "$3/bin"
+    printf '#!/bin/sh\\nexec {sys.executable} "$@"\\n' > "$3/bin/python"
+    printf '#!/bin/sh\\nexit 0\\n' > "$3/bin/pip"
+    chmod +x "$3/bin/python" "$3/bin/pip"
+    exit 0
+fi
+exec {sys.executable} -S "$@"
+""")
+    base.chmod(0o755)
+    root = tmp_path / "root"
+    proc = _install("--root", str(root), "--config", str(_config(tmp_path, "first")), package=True,
+                    python=str(base))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "package installed" in proc.stdout and "generated a fabric of one node" in proc.stdout
+    k = root / "etc/fabricd/keys"
+    assert KeyRing(k, "first", credentials=k).names == {"node:first"}
+    # without the package step nothing here can make keys: refused, before anything is installed
+    for name in ("python3.11", "python3"):
+        exe = shutil.which(name, path=_system_path())
+        if exe and subprocess.run([exe, "-c", "import fabric_client.keys"], capture_output=True).returncode == 0:
+            return  # this machine's own python3 can make keys: nothing to refuse
+    proc = _install("--root", str(tmp_path / "root2"), "--config", str(_config(tmp_path, "first")),
+                    python=str(base))
+    assert proc.returncode != 0 and "imports fabric_client" in proc.stderr, proc.stderr
+    assert not (tmp_path / "root2/etc/fabricd").exists()
 
 
 def test_template_config_waits_for_a_node_id(tmp_path):
