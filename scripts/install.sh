@@ -2,18 +2,26 @@
 # Install fabricd on a node: the package (a virtualenv), the fabricd user, the systemd unit, the
 # node config and the CurveZMQ keys; then enable and start the service.
 #
-#   sudo scripts/install.sh --config node-a.toml --keys keys/node-a --datasets /data/corpus
+#   sudo scripts/install.sh --config node-a.toml --keys fabric-keys --datasets /data/corpus
 #
 # Options:
 #   --config FILE     node config to install as /etc/fabricd/fabricd.toml (default: keep the one
 #                     there; on a first install, the template config/fabricd.toml; edit node.id)
-#   --keys DIR        CurveZMQ keys: DIR/fabricd.key_secret (this node's secret, read only by
-#                     systemd: LoadCredential=), DIR/fabricd.key (its public key) and DIR/allowed/*.key
-#                     (the public keys allowed in; re-read on `systemctl reload fabricd`).
-#                     Without it, and with no key installed yet, a key pair is generated.
+#   --keys DIR        the fabric keys directory (made with `fabricctl keys generate --dir DIR
+#                     server`, `... node ID...`, `... trainer NAME`, `... operator NAME`). Installed
+#                     in /etc/fabricd/keys: server.key (0640 root:fabricd), server.key_secret and
+#                     node.key_secret (this node's DIR/nodes/ID.key_secret), both 0600 root (systemd
+#                     hands them to the daemon: LoadCredential=), and the public keys nodes/*.key,
+#                     trainers/*.key, operators/*.key (the allow-lists; replaced wholesale, so a key
+#                     removed from DIR is removed here; trainer and operator secrets never are).
+#                     Without it, and with no keys installed yet: a fabric of one node, its server
+#                     key and node key generated here (add trainers and operators with `fabricctl
+#                     keys generate --dir /etc/fabricd/keys trainer NAME`, `systemctl reload fabricd`)
+#   --node ID         this node's id, to pick its key (default: node.id of the config)
 #   --datasets DIR    a dataset directory the daemon reads (repeatable): ReadOnlyPaths= in a drop-in
 #   --prefix DIR      where the virtualenv goes (default /opt/fabricd)
-#   --python EXE      the Python that makes the virtualenv (default python3.11, else python3)
+#   --python EXE      the Python that makes the virtualenv (default python3.11, else python3); with
+#                     --no-package and no virtualenv, the one that reads node.id and makes keys
 #   --pip-args ARGS   extra pip arguments, e.g. "--no-index --find-links /srv/wheels" offline
 #   --no-package      do not (re)install the package (already installed at --prefix)
 #   --no-start        install only; do not enable or start the service
@@ -30,6 +38,7 @@ PREFIX=/opt/fabricd
 PYTHON=""
 CONFIG=""
 KEYS=""
+NODE=""
 DATASETS=()
 PIP_ARGS=""
 PACKAGE=1
@@ -43,6 +52,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --config) CONFIG="${2:?--config needs a file}"; shift 2 ;;
         --keys) KEYS="${2:?--keys needs a directory}"; shift 2 ;;
+        --node) NODE="${2:?--node needs a node id}"; shift 2 ;;
         --datasets) DATASETS+=("${2:?--datasets needs a directory}"); shift 2 ;;
         --prefix) PREFIX="${2:?--prefix needs a directory}"; shift 2 ;;
         --python) PYTHON="${2:?--python needs an executable}"; shift 2 ;;
@@ -59,7 +69,7 @@ done
 [ -z "$ROOT" ] || ROOT="$(mkdir -p "$ROOT" && cd "$ROOT" && pwd)"
 case "$PREFIX" in /*) ;; *) die "--prefix $PREFIX: must be an absolute path" ;; esac
 [ -z "$CONFIG" ] || [ -f "$CONFIG" ] || die "--config $CONFIG: no such file"
-[ -z "$KEYS" ] || [ -f "$KEYS/fabricd.key_secret" ] || die "--keys $KEYS: no fabricd.key_secret in it"
+[ -z "$KEYS" ] || [ -d "$KEYS" ] || die "--keys $KEYS: no such directory"
 for d in "${DATASETS[@]}"; do
     case "$d" in /*) ;; *) die "--datasets $d: must be an absolute path" ;; esac
     case "$d" in *[[:space:]]*) die "--datasets $d: paths with spaces are not supported in ReadOnlyPaths=" ;; esac
@@ -69,6 +79,111 @@ done
 ETC="$ROOT/etc/fabricd"
 UNIT_DIR="$ROOT/etc/systemd/system"
 VENV="$ROOT$PREFIX"
+KEYS_ETC="$ETC/keys"
+
+# --- 0. which node, which keys: decided before anything is installed ---------------------------
+# The first Python that imports module $1: the virtualenv's, --python's, the system's; or none.
+python_with() {
+    local py
+    for py in "$VENV/bin/python" "$PYTHON" python3.11 python3; do
+        if [ -n "$py" ] && command -v "$py" >/dev/null && "$py" -c "import $1" 2>/dev/null; then
+            echo "$py"; return
+        fi
+    done
+}
+
+# The config the daemon will read: --config, else the installed one, else (none) the template.
+CFG_SRC="$CONFIG"
+[ -n "$CFG_SRC" ] || [ ! -f "$ETC/fabricd.toml" ] || CFG_SRC="$ETC/fabricd.toml"
+CFG_ID=""
+NODE_WHY="no config is installed yet: pass --config FILE or --node ID"
+if [ -n "$CFG_SRC" ]; then
+    TOML_PY="$(python_with tomllib)"
+    NODE_WHY="cannot read node.id from $CFG_SRC (no Python 3.11+ with tomllib here): pass --node ID"
+    if [ -n "$TOML_PY" ]; then
+        CFG_LINE="$("$TOML_PY" - "$CFG_SRC" <<'EOF'
+import os, sys, tomllib
+path = sys.argv[1]
+try:
+    with open(path, "rb") as f:
+        cfg = tomllib.load(f)
+except (OSError, tomllib.TOMLDecodeError) as e:
+    sys.exit(f"install.sh: {path}: not a readable TOML config: {e}")
+node = cfg.get("node") if isinstance(cfg.get("node"), dict) else {}
+sec = cfg.get("security") if isinstance(cfg.get("security"), dict) else {}
+node_id = node.get("id") if isinstance(node.get("id"), str) else ""
+keys_dir = os.path.normpath(os.path.join("/etc/fabricd", str(sec.get("keys_dir", "/etc/fabricd/keys"))))
+print(node_id, keys_dir, "insecure" if sec.get("insecure") is True else "secure", sep="\t")
+EOF
+)" || exit 1
+        IFS=$'\t' read -r CFG_ID CFG_KEYS_DIR CFG_SECURITY <<<"$CFG_LINE"
+        NODE_WHY="$CFG_SRC has no node.id: set it, or pass --node ID"
+        if [ "$CFG_KEYS_DIR" != /etc/fabricd/keys ]; then
+            say "warning: $CFG_SRC sets security.keys_dir = $CFG_KEYS_DIR, but keys are installed in" \
+                "/etc/fabricd/keys (where the unit's LoadCredential= reads the secrets)"
+        fi
+        [ "$CFG_SECURITY" = secure ] || say "warning: $CFG_SRC sets security.insecure = true: the daemon ignores its keys"
+    fi
+fi
+NODE_ID="${NODE:-$CFG_ID}"
+if [ -n "$NODE" ] && [ -n "$CFG_ID" ] && [ "$NODE" != "$CFG_ID" ]; then
+    say "warning: --node $NODE, but $CFG_SRC says node.id = \"$CFG_ID\" (the daemon uses that one)"
+fi
+[ -z "$NODE_ID" ] || [[ "$NODE_ID" =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ ]] \
+    || die "node id \"$NODE_ID\": expected 1-128 of A-Z a-z 0-9 . _ - (starting with a letter or digit)"
+need_node() { [ -n "$NODE_ID" ] || die "$1: which node? $NODE_WHY"; }
+KEYS_PY="$(python_with fabric_client.keys)"   # checks keys (and makes them); none: not checked
+
+if [ -n "$KEYS" ]; then
+    need_node "--keys $KEYS"
+    for f in server.key server.key_secret; do
+        [ -f "$KEYS/$f" ] || die "--keys $KEYS: no $f in it (a fabric keys directory has the server key:" \
+            "fabricctl keys generate --dir $KEYS server)"
+    done
+    for f in "nodes/$NODE_ID.key_secret" "nodes/$NODE_ID.key"; do
+        [ -f "$KEYS/$f" ] || die "--keys $KEYS: no $f in it: no key for this node ($NODE_ID) (make it with" \
+            "fabricctl keys generate --dir $KEYS node $NODE_ID, or pass --node ID)"
+    done
+    KEY_ACTION=install
+elif [ -e "$KEYS_ETC/server.key_secret" ] || [ -e "$KEYS_ETC/node.key_secret" ]; then
+    for f in server.key server.key_secret node.key_secret; do
+        [ -f "$KEYS_ETC/$f" ] || die "/etc/fabricd/keys: incomplete (no $f): install the keys with --keys DIR"
+    done
+    if [ -n "$NODE_ID" ]; then
+        [ -f "$KEYS_ETC/nodes/$NODE_ID.key" ] || die "/etc/fabricd/keys has no nodes/$NODE_ID.key: the keys" \
+            "installed are not node $NODE_ID's; install its keys with --keys DIR"
+    fi
+    KEY_ACTION=keep
+elif [ -z "$NODE_ID" ] && [ -z "$CFG_SRC" ]; then
+    KEY_ACTION=later   # the template config: its node.id is a placeholder
+else
+    need_node "no keys installed and no --keys DIR"
+    [ -n "$KEYS_PY" ] || [ "$PACKAGE" = 1 ] || die "no keys installed and no --keys DIR, and no Python here" \
+        "imports fabric_client to generate them (install the package, pass --python, or pass --keys DIR)"
+    KEY_ACTION=generate
+fi
+
+# Check a keys tree as the daemon will read it (KeyRing, the secrets as systemd credentials).
+check_keys() {  # dir, what to call it in an error
+    if [ -z "$KEYS_PY" ] || [ -z "$NODE_ID" ]; then
+        say "keys not checked (no node id, or no Python here imports fabric_client)"; return
+    fi
+    "$KEYS_PY" - "$1" "$NODE_ID" "$2" <<'EOF'
+import sys
+from fabric_client.keys import KeyRing, KeysError
+keys_dir, node_id, what = sys.argv[1:]
+try:
+    counts = KeyRing(keys_dir, node_id, credentials=keys_dir).reload()
+except KeysError as e:
+    sys.exit(f"install.sh: {what}: {e}")
+print(f"install.sh: keys of node {node_id}: allow-lists of " + ", ".join(f"{n} {k}(s)" for k, n in counts.items()))
+EOF
+}
+KEYS_CHECKED=0
+if [ "$KEY_ACTION" = keep ] && [ -n "$KEYS_PY" ]; then
+    check_keys "$KEYS_ETC" "/etc/fabricd/keys" || exit 1
+    KEYS_CHECKED=1
+fi
 
 # --- 1. the package ---------------------------------------------------------------------------
 if [ "$PACKAGE" = 1 ]; then
@@ -85,6 +200,8 @@ if [ "$PACKAGE" = 1 ]; then
 elif [ -z "$ROOT" ]; then
     [ -x "$VENV/bin/fabricd" ] || die "--no-package: $VENV/bin/fabricd is not installed"
 fi
+[ -n "$KEYS_PY" ] || KEYS_PY="$(python_with fabric_client.keys)"   # the virtualenv made just now
+[ -n "$KEYS_PY" ] || [ "$KEY_ACTION" != generate ] || die "$VENV/bin/python cannot import fabric_client to generate keys"
 
 # --- 2. the user ------------------------------------------------------------------------------
 install -D -m 0644 "$SRC/systemd/fabricd.sysusers" "$ROOT/usr/lib/sysusers.d/fabricd.conf"
@@ -111,8 +228,8 @@ fi
 owner() { if [ "$(id -u)" = 0 ]; then chown "$1" "${@:2}"; fi; }
 
 # --- 3. config --------------------------------------------------------------------------------
-install -d -m 0750 "$ETC" "$ETC/keys" "$ETC/keys/allowed"
-owner "0:$FABRICD_GID" "$ETC" "$ETC/keys" "$ETC/keys/allowed"
+install -d -m 0750 "$ETC"
+owner "0:$FABRICD_GID" "$ETC"
 if [ -n "$CONFIG" ]; then
     install -m 0640 "$CONFIG" "$ETC/fabricd.toml"
     say "config $CONFIG installed as /etc/fabricd/fabricd.toml"
@@ -124,36 +241,59 @@ fi
 owner "0:$FABRICD_GID" "$ETC/fabricd.toml"
 
 # --- 4. keys ----------------------------------------------------------------------------------
-if [ -n "$KEYS" ]; then
-    install -m 0600 "$KEYS/fabricd.key_secret" "$ETC/keys/fabricd.key_secret"
-    owner 0:0 "$ETC/keys/fabricd.key_secret"
-    if [ -f "$KEYS/fabricd.key" ]; then
-        install -m 0640 "$KEYS/fabricd.key" "$ETC/keys/fabricd.key"
-        owner "0:$FABRICD_GID" "$ETC/keys/fabricd.key"
-    fi
-    if [ -d "$KEYS/allowed" ]; then
-        find "$ETC/keys/allowed" -maxdepth 1 -type f -name '*.key' -delete
-        for k in "$KEYS"/allowed/*.key; do
-            [ -e "$k" ] || continue
-            install -m 0640 "$k" "$ETC/keys/allowed/"
-            owner "0:$FABRICD_GID" "$ETC/keys/allowed/$(basename "$k")"
+# A new keys tree is made next to the installed one, checked, then swapped in whole: a key removed
+# from --keys DIR disappears, and a failed install leaves the old keys as they were.
+if [ "$KEY_ACTION" = install ] || [ "$KEY_ACTION" = generate ]; then
+    STAGE="$ETC/keys.new"
+    rm -rf "$STAGE" "$ETC/keys.old"
+    trap 'rm -rf "$STAGE"' EXIT
+    install -d -m 0750 "$STAGE" "$STAGE/nodes" "$STAGE/trainers" "$STAGE/operators"
+    if [ "$KEY_ACTION" = install ]; then
+        install -m 0640 "$KEYS/server.key" "$STAGE/server.key"
+        install -m 0600 "$KEYS/server.key_secret" "$STAGE/server.key_secret"
+        install -m 0600 "$KEYS/nodes/$NODE_ID.key_secret" "$STAGE/node.key_secret"
+        for sub in nodes trainers operators; do      # public keys only: *.key, never *.key_secret
+            for k in "$KEYS/$sub"/*.key; do
+                [ -f "$k" ] || continue
+                install -m 0640 "$k" "$STAGE/$sub/"
+            done
         done
-    fi
-    say "keys installed from $KEYS"
-elif [ ! -f "$ETC/keys/fabricd.key_secret" ]; then
-    PY="$VENV/bin/python"
-    [ -x "$PY" ] || PY="$(command -v python3 || echo python3)"
-    "$PY" -c 'import zmq.auth' 2>/dev/null || die "no key to install (--keys) and $PY has no pyzmq to generate one"
-    "$PY" - "$ETC/keys" <<'EOF'
+    else
+        "$KEYS_PY" - "$STAGE" "$NODE_ID" <<'EOF'
 import sys
-import zmq.auth
-zmq.auth.create_certificates(sys.argv[1], "fabricd")
+from fabric_client.keys import KeysError, generate
+try:
+    generate(sys.argv[1], "server")
+    generate(sys.argv[1], "node", sys.argv[2])
+except KeysError as e:
+    sys.exit(f"install.sh: {e}")
 EOF
-    chmod 0600 "$ETC/keys/fabricd.key_secret"
-    chmod 0640 "$ETC/keys/fabricd.key"
-    owner 0:0 "$ETC/keys/fabricd.key_secret"
-    owner "0:$FABRICD_GID" "$ETC/keys/fabricd.key"
-    say "generated a key pair; give /etc/fabricd/keys/fabricd.key to the other nodes' allowed/"
+        mv "$STAGE/nodes/$NODE_ID.key_secret" "$STAGE/node.key_secret"
+        chmod 0600 "$STAGE/server.key_secret" "$STAGE/node.key_secret"
+        chmod 0640 "$STAGE/server.key" "$STAGE/nodes/$NODE_ID.key"
+    fi
+    if [ "$(id -u)" = 0 ]; then
+        chown -R "0:$FABRICD_GID" "$STAGE"
+        chown 0:0 "$STAGE/server.key_secret" "$STAGE/node.key_secret"
+    fi
+    check_keys "$STAGE" "${KEYS:-generated keys}" || exit 1
+    [ ! -e "$KEYS_ETC" ] || mv "$KEYS_ETC" "$ETC/keys.old"
+    mv "$STAGE" "$KEYS_ETC"
+    rm -rf "$ETC/keys.old"
+    trap - EXIT
+    if [ "$KEY_ACTION" = install ]; then
+        say "keys installed from $KEYS (node $NODE_ID) in /etc/fabricd/keys"
+    else
+        say "generated a fabric of one node: /etc/fabricd/keys/server.key and nodes/$NODE_ID.key;" \
+            "add a trainer or an operator with: fabricctl keys generate --dir /etc/fabricd/keys trainer NAME" \
+            "(or operator NAME), then systemctl reload fabricd; give it its NAME.key_secret and server.key"
+    fi
+elif [ "$KEY_ACTION" = later ]; then
+    say "no keys yet: set node.id in /etc/fabricd/fabricd.toml, then run install.sh again (it generates" \
+        "them), or pass --keys DIR"
+else
+    [ "$KEYS_CHECKED" = 1 ] || check_keys "$KEYS_ETC" "/etc/fabricd/keys" || exit 1
+    say "keys kept in /etc/fabricd/keys"
 fi
 
 # --- 5. the unit ------------------------------------------------------------------------------

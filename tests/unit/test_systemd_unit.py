@@ -50,7 +50,8 @@ def test_unit_has_what_the_issue_asks_for():
     assert s["WatchdogSec"] and s["StartLimitIntervalSec"] and s["StartLimitBurst"]
     assert s["ProtectSystem"] == ["strict"] and s["StateDirectory"] == ["fabricd"]
     assert s["ReadOnlyPaths"] and s["UMask"] == ["0027"]
-    assert any(v.startswith("fabricd.key_secret:/etc/fabricd/keys/") for v in s["LoadCredential"])
+    assert sorted(s["LoadCredential"]) == ["node.key_secret:/etc/fabricd/keys/node.key_secret",
+                                           "server.key_secret:/etc/fabricd/keys/server.key_secret"]
     assert s["CapabilityBoundingSet"] == [""]  # empty: no capability at all
     assert "@system-service" in s["SystemCallFilter"]
     assert set(s["RestrictAddressFamilies"][0].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
