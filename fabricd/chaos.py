@@ -348,7 +348,9 @@ class ChaosRun:
         nodes = [n for n, d in self.cluster.daemons.items() if d.proc is not None and d.proc.poll() is None]
         node = self.rng.choice(nodes)
         daemon_pids = {n: d.proc.pid for n, d in self.cluster.daemons.items() if n in nodes}
-        before = self._role_pids()
+        # roles running now (the status may be a heartbeat old: a role an earlier fault killed and
+        # its supervisor is restarting is not this burst's casualty)
+        before = {rid: v for rid, v in self._role_pids().items() if _running(v[0])}
         targets = [self.cluster.addresses[list(self.cluster.daemons).index(node)]]
         constructors = []
         for n in nodes:

@@ -90,7 +90,7 @@ class Daemon:
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.index_dir = cfg.state_dir / "indexes"
         self.counters = {"malformed_dropped": 0, "requests": 0, "unroutable_replies": 0, "peer_sends_dropped": 0,
-                         "proposals_refused": 0}
+                         "proposals_refused": 0, "stale_refused": 0}
         self.dropped: dict[str, int] = {}  # malformed or refused messages by reason (ErrorCode)
         self.bad_input = RateLimitedLog(log)
         self.started = time.time()

@@ -34,6 +34,7 @@ __all__ = ["ClusterController", "NotLeader"]
 log = logging.getLogger(__name__)
 
 COMPACT_EVERY = 2000  # committed records between snapshots
+SYNC_SLACK_S = 0.5  # one replication heartbeat (ReplicationTracker.heartbeat_s): appends arrive this often
 
 
 class NotLeader(Exception):
@@ -87,6 +88,17 @@ class ClusterController:
     def leader_endpoint(self) -> str | None:
         leader = self.lease.leader
         return self.cfg.cluster.peer(leader).control if leader else None
+
+    def in_touch(self, now: float) -> bool:
+        """Whether this daemon's copy of the state is current enough to answer from: it leads, or
+        an append from its leader within ``lease_duration_s`` (plus one replication heartbeat)
+        found it holding everything the leader had committed. A daemon cut off by a partition, or
+        catching up after one, is not: it must not hand out plans or constructor endpoints from a
+        state that may lack a newer role move or skip record."""
+        if self.is_leader(now) or not self.peers:
+            return True
+        synced = self.replica.synced_at
+        return synced is not None and now - synced <= self.cfg.cluster.lease_duration_s + SYNC_SLACK_S
 
     def settled(self, now: float) -> bool:
         """True once this daemon has run long enough to have heard every live member's beat."""
@@ -242,6 +254,7 @@ class ClusterController:
             "log": {"last": list(self.log.last_position), "first_seq": self.log.first_seq,
                     "commit_seq": self.commit_seq},
             "replicas": self.tracker.shadow_positions() if self.tracker is not None else {},
+            "in_touch": self.in_touch(now),
             "members": self.members.status(now),
             "counters": dict(self.counters),
         }

@@ -389,6 +389,9 @@ class ShadowReplica:
         self._failed: str | None = None
         self._assembly = assembly or SnapshotAssembly()
         self._done: tuple[int, str, int, int, int] | None = None  # the last transfer taken in full
+        #: when (``now`` of the message) an append last showed this replica holding everything its
+        #: leader had committed: a follower whose copy is that recent may answer from it
+        self.synced_at: float | None = None
 
     @property
     def snapshot_bytes_held(self) -> int:
@@ -413,7 +416,7 @@ class ShadowReplica:
         try:
             if isinstance(msg, SnapshotChunk):
                 return self._on_snapshot(msg)
-            return self._on_append(msg)
+            return self._on_append(msg, now)
         except LogError as e:
             self._failed = str(e)
             raise
@@ -427,7 +430,7 @@ class ShadowReplica:
     def _ack(self, to: str, seq: int, *, ok: bool) -> Send:
         return Send(to, LogAck(term=self.highest_term, shadow=self.node, seq=seq, ok=ok))
 
-    def _on_append(self, m: LogAppend) -> list[Action]:
+    def _on_append(self, m: LogAppend, now: float) -> list[Action]:
         last = self.log.last_position[1]
         if m.prev_seq > last:
             self.counters["gaps"] += 1
@@ -467,6 +470,8 @@ class ShadowReplica:
             (applied[-1].seq if applied else (fresh[0].seq - 1))
         actions: list[Action] = []
         commit = min(m.commit_seq, verified)
+        if verified >= m.commit_seq:
+            self.synced_at = now
         if commit > self.commit_seq:
             self.commit_seq = commit
             actions.append(Committed(commit))

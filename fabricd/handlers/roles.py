@@ -47,9 +47,18 @@ def plan(daemon: Daemon, _identity: bytes, msg: protocol.PlanRequest, _payload: 
     """Request: ``PlanRequest(job, step, ranks)``. Reply: ``PlanReply(job, step, dp_size, rows,
     columns, dtypes, num_micro, skips)`` + one frame per column, for a step already planned;
     ``ErrorReply(not_ready)`` ("step N is being planned") while the job's plan worker computes it,
-    never computing here; ``ErrorReply(unknown_job | bad_request | internal)``."""
+    never computing here, and ("step N: ... not in touch with the leader") while this daemon's copy
+    of the state may be stale (a partition, or catching up after one: a skip record or role move
+    it lacks would make its plan contradict the log); ``ErrorReply(unknown_job | bad_request |
+    internal)``."""
     job = daemon.job_or_error(msg.job)
-    return job if isinstance(job, protocol.ErrorReply) else job.plan(msg)
+    if isinstance(job, protocol.ErrorReply):
+        return job
+    if not daemon.cluster.in_touch(time.monotonic()):
+        daemon.counters["stale_refused"] += 1
+        return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
+                                   reason=f"step {msg.step}: this daemon is not in touch with the leader")
+    return job.plan(msg)
 
 
 @handles(protocol.PoolsRequest, callers=("role",))

@@ -36,10 +36,16 @@ def locate(daemon: Daemon, _identity: bytes, msg: protocol.Locate, _payload: lis
     fingerprint, endpoint, dp_size, mp_size, prefetch, standby)`` naming the rank's constructor
     (its primary, else its standby, avoiding ``avoid``); ``ErrorReply(not_ready)`` while the job
     indexes or the constructor starts or moves; ``ErrorReply(unknown_job | bad_request |
-    invalid_spec)``. A ``host`` is remembered and passed on to the leader in heartbeats."""
+    invalid_spec)``; ``ErrorReply(not_ready)`` too while this daemon is not in touch with the
+    leader (its role records may be stale: the trainer asks another daemon). A ``host`` is
+    remembered and passed on to the leader in heartbeats."""
     job = daemon.job_or_error(msg.job)
     if isinstance(job, protocol.ErrorReply):
         return job
+    if not daemon.cluster.in_touch(time.monotonic()):
+        daemon.counters["stale_refused"] += 1
+        return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
+                                   reason=f"daemon {daemon.cfg.node_id} is not in touch with the leader; ask another")
     topo = job.spec.topology
     if msg.host and msg.dp_size == topo.dp_size and msg.dp_rank < topo.dp_size and msg.mp_rank < topo.mp_size:
         daemon.declared_hosts[(msg.job, msg.dp_rank, msg.mp_rank)] = (msg.host, int(time.time() * 1000))

@@ -522,3 +522,25 @@ def test_shadow_acknowledges_only_after_its_append_is_durable(tmp_path: Path) ->
     net.replicas["a"] = ShadowReplica("a", log, log.open())
     net.settle()
     assert_identical(net)
+
+
+def test_a_replica_is_synced_only_by_an_append_it_holds_everything_committed_of(tmp_path: Path) -> None:
+    """``synced_at``: the time of the last append after which the replica held every record the
+    leader had committed (what ``ClusterController.in_touch`` trusts a follower's state by)."""
+    log = CheckpointLog(tmp_path / "a")
+    rep = ShadowReplica("a", log, log.open())
+    assert rep.synced_at is None
+    rec = [Record(1, s, "member_seen", {"node": f"n{s}", "endpoint": "e"}).to_dict() for s in (1, 2, 3)]
+    # the leader has committed up to 3, the replica gets 1..2: behind, not synced
+    rep.on_message(LogAppend(term=1, leader="L", prev_seq=0, records=rec[:2], commit_seq=3, prev_term=0), 5.0)
+    assert rep.synced_at is None
+    # a gap (prev_seq past what it holds) is refused: not synced either
+    rep.on_message(LogAppend(term=1, leader="L", prev_seq=5, records=[], commit_seq=5, prev_term=1), 6.0)
+    assert rep.synced_at is None
+    # the rest arrives: it holds everything committed
+    rep.on_message(LogAppend(term=1, leader="L", prev_seq=2, records=rec[2:], commit_seq=3, prev_term=1), 7.0)
+    assert rep.synced_at == 7.0
+    # a heartbeat append with nothing new keeps it synced
+    rep.on_message(LogAppend(term=1, leader="L", prev_seq=3, records=[], commit_seq=3, prev_term=1), 8.5)
+    assert rep.synced_at == 8.5
+    log.close()
