@@ -68,8 +68,8 @@ class Leadership:
                  propose: Callable[[Entries, float], bool]) -> None:
         self.cfg, self.cluster, self.jobs, self.propose = cfg, cluster, jobs, propose
         self.pending_skips: list[dict] = []  # skip reports received while leader, not yet recorded
-        self._pending_keys: set[tuple] = set()
-        self._pending_units: dict[tuple[str, int], set[tuple[str, int, int]]] = {}  # (job, step) → units
+        # the same reports by (job, step) → (source, sample_id, piece): what plan replies name pending
+        self._pending_units: dict[tuple, set[tuple]] = {}
         self.counters = {"skips_invalid": 0, "skips_overflowed": 0, "skips_recorded": 0, "skips_refused_delivered": 0}
         self._next_progress = 0.0
         self._next_autoscale = 0.0
@@ -100,8 +100,8 @@ class Leadership:
         """Queue one skip report (keys of a ``sample_skipped`` record) to be recorded. Returns False
         when it was dropped because ``MAX_PENDING_SKIPS`` reports already wait (counted; the
         constructor re-sends it). A report already pending is not queued twice."""
-        key = _skip_key(report)
-        if key in self._pending_keys:
+        at, unit = _pending_key(report)
+        if unit in self._pending_units.get(at, ()):
             return True
         if len(self.pending_skips) >= MAX_PENDING_SKIPS:
             self.counters["skips_overflowed"] += 1
@@ -110,9 +110,7 @@ class Leadership:
                             self.counters["skips_overflowed"], MAX_PENDING_SKIPS)
             return False
         self.pending_skips.append(report)
-        self._pending_keys.add(key)
-        self._pending_units.setdefault((report["job"], report["step"]), set()).add(
-            (report["source"], report["sample_id"], report["piece"]))
+        self._pending_units.setdefault(at, set()).add(unit)
         return True
 
     def pending_units(self, job: str, step: int) -> set[tuple[str, int, int]]:
@@ -123,7 +121,10 @@ class Leadership:
         """Propose the valid pending skip reports; they leave the pending list only once appended."""
         state = self.cluster.state
         entries, waiting = [], []
-        delivered = self._trainer_steps()
+        delivered: dict[tuple[str, int], int] = {}  # (job, dp rank) → the furthest step a trainer of it is at
+        for job, ranks in self._trainer_positions().items():
+            for (dp, _mp), step in ranks.items():
+                delivered[(job, dp)] = max(step, delivered.get((job, dp), -1))
         for report in self.pending_skips:
             verdict = self._check_skip(report)
             if verdict == "wait":
@@ -150,21 +151,21 @@ class Leadership:
             self.pending_skips = waiting
         else:  # not appended (lost the lease, log error): everything still valid stays pending
             self.pending_skips = waiting + [data for _, data in entries]
-        self._pending_keys = {_skip_key(r) for r in self.pending_skips}
         self._pending_units = {}
         for r in self.pending_skips:
-            self._pending_units.setdefault((r["job"], r["step"]), set()).add((r["source"], r["sample_id"], r["piece"]))
+            at, unit = _pending_key(r)
+            self._pending_units.setdefault(at, set()).add(unit)
 
-    def _trainer_steps(self) -> dict[tuple[str, int], int]:
-        """(job, dp rank) → the furthest step a trainer of that rank is known to be at (from the
-        constructors' heartbeats: every step before it was delivered to that rank)."""
-        out: dict[tuple[str, int], int] = {}
+    def _trainer_positions(self) -> dict[str, dict[tuple[int, int], int]]:
+        """job → (dp, mp) → the furthest step a trainer of that rank is known to be at, from the
+        constructors' heartbeats (every step before it was delivered to that rank)."""
+        out: dict[str, dict[tuple[int, int], int]] = {}
         for member in self.cluster.members.members.values():
             for rid, view in member.roles.items():
-                job = rid.split("/", 1)[0]
-                for dp, _mp, step in view.trainers:
-                    if step > out.get((job, dp), -1):
-                        out[(job, dp)] = step
+                ranks = out.setdefault(rid.split("/", 1)[0], {})
+                for dp, mp, step in view.trainers:  # typed and range-checked at decode
+                    if step > ranks.get((dp, mp), -1):
+                        ranks[(dp, mp)] = step
         return out
 
     def _check_skip(self, r: dict) -> str:
@@ -284,16 +285,8 @@ class Leadership:
         """One ``job_progress`` record per job whose floor or far-ahead ranks moved (see
         ``cluster.progress``): O(jobs) records per pass, whatever the number of ranks."""
         state = self.cluster.state
-        reported: dict[str, dict[tuple[int, int], int]] = {}
-        for member in self.cluster.members.members.values():
-            for rid, view in member.roles.items():
-                job = rid.split("/", 1)[0]
-                ranks = reported.setdefault(job, {})
-                for dp, mp, step in view.trainers:  # typed and range-checked at decode
-                    if step > ranks.get((dp, mp), -1):
-                        ranks[(dp, mp)] = step
         entries = []
-        for job, ranks in sorted(reported.items()):
+        for job, ranks in sorted(self._trainer_positions().items()):
             if not state.is_active(job):
                 continue
             runtime = self.jobs.get(job)
@@ -304,6 +297,7 @@ class Leadership:
             self.propose(entries, now)
 
 
-def _skip_key(report: dict) -> tuple:
-    return tuple(report.get(k) for k in ("job", "source", "sample_id", "piece", "step"))
+def _pending_key(report: dict) -> tuple[tuple, tuple]:
+    """``((job, step), (source, sample_id, piece))`` of a skip report (fields as sent: unchecked)."""
+    return (report.get("job"), report.get("step")), (report.get("source"), report.get("sample_id"), report.get("piece"))
 
