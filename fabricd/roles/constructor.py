@@ -100,6 +100,17 @@ class _StepBuild:
 
 
 @dataclass
+class _Report:
+    """A unit reported as skipped whose record this constructor has not seen committed yet."""
+
+    reason: str
+    due: float       # when to send it again
+    interval: float  # the resend backoff
+    rank: int        # the DP rank and micro-batch holding it: re-sent only while a trainer needs it
+    micro: int
+
+
+@dataclass
 class _Worker:
     endpoint: str
     sock: zmq.Socket
@@ -136,9 +147,7 @@ class Constructor:
         self.by_socket: dict[zmq.Socket, tuple[str, _Worker]] = {}
         self.req_ids = itertools.count(1)
         self.next_pools = 0.0
-        # (step, unit) reported as skipped and not yet seen recorded →
-        # [reason, next send, resend interval, dp rank, micro-batch]
-        self.reported: dict[tuple[int, UnitKey], list] = {}
+        self.reported: dict[tuple[int, UnitKey], _Report] = {}  # (step, unit) → its unrecorded report
         self.bad_input = RateLimitedLog(log)  # warnings about hostile or broken input, rate-limited
         self.stats = {"built_batches": 0, "skipped_units": 0, "malformed": 0, "load_retries": 0, "hedged": 0,
                       "plans": 0, "evicted_steps": 0, "ranks": self.ranks, "unit_retries": 0, "skip_reports": 0,
@@ -235,7 +244,7 @@ class Constructor:
                 if key in skips:
                     settled[row] = RECORDED_SKIP
                 elif (msg.step, key) in self.reported:
-                    settled[row] = self.reported[(msg.step, key)][0]
+                    settled[row] = self.reported[(msg.step, key)].reason
         for src_idx in np.unique(rows["source"]):
             sel = [i for i in np.flatnonzero(rows["source"] == src_idx).tolist() if i not in settled]
             name = self.source_names[int(src_idx)]
@@ -263,7 +272,7 @@ class Constructor:
                 del self.builds[build.step]
                 self._start_build(msg, payload, skips, pending)
                 return
-            build.skips, build.pending = skips, pending
+            build.skips = skips
             rows = [row for row in range(len(build.results)) if build.key(row) in added]
             rows = [row for row in rows if build.results[row] is None]  # loaded ones are dropped at assembly
             self._resolve(build, np.asarray(rows, np.int64), [RECORDED_SKIP] * len(rows), final=True)
@@ -279,13 +288,12 @@ class Constructor:
     def _chase_skips(self, now: float) -> None:
         """Re-send unrecorded skip reports (backing off) and ask again for the plans of steps held
         for skip records."""
-        for (step, key), entry in self.reported.items():
-            reason, due, interval, rank, micro = entry
-            if now >= due and self.delivery.needs(rank, step, micro):
+        for (step, key), r in self.reported.items():
+            if now >= r.due and self.delivery.needs(r.rank, step, r.micro):
                 # (no longer needed here: not re-sent, lest a report reach the leader after another
                 # constructor delivered the unit; it is sent again once a trainer here needs it)
-                entry[1], entry[2] = now + interval, min(interval * 2, 8 * REPORT_RESEND_S)
-                self._send_skip(step, key, reason, rank)
+                r.due, r.interval = now + r.interval, min(r.interval * 2, 8 * REPORT_RESEND_S)
+                self._send_skip(step, key, r.reason, r.rank)
         waiting = 0
         for step, build in self.builds.items():
             due = [row for row, (at, _) in build.reload.items() if now >= at and build.results[row] is None]
@@ -323,7 +331,7 @@ class Constructor:
             oldest = next(iter(self.reported))
             log.error("%d skip reports unrecorded; forgetting step %d unit %s", MAX_REPORTED, *oldest)
             self.reported.pop(oldest)
-        self.reported[(step, key)] = [reason, time.monotonic() + REPORT_RESEND_S, REPORT_RESEND_S, rank, micro]
+        self.reported[(step, key)] = _Report(reason, time.monotonic() + REPORT_RESEND_S, REPORT_RESEND_S, rank, micro)
         self.stats["skip_reports"] += 1
         self._send_skip(step, key, reason, rank)
 
@@ -482,6 +490,7 @@ class Constructor:
                                                pieces=rows["piece"][mine], recorded=build.skips)
         if unrecorded:
             front = self.delivery.furthest(rank)
+            reloading = False
             for pos in unrecorded:
                 row = int(mine[pos])
                 micro = int(rows["micro"][row])
@@ -489,12 +498,13 @@ class Constructor:
                     # its micro-batch was delivered already (before a relocation or an eviction): a
                     # skip record would contradict it, so the unit is loaded again until it loads
                     self._reload(build, row, str(units[pos]))
+                    reloading = True
                 elif self.delivery.needs(rank, build.step, micro):
                     self._report(build.step, build.key(row), str(units[pos]), rank, micro)
                 # else no trainer here needs the batch (it moved on to another constructor, which
                 # may deliver the unit): the rank waits unreported, and is looked at again with
                 # the step's next plan reply
-            if not build.reload or all(int(rows["rank"][r]) != rank for r in build.reload):
+            if not reloading:  # (a reload, once it loads, packs the rank again: it does not wait on plans)
                 build.waiting.add(rank)
             return
         unit_of = dict(zip(mine.tolist(), units))

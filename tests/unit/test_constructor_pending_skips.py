@@ -208,7 +208,7 @@ def test_a_report_is_re_sent_only_while_a_trainer_here_needs_its_batch(setup):
     s.con._send_skip = lambda step, key, reason, rank: sent.append((step, key, rank))
     _fail_target_twice(s)
     assert sent == [(STEP, _unit_key(s), 0)]
-    due = s.con.reported[(STEP, _unit_key(s))][1]
+    due = s.con.reported[(STEP, _unit_key(s))].due
     s.con._chase_skips(due)
     assert len(sent) == 2  # re-sent: the trainer still waits for the batch
     s.con.delivery.handle(b"trainer-0", protocol.Unsubscribe(job=s.spec.name, dp_rank=0, mp_rank=0))
