@@ -224,6 +224,16 @@ class Daemon:
                 except ProcessLookupError:
                     pass
 
+    def out_of_touch(self, what: str) -> protocol.ErrorReply | None:
+        """``ErrorReply(not_ready)`` ("WHAT: daemon N is not in touch with the leader"; counted)
+        while this daemon's copy of the state may be stale (``ClusterController.in_touch``), else
+        None: for the requests it must not answer from such a copy (plans, Locate)."""
+        if self.cluster.in_touch(time.monotonic()):
+            return None
+        self.counters["stale_refused"] += 1
+        return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
+                                   reason=f"{what}: daemon {self.cfg.node_id} is not in touch with the leader")
+
     def _authorize(self, msg: protocol.Message, who: str | None) -> None:
         """Refuse a message its sender's key may not send (see ``fabricd.handlers``)."""
         allowed = CALLERS[type(msg)]

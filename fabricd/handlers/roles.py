@@ -54,11 +54,8 @@ def plan(daemon: Daemon, _identity: bytes, msg: protocol.PlanRequest, _payload: 
     job = daemon.job_or_error(msg.job)
     if isinstance(job, protocol.ErrorReply):
         return job
-    if not daemon.cluster.in_touch(time.monotonic()):
-        daemon.counters["stale_refused"] += 1
-        return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
-                                   reason=f"step {msg.step}: this daemon is not in touch with the leader")
-    return job.plan(msg)
+    refused = daemon.out_of_touch(f"step {msg.step}")
+    return refused if refused is not None else job.plan(msg)
 
 
 @handles(protocol.PoolsRequest, callers=("role",))

@@ -42,10 +42,8 @@ def locate(daemon: Daemon, _identity: bytes, msg: protocol.Locate, _payload: lis
     job = daemon.job_or_error(msg.job)
     if isinstance(job, protocol.ErrorReply):
         return job
-    if not daemon.cluster.in_touch(time.monotonic()):
-        daemon.counters["stale_refused"] += 1
-        return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
-                                   reason=f"daemon {daemon.cfg.node_id} is not in touch with the leader; ask another")
+    if (refused := daemon.out_of_touch(f"job {msg.job}")) is not None:
+        return refused
     topo = job.spec.topology
     if msg.host and msg.dp_size == topo.dp_size and msg.dp_rank < topo.dp_size and msg.mp_rank < topo.mp_size:
         daemon.declared_hosts[(msg.job, msg.dp_rank, msg.mp_rank)] = (msg.host, int(time.time() * 1000))
