@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import psutil
@@ -36,16 +37,19 @@ __all__ = ["LocalDaemon", "LocalCluster", "DATA_ROOTS_ENV", "default_data_roots"
 DATA_ROOTS_ENV = "FABRICD_LOCAL_DATA_ROOTS"
 #: a keys directory shared by the local daemons of this process (tests set it per worker)
 KEYS_DIR_ENV = "FABRICD_KEYS_DIR"
+#: the local trainer's and operator's key files, in a keys directory
+TRAINER_KEY, OPERATOR_KEY = "trainers/trainer.key_secret", "operators/operator.key_secret"
 
 
 def ensure_keys(keys_dir: str | Path, node_ids: list[str]) -> Path:
     """Make the keys a local fabric needs in ``keys_dir`` (those it already has are kept): the
     server key, one per node of ``node_ids``, ``trainers/trainer`` and ``operators/operator``."""
     keys_dir = Path(keys_dir)
-    wanted = [("server", "server", keys_dir / "server.key"), ("trainer", "trainer", keys_dir / "trainers/trainer.key"),
-              ("operator", "operator", keys_dir / "operators/operator.key")]
+    wanted = [("server", "server", keys_dir / "server.key"), ("trainer", "trainer", keys_dir / TRAINER_KEY),
+              ("operator", "operator", keys_dir / OPERATOR_KEY)]
     wanted += [("node", n, keys_dir / f"nodes/{n}.key") for n in node_ids]
     for kind, name, public in wanted:
+        public = public.with_suffix(".key")
         if not public.exists():
             try:
                 generate(keys_dir, kind, name)
@@ -127,22 +131,21 @@ class LocalDaemon:
         self.stop()
         raise RuntimeError(f"fabricd did not come up within {timeout:.0f}s; see {self.log_path}:\n{self.tail()}")
 
-    @property
+    @cached_property
     def operator_keys(self) -> ClientKeys | None:
         """The local operator's keys (None when insecure)."""
-        return None if self.insecure else ClientKeys.load(self.keys_dir / "operators/operator.key_secret")
+        return None if self.insecure else ClientKeys.load(self.keys_dir / OPERATOR_KEY)
 
-    @property
+    @cached_property
     def trainer_keys(self) -> ClientKeys | None:
         """The local trainer's keys, for a ``Loader`` (None when insecure)."""
-        return None if self.insecure else ClientKeys.load(self.keys_dir / "trainers/trainer.key_secret")
+        return None if self.insecure else ClientKeys.load(self.keys_dir / TRAINER_KEY)
 
     def client_env(self) -> dict[str, str]:
         """Environment for a trainer or fabricctl subprocess of this fabric (its key files)."""
         if self.insecure:
             return {}
-        return {"FABRIC_KEY": str(self.keys_dir / "trainers/trainer.key_secret"),
-                "FABRICCTL_KEY": str(self.keys_dir / "operators/operator.key_secret")}
+        return {"FABRIC_KEY": str(self.keys_dir / TRAINER_KEY), "FABRICCTL_KEY": str(self.keys_dir / OPERATOR_KEY)}
 
     def client(self, timeout_s: float = 10.0) -> ControlClient:
         if self.address is None:

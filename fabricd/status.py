@@ -64,8 +64,7 @@ def build_status(daemon: Daemon, now: float) -> dict[str, Any]:
         "security": ({"insecure": True, "warning": "plaintext sockets, no authentication ([security] insecure = true)"}
                      if daemon.ring is None else
                      {"insecure": False, "keys_dir": str(daemon.ring.keys_dir),
-                      "keys": {kind: sum(1 for w in daemon.ring.names if w.startswith(kind + ":"))
-                               for kind in ("node", "trainer", "operator")},
+                      "keys": dict(daemon.ring.counts),
                       "refused_handshakes": daemon.sockets.refused_handshakes()}),
         "jobs": jobs,
     }

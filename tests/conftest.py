@@ -22,11 +22,10 @@ def fabric_keys(tmp_path_factory) -> Iterator[Path]:
     (``FABRIC_KEY``) and control clients (``FABRICCTL_KEY``) at its trainer and operator keys."""
     import os
 
-    from fabricd.localnode import KEYS_DIR_ENV, ensure_keys
+    from fabricd.localnode import KEYS_DIR_ENV, OPERATOR_KEY, TRAINER_KEY, ensure_keys
 
     keys = ensure_keys(tmp_path_factory.mktemp("keys"), [])
-    env = {KEYS_DIR_ENV: str(keys), "FABRIC_KEY": str(keys / "trainers/trainer.key_secret"),
-           "FABRICCTL_KEY": str(keys / "operators/operator.key_secret")}
+    env = {KEYS_DIR_ENV: str(keys), "FABRIC_KEY": str(keys / TRAINER_KEY), "FABRICCTL_KEY": str(keys / OPERATOR_KEY)}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield keys
@@ -165,8 +164,8 @@ def keyed_dealer(kind: str, node: str | None = None, *, hwm: int = 1000):
 
     from fabric_client.keys import ClientKeys
     from fabric_client.sockets import SocketFactory
+    from fabricd.localnode import KEYS_DIR_ENV, OPERATOR_KEY, TRAINER_KEY
 
-    keys = Path(os.environ["FABRICD_KEYS_DIR"])
-    path = {"trainer": keys / "trainers/trainer.key_secret", "operator": keys / "operators/operator.key_secret",
-            "node": keys / f"nodes/{node}.key_secret"}[kind]
+    keys = Path(os.environ[KEYS_DIR_ENV])
+    path = {"trainer": keys / TRAINER_KEY, "operator": keys / OPERATOR_KEY, "node": keys / f"nodes/{node}.key_secret"}[kind]
     return SocketFactory(zmq.Context.instance(), keys=ClientKeys.load(path)).dealer(hwm=hwm)

@@ -153,6 +153,7 @@ class KeyRing:
         self.server_public = self.server.public
         self.users: dict[bytes, str] = {}  # public key → "kind:name"
         self.names: frozenset[str] = frozenset()
+        self.counts: dict[str, int] = {}  # keys listed, per kind
         self.reload()
 
     def reload(self) -> dict[str, int]:
@@ -174,6 +175,7 @@ class KeyRing:
                             "key of this node's secret key")
         self.users = users
         self.names = frozenset(users.values())
+        self.counts = counts
         return counts
 
     def who(self, public_z85: bytes) -> str | None:

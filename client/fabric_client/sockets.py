@@ -96,10 +96,6 @@ class SocketFactory:
             for domain in DOMAINS:
                 self._auth.configure_curve_callback(domain, credentials_provider=self._credentials)
 
-    @property
-    def secure(self) -> bool:
-        return self.ring is not None or self.keys is not None
-
     def refused_handshakes(self) -> int:
         return self._credentials.refused if self._auth is not None else 0
 

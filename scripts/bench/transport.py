@@ -45,7 +45,7 @@ from fabric_client.keys import ClientKeys, KeyRing  # noqa: E402
 from fabric_client.sockets import SocketFactory  # noqa: E402
 from fabric_client.batch import checksum, encode_batch  # noqa: E402
 from fabricd.pack import IMAGE_ID, pack_micro_batch  # noqa: E402
-from fabricd.localnode import ensure_keys  # noqa: E402
+from fabricd.localnode import TRAINER_KEY, ensure_keys  # noqa: E402
 from fabricd.roles.delivery import EncodedBatch, TrainerDelivery  # noqa: E402
 
 log = logging.getLogger("bench.transport")
@@ -206,7 +206,7 @@ def trial_loader(
     parent, child = mpctx.Pipe()
     proc = mpctx.Process(target=serve_loader, args=(child, compression, target_bytes, prefetch, keys_dir), daemon=True)
     proc.start()
-    keys = ClientKeys.load(os.path.join(keys_dir, "trainers", "trainer.key_secret")) if keys_dir else None
+    keys = ClientKeys.load(os.path.join(keys_dir, TRAINER_KEY)) if keys_dir else None
     try:
         address, batch_bytes, wire_bytes = parent.recv()
         with Loader(address, job=JOB, dp_rank=0, dp_size=1, verify=verify, deadline_s=30, keys=keys) as loader:
