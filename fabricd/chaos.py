@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
 from fabric_client import Loader, protocol
@@ -82,8 +83,7 @@ class _Trainer(threading.Thread):
         super().__init__(daemon=True, name=f"trainer-{dp_rank}")
         self.addresses, self.job, self.dp_rank, self.dp_size = addresses, job, dp_rank, dp_size
         self.pace_s, self.stop_event, self.keys = pace_s, stop, keys
-        self.records: list[tuple[tuple[int, int, int], str, float]] = []
-        self.times: list[float] = []  # receive times, in order (parallel to records)
+        self.records: list[tuple[tuple[int, int, int], str, float]] = []  # (key, checksum, received at)
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -91,9 +91,7 @@ class _Trainer(threading.Thread):
             with Loader(self.addresses, job=self.job, dp_rank=self.dp_rank, dp_size=self.dp_size,
                         deadline_s=120, stall_s=0.5, prefetch=2, keys=self.keys) as loader:
                 for b in loader:
-                    now = time.time()
-                    self.records.append(((b.step, b.dp_rank, b.micro_batch), b.checksum, now))
-                    self.times.append(now)
+                    self.records.append(((b.step, b.dp_rank, b.micro_batch), b.checksum, time.time()))
                     if self.stop_event.is_set():
                         break
                     time.sleep(self.pace_s)
@@ -102,9 +100,9 @@ class _Trainer(threading.Thread):
 
     def received_after(self, t: float) -> float | None:
         """When the first batch after ``t`` reached the trainer (None: not yet)."""
-        times = self.times
-        i = bisect_right(times, t)
-        return times[i] if i < len(times) else None
+        records = self.records  # in receive order
+        i = bisect_right(records, t, key=lambda r: r[2])
+        return records[i][2] if i < len(records) else None
 
     def last_step(self) -> int:
         return self.records[-1][0][0] if self.records else -1
@@ -314,7 +312,7 @@ class ChaosRun:
         trainer = self.rng.choice(self.trainers)
         ahead = trainer.last_step() + self.rng.randint(12, 20)
         plan = self.oracle.planner.plan(ahead, self.dp_size)
-        rows = [i for i in range(len(plan.rank)) if int(plan.rank[i]) == trainer.dp_rank] or list(range(len(plan.rank)))
+        rows = np.flatnonzero(plan.rank == trainer.dp_rank).tolist() or list(range(len(plan.rank)))
         row = self.rng.choice(rows)
         source = self.oracle.spec.sources[int(plan.source[row])].name
         times = self.rng.randint(1, 3)

@@ -127,6 +127,7 @@ class JobRuntime:
         self._skips_key: object | None = None       # committed skip records by step, for PlanReply.skips
         self._skips_by_step: dict[int, list[list[int]]] = {}
         self._uncommitted_by_step: dict[int, list[list[int]]] = {}  # ... and records not yet committed
+        self._source_index = {s.name: i for i, s in enumerate(spec.sources)}  # name → index in the spec
         self._thread = threading.Thread(target=self._prepare, name=f"index-{spec.name}", daemon=True)
         self._thread.start()
 
@@ -226,7 +227,7 @@ class JobRuntime:
         appended: what a constructor must not deliver until they are settled), at most
         ``MAX_LIST_ITEMS`` each (a step plans far fewer units than that)."""
         key, committed, uncommitted = self.directory.skip_records(self.spec.name)
-        names = {s.name: i for i, s in enumerate(self.spec.sources)}
+        names = self._source_index
         if key != self._skips_key:
             self._skips_key = key
             self._skips_by_step, self._uncommitted_by_step = _by_step(committed, names), _by_step(uncommitted, names)
