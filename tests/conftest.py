@@ -63,6 +63,32 @@ def tiny_corpus(tmp_path_factory) -> Path:
     return out
 
 
+def one_source_job(path: Path | str, *, name: str = "j", source: str = "s", bucket: str = "b",
+                   max_seq_len: int = 512, micro_batch_tokens: int = 4096) -> str:
+    """The text of a minimal job spec over one source at ``path`` (one rank, 4 samples a step)."""
+    return f"""
+[job]
+name = "{name}"
+[topology]
+dp_size = 1
+ranks_per_constructor = 1
+[batch]
+samples_per_step = 4
+micro_batch_tokens = {micro_batch_tokens}
+prefetch = 2
+[[buckets]]
+name = "{bucket}"
+max_seq_len = {max_seq_len}
+[[sources]]
+name = "{source}"
+path = "{path}"
+[mixture]
+[[mixture.points]]
+step = 0
+weights = {{ {source} = 1.0 }}
+"""
+
+
 def write_job(path: Path, corpus: Path, *, name: str = "t", dp_size: int = 2, mp_size: int = 1,
               ranks_per_constructor: int = 1, samples_per_step: int = 16, prefetch: int = 2,
               compression: str = "lz4", extra: str = "") -> Path:

@@ -14,33 +14,15 @@ from fabric_client import protocol
 from fabric_client.errors import RemoteError
 from fabricd.localnode import LocalDaemon
 
+from ..conftest import one_source_job
+
 from .test_data_path import assert_exact, consume, expected, submit
 
 pytestmark = [pytest.mark.integration]
 
 
 def job_text(path: Path, name: str) -> str:
-    return f"""
-[job]
-name = "{name}"
-[topology]
-dp_size = 1
-ranks_per_constructor = 1
-[batch]
-samples_per_step = 4
-micro_batch_tokens = 4096
-prefetch = 2
-[[buckets]]
-name = "b"
-max_seq_len = 512
-[[sources]]
-name = "pages"
-path = "{path}"
-[mixture]
-[[mixture.points]]
-step = 0
-weights = {{ pages = 1.0 }}
-"""
+    return one_source_job(path, name=name, source="pages")
 
 
 def png(path: Path, shade: int) -> Path:

@@ -12,28 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ..conftest import one_source_job
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-SPEC = """
-[job]
-name = "wrongdata"
-[topology]
-dp_size = 1
-ranks_per_constructor = 1
-[batch]
-samples_per_step = 4
-micro_batch_tokens = 2048
-[[buckets]]
-name = "short"
-max_seq_len = 1024
-[[sources]]
-name = "s"
-path = "{path}"
-[mixture]
-[[mixture.points]]
-step = 0
-weights = {{ s = 1.0 }}
-"""
+def spec(path) -> str:
+    return one_source_job(path, name="wrongdata", bucket="short", max_seq_len=1024, micro_batch_tokens=2048)
 
 
 def fabricctl(address: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -47,7 +31,7 @@ def test_wrong_typed_text_column_is_reported_and_a_fixed_resubmission_runs(tmp_p
     data.mkdir()
     pq.write_table(pa.table({"text": pa.array([1, 2, 3, 4], pa.int64())}), data / "part-0.parquet")
     job = tmp_path / "job.toml"
-    job.write_text(SPEC.format(path=data))
+    job.write_text(spec(data))
     address = local_daemon.address
 
     first = fabricctl(address, "submit", "--wait", "--wait-timeout", "60", str(job))
@@ -75,7 +59,7 @@ def test_not_parquet_is_refused_at_submit_and_no_wait_says_how_to_follow(tmp_pat
     data.mkdir()
     (data / "part-0.parquet").write_text("text\nnot parquet at all\n")
     job = tmp_path / "job.toml"
-    job.write_text(SPEC.format(path=data))
+    job.write_text(spec(data))
     refused = fabricctl(local_daemon.address, "submit", str(job))
     assert refused.returncode != 0
     assert "sources[0].path" in refused.stderr and "part-0.parquet: not a Parquet file" in refused.stderr

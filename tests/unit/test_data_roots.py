@@ -21,30 +21,13 @@ from fabricd.job import JobRuntime
 from fabricd.sources import SampleLoader, SourceReader, TransformSpec, open_index
 from fabricd.sources.roots import DEFAULT_DATA_ROOTS, MAX_DATA_ROOTS, outside_roots
 
+from ..conftest import one_source_job
+
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 def job_text(path: Path | str, *, name: str = "j") -> str:
-    return f"""
-[job]
-name = "{name}"
-[topology]
-dp_size = 1
-ranks_per_constructor = 1
-[batch]
-samples_per_step = 4
-micro_batch_tokens = 4096
-[[buckets]]
-name = "b"
-max_seq_len = 512
-[[sources]]
-name = "s"
-path = "{path}"
-[mixture]
-[[mixture.points]]
-step = 0
-weights = {{ s = 1.0 }}
-"""
+    return one_source_job(path, name=name)
 
 
 def spec_for(tmp_path: Path, path: Path | str):
