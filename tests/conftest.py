@@ -63,6 +63,17 @@ def tiny_corpus(tmp_path_factory) -> Path:
     return out
 
 
+def make_fabric_keys(d: Path, *, trainer: str, operator: str = "alice", nodes: tuple[str, ...] = ("node-a", "node-b")) -> Path:
+    """A fabric keys directory as `fabricctl keys generate` makes it, every secret included: the
+    server key, ``nodes``, one trainer and one operator."""
+    from fabric_client.keys import generate
+
+    generate(d, "server")
+    for kind, name in [*(("node", n) for n in nodes), ("trainer", trainer), ("operator", operator)]:
+        generate(d, kind, name)
+    return d
+
+
 def one_source_job(path: Path | str, *, name: str = "j", source: str = "s", bucket: str = "b",
                    max_seq_len: int = 512, micro_batch_tokens: int = 4096) -> str:
     """The text of a minimal job spec over one source at ``path`` (one rank, 4 samples a step)."""

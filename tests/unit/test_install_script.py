@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from fabric_client.keys import KeyPair, KeyRing, generate
 
+from ..conftest import make_fabric_keys
+
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(90)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,11 +57,7 @@ def _need_sysusers() -> None:
 @pytest.fixture
 def keys(tmp_path) -> Path:
     """A fabric keys directory as `fabricctl keys generate` makes it, every secret included."""
-    d = tmp_path / "fabric-keys"
-    generate(d, "server")
-    for kind, name in [("node", "node-a"), ("node", "node-b"), ("trainer", "trainer-1"), ("operator", "alice")]:
-        generate(d, kind, name)
-    return d
+    return make_fabric_keys(tmp_path / "fabric-keys", trainer="trainer-1")
 
 
 def _config(tmp_path: Path, node_id: str) -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from fabric_client.keys import ClientKeys, KeyPair, KeyRing, KeysError, generate, list_keys
 
+from ..conftest import make_fabric_keys
+
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
 
@@ -28,11 +30,7 @@ def _no_systemd_credentials(monkeypatch):
 @pytest.fixture
 def fabric(tmp_path) -> Path:
     """A fabric keys directory: server, nodes node-a and node-b, a trainer and an operator."""
-    d = tmp_path / "keys"
-    generate(d, "server")
-    for kind, name in [("node", "node-a"), ("node", "node-b"), ("trainer", "t1"), ("operator", "alice")]:
-        generate(d, kind, name)
-    return d
+    return make_fabric_keys(tmp_path / "keys", trainer="t1")
 
 
 def _public_only(src: Path, dst: Path) -> Path:
