@@ -74,7 +74,6 @@ def run_cmd(config_path: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     daemon.service.reload_hooks.append(_apply_log_level)
-    daemon.service.reload_hooks.append(lambda _cfg: daemon.reload_keys())
     signal.signal(signal.SIGHUP, lambda *_: daemon.service.request_reload())
     daemon.serve()
 

@@ -103,6 +103,7 @@ class Daemon:
         self._skip_tails: dict[str, tuple[object, tuple]] = {}  # job → (key, skip_records answer) past the commit point
         self.reconciler = LocalReconciler(self)
         self.service = ServiceLifecycle(self, notifier)
+        self.service.reload_hooks.append(lambda _cfg: self.reload_keys())  # SIGHUP: the allow-lists too
 
     # -- setup ----------------------------------------------------------------------------------
 
