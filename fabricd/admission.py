@@ -24,14 +24,13 @@ failed) or just report on it (it is indexing or serving).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from .config import JobSpec, NodeConfig
 from .errors import ConfigError
-from .sources.index import FORMATS
+from .sources.formats import BY_EXTENSION, REGISTRY
 from .sources.roots import outside_roots
 from .spec_bounds import MAX_ROLES_PER_DAEMON, roles_needed
 
@@ -44,8 +43,6 @@ SUBMIT_SCAN_ENTRIES = 20_000
 SUBMIT_CHECKED_FILES = 64
 _MAX_FILES_PER_SOURCE = 16
 _MIN_ENTRIES_PER_SOURCE = 200
-_PARQUET_MAGIC = b"PAR1"
-_JSONL_PROBE_BYTES = 1 << 20
 
 
 def check_submission(spec: JobSpec, cfg: NodeConfig) -> None:
@@ -91,16 +88,16 @@ def _source_problem(root: Path, format: str | None, *, entries: int, files: int,
                     roots: Sequence[Path] | None) -> str | None:
     if not root.exists():
         return "no such file or directory"
-    exts = {e: f for f, es in FORMATS.items() for e in es}
+    exts = dict(BY_EXTENSION)
     if root.is_file():
         fmt = format or exts.get(root.suffix.lower())
         if fmt is None:
             return f"cannot tell the format of {root.name} (expected one of {sorted(exts)}, or set format)"
         return check_data_file(root, fmt)
-    found_files, complete = _some_data_files(root, exts if format is None else {e: format for e in FORMATS[format]},
-                                             max_entries=entries, max_files=files)
+    wanted = exts if format is None else {e: format for e in REGISTRY[format].extensions}
+    found_files, complete = _some_data_files(root, wanted, max_entries=entries, max_files=files)
     if not found_files:
-        return (f"no {format or ' or '.join(sorted(FORMATS))} data files in this directory"
+        return (f"no {format or ' or '.join(sorted(set(BY_EXTENSION.values())))} data files in this directory"
                 if complete else None)  # a huge directory: indexing decides
     found = {fmt for _, fmt in found_files}
     if format is None and len(found) > 1:
@@ -128,7 +125,7 @@ def _some_data_files(root: Path, exts: dict[str, str], *, max_entries: int,
             if seen > max_entries:
                 return out, False
             fmt = exts.get(Path(fn).suffix.lower())
-            if fmt is not None and not fn.startswith((".", "_")) and not fn.endswith(".fabricd-index.parquet"):
+            if fmt is not None and not fn.startswith((".", "_")) and ".fabricd-index" not in fn:
                 out.append((Path(dirpath, fn), fmt))
                 if len(out) >= max_files:
                     return out, False
@@ -138,34 +135,7 @@ def _some_data_files(root: Path, exts: dict[str, str], *, max_entries: int,
 
 def check_data_file(path: Path, format: str) -> str | None:
     """Why ``path`` is not a ``format`` file, judged from a few bytes, or None if it looks right."""
-    try:
-        with open(path, "rb") as f:
-            if format == "parquet":
-                head = f.read(4)
-                size = os.fstat(f.fileno()).st_size
-                tail = b""
-                if size >= 12:
-                    f.seek(size - 4)
-                    tail = f.read(4)
-                if head != _PARQUET_MAGIC or tail != _PARQUET_MAGIC:
-                    return f"{path}: not a Parquet file (no PAR1 magic bytes at its start and end)"
-                return None
-            probe = f.read(_JSONL_PROBE_BYTES)
-    except OSError as e:
-        return f"{path}: cannot read: {e.strerror or e}"
-    for line in probe.splitlines(keepends=True):
-        if not line.strip():
-            continue
-        if not line.endswith(b"\n") and len(probe) == _JSONL_PROBE_BYTES:
-            return None  # a first line longer than the probe: indexing decides
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            return f"{path}: not a JSONL file (its first line is not JSON: {e})"
-        if not isinstance(obj, dict):
-            return f"{path}: not a JSONL file of objects (its first line is a {type(obj).__name__})"
-        return None
-    return None
+    return REGISTRY[format].sniff(path)
 
 
 def is_retry(runtime_state: str | None) -> bool:

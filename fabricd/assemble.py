@@ -23,6 +23,7 @@ import numpy as np
 
 from fabric_client.batch import checksum
 
+from .images import ImageSpec
 from .pack import pack_micro_batch
 from .sources.transform import SampleData
 
@@ -51,7 +52,8 @@ def assemble_micro_batch(
     source_ids: np.ndarray,
     sample_ids: np.ndarray,
     pieces: np.ndarray,
-    image_size: int,
+    images: ImageSpec | None = None,
+    image_size: int | None = None,
 ) -> MicroBatch:
     """Pack the loaded ``units`` (a reason string for each one that failed) into a micro-batch."""
     keep = np.array([isinstance(u, SampleData) for u in units], dtype=bool)
@@ -63,6 +65,7 @@ def assemble_micro_batch(
         sample_ids=np.asarray(sample_ids)[keep],
         pieces=np.asarray(pieces)[keep],
         image_size=image_size,
+        images=images,
     )
     return MicroBatch(arrays=arrays, checksum=checksum(arrays), samples=len(samples),
                       tokens=int(len(arrays["input_ids"])), skipped=skipped)

@@ -20,6 +20,8 @@ from fabric_client.limits import MAX_NAME_CHARS
 
 from . import spec_bounds as B
 from .errors import ConfigError
+from .images import IMAGE_MODES, ImageSpec
+from .text import TOKENIZER_KINDS, TokenizerSpec
 from .node_checks import endpoint_problem, valid_host
 from .sources.roots import DEFAULT_DATA_ROOTS, MAX_DATA_ROOTS, resolve_roots
 
@@ -31,7 +33,8 @@ __all__ = [
     "AutoscaleSpec",
     "Topology",
     "BatchShape",
-    "TokenSpec",
+    "ImageSpec",
+    "TokenizerSpec",
     "CostSpec",
     "BucketSpec",
     "SourceSpec",
@@ -48,7 +51,8 @@ COMPRESSIONS = ("lz4", "none")
 BALANCE_METHODS = ("lpt", "kk")
 SCHEDULE_KINDS = ("constant", "piecewise", "linear")
 LONG_SAMPLE_POLICIES = ("split", "truncate")
-SOURCE_FORMATS = ("parquet", "jsonl")
+#: every format of fabricd.sources.formats.REGISTRY (a unit test keeps the two equal)
+SOURCE_FORMATS = ("parquet", "parquet-tokens", "jsonl", "megatron", "webdataset")
 
 
 class _Table:
@@ -369,16 +373,12 @@ class BatchShape:
 
 
 @dataclass(frozen=True)
-class TokenSpec:
-    image_tokens: int
-    image_size: int
-
-
-@dataclass(frozen=True)
 class CostSpec:
     attention: float
     linear: float
     per_image: float
+    vision_attention: float = 0.0
+    vision_linear: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -427,7 +427,7 @@ class JobSpec:
     seed: int
     topology: Topology
     batch: BatchShape
-    tokens: TokenSpec
+    images: ImageSpec
     cost: CostSpec
     balance: str
     buckets: tuple[BucketSpec, ...]
@@ -437,6 +437,7 @@ class JobSpec:
     #: trainer keys (names under ``keys/trainers/``) that may locate and stream this job's data;
     #: empty: any trainer key of the fabric (access, not content: outside the fingerprint)
     trainers: tuple[str, ...] = ()
+    tokenizer: TokenizerSpec = TokenizerSpec()
 
     def trainer_allowed(self, who: str | None) -> bool:
         """Whether the authenticated caller ``who`` (``kind:name``; None on an insecure node) may
@@ -455,7 +456,9 @@ class JobSpec:
             "seed": self.seed,
             "samples_per_step": self.batch.samples_per_step,
             "micro_batch_tokens": self.batch.micro_batch_tokens,
-            "tokens": asdict(self.tokens),
+            "images": asdict(self.images),
+            "tokenizer": [self.tokenizer.kind, str(self.tokenizer.path), self.tokenizer.bos, self.tokenizer.eos,
+                          self.tokenizer.pad, self.tokenizer.image],
             "cost": asdict(self.cost),
             "balance": self.balance,
             "buckets": [asdict(b) for b in self.buckets],
@@ -489,6 +492,38 @@ def parse_job_spec(text: str, origin: str | Path) -> JobSpec:
     if size > B.MAX_SPEC_BYTES:
         raise ConfigError(str(origin), "<file>", f"{size} bytes", f"a job spec is at most MAX_SPEC_BYTES ({B.MAX_SPEC_BYTES}) bytes")
     return _build_job(text, _parse_toml(text, str(origin)), origin)
+
+
+def _tokenizer_spec(t: _Table, spec_path: Path) -> TokenizerSpec:
+    """``[tokenizer]``: kind, its file (``path`` for hf, ``model`` for sentencepiece, relative to
+    the spec file) and the names of its special tokens."""
+    kind = t.str("kind", "bytes", choices=TOKENIZER_KINDS)
+    file_key = {"hf": "path", "sentencepiece": "model"}.get(kind)
+    for key in ("path", "model"):
+        if key in t.data and key != file_key:
+            raise t.error(key, t.data[key], f"not a key of tokenizer kind {kind!r}"
+                          + (f" (it takes {file_key!r})" if file_key else " (it needs no file)"))
+    file = None
+    if file_key is not None:
+        raw = t.str(file_key, required=True)
+        file = Path(raw).expanduser()
+        if not file.is_absolute():
+            file = (spec_path.parent / file).resolve()
+    names = {}
+    defaults = TokenizerSpec()
+    for role in ("bos", "eos", "pad", "image"):
+        value = t._get(role, getattr(defaults, role), False)
+        if not isinstance(value, str):
+            raise t.error(role, value, "expected a string (a token's name)")
+        if kind == "bytes" and role in t.data:
+            raise t.error(role, value, "the bytes tokenizer's special tokens are fixed (PAD 0, EOS 1, image 2)")
+        if role != "bos" and not value:
+            raise t.error(role, value, "must name a token of the tokenizer")
+        if len(value) > 256:
+            raise t.error(role, value, "at most 256 characters")
+        names[role] = value
+    t.done()
+    return TokenizerSpec(kind=kind, path=file, **names)
 
 
 def _name(t: _Table, key: str) -> str:
@@ -530,16 +565,32 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
         raise batch_t.error("samples_per_step", batch.samples_per_step,
                             f"must be >= topology.dp_size ({topology.dp_size}) so every rank gets data")
 
-    tok_t = root.table("tokens")
-    tokens = TokenSpec(
-        image_tokens=tok_t.int("image_tokens", 64, min=1, max=1 << 16),
-        image_size=tok_t.int("image_size", 224, min=8, max=4096),
-    )
+    tok_t = root.table("tokens")   # the older spelling of [images] image_tokens / image_size (fixed mode)
+    img_t = root.table("images")
+    if tok_t.data and img_t.data:
+        raise tok_t.error("image_tokens", tok_t.data, "set image geometry in [images] only ([tokens] is its older name)")
+    geo_t = img_t if img_t.data or not tok_t.data else tok_t
+    mode = img_t.str("mode", "fixed", choices=IMAGE_MODES)
+    try:
+        images = ImageSpec(
+            mode=mode,
+            image_tokens=geo_t.int("image_tokens", 64, min=1, max=1 << 16),
+            image_size=geo_t.int("image_size", 224, min=8, max=4096),
+            patch_size=img_t.int("patch_size", 14, min=1, max=1024),
+            merge_size=img_t.int("merge_size", 2, min=1, max=16),
+            min_pixels=img_t.int("min_pixels", 56 * 56, min=1, max=1 << 40),
+            max_pixels=img_t.int("max_pixels", 28 * 28 * 1280, min=1, max=1 << 40),
+        )
+    except ValueError as e:
+        raise img_t.error("max_pixels", img_t.data.get("max_pixels"), str(e)) from None
+    tokenizer = _tokenizer_spec(root.table("tokenizer"), path)
     cost_t = root.table("cost")
     cost = CostSpec(
         attention=cost_t.float("attention", 1.0, min=0.0),
         linear=cost_t.float("linear", 8192.0, min=0.0),
         per_image=cost_t.float("per_image", 0.0, min=0.0),
+        vision_attention=cost_t.float("vision_attention", 0.0, min=0.0),
+        vision_linear=cost_t.float("vision_linear", 0.0, min=0.0),
     )
     if cost.attention == 0 and cost.linear == 0:
         raise cost_t.error("linear", cost.linear, "attention and linear cannot both be 0")
@@ -621,10 +672,10 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     if autoscale.target_utilization >= 1.0:
         raise auto_t.error("target_utilization", autoscale.target_utilization, "must be < 1 (a busy fraction)")
 
-    for table in (job, topo_t, batch_t, tok_t, cost_t, bal_t, mix_t, auto_t, root):
+    for table in (job, topo_t, batch_t, tok_t, img_t, cost_t, bal_t, mix_t, auto_t, root):
         table.done()
     return JobSpec(
         file=file, text=text, name=name, seed=seed, topology=topology, batch=batch,
-        tokens=tokens, cost=cost, balance=balance, buckets=tuple(buckets), sources=tuple(sources),
+        images=images, cost=cost, tokenizer=tokenizer, balance=balance, buckets=tuple(buckets), sources=tuple(sources),
         mixture=mixture, autoscale=autoscale, trainers=trainers,
     )

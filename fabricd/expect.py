@@ -24,9 +24,9 @@ import numpy as np
 
 from .assemble import UnitKey, apply_skip_records, assemble_micro_batch
 from .config import JobSpec
-from .job import build_planner, open_sources
+from .job import build_planner, job_tokenizer, open_sources, transform_spec
 from .planner import Planner
-from .sources.transform import SampleLoader, TransformSpec
+from .sources.transform import SampleLoader
 
 __all__ = ["ExpectedBatch", "BatchOracle", "expected_batches", "skips_from_logs"]
 
@@ -68,14 +68,11 @@ class BatchOracle:
                 log.warning("skip record of unknown source %r (sample %d, step %d) ignored", source, sample_id, step)
                 continue
             self.skips.setdefault(int(step), set()).add((index[source], int(sample_id), int(piece)))
-        indexes = open_sources(spec, progress=progress)
+        tokenizer = job_tokenizer(spec)
+        indexes = open_sources(spec, progress=progress, tokenizer=tokenizer)
         self.planner: Planner = build_planner(spec, indexes)
-        self.loaders = []
-        for s in spec.sources:
-            bucket = spec.bucket(s.bucket)
-            tspec = TransformSpec(max_seq_len=bucket.max_seq_len, long_samples=bucket.long_samples,
-                                  image_tokens=spec.tokens.image_tokens, image_size=spec.tokens.image_size)
-            self.loaders.append(SampleLoader(indexes[s.name], tspec))
+        self.loaders = [SampleLoader(indexes[s.name], transform_spec(spec, s.name), tokenizer=tokenizer)
+                        for s in spec.sources]
 
     def step(self, step: int) -> Iterator[ExpectedBatch]:
         """Every micro-batch of every rank at ``step``, in (rank, micro) order."""
@@ -93,7 +90,7 @@ class BatchOracle:
             for micro, rows in enumerate(micro_rows):
                 mb = assemble_micro_batch([loaded[i] for i in rows.tolist()], source_ids=plan.source[rows],
                                           sample_ids=plan.sample_id[rows], pieces=plan.piece[rows],
-                                          image_size=self.spec.tokens.image_size)
+                                          images=self.spec.images)
                 yield ExpectedBatch(step=step, dp_rank=rank, micro_batch=micro, num_micro_batches=len(micro_rows),
                                     checksum=mb.checksum, samples=mb.samples, tokens=mb.tokens,
                                     skipped=len(mb.skipped))

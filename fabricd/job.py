@@ -25,8 +25,10 @@ from .errors import FabricdError
 from .planner import CostModel, MixtureSchedule, Planner, build_units
 from .planner.worker import PlanWorker
 from .sources.index import SourceIndex, open_index, require_samples, skip_reasons
+from .sources.transform import TransformSpec, image_tokens_per_sample
+from .text import Tokenizer, load_tokenizer
 
-__all__ = ["JobRuntime", "open_sources", "build_planner", "PLAN_COLUMNS"]
+__all__ = ["JobRuntime", "open_sources", "build_planner", "job_tokenizer", "transform_spec", "PLAN_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +56,30 @@ def _by_step(units: Collection[SkipUnit], names: Mapping[str, int]) -> dict[int,
     return by_step
 
 
+def job_tokenizer(spec: JobSpec, *, roots: Sequence[Path] | None = None, parallel: bool = True) -> Tokenizer:
+    """The job's tokenizer (``[tokenizer]``), its file confined to ``roots`` when given."""
+    return load_tokenizer(spec.tokenizer, roots=roots, parallel=parallel)
+
+
+def transform_spec(spec: JobSpec, source: str) -> TransformSpec:
+    """How the units of ``source`` are made: its bucket's context and policy, the job's images."""
+    s = next(x for x in spec.sources if x.name == source)
+    bucket = spec.bucket(s.bucket)
+    return TransformSpec(max_seq_len=bucket.max_seq_len, long_samples=bucket.long_samples, images=spec.images)
+
+
 def open_sources(spec: JobSpec, *, index_dir: Path | None = None, progress: bool = False,
-                 roots: Sequence[Path] | None = None) -> dict[str, SourceIndex]:
-    """Open (building or reusing) the index of every source of ``spec``.
+                 roots: Sequence[Path] | None = None, tokenizer: Tokenizer | None = None) -> dict[str, SourceIndex]:
+    """Open (building or reusing) the index of every source of ``spec`` under the job's tokenizer
+    (``tokenizer``, loaded from the spec when None).
 
     Indexes live next to their source; ``index_dir`` is where they go when a source is read-only.
     ``roots``: the node's data roots, which every source must resolve inside (None: not confined,
     for offline tools).
     """
-    return {s.name: open_index(s.name, s.path, format=s.format, index_dir=index_dir, progress=progress, roots=roots)
+    tok = tokenizer if tokenizer is not None else job_tokenizer(spec, roots=roots)
+    return {s.name: open_index(s.name, s.path, format=s.format, index_dir=index_dir, progress=progress, roots=roots,
+                               tokenizer=tok)
             for s in spec.sources}
 
 
@@ -72,15 +89,18 @@ def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
     for s in spec.sources:
         bucket = spec.bucket(s.bucket)
         idx = indexes[s.name]
+        image_tokens, patches, patches_sq = image_tokens_per_sample(idx, spec.images)
         units.append(build_units(s.name, idx.text_tokens, idx.num_images, max_seq_len=bucket.max_seq_len,
-                                 long_samples=bucket.long_samples, image_tokens=spec.tokens.image_tokens))
+                                 long_samples=bucket.long_samples, image_tokens=image_tokens, patches=patches,
+                                 patches_sq=patches_sq))
     names = [s.name for s in spec.sources]
     return Planner(
         seed=spec.seed,
         samples_per_step=spec.batch.samples_per_step,
         micro_batch_tokens=spec.batch.micro_batch_tokens,
         schedule=MixtureSchedule(spec.mixture.kind, spec.mixture.as_points(), names),
-        cost=CostModel(attention=spec.cost.attention, linear=spec.cost.linear, per_image=spec.cost.per_image),
+        cost=CostModel(attention=spec.cost.attention, linear=spec.cost.linear, per_image=spec.cost.per_image,
+                       vision_attention=spec.cost.vision_attention, vision_linear=spec.cost.vision_linear),
         method=spec.balance,
         sources=units,
     )

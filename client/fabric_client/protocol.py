@@ -515,15 +515,18 @@ class LoadRequest(Message, tag="load_request"):
 class LoadReply(Message, tag="load_reply"):
     """Loaded units, in request order; ``errors`` lists ``[index, reason]`` of skipped ones.
 
-    Payload frames: input_ids (int32, all units concatenated), token_offsets (int64[count+1]),
-    image_starts (int32, all units), image_offsets (int64[count+1]), pixels (uint8, all images).
+    Payload frames (units concatenated; ``*_offsets`` are int64[count+1]): input_ids (int32),
+    token_offsets, image_starts (int32, per image), image_offsets, pixels (uint8: rows of
+    ``pixel_shape``, an image in fixed mode or a patch in native mode), pixel_offsets (rows),
+    image_lengths (int32, per image), image_grids (int32, 3 per image), targets (int32; a unit
+    has as many as tokens, or none), target_offsets.
     """
 
     job: Name
     source: Name
     req_id: Count
     count: Units
-    image_size: Count
+    pixel_shape: Bounded(Count, 3)
     errors: Bounded(tuple[Units, Text], 1 << 24) = []  # [index, reason]
 
 

@@ -514,7 +514,7 @@ class Constructor:
             mb = assemble_micro_batch(
                 [unit_of[i] for i in sel.tolist()],
                 source_ids=rows["source"][sel], sample_ids=rows["sample_id"][sel], pieces=rows["piece"][sel],
-                image_size=self.spec.tokens.image_size,
+                images=self.spec.images,
             )
             self.stats["skipped_units"] += len(mb.skipped)
             header = protocol.Batch(job=self.spec.name, step=build.step, dp_rank=rank, micro_batch=micro,

@@ -1,8 +1,9 @@
 """Loaded samples on the wire between a source loader and a data constructor.
 
-A ``LoadReply`` carries the units of one request as five flat frames (token ids, token offsets,
-image starts, image offsets, pixels) instead of one message per sample: one concatenation on
-the loader side, zero-copy ``np.frombuffer`` views on the constructor side.
+A ``LoadReply`` carries the units of one request as ten flat frames (tokens, image starts,
+pixels, image lengths, image grids and targets, each with its per-unit offsets where needed)
+instead of one message per sample: one concatenation on the loader side, zero-copy
+``np.frombuffer`` views on the constructor side.
 """
 
 from __future__ import annotations
@@ -16,53 +17,89 @@ from fabric_client import protocol
 from fabric_client.errors import ProtocolError
 
 from ..errors import SampleError
+from ..images import ImageSpec
 from ..sources.transform import SampleData
 
-__all__ = ["encode_load_reply", "decode_load_reply"]
+__all__ = ["encode_load_reply", "decode_load_reply", "pixel_shape"]
+
+_FRAMES = 10
+
+
+def pixel_shape(images: ImageSpec) -> tuple[int, ...]:
+    """The shape of one row of a unit's pixels: an image (fixed) or a patch (native)."""
+    if images.mode == "native":
+        return (images.patch_dim,)
+    return (images.image_size, images.image_size, 3)
+
+
+def _offsets(sizes: list[int]) -> np.ndarray:
+    out = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes, out=out[1:])
+    return out
 
 
 def encode_load_reply(
-    request: protocol.LoadRequest, results: Sequence[SampleData | SampleError], image_size: int
+    request: protocol.LoadRequest, results: Sequence[SampleData | SampleError], images: ImageSpec
 ) -> list[Any]:
     """Frames of the ``LoadReply`` answering ``request`` with ``results`` (in request order)."""
-    n = len(results)
-    tok_off = np.zeros(n + 1, np.int64)
-    img_off = np.zeros(n + 1, np.int64)
-    ids, starts, pixels, errors = [], [], [], []
-    for i, r in enumerate(results):
-        if isinstance(r, SampleData):
-            ids.append(r.input_ids)
-            starts.append(r.image_starts)
-            pixels.append(r.pixels)
-            tok_off[i + 1] = len(r.input_ids)
-            img_off[i + 1] = len(r.image_starts)
-        else:
-            errors.append([i, r.reason])
-    np.cumsum(tok_off, out=tok_off)
-    np.cumsum(img_off, out=img_off)
-    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)  # noqa: E731
-    reply = protocol.LoadReply(job=request.job, source=request.source, req_id=request.req_id, count=n,
-                               image_size=image_size, errors=errors)
-    px = np.concatenate([p.reshape(-1) for p in pixels]) if pixels else np.zeros(0, np.uint8)
-    return protocol.encode(reply, (cat(ids, np.int32), tok_off, cat(starts, np.int32), img_off, px))
+    shape = pixel_shape(images)
+    ok = [r for r in results if isinstance(r, SampleData)]
+    errors = [[i, r.reason] for i, r in enumerate(results) if not isinstance(r, SampleData)]
+
+    def sizes(f) -> list[int]:
+        return [f(r) if isinstance(r, SampleData) else 0 for r in results]
+
+    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate([np.asarray(p, dtype).reshape(-1) for p in parts]) if parts else np.zeros(0, dtype)
+
+    def lengths(r: SampleData) -> np.ndarray:
+        if r.image_lengths is not None:
+            return r.image_lengths
+        return np.full(len(r.image_starts), images.image_tokens, np.int32)
+
+    def grids(r: SampleData) -> np.ndarray:
+        return r.image_grid if r.image_grid is not None else np.zeros((len(r.image_starts), 3), np.int32)
+
+    reply = protocol.LoadReply(job=request.job, source=request.source, req_id=request.req_id, count=len(results),
+                               pixel_shape=list(shape), errors=errors)
+    with_targets = [r for r in ok if r.targets is not None]
+    frames = (
+        cat([r.input_ids for r in ok], np.int32), _offsets(sizes(lambda r: len(r.input_ids))),
+        cat([r.image_starts for r in ok], np.int32), _offsets(sizes(lambda r: len(r.image_starts))),
+        cat([r.pixels for r in ok], np.uint8), _offsets(sizes(lambda r: r.pixels.shape[0])),
+        cat([lengths(r) for r in ok], np.int32), cat([grids(r) for r in ok], np.int32),
+        cat([r.targets for r in with_targets], np.int32),
+        _offsets(sizes(lambda r: len(r.targets) if r.targets is not None else 0)),
+    )
+    return protocol.encode(reply, frames)
 
 
 def decode_load_reply(reply: protocol.LoadReply, frames: Sequence[Any]) -> list[SampleData | str]:
     """Per unit: a ``SampleData`` viewing the frames, or the reason it could not be loaded."""
-    if len(frames) != 5:
-        raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply has {len(frames)} payload frames, expected 5")
+    if len(frames) != _FRAMES:
+        raise ProtocolError(protocol.ErrorCode.MALFORMED,
+                            f"load_reply has {len(frames)} payload frames, expected {_FRAMES}")
     buf = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    n = reply.count
     try:
         ids = np.frombuffer(buf[0], np.int32)
         tok_off = np.frombuffer(buf[1], np.int64)
         starts = np.frombuffer(buf[2], np.int32)
         img_off = np.frombuffer(buf[3], np.int64)
-        s = reply.image_size
-        px = np.frombuffer(buf[4], np.uint8).reshape(-1, s, s, 3)
+        shape = tuple(int(x) for x in reply.pixel_shape)
+        if not shape or any(x <= 0 for x in shape):
+            raise ValueError(f"pixel_shape {list(shape)}")
+        px = np.frombuffer(buf[4], np.uint8).reshape(-1, *shape)
+        px_off = np.frombuffer(buf[5], np.int64)
+        img_len = np.frombuffer(buf[6], np.int32)
+        grids = np.frombuffer(buf[7], np.int32).reshape(-1, 3)
+        targets = np.frombuffer(buf[8], np.int32)
+        tgt_off = np.frombuffer(buf[9], np.int64)
     except ValueError as e:
         raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply frames: {e}") from e
-    n = reply.count
-    if len(tok_off) != n + 1 or len(img_off) != n + 1 or tok_off[-1] != len(ids) or img_off[-1] != len(px):
+    offsets = ((tok_off, len(ids)), (img_off, len(starts)), (px_off, len(px)), (tgt_off, len(targets)))
+    if (any(len(off) != n + 1 or off[0] != 0 or off[-1] != size or np.any(np.diff(off) < 0) for off, size in offsets)
+            or len(img_len) != len(starts) or len(grids) != len(starts)):
         raise ProtocolError(protocol.ErrorCode.MALFORMED, "load_reply offsets do not match its frames")
     out: list[SampleData | str] = []
     failed = {int(i): str(reason) for i, reason in reply.errors}
@@ -70,9 +107,16 @@ def decode_load_reply(reply: protocol.LoadReply, frames: Sequence[Any]) -> list[
         if i in failed:
             out.append(failed[i])
             continue
+        t0, t1 = tok_off[i], tok_off[i + 1]
+        g0, g1 = tgt_off[i], tgt_off[i + 1]
+        if g1 != g0 and g1 - g0 != t1 - t0:
+            raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {i}: targets do not match its tokens")
         out.append(SampleData(
-            input_ids=ids[tok_off[i]:tok_off[i + 1]],
+            input_ids=ids[t0:t1],
             image_starts=starts[img_off[i]:img_off[i + 1]],
-            pixels=px[img_off[i]:img_off[i + 1]],
+            pixels=px[px_off[i]:px_off[i + 1]],
+            image_lengths=img_len[img_off[i]:img_off[i + 1]],
+            image_grid=grids[img_off[i]:img_off[i + 1]],
+            targets=targets[g0:g1] if g1 != g0 else None,
         ))
     return out

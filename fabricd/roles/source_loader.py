@@ -22,8 +22,9 @@ from fabric_client.errors import ProtocolError
 from ..config import parse_job_spec
 from ..errors import SampleError
 from ..failpoints import failpoint, fails
+from ..job import job_tokenizer, transform_spec
 from ..sources.index import open_index
-from ..sources.transform import SampleLoader, TransformSpec
+from ..sources.transform import SampleLoader
 from .base import DaemonLink, RoleArgs, StopFlag, role_sockets
 from .sample_wire import encode_load_reply
 
@@ -40,13 +41,11 @@ def run_source_loader(args: RoleArgs) -> int:
         spec = parse_job_spec(f.read(), args.spec_origin)
     source_name = args.extra["source"]
     source = next(s for s in spec.sources if s.name == source_name)
-    bucket = spec.bucket(source.bucket)
     roots = [Path(p) for p in args.extra["data_roots"]]  # the node's: nothing outside them is read
+    tokenizer = job_tokenizer(spec, roots=roots, parallel=False)  # one process of a pool: one thread
     index = open_index(source.name, source.path, format=source.format, index_dir=Path(args.extra["index_dir"]),
-                       roots=roots)
-    tspec = TransformSpec(max_seq_len=bucket.max_seq_len, long_samples=bucket.long_samples,
-                          image_tokens=spec.tokens.image_tokens, image_size=spec.tokens.image_size)
-    loader = SampleLoader(index, tspec, roots=roots)
+                       roots=roots, tokenizer=tokenizer)
+    loader = SampleLoader(index, transform_spec(spec, source.name), roots=roots, tokenizer=tokenizer)
 
     stop = StopFlag(args.parent_pid)
     ctx = zmq.Context()
@@ -87,7 +86,7 @@ def run_source_loader(args: RoleArgs) -> int:
             stats["requests"] += 1
             stats["units"] += len(results)
             stats["failed_units"] += sum(isinstance(r, SampleError) for r in results)
-            _send(sock, identity, encode_load_reply(msg, results, spec.tokens.image_size))
+            _send(sock, identity, encode_load_reply(msg, results, spec.images))
     finally:
         link.close()
         sock.close(linger=0)

@@ -87,19 +87,24 @@ samples by id; :class:`SampleLoader` reads, decodes and transforms units by
 :mod:`fabricd.sources.transform`.
 """
 
+from fabricd.sources.formats import FORMAT_NAMES, REGISTRY, RawSample, SourceFormat
 from fabricd.sources.index import INDEX_VERSION, SourceIndex, open_index, require_samples, skip_reasons, source_fingerprint
-from fabricd.sources.reader import RawSample, SourceReader
+from fabricd.sources.reader import SourceReader
 from fabricd.sources.transform import (
     SampleData,
     SampleLoader,
     TransformSpec,
     decode_image,
+    image_tokens_per_sample,
     num_pieces,
     transform,
     unit_lengths,
 )
 
 __all__ = [
+    "FORMAT_NAMES",
+    "REGISTRY",
+    "SourceFormat",
     "INDEX_VERSION",
     "SourceIndex",
     "open_index",
@@ -113,6 +118,7 @@ __all__ = [
     "SampleLoader",
     "transform",
     "decode_image",
+    "image_tokens_per_sample",
     "num_pieces",
     "unit_lengths",
 ]

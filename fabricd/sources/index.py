@@ -9,6 +9,7 @@ fingerprint (file names, sizes and mtimes) is unchanged.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -16,16 +17,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fabricd.errors import SourceError
-from fabricd.sources.roots import check_in_roots, escapes_dir, outside_roots
-from fabricd.tokenizer import IMAGE_PLACEHOLDER, TOKENIZER_ID, text_token_counts
+from fabricd.sources.formats import BY_EXTENSION, REGISTRY, FileIndex, IndexContext, SourceFormat
+from fabricd.sources.roots import check_in_roots, outside_roots
+from fabricd.text import Tokenizer, load_tokenizer
 
 __all__ = [
     "INDEX_VERSION",
@@ -35,7 +36,6 @@ __all__ = [
     "list_data_files",
     "infer_format",
     "index_path",
-    "image_bytes_array",
     "open_index",
     "require_samples",
     "skip_reasons",
@@ -44,16 +44,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bump when the index layout or the meaning of a column changes; old indexes are rebuilt.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 #: Source formats and the file extensions that belong to them.
-FORMATS: dict[str, tuple[str, ...]] = {"parquet": (".parquet",), "jsonl": (".jsonl",)}
+FORMATS: dict[str, tuple[str, ...]] = {name: f.extensions for name, f in REGISTRY.items()}
 
 _INDEX_DIRNAME = ".fabricd-index"
-_FILE_INDEX_SUFFIX = ".fabricd-index.parquet"
+_FILE_INDEX_MARK = ".fabricd-index"
 _META_KEY = b"fabricd.index"
-_BATCH_ROWS = 4096          # text-only files
-_BATCH_ROWS_IMAGES = 256    # files with images: bounds the encoded bytes held while indexing
-_JSONL_CHUNK_LINES = 8192
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,8 +58,14 @@ class SourceIndex:
     """The metadata of one source; row ``i`` describes sample id ``i``.
 
     ``files`` are relative to ``root`` for a directory source, or the file's own name for a
-    single-file source (see :attr:`base_dir`). ``row`` is the row within the Parquet file, or the
-    byte offset of the line in the JSONL file. ``text_tokens`` includes the EOS token.
+    single-file source (see :attr:`base_dir`). ``row`` and ``extent`` locate a sample in its
+    file, as its format defines (the Parquet row, the byte offset of a JSONL line, ...).
+    ``text_tokens`` counts the sample's tokens without its images, BOS/EOS included, under the
+    job's tokenizer (``tokenizer`` is its identity; ``"tokens"`` for a pre-tokenized format).
+
+    Per image (``image_*``, ``num_images.sum()`` rows, sample 0's images first; the images of
+    sample ``i`` are ``image_start[i]:image_start[i + 1]``): encoded size, where it is (format
+    defined), and height and width read from the header (-1: unreadable).
     """
 
     name: str
@@ -70,11 +73,16 @@ class SourceIndex:
     format: str
     files: tuple[str, ...]
     fingerprint: str
+    tokenizer: str
     file_idx: np.ndarray
     row: np.ndarray
+    extent: np.ndarray
     text_tokens: np.ndarray
     num_images: np.ndarray
-    image_bytes: np.ndarray
+    image_len: np.ndarray
+    image_loc: np.ndarray
+    image_h: np.ndarray
+    image_w: np.ndarray
     files_skipped: tuple[tuple[str, str], ...]
     rows_skipped: int
 
@@ -87,6 +95,21 @@ class SourceIndex:
     def base_dir(self) -> Path:
         """The directory ``files`` are relative to."""
         return self.root if self.root.is_dir() else self.root.parent
+
+    @functools.cached_property
+    def image_start(self) -> np.ndarray:
+        """int64[N + 1]: the images of sample ``i`` are rows ``image_start[i]:image_start[i+1]``."""
+        out = np.zeros(self.num_samples + 1, np.int64)
+        np.cumsum(self.num_images, out=out[1:])
+        return out
+
+    @functools.cached_property
+    def image_bytes(self) -> np.ndarray:
+        """int64[N]: encoded bytes of each sample's images."""
+        if not self.image_len.size:
+            return np.zeros(self.num_samples, np.int64)
+        owner = np.repeat(np.arange(self.num_samples), self.num_images)
+        return np.bincount(owner, weights=self.image_len, minlength=self.num_samples).astype(np.int64)
 
     def file_path(self, file_idx: int) -> Path:
         """Absolute path of data file ``file_idx``."""
@@ -120,7 +143,7 @@ def require_samples(index: SourceIndex) -> None:
 
 
 def _is_data_file(rel: Path, exts: tuple[str, ...]) -> bool:
-    if rel.name.endswith(_FILE_INDEX_SUFFIX):
+    if _FILE_INDEX_MARK in rel.name:
         return False
     if any(part.startswith((".", "_")) for part in rel.parts):
         return False  # hidden files, our index dir, Spark/Hadoop markers (_SUCCESS, _metadata)
@@ -131,10 +154,10 @@ def list_data_files(root: Path, format: str | None = None) -> list[str]:
     """Data files of a source, sorted by relative path (POSIX separators).
 
     A directory source holds every file with the format's extension below it, recursively,
-    except hidden paths and paths starting with ``_``; ``format=None`` collects every known
-    extension. A single-file source is just that file's name.
+    except hidden paths and paths starting with ``_``; ``format=None`` collects every extension
+    ``format = "auto"`` knows. A single-file source is just that file's name.
     """
-    exts = FORMATS[format] if format is not None else tuple(e for v in FORMATS.values() for e in v)
+    exts = FORMATS[format] if format is not None else tuple(BY_EXTENSION)
     if root.is_file():
         return [root.name]
     out = []
@@ -149,265 +172,136 @@ def list_data_files(root: Path, format: str | None = None) -> list[str]:
 
 
 def infer_format(root: Path) -> str:
-    """The format of a source from its files' extensions. Raises SourceError on none or a mix."""
+    """The format of a source from its files' extensions (and, for Parquet, the first file's
+    columns: ``input_ids`` without ``text`` is pre-tokenized). Raises SourceError on no data
+    files or a mix."""
     found = set()
-    for rel in list_data_files(root, None):
-        suffix = Path(rel).suffix.lower()
-        for fmt, exts in FORMATS.items():
-            if suffix in exts:
-                found.add(fmt)
+    files = list_data_files(root, None)
+    for rel in files:
+        fmt = BY_EXTENSION.get(Path(rel).suffix.lower())
+        if fmt is not None:
+            found.add(fmt)
     if not found:
-        raise SourceError(f"{root}: no data files (expected one of {sorted(FORMATS)} by extension)")
+        raise SourceError(f"{root}: no data files (expected one of {sorted(BY_EXTENSION)} by extension)")
     if len(found) > 1:
         raise SourceError(f"{root}: mixed formats {sorted(found)}; split them into separate sources")
-    return found.pop()
+    fmt = found.pop()
+    if fmt == "parquet":
+        base = root if root.is_dir() else root.parent
+        try:
+            names = pq.read_schema(base / files[0]).names
+        except Exception:  # noqa: BLE001 - indexing records why the file is unreadable
+            names = []
+        if "input_ids" in names and "text" not in names:
+            fmt = "parquet-tokens"
+    return fmt
 
 
-def source_fingerprint(root: Path, format: str) -> str:
-    """A hex digest of the source's data files' (relative path, size, mtime_ns), the index
-    version and the tokenizer. Reads no data; changes whenever a file is added, removed or
-    rewritten. (For JSONL, image files referenced by the lines are not part of it.)"""
+def _token_identity(fmt: SourceFormat, tokenizer: Tokenizer) -> str:
+    return "tokens" if fmt.tokenized else tokenizer.identity
+
+
+def source_fingerprint(root: Path, format: str, tokenizer: str | None = None) -> str:
+    """A hex digest of the source's data files' (and their companions') relative path, size and
+    mtime, the index version, the format and the tokenizer identity (``tokenizer``; None: the
+    byte tokenizer's; ignored by pre-tokenized formats). Reads no data; changes whenever a file
+    is added, removed or rewritten. (For JSONL, image files referenced by the lines are not part
+    of it.)"""
     root = Path(root)
+    fmt = REGISTRY[format]
+    ident = _token_identity(fmt, load_tokenizer(None)) if tokenizer is None else tokenizer
+    if fmt.tokenized:
+        ident = "tokens"
     base = root if root.is_dir() else root.parent
     h = hashlib.sha256()
-    h.update(f"fabricd-index v{INDEX_VERSION} {TOKENIZER_ID} {format}\n".encode())
+    h.update(f"fabricd-index v{INDEX_VERSION} {ident} {format}\n".encode())
     for rel in list_data_files(root, format):
-        st = os.stat(base / rel)
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for name in [rel] + fmt.companions(rel):
+            st = os.stat(base / name)
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- building
 
 
-@dataclass
-class _Columns:
-    file_idx: list[np.ndarray]
-    row: list[np.ndarray]
-    text_tokens: list[np.ndarray]
-    num_images: list[np.ndarray]
-    image_bytes: list[np.ndarray]
-
-    def add(self, fi: int, row: np.ndarray, tokens: np.ndarray, nimg: np.ndarray, ibytes: np.ndarray) -> None:
-        self.file_idx.append(np.full(row.shape[0], fi, dtype=np.int32))
-        self.row.append(row.astype(np.int64, copy=False))
-        self.text_tokens.append(tokens.astype(np.int32, copy=False))
-        self.num_images.append(nimg.astype(np.int32, copy=False))
-        self.image_bytes.append(ibytes.astype(np.int64, copy=False))
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
-
-        return {
-            "file_idx": cat(self.file_idx, np.int32),
-            "row": cat(self.row, np.int64),
-            "text_tokens": cat(self.text_tokens, np.int32),
-            "num_images": cat(self.num_images, np.int32),
-            "image_bytes": cat(self.image_bytes, np.int64),
-        }
-
-
-def image_bytes_array(images: pa.Array) -> pa.Array:
-    """The flat array of encoded image bytes of a list-typed ``images`` column.
-
-    Accepts ``list<binary>`` (the schema) and ``list<struct<bytes: binary, ...>>`` (how Hugging
-    Face ``datasets`` stores images). Raises ValueError for any other type.
-    """
-    flat = pc.list_flatten(images)
-    if pa.types.is_struct(flat.type):
-        if flat.type.get_field_index("bytes") < 0:
-            raise ValueError(f"images column of type {images.type} has no 'bytes' field")
-        flat = pc.struct_field(flat, "bytes")
-    if not (pa.types.is_binary(flat.type) or pa.types.is_large_binary(flat.type)):
-        raise ValueError(f"images column must be list<binary>, got {images.type}")
-    return flat
-
-
-def _check_images_type(t: pa.DataType) -> None:
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
-        raise ValueError(f"images column must be list<binary>, got {t}")
-    vt = t.value_type
-    if pa.types.is_struct(vt):
-        if vt.get_field_index("bytes") < 0:
-            raise ValueError(f"images column of type {t} has no 'bytes' field")
-        vt = vt.field("bytes").type
-    if not (pa.types.is_binary(vt) or pa.types.is_large_binary(vt)):
-        raise ValueError(f"images column must be list<binary>, got {t}")
-
-
-def _check_text_type(t: pa.DataType) -> None:
-    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-        raise ValueError(f"text column must be a string column, got {t}")
-
-
-def _index_parquet_file(path: Path) -> tuple[np.ndarray, ...]:
-    """(row, text_tokens, num_images, image_bytes, null_rows) of one Parquet file."""
-    pf = pq.ParquetFile(path)
-    try:
-        names = pf.schema_arrow.names
-        if "text" not in names:
-            raise ValueError(f"no 'text' column (columns: {names})")
-        _check_text_type(pf.schema_arrow.field("text").type)
-        has_images = "images" in names
-        if has_images:
-            _check_images_type(pf.schema_arrow.field("images").type)
-        columns = ["text", "images"] if has_images else ["text"]
-        rows, tokens, nimgs, ibytes = [], [], [], []
-        start = 0
-        batch_rows = _BATCH_ROWS_IMAGES if has_images else _BATCH_ROWS
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
-            n = batch.num_rows
-            tok = text_token_counts(batch.column(0))
-            if has_images:
-                images = batch.column(1)
-                nimg = pc.fill_null(pc.list_value_length(images), 0).to_numpy(zero_copy_only=False)
-                lengths = pc.fill_null(pc.binary_length(image_bytes_array(images)), 0)
-                parents = pc.list_parent_indices(images).to_numpy(zero_copy_only=False)
-                ib = np.bincount(parents, weights=lengths.to_numpy(zero_copy_only=False), minlength=n)
-            else:
-                nimg = np.zeros(n, np.int32)
-                ib = np.zeros(n, np.int64)
-            keep = tok >= 0
-            rows.append(np.arange(start, start + n, dtype=np.int64)[keep])
-            tokens.append(tok[keep])
-            nimgs.append(nimg[keep])
-            ibytes.append(np.rint(ib[keep]).astype(np.int64))
-            start += n
-    finally:
-        pf.close()
-    kept = sum(r.shape[0] for r in rows)
-    cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
-    return (cat(rows, np.int64), cat(tokens, np.int32), cat(nimgs, np.int32), cat(ibytes, np.int64),
-            np.int64(start - kept))
-
-
-def _iter_lines(f) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    for line in f:
-        yield offset, line
-        offset += len(line)
-
-
-def _parse_jsonl_line(line: bytes) -> tuple[str, list[str]] | None:
-    """(text, image paths) of one JSONL line, or None when it is malformed."""
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict):
-        return None
-    text = obj.get("text")
-    if not isinstance(text, str):
-        return None
-    images = obj.get("images")
-    if images is None:
-        images = []
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        return None
-    return text, images
-
-
-def _index_jsonl_file(path: Path, on_bytes, source_dir: Path) -> tuple[np.ndarray, ...]:
-    """Index columns of one JSONL file. Image sizes are read only for images inside
-    ``source_dir`` (resolved): an image leading out of it fails its sample when it is read."""
-    rows: list[int] = []
-    tokens: list[int] = []
-    nimgs: list[int] = []
-    ibytes: list[int] = []
-    malformed = 0
-    base = path.parent
-    pending = 0
-    with open(path, "rb") as f:
-        for offset, line in _iter_lines(f):
-            pending += len(line)
-            if pending >= (4 << 20):
-                on_bytes(pending)
-                pending = 0
-            if not line.strip():
-                continue
-            parsed = _parse_jsonl_line(line)
-            if parsed is None:
-                malformed += 1
-                continue
-            text, images = parsed
-            try:
-                data = text.encode("utf-8")
-            except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes
-                malformed += 1
-                continue
-            size = 0
-            for p in images:
-                if escapes_dir(base / p, source_dir) is not None:
-                    continue  # never stat outside the source; the reader fails this sample
-                try:
-                    size += os.stat(base / p).st_size
-                except (OSError, ValueError):  # ValueError: a NUL byte in the path
-                    pass  # the reader fails this sample later; it is skipped then
-            rows.append(offset)
-            tokens.append(len(data) - len(IMAGE_PLACEHOLDER) * data.count(IMAGE_PLACEHOLDER.encode()) + 1)
-            nimgs.append(len(images))
-            ibytes.append(size)
-    on_bytes(pending)
-    return (np.asarray(rows, np.int64), np.asarray(tokens, np.int32), np.asarray(nimgs, np.int32),
-            np.asarray(ibytes, np.int64), np.int64(malformed))
-
-
-def _build(name: str, root: Path, format: str, files: list[str], fingerprint: str,
+def _build(name: str, root: Path, fmt: SourceFormat, files: list[str], fingerprint: str, tokenizer: Tokenizer,
            progress: bool) -> SourceIndex:
     base = root if root.is_dir() else root.parent
-    source_dir = base.resolve()
-    cols = _Columns([], [], [], [], [])
-    skipped: list[tuple[str, str]] = []
-    rows_skipped = 0
-    total = 0
-    for rel in files:
-        try:
-            total += os.stat(base / rel).st_size
-        except OSError:
-            pass
+    total = sum(fmt.data_size(base / rel) for rel in files)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"indexing {name}", leave=False)
     on_bytes = bar.update if bar is not None else (lambda n: None)
+    ctx = IndexContext(tokenizer, base.resolve(), on_bytes)
+    parts: list[tuple[int, FileIndex]] = []
+    skipped: list[tuple[str, str]] = []
+    rows_skipped = 0
     try:
         for fi, rel in enumerate(files):
             path = base / rel
             try:
-                if format == "parquet":
-                    row, tok, nimg, ib, bad = _index_parquet_file(path)
-                    on_bytes(os.stat(path).st_size)
-                else:
-                    row, tok, nimg, ib, bad = _index_jsonl_file(path, on_bytes, source_dir)
+                got = fmt.index_file(path, ctx)
             except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never fatal
                 reason = f"{type(e).__name__}: {e}"
                 log.warning("source %r: skipping unreadable file %s: %s", name, path, reason)
                 skipped.append((rel, reason))
                 continue
-            cols.add(fi, row, tok, nimg, ib)
-            rows_skipped += int(bad)
+            parts.append((fi, got))
+            rows_skipped += int(got.skipped)
     finally:
         if bar is not None:
             bar.close()
-    arrays = cols.arrays()
     if rows_skipped:
         log.warning("source %r: skipped %d rows (null text or malformed line)", name, rows_skipped)
-    return SourceIndex(name=name, root=root, format=format, files=tuple(files), fingerprint=fingerprint,
-                       files_skipped=tuple(skipped), rows_skipped=rows_skipped, **arrays)
+    arrays = _concat(parts)
+    return SourceIndex(name=name, root=root, format=fmt.name, files=tuple(files), fingerprint=fingerprint,
+                       tokenizer=_token_identity(fmt, tokenizer), files_skipped=tuple(skipped),
+                       rows_skipped=rows_skipped, **arrays)
+
+
+def _concat(parts: list[tuple[int, FileIndex]]) -> dict[str, np.ndarray]:
+    def cat(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
+
+    text_tokens = cat([p.text_tokens for _, p in parts], np.int64)
+    if text_tokens.size and int(text_tokens.max()) >= 2**31:
+        raise SourceError(f"a sample of {int(text_tokens.max())} tokens does not fit the index (int32)")
+    return {
+        "file_idx": cat([np.full(p.row.shape[0], fi, np.int32) for fi, p in parts], np.int32),
+        "row": cat([p.row for _, p in parts], np.int64),
+        "extent": cat([p.extent for _, p in parts], np.int64),
+        "text_tokens": text_tokens.astype(np.int32),
+        "num_images": cat([p.num_images for _, p in parts], np.int32),
+        "image_len": cat([p.image_len for _, p in parts], np.int64),
+        "image_loc": cat([p.image_loc for _, p in parts], np.int64),
+        "image_h": cat([p.image_h for _, p in parts], np.int32),
+        "image_w": cat([p.image_w for _, p in parts], np.int32),
+    }
 
 
 # --------------------------------------------------------------------------- persistence
 
-_COLUMNS = ("file_idx", "row", "text_tokens", "num_images", "image_bytes")
+_SAMPLE_COLUMNS = ("file_idx", "row", "extent", "text_tokens", "num_images")
+_IMAGE_COLUMNS = ("image_len", "image_loc", "image_h", "image_w")
 
 
-def index_path(root: Path, fingerprint: str) -> Path:
-    """Where the index of ``root`` with this fingerprint lives next to the source."""
+def _tag(tokenizer: str) -> str:
+    """A short name for a tokenizer identity in index file names ("" for the byte tokenizer's
+    and pre-tokenized formats', which keeps their files where version 1 put them)."""
+    if tokenizer == "tokens" or tokenizer.startswith("bytes-"):
+        return ""
+    return "-" + hashlib.sha256(tokenizer.encode()).hexdigest()[:10]
+
+
+def index_path(root: Path, fingerprint: str, tokenizer: str = "") -> Path:
+    """Where the index of ``root`` with this fingerprint lives next to the source. Indexes of
+    one source under different tokenizers live side by side."""
     if root.is_dir():
         return root / _INDEX_DIRNAME / f"index-{fingerprint[:16]}.parquet"
-    return root.with_name(root.name + _FILE_INDEX_SUFFIX)
+    return root.with_name(f"{root.name}{_FILE_INDEX_MARK}{_tag(tokenizer)}.parquet")
 
 
 def _fallback_path(index_dir: Path, name: str, root: Path, fingerprint: str) -> Path:
@@ -419,14 +313,18 @@ def _fallback_path(index_dir: Path, name: str, root: Path, fingerprint: str) -> 
 def _write(index: SourceIndex, path: Path) -> None:
     meta = {
         "version": INDEX_VERSION,
-        "tokenizer": TOKENIZER_ID,
+        "tokenizer": index.tokenizer,
         "fingerprint": index.fingerprint,
         "format": index.format,
         "files": list(index.files),
         "files_skipped": [list(x) for x in index.files_skipped],
         "rows_skipped": index.rows_skipped,
     }
-    table = pa.table({c: getattr(index, c) for c in _COLUMNS})
+    offsets = pa.array(index.image_start, type=pa.int64())
+    columns = {c: getattr(index, c) for c in _SAMPLE_COLUMNS}
+    for c in _IMAGE_COLUMNS:  # one list per sample: the per-image rows of that sample
+        columns[c] = pa.LargeListArray.from_arrays(offsets, pa.array(getattr(index, c)))
+    table = pa.table(columns)
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -469,34 +367,49 @@ def _load(path: Path, name: str, root: Path, format: str, fingerprint: str) -> S
         if meta.get("version") != INDEX_VERSION or meta.get("fingerprint") != fingerprint:
             return None
         table = pq.read_table(path)
-        arrays = {c: table.column(c).to_numpy() for c in _COLUMNS}
+        arrays = {c: table.column(c).to_numpy() for c in _SAMPLE_COLUMNS}
+        for c in _IMAGE_COLUMNS:
+            arrays[c] = table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     except Exception as e:  # noqa: BLE001 - a broken index is rebuilt
         log.info("source %r: index %s unreadable (%s); rebuilding", name, path, e)
         return None
+    types = {"file_idx": np.int32, "row": np.int64, "extent": np.int64, "text_tokens": np.int32,
+             "num_images": np.int32, "image_len": np.int64, "image_loc": np.int64, "image_h": np.int32,
+             "image_w": np.int32}
     return SourceIndex(
         name=name, root=root, format=format, files=tuple(meta["files"]), fingerprint=fingerprint,
-        file_idx=arrays["file_idx"].astype(np.int32, copy=False),
-        row=arrays["row"].astype(np.int64, copy=False),
-        text_tokens=arrays["text_tokens"].astype(np.int32, copy=False),
-        num_images=arrays["num_images"].astype(np.int32, copy=False),
-        image_bytes=arrays["image_bytes"].astype(np.int64, copy=False),
+        tokenizer=str(meta["tokenizer"]), **{c: arrays[c].astype(t, copy=False) for c, t in types.items()},
         files_skipped=tuple((str(a), str(b)) for a, b in meta["files_skipped"]),
         rows_skipped=int(meta["rows_skipped"]),
     )
 
 
-def _candidates(path: Path) -> list[Path]:
-    """Existing index files that share ``path``'s location (older fingerprints included)."""
+def _candidates(path: Path, tokenizer: str | None = None) -> list[Path]:
+    """Existing index files that share ``path``'s location (older fingerprints included); with
+    ``tokenizer``, only those built with it (or unreadable): other tokenizers' indexes of the same
+    source are other jobs' and stay."""
     if path.name.startswith("index-"):
         if not path.parent.is_dir():
             return []
-        return sorted(p for p in path.parent.glob("index-*.parquet") if p.is_file())
-    return [path] if path.is_file() else []
+        found = sorted(p for p in path.parent.glob("index-*.parquet") if p.is_file())
+    else:
+        found = [path] if path.is_file() else []
+    if tokenizer is None:
+        return found
+    out = []
+    for p in found:
+        try:
+            if _read_meta(p).get("tokenizer") != tokenizer:
+                continue
+        except Exception:  # noqa: BLE001 - unreadable: ours to replace
+            pass
+        out.append(p)
+    return out
 
 
-def _why_rebuild(paths: list[Path]) -> str:
+def _why_rebuild(paths: list[Path], tokenizer: str) -> str:
     for loc in paths:
-        for old in _candidates(loc):
+        for old in _candidates(loc, tokenizer):
             try:
                 meta = _read_meta(old)
             except Exception:  # noqa: BLE001
@@ -507,8 +420,8 @@ def _why_rebuild(paths: list[Path]) -> str:
     return "no index"
 
 
-def _remove_stale(path: Path, keep: Path) -> None:
-    for old in _candidates(path):
+def _remove_stale(path: Path, keep: Path, tokenizer: str) -> None:
+    for old in _candidates(path, tokenizer):
         if old != keep:
             try:
                 old.unlink()
@@ -518,14 +431,19 @@ def _remove_stale(path: Path, keep: Path) -> None:
 
 
 def open_index(name: str, path: str | Path, *, format: str | None = None, index_dir: Path | None = None,
-               progress: bool = False, rebuild: bool = False,
-               roots: Sequence[Path] | None = None) -> SourceIndex:
+               progress: bool = False, rebuild: bool = False, roots: Sequence[Path] | None = None,
+               tokenizer: Tokenizer | None = None) -> SourceIndex:
     """The index of the source at ``path`` (a directory or a single file), built if needed.
 
     Reuses the persisted index when its fingerprint matches the source; otherwise (or with
     ``rebuild=True``) builds it, writes it atomically next to the source (or under
     ``index_dir`` when that location is not writable) and removes indexes of older
-    fingerprints there. Unreadable files and bad rows are skipped and recorded, never fatal.
+    fingerprints there built with the same tokenizer. Unreadable files and bad rows are skipped
+    and recorded, never fatal.
+
+    ``tokenizer``: the job's (:func:`fabricd.text.load_tokenizer`); None is the byte tokenizer.
+    Token counts, and so the index and its fingerprint, depend on it, except for pre-tokenized
+    formats.
 
     ``roots`` are the node's data roots (:mod:`fabricd.sources.roots`): the source and each of its
     data files must resolve inside one of them, else nothing of it is read. ``None`` reads with
@@ -535,6 +453,7 @@ def open_index(name: str, path: str | Path, *, format: str | None = None, index_
     Raises SourceError for a source outside ``roots``, a missing path, a source without data
     files, an unknown or mixed format, or when the index can be written nowhere.
     """
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None)
     root = Path(path).expanduser()
     if roots is not None:
         problem = outside_roots(root, roots)  # before anything is looked at, even its existence
@@ -547,13 +466,15 @@ def open_index(name: str, path: str | Path, *, format: str | None = None, index_
         format = infer_format(root)
     elif format not in FORMATS:
         raise SourceError(f"source {name!r}: {root}: unknown format {format!r} (known: {sorted(FORMATS)})")
+    fmt = REGISTRY[format]
     files = list_data_files(root, format)
     if not files:
         raise SourceError(f"source {name!r}: {root}: no {format} data files")
     if roots is not None:
         check_in_roots(name, root, files, roots)
-    fp = source_fingerprint(root, format)
-    primary = index_path(root, fp)
+    ident = _token_identity(fmt, tokenizer)
+    fp = source_fingerprint(root, format, ident)
+    primary = index_path(root, fp, ident)
     fallback = _fallback_path(index_dir, name, root, fp) if index_dir is not None else None
     locations = [primary] + ([fallback] if fallback is not None else [])
     if roots is not None and outside_roots(primary, roots):  # a symlinked .fabricd-index leading out
@@ -569,12 +490,12 @@ def open_index(name: str, path: str | Path, *, format: str | None = None, index_
             if found is not None:
                 log.debug("source %r: reusing index %s", name, loc)
                 return found
-        reason = _why_rebuild(locations)
+        reason = _why_rebuild(locations, ident)
     else:
         reason = "rebuild requested"
     log.info("source %r: building index of %s (%s)", name, root, reason)
-    index = _build(name, root, format, files, fp, progress)
-    if source_fingerprint(root, format) != fp:
+    index = _build(name, root, fmt, files, fp, tokenizer, progress)
+    if source_fingerprint(root, format, ident) != fp:
         raise SourceError(f"source {name!r}: {root}: source changed while it was being indexed; retry")
 
     errors = []
@@ -584,7 +505,7 @@ def open_index(name: str, path: str | Path, *, format: str | None = None, index_
         except OSError as e:
             errors.append(f"{loc}: {e}")
             continue
-        _remove_stale(loc, loc)
+        _remove_stale(loc, loc, ident)
         log.info("source %r: indexed %d samples (%d files skipped, %d rows skipped) -> %s",
                  name, index.num_samples, len(index.files_skipped), index.rows_skipped, loc)
         return index

@@ -3,13 +3,17 @@
 A *unit* is ``(sample id, piece)``. The planner sizes units from the index alone, so the
 transform follows one length rule, stated here; its vectorized form lives once, in
 :mod:`fabricd.planner.units` (:func:`num_pieces` / :func:`unit_lengths` here call it), and the
-unit test ``tests/unit/test_length_rule.py`` checks :func:`transform` against it:
+unit tests ``tests/unit/test_length_rule.py`` and ``tests/integration/test_exact_lengths.py``
+check :func:`transform` against it:
 
-* The full token sequence of a sample is: the images that have no placeholder (each an
-  ``image_tokens``-long block of ``IMAGE_ID``), then the text split at its ``<image>``
-  placeholders with placeholder ``i`` replaced by image ``i``'s block (placeholders beyond the
-  number of images removed), then ``EOS_ID``. Text bytes map to ``byte + BYTE_OFFSET``. Its
-  length is ``L = text_tokens + num_images * image_tokens``.
+* The full token sequence of a text sample is: ``BOS`` (if the tokenizer adds one), the images
+  that have no placeholder, then the text split at its ``<image>`` placeholders with placeholder
+  ``i`` replaced by image ``i``'s block (placeholders beyond the number of images removed; see
+  :func:`fabricd.sources.formats.base.text_parts`), then ``EOS``. Each text part is encoded by
+  the tokenizer's chunk rule (:mod:`fabricd.text`); an image block is ``image_id`` repeated as
+  many times as the image takes tokens (:mod:`fabricd.images`). Its length is
+  ``L = text_tokens + image tokens``, both from the index.
+* A pre-tokenized sample's full sequence is its stored ids; nothing is added.
 * A sample without images under ``long_samples == "split"`` has ``ceil(L / max_seq_len)``
   pieces; piece ``j`` is ``full[j*max_seq_len : (j+1)*max_seq_len]``.
 * Any other sample has one piece, ``full[:max_seq_len]``, except that an image block cut by that
@@ -20,20 +24,21 @@ unit test ``tests/unit/test_length_rule.py`` checks :func:`transform` against it
 
 from __future__ import annotations
 
-import io
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from fabricd.errors import SampleError
+from fabricd.images import ImageSpec, decode_fixed, decode_native
 from fabricd.planner.units import LONG_SAMPLE_POLICIES, piece_counts, piece_lengths
+from fabricd.sources.formats.base import RawSample, image_header_dims, text_parts
 from fabricd.sources.index import SourceIndex
-from fabricd.sources.reader import RawSample, SourceReader
-from fabricd.tokenizer import EOS_ID, IMAGE_ID, IMAGE_PLACEHOLDER, encode_bytes
+from fabricd.sources.reader import SourceReader
+from fabricd.text import Tokenizer, load_tokenizer
 
 __all__ = [
     "LONG_SAMPLE_MODES",
@@ -43,52 +48,85 @@ __all__ = [
     "decode_image",
     "num_pieces",
     "unit_lengths",
+    "image_tokens_per_sample",
     "SampleLoader",
 ]
 
 log = logging.getLogger(__name__)
 
 LONG_SAMPLE_MODES = LONG_SAMPLE_POLICIES
+#: Encoded full sequences a SampleLoader keeps (tokens): the pieces of a long document asked for
+#: in different requests encode it once.
+ENCODED_CACHE_TOKENS = 4 << 20
 
 
 @dataclass(frozen=True)
 class TransformSpec:
-    """How samples become units: context length, long-sample policy and image geometry."""
+    """How samples become units: context length, long-sample policy and image geometry.
+
+    ``images`` is the job's :class:`~fabricd.images.ImageSpec`; without it, fixed-mode geometry
+    from ``image_tokens`` and ``image_size``.
+    """
 
     max_seq_len: int
     long_samples: str
-    image_tokens: int
-    image_size: int
+    image_tokens: int = 64
+    image_size: int = 224
+    images: ImageSpec | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
             raise ValueError(f"max_seq_len must be a positive int, got {self.max_seq_len!r}")
         if self.long_samples not in LONG_SAMPLE_MODES:
             raise ValueError(f"long_samples must be one of {LONG_SAMPLE_MODES}, got {self.long_samples!r}")
-        if not isinstance(self.image_tokens, int) or self.image_tokens < 1:
-            raise ValueError(f"image_tokens must be a positive int, got {self.image_tokens!r}")
-        if not isinstance(self.image_size, int) or self.image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
+        if self.images is None:
+            object.__setattr__(self, "images", ImageSpec(mode="fixed", image_tokens=self.image_tokens,
+                                                         image_size=self.image_size))
+        elif self.images.mode == "fixed":
+            object.__setattr__(self, "image_tokens", self.images.image_tokens)
+            object.__setattr__(self, "image_size", self.images.image_size)
 
 
 @dataclass(frozen=True, eq=False)
 class SampleData:
-    """One unit: its tokens, where each image block starts, and the images' pixels (same order)."""
+    """One unit: its tokens, where each image block starts and how long it is, the images'
+    pixels (fixed: ``uint8[k, S, S, 3]``; native: patches ``uint8[P, 3*p*p]``), their grids
+    (``int32[k, 3]``, ``(1, H/p, W/p)``; fixed: ``(1, S, S)``), and per position the target the
+    loss trains on (HF ``labels`` convention, -100 = none) when the source says; None: every
+    text token."""
 
     input_ids: np.ndarray
     image_starts: np.ndarray
     pixels: np.ndarray
+    image_lengths: np.ndarray | None = None
+    image_grid: np.ndarray | None = None
+    targets: np.ndarray | None = None
 
 
-def num_pieces(num_images: np.ndarray, text_tokens: np.ndarray, spec: TransformSpec) -> np.ndarray:
+def image_tokens_per_sample(index: SourceIndex, images: ImageSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample of ``index``: tokens its images take in all, and the sum of their patch counts
+    and of their squares (vision cost), under ``images``. Vectorized."""
+    n = index.num_samples
+    owner = np.repeat(np.arange(n), index.num_images)
+    tok = images.tokens(index.image_h, index.image_w)
+    pt = images.patches(index.image_h, index.image_w).astype(np.float64)
+    total = np.bincount(owner, weights=tok, minlength=n).astype(np.int64) if owner.size else np.zeros(n, np.int64)
+    p1 = np.bincount(owner, weights=pt, minlength=n) if owner.size else np.zeros(n)
+    p2 = np.bincount(owner, weights=pt * pt, minlength=n) if owner.size else np.zeros(n)
+    return total, p1, p2
+
+
+def num_pieces(num_images: np.ndarray, text_tokens: np.ndarray, spec: TransformSpec,
+               image_tokens: np.ndarray | None = None) -> np.ndarray:
     """Number of units (pieces) of each sample, from index columns (``int64``): the planner's
-    :func:`fabricd.planner.units.piece_counts`, the one implementation of the rule."""
+    :func:`fabricd.planner.units.piece_counts`, the one implementation of the rule.
+    ``image_tokens``: per sample, its images' tokens in all (None: fixed geometry)."""
     return piece_counts(text_tokens, num_images, max_seq_len=spec.max_seq_len, long_samples=spec.long_samples,
-                        image_tokens=spec.image_tokens)
+                        image_tokens=spec.image_tokens if image_tokens is None else image_tokens)
 
 
 def unit_lengths(num_images: np.ndarray, text_tokens: np.ndarray, pieces: np.ndarray,
-                 spec: TransformSpec) -> np.ndarray:
+                 spec: TransformSpec, image_tokens: np.ndarray | None = None) -> np.ndarray:
     """Token length of unit ``(sample, piece)`` by the length rule (``int64``): the planner's
     :func:`fabricd.planner.units.piece_lengths`, the one implementation of the rule.
 
@@ -97,7 +135,7 @@ def unit_lengths(num_images: np.ndarray, text_tokens: np.ndarray, pieces: np.nda
     positions, so this is then an upper bound.
     """
     return piece_lengths(text_tokens, num_images, pieces, max_seq_len=spec.max_seq_len,
-                         image_tokens=spec.image_tokens)
+                         image_tokens=spec.image_tokens if image_tokens is None else image_tokens)
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -106,76 +144,77 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     Raises ValueError (or whatever Pillow raises) on corrupt bytes; refuses images with more
     pixels than Pillow's decompression-bomb limit before decoding them.
     """
-    with Image.open(io.BytesIO(data)) as img:
-        w, h = img.size
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and w * h > limit:
-            raise ValueError(f"image of {w}x{h} pixels exceeds the decompression-bomb limit of {limit}")
-        if img.format == "JPEG":
-            img.draft("RGB", (size, size))  # DCT-domain downscale: never below the requested size
-        out = img if img.mode in ("RGB", "L") else img.convert("RGB")
-        if out.size != (size, size):
-            out = out.resize((size, size), Image.BILINEAR)  # gray is resized before it is widened
-        if out.mode != "RGB":
-            out = out.convert("RGB")
-        return np.asarray(out, dtype=np.uint8)
+    return decode_fixed(data, size)
 
 
-def _layout(raw: RawSample) -> tuple[list[int], list[bytes]]:
-    """(image order in the sequence, text parts): images ``order[:lead]`` go first, where
-    ``lead = len(order) - (len(parts) - 1)``, then ``parts[0], order[lead], parts[1], ...``."""
-    parts = raw.text.split(IMAGE_PLACEHOLDER)
-    n = len(raw.images)
-    holders = len(parts) - 1
-    if holders > n:  # placeholders beyond the number of images are removed
-        parts = parts[:n] + ["".join(parts[n:])]
-        holders = n
-    # placeholder i takes image i; images without a placeholder go first, in schema order
-    order = list(range(holders, n)) + list(range(holders))
-    return order, [p.encode("utf-8") for p in parts]
+_BYTES = load_tokenizer(None)
 
 
-def transform(raw: RawSample, piece: int, spec: TransformSpec, *, source: str = "",
-              sample_id: int = -1) -> SampleData:
+def full_sequence(raw: RawSample, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray | None]:
+    """The full sequence of a sample without images, and its targets (None: train on all)."""
+    if raw.input_ids is not None:
+        return np.asarray(raw.input_ids, np.int32), raw.targets
+    (text,) = text_parts(raw.text or "", 0)[1]
+    (ids,) = tokenizer.encode_texts([text])
+    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    full = np.empty(len(head) + ids.shape[0] + 1, np.int32)
+    full[:len(head)] = head
+    full[len(head):-1] = ids
+    full[-1] = tokenizer.eos_id
+    return full, None
+
+
+def transform(raw: RawSample, piece: int, spec: TransformSpec, *, source: str = "", sample_id: int = -1,
+              tokenizer: Tokenizer | None = None, image_hw: np.ndarray | None = None,
+              full: tuple[np.ndarray, np.ndarray | None] | None = None) -> SampleData:
     """The unit ``piece`` of ``raw`` under ``spec``, by the module's length rule.
 
+    ``tokenizer``: the job's (None: bytes). ``image_hw``: ``int[k, 2]``, the header dimensions
+    the index holds for the sample's images (None: read from the images now); native mode sizes
+    the image blocks from them, as the planner does. ``full``: the sample's full sequence and
+    targets when the caller has it already (a text-only sample; see :func:`full_sequence`).
     Decodes only the images that survive truncation. Raises SampleError for a piece that does
-    not exist, an empty unit, or an image that cannot be decoded.
+    not exist, an empty unit, or an image that cannot be decoded or changed since it was indexed.
     """
     piece = int(piece)
-    order, parts = _layout(raw)
+    tok = tokenizer if tokenizer is not None else _BYTES
+    geo = spec.images
     m = spec.max_seq_len
     if not raw.images:
-        data = b"".join(parts)
-        total = len(data) + 1
+        ids, targets = full if full is not None else full_sequence(raw, tok)
+        total = ids.shape[0]
         pieces = -(-total // m) if spec.long_samples == "split" else 1
-        if piece < 0 or piece >= pieces:
+        if piece < 0 or piece >= pieces or total == 0:
             raise SampleError(source, sample_id, f"piece {piece} out of range: the sample has {pieces} piece(s)")
         lo, hi = piece * m, min((piece + 1) * m, total)
-        ids = np.empty(hi - lo, dtype=np.int32)
-        text_hi = min(hi, total - 1)
-        ids[: max(text_hi - lo, 0)] = encode_bytes(data[lo:text_hi])
-        if hi == total:
-            ids[-1] = EOS_ID
-        return SampleData(ids, np.zeros(0, np.int32), np.zeros((0, spec.image_size, spec.image_size, 3), np.uint8))
+        return _data(ids[lo:hi], [], [], [], geo, targets[lo:hi] if targets is not None else None)
 
     if piece != 0:
         raise SampleError(source, sample_id, f"piece {piece} out of range: a sample with images has 1 piece")
+    n = len(raw.images)
+    if image_hw is None:
+        image_hw = np.asarray([image_header_dims(b) for b in raw.images], np.int64).reshape(n, 2)
+    hw = np.asarray(image_hw, np.int64).reshape(-1, 2)
+    if hw.shape[0] != n:
+        raise SampleError(source, sample_id, f"the sample has {n} images but the index {hw.shape[0]}")
+    block_len = geo.tokens(hw[:, 0], hw[:, 1])
+    order, parts = text_parts(raw.text or "", n)
+    encoded = tok.encode_texts(parts)
     lead = len(order) - (len(parts) - 1)
     segments: list[np.ndarray] = []
     starts: list[int] = []
     kept: list[int] = []
     length = 0
-    block = np.full(spec.image_tokens, IMAGE_ID, dtype=np.int32)
 
     def add_image(img: int) -> bool:
         nonlocal length
-        if length + spec.image_tokens > m:
+        t = int(block_len[img])
+        if length + t > m:
             return False  # cut by the boundary or wholly beyond: dropped, the unit ends here
         starts.append(length)
         kept.append(img)
-        segments.append(block)
-        length += spec.image_tokens
+        segments.append(np.full(t, tok.image_id, dtype=np.int32))
+        length += t
         return True
 
     def add_tokens(toks: np.ndarray) -> bool:
@@ -185,49 +224,93 @@ def transform(raw: RawSample, piece: int, spec: TransformSpec, *, source: str = 
         length += min(len(toks), room)
         return len(toks) <= room
 
-    full = True
-    for img in order[:lead]:
-        if not add_image(img):
-            full = False
-            break
-    if full:
-        for k, part in enumerate(parts):
+    full_ok = tok.bos_id is None or add_tokens(np.array([tok.bos_id], np.int32))
+    if full_ok:
+        for img in order[:lead]:
+            if not add_image(img):
+                full_ok = False
+                break
+    if full_ok:
+        for k, ids in enumerate(encoded):
             if k > 0 and not add_image(order[lead + k - 1]):
-                full = False
+                full_ok = False
                 break
-            if not add_tokens(encode_bytes(part)):
-                full = False
+            if not add_tokens(ids):
+                full_ok = False
                 break
-        if full:
-            add_tokens(np.array([EOS_ID], np.int32))
+        if full_ok:
+            add_tokens(np.array([tok.eos_id], np.int32))
     if length == 0:
         raise SampleError(source, sample_id,
-                          f"empty unit: an image block of {spec.image_tokens} tokens does not fit "
+                          f"empty unit: an image block of {int(block_len[order[0]])} tokens does not fit "
                           f"in max_seq_len {m}")
-    ids = np.concatenate(segments).astype(np.int32, copy=False)
-    pixels = np.empty((len(kept), spec.image_size, spec.image_size, 3), dtype=np.uint8)
-    for k, img in enumerate(kept):
+    pixels, grids = [], []
+    for img in kept:
         try:
-            pixels[k] = decode_image(raw.images[img], spec.image_size)
+            if geo.mode == "fixed":
+                pixels.append(decode_fixed(raw.images[img], geo.image_size))
+                grids.append((1, geo.image_size, geo.image_size))
+            else:
+                px, grid = decode_native(raw.images[img], geo, (int(hw[img, 0]), int(hw[img, 1])))
+                pixels.append(px)
+                grids.append(grid)
         except Exception as e:  # noqa: BLE001 - any decoder failure is this sample's, never fatal
             raise SampleError(source, sample_id, f"image {img}: cannot decode: {type(e).__name__}: {e}") from e
-    return SampleData(ids, np.asarray(starts, dtype=np.int32), pixels)
+    ids = np.concatenate(segments).astype(np.int32, copy=False)
+    return _data(ids, starts, [int(block_len[i]) for i in kept], pixels, geo, None, grids)
+
+
+def _data(ids: np.ndarray, starts: list[int], lengths: list[int], pixels: list[np.ndarray], geo: ImageSpec,
+          targets: np.ndarray | None, grids: list[tuple[int, int, int]] | None = None) -> SampleData:
+    if pixels:
+        px = np.concatenate(pixels) if geo.mode == "native" else np.stack(pixels)
+    elif geo.mode == "native":
+        px = np.zeros((0, geo.patch_dim), np.uint8)
+    else:
+        px = np.zeros((0, geo.image_size, geo.image_size, 3), np.uint8)
+    return SampleData(
+        input_ids=np.ascontiguousarray(ids, dtype=np.int32),
+        image_starts=np.asarray(starts, dtype=np.int32),
+        pixels=px,
+        image_lengths=np.asarray(lengths, dtype=np.int32),
+        image_grid=np.asarray(grids or [], dtype=np.int32).reshape(-1, 3),
+        targets=None if targets is None else np.ascontiguousarray(targets, dtype=np.int32),
+    )
 
 
 class SampleLoader:
     """What a source-loader process does: read + decode + transform units of one source."""
 
     def __init__(self, index: SourceIndex, spec: TransformSpec, *, cache_bytes: int = 256 << 20,
-                 roots: Sequence[Path] | None = None) -> None:
+                 roots: Sequence[Path] | None = None, tokenizer: Tokenizer | None = None) -> None:
         """``roots``: the node's data roots, re-checked whenever a data file is opened (see
-        :class:`~fabricd.sources.reader.SourceReader`); None for offline tools."""
+        :class:`~fabricd.sources.reader.SourceReader`); None for offline tools. ``tokenizer``:
+        the job's, the one the index was built with (None: bytes)."""
         self.index = index
         self.spec = spec
+        self.tokenizer = tokenizer if tokenizer is not None else _BYTES
         self.reader = SourceReader(index, cache_bytes=cache_bytes, roots=roots)
+        self._encoded: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
+        self._encoded_tokens = 0
+
+    def _full(self, sample_id: int, raw: RawSample) -> tuple[np.ndarray, np.ndarray | None]:
+        got = self._encoded.get(sample_id)
+        if got is not None:
+            self._encoded.move_to_end(sample_id)
+            return got
+        got = full_sequence(raw, self.tokenizer)
+        size = got[0].shape[0]
+        if size > self.spec.max_seq_len and size <= ENCODED_CACHE_TOKENS:  # worth keeping: it has pieces
+            while self._encoded and self._encoded_tokens + size > ENCODED_CACHE_TOKENS:
+                _, old = self._encoded.popitem(last=False)
+                self._encoded_tokens -= old[0].shape[0]
+            self._encoded[sample_id] = got
+            self._encoded_tokens += size
+        return got
 
     def load(self, sample_ids: np.ndarray, pieces: np.ndarray) -> list[SampleData | SampleError]:
         """Units ``(sample_ids[i], pieces[i])``, in order; a failing unit is a SampleError in its
-        slot. A sample asked for with several pieces is read once."""
+        slot. A sample asked for with several pieces is read (and encoded) once."""
         ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
         pcs = np.asarray(pieces, dtype=np.int64).reshape(-1)
         if ids.shape != pcs.shape:
@@ -236,13 +319,22 @@ class SampleLoader:
         raws = self.reader.read(uniq)
         out: list[SampleData | SampleError] = []
         name = self.index.name
+        idx = self.index
         for k in range(ids.shape[0]):
             raw = raws[inverse[k]]
             if isinstance(raw, SampleError):
                 out.append(raw)
                 continue
+            sid = int(ids[k])
             try:
-                out.append(transform(raw, int(pcs[k]), self.spec, source=name, sample_id=int(ids[k])))
+                if raw.images:
+                    lo, hi = idx.image_start[sid], idx.image_start[sid + 1]
+                    hw = np.stack([idx.image_h[lo:hi], idx.image_w[lo:hi]], axis=1)
+                    out.append(transform(raw, int(pcs[k]), self.spec, source=name, sample_id=sid,
+                                         tokenizer=self.tokenizer, image_hw=hw))
+                else:
+                    out.append(transform(raw, int(pcs[k]), self.spec, source=name, sample_id=sid,
+                                         tokenizer=self.tokenizer, full=self._full(sid, raw)))
             except SampleError as e:
                 out.append(e)
         return out

@@ -99,6 +99,8 @@ class SyntheticJobRuntime:
         def __init__(self, rng: np.random.Generator, name: str) -> None:
             self.text_tokens = rng.integers(50, 3000, 2000)
             self.num_images = np.zeros(2000, dtype=np.int64)
+            self.num_samples = 2000
+            self.image_h = self.image_w = np.zeros(0, dtype=np.int32)  # no images
             self.fingerprint = f"synthetic-{name}"
 
     def __init__(self, spec: JobSpec) -> None:

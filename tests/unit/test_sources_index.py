@@ -264,11 +264,12 @@ def test_progress_bar_and_speed(tmp_path: Path, capsys: pytest.CaptureFixture, m
     texts = [" ".join(words[rng.integers(0, 5, 8)]) for _ in range(n)]
     imgs = pa.array([[b"ab" * int(k)] * int(k % 3) for k in rng.integers(0, 50, n)], type=pa.list_(pa.binary()))
     src = _write(tmp_path / "big" / "a.parquet", pa.table({"text": texts, "images": imgs}), row_group_size=256)
-    import fabricd.sources.index as index_module
+    from fabricd.sources.formats.base import IndexContext
 
-    batches: list[int] = []  # count the work instead of timing it: whole batches, no per-row Python
-    real = index_module.text_token_counts
-    monkeypatch.setattr(index_module, "text_token_counts", lambda col: batches.append(len(col)) or real(col))
+    batches: list[int] = []  # count the work instead of timing it: whole batches, not row by row
+    real = IndexContext.count_samples
+    monkeypatch.setattr(IndexContext, "count_samples",
+                        lambda self, texts, nimg: batches.append(len(texts)) or real(self, texts, nimg))
     idx = open_index("big", src.parent, progress=True)
     assert idx.num_samples == n
     assert sum(batches) == n and len(batches) <= -(-n // 256), f"{len(batches)} token-count calls for {n} rows"
