@@ -25,7 +25,7 @@ from .errors import FabricdError
 from .planner import CostModel, MixtureSchedule, Planner, build_units
 from .planner.worker import PlanWorker
 from .sources.index import SourceIndex, open_index, require_samples, skip_reasons
-from .sources.transform import TransformSpec, image_tokens_per_sample
+from .sources.transform import TransformSpec, image_tokens_per_sample, truncated_lengths
 from .text import Tokenizer, load_tokenizer
 
 __all__ = ["JobRuntime", "open_sources", "build_planner", "job_tokenizer", "transform_spec", "PLAN_COLUMNS"]
@@ -92,7 +92,8 @@ def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
         image_tokens, patches, patches_sq = image_tokens_per_sample(idx, spec.images)
         units.append(build_units(s.name, idx.text_tokens, idx.num_images, max_seq_len=bucket.max_seq_len,
                                  long_samples=bucket.long_samples, image_tokens=image_tokens, patches=patches,
-                                 patches_sq=patches_sq))
+                                 patches_sq=patches_sq,
+                                 exact=truncated_lengths(idx, spec.images, bucket.max_seq_len)))
     names = [s.name for s in spec.sources]
     return Planner(
         seed=spec.seed,

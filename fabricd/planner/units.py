@@ -92,13 +92,17 @@ def build_units(
     image_tokens: int | np.ndarray,
     patches: np.ndarray | None = None,
     patches_sq: np.ndarray | None = None,
+    exact: np.ndarray | None = None,
 ) -> SourceUnits:
     """Expand samples into units by the module's length rule (:func:`piece_counts`,
     :func:`piece_lengths`). ``image_tokens``: per image (an int) or per sample (an array, the
     sample's images in all). ``patches`` / ``patches_sq``: per sample, the sum of its images'
     patch counts and of their squares (vision cost; None: from ``image_tokens`` when it is an
     int, else zeros). A unit carries its sample's ``num_images`` and vision work (an upper bound
-    when truncated). Validates every input and names the source and the bad value. O(N + units).
+    when truncated). ``exact``: per sample, the exact length of a one-unit sample with images
+    when the layout is known (``-1``: use the rule's upper bound); see
+    ``fabricd.sources.transform.truncated_lengths``. Validates every input and names the source
+    and the bad value. O(N + units).
     """
     if long_samples not in LONG_SAMPLE_POLICIES:
         raise ValueError(f"source {name!r}: unknown long_samples policy {long_samples!r}; expected one of {LONG_SAMPLE_POLICIES}")
@@ -133,6 +137,10 @@ def build_units(
     first = np.cumsum(npieces) - npieces
     piece = np.arange(total, dtype=np.int64) - np.repeat(first, npieces)
     tokens = piece_lengths(text[sample_id], imgs[sample_id], piece, max_seq_len=msl, image_tokens=img_total[sample_id])
+    if exact is not None:
+        ex = np.asarray(exact, dtype=np.int64).ravel()[sample_id]
+        use = (ex >= 0) & (npieces[sample_id] == 1) & (imgs[sample_id] > 0)
+        tokens = np.where(use, np.minimum(ex, tokens), tokens)
     if patches is None:
         per = float(image_tokens) if scalar else 0.0
         pt = imgs.astype(np.float64) * per

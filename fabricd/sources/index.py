@@ -65,7 +65,9 @@ class SourceIndex:
 
     Per image (``image_*``, ``num_images.sum()`` rows, sample 0's images first; the images of
     sample ``i`` are ``image_start[i]:image_start[i + 1]``): encoded size, where it is (format
-    defined), and height and width read from the header (-1: unreadable).
+    defined), height and width read from the header (-1: unreadable), and the sample's layout:
+    the text tokens before the image's block in the full sequence (-1: unknown) and its rank in
+    sequence order (see :meth:`fabricd.sources.formats.base.IndexContext.count_layout`).
     """
 
     name: str
@@ -83,6 +85,8 @@ class SourceIndex:
     image_loc: np.ndarray
     image_h: np.ndarray
     image_w: np.ndarray
+    image_text_before: np.ndarray
+    image_seq: np.ndarray
     files_skipped: tuple[tuple[str, str], ...]
     rows_skipped: int
 
@@ -279,13 +283,15 @@ def _concat(parts: list[tuple[int, FileIndex]]) -> dict[str, np.ndarray]:
         "image_loc": cat([p.image_loc for _, p in parts], np.int64),
         "image_h": cat([p.image_h for _, p in parts], np.int32),
         "image_w": cat([p.image_w for _, p in parts], np.int32),
+        "image_text_before": cat([p.image_text_before for _, p in parts], np.int64),
+        "image_seq": cat([p.image_seq for _, p in parts], np.int32),
     }
 
 
 # --------------------------------------------------------------------------- persistence
 
 _SAMPLE_COLUMNS = ("file_idx", "row", "extent", "text_tokens", "num_images")
-_IMAGE_COLUMNS = ("image_len", "image_loc", "image_h", "image_w")
+_IMAGE_COLUMNS = ("image_len", "image_loc", "image_h", "image_w", "image_text_before", "image_seq")
 
 
 def _tag(tokenizer: str) -> str:
@@ -375,7 +381,7 @@ def _load(path: Path, name: str, root: Path, format: str, fingerprint: str) -> S
         return None
     types = {"file_idx": np.int32, "row": np.int64, "extent": np.int64, "text_tokens": np.int32,
              "num_images": np.int32, "image_len": np.int64, "image_loc": np.int64, "image_h": np.int32,
-             "image_w": np.int32}
+             "image_w": np.int32, "image_text_before": np.int64, "image_seq": np.int32}
     return SourceIndex(
         name=name, root=root, format=format, files=tuple(meta["files"]), fingerprint=fingerprint,
         tokenizer=str(meta["tokenizer"]), **{c: arrays[c].astype(t, copy=False) for c, t in types.items()},

@@ -116,6 +116,39 @@ def image_tokens_per_sample(index: SourceIndex, images: ImageSpec) -> tuple[np.n
     return total, p1, p2
 
 
+def truncated_lengths(index: SourceIndex, images: ImageSpec, max_seq_len: int) -> np.ndarray:
+    """int64[N]: per sample with images, the exact length of its one unit under ``max_seq_len``
+    (the length rule's cut: it ends where an image block straddling the boundary starts), from
+    the index's layout columns; -1 for a sample without images or without a known layout (the
+    rule's ``min(L, max_seq_len)`` is then an upper bound). A cut that would leave the unit empty
+    is also -1 (that unit fails to load). Vectorized."""
+    n = index.num_samples
+    out = np.full(n, -1, np.int64)
+    m = int(max_seq_len)
+    if not index.image_h.size:
+        return out
+    owner = np.repeat(np.arange(n, dtype=np.int64), index.num_images)
+    block = images.tokens(index.image_h, index.image_w).astype(np.int64)
+    order = np.lexsort((index.image_seq, owner))           # images in sequence order, sample by sample
+    o, b = owner[order], block[order]
+    prev = np.cumsum(b) - b                                 # blocks before, across samples ...
+    first = np.searchsorted(o, o, side="left")
+    prev = prev - (np.cumsum(b) - b)[first]                 # ... within the image's own sample
+    start = index.image_text_before[order] + prev
+    known = np.ones(n, bool)
+    np.logical_and.at(known, o, index.image_text_before[order] >= 0)
+    straddle = (start < m) & (start + b > m) & (start > 0)
+    total, _, _ = image_tokens_per_sample(index, images)
+    full = index.text_tokens.astype(np.int64) + total
+    cut = np.minimum(full, m)
+    np.minimum.at(cut, o[straddle], start[straddle])
+    empty = np.zeros(n, bool)
+    empty[o[(start == 0) & (b > m)]] = True
+    has = (index.num_images > 0) & known & ~empty
+    out[has] = cut[has]
+    return out
+
+
 def num_pieces(num_images: np.ndarray, text_tokens: np.ndarray, spec: TransformSpec,
                image_tokens: np.ndarray | None = None) -> np.ndarray:
     """Number of units (pieces) of each sample, from index columns (``int64``): the planner's

@@ -80,6 +80,10 @@ class FileIndex:
     image_loc: np.ndarray | None = None  # int64[m]: where each image is (e.g. a member's offset)
     image_h: np.ndarray | None = None    # int32[m]
     image_w: np.ndarray | None = None    # int32[m]
+    #: the sample's layout (see IndexContext.count_layout): per image, text tokens before its
+    #: block in the full sequence (-1: unknown) and its rank in sequence order
+    image_text_before: np.ndarray | None = None  # int64[m]
+    image_seq: np.ndarray | None = None          # int32[m]
 
     def __post_init__(self) -> None:
         n = int(np.asarray(self.row).shape[0])
@@ -92,10 +96,16 @@ class FileIndex:
         self.image_loc = np.zeros(m, np.int64) if self.image_loc is None else np.asarray(self.image_loc, np.int64)
         self.image_h = np.full(m, -1, np.int32) if self.image_h is None else np.asarray(self.image_h, np.int32)
         self.image_w = np.full(m, -1, np.int32) if self.image_w is None else np.asarray(self.image_w, np.int32)
+        self.image_text_before = (np.full(m, -1, np.int64) if self.image_text_before is None
+                                  else np.asarray(self.image_text_before, np.int64))
+        if self.image_seq is None:  # schema order
+            starts = np.repeat(np.cumsum(self.num_images, dtype=np.int64) - self.num_images, self.num_images)
+            self.image_seq = (np.arange(m, dtype=np.int64) - starts).astype(np.int32)
+        self.image_seq = np.asarray(self.image_seq, np.int32)
         for name in ("text_tokens", "num_images", "extent"):
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"FileIndex.{name} has shape {getattr(self, name).shape}, expected ({n},)")
-        for name in ("image_len", "image_loc", "image_h", "image_w"):
+        for name in ("image_len", "image_loc", "image_h", "image_w", "image_text_before", "image_seq"):
             if getattr(self, name).shape != (m,):
                 raise ValueError(f"FileIndex.{name} has shape {getattr(self, name).shape}, expected ({m},)")
 
@@ -141,21 +151,49 @@ class IndexContext:
     def count_samples(self, texts: Sequence[str], num_images: Sequence[int]) -> np.ndarray:
         """int64: the text tokens of each sample (specials included, images not), by the layout
         rule and the tokenizer's chunk rule; the parts of all samples are encoded in one batch."""
+        return self.count_layout(texts, num_images)[0]
+
+    def count_layout(self, texts: Sequence[str], num_images: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(text_tokens, image_text_before, image_seq)``: :meth:`count_samples`, and per image
+        (``sum(num_images)`` rows, each sample's images in schema order) the text tokens before
+        its block in the full sequence and its rank in sequence order. With the images' token
+        counts, the layout gives where every block starts, so the planner knows a truncated
+        sample's exact length."""
         tok = self.tokenizer
-        if tok.kind == "bytes":  # placeholders never change the byte count of the rest
-            holder = len(IMAGE_PLACEHOLDER.encode())
-            return np.fromiter((len(t.encode("utf-8")) - holder * t.count(IMAGE_PLACEHOLDER)
-                                for t in texts), np.int64, count=len(texts)) + tok.specials
+        bos = int(tok.bos_id is not None)
+        nimg = [int(n) for n in num_images]
+        counts = np.full(len(texts), tok.specials, np.int64)
+        before = np.zeros(sum(nimg), np.int64)
+        seq = np.zeros(sum(nimg), np.int32)
         parts: list[str] = []
-        owner: list[int] = []
-        for k, (t, n) in enumerate(zip(texts, num_images)):
-            ps = text_parts(t, int(n))[1] if IMAGE_PLACEHOLDER in t else [t]
+        spans: list[tuple[int, int, list[int]]] = []  # (sample, first part, order) of samples with images
+        plain: list[int] = []
+        for k, (t, n) in enumerate(zip(texts, nimg)):
+            if n == 0 and IMAGE_PLACEHOLDER not in t:
+                plain.append(k)
+                continue
+            order, ps = text_parts(t, n)
+            spans.append((k, len(parts), order))
             parts.extend(ps)
-            owner.extend([k] * len(ps))
-        out = np.full(len(texts), tok.specials, np.int64)
-        if parts:
-            np.add.at(out, np.asarray(owner, np.int64), tok.count_texts(parts))
-        return out
+        if tok.kind == "bytes":
+            plain_counts = np.fromiter((len(texts[k].encode("utf-8")) for k in plain), np.int64, count=len(plain))
+            part_counts = np.fromiter((len(p.encode("utf-8")) for p in parts), np.int64, count=len(parts))
+        else:
+            both = tok.count_texts([texts[k] for k in plain] + parts)
+            plain_counts, part_counts = both[:len(plain)], both[len(plain):]
+        counts[plain] += plain_counts
+        first_image = np.concatenate([[0], np.cumsum(nimg)]).astype(np.int64)
+        for i, (k, p0, order) in enumerate(spans):
+            nparts = (spans[i + 1][1] if i + 1 < len(spans) else len(parts)) - p0
+            pc = part_counts[p0:p0 + nparts]
+            counts[k] += int(pc.sum())
+            base = int(first_image[k])
+            lead = len(order) - (nparts - 1)
+            for rank, img in enumerate(order):
+                seq[base + img] = rank
+                # lead images follow BOS; the image at placeholder j follows parts[0..j]
+                before[base + img] = bos + (0 if rank < lead else int(pc[:rank - lead + 1].sum()))
+        return counts, before, seq
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,8 @@ class Jsonl(SourceFormat):
         ih: list[int] = []
         iw: list[int] = []
         tokens: list[np.ndarray] = []
+        before: list[np.ndarray] = []
+        seq: list[np.ndarray] = []
         texts: list[str] = []
         pending_imgs: list[int] = []
         chars = 0
@@ -157,7 +159,10 @@ class Jsonl(SourceFormat):
         def flush() -> None:
             nonlocal chars
             if texts:
-                tokens.append(ctx.count_samples(texts, pending_imgs))
+                counts, b, q = ctx.count_layout(texts, pending_imgs)
+                tokens.append(counts)
+                before.append(b)
+                seq.append(q)
                 texts.clear()
                 pending_imgs.clear()
                 chars = 0
@@ -204,7 +209,9 @@ class Jsonl(SourceFormat):
                          text_tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
                          num_images=np.asarray(nimgs, np.int32), skipped=malformed,
                          image_len=np.asarray(ilen, np.int64), image_h=np.asarray(ih, np.int32),
-                         image_w=np.asarray(iw, np.int32))
+                         image_w=np.asarray(iw, np.int32),
+                         image_text_before=np.concatenate(before) if before else np.zeros(0, np.int64),
+                         image_seq=np.concatenate(seq) if seq else np.zeros(0, np.int32))
 
     def reader(self, paths, open_path, *, cache_bytes, source_dir) -> FormatReader:
         return _Reader(paths, open_path, cache_bytes=cache_bytes, source_dir=source_dir)
