@@ -477,7 +477,7 @@ def open_index(name: str, path: str | Path, *, format: str | None = None, index_
     if not files:
         raise SourceError(f"source {name!r}: {root}: no {format} data files")
     if roots is not None:
-        check_in_roots(name, root, files, roots)
+        check_in_roots(name, root, files + [c for f in files for c in fmt.companions(f)], roots)
     ident = _token_identity(fmt, tokenizer)
     fp = source_fingerprint(root, format, ident)
     primary = index_path(root, fp, ident)

@@ -153,6 +153,8 @@ class _ShardIndexer:
         self.ih: list[int] = []
         self.iw: list[int] = []
         self.tokens: list[np.ndarray] = []
+        self.before: list[np.ndarray] = []
+        self.seq: list[np.ndarray] = []
         self.skipped = 0
         self._texts: list[str] = []
         self._pending: list[int] = []
@@ -192,7 +194,10 @@ class _ShardIndexer:
 
     def flush(self) -> None:
         if self._texts:
-            self.tokens.append(self.ctx.count_samples(self._texts, self._pending))
+            counts, before, seq = self.ctx.count_layout(self._texts, self._pending)
+            self.tokens.append(counts)
+            self.before.append(before)
+            self.seq.append(seq)
             self._texts = []
             self._pending = []
             self._chars = 0
@@ -204,7 +209,9 @@ class _ShardIndexer:
                          num_images=np.asarray(self.nimgs, np.int32), skipped=self.skipped,
                          extent=np.asarray(self.extents, np.int64), image_loc=np.asarray(self.iloc, np.int64),
                          image_len=np.asarray(self.ilen, np.int64), image_h=np.asarray(self.ih, np.int32),
-                         image_w=np.asarray(self.iw, np.int32))
+                         image_w=np.asarray(self.iw, np.int32),
+                         image_text_before=np.concatenate(self.before) if self.before else np.zeros(0, np.int64),
+                         image_seq=np.concatenate(self.seq) if self.seq else np.zeros(0, np.int32))
 
 
 def _scan(path: Path, ctx: IndexContext) -> FileIndex:
