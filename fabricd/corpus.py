@@ -3,6 +3,7 @@
 
     python scripts/make_dataset.py --out DIR [--samples N] [--seed S] [--corrupt-fraction F]
                                    [--image-format jpeg|png] [--workers W] [--overwrite]
+                                   [--no-tokenizers]
 
 Writes DIR/<source>/ for each source:
 
@@ -21,6 +22,16 @@ text-like strokes. ``--corrupt-fraction F`` replaces a deterministic F fraction 
 images with truncated or garbage bytes and adds a few malformed JSONL lines. The output is a
 pure function of the arguments (byte for byte, for a given pyarrow/Pillow version), whatever
 the number of workers. Importable: ``make_dataset(out, samples_per_source, seed, ...)``.
+
+Then, unless ``--no-tokenizers``, two small tokenizers are trained on the first few MB of the
+corpus text (:mod:`fabricd.text.train`; placeholders removed) so jobs over it can choose one:
+
+* ``tokenizer/tokenizer.json``  byte-level BPE (``[tokenizer] kind = "hf"``), 4096 tokens.
+* ``tokenizer/spm.model``       SentencePiece BPE with byte fallback (``kind = "sentencepiece"``),
+                                2048 tokens.
+
+Both hold ``<pad>``, ``<s>``, ``</s>`` and ``<image>``; :func:`job_toml` writes the
+``[tokenizer]`` table that selects one.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +55,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-__all__ = ["SOURCES", "make_dataset", "job_toml", "main"]
+__all__ = ["SOURCES", "TOKENIZER_DIR", "make_dataset", "train_tokenizers", "tokenizer_paths", "job_toml", "main"]
 
 SOURCES = ("captions", "interleaved", "longdocs", "code", "ocr")
 _SAMPLES_PER_FILE = 500
 _PLACEHOLDER = "<image>"
+#: Where the corpus's tokenizers are written, under the corpus directory.
+TOKENIZER_DIR = "tokenizer"
+#: Characters of text the tokenizers are trained on, taken evenly from the sources' first files.
+TOKENIZER_SAMPLE_CHARS = 4 << 20
+_BPE_VOCAB = 4096
+_SPM_VOCAB = 2048
 
 
 # --------------------------------------------------------------------------- text
@@ -346,15 +364,79 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _source_texts(out: Path, name: str) -> Iterator[str]:
+    """The texts of one written source, in file and row order (JSONL lines that fail to parse
+    or lack a string text are passed over)."""
+    src = out / name
+    if name == "ocr":
+        for f in sorted(src.glob("part-*.jsonl")):
+            with open(f, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                        yield rec["text"]
+        return
+    for f in sorted(src.glob("part-*.parquet")):
+        pf = pq.ParquetFile(f)
+        try:
+            for batch in pf.iter_batches(batch_size=256, columns=["text"]):
+                yield from (t for t in batch.column(0).to_pylist() if t is not None)
+        finally:
+            pf.close()
+
+
+def _tokenizer_sample(out: Path, max_chars: int) -> list[str]:
+    """The first texts of each source, ``max_chars / len(SOURCES)`` characters per source at most,
+    ``<image>`` placeholders removed."""
+    per_source = max(1, max_chars // len(SOURCES))
+    texts = []
+    for name in SOURCES:
+        left = per_source
+        for t in _source_texts(out, name):
+            t = t.replace(_PLACEHOLDER, "")
+            texts.append(t[:left])
+            left -= len(texts[-1])
+            if left <= 0:
+                break
+    return texts
+
+
+def tokenizer_paths(corpus: Path) -> dict[str, Path]:
+    """``{kind: file}`` of the tokenizers :func:`train_tokenizers` writes under ``corpus``:
+    ``"hf"`` (``tokenizer.json``) and ``"sentencepiece"`` (``spm.model``)."""
+    from fabricd.text.train import BPE_FILE, SPM_FILE
+
+    d = Path(corpus).absolute() / TOKENIZER_DIR
+    return {"hf": d / BPE_FILE, "sentencepiece": d / SPM_FILE}
+
+
+def train_tokenizers(corpus: Path, *, sample_chars: int = TOKENIZER_SAMPLE_CHARS) -> dict[str, Path]:
+    """Train the corpus's tokenizers (see the module docstring) from the sources written under
+    ``corpus`` and return :func:`tokenizer_paths`. A pure function of the corpus files."""
+    from fabricd.text.train import train_bpe, train_sentencepiece
+
+    paths = tokenizer_paths(corpus)
+    texts = _tokenizer_sample(Path(corpus), sample_chars)
+    train_bpe(texts, paths["hf"], vocab_size=_BPE_VOCAB)
+    train_sentencepiece(texts, paths["sentencepiece"], vocab_size=_SPM_VOCAB)
+    return paths
+
+
 def make_dataset(out: Path, samples_per_source: int, seed: int, corrupt_fraction: float = 0.0,
                  progress: bool = True, *, image_format: str = "jpeg", workers: int | None = 1,
-                 rows_per_group: int = 128, overwrite: bool = False) -> dict[str, dict[str, int]]:
-    """Write the five sources under ``out`` and return per-source counts.
+                 rows_per_group: int = 128, overwrite: bool = False,
+                 tokenizers: bool = True) -> dict[str, dict[str, int]]:
+    """Write the five sources under ``out`` (and, with ``tokenizers``, train the corpus's two
+    tokenizers into ``out/tokenizer/``: :func:`train_tokenizers`) and return per-source counts.
 
     Returns ``{source: {"samples", "files", "images", "corrupt_images", "malformed_lines",
-    "bytes"}}``. Deterministic for a seed, whatever ``workers`` is (``None``: one per CPU).
-    Refuses to write into an existing non-empty source directory unless ``overwrite``, which
-    deletes those five directories first.
+    "bytes"}}``; the tokenizer files are at :func:`tokenizer_paths`. Deterministic for a seed,
+    whatever ``workers`` is (``None``: one per CPU). Refuses to write into an existing non-empty
+    source (or, with ``tokenizers``, tokenizer) directory unless ``overwrite``, which deletes
+    those directories first.
     """
     out = Path(out)
     if samples_per_source < 1:
@@ -363,7 +445,7 @@ def make_dataset(out: Path, samples_per_source: int, seed: int, corrupt_fraction
         raise ValueError(f"corrupt_fraction must be in [0, 1], got {corrupt_fraction}")
     if image_format not in ("jpeg", "png"):
         raise ValueError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
-    for name in SOURCES:
+    for name in SOURCES + ((TOKENIZER_DIR,) if tokenizers else ()):
         d = out / name
         if d.exists() and any(d.iterdir()):
             if not overwrite:
@@ -401,13 +483,28 @@ def make_dataset(out: Path, samples_per_source: int, seed: int, corrupt_fraction
             s[k] += v
     for name in SOURCES:
         summary[name]["bytes"] = _dir_size(out / name)
+    if tokenizers:
+        train_tokenizers(out)
     return summary
 
 
+def _tokenizer_table(corpus: Path, tokenizer: str) -> str:
+    if tokenizer == "bytes":
+        return ""
+    if tokenizer not in ("hf", "sentencepiece"):
+        raise ValueError(f"tokenizer must be 'bytes', 'hf' or 'sentencepiece', got {tokenizer!r}")
+    key = "path" if tokenizer == "hf" else "model"
+    return (f'[tokenizer]\nkind = "{tokenizer}"\n{key} = {json.dumps(str(tokenizer_paths(corpus)[tokenizer]))}\n'
+            'eos = "</s>"\npad = "<pad>"\nimage = "<image>"\n')
+
+
 def job_toml(corpus: Path, *, name: str, seed: int, dp_size: int, samples_per_step: int, prefetch: int,
-             workers: int | None = None, extra: str = "") -> str:
+             workers: int | None = None, extra: str = "", tokenizer: str = "bytes") -> str:
     """A job spec (TOML text) over a corpus from :func:`make_dataset`: all five sources, a constant
-    mixture, long documents split into a long-context bucket. ``extra`` is appended (more tables)."""
+    mixture, long documents split into a long-context bucket. ``extra`` is appended (more tables).
+    ``tokenizer``: ``"bytes"`` (no ``[tokenizer]`` table: the default), or ``"hf"`` /
+    ``"sentencepiece"`` for the corpus's trained tokenizer of that kind (:func:`tokenizer_paths`),
+    with its special tokens named."""
     sources = "".join(f'[[sources]]\nname = "{s}"\npath = "{Path(corpus).absolute() / s}"\n'
                       + (f"workers = {workers}\n" if workers else "")
                       + ('bucket = "long"\n' if s == "longdocs" else "") + "\n" for s in SOURCES)
@@ -426,7 +523,7 @@ image_tokens = 16
 image_size = 32
 [cost]
 per_image = 1024.0
-[[buckets]]
+{_tokenizer_table(corpus, tokenizer)}[[buckets]]
 name = "short"
 max_seq_len = 2048
 [[buckets]]
@@ -452,11 +549,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing source directories")
+    p.add_argument("--no-tokenizers", dest="tokenizers", action="store_false",
+                   help=f"do not train the corpus tokenizers into OUT/{TOKENIZER_DIR}/")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         summary = make_dataset(args.out, args.samples, args.seed, args.corrupt_fraction, progress=True,
-                               image_format=args.image_format, workers=args.workers, overwrite=args.overwrite)
+                               image_format=args.image_format, workers=args.workers, overwrite=args.overwrite,
+                               tokenizers=args.tokenizers)
     except (ValueError, FileExistsError) as e:
         print(f"make_dataset: {e}", file=sys.stderr)
         return 2
@@ -467,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:12s} {s['samples']:6d} samples {s['files']:3d} files {s['images']:6d} images "
               f"{s['corrupt_images']:4d} corrupt {s['malformed_lines']:3d} malformed "
               f"{s['bytes'] / 2**20:8.1f} MiB")
+    if args.tokenizers:
+        for kind, path in tokenizer_paths(args.out).items():
+            print(f"tokenizer    {kind:13s} {path}")
     print(f"wrote {args.out} ({total / 2**20:.1f} MiB) in {dt:.1f} s")
     return 0
 

@@ -149,8 +149,8 @@ class Tokenizer:
         out: list[list[np.ndarray]] = [[] for _ in texts]
         for k, ids in zip(owner, encoded):
             out[k].append(ids)
-        return [p[0] if len(p) == 1 else (np.concatenate(p).astype(np.int32, copy=False) if p else
-                                          np.zeros(0, np.int32)) for p in out]
+        return [p[0] if len(p) == 1 else np.concatenate(p).astype(np.int32, copy=False) if p
+                else np.zeros(0, np.int32) for p in out]  # an empty text has no chunk
 
     def count_texts(self, texts: Sequence[str]) -> np.ndarray:
         """int64 token count of each text (what :meth:`encode_texts` would return), encoding at

@@ -33,7 +33,10 @@ class SentencePieceTokenizer(Tokenizer):
             tid = sp.piece_to_id(name)
             return tid if 0 <= tid < n and sp.id_to_piece(tid) == name else None
 
-        known = [sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_user_defined(i) or sp.is_unknown(i)]
+        # the python API has no is_user_defined: user-defined pieces are the non-byte ones scored 0
+        # (a BPE model's first merge may be listed too; this list only names tokens in an error)
+        known = [sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i)
+                 or (sp.get_score(i) == 0.0 and not sp.is_byte(i) and not sp.is_unused(i))]
         ids = _special(lookup, {"bos": spec.bos, "eos": spec.eos, "pad": spec.pad, "image": spec.image},
                        known, "sentencepiece model", path)
         super().__init__(identity=f"spm:{file_digest(path)}", vocab_size=n, bos_id=ids["bos"], eos_id=ids["eos"],
