@@ -22,13 +22,15 @@ from fabric_client.limits import MAX_LIST_ITEMS, MAX_STEP
 from .cluster.placement import constructor_id, loader_prefix
 from .config import JobSpec
 from .errors import FabricdError
+from .images import ImageSpec
 from .planner import CostModel, MixtureSchedule, Planner, build_units
+from .planner.units import SourceUnits
 from .planner.worker import PlanWorker
 from .sources.index import SourceIndex, open_index, require_samples, skip_reasons
 from .sources.transform import TransformSpec, image_tokens_per_sample, truncated_lengths
 from .text import Tokenizer, load_tokenizer
 
-__all__ = ["JobRuntime", "open_sources", "build_planner", "job_tokenizer", "transform_spec", "PLAN_COLUMNS"]
+__all__ = ["JobRuntime", "open_sources", "build_planner", "job_tokenizer", "transform_spec", "source_units", "PLAN_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +85,21 @@ def open_sources(spec: JobSpec, *, index_dir: Path | None = None, progress: bool
             for s in spec.sources}
 
 
+def source_units(name: str, idx: SourceIndex, images: ImageSpec, *, max_seq_len: int, long_samples: str) -> SourceUnits:
+    """The units of one source and their lengths, from its index alone: what the planner plans."""
+    image_tokens, patches, patches_sq = image_tokens_per_sample(idx, images)
+    return build_units(name, idx.text_tokens, idx.num_images, max_seq_len=max_seq_len, long_samples=long_samples,
+                       image_tokens=image_tokens, patches=patches, patches_sq=patches_sq,
+                       exact=truncated_lengths(idx, images, max_seq_len))
+
+
 def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
     """The job's planner from its spec and its sources' metadata (nothing else)."""
     units = []
     for s in spec.sources:
         bucket = spec.bucket(s.bucket)
-        idx = indexes[s.name]
-        image_tokens, patches, patches_sq = image_tokens_per_sample(idx, spec.images)
-        units.append(build_units(s.name, idx.text_tokens, idx.num_images, max_seq_len=bucket.max_seq_len,
-                                 long_samples=bucket.long_samples, image_tokens=image_tokens, patches=patches,
-                                 patches_sq=patches_sq,
-                                 exact=truncated_lengths(idx, spec.images, bucket.max_seq_len)))
+        units.append(source_units(s.name, indexes[s.name], spec.images, max_seq_len=bucket.max_seq_len,
+                                  long_samples=bucket.long_samples))
     names = [s.name for s in spec.sources]
     return Planner(
         seed=spec.seed,
