@@ -35,8 +35,11 @@ _MAGIC = b"MMIDIDX\x00\x00"
 
 
 def _image_ext(data: bytes) -> str:
-    with Image.open(io.BytesIO(data)) as img:
-        return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(img.format or "", "png")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(img.format or "", "png")
+    except Exception:  # noqa: BLE001 - a corrupt image stays corrupt (its sample is skipped when loaded)
+        return "png"
 
 
 def write_webdataset(out: Path, samples: Iterable[tuple[str, Sequence[bytes]]], *, per_shard: int = 200) -> list[Path]:

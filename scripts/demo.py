@@ -45,7 +45,8 @@ SOURCES = ("captions", "interleaved", "longdocs", "code", "ocr")
 def ensure_data(samples: int, regenerate: bool) -> None:
     data = DEMO_DIR / "data"
     marker = data / ".complete"
-    if marker.exists() and marker.read_text().strip() == str(samples) and not regenerate:
+    have_tokenizer = (data / "tokenizer" / "tokenizer.json").is_file()
+    if marker.exists() and marker.read_text().strip() == str(samples) and have_tokenizer and not regenerate:
         print(f"using the demo corpus in {data}")
         return
     shutil.rmtree(data, ignore_errors=True)
@@ -178,7 +179,7 @@ def verify(spec, steps: int, out_dir: Path) -> dict:
         ratios.append(float(costs.max() / costs.mean()))
         bounds.append(float(max(costs.mean(), plan.cost.max()) / costs.mean()))
     lost = duplicated = mismatched = 0
-    tokens = skipped = batches = 0
+    tokens = skipped = batches = image_tokens = images = 0
     for d in range(spec.topology.dp_size):
         for m in range(spec.topology.mp_size):
             rows = [json.loads(line) for line in (out_dir / f"rank-{d}-{m}.jsonl").read_text().splitlines()]
@@ -192,8 +193,11 @@ def verify(spec, steps: int, out_dir: Path) -> dict:
             if m == 0:
                 tokens += sum(r["tokens"] for r in rows)
                 skipped += sum(r["skipped"] for r in rows)
+                images += sum(r["images"] for r in rows)
+                image_tokens += sum(r["image_tokens"] for r in rows)
     return {"expected_batches": len(expected), "batches": batches, "lost": lost, "duplicated": duplicated,
-            "mismatched": mismatched, "tokens": tokens, "skipped_units": skipped,
+            "mismatched": mismatched, "tokens": tokens, "images": images, "image_tokens": image_tokens,
+            "skipped_units": skipped,
             "balance_max_over_mean": round(float(np.mean(ratios)), 4),
             "balance_lower_bound": round(float(np.mean(bounds)), 4)}
 
@@ -233,8 +237,10 @@ def main() -> int:
         "steps": args.steps,
         "dp_size": spec.topology.dp_size,
         "mp_size": spec.topology.mp_size,
+        "tokenizer": spec.tokenizer.kind,
+        "images_mode": spec.images.mode,
         **result,
-        "tokens_per_s": round(result["tokens"] / elapsed, 1),
+        "tokens_per_s": round(result["tokens"] / elapsed, 1),  # real tokens of the job's tokenizer, images included
         "delivery_s": round(elapsed, 2),
         "daemons": args.nodes,
         "failover_s": failover.get("failover_s"),

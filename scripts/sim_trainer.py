@@ -48,11 +48,14 @@ def main() -> int:
     with loader, open(args.out, "a") as out:
         for batch in loader:
             first_step = batch.step if first_step is None else first_step
+            offsets, ids = batch["image_token_offsets"], batch["input_ids"]
+            image_tokens = int((ids == ids[offsets[0]]).sum()) if len(offsets) else 0
             out.write(json.dumps({
                 "step": batch.step, "dp_rank": batch.dp_rank, "mp_rank": args.mp_rank,
                 "micro_batch": batch.micro_batch, "num_micro_batches": batch.num_micro_batches,
                 "checksum": batch.checksum, "tokens": batch.tokens, "samples": batch.samples,
-                "skipped": batch.skipped, "t": time.time(),
+                "skipped": batch.skipped, "images": int(len(offsets)), "image_tokens": image_tokens,
+                "t": time.time(),
             }) + "\n")
             if args.compute_ms:
                 time.sleep(args.compute_ms / 1e3)
