@@ -1,5 +1,5 @@
-"""The scale benchmark still runs end to end (at a small size) and ends with its JSON line, so a
-change to the leader's logic cannot silently break it."""
+"""The scale and index benchmarks still run end to end (at a small size) and end with their JSON
+line, so a change to the leader's logic or to indexing cannot silently break them."""
 
 from __future__ import annotations
 
@@ -24,3 +24,23 @@ def test_scale_bench_small_setting_ends_with_its_json_line():
     assert line["steady_records"] == 5  # one job_progress record per step, whatever the ranks
     assert 0 < line["log_bytes_per_step"] <= 1024
     assert {"snapshot_bytes", "catch_up_s", "leader_cpu_ms_per_s", "placement_ms"} <= set(line)
+
+
+def test_index_bench_quick_setting_ends_with_its_json_line():
+    import inspect
+
+    from fabricd.sources.index import open_index
+
+    if "tokenizer" not in inspect.signature(open_index).parameters:
+        pytest.skip("open_index has no tokenizer= here (scripts/bench/index.py needs the tokenizer-aware index)")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/bench/index.py"), "--quick"],
+                         capture_output=True, text=True, timeout=100, check=True)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["quick"] is True and line["docs"] == 40 and 1.5 < line["text_mb"] < 2.5
+    assert line["hf_mb_per_s"] > 0 and line["raw_mb_per_s"] > 0
+    assert line["ratio"] == pytest.approx(line["hf_mb_per_s"] / line["raw_mb_per_s"], rel=0.02)
+    # both count the same documents with the same tokenizer: totals within one token per chunk cut
+    assert abs(line["index_tokens"] - line["raw_tokens"]) <= 64 and line["raw_tokens"] > 100_000
+    assert isinstance(line["big_doc_counts_agree"], bool)
+    assert line["rss_before_index_mb_12m_doc"] <= line["peak_rss_mb_12m_doc"] < 2000
+    assert isinstance(line["counts_agree"], bool)
