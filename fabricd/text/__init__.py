@@ -20,9 +20,11 @@ Index and loader must agree on every sample's length exactly, so a text is encod
 implemented once (:meth:`Tokenizer.encode_texts`, :meth:`Tokenizer.count_texts`):
 
 1. The text is cut into *chunks* of at most :data:`CHUNK_CHARS` characters by :func:`chunk_bounds`:
-   a cut goes after the last newline of the chunk's second half, else before its last space,
-   else at the limit. A document of millions of characters is therefore encoded piece by piece,
-   in bounded memory, and the cut points depend on the text alone.
+   a cut goes before the last single space between two words in the chunk's second half (where
+   byte-level BPE and SentencePiece start a new piece anyway, so the ids are those of the whole
+   text), else after its last newline, else at the limit. A document of millions of characters
+   is therefore encoded piece by piece, in bounded memory, and the cut points depend on the text
+   alone.
 2. Every chunk is encoded on its own, without special tokens; the text's ids are the chunks' ids
    concatenated.
 
@@ -33,6 +35,7 @@ A sample's full sequence is then ``[BOS] + ...parts and image blocks... + [EOS]`
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,7 +62,10 @@ CHUNK_CHARS = 65536
 #: Most characters handed to the tokenizer in one batch call: bounds the memory of its output.
 BATCH_CHARS = 4 << 20
 TOKENIZER_KINDS = ("bytes", "hf", "sentencepiece")
-_RULE = f"chunks{CHUNK_CHARS}-v1"
+_RULE = f"chunks{CHUNK_CHARS}-v2"
+#: a single space between two non-space characters: cutting before it splits no pre-token of a
+#: byte-level BPE (a word takes the space before it) nor a SentencePiece piece
+_WORD_GAP = re.compile(r"(?<=\S) (?=\S)")
 
 
 class TokenizerError(FabricdError):
@@ -89,13 +95,12 @@ def chunk_bounds(text: str, limit: int = CHUNK_CHARS) -> list[tuple[int, int]]:
     while n - pos > limit:
         end = pos + limit
         half = pos + limit // 2
-        cut = text.rfind("\n", half, end)
-        if cut >= 0:
-            cut += 1                      # the newline ends this chunk
-        else:
-            cut = text.rfind(" ", half, end)
-            if cut <= pos:
-                cut = end                 # no break in sight: cut at the limit
+        cut = -1
+        for m in _WORD_GAP.finditer(text, half, end + 1):  # endpos: the lookahead sees text[end]
+            cut = m.start()               # the space begins the next chunk
+        if cut <= pos:
+            cut = text.rfind("\n", half, end)
+            cut = cut + 1 if cut >= 0 else end  # after a newline, else at the limit
         out.append((pos, cut))
         pos = cut
     out.append((pos, n))

@@ -34,6 +34,9 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"tokenizer file {path}: cannot load: {type(e).__name__}: {e}") from e
         tok.no_truncation()
         tok.no_padding()
+        # a document's literal "</s>" or "<pad>" is text, not a control token (placeholders never
+        # reach the tokenizer: the layout splits them out first)
+        tok.encode_special_tokens = True
         self._tok = tok
         added = [t.content for t in tok.get_added_tokens_decoder().values()] if hasattr(
             tok, "get_added_tokens_decoder") else []

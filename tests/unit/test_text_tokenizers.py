@@ -89,6 +89,7 @@ def raw_encoder(kind: str, path: Path):
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(path))
+        tok.encode_special_tokens = True  # fabricd's: a literal "</s>" in a document is text
         return lambda t: tok.encode(t, add_special_tokens=False).ids
     import sentencepiece as spm
 
@@ -129,16 +130,18 @@ def _check_cover(text: str, bounds: list[tuple[int, int]], limit: int) -> None:
 
 
 def _expected_cut(text: str, start: int, limit: int) -> int:
-    """The documented rule, written as a scan: after the last newline in the chunk's second
-    half, else before its last space there, else at the limit."""
+    """The documented rule, written as a scan: before the last single space between two
+    non-space characters in the chunk's second half, else after its last newline there, else at
+    the limit."""
     end, half = start + limit, start + limit // 2
     window = range(end - 1, half - 1, -1)
     for i in window:
+        if (text[i] == " " and i > start and i + 1 < len(text) and not text[i - 1].isspace()
+                and not text[i + 1].isspace()):
+            return i
+    for i in window:
         if text[i] == "\n":
             return i + 1
-    for i in window:
-        if text[i] == " " and i > start:
-            return i
     return end
 
 
@@ -149,8 +152,9 @@ def _expected_cut(text: str, start: int, limit: int) -> int:
     ("a" * 10 + "\n" + "b" * 10, 16, [(0, 11), (11, 21)]),              # after the newline
     ("a" * 3 + "\n" + "b" * 20, 16, [(0, 16), (16, 24)]),               # newline in the first half: ignored
     ("a" * 12 + " " + "b" * 12, 16, [(0, 12), (12, 25)]),               # before the space
-    ("a" * 9 + "\n" + "bb cc dd", 16, [(0, 10), (10, 18)]),             # newline wins over a later space
-    ("a" * 9 + "\n" + "bb cc\ndd e", 16, [(0, 16), (16, 20)]),          # the last newline
+    ("a" * 9 + "\n" + "bb cc dd", 16, [(0, 15), (15, 18)]),             # a word gap wins over a newline
+    ("a" * 9 + "\n" + "bb  cc\ndd e", 16, [(0, 10), (10, 21)]),         # a double space is no gap: the newline
+    ("a" * 12 + "\n" + " bbbbbbbbbbbb", 16, [(0, 13), (13, 26)]),       # a space after a newline is no gap
     ("x" * 40, 16, [(0, 16), (16, 32), (32, 40)]),                      # no break: at the limit
 ])
 def test_chunk_bounds_cases(text: str, limit: int, expected: list[tuple[int, int]]) -> None:
@@ -179,8 +183,8 @@ def test_chunk_bounds_two_million_characters() -> None:
     _check_cover(doc, bounds, CHUNK_CHARS)
     assert len(bounds) >= -(-len(doc) // CHUNK_CHARS)
     for a, b in bounds[:-1]:
-        # prose has a paragraph break in every half chunk: every cut follows a newline
-        assert doc[b - 1] == "\n" and b - a > CHUNK_CHARS // 2
+        # prose has a word gap in every half chunk: every cut is before a space between words
+        assert doc[b] == " " and not doc[b - 1].isspace() and not doc[b + 1].isspace() and b - a > CHUNK_CHARS // 2
         assert b == _expected_cut(doc, a, CHUNK_CHARS)
     assert chunk_bounds(doc) == bounds
     # the cut points depend on the text alone: the same text built again cuts the same way
