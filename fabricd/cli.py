@@ -17,7 +17,7 @@ from fabric_client import protocol
 from fabric_client.errors import FabricError
 from fabric_client.keys import KINDS, ClientKeys, KeysError, generate, list_keys
 
-from .config import NodeConfig, load_job_spec, load_node_config
+from .config import NodeConfig, describe_defaults, load_job_spec, load_node_config
 from .node_checks import check_node_environment
 from .ctl import request_any
 from .errors import FabricdError
@@ -140,6 +140,8 @@ def submit_cmd(ctx: click.Context, job_file: str, wait: bool, wait_timeout: floa
         spec = load_job_spec(job_file)
     except FabricdError as e:
         raise click.ClickException(str(e)) from e
+    if spec.defaults_applied:
+        click.echo(describe_defaults(spec), err=True)
     reply = _request(ctx, protocol.SubmitJob(spec_toml=Path(job_file).read_text(encoding="utf-8"),
                                              spec_path=spec.file))
     click.echo(f"job {reply.job}: {reply.state}")
@@ -212,6 +214,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
                    f"mp={topo['mp_size']} constructors={topo['constructors']}  fingerprint={job['fingerprint'] or '-'}")
         if job["error"]:
             click.echo(f"  error: {job['error']}")
+        if job.get("defaults_applied"):
+            click.echo(f"  defaults applied: {', '.join(job['defaults_applied'])}")
         c = job["counters"]
         click.echo(f"  plans {c['plans_computed']} (max {c['plan_ms_max']} ms), skipped units {c['skipped_units']} "
                    f"(recorded {job['skipped_recorded']})")

@@ -12,7 +12,7 @@ import logging
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "load_node_config",
     "load_job_spec",
     "parse_job_spec",
+    "describe_defaults",
 ]
 
 log = logging.getLogger(__name__)
@@ -388,6 +389,16 @@ class BucketSpec:
     long_samples: str
 
 
+#: what a spec that leaves out ``[topology]``, ``[batch]``, ``[[buckets]]`` or ``[mixture]`` gets
+#: (README "Your first job" lists every default of a job spec); a table that is given is validated
+#: as it always was, its required keys included.
+DEFAULT_DP_SIZE = 1                  # a single trainer rank
+DEFAULT_SAMPLES_PER_STEP = 64        # raised to topology.dp_size when that is larger
+DEFAULT_MICRO_BATCH_TOKENS = 8192    # raised to the longest bucket's max_seq_len when that is larger
+DEFAULT_BUCKET = BucketSpec(name="default", max_seq_len=4096, long_samples="split")  # at most micro_batch_tokens
+DEFAULT_MIXTURE_WEIGHT = 1.0         # every source, constant: equal weights
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     name: str
@@ -438,6 +449,9 @@ class JobSpec:
     #: empty: any trainer key of the fabric (access, not content: outside the fingerprint)
     trainers: tuple[str, ...] = ()
     tokenizer: TokenizerSpec = TokenizerSpec()
+    #: the defaults this spec took for the tables it left out (``topology.dp_size = 1``, ...), for
+    #: logs and ``fabricctl``; what they decide is in the fields above (outside the fingerprint)
+    defaults_applied: tuple[str, ...] = ()
 
     def trainer_allowed(self, who: str | None) -> bool:
         """Whether the authenticated caller ``who`` (``kind:name``; None on an insecure node) may
@@ -472,8 +486,17 @@ class JobSpec:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def describe_defaults(spec: JobSpec) -> str:
+    """One line naming the job and every default it took (``job first: defaults applied: ...``)."""
+    return f"job {spec.name}: defaults applied: {', '.join(spec.defaults_applied) or 'none'}"
+
+
 def load_job_spec(path: str | Path) -> JobSpec:
-    """Load and validate a job spec file; relative source paths are relative to the file."""
+    """Load and validate a job spec file; relative source paths are relative to the file.
+
+    The defaults it applied are logged at INFO (one line). :func:`parse_job_spec` does not log
+    them: the daemon and its roles re-parse recorded specs, and the daemon logs them once, when
+    the job is submitted."""
     path = Path(path).absolute()
     try:
         size = path.stat().st_size
@@ -482,7 +505,10 @@ def load_job_spec(path: str | Path) -> JobSpec:
     if size > B.MAX_SPEC_BYTES:
         raise ConfigError(str(path), "<file>", f"{size} bytes", f"a job spec is at most MAX_SPEC_BYTES ({B.MAX_SPEC_BYTES}) bytes")
     text, data = _read_toml(path)
-    return _build_job(text, data, path)
+    spec = _build_job(text, data, path)
+    if spec.defaults_applied:
+        log.info("%s", describe_defaults(spec))
+    return spec
 
 
 def parse_job_spec(text: str, origin: str | Path) -> JobSpec:
@@ -543,27 +569,24 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     seed = job.int("seed", 0, min=0, max=2**63 - 1)
     trainers = _str_list(job, "trainers", max=B.MAX_JOB_TRAINER_KEYS, bound="MAX_JOB_TRAINER_KEYS")
 
-    topo_t = root.table("topology", required=True)
+    defaults: list[str] = []   # what the spec left out and got (JobSpec.defaults_applied)
+    topo_given = "topology" in data
+    topo_t = root.table("topology")
     topology = Topology(
-        dp_size=topo_t.int("dp_size", required=True, min=1, max=B.MAX_DP_SIZE, bound="MAX_DP_SIZE"),
+        dp_size=topo_t.int("dp_size", DEFAULT_DP_SIZE, required=topo_given, min=1, max=B.MAX_DP_SIZE,
+                           bound="MAX_DP_SIZE"),
         mp_size=topo_t.int("mp_size", 1, min=1, max=B.MAX_MP_SIZE, bound="MAX_MP_SIZE"),
         ranks_per_constructor=topo_t.int("ranks_per_constructor", 8, min=1, max=B.MAX_DP_SIZE, bound="MAX_DP_SIZE"),
         constructor_nodes=_str_list(topo_t, "constructor_nodes", max=B.MAX_CONSTRUCTOR_NODES,
                                     bound="MAX_CONSTRUCTOR_NODES"),
     )
 
-    batch_t = root.table("batch", required=True)
-    batch = BatchShape(
-        samples_per_step=batch_t.int("samples_per_step", required=True, min=1, max=B.MAX_SAMPLES_PER_STEP,
-                                     bound="MAX_SAMPLES_PER_STEP"),
-        micro_batch_tokens=batch_t.int("micro_batch_tokens", required=True, min=16, max=B.MAX_MICRO_BATCH_TOKENS,
-                                       bound="MAX_MICRO_BATCH_TOKENS"),
-        prefetch=batch_t.int("prefetch", 4, min=1, max=B.MAX_PREFETCH, bound="MAX_PREFETCH"),
-        compression=batch_t.str("compression", "lz4", choices=COMPRESSIONS),
-    )
-    if batch.samples_per_step < topology.dp_size:
-        raise batch_t.error("samples_per_step", batch.samples_per_step,
-                            f"must be >= topology.dp_size ({topology.dp_size}) so every rank gets data")
+    if not topo_given:
+        defaults.append(f"topology.dp_size = {topology.dp_size}")
+
+    batch_t = root.table("batch")
+    # a given [batch] is read here, as it always was; a missing one once the buckets are known
+    batch = _batch_shape(batch_t, topology, given=True) if "batch" in data else None
 
     tok_t = root.table("tokens")   # the older spelling of [images] image_tokens / image_size (fixed mode)
     img_t = root.table("images")
@@ -598,19 +621,34 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     balance = bal_t.str("method", "lpt", choices=BALANCE_METHODS)
 
     buckets = []
-    for t in root.tables("buckets", required=True, max=B.MAX_BUCKETS, bound="MAX_BUCKETS"):
+    for t in root.tables("buckets", required=True, max=B.MAX_BUCKETS, bound="MAX_BUCKETS") if "buckets" in data else ():
         b = BucketSpec(
             name=_name(t, "name"),
             max_seq_len=t.int("max_seq_len", required=True, min=2, max=B.MAX_SEQ_LEN, bound="MAX_SEQ_LEN"),
             long_samples=t.str("long_samples", "truncate", choices=LONG_SAMPLE_POLICIES),
         )
-        if b.max_seq_len > batch.micro_batch_tokens:
+        if batch is not None and b.max_seq_len > batch.micro_batch_tokens:
             raise t.error("max_seq_len", b.max_seq_len,
                           f"exceeds batch.micro_batch_tokens ({batch.micro_batch_tokens}): a unit must fit a micro-batch")
         if any(o.name == b.name for o in buckets):
             raise t.error("name", b.name, "duplicate bucket name")
         t.done()
         buckets.append(b)
+    default_buckets = not buckets
+    if default_buckets:  # shortened to a given micro-batch budget below its max_seq_len
+        b = DEFAULT_BUCKET
+        if batch is not None and batch.micro_batch_tokens < b.max_seq_len:
+            b = replace(b, max_seq_len=batch.micro_batch_tokens)
+        buckets.append(b)
+    if batch is None:
+        batch = _batch_shape(batch_t, topology, given=False,
+                             micro_default=max(DEFAULT_MICRO_BATCH_TOKENS, *(b.max_seq_len for b in buckets)))
+        defaults += [f"batch.samples_per_step = {batch.samples_per_step}",
+                     f"batch.micro_batch_tokens = {batch.micro_batch_tokens}"]
+    if default_buckets:
+        b = buckets[0]
+        defaults.append(f'buckets = [{{name = "{b.name}", max_seq_len = {b.max_seq_len}, '
+                        f'long_samples = "{b.long_samples}"}}]')
     bucket_names = tuple(b.name for b in buckets)
 
     sources = []
@@ -634,10 +672,12 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
         t.done()
     source_names = tuple(s.name for s in sources)
 
-    mix_t = root.table("mixture", required=True)
+    mix_given = "mixture" in data
+    mix_t = root.table("mixture")
     kind = mix_t.str("kind", "constant", choices=SCHEDULE_KINDS)
     points = []
-    for t in mix_t.tables("points", required=True, max=B.MAX_MIXTURE_POINTS, bound="MAX_MIXTURE_POINTS"):
+    for t in (mix_t.tables("points", required=True, max=B.MAX_MIXTURE_POINTS, bound="MAX_MIXTURE_POINTS")
+              if mix_given else ()):
         step = t.int("step", required=True, min=0, max=B.MAX_STEP, bound="MAX_STEP")
         weights_t = t.table("weights", required=True)
         weights = []
@@ -655,6 +695,10 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
         weights_t.done()
         t.done()
         points.append((step, tuple(weights)))
+    if not mix_given:
+        points.append((0, tuple((n, DEFAULT_MIXTURE_WEIGHT) for n in source_names)))
+        defaults.append(f"mixture = constant, equal weights ({DEFAULT_MIXTURE_WEIGHT}) over "
+                        f"{'the 1 source' if len(source_names) == 1 else f'all {len(source_names)} sources'}")
     if kind == "constant" and len(points) != 1:
         raise mix_t.error("points", len(points), "a constant mixture has exactly one point")
     mixture = MixtureSpec(kind=kind, points=tuple(points))
@@ -677,5 +721,22 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     return JobSpec(
         file=file, text=text, name=name, seed=seed, topology=topology, batch=batch,
         images=images, cost=cost, tokenizer=tokenizer, balance=balance, buckets=tuple(buckets), sources=tuple(sources),
-        mixture=mixture, autoscale=autoscale, trainers=trainers,
+        mixture=mixture, autoscale=autoscale, trainers=trainers, defaults_applied=tuple(defaults),
     )
+
+
+def _batch_shape(t: _Table, topology: Topology, *, given: bool, micro_default: int | None = None) -> BatchShape:
+    """``[batch]``: ``samples_per_step`` and ``micro_batch_tokens`` are required in a given table;
+    a missing table gets DEFAULT_SAMPLES_PER_STEP (at least dp_size) and ``micro_default``."""
+    batch = BatchShape(
+        samples_per_step=t.int("samples_per_step", max(DEFAULT_SAMPLES_PER_STEP, topology.dp_size), required=given,
+                               min=1, max=B.MAX_SAMPLES_PER_STEP, bound="MAX_SAMPLES_PER_STEP"),
+        micro_batch_tokens=t.int("micro_batch_tokens", micro_default, required=given, min=16,
+                                 max=B.MAX_MICRO_BATCH_TOKENS, bound="MAX_MICRO_BATCH_TOKENS"),
+        prefetch=t.int("prefetch", 4, min=1, max=B.MAX_PREFETCH, bound="MAX_PREFETCH"),
+        compression=t.str("compression", "lz4", choices=COMPRESSIONS),
+    )
+    if batch.samples_per_step < topology.dp_size:
+        raise t.error("samples_per_step", batch.samples_per_step,
+                      f"must be >= topology.dp_size ({topology.dp_size}) so every rank gets data")
+    return batch

@@ -303,4 +303,5 @@ class JobRuntime:
             "counters": dict(self.counters),
             "planning": None if self.plan_worker is None else self.plan_worker.status(),
             "recent_skips": list(self.skips),
+            "defaults_applied": list(self.spec.defaults_applied),
         }

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from fabric_client import protocol
 
 from ..admission import check_submission, is_retry
-from ..config import parse_job_spec
+from ..config import describe_defaults, parse_job_spec
 from ..errors import ConfigError
 from ..status import build_status
 from . import Reply, handles
@@ -58,6 +58,8 @@ def submit(daemon: Daemon, _identity: bytes, msg: protocol.SubmitJob, _payload: 
                                       "fingerprint": "", "dp_size": spec.topology.dp_size}))
     if not daemon.propose(entries, now):
         return protocol.ErrorReply(code=protocol.ErrorCode.INTERNAL, reason="could not record the job; see the daemon log")
+    if spec.defaults_applied:
+        log.info("%s", describe_defaults(spec))
     return protocol.JobAccepted(job=spec.name, fingerprint="", state="indexing")
 
 
