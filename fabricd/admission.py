@@ -97,7 +97,8 @@ def _source_problem(root: Path, format: str | None, *, entries: int, files: int,
     wanted = exts if format is None else {e: format for e in REGISTRY[format].extensions}
     found_files, complete = _some_data_files(root, wanted, max_entries=entries, max_files=files)
     if not found_files:
-        return (f"no {format or ' or '.join(sorted(set(BY_EXTENSION.values())))} data files in this directory"
+        return (f"no {format + ' data files' if format else 'data files of a known format (' + ', '.join(sorted(exts)) + ')'} "
+                "in this directory"
                 if complete else None)  # a huge directory: indexing decides
     found = {fmt for _, fmt in found_files}
     if format is None and len(found) > 1:

@@ -366,7 +366,11 @@ ranks_per_constructor = 1
 samples_per_step = {samples_per_step}
 micro_batch_tokens = {micro_batch_tokens}
 prefetch = 4
-[tokens]
+[tokenizer]
+kind = "hf"
+path = "{corpus / 'tokenizer' / 'tokenizer.json'}"
+[images]
+mode = "fixed"
 image_tokens = 16
 image_size = 32
 [[buckets]]
@@ -397,6 +401,8 @@ def local_fabric(args: argparse.Namespace) -> Iterator[tuple[str, str, object, d
             log.info("generating a corpus of %d samples per source in %s", args.samples, corpus)
             make_dataset(corpus, args.samples, seed=args.seed, progress=False, overwrite=True)
             (corpus / ".complete").write_text("")
+        if args.tokenizer is None and args.vocab_size is None:
+            args.tokenizer = str(corpus / "tokenizer" / "tokenizer.json")  # the job's: its BPE
         daemon = LocalDaemon(workdir / "node", node_id="train", data_roots=[corpus], log_level="WARNING")
         stack.callback(daemon.stop)
         daemon.start()
@@ -463,7 +469,7 @@ def check_resume(args: argparse.Namespace, address, job: str, keys, env: dict[st
                   [float(x).hex() for x in whole.losses[diff:diff + 1]], [x.hex() for x in resumed[diff:diff + 1]])
     return {"steps": args.steps, "resumed_at": k, "identical": diff is None,
             "tokens_per_s": round(tokens / seconds, 1), "first_loss": whole.losses[0], "last_loss": whole.losses[-1],
-            **({} if diff is None else {"first_difference": diff})}
+            "vocab_size": vocab_size(args), **({} if diff is None else {"first_difference": diff})}
 
 
 # ---------------------------------------------------------------------------------------- main

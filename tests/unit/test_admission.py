@@ -82,7 +82,7 @@ def test_check_data_file(tmp_path):
 
 @pytest.mark.parametrize("setup, fragment", [
     (lambda d: d / "missing", "no such file or directory"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "no jsonl or parquet data files"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "no data files of a known format (.idx, .jsonl, .parquet, .tar)"),
     (lambda d: (write_parquet(d / "m" / "a.parquet", ["x"]), (d / "m" / "b.jsonl").write_text('{"text":"x"}\n'),
                 d / "m")[-1], "mixed formats"),
     (lambda d: (write_parquet(d / "p" / "a.parquet", ["x"]), (d / "p" / "z.parquet").write_text("text,csv\n"),

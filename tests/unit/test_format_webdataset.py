@@ -190,8 +190,8 @@ def test_token_counts_with_a_bpe_tokenizer(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(wds_mod, "_BATCH_CHARS", 20)  # several tokenizer batches within one shard
     ctx = _ctx(tmp_path, tok)
     batches: list[int] = []
-    count = ctx.count_samples
-    ctx.count_samples = lambda texts, nimg: (batches.append(len(texts)), count(texts, nimg))[1]  # type: ignore
+    count = ctx.count_layout
+    ctx.count_layout = lambda texts, nimg: (batches.append(len(texts)), count(texts, nimg))[1]  # type: ignore
     index = FMT.index_file(shard, ctx)
     assert len(batches) > 3 and sum(batches) == len(good)
     # independently: each part of the layout encoded by the raw tokenizer, + BOS and EOS
@@ -199,7 +199,7 @@ def test_token_counts_with_a_bpe_tokenizer(tmp_path: Path, monkeypatch: pytest.M
     expected = [sum(len(raw.encode(p, add_special_tokens=False).ids) for p in text_parts(c.text, len(c.images))[1])
                 + 2 for c in good]
     assert index.text_tokens.tolist() == expected
-    assert np.array_equal(index.text_tokens, count([c.text for c in good], [len(c.images) for c in good]))
+    assert np.array_equal(index.text_tokens, count([c.text for c in good], [len(c.images) for c in good])[0])
     assert index.text_tokens.tolist() != [_byte_count(c.text, tok) for c in good]  # BPE merged something
 
 

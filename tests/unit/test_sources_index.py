@@ -267,8 +267,8 @@ def test_progress_bar_and_speed(tmp_path: Path, capsys: pytest.CaptureFixture, m
     from fabricd.sources.formats.base import IndexContext
 
     batches: list[int] = []  # count the work instead of timing it: whole batches, not row by row
-    real = IndexContext.count_samples
-    monkeypatch.setattr(IndexContext, "count_samples",
+    real = IndexContext.count_layout
+    monkeypatch.setattr(IndexContext, "count_layout",
                         lambda self, texts, nimg: batches.append(len(texts)) or real(self, texts, nimg))
     idx = open_index("big", src.parent, progress=True)
     assert idx.num_samples == n
