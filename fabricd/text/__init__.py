@@ -60,7 +60,7 @@ __all__ = [
 #: Longest piece of text encoded in one call (characters). Part of every tokenizer's identity.
 CHUNK_CHARS = 65536
 #: Most characters handed to the tokenizer in one batch call: bounds the memory of its output.
-BATCH_CHARS = 4 << 20
+BATCH_CHARS = 1 << 20
 TOKENIZER_KINDS = ("bytes", "hf", "sentencepiece")
 _RULE = f"chunks{CHUNK_CHARS}-v2"
 #: a single space between two non-space characters: cutting before it splits no pre-token of a

@@ -16,14 +16,14 @@ encoding of the same texts, and the peak memory of indexing one very long docume
      files, count every text's tokens by the chunk rule of :mod:`fabricd.text`, write the index;
    * ``raw``: ``tokenizers.Tokenizer.encode_batch_fast(texts, add_special_tokens=False)`` over
      the same texts, already in memory as Python strings, in batches of at most 4 MiB of text
-     (what fabricd encodes per call), plus ``len()`` of each encoding: the least a user of the
-     library would do to get counts. Its own thread pool is on (``TOKENIZERS_PARALLELISM=true``)
+     (``RAW_BATCH_CHARS``; fabricd's own calls are at most ``fabricd.text.BATCH_CHARS``), plus
+     ``len()`` of each encoding: the least a user of the library would do to get counts. Its own thread pool is on (``TOKENIZERS_PARALLELISM=true``)
      for both.
 
 4. Checks the counts: per document, the index's ``text_tokens`` minus the specials it adds (EOS,
    and BOS if any) against the raw counts (``counts_agree``; documents longer than one chunk
-   may differ where a chunk cut changes the tokenization, which prose cut after a newline does
-   not).
+   would differ where a chunk cut changed the tokenization; cuts go before a space between two
+   words, which changes nothing for a byte-level BPE).
 5. In a fresh subprocess that does nothing else, indexes the long document and reports its peak
    RSS (``VmHWM``; ``ru_maxrss`` off Linux), with the peak it had before indexing (imports,
    tokenizer loaded) for reference; in another, the peak RSS of the library encoding the same
@@ -57,11 +57,13 @@ os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the library's thread pool on, a
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from fabricd.text import BATCH_CHARS, CHUNK_CHARS, TokenizerSpec, cpu_threads, load_tokenizer  # noqa: E402
+from fabricd.text import CHUNK_CHARS, TokenizerSpec, cpu_threads, load_tokenizer  # noqa: E402
 from fabricd.text.train import train_bpe  # noqa: E402
 
 MB = 1e6
 TRAIN_CHARS = 4 << 20
+#: characters per encode_batch_fast call of the raw baseline (a fixed setting of its own)
+RAW_BATCH_CHARS = 4 << 20
 SOURCE_NAME = "bench"
 BIG_NAME = "bench-big"
 
@@ -194,12 +196,12 @@ def read_texts(src: Path) -> list[str]:
 
 
 def raw_counts(hf_tok, texts: list[str]) -> np.ndarray:
-    """Token count of each text from ``encode_batch_fast`` in batches of at most BATCH_CHARS."""
+    """Token count of each text from ``encode_batch_fast`` in batches of at most RAW_BATCH_CHARS."""
     counts = np.zeros(len(texts), np.int64)
     lo = 0
     while lo < len(texts):
         hi, size = lo, 0
-        while hi < len(texts) and (hi == lo or size + len(texts[hi]) <= BATCH_CHARS):
+        while hi < len(texts) and (hi == lo or size + len(texts[hi]) <= RAW_BATCH_CHARS):
             size += len(texts[hi])
             hi += 1
         enc = hf_tok.encode_batch_fast(texts[lo:hi], add_special_tokens=False)
