@@ -13,7 +13,10 @@ cluster or the filesystem, cheaply enough to run in the daemon's request loop:
   ``SUBMIT_CHECKED_FILES`` files opened in all, shared by the sources (each gets at least
   ``_MIN_ENTRIES_PER_SOURCE`` entries and one file). The rest is checked when the source is
   indexed, and a file that fails then is reported with its reason in the job's status and error.
-  A data file looked at here that is a symlink leading out of the roots is refused, unopened.
+  A data file looked at here that is a symlink leading out of the roots is refused, unopened;
+* the tokenizer's file (``[tokenizer] path`` or ``model``) resolves inside the data roots and
+  exists. Whether it parses and has the special tokens the spec names is found when indexing
+  loads it; a failure then fails the job with that reason.
 
 Each failure is a :class:`~fabricd.errors.ConfigError` naming the spec file, the key and the
 value (the source path), which the daemon answers as ``INVALID_SPEC``.
@@ -35,7 +38,7 @@ from .sources.roots import outside_roots
 from .spec_bounds import MAX_ROLES_PER_DAEMON, roles_needed
 
 __all__ = ["SUBMIT_SCAN_ENTRIES", "SUBMIT_CHECKED_FILES", "check_submission", "check_roles", "check_sources",
-           "check_data_file", "is_retry"]
+           "check_data_file", "check_tokenizer", "is_retry"]
 
 #: Directory entries walked at submit per job, at most (the daemon loop must stay responsive).
 SUBMIT_SCAN_ENTRIES = 20_000
@@ -49,6 +52,22 @@ def check_submission(spec: JobSpec, cfg: NodeConfig) -> None:
     """Everything admission checks (see the module docstring). Raises ConfigError."""
     check_roles(spec, cfg)
     check_sources(spec, roots=cfg.data_roots)
+    check_tokenizer(spec, roots=cfg.data_roots)
+
+
+def check_tokenizer(spec: JobSpec, roots: Sequence[Path] | None = None) -> None:
+    """Refuse a tokenizer file outside ``roots`` or missing. (Loading it, which finds a file
+    that does not parse or lacks a special token the spec names, takes too long for the request
+    loop: indexing does it, and a failure fails the job with that reason.)"""
+    tok = spec.tokenizer
+    if tok.kind == "bytes" or tok.path is None:
+        return
+    key = "tokenizer.path" if tok.kind == "hf" else "tokenizer.model"
+    problem = outside_roots(tok.path, roots) if roots is not None else None
+    if problem is None and not tok.path.is_file():
+        problem = "no such file"
+    if problem:
+        raise ConfigError(spec.file, key, str(tok.path), f"tokenizer: {problem}")
 
 
 def check_roles(spec: JobSpec, cfg: NodeConfig) -> None:

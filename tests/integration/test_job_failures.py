@@ -69,3 +69,22 @@ def test_not_parquet_is_refused_at_submit_and_no_wait_says_how_to_follow(tmp_pat
     ok = fabricctl(local_daemon.address, "submit", str(job))
     assert ok.returncode == 0, ok.stderr
     assert "fabricctl status" in ok.stderr and "--wait" in ok.stderr
+
+
+def test_a_tokenizer_without_the_named_special_token_fails_the_job_saying_so(tmp_path, local_daemon):
+    from fabricd.text.train import train_bpe
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"text": ["a cat", "a dog", "a bird", "a fish"]}), data / "part-0.parquet")
+    tok = train_bpe(["a cat sat on a mat"] * 50, tmp_path / "data" / "tok")
+    job = tmp_path / "job.toml"
+    job.write_text(spec(data) + f'[tokenizer]\nkind = "hf"\npath = "{tok}"\neos = "<|endoftext|>"\n')
+    out = fabricctl(local_daemon.address, "submit", "--wait", "--wait-timeout", "60", str(job))
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "has no token '<|endoftext|>'" in out.stderr and "'</s>'" in out.stderr, out.stderr  # its specials listed
+    missing = tmp_path / "job2.toml"
+    missing.write_text(spec(data).replace('name = "wrongdata"', 'name = "notok"')
+                       + f'[tokenizer]\nkind = "hf"\npath = "{data / "nope.json"}"\n')
+    refused = fabricctl(local_daemon.address, "submit", str(missing))
+    assert refused.returncode != 0 and "tokenizer.path" in refused.stderr and "no such file" in refused.stderr

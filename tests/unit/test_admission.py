@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fabricd.admission import check_data_file, check_roles, check_sources, is_retry
+from fabricd.admission import check_data_file, check_roles, check_sources, check_tokenizer, is_retry
 from fabricd.config import load_node_config, parse_job_spec
 from fabricd.errors import ConfigError, SourceError
 from fabricd.sources.index import open_index, require_samples, skip_reasons
@@ -175,3 +175,27 @@ def test_skip_reasons_are_bounded(tmp_path):
         write_parquet(d / f"{i}.parquet", pa.array([i], pa.int64()))
     reasons = skip_reasons(open_index("s", d, index_dir=tmp_path / "idx"))
     assert len(reasons) == 6 and reasons[-1] == "... and 3 more files"
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+def test_check_tokenizer_refuses_a_missing_file_or_one_outside_the_roots(tmp_path):
+    data = tmp_path / "data"
+    src = write_parquet(data / "s" / "a.parquet", ["x"])
+    tok_file = data / "tok" / "tokenizer.json"
+    text = job_text(str(src.parent)) + f'[tokenizer]\nkind = "hf"\npath = "{tok_file}"\n'
+    job = parse_job_spec(text, tmp_path / "job.toml")
+    with pytest.raises(ConfigError) as info:
+        check_tokenizer(job, roots=[data])
+    assert info.value.key == "tokenizer.path" and "no such file" in str(info.value)
+    tok_file.parent.mkdir()
+    tok_file.write_text("{}")
+    check_tokenizer(job, roots=[data])  # exists, inside: loading it is indexing's business
+    with pytest.raises(ConfigError, match="tokenizer.*outside"):
+        check_tokenizer(job, roots=[data / "s"])
+    spm = parse_job_spec(job_text(str(src.parent)) + f'[tokenizer]\nkind = "sentencepiece"\nmodel = "{tmp_path / "no.model"}"\n',
+                         tmp_path / "job.toml")
+    with pytest.raises(ConfigError) as info:
+        check_tokenizer(spm)
+    assert info.value.key == "tokenizer.model"
+    check_tokenizer(parse_job_spec(job_text(str(src.parent)), tmp_path / "job.toml"))  # bytes: nothing to check
