@@ -85,12 +85,14 @@ def open_sources(spec: JobSpec, *, index_dir: Path | None = None, progress: bool
             for s in spec.sources}
 
 
-def source_units(name: str, idx: SourceIndex, images: ImageSpec, *, max_seq_len: int, long_samples: str) -> SourceUnits:
-    """The units of one source and their lengths, from its index alone: what the planner plans."""
+def source_units(name: str, idx: SourceIndex, images: ImageSpec, *, max_seq_len: int, long_samples: str,
+                 vision: bool = False) -> SourceUnits:
+    """The units of one source and their lengths, from its index alone: what the planner plans.
+    ``vision``: whether the cost model weighs vision work (then units carry their patch counts)."""
     image_tokens, patches, patches_sq = image_tokens_per_sample(idx, images)
     return build_units(name, idx.text_tokens, idx.num_images, max_seq_len=max_seq_len, long_samples=long_samples,
-                       image_tokens=image_tokens, patches=patches, patches_sq=patches_sq,
-                       exact=truncated_lengths(idx, images, max_seq_len))
+                       image_tokens=image_tokens, patches=patches if vision else None,
+                       patches_sq=patches_sq if vision else None, exact=truncated_lengths(idx, images, max_seq_len))
 
 
 def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
@@ -99,7 +101,8 @@ def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
     for s in spec.sources:
         bucket = spec.bucket(s.bucket)
         units.append(source_units(s.name, indexes[s.name], spec.images, max_seq_len=bucket.max_seq_len,
-                                  long_samples=bucket.long_samples))
+                                  long_samples=bucket.long_samples,
+                                  vision=bool(spec.cost.vision_attention or spec.cost.vision_linear)))
     names = [s.name for s in spec.sources]
     return Planner(
         seed=spec.seed,

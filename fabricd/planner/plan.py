@@ -127,9 +127,12 @@ class Planner:
         self._piece = np.concatenate([s.piece for s in ordered]).astype(np.int32, copy=False)
         self._tokens = np.concatenate([s.tokens for s in ordered]).astype(np.int32, copy=False)
         self._images = np.concatenate([s.images for s in ordered]).astype(np.int32, copy=False)
-        zeros = lambda s: np.zeros(len(s), np.float64)  # noqa: E731
-        self._patches = np.concatenate([s.patches if s.patches is not None else zeros(s) for s in ordered])
-        self._patches_sq = np.concatenate([s.patches_sq if s.patches_sq is not None else zeros(s) for s in ordered])
+        self._patches = self._patches_sq = None  # vision work per unit, when the cost model weighs it
+        if (cost.vision_attention or cost.vision_linear) and any(s.patches is not None for s in ordered):
+            zeros = lambda s: np.zeros(len(s), np.float64)  # noqa: E731
+            self._patches = np.concatenate([s.patches if s.patches is not None else zeros(s) for s in ordered])
+            self._patches_sq = np.concatenate([s.patches_sq if s.patches_sq is not None else zeros(s)
+                                               for s in ordered])
 
     def plan(self, step: int, dp_size: int) -> StepPlan:
         """The plan of ``step`` for ``dp_size`` DP ranks."""
@@ -143,7 +146,8 @@ class Planner:
         src, unit = self.sequence.step_units(step)
         row = self._offsets[src] + unit
         tokens = self._tokens[row]
-        cost = self.cost(tokens, self._images[row], self._patches[row], self._patches_sq[row])
+        vision = (self._patches[row], self._patches_sq[row]) if self._patches is not None else (None, None)
+        cost = self.cost(tokens, self._images[row], *vision)
         rank = balance(cost, dp, self.method)
         micro, num_micro = pack_micro_batches_grouped(rank, dp, tokens, cost, self.micro_batch_tokens)
         order = np.lexsort((np.arange(row.size), micro, rank))

@@ -141,19 +141,17 @@ def build_units(
         ex = np.asarray(exact, dtype=np.int64).ravel()[sample_id]
         use = (ex >= 0) & (npieces[sample_id] == 1) & (imgs[sample_id] > 0)
         tokens = np.where(use, np.minimum(ex, tokens), tokens)
-    if patches is None:
-        per = float(image_tokens) if scalar else 0.0
-        pt = imgs.astype(np.float64) * per
-        psq = imgs.astype(np.float64) * per * per
-    else:
-        pt = np.asarray(patches, dtype=np.float64).ravel()
-        psq = np.asarray(patches_sq if patches_sq is not None else pt * pt, dtype=np.float64).ravel()
+    pt = psq = None  # no vision work to weigh: no per-unit arrays (16 bytes a unit saved)
+    if patches is not None:
+        p1 = np.asarray(patches, dtype=np.float64).ravel()
+        p2 = np.asarray(patches_sq if patches_sq is not None else p1 * p1, dtype=np.float64).ravel()
+        pt, psq = p1[sample_id], p2[sample_id]
     return SourceUnits(
         name=str(name),
         sample_id=sample_id,
         piece=piece.astype(np.int32),
         tokens=tokens.astype(np.int32),
         images=imgs[sample_id].astype(np.int32),
-        patches=pt[sample_id],
-        patches_sq=psq[sample_id],
+        patches=pt,
+        patches_sq=psq,
     )
