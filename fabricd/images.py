@@ -24,7 +24,9 @@ Two modes (``[images] mode`` in a job spec):
     consecutive (windows row by row, patches row by row within a window), as Qwen2-VL's processor
     orders them.
 
-Round half to even (``numpy.round``) is the rounding; the one vectorized implementation
+Pixels are taken as stored: an EXIF orientation tag is not applied (the header's width and
+height are the index's, and rotating would swap them). Round half to even (``numpy.round``) is
+the rounding; the one vectorized implementation
 (:meth:`ImageSpec.resized`) serves the planner (from header dimensions in the index) and the
 loader alike, so the planner's token counts are exactly the loader's. Pixels are not normalized:
 the trainer does that on its device.
