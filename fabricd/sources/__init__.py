@@ -3,9 +3,12 @@
 Source schema
 =============
 
-A *source* is one dataset: a directory (every ``*.parquet`` or every ``*.jsonl`` file below it,
-recursively, sorted by relative path; hidden paths and paths starting with ``_`` are ignored) or
-a single file. The format is inferred from the extensions; a directory mixing formats is refused.
+A *source* is one dataset: a directory (every data file of its format below it, recursively,
+sorted by relative path; hidden paths and paths starting with ``_`` are ignored) or a single
+file. The format is inferred from the extensions (a directory mixing formats is refused) or set
+by the job spec. Each format is one module of :mod:`fabricd.sources.formats` (``parquet``,
+``parquet-tokens``, ``jsonl``, ``megatron``, ``webdataset``); the two text formats are described
+here, the others in their modules.
 
 Parquet
 -------
@@ -37,10 +40,11 @@ Images and text
 Each ``<image>`` in the text marks where the next image goes, in order: placeholder ``i`` takes
 image ``i``. If the text has fewer placeholders than images, the images left over go *first*,
 before the text, in their list order (so a caption dataset needs no placeholder at all).
-Placeholders beyond the number of images are removed. Text is tokenized byte-level (one token
-per UTF-8 byte, plus an end-of-sequence token); each image becomes a fixed block of image
-tokens. Samples longer than the context are split into context-sized pieces (text only) or
-truncated, as the job spec says.
+Placeholders beyond the number of images are removed. Text is tokenized by the job's tokenizer
+(:mod:`fabricd.text`; one token per UTF-8 byte by default), between an optional BOS and an EOS;
+each image becomes a block of image tokens as long as its geometry says (:mod:`fabricd.images`:
+a fixed count, or its native-resolution patch count). Samples longer than the context are split
+into context-sized pieces (text only) or truncated, as the job spec says.
 
 Converting your own data
 ------------------------
@@ -65,12 +69,13 @@ of a few hundred MB each.
 
 Index
 -----
-The first time a source is opened, fabricd indexes it (token and image counts of every sample,
-in bounded memory) and stores the index next to it, in ``<dir>/.fabricd-index/`` for a
-directory or ``<file>.fabricd-index.parquet`` for a single file (or under the node's index
+The first time a source is opened under a tokenizer, fabricd indexes it (every sample's token
+count, and per image its size, header dimensions and place among the text, in bounded memory)
+and stores the index next to it, in ``<dir>/.fabricd-index/`` for a directory or
+``<file>.fabricd-index[-<tokenizer tag>].parquet`` for a single file (or under the node's index
 directory when the source is read-only). The index is reused until a data file is added,
-removed or rewritten; a source that changes under a running job is refused until it is
-re-indexed explicitly. A sample id is a sample's position in the index.
+removed or rewritten or the tokenizer changes; a source that changes under a running job is
+refused until it is re-indexed explicitly. A sample id is a sample's position in the index.
 
 A file that cannot be indexed (not Parquet, no ``text`` column, ``text`` not a string column,
 ``images`` not ``list<binary>``) is skipped and its reason kept in the index
