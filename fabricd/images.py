@@ -14,7 +14,9 @@ Two modes (``[images] mode`` in a job spec):
     * if ``H * W > max_pixels``: with ``b = sqrt(h * w / max_pixels)``,
       ``H = f * floor(h / b / f)``, ``W = f * floor(w / b / f)`` (each at least ``f``);
     * else if ``H * W < min_pixels``: with ``b = sqrt(min_pixels / (h * w))``,
-      ``H = f * ceil(h * b / f)``, ``W = f * ceil(w * b / f)``.
+      ``H = f * ceil(h * b / f)``, ``W = f * ceil(w * b / f)``;
+    * an image so thin that even this exceeds ``max_pixels`` (aspect ratio above
+      ``max_pixels / f²``, 1280:1 by default) is refused: its sample fails when loaded.
 
     It is then cut into ``(H/p) * (W/p)`` patches of ``p = patch_size`` pixels and takes
     ``(H/p) * (W/p) / merge_size**2`` tokens. A batch carries ``pixel_values``
@@ -93,6 +95,9 @@ class ImageSpec:
         b = np.sqrt(self.min_pixels / (h * w))
         H = np.where(small, np.ceil(h * b / f) * f, H)
         W = np.where(small, np.ceil(w * b / f) * f, W)
+        # a strip thinner than max_pixels / f² allows (1280:1 by default) cannot fit at all: it is
+        # refused like an unreadable one (its sample fails when loaded), never sized past the bound
+        ok &= (H * W <= self.max_pixels) | small
         return np.where(ok, H, 0).astype(np.int64), np.where(ok, W, 0).astype(np.int64)
 
     def patches(self, h: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -149,6 +154,9 @@ def decode_native(data: bytes, spec: ImageSpec, expect_hw: tuple[int, int]) -> t
             raise ValueError(f"image is {h}x{w} (h x w) but was {expect_hw[0]}x{expect_hw[1]} when indexed")
         Hs, Ws = spec.resized(np.array([h]), np.array([w]))
         H, W = int(Hs[0]), int(Ws[0])
+        if H == 0 or W == 0:
+            raise ValueError(f"image of {h}x{w} (h x w) cannot be resized within max_pixels = {spec.max_pixels} "
+                             "(aspect ratio too extreme)")
         px = _rgb_resized(img, W, H, Image.BICUBIC)
     p, m = spec.patch_size, spec.merge_size
     gh, gw = H // p, W // p

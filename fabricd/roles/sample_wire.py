@@ -20,9 +20,12 @@ from ..errors import SampleError
 from ..images import ImageSpec
 from ..sources.transform import SampleData
 
-__all__ = ["encode_load_reply", "decode_load_reply", "pixel_shape"]
+__all__ = ["encode_load_reply", "decode_load_reply", "pixel_shape", "MAX_REASON_CHARS"]
 
 _FRAMES = 10
+#: longest failure reason sent (the protocol's Text bound is 8192): one overlong reason must not
+#: make the whole reply malformed
+MAX_REASON_CHARS = 2000
 
 
 def pixel_shape(images: ImageSpec) -> tuple[int, ...]:
@@ -44,7 +47,7 @@ def encode_load_reply(
     """Frames of the ``LoadReply`` answering ``request`` with ``results`` (in request order)."""
     shape = pixel_shape(images)
     ok = [r for r in results if isinstance(r, SampleData)]
-    errors = [[i, r.reason] for i, r in enumerate(results) if not isinstance(r, SampleData)]
+    errors = [[i, _short(r.reason)] for i, r in enumerate(results) if not isinstance(r, SampleData)]
 
     def sizes(f) -> list[int]:
         return [f(r) if isinstance(r, SampleData) else 0 for r in results]
@@ -55,6 +58,8 @@ def encode_load_reply(
     def lengths(r: SampleData) -> np.ndarray:
         if r.image_lengths is not None:
             return r.image_lengths
+        if images.mode == "native" and r.image_grid is not None:  # tokens = patches / merge²
+            return (np.prod(r.image_grid, axis=1) // (images.merge_size ** 2)).astype(np.int32)
         return np.full(len(r.image_starts), images.image_tokens, np.int32)
 
     def grids(r: SampleData) -> np.ndarray:
@@ -72,6 +77,10 @@ def encode_load_reply(
         _offsets(sizes(lambda r: len(r.targets) if r.targets is not None else 0)),
     )
     return protocol.encode(reply, frames)
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 1] + "…"
 
 
 def decode_load_reply(reply: protocol.LoadReply, frames: Sequence[Any]) -> list[SampleData | str]:
@@ -111,12 +120,29 @@ def decode_load_reply(reply: protocol.LoadReply, frames: Sequence[Any]) -> list[
         g0, g1 = tgt_off[i], tgt_off[i + 1]
         if g1 != g0 and g1 - g0 != t1 - t0:
             raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {i}: targets do not match its tokens")
-        out.append(SampleData(
+        unit = SampleData(
             input_ids=ids[t0:t1],
             image_starts=starts[img_off[i]:img_off[i + 1]],
             pixels=px[px_off[i]:px_off[i + 1]],
             image_lengths=img_len[img_off[i]:img_off[i + 1]],
             image_grid=grids[img_off[i]:img_off[i + 1]],
             targets=targets[g0:g1] if g1 != g0 else None,
-        ))
+        )
+        problem = _unit_problem(unit, len(shape) == 1)
+        if problem:
+            raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {i}: {problem}")
+        out.append(unit)
     return out
+
+
+def _unit_problem(unit: SampleData, native: bool) -> str | None:
+    """Why one decoded unit is inconsistent in itself (what packing it would trip over), or None."""
+    k, n = len(unit.image_starts), len(unit.input_ids)
+    rows = int(np.prod(unit.image_grid, axis=1, dtype=np.int64).sum()) if native else k
+    if unit.pixels.shape[0] != rows:
+        return f"{unit.pixels.shape[0]} pixel rows for {k} images ({rows} expected)"
+    if k and (int(unit.image_starts.min()) < 0
+              or int((unit.image_starts.astype(np.int64) + unit.image_lengths).max()) > n
+              or int(unit.image_lengths.min()) < 0):
+        return f"image blocks {unit.image_starts.tolist()} (+{unit.image_lengths.tolist()}) outside its {n} tokens"
+    return None

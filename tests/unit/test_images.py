@@ -36,6 +36,8 @@ def _ref_resized(h: int, w: int, p: int = 14, m: int = 2, lo: int = MIN_PX, hi: 
         b = math.sqrt(h * w / hi)
         H = max(f, math.floor(h / b / f) * f)
         W = max(f, math.floor(w / b / f) * f)
+        if H * W > hi:  # too thin to fit at all: refused
+            return 0, 0
     elif H * W < lo:
         b = math.sqrt(lo / (h * w))
         H = math.ceil(h * b / f) * f
@@ -133,15 +135,12 @@ def test_resized_extreme_aspect_ratios_below_the_max_pixels_regime() -> None:
     assert H * W <= MAX_PX
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: for an aspect ratio above max_pixels / f**2 (1280:1 by default) the 'each at least f' "
-    "clamp of the max_pixels branch lets H*W exceed max_pixels without bound: a 1 x 1_000_000 "
-    "strip becomes 28 x 1_001_756 (28 M pixels, 35_777 tokens). Qwen2-VL's smart_resize refuses "
-    "aspect ratios above 200; the fix is to refuse such images (0, like an unreadable header) "
-    "or cap the long side at f * floor(max_pixels / f / f)"))
-def test_resized_never_exceeds_max_pixels_for_a_long_strip() -> None:
-    H, W = _one(NATIVE, 1, 1_000_000)
-    assert (H, W) == (0, 0) or H * W <= MAX_PX
+def test_a_strip_too_thin_for_max_pixels_is_refused_never_oversized() -> None:
+    assert _one(NATIVE, 1, 1_000_000) == (0, 0)  # 28 x 1_001_756 would be 28 M pixels
+    assert NATIVE.tokens(np.array([1]), np.array([1_000_000])).tolist() == [0]
+    with pytest.raises(ValueError, match="aspect ratio"):
+        decode_native(_encode(np.zeros((1, 40_000, 3), np.uint8)), ImageSpec(mode="native", max_pixels=28 * 28 * 4),
+                      (1, 40_000))
 
 
 def test_resized_unreadable_dimensions_give_zero() -> None:
@@ -197,8 +196,14 @@ def test_resized_properties(k: int) -> None:
     h, w = _random_sizes(rng, 4000)
     H, W = spec.resized(h, w)
     assert np.all(H % f == 0) and np.all(W % f == 0)
+    refused = H == 0
+    assert np.array_equal(refused, W == 0)
+    # only strips thinner than max_pixels / f² allows are refused
+    assert np.all(np.maximum(h, w)[refused] / np.minimum(h, w)[refused] > spec.max_pixels / (f * f))
+    h, w, H, W = h[~refused], w[~refused], H[~refused], W[~refused]
     assert np.all(H >= f) and np.all(W >= f)
     area = H * W
+    assert np.all(area <= spec.max_pixels) or spec.min_pixels > spec.max_pixels // 2
     # the per-side "at least f" clamp of the max branch can only bite past this aspect ratio
     tame = np.maximum(h, w) / np.minimum(h, w) < spec.max_pixels / (f * f)
     # max_pixels holds, unless min_pixels' ceiling forced more (only when min is near max)
@@ -259,7 +264,7 @@ def test_native_tokens_equal_grid_over_merge_squared(k: int) -> None:
     np.testing.assert_array_equal(spec.patches(h, w), (H // p) * (W // p))
     tok = spec.tokens(h, w)
     np.testing.assert_array_equal(tok * m * m, (H // p) * (W // p))  # exact: H/p and W/p are multiples of m
-    assert np.all(tok >= 1)
+    assert np.all(tok[H > 0] >= 1) and np.all(tok[H == 0] == 0)  # 0: a strip too thin, refused
 
 
 def test_fixed_mode_every_image_takes_image_tokens() -> None:
