@@ -274,3 +274,22 @@ def test_progress_bar_and_speed(tmp_path: Path, capsys: pytest.CaptureFixture, m
     assert idx.num_samples == n
     assert sum(batches) == n and len(batches) <= -(-n // 256), f"{len(batches)} token-count calls for {n} rows"
     assert "indexing big" in capsys.readouterr().err
+
+
+def test_long_documents_are_indexed_a_few_rows_at_a_time_and_progress_adds_up(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from fabricd.sources.formats import base, parquet
+
+    monkeypatch.setattr(parquet, "_BATCH_BYTES", 1 << 20)  # 1 MiB batches
+    docs = [("word " * 100_000)[: 400_000 + k] for k in range(12)]  # 12 documents of ~400 KB
+    src = _write(tmp_path / "long" / "a.parquet", pa.table({"text": docs}), row_group_size=12)
+    batches: list[int] = []
+    real = base.IndexContext.count_layout
+    monkeypatch.setattr(base.IndexContext, "count_layout",
+                        lambda self, texts, nimg: batches.append(len(texts)) or real(self, texts, nimg))
+    reported: list[int] = []
+    ctx = base.IndexContext(index_mod.load_tokenizer(None), src.parent, reported.append)
+    got = parquet.ParquetText().index_file(src, ctx)
+    assert got.text_tokens.tolist() == [len(d) + 1 for d in docs]
+    assert max(batches) <= 3 and sum(batches) == 12  # never the whole file's 4.8 MB at once
+    assert sum(reported) == src.stat().st_size and len(reported) >= 4  # the file's size, bit by bit

@@ -39,6 +39,7 @@ __all__ = ["ParquetText", "ParquetTokens", "image_bytes_array", "parquet_magic_p
 
 _BATCH_ROWS = 4096          # text-only files
 _BATCH_ROWS_IMAGES = 256    # files with images: bounds the encoded bytes held while indexing
+_BATCH_BYTES = 64 << 20     # ... and at most about this many (uncompressed) bytes per batch
 _MAX_OPEN_FILES = 64
 _MAGIC = b"PAR1"
 
@@ -95,6 +96,38 @@ def _check_int_list(name: str, t: pa.DataType, *, bools: bool = False) -> None:
         pa.types.is_integer(t.value_type) or (bools and pa.types.is_boolean(t.value_type)))
     if not ok:
         raise ValueError(f"{name} column must be a list of integers{' or booleans' if bools else ''}, got {t}")
+
+
+def _batch_rows(pf: pq.ParquetFile, most: int) -> int:
+    """Rows per indexing batch: at most ``most``, fewer for big rows, so that a batch holds about
+    ``_BATCH_BYTES`` (from the row groups' uncompressed sizes: a file of long documents is read a
+    few rows at a time)."""
+    md = pf.metadata
+    rows = md.num_rows
+    size = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+    if rows <= 0 or size <= 0:
+        return most
+    return int(max(1, min(most, _BATCH_BYTES * rows // size)))
+
+
+class _Progress:
+    """Reports a file's on-disk size through ``on_bytes`` in proportion to the rows indexed."""
+
+    def __init__(self, path: Path, pf: pq.ParquetFile, on_bytes) -> None:
+        import os
+
+        self.size = os.stat(path).st_size
+        self.rows = max(1, pf.metadata.num_rows)
+        self.on_bytes = on_bytes
+        self.done = 0
+        self.sent = 0
+
+    def rows_done(self, n: int) -> None:
+        self.done += n
+        target = self.size * min(self.done, self.rows) // self.rows
+        if target > self.sent:
+            self.on_bytes(target - self.sent)
+            self.sent = target
 
 
 class _ParquetFile:
@@ -245,8 +278,9 @@ class ParquetText(SourceFormat):
             columns = ["text", "images"] if has_images else ["text"]
             rows, tokens, nimgs, ilen, ih, iw, before, seq = [], [], [], [], [], [], [], []
             start = 0
-            for batch in pf.iter_batches(batch_size=_BATCH_ROWS_IMAGES if has_images else _BATCH_ROWS,
-                                         columns=columns, use_threads=False):
+            progress = _Progress(path, pf, ctx.on_bytes)
+            rows_per_batch = _batch_rows(pf, _BATCH_ROWS_IMAGES if has_images else _BATCH_ROWS)
+            for batch in pf.iter_batches(batch_size=rows_per_batch, columns=columns, use_threads=False):
                 n = batch.num_rows
                 text_col = batch.column(0)
                 valid = np.asarray(text_col.is_valid().to_numpy(zero_copy_only=False), bool)
@@ -273,7 +307,7 @@ class ParquetText(SourceFormat):
                 rows.append(np.arange(start, start + n, dtype=np.int64)[valid])
                 nimgs.append(np.asarray(nimg, np.int32)[valid])
                 start += n
-                ctx.on_bytes(batch.nbytes)
+                progress.rows_done(n)
         finally:
             pf.close()
         cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
@@ -337,8 +371,9 @@ class ParquetTokens(SourceFormat):
                 _check_int_list(extra, schema.field(extra).type, bools=extra == "loss_mask")
             rows, tokens = [], []
             start = 0
-            for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=["input_ids"] + ([extra] if extra else []),
-                                         use_threads=False):
+            progress = _Progress(path, pf, ctx.on_bytes)
+            for batch in pf.iter_batches(batch_size=_batch_rows(pf, _BATCH_ROWS),
+                                         columns=["input_ids"] + ([extra] if extra else []), use_threads=False):
                 n = batch.num_rows
                 length = pc.fill_null(pc.list_value_length(batch.column(0)), 0).to_numpy(zero_copy_only=False)
                 keep = length > 0
@@ -349,7 +384,7 @@ class ParquetTokens(SourceFormat):
                 rows.append(np.arange(start, start + n, dtype=np.int64)[keep])
                 tokens.append(np.asarray(length, np.int64)[keep])
                 start += n
-                ctx.on_bytes(batch.nbytes)
+                progress.rows_done(n)
         finally:
             pf.close()
         row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
