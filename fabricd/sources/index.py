@@ -405,11 +405,12 @@ def _candidates(path: Path, tokenizer: str | None = None) -> list[Path]:
     out = []
     for p in found:
         try:
-            if _read_meta(p).get("tokenizer") != tokenizer:
-                continue
+            meta = _read_meta(p)
+            if meta.get("version") == INDEX_VERSION and meta.get("tokenizer") != tokenizer:
+                continue  # another tokenizer's, current: another job's index
         except Exception:  # noqa: BLE001 - unreadable: ours to replace
             pass
-        out.append(p)
+        out.append(p)  # ours, an older version's, or unreadable
     return out
 
 

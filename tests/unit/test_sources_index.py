@@ -293,3 +293,24 @@ def test_long_documents_are_indexed_a_few_rows_at_a_time_and_progress_adds_up(tm
     assert got.text_tokens.tolist() == [len(d) + 1 for d in docs]
     assert max(batches) <= 3 and sum(batches) == 12  # never the whole file's 4.8 MB at once
     assert sum(reported) == src.stat().st_size and len(reported) >= 4  # the file's size, bit by bit
+
+
+def test_indexes_of_two_tokenizers_live_side_by_side_and_old_versions_go(tmp_path: Path) -> None:
+    from fabricd.text import TokenizerSpec, load_tokenizer
+    from fabricd.text.train import train_bpe
+
+    src = _write(tmp_path / "src" / "a.parquet", pa.table({"text": ["a cat sat", "on the mat", "a dog"]}))
+    stale = src.parent / ".fabricd-index" / "index-0123456789abcdef.parquet"
+    stale.parent.mkdir()
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata(
+        {b"fabricd.index": json.dumps({"version": 1, "tokenizer": "bytes-v1"}).encode()}), stale)
+    bpe = load_tokenizer(TokenizerSpec(kind="hf", path=train_bpe(["a cat sat on the mat"] * 30, tmp_path / "tok")))
+    by_bytes = open_index("s", src.parent)
+    by_bpe = open_index("s", src.parent, tokenizer=bpe)
+    assert not stale.exists()  # an older version's index is replaced
+    assert by_bytes.fingerprint != by_bpe.fingerprint and by_bytes.tokenizer != by_bpe.tokenizer
+    assert by_bytes.text_tokens.tolist() == [10, 11, 6] and by_bpe.text_tokens.tolist() != [10, 11, 6]
+    assert len(list((src.parent / ".fabricd-index").glob("index-*.parquet"))) == 2  # both kept
+    again = open_index("s", src.parent)  # reused, not rebuilt, and the BPE one still there
+    assert again.text_tokens.tolist() == [10, 11, 6]
+    assert len(list((src.parent / ".fabricd-index").glob("index-*.parquet"))) == 2
