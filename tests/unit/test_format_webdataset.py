@@ -320,3 +320,17 @@ def test_split_key_follows_webdataset() -> None:
     assert wds_mod.split_key("README") is None and wds_mod.split_key(".hidden") is None
     assert wds_mod.split_key("d/.hidden") == ("d/", "hidden")  # WebDataset's regex does the same
     assert wds_mod.split_key("d.x/README") is None
+
+
+def test_oversized_members_are_skipped_unread_and_big_images_need_only_their_header(tmp_path: Path,
+                                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wds_mod, "MAX_TEXT_BYTES", 1000)
+    monkeypatch.setattr(wds_mod, "_HEADER_BYTES", 64)  # a PNG's IHDR is in its first 33 bytes
+    pic = image("png", 300, 200, 1)
+    samples = [Case([("a.txt", b"short")], text="short"), Case([("b.txt", b"x" * 5000)]),
+               Case([("c.txt", b"pic"), ("c.png", pic)], text="pic", images=[pic])]
+    shard = write_shard(tmp_path / "s.tar", samples, noise=False)
+    index = FMT.index_file(shard, _ctx(tmp_path))
+    assert index.skipped == 1 and index.num_images.tolist() == [0, 1]
+    assert (int(index.image_h[0]), int(index.image_w[0])) == (200, 300)  # from 64 bytes of a larger file
+    assert int(index.image_len[0]) > 64

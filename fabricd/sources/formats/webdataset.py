@@ -19,13 +19,14 @@ Of a sample's members, this format uses:
 
 Other members are ignored. A sample needs a non-empty text or at least one image; one with
 neither, with a text that is not valid UTF-8, a malformed JSON member, the same extension twice,
-or a sparse member, is skipped and counted at indexing.
+a sparse member, or a member too big to be one sample's (text over ``MAX_TEXT_BYTES``, 64 MiB;
+an image over ``MAX_IMAGE_BYTES``, 256 MiB; never read), is skipped and counted at indexing.
 
 Only plain (uncompressed) tars: samples are read by seeking to their members' bytes, through
 the offsets recorded at indexing; the tar is never scanned again. Indexing scans the headers
 once, in streaming mode (``tarfile``: GNU long names and pax headers included), and reads each
-text and image member once (image dimensions come from the header bytes; pixels are never
-decoded). Index rows: ``row`` is the byte offset of the text member's data and ``extent`` its
+text member once and the first bytes of each image member (its dimensions come from the header;
+pixels are never decoded). Index rows: ``row`` is the byte offset of the text member's data and ``extent`` its
 size, encoded ``~size`` (negative) for a JSON member; ``row = -1``, ``extent = 0`` for a sample
 without text. Per image, ``image_loc`` is its data offset and ``image_len`` its size.
 """
@@ -67,6 +68,12 @@ _BATCH_CHARS = 4 << 20        # text counted per tokenizer call while indexing
 _PROGRESS_BYTES = 4 << 20
 _MAX_OPEN_FILES = 64
 _BLOCK = tarfile.BLOCKSIZE
+#: a text or JSON member larger than this makes its sample a counted skip (never read whole)
+MAX_TEXT_BYTES = 64 << 20
+#: an image member larger than this makes its sample a counted skip
+MAX_IMAGE_BYTES = 256 << 20
+#: bytes of an image member read at indexing: enough for the header (dimensions), never the pixels
+_HEADER_BYTES = 1 << 20
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -256,12 +263,16 @@ def _scan(path: Path, ctx: IndexContext) -> FileIndex:
                         continue
                     if info.offset_data + info.size > size:
                         raise tarfile.ReadError(f"member data runs past the end of the file ({size} bytes)")
+                    if info.size > (MAX_IMAGE_BYTES if order is not None else MAX_TEXT_BYTES):
+                        group.bad = True  # too big to be one sample's: skipped and counted, not read
+                        continue
                     member = tf.extractfile(info)
-                    data = member.read() if member is not None else b""
-                    if len(data) != info.size:
+                    want = min(info.size, _HEADER_BYTES) if order is not None else info.size
+                    data = member.read(want) if member is not None else b""
+                    if len(data) != want:
                         raise tarfile.ReadError("unexpected end of data")
                     if order is not None:
-                        h, w = image_header_dims(data)
+                        h, w = image_header_dims(data)  # the header only: pixels are not decoded
                         group.images.append((order, info.offset_data, info.size, h, w))
                     elif ext == "txt":
                         group.text = (info.offset_data, info.size, data)
