@@ -214,13 +214,17 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
                    f"mp={topo['mp_size']} constructors={topo['constructors']}  fingerprint={job['fingerprint'] or '-'}")
         if job["error"]:
             click.echo(f"  error: {job['error']}")
+        if job.get("tokenizer"):
+            click.echo(f"  tokenizer {job['tokenizer']}, images {job.get('images')}")
         if job.get("defaults_applied"):
             click.echo(f"  defaults applied: {', '.join(job['defaults_applied'])}")
         c = job["counters"]
         click.echo(f"  plans {c['plans_computed']} (max {c['plan_ms_max']} ms), skipped units {c['skipped_units']} "
                    f"(recorded {job['skipped_recorded']})")
         for src, info in job["sources"].items():
-            click.echo(f"  source {src}: {info['samples']} samples, {info['files_skipped']} files and "
+            what = (f" ({info['format']}: {info['tokens']} text tokens, {info['images']} images)"
+                    if "format" in info else "")
+            click.echo(f"  source {src}: {info['samples']} samples{what}, {info['files_skipped']} files and "
                        f"{info['rows_skipped']} rows skipped at indexing")
             for reason in info.get("files_skipped_reasons", ()):
                 click.echo(f"    skipped {reason}")

@@ -300,7 +300,10 @@ class JobRuntime:
             "fingerprint": self.fingerprint,
             "topology": {"dp_size": self.spec.topology.dp_size, "mp_size": self.spec.topology.mp_size,
                          "constructors": len(self.groups)},
-            "sources": {n: {"samples": i.num_samples, "files_skipped": len(i.files_skipped),
+            "tokenizer": self.spec.tokenizer.kind,
+            "images": self.spec.images.mode,
+            "sources": {n: {"samples": i.num_samples, "format": i.format, "tokens": int(i.text_tokens.sum()),
+                            "images": int(i.num_images.sum()), "files_skipped": len(i.files_skipped),
                             "files_skipped_reasons": skip_reasons(i), "rows_skipped": i.rows_skipped}
                         for n, i in self.indexes.items()},
             "counters": dict(self.counters),

@@ -91,6 +91,10 @@ weights = {{ wds = 0.5, megatron = 0.3, tokens = 0.2 }}
     assert {n: s["samples"] for n, s in status["sources"].items()} == {
         "wds": sum(len(_samples(tiny_corpus, s)) for s in ("interleaved", "captions")),
         "megatron": len(docs), "tokens": len(docs)}
+    assert {n: s["format"] for n, s in status["sources"].items()} == {
+        "wds": "webdataset", "megatron": "megatron", "tokens": "parquet-tokens"}
+    assert status["sources"]["megatron"]["tokens"] == sum(len(d) for d in docs) == status["sources"]["tokens"]["tokens"]
+    assert (status["tokenizer"], status["images"]) == ("hf", "native")
     steps = 5
     got = run_ranks(local_daemon.address, "formats", 2, 1, steps)
     want = expected(job_file, range(steps))
