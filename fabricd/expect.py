@@ -24,7 +24,7 @@ import numpy as np
 
 from .assemble import UnitKey, apply_skip_records, assemble_micro_batch
 from .config import JobSpec
-from .job import build_planner, job_tokenizer, open_sources, transform_spec
+from .job import build_planner, check_vocabulary, job_tokenizer, open_sources, transform_spec
 from .planner import Planner
 from .sources.transform import SampleLoader
 
@@ -70,6 +70,7 @@ class BatchOracle:
             self.skips.setdefault(int(step), set()).add((index[source], int(sample_id), int(piece)))
         tokenizer = job_tokenizer(spec)
         indexes = open_sources(spec, progress=progress, tokenizer=tokenizer)
+        check_vocabulary(indexes, tokenizer)  # the job would fail: so does its expectation
         self.planner: Planner = build_planner(spec, indexes)
         self.loaders = [SampleLoader(indexes[s.name], transform_spec(spec, s.name), tokenizer=tokenizer)
                         for s in spec.sources]

@@ -21,7 +21,7 @@ from fabric_client.limits import MAX_LIST_ITEMS, MAX_STEP
 
 from .cluster.placement import constructor_id, loader_prefix
 from .config import JobSpec
-from .errors import FabricdError
+from .errors import FabricdError, SourceError
 from .images import ImageSpec
 from .planner import CostModel, MixtureSchedule, Planner, build_units
 from .planner.units import SourceUnits
@@ -30,7 +30,7 @@ from .sources.index import SourceIndex, open_index, require_samples, skip_reason
 from .sources.transform import TransformSpec, image_tokens_per_sample, truncated_lengths
 from .text import Tokenizer, load_tokenizer
 
-__all__ = ["JobRuntime", "open_sources", "build_planner", "job_tokenizer", "transform_spec", "source_units", "PLAN_COLUMNS"]
+__all__ = ["JobRuntime", "open_sources", "build_planner", "job_tokenizer", "transform_spec", "source_units", "check_vocabulary", "PLAN_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,18 @@ def source_units(name: str, idx: SourceIndex, images: ImageSpec, *, max_seq_len:
     return build_units(name, idx.text_tokens, idx.num_images, max_seq_len=max_seq_len, long_samples=long_samples,
                        image_tokens=image_tokens, patches=patches if vision else None,
                        patches_sq=patches_sq if vision else None, exact=truncated_lengths(idx, images, max_seq_len))
+
+
+def check_vocabulary(indexes: Mapping[str, SourceIndex], tokenizer: Tokenizer) -> None:
+    """Refuse (SourceError) a pre-tokenized source whose largest token id, known from its index,
+    lies outside the job tokenizer's vocabulary: it was tokenized with another tokenizer, and
+    every sample would fail to load. (Where the index does not know it, the loader checks each
+    sample and skips one that does not fit, naming the id.)"""
+    for name, idx in indexes.items():
+        if idx.max_token_id >= tokenizer.vocab_size:
+            raise SourceError(f"source {name!r} holds token id {idx.max_token_id}, outside the job tokenizer's "
+                              f"vocabulary of {tokenizer.vocab_size} ([tokenizer] kind = {tokenizer.kind!r}); "
+                              "set [tokenizer] to the tokenizer the source was tokenized with")
 
 
 def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
@@ -164,8 +176,10 @@ class JobRuntime:
     def _prepare(self) -> None:
         try:
             started = time.monotonic()
+            tokenizer = job_tokenizer(self.spec, roots=self.data_roots)
             indexes = open_sources(self.spec, index_dir=self.index_dir, progress=sys.stderr.isatty(),
-                                   roots=self.data_roots)
+                                   roots=self.data_roots, tokenizer=tokenizer)
+            check_vocabulary(indexes, tokenizer)
             weighted = {name for _, weights in self.spec.mixture.points for name, w in weights if w > 0}
             for name in sorted(weighted, key=[s.name for s in self.spec.sources].index):
                 require_samples(indexes[name])  # the real reason (file, column, type), not "0 units"

@@ -89,6 +89,9 @@ class SourceIndex:
     image_seq: np.ndarray
     files_skipped: tuple[tuple[str, str], ...]
     rows_skipped: int
+    #: pre-tokenized formats: the largest token id of the source (-1: not known; the loader checks
+    #: every sample's ids against the job's vocabulary anyway)
+    max_token_id: int = -1
 
     @property
     def num_samples(self) -> int:
@@ -261,9 +264,11 @@ def _build(name: str, root: Path, fmt: SourceFormat, files: list[str], fingerpri
     if rows_skipped:
         log.warning("source %r: skipped %d rows (null text or malformed line)", name, rows_skipped)
     arrays = _concat(parts)
+    known = [p.max_token_id for _, p in parts]
+    top = max(known) if known and min(known) >= 0 else -1  # one file not known: the source not known
     return SourceIndex(name=name, root=root, format=fmt.name, files=tuple(files), fingerprint=fingerprint,
                        tokenizer=_token_identity(fmt, tokenizer), files_skipped=tuple(skipped),
-                       rows_skipped=rows_skipped, **arrays)
+                       rows_skipped=rows_skipped, max_token_id=top, **arrays)
 
 
 def _concat(parts: list[tuple[int, FileIndex]]) -> dict[str, np.ndarray]:
@@ -325,6 +330,7 @@ def _write(index: SourceIndex, path: Path) -> None:
         "files": list(index.files),
         "files_skipped": [list(x) for x in index.files_skipped],
         "rows_skipped": index.rows_skipped,
+        "max_token_id": index.max_token_id,
     }
     offsets = pa.array(index.image_start, type=pa.int64())
     columns = {c: getattr(index, c) for c in _SAMPLE_COLUMNS}
@@ -386,7 +392,7 @@ def _load(path: Path, name: str, root: Path, format: str, fingerprint: str) -> S
         name=name, root=root, format=format, files=tuple(meta["files"]), fingerprint=fingerprint,
         tokenizer=str(meta["tokenizer"]), **{c: arrays[c].astype(t, copy=False) for c, t in types.items()},
         files_skipped=tuple((str(a), str(b)) for a, b in meta["files_skipped"]),
-        rows_skipped=int(meta["rows_skipped"]),
+        rows_skipped=int(meta["rows_skipped"]), max_token_id=int(meta.get("max_token_id", -1)),
     )
 
 

@@ -184,9 +184,14 @@ _BYTES = load_tokenizer(None)
 
 
 def full_sequence(raw: RawSample, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray | None]:
-    """The full sequence of a sample without images, and its targets (None: train on all)."""
+    """The full sequence of a sample without images, and its targets (None: train on all).
+    Raises ValueError for a pre-tokenized id outside the tokenizer's vocabulary."""
     if raw.input_ids is not None:
-        return np.asarray(raw.input_ids, np.int32), raw.targets
+        ids = np.asarray(raw.input_ids, np.int32)
+        if ids.size and int(ids.max()) >= tokenizer.vocab_size:
+            raise ValueError(f"token id {int(ids.max())} is outside the job tokenizer's vocabulary "
+                             f"({tokenizer.vocab_size} tokens): was the source tokenized with another tokenizer?")
+        return ids, raw.targets
     (text,) = text_parts(raw.text or "", 0)[1]
     (ids,) = tokenizer.encode_texts([text])
     head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -214,7 +219,10 @@ def transform(raw: RawSample, piece: int, spec: TransformSpec, *, source: str = 
     geo = spec.images
     m = spec.max_seq_len
     if not raw.images:
-        ids, targets = full if full is not None else full_sequence(raw, tok)
+        try:
+            ids, targets = full if full is not None else full_sequence(raw, tok)
+        except ValueError as e:
+            raise SampleError(source, sample_id, str(e)) from None
         total = ids.shape[0]
         pieces = -(-total // m) if spec.long_samples == "split" else 1
         if piece < 0 or piece >= pieces or total == 0:
@@ -331,7 +339,10 @@ class SampleLoader:
         if got is not None:
             self._encoded.move_to_end(sample_id)
             return got
-        got = full_sequence(raw, self.tokenizer)
+        try:
+            got = full_sequence(raw, self.tokenizer)
+        except ValueError as e:
+            raise SampleError(self.index.name, sample_id, str(e)) from None
         size = got[0].shape[0]
         if size > self.spec.max_seq_len and size <= ENCODED_CACHE_TOKENS:  # worth keeping: it has pieces
             while self._encoded and self._encoded_tokens + size > ENCODED_CACHE_TOKENS:

@@ -84,6 +84,8 @@ class FileIndex:
     #: block in the full sequence (-1: unknown) and its rank in sequence order
     image_text_before: np.ndarray | None = None  # int64[m]
     image_seq: np.ndarray | None = None          # int32[m]
+    #: pre-tokenized formats: the largest token id in the file (-1: not known without reading it all)
+    max_token_id: int = -1
 
     def __post_init__(self) -> None:
         n = int(np.asarray(self.row).shape[0])

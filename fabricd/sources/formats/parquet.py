@@ -371,6 +371,7 @@ class ParquetTokens(SourceFormat):
                 _check_int_list(extra, schema.field(extra).type, bools=extra == "loss_mask")
             rows, tokens = [], []
             start = 0
+            top = -1
             progress = _Progress(path, pf, ctx.on_bytes)
             for batch in pf.iter_batches(batch_size=_batch_rows(pf, _BATCH_ROWS),
                                          columns=["input_ids"] + ([extra] if extra else []), use_threads=False):
@@ -383,6 +384,8 @@ class ParquetTokens(SourceFormat):
                     keep &= other == length
                 rows.append(np.arange(start, start + n, dtype=np.int64)[keep])
                 tokens.append(np.asarray(length, np.int64)[keep])
+                biggest = pc.max(pc.list_flatten(batch.column(0))).as_py()
+                top = max(top, int(biggest) if biggest is not None else -1)
                 start += n
                 progress.rows_done(n)
         finally:
@@ -390,7 +393,7 @@ class ParquetTokens(SourceFormat):
         row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         text_tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
         return FileIndex(row=row, text_tokens=text_tokens, num_images=np.zeros(row.shape[0], np.int32),
-                         skipped=start - row.shape[0])
+                         skipped=start - row.shape[0], max_token_id=top)
 
     def reader(self, paths, open_path, *, cache_bytes, source_dir) -> FormatReader:
         return _TokensReader(paths, open_path, cache_bytes=cache_bytes, source_dir=source_dir)
