@@ -44,7 +44,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bump when the index layout or the meaning of a column changes; old indexes are rebuilt.
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 #: Source formats and the file extensions that belong to them.
 FORMATS: dict[str, tuple[str, ...]] = {name: f.extensions for name, f in REGISTRY.items()}
 
@@ -68,6 +68,10 @@ class SourceIndex:
     defined), height and width read from the header (-1: unreadable), and the sample's layout:
     the text tokens before the image's block in the full sequence (-1: unknown) and its rank in
     sequence order (see :meth:`fabricd.sources.formats.base.IndexContext.count_layout`).
+
+    Per text-only sample of several chunks (``num_chunks > 1``; 0 otherwise), the token count of
+    each chunk (``chunk_tokens``, rows ``chunk_start[i]:chunk_start[i + 1]``): a loader encodes
+    only the chunks a piece covers.
     """
 
     name: str
@@ -87,6 +91,8 @@ class SourceIndex:
     image_w: np.ndarray
     image_text_before: np.ndarray
     image_seq: np.ndarray
+    num_chunks: np.ndarray
+    chunk_tokens: np.ndarray
     files_skipped: tuple[tuple[str, str], ...]
     rows_skipped: int
     #: pre-tokenized formats: the largest token id of the source (-1: not known; the loader checks
@@ -108,6 +114,13 @@ class SourceIndex:
         """int64[N + 1]: the images of sample ``i`` are rows ``image_start[i]:image_start[i+1]``."""
         out = np.zeros(self.num_samples + 1, np.int64)
         np.cumsum(self.num_images, out=out[1:])
+        return out
+
+    @functools.cached_property
+    def chunk_start(self) -> np.ndarray:
+        """int64[N + 1]: the chunk counts of sample ``i`` are ``chunk_tokens[chunk_start[i]:chunk_start[i+1]]``."""
+        out = np.zeros(self.num_samples + 1, np.int64)
+        np.cumsum(self.num_chunks, out=out[1:])
         return out
 
     @functools.cached_property
@@ -276,6 +289,8 @@ def _concat(parts: list[tuple[int, FileIndex]]) -> dict[str, np.ndarray]:
         return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(0, dtype)
 
     text_tokens = cat([p.text_tokens for _, p in parts], np.int64)
+    per_sample = [c for _, p in parts for c in (p.chunk_tokens if p.chunk_tokens is not None
+                                                 else [np.zeros(0, np.int64)] * p.row.shape[0])]
     if text_tokens.size and int(text_tokens.max()) >= 2**31:
         raise SourceError(f"a sample of {int(text_tokens.max())} tokens does not fit the index (int32)")
     return {
@@ -290,12 +305,14 @@ def _concat(parts: list[tuple[int, FileIndex]]) -> dict[str, np.ndarray]:
         "image_w": cat([p.image_w for _, p in parts], np.int32),
         "image_text_before": cat([p.image_text_before for _, p in parts], np.int64),
         "image_seq": cat([p.image_seq for _, p in parts], np.int32),
+        "num_chunks": np.fromiter((len(c) for c in per_sample), np.int32, count=len(per_sample)),
+        "chunk_tokens": cat(per_sample, np.int32),
     }
 
 
 # --------------------------------------------------------------------------- persistence
 
-_SAMPLE_COLUMNS = ("file_idx", "row", "extent", "text_tokens", "num_images")
+_SAMPLE_COLUMNS = ("file_idx", "row", "extent", "text_tokens", "num_images", "num_chunks")
 _IMAGE_COLUMNS = ("image_len", "image_loc", "image_h", "image_w", "image_text_before", "image_seq")
 
 
@@ -336,6 +353,8 @@ def _write(index: SourceIndex, path: Path) -> None:
     columns = {c: getattr(index, c) for c in _SAMPLE_COLUMNS}
     for c in _IMAGE_COLUMNS:  # one list per sample: the per-image rows of that sample
         columns[c] = pa.LargeListArray.from_arrays(offsets, pa.array(getattr(index, c)))
+    columns["chunk_tokens"] = pa.LargeListArray.from_arrays(pa.array(index.chunk_start, type=pa.int64()),
+                                                            pa.array(index.chunk_tokens))
     table = pa.table(columns)
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -380,14 +399,15 @@ def _load(path: Path, name: str, root: Path, format: str, fingerprint: str) -> S
             return None
         table = pq.read_table(path)
         arrays = {c: table.column(c).to_numpy() for c in _SAMPLE_COLUMNS}
-        for c in _IMAGE_COLUMNS:
+        for c in _IMAGE_COLUMNS + ("chunk_tokens",):
             arrays[c] = table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     except Exception as e:  # noqa: BLE001 - a broken index is rebuilt
         log.info("source %r: index %s unreadable (%s); rebuilding", name, path, e)
         return None
     types = {"file_idx": np.int32, "row": np.int64, "extent": np.int64, "text_tokens": np.int32,
              "num_images": np.int32, "image_len": np.int64, "image_loc": np.int64, "image_h": np.int32,
-             "image_w": np.int32, "image_text_before": np.int64, "image_seq": np.int32}
+             "image_w": np.int32, "image_text_before": np.int64, "image_seq": np.int32,
+             "num_chunks": np.int32, "chunk_tokens": np.int32}
     return SourceIndex(
         name=name, root=root, format=format, files=tuple(meta["files"]), fingerprint=fingerprint,
         tokenizer=str(meta["tokenizer"]), **{c: arrays[c].astype(t, copy=False) for c, t in types.items()},

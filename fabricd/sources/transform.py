@@ -25,7 +25,6 @@ check :func:`transform` against it:
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from fabricd.planner.units import LONG_SAMPLE_POLICIES, piece_counts, piece_leng
 from fabricd.sources.formats.base import RawSample, image_header_dims, text_parts
 from fabricd.sources.index import SourceIndex
 from fabricd.sources.reader import SourceReader
-from fabricd.text import Tokenizer, load_tokenizer
+from fabricd.text import Tokenizer, chunk_bounds, load_tokenizer
 
 __all__ = [
     "LONG_SAMPLE_MODES",
@@ -55,9 +54,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LONG_SAMPLE_MODES = LONG_SAMPLE_POLICIES
-#: Encoded full sequences a SampleLoader keeps (tokens): the pieces of a long document asked for
-#: in different requests encode it once.
-ENCODED_CACHE_TOKENS = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -202,6 +198,54 @@ def full_sequence(raw: RawSample, tokenizer: Tokenizer) -> tuple[np.ndarray, np.
     return full, None
 
 
+def chunked_piece(raw: RawSample, piece: int, spec: TransformSpec, tokenizer: Tokenizer, chunk_tokens: np.ndarray, *,
+                  source: str = "", sample_id: int = -1) -> SampleData:
+    """Unit ``piece`` of a text-only sample of several chunks, encoding only the chunks it covers
+    (``chunk_tokens``: the index's token count of each chunk). The same tokens as
+    :func:`transform`: the chunk rule makes the whole text's ids the chunks' ids end to end, so a
+    piece of a 12 M-character document costs about one piece of encoding, not the document's.
+    Raises SampleError for a piece that does not exist or a text whose chunks no longer have the
+    indexed counts (it changed since it was indexed)."""
+    tok = tokenizer
+    (text,) = text_parts(raw.text or "", 0)[1]
+    bounds = chunk_bounds(text)
+    counts = np.asarray(chunk_tokens, np.int64)
+    if len(bounds) != len(counts):
+        raise SampleError(source, sample_id, f"its text has {len(bounds)} chunks, {len(counts)} when indexed")
+    bos = int(tok.bos_id is not None)
+    starts = bos + np.concatenate([[0], np.cumsum(counts)])  # chunk k: tokens [starts[k], starts[k+1])
+    total = int(starts[-1]) + 1  # the EOS
+    m = spec.max_seq_len
+    pieces = -(-total // m) if spec.long_samples == "split" else 1
+    if piece < 0 or piece >= pieces:
+        raise SampleError(source, sample_id, f"piece {piece} out of range: the sample has {pieces} piece(s)")
+    lo, hi = piece * m, min((piece + 1) * m, total)
+    k0 = int(np.searchsorted(starts[1:], lo, side="right"))   # first chunk ending after lo
+    k1 = int(np.searchsorted(starts[:-1], hi, side="left"))   # chunks starting before hi
+    encoded = tok.encode_chunks([text[a:b] for a, b in bounds[k0:k1]])
+    out = np.empty(hi - lo, np.int32)
+    filled = 0
+
+    def put(offset: int, ids: np.ndarray) -> None:
+        nonlocal filled
+        a, b = max(lo, offset), min(hi, offset + len(ids))
+        if a < b:
+            out[a - lo:b - lo] = ids[a - offset:b - offset]
+            filled += b - a
+
+    if tok.bos_id is not None:
+        put(0, np.array([tok.bos_id], np.int32))
+    for k, ids in zip(range(k0, k1), encoded):
+        if len(ids) != counts[k]:
+            raise SampleError(source, sample_id, f"chunk {k} encodes to {len(ids)} tokens, {int(counts[k])} when "
+                                                 "indexed (changed since?)")
+        put(int(starts[k]), ids)
+    put(total - 1, np.array([tok.eos_id], np.int32))
+    if filled != hi - lo:  # cannot happen when the counts hold; never deliver uninitialized memory
+        raise SampleError(source, sample_id, f"piece {piece}: {filled} of {hi - lo} tokens made")
+    return _data(out, [], [], [], spec.images, None)
+
+
 def transform(raw: RawSample, piece: int, spec: TransformSpec, *, source: str = "", sample_id: int = -1,
               tokenizer: Tokenizer | None = None, image_hw: np.ndarray | None = None,
               full: tuple[np.ndarray, np.ndarray | None] | None = None) -> SampleData:
@@ -331,30 +375,11 @@ class SampleLoader:
         self.spec = spec
         self.tokenizer = tokenizer if tokenizer is not None else _BYTES
         self.reader = SourceReader(index, cache_bytes=cache_bytes, roots=roots)
-        self._encoded: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
-        self._encoded_tokens = 0
-
-    def _full(self, sample_id: int, raw: RawSample) -> tuple[np.ndarray, np.ndarray | None]:
-        got = self._encoded.get(sample_id)
-        if got is not None:
-            self._encoded.move_to_end(sample_id)
-            return got
-        try:
-            got = full_sequence(raw, self.tokenizer)
-        except ValueError as e:
-            raise SampleError(self.index.name, sample_id, str(e)) from None
-        size = got[0].shape[0]
-        if size > self.spec.max_seq_len and size <= ENCODED_CACHE_TOKENS:  # worth keeping: it has pieces
-            while self._encoded and self._encoded_tokens + size > ENCODED_CACHE_TOKENS:
-                _, old = self._encoded.popitem(last=False)
-                self._encoded_tokens -= old[0].shape[0]
-            self._encoded[sample_id] = got
-            self._encoded_tokens += size
-        return got
 
     def load(self, sample_ids: np.ndarray, pieces: np.ndarray) -> list[SampleData | SampleError]:
         """Units ``(sample_ids[i], pieces[i])``, in order; a failing unit is a SampleError in its
-        slot. A sample asked for with several pieces is read (and encoded) once."""
+        slot. A sample asked for with several pieces is read once (and, unless it is long enough
+        to be encoded chunk by chunk, encoded once)."""
         ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
         pcs = np.asarray(pieces, dtype=np.int64).reshape(-1)
         if ids.shape != pcs.shape:
@@ -364,6 +389,7 @@ class SampleLoader:
         out: list[SampleData | SampleError] = []
         name = self.index.name
         idx = self.index
+        encoded: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # this request's full sequences
         for k in range(ids.shape[0]):
             raw = raws[inverse[k]]
             if isinstance(raw, SampleError):
@@ -376,12 +402,24 @@ class SampleLoader:
                     hw = np.stack([idx.image_h[lo:hi], idx.image_w[lo:hi]], axis=1)
                     out.append(transform(raw, int(pcs[k]), self.spec, source=name, sample_id=sid,
                                          tokenizer=self.tokenizer, image_hw=hw))
+                elif raw.input_ids is None and idx.num_chunks[sid] > 1:
+                    c0, c1 = idx.chunk_start[sid], idx.chunk_start[sid + 1]
+                    out.append(chunked_piece(raw, int(pcs[k]), self.spec, self.tokenizer, idx.chunk_tokens[c0:c1],
+                                             source=name, sample_id=sid))
                 else:
+                    if sid not in encoded:
+                        encoded[sid] = self._full(sid, raw)
                     out.append(transform(raw, int(pcs[k]), self.spec, source=name, sample_id=sid,
-                                         tokenizer=self.tokenizer, full=self._full(sid, raw)))
+                                         tokenizer=self.tokenizer, full=encoded[sid]))
             except SampleError as e:
                 out.append(e)
         return out
+
+    def _full(self, sample_id: int, raw: RawSample) -> tuple[np.ndarray, np.ndarray | None]:
+        try:
+            return full_sequence(raw, self.tokenizer)
+        except ValueError as e:
+            raise SampleError(self.index.name, sample_id, str(e)) from None
 
     def close(self) -> None:
         """Release the reader's files and cache."""

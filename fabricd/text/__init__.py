@@ -85,8 +85,10 @@ class TokenizerSpec:
     image: str = "<image>"
 
 
-def chunk_bounds(text: str, limit: int = CHUNK_CHARS) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` of the chunks ``text`` is encoded in (see the module docstring)."""
+def chunk_bounds(text: str, limit: int | None = None) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of the chunks ``text`` is encoded in (see the module docstring);
+    ``limit``: :data:`CHUNK_CHARS` unless given."""
+    limit = CHUNK_CHARS if limit is None else limit
     n = len(text)
     if n <= limit:
         return [(0, n)]
@@ -141,6 +143,10 @@ class Tokenizer:
     def _encode_chunks(self, chunks: list[str]) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def encode_chunks(self, chunks: list[str]) -> list[np.ndarray]:
+        """int32 ids of each chunk (pieces of one text cut by :func:`chunk_bounds`), one batch call."""
+        return [np.asarray(c, np.int32) for c in self._encode_chunks(chunks)] if chunks else []
+
     def _count_chunks(self, chunks: list[str]) -> np.ndarray:
         return np.fromiter((len(ids) for ids in self._encode_chunks(chunks)), np.int64, count=len(chunks))
 
@@ -160,17 +166,28 @@ class Tokenizer:
     def count_texts(self, texts: Sequence[str]) -> np.ndarray:
         """int64 token count of each text (what :meth:`encode_texts` would return), encoding at
         most :data:`BATCH_CHARS` characters per call so memory stays bounded."""
+        return self.count_chunks(texts)[0]
+
+    def count_chunks(self, texts: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(totals, per_chunk)``: :meth:`count_texts`, and for each text the token count of
+        each of its chunks (:func:`chunk_bounds`; ``int64``, one entry for a one-chunk text, none
+        for an empty one). With them a loader encodes only the chunks a piece of a long document
+        covers."""
         chunks, owner = _chunked(texts)
-        out = np.zeros(len(texts), np.int64)
+        counts = np.zeros(len(chunks), np.int64)
         lo = 0
         while lo < len(chunks):
             hi, size = lo, 0
             while hi < len(chunks) and (hi == lo or size + len(chunks[hi]) <= BATCH_CHARS):
                 size += len(chunks[hi])
                 hi += 1
-            np.add.at(out, np.asarray(owner[lo:hi], np.int64), self._count_chunks(chunks[lo:hi]))
+            counts[lo:hi] = self._count_chunks(chunks[lo:hi])
             lo = hi
-        return out
+        own = np.asarray(owner, np.int64)
+        totals = np.bincount(own, weights=counts, minlength=len(texts)).astype(np.int64) if len(own) else \
+            np.zeros(len(texts), np.int64)
+        bounds = np.searchsorted(own, np.arange(len(texts) + 1))  # owners are increasing
+        return totals, [counts[bounds[k]:bounds[k + 1]] for k in range(len(texts))]
 
 
 def _chunked(texts: Sequence[str]) -> tuple[list[str], list[int]]:

@@ -119,3 +119,33 @@ def test_bos_is_counted_and_placed(corpus: Path, tmp_path: Path) -> None:
             assert len(unit.input_ids) == int(units.tokens[k])
             if units.piece[k] == 0:
                 assert int(unit.input_ids[0]) == tok.bos_id
+
+
+@pytest.mark.parametrize("kind", ["hf", "sentencepiece"])
+@pytest.mark.parametrize("bos", ["", "<s>"])
+def test_pieces_of_long_documents_are_encoded_chunk_by_chunk_exactly(corpus: Path, kind: str, bos: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Documents of many chunks (the limit lowered so the demo's long documents have dozens): a
+    loader encodes only the chunks a piece covers, and the piece is exactly the slice of the whole
+    sequence the length rule names, with the planner's length."""
+    import fabricd.text as text_mod
+
+    monkeypatch.setattr(text_mod, "CHUNK_CHARS", 300)
+    tok = load_tokenizer(TokenizerSpec(kind=kind, path=tokenizer_paths(corpus)[kind], bos=bos))
+    calls: list[int] = []
+    real = type(tok).encode_chunks
+    monkeypatch.setattr(type(tok), "encode_chunks", lambda self, chunks: calls.append(len(chunks)) or real(self, chunks))
+    idx = open_index("longdocs", corpus / "longdocs", tokenizer=tok, rebuild=True)
+    assert int(idx.num_chunks.max()) > 10  # long documents really are many chunks now
+    raws = {i: r for i, r in enumerate(_raw_samples(corpus, "longdocs"))}
+    for m, policy in [(256, "split"), (96, "split"), (512, "truncate")]:
+        units = source_units("longdocs", idx, GEOMETRIES["fixed"], max_seq_len=m, long_samples=policy)
+        loader = SampleLoader(idx, TransformSpec(max_seq_len=m, long_samples=policy), tokenizer=tok)
+        calls.clear()
+        got = loader.load(units.sample_id, units.piece)
+        assert calls and max(calls) <= -(-m // 20) + 2, calls  # a few chunks a piece, never a whole document
+        for k, unit in enumerate(got):
+            sid, piece = int(units.sample_id[k]), int(units.piece[k])
+            whole = full_sequence(raws[sid], tok)[0]
+            assert unit.input_ids.tolist() == whole[piece * m:(piece + 1) * m].tolist(), (sid, piece)
+            assert len(unit.input_ids) == int(units.tokens[k])

@@ -25,13 +25,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from fabricd.text import Tokenizer
 
-__all__ = ["RawSample", "FileIndex", "IndexContext", "SourceFormat", "FormatReader", "ReadRequest",
+__all__ = ["RawSample", "FileIndex", "IndexContext", "Layout", "SourceFormat", "FormatReader", "ReadRequest",
            "image_header_dims", "IMAGE_PLACEHOLDER", "text_parts"]
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -86,6 +87,9 @@ class FileIndex:
     image_seq: np.ndarray | None = None          # int32[m]
     #: pre-tokenized formats: the largest token id in the file (-1: not known without reading it all)
     max_token_id: int = -1
+    #: per sample, the token counts of its chunks when it is a text-only sample of several (see
+    #: IndexContext.count_layout); None: none has
+    chunk_tokens: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         n = int(np.asarray(self.row).shape[0])
@@ -107,6 +111,8 @@ class FileIndex:
         for name in ("text_tokens", "num_images", "extent"):
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"FileIndex.{name} has shape {getattr(self, name).shape}, expected ({n},)")
+        if self.chunk_tokens is not None and len(self.chunk_tokens) != n:
+            raise ValueError(f"FileIndex.chunk_tokens has {len(self.chunk_tokens)} entries, expected {n}")
         for name in ("image_len", "image_loc", "image_h", "image_w", "image_text_before", "image_seq"):
             if getattr(self, name).shape != (m,):
                 raise ValueError(f"FileIndex.{name} has shape {getattr(self, name).shape}, expected ({m},)")
@@ -141,6 +147,21 @@ def image_header_dims(data: bytes | None = None, path: Path | None = None) -> tu
         return -1, -1
 
 
+_NO_CHUNKS = np.zeros(0, np.int64)
+
+
+class Layout(NamedTuple):
+    """What :meth:`IndexContext.count_layout` finds: per sample ``counts`` (text tokens, specials
+    included) and ``chunks`` (the token count of each chunk of a text-only sample of several
+    chunks, else empty); per image ``before`` (text tokens before its block) and ``seq`` (its
+    rank in sequence order)."""
+
+    counts: np.ndarray
+    before: np.ndarray
+    seq: np.ndarray
+    chunks: list[np.ndarray]
+
+
 class IndexContext:
     """What a format's :meth:`~SourceFormat.index_file` gets: the tokenizer and layout rule,
     progress reporting, and the source directory (files a sample refers to must stay in it)."""
@@ -155,34 +176,41 @@ class IndexContext:
         rule and the tokenizer's chunk rule; the parts of all samples are encoded in one batch."""
         return self.count_layout(texts, num_images)[0]
 
-    def count_layout(self, texts: Sequence[str], num_images: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(text_tokens, image_text_before, image_seq)``: :meth:`count_samples`, and per image
+    def count_layout(self, texts: Sequence[str], num_images: Sequence[int]) -> Layout:
+        """:meth:`count_samples` with the layout of each sample (:class:`Layout`): per image
         (``sum(num_images)`` rows, each sample's images in schema order) the text tokens before
-        its block in the full sequence and its rank in sequence order. With the images' token
-        counts, the layout gives where every block starts, so the planner knows a truncated
-        sample's exact length."""
+        its block in the full sequence and its rank in sequence order, and per text-only sample
+        of several chunks its chunks' token counts. With the images' token counts, the layout
+        gives where every block starts, so the planner knows a truncated sample's exact length;
+        with the chunk counts a loader encodes only the chunks a piece of a long document covers."""
         tok = self.tokenizer
         bos = int(tok.bos_id is not None)
         nimg = [int(n) for n in num_images]
         counts = np.full(len(texts), tok.specials, np.int64)
         before = np.zeros(sum(nimg), np.int64)
         seq = np.zeros(sum(nimg), np.int32)
+        chunks: list[np.ndarray] = [_NO_CHUNKS] * len(texts)
         parts: list[str] = []
         spans: list[tuple[int, int, list[int]]] = []  # (sample, first part, order) of samples with images
         plain: list[int] = []
+        plain_texts: list[str] = []
         for k, (t, n) in enumerate(zip(texts, nimg)):
-            if n == 0 and IMAGE_PLACEHOLDER not in t:
+            if n == 0:
                 plain.append(k)
+                plain_texts.append(t if IMAGE_PLACEHOLDER not in t else text_parts(t, 0)[1][0])
                 continue
             order, ps = text_parts(t, n)
             spans.append((k, len(parts), order))
             parts.extend(ps)
-        if tok.kind == "bytes":
-            plain_counts = np.fromiter((len(texts[k].encode("utf-8")) for k in plain), np.int64, count=len(plain))
+        if tok.kind == "bytes":  # a byte's token is the byte: no chunk index needed to cut a piece
+            plain_counts = np.fromiter((len(t.encode("utf-8")) for t in plain_texts), np.int64, count=len(plain))
             part_counts = np.fromiter((len(p.encode("utf-8")) for p in parts), np.int64, count=len(parts))
         else:
-            both = tok.count_texts([texts[k] for k in plain] + parts)
-            plain_counts, part_counts = both[:len(plain)], both[len(plain):]
+            totals, per_chunk = tok.count_chunks(plain_texts + parts)
+            plain_counts, part_counts = totals[:len(plain)], totals[len(plain):]
+            for k, c in zip(plain, per_chunk[:len(plain)]):
+                if len(c) > 1:
+                    chunks[k] = c
         counts[plain] += plain_counts
         first_image = np.concatenate([[0], np.cumsum(nimg)]).astype(np.int64)
         for i, (k, p0, order) in enumerate(spans):
@@ -195,7 +223,7 @@ class IndexContext:
                 seq[base + img] = rank
                 # lead images follow BOS; the image at placeholder j follows parts[0..j]
                 before[base + img] = bos + (0 if rank < lead else int(pc[:rank - lead + 1].sum()))
-        return counts, before, seq
+        return Layout(counts, before, seq, chunks)
 
 
 @dataclass(frozen=True)

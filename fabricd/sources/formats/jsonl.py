@@ -149,6 +149,7 @@ class Jsonl(SourceFormat):
         tokens: list[np.ndarray] = []
         before: list[np.ndarray] = []
         seq: list[np.ndarray] = []
+        chunks: list[np.ndarray] = []
         texts: list[str] = []
         pending_imgs: list[int] = []
         chars = 0
@@ -159,10 +160,11 @@ class Jsonl(SourceFormat):
         def flush() -> None:
             nonlocal chars
             if texts:
-                counts, b, q = ctx.count_layout(texts, pending_imgs)
-                tokens.append(counts)
-                before.append(b)
-                seq.append(q)
+                lay = ctx.count_layout(texts, pending_imgs)
+                tokens.append(lay.counts)
+                before.append(lay.before)
+                seq.append(lay.seq)
+                chunks.extend(lay.chunks)
                 texts.clear()
                 pending_imgs.clear()
                 chars = 0
@@ -211,7 +213,7 @@ class Jsonl(SourceFormat):
                          image_len=np.asarray(ilen, np.int64), image_h=np.asarray(ih, np.int32),
                          image_w=np.asarray(iw, np.int32),
                          image_text_before=np.concatenate(before) if before else np.zeros(0, np.int64),
-                         image_seq=np.concatenate(seq) if seq else np.zeros(0, np.int32))
+                         image_seq=np.concatenate(seq) if seq else np.zeros(0, np.int32), chunk_tokens=chunks)
 
     def reader(self, paths, open_path, *, cache_bytes, source_dir) -> FormatReader:
         return _Reader(paths, open_path, cache_bytes=cache_bytes, source_dir=source_dir)

@@ -276,7 +276,7 @@ class ParquetText(SourceFormat):
             if has_images:
                 _check_images_type(schema.field("images").type)
             columns = ["text", "images"] if has_images else ["text"]
-            rows, tokens, nimgs, ilen, ih, iw, before, seq = [], [], [], [], [], [], [], []
+            rows, tokens, nimgs, ilen, ih, iw, before, seq, chunks = [], [], [], [], [], [], [], [], []
             start = 0
             progress = _Progress(path, pf, ctx.on_bytes)
             rows_per_batch = _batch_rows(pf, _BATCH_ROWS_IMAGES if has_images else _BATCH_ROWS)
@@ -300,10 +300,11 @@ class ParquetText(SourceFormat):
                 else:
                     nimg = np.zeros(n, np.int32)
                 texts = text_col.filter(pa.array(valid)).to_pylist()
-                counts, b, q = ctx.count_layout(texts, nimg[valid])
-                tokens.append(counts)
-                before.append(b)
-                seq.append(q)
+                lay = ctx.count_layout(texts, nimg[valid])
+                tokens.append(lay.counts)
+                before.append(lay.before)
+                seq.append(lay.seq)
+                chunks.extend(lay.chunks)
                 rows.append(np.arange(start, start + n, dtype=np.int64)[valid])
                 nimgs.append(np.asarray(nimg, np.int32)[valid])
                 start += n
@@ -315,7 +316,7 @@ class ParquetText(SourceFormat):
         return FileIndex(row=row, text_tokens=cat(tokens, np.int64), num_images=cat(nimgs, np.int32),
                          skipped=start - row.shape[0], image_len=cat(ilen, np.int64), image_h=cat(ih, np.int32),
                          image_w=cat(iw, np.int32), image_text_before=cat(before, np.int64),
-                         image_seq=cat(seq, np.int32))
+                         image_seq=cat(seq, np.int32), chunk_tokens=chunks)
 
     def reader(self, paths, open_path, *, cache_bytes, source_dir) -> FormatReader:
         return _TextReader(paths, open_path, cache_bytes=cache_bytes, source_dir=source_dir)

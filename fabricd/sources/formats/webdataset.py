@@ -162,6 +162,7 @@ class _ShardIndexer:
         self.tokens: list[np.ndarray] = []
         self.before: list[np.ndarray] = []
         self.seq: list[np.ndarray] = []
+        self.chunks: list[np.ndarray] = []
         self.skipped = 0
         self._texts: list[str] = []
         self._pending: list[int] = []
@@ -201,10 +202,11 @@ class _ShardIndexer:
 
     def flush(self) -> None:
         if self._texts:
-            counts, before, seq = self.ctx.count_layout(self._texts, self._pending)
-            self.tokens.append(counts)
-            self.before.append(before)
-            self.seq.append(seq)
+            lay = self.ctx.count_layout(self._texts, self._pending)
+            self.tokens.append(lay.counts)
+            self.before.append(lay.before)
+            self.seq.append(lay.seq)
+            self.chunks.extend(lay.chunks)
             self._texts = []
             self._pending = []
             self._chars = 0
@@ -218,7 +220,8 @@ class _ShardIndexer:
                          image_len=np.asarray(self.ilen, np.int64), image_h=np.asarray(self.ih, np.int32),
                          image_w=np.asarray(self.iw, np.int32),
                          image_text_before=np.concatenate(self.before) if self.before else np.zeros(0, np.int64),
-                         image_seq=np.concatenate(self.seq) if self.seq else np.zeros(0, np.int32))
+                         image_seq=np.concatenate(self.seq) if self.seq else np.zeros(0, np.int32),
+                         chunk_tokens=self.chunks)
 
 
 def _scan(path: Path, ctx: IndexContext) -> FileIndex:
