@@ -210,16 +210,10 @@ def raw_counts(hf_tok, texts: list[str]) -> np.ndarray:
     return counts
 
 
-def open_index_with(tok, name: str, path: Path):
+def open_index_with(tok, name: str, path: Path, *, rebuild: bool = True):
     from fabricd.sources.index import open_index
 
-    try:
-        return open_index(name, path, rebuild=True, tokenizer=tok)
-    except TypeError as e:
-        if "tokenizer" in str(e):
-            raise SystemExit("this fabricd's open_index takes no tokenizer= yet (bench written against "
-                             "the tokenizer-aware index)") from e
-        raise
+    return open_index(name, path, rebuild=rebuild, tokenizer=tok)
 
 
 def _status_bytes(key: str) -> int | None:
@@ -266,6 +260,33 @@ def child_rss(args: argparse.Namespace) -> int:
     print(json.dumps({"peak_rss_mb": round(peak / MB, 1), "rss_before_mb": round(before / MB, 1),
                       "seconds": round(dt, 3), "tokens": tokens}))
     return 0
+
+
+PIECE_TOKENS = 32768
+
+
+def piece_times(big: Path, spec: TokenizerSpec, args: argparse.Namespace) -> dict:
+    """What a source loader pays for one ``PIECE_TOKENS`` piece of the long document (a split
+    source), and for encoding the document whole, on one thread as a loader process does."""
+    from fabricd.sources import SampleLoader, TransformSpec
+    from fabricd.sources.transform import full_sequence
+
+    tok = load_tokenizer(spec, parallel=False)
+    idx = open_index_with(tok, BIG_NAME, big, rebuild=False)  # the child built it; reused
+    loader = SampleLoader(idx, TransformSpec(max_seq_len=PIECE_TOKENS, long_samples="split"), tokenizer=tok)
+    pieces = -(-int(idx.text_tokens[0]) // PIECE_TOKENS)
+    times = []
+    for p in np.random.default_rng(0).choice(pieces, size=min(5, pieces), replace=False):
+        t0 = time.perf_counter()
+        (unit,) = loader.load(np.array([0]), np.array([p]))
+        times.append(time.perf_counter() - t0)
+        assert len(unit.input_ids) == min(PIECE_TOKENS, int(idx.text_tokens[0]) - int(p) * PIECE_TOKENS)
+    raw = loader.reader.read(np.array([0]))[0]
+    t0 = time.perf_counter()
+    full_sequence(raw, tok)
+    whole = time.perf_counter() - t0
+    loader.close()
+    return {"piece_ms": round(1000 * statistics.median(times), 1), "pieces": len(times), "whole_s": round(whole, 3)}
 
 
 def run_child(kind: str, big: Path, tok_path: Path, args: argparse.Namespace) -> dict:
@@ -349,6 +370,11 @@ def bench(work: Path, args: argparse.Namespace) -> int:
           f"(before indexing {rss['rss_before_mb']} MB) in {rss['seconds']} s; the library encoding it whole: "
           f"{raw_rss['peak_rss_mb']} MB in {raw_rss['seconds']} s", flush=True)
 
+    piece = piece_times(big, spec, args)
+    print(f"a loader (one thread) makes a {PIECE_TOKENS}-token piece of it in {piece['piece_ms']} ms (median of "
+          f"{piece['pieces']}); encoding the whole document, as it would without the chunk index, takes "
+          f"{piece['whole_s']} s", flush=True)
+
     result = {
         "hf_mb_per_s": round(nbytes / MB / t_index, 2),
         "raw_mb_per_s": round(nbytes / MB / t_raw, 2),
@@ -359,6 +385,8 @@ def bench(work: Path, args: argparse.Namespace) -> int:
         "raw_peak_rss_mb_12m_doc": raw_rss["peak_rss_mb"],
         "raw_s_12m_doc": raw_rss["seconds"],
         "big_doc_counts_agree": rss["tokens"] == raw_rss["tokens"],
+        "piece_ms_12m_doc": piece["piece_ms"],
+        "whole_doc_encode_s_12m_doc": piece["whole_s"],
         "counts_agree": agree,
         "docs_differing": differing,
         "index_tokens": int(ours.sum()),
