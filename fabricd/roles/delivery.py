@@ -19,8 +19,10 @@ Promises:
 - One encoded frame is sent, without copying, to every model-parallel rank that needs it.
 - A vanished trainer (``EHOSTUNREACH``) drops its subscription and is counted, never a crash;
   a full peer queue (``EAGAIN``) keeps the batch for the next :meth:`pump`.
-- While a subscription has credits but nothing was sent for ``heartbeat_s``, it gets a
-  ``Heartbeat`` so the trainer knows the constructor is alive.
+- While a subscription has credits but nothing was sent for ``heartbeat_s`` (:data:`HEARTBEAT_S`,
+  a quarter second), it gets a ``Heartbeat`` so the trainer knows the constructor is alive. It is
+  a fraction of the shortest sensible trainer ``stall_s`` (1 s), so a step that takes a while to
+  build is never mistaken for a dead constructor.
 - Nothing here blocks: every send is non-blocking.
 
 The owner's loop, in outline (the constructor keeps built batches until ``demand()`` passes them)::
@@ -54,7 +56,10 @@ from fabric_client.protocol import ErrorCode
 
 from ..failpoints import failpoint
 
-__all__ = ["EncodedBatch", "TrainerDelivery", "MAX_CREDITS"]
+__all__ = ["EncodedBatch", "TrainerDelivery", "MAX_CREDITS", "HEARTBEAT_S"]
+
+#: Heartbeat interval of an idle subscription with credits (seconds): well under a trainer's stall_s.
+HEARTBEAT_S = 0.25
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +112,7 @@ class TrainerDelivery:
         fingerprint: str,
         ranks: Sequence[int],
         mp_size: int,
-        heartbeat_s: float = 1.0,
+        heartbeat_s: float = HEARTBEAT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if mp_size < 1:
