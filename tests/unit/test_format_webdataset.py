@@ -20,6 +20,7 @@ from PIL import Image
 
 from fabricd.sources.formats import BY_EXTENSION, REGISTRY, IndexContext, RawSample, ReadRequest
 from fabricd.sources.formats import webdataset as wds_mod
+from fabricd.sources.formats import base as base_mod
 from fabricd.sources.formats.base import IMAGE_PLACEHOLDER, text_parts
 from fabricd.text import TokenizerSpec, load_tokenizer
 
@@ -204,7 +205,7 @@ def test_token_counts_with_a_bpe_tokenizer(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_bounded_open_files_and_reopen_through_open_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wds_mod, "_MAX_OPEN_FILES", 2)
+    monkeypatch.setattr(base_mod, "MAX_OPEN_FILES", 2)
     shards, indexes, expect = [], [], []
     for k in range(4):
         case = [Case([(f"k{k}.txt", f"shard {k}".encode()), (f"k{k}.png", image("png", k + 1, 2, k))],

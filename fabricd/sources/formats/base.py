@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import io
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -36,6 +37,8 @@ __all__ = ["RawSample", "FileIndex", "IndexContext", "Layout", "SourceFormat", "
            "image_header_dims", "IMAGE_PLACEHOLDER", "text_parts"]
 
 IMAGE_PLACEHOLDER = "<image>"
+#: data files a reader keeps open at once, per source
+MAX_OPEN_FILES = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,7 +242,9 @@ class ReadRequest:
 class FormatReader:
     """Reads samples of one source's data files. Not thread-safe. ``open_path(file_idx)`` gives
     a data file's path after checking it against the node's data roots (raises PermissionError
-    when it leads outside them): call it whenever a file is (re)opened."""
+    when it leads outside them): :meth:`_file` calls it whenever a file is (re)opened, and keeps
+    at most :data:`MAX_OPEN_FILES` open (least recently used closed first). A format implements
+    :meth:`_open_file` (its handle needs only ``close()``) and :meth:`read`."""
 
     def __init__(self, paths: Sequence[Path], open_path: Callable[[int], Path], *, cache_bytes: int,
                  source_dir: Path) -> None:
@@ -249,11 +254,35 @@ class FormatReader:
         self.source_dir = source_dir
         self.cache_hits = 0
         self.cache_misses = 0
+        self._files: OrderedDict[int, Any] = OrderedDict()
 
     @property
     def cache_nbytes(self) -> int:
         """Bytes held in caches now (0 for formats without one)."""
         return 0
+
+    def _open_file(self, path: Path) -> Any:
+        """The format's handle on data file ``path`` (already checked against the roots)."""
+        raise NotImplementedError
+
+    def _file(self, fi: int) -> Any:
+        """The open handle of data file ``fi``, opening it (and closing the least recently used
+        one past :data:`MAX_OPEN_FILES`) when needed."""
+        f = self._files.get(fi)
+        if f is not None:
+            self._files.move_to_end(fi)
+            return f
+        f = self._open_file(self.open_path(fi))
+        self._files[fi] = f
+        while len(self._files) > MAX_OPEN_FILES:
+            self._files.popitem(last=False)[1].close()
+        return f
+
+    def _drop(self, fi: int) -> None:
+        """Close data file ``fi``: it is opened (and checked) again on its next read."""
+        f = self._files.pop(fi, None)
+        if f is not None:
+            f.close()
 
     def read(self, file_idx: int, request: ReadRequest) -> list[RawSample | str]:
         """The samples of ``request`` from data file ``file_idx``: a RawSample, or the reason it
@@ -261,7 +290,13 @@ class FormatReader:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Close open files and drop caches."""
+        """Close open files (and drop caches, in formats that have them)."""
+        for f in self._files.values():
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - closing must not fail the caller
+                pass
+        self._files.clear()
 
 
 class SourceFormat:

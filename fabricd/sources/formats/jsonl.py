@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -33,7 +32,6 @@ __all__ = ["Jsonl", "parse_jsonl_line"]
 
 _BATCH_CHARS = 8 << 20   # text counted per tokenizer call while indexing
 _PROBE_BYTES = 1 << 20
-_MAX_OPEN_FILES = 64
 
 
 def parse_jsonl_line(line: bytes) -> tuple[str, list[str]] | None:
@@ -63,20 +61,8 @@ def _iter_lines(f) -> Iterator[tuple[int, bytes]]:
 
 
 class _Reader(FormatReader):
-    def __init__(self, paths, open_path, *, cache_bytes, source_dir) -> None:
-        super().__init__(paths, open_path, cache_bytes=cache_bytes, source_dir=source_dir)
-        self._files: OrderedDict[int, BinaryIO] = OrderedDict()
-
-    def _file(self, fi: int) -> BinaryIO:
-        f = self._files.get(fi)
-        if f is not None:
-            self._files.move_to_end(fi)
-            return f
-        f = open(self.open_path(fi), "rb")
-        self._files[fi] = f
-        while len(self._files) > _MAX_OPEN_FILES:
-            self._files.popitem(last=False)[1].close()
-        return f
+    def _open_file(self, path: Path):
+        return open(path, "rb")
 
     def read(self, file_idx: int, request: ReadRequest) -> list[RawSample | str]:
         path = self.paths[file_idx]
@@ -110,10 +96,6 @@ class _Reader(FormatReader):
             out.append(problem if problem else RawSample(text=text, images=tuple(images)))
         return out
 
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
 
 
 class Jsonl(SourceFormat):

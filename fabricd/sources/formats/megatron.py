@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +61,6 @@ MEGATRON_DTYPES: dict[int, np.dtype] = {1: np.dtype("u1"), 2: np.dtype("i1"), 3:
                                         4: np.dtype("<i4"), 5: np.dtype("<i8"), 8: np.dtype("<u2")}
 _FLOAT_CODES = {6: "float64", 7: "float32"}
 _CHUNK_DOCS = 1 << 20         # documents validated per step while indexing (bounds memory)
-_MAX_OPEN_FILES = 64
 _ID_LIMIT = 2**31
 
 
@@ -243,20 +240,8 @@ class _MegatronFile:
 
 
 class _Reader(FormatReader):
-    def __init__(self, paths, open_path: Callable[[int], Path], *, cache_bytes: int, source_dir: Path) -> None:
-        super().__init__(paths, open_path, cache_bytes=cache_bytes, source_dir=source_dir)
-        self._files: OrderedDict[int, _MegatronFile] = OrderedDict()
-
-    def _file(self, fi: int) -> _MegatronFile:
-        f = self._files.get(fi)
-        if f is not None:
-            self._files.move_to_end(fi)
-            return f
-        f = _MegatronFile(self.open_path(fi), self.source_dir)
-        self._files[fi] = f
-        while len(self._files) > _MAX_OPEN_FILES:
-            self._files.popitem(last=False)[1].close()
-        return f
+    def _open_file(self, path: Path):
+        return _MegatronFile(path, self.source_dir)
 
     def read(self, file_idx: int, request: ReadRequest) -> list[RawSample | str]:
         n = request.rows.shape[0]
@@ -269,7 +254,7 @@ class _Reader(FormatReader):
         except OSError as e:
             shrunk = f"cannot stat: {e}"
         if shrunk:
-            self._files.pop(file_idx).close()  # mapped again (and checked again) on the next read
+            self._drop(file_idx)  # mapped again (and checked again) on the next read
             return [f"{self.paths[file_idx]}: {shrunk}"] * n
         out: list[RawSample | str] = []
         for d, extent in zip(request.rows.tolist(), request.extents.tolist()):
@@ -280,10 +265,6 @@ class _Reader(FormatReader):
             out.append(sample if isinstance(sample, RawSample) else f"{self.paths[file_idx]}: {sample}")
         return out
 
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
 
 
 class Megatron(SourceFormat):

@@ -40,7 +40,6 @@ __all__ = ["ParquetText", "ParquetTokens", "image_bytes_array", "parquet_magic_p
 _BATCH_ROWS = 4096          # text-only files
 _BATCH_ROWS_IMAGES = 256    # files with images: bounds the encoded bytes held while indexing
 _BATCH_BYTES = 64 << 20     # ... and at most about this many (uncompressed) bytes per batch
-_MAX_OPEN_FILES = 64
 _MAGIC = b"PAR1"
 
 
@@ -153,7 +152,6 @@ class _RowGroupReader(FormatReader):
     def __init__(self, paths: Sequence[Path], open_path: Callable[[int], Path], *, cache_bytes: int,
                  source_dir: Path) -> None:
         super().__init__(paths, open_path, cache_bytes=cache_bytes, source_dir=source_dir)
-        self._files: OrderedDict[int, _ParquetFile] = OrderedDict()
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         self._cache_nbytes = 0
 
@@ -161,16 +159,8 @@ class _RowGroupReader(FormatReader):
     def cache_nbytes(self) -> int:
         return self._cache_nbytes
 
-    def _file(self, fi: int) -> _ParquetFile:
-        f = self._files.get(fi)
-        if f is not None:
-            self._files.move_to_end(fi)
-            return f
-        f = _ParquetFile(self.open_path(fi), self.columns)
-        self._files[fi] = f
-        while len(self._files) > _MAX_OPEN_FILES:
-            self._files.popitem(last=False)[1].close()
-        return f
+    def _open_file(self, path: Path):
+        return _ParquetFile(path, self.columns)
 
     def _row_group(self, fi: int, state: _ParquetFile, rg: int) -> pa.Table:
         key = (fi, rg)
@@ -220,12 +210,7 @@ class _RowGroupReader(FormatReader):
         raise NotImplementedError
 
     def close(self) -> None:
-        for f in self._files.values():
-            try:
-                f.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self._files.clear()
+        super().close()
         self._cache.clear()
         self._cache_nbytes = 0
 

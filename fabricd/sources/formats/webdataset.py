@@ -37,8 +37,6 @@ import json
 import os
 import re
 import tarfile
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -66,7 +64,6 @@ _INDEXED_IMAGE_RE = re.compile(r"^(\d+)\.(" + "|".join(IMAGE_EXTENSIONS) + r")$"
 _COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
 _BATCH_CHARS = 4 << 20        # text counted per tokenizer call while indexing
 _PROGRESS_BYTES = 4 << 20
-_MAX_OPEN_FILES = 64
 _BLOCK = tarfile.BLOCKSIZE
 #: a text or JSON member larger than this makes its sample a counted skip (never read whole)
 MAX_TEXT_BYTES = 64 << 20
@@ -291,25 +288,8 @@ def _scan(path: Path, ctx: IndexContext) -> FileIndex:
 
 
 class _Reader(FormatReader):
-    def __init__(self, paths, open_path: Callable[[int], Path], *, cache_bytes: int, source_dir: Path) -> None:
-        super().__init__(paths, open_path, cache_bytes=cache_bytes, source_dir=source_dir)
-        self._files: OrderedDict[int, BinaryIO] = OrderedDict()
-
-    def _file(self, fi: int) -> BinaryIO:
-        f = self._files.get(fi)
-        if f is not None:
-            self._files.move_to_end(fi)
-            return f
-        f = open(self.open_path(fi), "rb")
-        self._files[fi] = f
-        while len(self._files) > _MAX_OPEN_FILES:
-            self._files.popitem(last=False)[1].close()
-        return f
-
-    def _drop(self, fi: int) -> None:
-        f = self._files.pop(fi, None)
-        if f is not None:
-            f.close()
+    def _open_file(self, path: Path):
+        return open(path, "rb")
 
     @staticmethod
     def _bytes(f: BinaryIO, offset: int, size: int) -> bytes:
@@ -344,10 +324,6 @@ class _Reader(FormatReader):
             out.append(sample if isinstance(sample, RawSample) else f"{path}: {sample}")
         return out
 
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
 
 
 class WebDataset(SourceFormat):
