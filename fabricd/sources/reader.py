@@ -53,6 +53,7 @@ class SourceReader:
         self.roots = tuple(roots) if roots is not None else None
         self._paths = [index.base_dir / f for f in index.files]
         self.cache_bytes = int(cache_bytes)
+        self._image_locations = REGISTRY[index.format].image_locations
         self._format = REGISTRY[index.format].reader(self._paths, self._open_path, cache_bytes=self.cache_bytes,
                                                      source_dir=index.base_dir.resolve())
 
@@ -87,9 +88,11 @@ class SourceReader:
             for fi in np.unique(fis):
                 in_file = positions[fis == fi]
                 sids = ids[in_file]
-                starts = idx.image_start
-                images = [[(int(idx.image_loc[j]), int(idx.image_len[j])) for j in range(starts[s], starts[s + 1])]
-                          for s in sids]
+                images = []
+                if self._image_locations:  # only a format that reads images by offset needs them
+                    st = idx.image_start
+                    images = [list(zip(idx.image_loc[st[s]:st[s + 1]].tolist(), idx.image_len[st[s]:st[s + 1]].tolist()))
+                              for s in sids]
                 request = ReadRequest(rows=idx.row[sids], extents=idx.extent[sids], images=images)
                 try:
                     got = self._format.read(int(fi), request)

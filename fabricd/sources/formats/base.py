@@ -308,6 +308,8 @@ class SourceFormat:
     extensions: tuple[str, ...] = ()
     #: True when samples are token ids already: the tokenizer plays no part in it
     tokenized: bool = False
+    #: True when its reader needs each sample's image locations (``ReadRequest.images``)
+    image_locations: bool = False
 
     def companions(self, rel: str) -> list[str]:
         """Other files (relative, like ``rel``) that belong to data file ``rel`` and whose change

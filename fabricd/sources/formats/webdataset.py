@@ -329,6 +329,7 @@ class _Reader(FormatReader):
 class WebDataset(SourceFormat):
     name = "webdataset"
     extensions = (".tar",)
+    image_locations = True
 
     def sniff(self, path: Path) -> str | None:
         try:
