@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
+from fabricd import tokenizer as byte_tok
 from fabricd.text import Tokenizer
 
 __all__ = ["RawSample", "FileIndex", "IndexContext", "Layout", "SourceFormat", "FormatReader", "ReadRequest",
@@ -206,8 +208,8 @@ class IndexContext:
             spans.append((k, len(parts), order))
             parts.extend(ps)
         if tok.kind == "bytes":  # a byte's token is the byte: no chunk index needed to cut a piece
-            plain_counts = np.fromiter((len(t.encode("utf-8")) for t in plain_texts), np.int64, count=len(plain))
-            part_counts = np.fromiter((len(p.encode("utf-8")) for p in parts), np.int64, count=len(parts))
+            both = byte_tok.text_token_counts(pa.array(plain_texts + parts, pa.large_string())).astype(np.int64) - 1
+            plain_counts, part_counts = both[:len(plain)], both[len(plain):]  # (- 1: it adds an EOS)
         else:
             totals, per_chunk = tok.count_chunks(plain_texts + parts)
             plain_counts, part_counts = totals[:len(plain)], totals[len(plain):]
