@@ -330,11 +330,12 @@ def keys_list_cmd(keys_dir: str, as_json: bool) -> None:
 @click.option("--dp-size", type=int, default=None, help="DP world size (default: the spec's).")
 @click.option("--log", "logs", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Checkpoint-log directory (a stopped daemon's STATE_DIR/log, or a copy) whose skip records "
-                   "apply; repeat it to use the most up-to-date of several. Without it: no skip records.")
+                   "apply (and, under compose = 'outliers', its DP-size changes); repeat it to use the most up-to-date "
+                   "of several. Without it: no skip records.")
 def expect_cmd(job_file: str, steps: str, dp_size: int | None, logs: tuple[str, ...]) -> None:
     """Print the expected batches of JOB_FILE (one JSON object per micro-batch), computed offline
     from the spec and the log's skip records."""
-    from .expect import expected_batches, skips_from_logs
+    from .expect import dp_history_from_logs, expected_batches, skips_from_logs
 
     try:
         start, stop = (int(x) for x in steps.split(":"))
@@ -343,8 +344,9 @@ def expect_cmd(job_file: str, steps: str, dp_size: int | None, logs: tuple[str, 
     try:
         spec = load_job_spec(job_file)
         skips = skips_from_logs([Path(p) for p in logs], spec.name) if logs else set()
+        history = dp_history_from_logs([Path(p) for p in logs], spec.name) if logs else ()
         for batch in expected_batches(spec, range(start, stop), dp_size=dp_size, progress=sys.stderr.isatty(),
-                                      skips=skips):
+                                      skips=skips, dp_history=history):
             click.echo(json.dumps(batch.to_dict()))
     except FabricdError as e:
         raise click.ClickException(str(e)) from e

@@ -21,6 +21,7 @@ from fabric_client.limits import MAX_NAME_CHARS
 from . import spec_bounds as B
 from .errors import ConfigError
 from .images import IMAGE_MODES, ImageSpec
+from .planner.compose import COMPOSE_MODES, MAX_DELAY_STEPS
 from .text import TOKENIZER_KINDS, TokenizerSpec
 from .node_checks import endpoint_problem, valid_host
 from .sources.roots import DEFAULT_DATA_ROOTS, MAX_DATA_ROOTS, resolve_roots
@@ -367,10 +368,13 @@ class Topology:
 
 @dataclass(frozen=True)
 class BatchShape:
-    samples_per_step: int       # global batch in units; independent of dp_size
+    samples_per_step: int       # global batch in units; independent of dp_size (0: set by tokens_per_step)
     micro_batch_tokens: int     # packing budget of one micro-batch
     prefetch: int               # unconsumed batches a trainer may hold
     compression: str
+    tokens_per_step: int = 0    # global batch in tokens (draws per step derived from the index); 0: unset
+    compose: str = "none"       # step composition: "none" or "outliers" (fabricd.planner.compose)
+    max_delay_steps: int = 0    # composition window - 1: the most steps a unit may wait
 
 
 @dataclass(frozen=True)
@@ -397,6 +401,7 @@ DEFAULT_SAMPLES_PER_STEP = 64        # raised to topology.dp_size when that is l
 DEFAULT_MICRO_BATCH_TOKENS = 8192    # raised to the longest bucket's max_seq_len when that is larger
 DEFAULT_BUCKET = BucketSpec(name="default", max_seq_len=4096, long_samples="split")  # at most micro_batch_tokens
 DEFAULT_MIXTURE_WEIGHT = 1.0         # every source, constant: equal weights
+DEFAULT_MAX_DELAY_STEPS = 15         # compose = "outliers": windows of 16 steps
 
 
 @dataclass(frozen=True)
@@ -469,6 +474,9 @@ class JobSpec:
         return {
             "seed": self.seed,
             "samples_per_step": self.batch.samples_per_step,
+            # only when set, so specs written before they existed keep their fingerprints
+            **({"tokens_per_step": self.batch.tokens_per_step} if self.batch.tokens_per_step else {}),
+            **({"compose": [self.batch.compose, self.batch.max_delay_steps]} if self.batch.compose != "none" else {}),
             "micro_batch_tokens": self.batch.micro_batch_tokens,
             "images": asdict(self.images),
             "tokenizer": [self.tokenizer.kind, str(self.tokenizer.path), self.tokenizer.bos, self.tokenizer.eos,
@@ -728,15 +736,31 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
 def _batch_shape(t: _Table, topology: Topology, *, given: bool, micro_default: int | None = None) -> BatchShape:
     """``[batch]``: ``samples_per_step`` and ``micro_batch_tokens`` are required in a given table;
     a missing table gets DEFAULT_SAMPLES_PER_STEP (at least dp_size) and ``micro_default``."""
+    by_tokens = "tokens_per_step" in t.data
+    if by_tokens and "samples_per_step" in t.data:
+        raise t.error("tokens_per_step", t.data["tokens_per_step"],
+                      "set either samples_per_step (a global batch in units) or tokens_per_step, not both")
+    compose = t.str("compose", "none", choices=COMPOSE_MODES)
+    if compose == "none" and "max_delay_steps" in t.data:
+        raise t.error("max_delay_steps", t.data["max_delay_steps"], 'applies only with compose = "outliers"')
     batch = BatchShape(
-        samples_per_step=t.int("samples_per_step", max(DEFAULT_SAMPLES_PER_STEP, topology.dp_size), required=given,
-                               min=1, max=B.MAX_SAMPLES_PER_STEP, bound="MAX_SAMPLES_PER_STEP"),
+        samples_per_step=0 if by_tokens else t.int(
+            "samples_per_step", max(DEFAULT_SAMPLES_PER_STEP, topology.dp_size), required=given,
+            min=1, max=B.MAX_SAMPLES_PER_STEP, bound="MAX_SAMPLES_PER_STEP"),
+        tokens_per_step=t.int("tokens_per_step", min=1, max=B.MAX_TOKENS_PER_STEP,
+                              bound="MAX_TOKENS_PER_STEP") if by_tokens else 0,
+        compose=compose,
+        max_delay_steps=t.int("max_delay_steps", DEFAULT_MAX_DELAY_STEPS, min=1, max=MAX_DELAY_STEPS,
+                              bound="MAX_DELAY_STEPS") if compose != "none" else 0,
         micro_batch_tokens=t.int("micro_batch_tokens", micro_default, required=given, min=16,
                                  max=B.MAX_MICRO_BATCH_TOKENS, bound="MAX_MICRO_BATCH_TOKENS"),
         prefetch=t.int("prefetch", 4, min=1, max=B.MAX_PREFETCH, bound="MAX_PREFETCH"),
         compression=t.str("compression", "lz4", choices=COMPRESSIONS),
     )
-    if batch.samples_per_step < topology.dp_size:
+    if by_tokens and batch.tokens_per_step < topology.dp_size:
+        raise t.error("tokens_per_step", batch.tokens_per_step,
+                      f"must be >= topology.dp_size ({topology.dp_size}) so every rank gets data")
+    if not by_tokens and batch.samples_per_step < topology.dp_size:
         raise t.error("samples_per_step", batch.samples_per_step,
                       f"must be >= topology.dp_size ({topology.dp_size}) so every rank gets data")
     return batch

@@ -16,7 +16,7 @@ too (the fabric records such a unit before it delivers the step) and counted in
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,11 +24,11 @@ import numpy as np
 
 from .assemble import UnitKey, apply_skip_records, assemble_micro_batch
 from .config import JobSpec
-from .job import build_planner, check_vocabulary, job_tokenizer, open_sources, transform_spec
+from .job import build_planner, check_vocabulary, dp_history_of, job_tokenizer, open_sources, transform_spec
 from .planner import Planner
 from .sources.transform import SampleLoader
 
-__all__ = ["ExpectedBatch", "BatchOracle", "expected_batches", "skips_from_logs"]
+__all__ = ["ExpectedBatch", "BatchOracle", "expected_batches", "skips_from_logs", "dp_history_from_logs"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class BatchOracle:
     """Computes any (step, rank) batch of a job in-process, exactly as the fabric builds it."""
 
     def __init__(self, spec: JobSpec, *, dp_size: int | None = None, progress: bool = False,
-                 skips: Iterable[SkipRecord] = ()) -> None:
+                 skips: Iterable[SkipRecord] = (), dp_history: Sequence[tuple[int, int]] = ()) -> None:
         self.spec = spec
         self.dp_size = dp_size or spec.topology.dp_size
         self.unrecorded = 0  # units that failed here without a skip record (dropped all the same)
@@ -71,7 +71,7 @@ class BatchOracle:
         tokenizer = job_tokenizer(spec)
         indexes = open_sources(spec, progress=progress, tokenizer=tokenizer)
         check_vocabulary(indexes, tokenizer)  # the job would fail: so does its expectation
-        self.planner: Planner = build_planner(spec, indexes)
+        self.planner: Planner = build_planner(spec, indexes, dp_history)
         self.loaders = [SampleLoader(indexes[s.name], transform_spec(spec, s.name), tokenizer=tokenizer)
                         for s in spec.sources]
 
@@ -98,12 +98,34 @@ class BatchOracle:
 
 
 def expected_batches(spec: JobSpec, steps: Iterable[int], *, dp_size: int | None = None,
-                     progress: bool = False, skips: Iterable[SkipRecord] = ()) -> Iterator[ExpectedBatch]:
+                     progress: bool = False, skips: Iterable[SkipRecord] = (),
+                     dp_history: Sequence[tuple[int, int]] = ()) -> Iterator[ExpectedBatch]:
     """The expected batches of ``steps``, for ``dp_size`` ranks (the spec's by default), given
-    the log's skip records ``skips``."""
-    oracle = BatchOracle(spec, dp_size=dp_size, progress=progress, skips=skips)
+    the log's skip records ``skips`` and composition DP-size history ``dp_history``."""
+    oracle = BatchOracle(spec, dp_size=dp_size, progress=progress, skips=skips, dp_history=dp_history)
     for step in steps:
         yield from oracle.step(step)
+
+
+def dp_history_from_logs(directories: Iterable[Path], job: str) -> tuple[tuple[int, int], ...]:
+    """The composition DP-size history of ``job`` (``(from_step, dp_size)`` pairs; empty: the
+    spec's dp_size throughout) in the most up-to-date of these checkpoint-log directories."""
+    from .cluster.log import CheckpointLog
+
+    best: tuple[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
+    for directory in directories:
+        lg = CheckpointLog(Path(directory), fsync=False)
+        try:
+            state = lg.open()
+            position = lg.last_position
+        finally:
+            lg.close()
+        entry = state.jobs.get(job)
+        if best is None or position > best[0]:
+            best = (position, dp_history_of(entry.extra) if entry is not None else ())
+    if best is None:
+        raise ValueError("dp_history_from_logs: no log directory given")
+    return best[1]
 
 
 def skips_from_logs(directories: Iterable[Path], job: str) -> set[SkipRecord]:

@@ -21,16 +21,18 @@ from fabric_client.limits import MAX_LIST_ITEMS, MAX_STEP
 
 from .cluster.placement import constructor_id, loader_prefix
 from .config import JobSpec
-from .errors import FabricdError, SourceError
+from . import spec_bounds as B
+from .errors import FabricdError, PlanError, SourceError
 from .images import ImageSpec
 from .planner import CostModel, MixtureSchedule, Planner, build_units
+from .planner.plan import draws_for_tokens
 from .planner.units import SourceUnits
 from .planner.worker import PlanWorker
 from .sources.index import SourceIndex, open_index, require_samples, skip_reasons
 from .sources.transform import TransformSpec, image_tokens_per_sample, truncated_lengths
 from .text import Tokenizer, load_tokenizer
 
-__all__ = ["JobRuntime", "open_sources", "build_planner", "job_tokenizer", "transform_spec", "source_units", "check_vocabulary", "PLAN_COLUMNS"]
+__all__ = ["JobRuntime", "open_sources", "build_planner", "dp_history_of", "job_tokenizer", "transform_spec", "source_units", "check_vocabulary", "PLAN_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,23 @@ def _by_step(units: Collection[SkipUnit], names: Mapping[str, int]) -> dict[int,
     for rows in by_step.values():
         rows.sort()
     return by_step
+
+
+def dp_history_of(extra: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+    """The composition DP-size history a ``job_submitted`` record carries in its ``extra``
+    (``dp_history``: [[from_step, dp_size], ...]); empty when it has none or it is malformed
+    (then the spec's dp_size holds from step 0, and a warning says so)."""
+    raw = extra.get("dp_history") if isinstance(extra, Mapping) else None
+    if raw is None:
+        return ()
+    try:
+        out = tuple((int(a), int(b)) for a, b in raw)
+        if out and out[0][0] == 0 and all(b >= 1 for _, b in out) and all(x[0] < y[0] for x, y in zip(out, out[1:])):
+            return out
+    except (TypeError, ValueError):
+        pass
+    log.warning("ignoring a malformed dp_history in a job record: %r", raw)
+    return ()
 
 
 def job_tokenizer(spec: JobSpec, *, roots: Sequence[Path] | None = None, parallel: bool = True) -> Tokenizer:
@@ -107,8 +126,10 @@ def check_vocabulary(indexes: Mapping[str, SourceIndex], tokenizer: Tokenizer) -
                               "set [tokenizer] to the tokenizer the source was tokenized with")
 
 
-def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
-    """The job's planner from its spec and its sources' metadata (nothing else)."""
+def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex],
+                  dp_history: Sequence[tuple[int, int]] = ()) -> Planner:
+    """The job's planner from its spec, its sources' metadata and the log's DP-size history
+    (``(from_step, dp_size)`` pairs; empty: the spec's dp_size from step 0), nothing else."""
     units = []
     for s in spec.sources:
         bucket = spec.bucket(s.bucket)
@@ -116,15 +137,27 @@ def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex]) -> Planner:
                                   long_samples=bucket.long_samples,
                                   vision=bool(spec.cost.vision_attention or spec.cost.vision_linear)))
     names = [s.name for s in spec.sources]
+    schedule = MixtureSchedule(spec.mixture.kind, spec.mixture.as_points(), names)
+    draws = spec.batch.samples_per_step
+    if spec.batch.tokens_per_step:
+        draws = draws_for_tokens(spec.batch.tokens_per_step, schedule, units)
+        if draws > B.MAX_SAMPLES_PER_STEP:
+            raise PlanError(f"tokens_per_step {spec.batch.tokens_per_step} is {draws} units per step at the mixture's "
+                            f"mean unit length, more than MAX_SAMPLES_PER_STEP ({B.MAX_SAMPLES_PER_STEP})")
+        draws = max(draws, spec.topology.dp_size)
     return Planner(
         seed=spec.seed,
-        samples_per_step=spec.batch.samples_per_step,
+        samples_per_step=draws,
         micro_batch_tokens=spec.batch.micro_batch_tokens,
-        schedule=MixtureSchedule(spec.mixture.kind, spec.mixture.as_points(), names),
+        schedule=schedule,
         cost=CostModel(attention=spec.cost.attention, linear=spec.cost.linear, per_image=spec.cost.per_image,
                        vision_attention=spec.cost.vision_attention, vision_linear=spec.cost.vision_linear),
         method=spec.balance,
         sources=units,
+        compose=spec.batch.compose,
+        max_delay_steps=spec.batch.max_delay_steps,
+        size_by_tokens=bool(spec.batch.tokens_per_step),
+        dp_history=dp_history or ((0, spec.topology.dp_size),),
     )
 
 
@@ -149,8 +182,9 @@ class JobRuntime:
     """
 
     def __init__(self, spec: JobSpec, *, index_dir: Path, directory: RoleDirectory, record_seq: int = -1,
-                 data_roots: Sequence[Path] | None = None) -> None:
+                 data_roots: Sequence[Path] | None = None, dp_history: Sequence[tuple[int, int]] = ()) -> None:
         self.spec = spec
+        self.dp_history = tuple(dp_history)  # the log's composition DP sizes (empty: the spec's)
         self.data_roots = data_roots  # the node's; a source outside them fails the job here
         self.record_seq = record_seq  # seq of the job_submitted record this runtime runs
         self.index_dir = index_dir
@@ -183,7 +217,7 @@ class JobRuntime:
             weighted = {name for _, weights in self.spec.mixture.points for name, w in weights if w > 0}
             for name in sorted(weighted, key=[s.name for s in self.spec.sources].index):
                 require_samples(indexes[name])  # the real reason (file, column, type), not "0 units"
-            planner = build_planner(self.spec, indexes)
+            planner = build_planner(self.spec, indexes, self.dp_history)
             self.fingerprint = self.spec.fingerprint({n: i.fingerprint for n, i in indexes.items()})
             self.indexes, self.planner = indexes, planner
             log.info("job %s: %d sources indexed in %.1fs (fingerprint %s)", self.spec.name, len(indexes),
@@ -324,4 +358,8 @@ class JobRuntime:
             "planning": None if self.plan_worker is None else self.plan_worker.status(),
             "recent_skips": list(self.skips),
             "defaults_applied": list(self.spec.defaults_applied),
+            "composition": None if self.spec.batch.compose == "none" else {
+                "mode": self.spec.batch.compose, "max_delay_steps": self.spec.batch.max_delay_steps,
+                "dp_history": [list(x) for x in (self.dp_history or ((0, self.spec.topology.dp_size),))],
+                "samples_per_step": self.planner.samples_per_step if self.planner is not None else None},
         }

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .cluster.placement import local_changes
 from .config import parse_job_spec
 from .errors import ConfigError
-from .job import JobRuntime
+from .job import JobRuntime, dp_history_of
 from .roles.base import RoleArgs
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class LocalReconciler:
                 log.error("job %s cannot run on this node: %s", name, e)
                 continue
             d.jobs[name] = JobRuntime(spec, index_dir=d.index_dir, directory=d, record_seq=entry.seq,
-                                      data_roots=d.cfg.data_roots)
+                                      data_roots=d.cfg.data_roots, dp_history=dp_history_of(entry.extra))
 
     def _roles(self, commit: int) -> None:
         d = self.daemon

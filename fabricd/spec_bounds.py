@@ -14,6 +14,8 @@ bound                                  value                   applies to
 ``MAX_CONSTRUCTOR_NODES``              4,096                   entries of ``topology.constructor_nodes``
 ``MAX_JOB_TRAINER_KEYS``               4,096                   entries of ``job.trainers``
 ``MAX_SAMPLES_PER_STEP``               2^21 (2,097,152)        ``batch.samples_per_step``
+``MAX_TOKENS_PER_STEP``                2^36                    ``batch.tokens_per_step`` (its draws per step: at most MAX_SAMPLES_PER_STEP)
+``MAX_DELAY_STEPS``                    64                      ``batch.max_delay_steps``
 ``MAX_MICRO_BATCH_TOKENS``             2^24 (16,777,216)       ``batch.micro_batch_tokens``
 ``MAX_SEQ_LEN``                        2^24 (16,777,216)       ``buckets[].max_seq_len``
 ``MAX_PREFETCH``                       256                     ``batch.prefetch``
@@ -48,6 +50,7 @@ __all__ = [
     "MAX_STEP",
     "MAX_CONSTRUCTOR_NODES",
     "MAX_SAMPLES_PER_STEP",
+    "MAX_TOKENS_PER_STEP",
     "MAX_MICRO_BATCH_TOKENS",
     "MAX_SEQ_LEN",
     "MAX_PREFETCH",
@@ -68,6 +71,8 @@ MAX_CONSTRUCTOR_NODES = 4096
 MAX_JOB_TRAINER_KEYS = 4096
 #: Largest global batch, in samples (units) per step; one step's plan is O(this).
 MAX_SAMPLES_PER_STEP = 1 << 21
+#: Largest global batch in tokens (``batch.tokens_per_step``).
+MAX_TOKENS_PER_STEP = 1 << 36
 #: Largest packing budget of one micro-batch, in tokens.
 MAX_MICRO_BATCH_TOKENS = 1 << 24
 #: Longest context of a bucket, in tokens (a bucket must also fit one micro-batch).

@@ -11,6 +11,7 @@ from fabric_client import protocol
 from ..admission import check_submission, is_retry
 from ..config import describe_defaults, parse_job_spec
 from ..errors import ConfigError
+from ..planner.compose import extend_dp_history
 from ..status import build_status
 from . import Reply, handles
 
@@ -54,13 +55,42 @@ def submit(daemon: Daemon, _identity: bytes, msg: protocol.SubmitJob, _payload: 
                     "after it failed" if same else "with a different spec")
         entries += daemon.release_roles(spec.name)
         entries.append(("job_cancelled", {"job": spec.name, "reason": "resubmitted"}))
+    extra = {}
+    history = _dp_history(daemon, spec, current)
+    if history:
+        extra["dp_history"] = [list(x) for x in history]
     entries.append(("job_submitted", {"job": spec.name, "spec_toml": msg.spec_toml, "spec_origin": spec.file,
-                                      "fingerprint": "", "dp_size": spec.topology.dp_size}))
+                                      "fingerprint": "", "dp_size": spec.topology.dp_size, "extra": extra}))
     if not daemon.propose(entries, now):
         return protocol.ErrorReply(code=protocol.ErrorCode.INTERNAL, reason="could not record the job; see the daemon log")
     if spec.defaults_applied:
         log.info("%s", describe_defaults(spec))
     return protocol.JobAccepted(job=spec.name, fingerprint="", state="indexing")
+
+
+def _dp_history(daemon: Daemon, spec, current) -> tuple[tuple[int, int], ...]:
+    """The composition DP-size history to record with a (re)submitted job: empty for a new job or
+    new content; for the same content at another dp_size under ``compose = "outliers"``, the old
+    history plus the change, at a window boundary past every step the trainers can have reached
+    (their recorded progress plus prefetch; see ``extend_dp_history``)."""
+    if current is None or current.cancelled or spec.batch.compose == "none":
+        return ()
+    try:
+        old = parse_job_spec(current.spec_toml, current.spec_origin)
+    except ConfigError:
+        return ()
+    if old.content_key() != spec.content_key():
+        return ()
+    history = tuple(tuple(x) for x in current.extra.get("dp_history", ())) or ((0, current.dp_size),)
+    if history[-1][1] == spec.topology.dp_size:
+        return history if len(history) > 1 else ()
+    state = daemon.cluster.state
+    reached = max([state.progress_floor.get(spec.name, 0), *state.progress.get(spec.name, {}).values()])
+    new = extend_dp_history(history, new_dp=spec.topology.dp_size, frontier=reached + old.batch.prefetch + 1,
+                            window=spec.batch.max_delay_steps + 1)
+    log.warning("job %s: dp_size %d -> %d; composition changes at step %d (recorded: %s)", spec.name,
+                history[-1][1], spec.topology.dp_size, new[-1][0], new)
+    return new
 
 
 @handles(protocol.CancelJob, callers=("operator",))

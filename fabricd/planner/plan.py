@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -10,11 +12,15 @@ import numpy as np
 
 from fabricd.errors import PlanError
 from fabricd.planner.balance import BALANCERS, balance, pack_micro_batches_grouped
+from fabricd.planner.compose import COMPOSE_MODES, MAX_DELAY_STEPS, compose_window, composition_dp
 from fabricd.planner.cost import CostModel
 from fabricd.planner.mixture import MixtureSchedule
 from fabricd.planner.sequence import GlobalSequence, SourceUnits
 
-__all__ = ["StepPlan", "Planner"]
+__all__ = ["StepPlan", "Planner", "draws_for_tokens"]
+
+#: Composed windows a planner keeps (the one being planned and the one before, for late requests).
+WINDOW_CACHE = 2
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +81,32 @@ class StepPlan:
         return [np.arange(lo + bounds[i], lo + bounds[i + 1], dtype=np.int64) for i in range(bounds.size - 1)]
 
 
+def draws_for_tokens(tokens_per_step: int, schedule: MixtureSchedule, sources: Sequence[SourceUnits]) -> int:
+    """Units drawn per step for a global batch of ``tokens_per_step`` tokens: the budget over the
+    mean unit length under the mixture's first point (at least 1). A pure function of metadata;
+    under a schedule whose later points favour longer units, steps grow in tokens with the mix."""
+    by_name = {s.name: s for s in sources}
+    w = schedule.weights(0)
+    mean = 0.0
+    for name, weight in zip(schedule.sources, w.tolist()):
+        units = by_name[name]
+        if weight > 0 and len(units):
+            mean += weight * float(np.cumsum(units.tokens, dtype=np.float64)[-1]) / len(units)
+    total = float(sum(w.tolist()))
+    mean = mean / total if total > 0 else 0.0
+    if mean <= 0:
+        raise PlanError("tokens_per_step needs units with tokens under the mixture's first point")
+    return max(1, int(round(int(tokens_per_step) / mean)))
+
+
 class Planner:
-    """Plans steps: global sequence → costs → balance over DP ranks → micro-batch packing.
+    """Plans steps: global sequence → (composition) → costs → balance over DP ranks →
+    micro-batch packing.
 
     Promises: ``plan(step, dp_size)`` is a pure function of the constructor inputs and its
-    arguments; the multiset of units of a step does not depend on ``dp_size``.
+    arguments. Without composition the multiset of units of a step does not depend on
+    ``dp_size``; with ``compose = "outliers"`` it depends on the composition DP size of the step's
+    window (``dp_history``, or ``dp_size`` when no history is given), never on call order.
     """
 
     def __init__(
@@ -92,7 +119,27 @@ class Planner:
         cost: CostModel,
         method: str,
         sources: Sequence[SourceUnits],
+        compose: str = "none",
+        max_delay_steps: int = 0,
+        size_by_tokens: bool = False,
+        dp_history: Sequence[tuple[int, int]] = (),
     ) -> None:
+        if compose not in COMPOSE_MODES:
+            raise ValueError(f"unknown compose mode {compose!r}; expected one of {list(COMPOSE_MODES)}")
+        if isinstance(max_delay_steps, bool) or int(max_delay_steps) != max_delay_steps \
+                or not 0 <= int(max_delay_steps) <= MAX_DELAY_STEPS:
+            raise ValueError(f"max_delay_steps must be an integer in [0, {MAX_DELAY_STEPS}], got {max_delay_steps!r}")
+        history = tuple((int(a), int(b)) for a, b in dp_history)
+        if history and (history[0][0] != 0 or any(b < 1 for _, b in history)
+                        or any(x[0] >= y[0] for x, y in zip(history, history[1:]))):
+            raise ValueError(f"dp_history must be (step, dp_size >= 1) pairs, strictly increasing steps from 0; "
+                             f"got {history!r}")
+        self.compose = compose
+        self.window = int(max_delay_steps) + 1 if compose != "none" else 1
+        self.size_by_tokens = bool(size_by_tokens)
+        self.dp_history = history
+        self._windows: OrderedDict[tuple[int, int], list[np.ndarray]] = OrderedDict()
+        self._window_lock = threading.Lock()
         if method not in BALANCERS:
             raise ValueError(f"unknown balance method {method!r}; expected one of {sorted(BALANCERS)}")
         if isinstance(micro_batch_tokens, bool) or int(micro_batch_tokens) != micro_batch_tokens or int(micro_batch_tokens) < 1:
@@ -143,11 +190,14 @@ class Planner:
             raise PlanError(
                 f"samples_per_step {self.samples_per_step} < dp_size {dp}: some DP rank would get no data"
             )
-        src, unit = self.sequence.step_units(step)
-        row = self._offsets[src] + unit
+        if self.compose == "none":
+            src, unit = self.sequence.step_units(step)
+            row = self._offsets[src] + unit
+        else:
+            row = self.composed_rows(step, dp)
+            src = np.searchsorted(self._offsets, row, side="right").astype(np.int32) - 1
         tokens = self._tokens[row]
-        vision = (self._patches[row], self._patches_sq[row]) if self._patches is not None else (None, None)
-        cost = self.cost(tokens, self._images[row], *vision)
+        cost = self._cost(row)
         rank = balance(cost, dp, self.method)
         micro, num_micro = pack_micro_batches_grouped(rank, dp, tokens, cost, self.micro_batch_tokens)
         order = np.lexsort((np.arange(row.size), micro, rank))
@@ -164,3 +214,43 @@ class Planner:
             cost=cost[order],
             num_micro=num_micro.astype(np.int32, copy=False),
         )
+
+    def _cost(self, row: np.ndarray) -> np.ndarray:
+        vision = (self._patches[row], self._patches_sq[row]) if self._patches is not None else (None, None)
+        return self.cost(self._tokens[row], self._images[row], *vision)
+
+    def composition_dp(self, step: int, dp_size: int) -> int:
+        """The DP size the window of ``step`` is composed for (``dp_size`` without a history)."""
+        if not self.dp_history:
+            return int(dp_size)
+        return composition_dp(self.dp_history, (int(step) // self.window) * self.window)
+
+    def composed_rows(self, step: int, dp_size: int) -> np.ndarray:
+        """Global unit rows of ``step`` under composition, in draw order (see
+        :mod:`fabricd.planner.compose`); the window is composed once and kept."""
+        step = self.sequence._check_step(step)
+        k = step // self.window
+        cdp = self.composition_dp(step, dp_size)
+        with self._window_lock:
+            parts = self._windows.get((k, cdp))
+            if parts is None:
+                parts = self._compose(k, cdp)
+                self._windows[(k, cdp)] = parts
+                while len(self._windows) > WINDOW_CACHE:
+                    self._windows.popitem(last=False)
+            else:
+                self._windows.move_to_end((k, cdp))
+        return parts[step - k * self.window]
+
+    def _compose(self, k: int, dp: int) -> list[np.ndarray]:
+        W = self.window
+        rows = []
+        for s in range(k * W, (k + 1) * W):
+            src, unit = self.sequence.step_units(s)
+            rows.append(self._offsets[src] + unit)
+        row = np.concatenate(rows)
+        size = self._tokens[row].astype(np.int64) if self.size_by_tokens else np.ones(row.size, dtype=np.int64)
+        where = compose_window(self._cost(row), size, steps=W, dp=dp)
+        order = np.argsort(where, kind="stable")
+        bounds = np.searchsorted(where[order], np.arange(W + 1), side="left")
+        return [row[order[bounds[i]:bounds[i + 1]]] for i in range(W)]

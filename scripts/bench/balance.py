@@ -1,12 +1,25 @@
 #!/usr/bin/env python
-"""Benchmark: per-step load balance of attention cost across DP ranks.
+"""Benchmark: per-step load balance of attention cost across DP ranks, with a token budget.
 
-    python scripts/bench/balance.py [--data DIR] [--steps 50] [--seed 0]
+    python scripts/bench/balance.py [--data DIR] [--steps 32] [--quick]
 
-For dp 8, 64 and 1024 (16 units per rank) it averages, over steps, max/mean of the per-rank
-cost for (a) the fabric (``Planner.plan``), (b) a naive per-rank DataLoader (each rank
-independently draws its 16 units from the mixture: a seeded random draw from the same per-source
-unit pools) and (c) the per-step lower bound max(mean, largest single unit)/mean.
+The configuration LLM trainers use: a global batch in tokens, 64k tokens per rank per step
+(``tokens_per_step = 65536 × dp``), 32k context (long documents split into 32k pieces),
+micro-batches of 32k tokens, the demo cost model. For dp 8, 64, 1024 and 4096 it averages,
+over steps, max/mean of the per-rank cost for
+
+* ``naive``: a per-rank DataLoader: every rank draws its own units from the mixture (seeded,
+  from the same per-source unit pools) and packs greedily to its 64k-token budget;
+* ``fabric``: ``Planner.plan`` without composition (the global batch balanced over ranks);
+* ``composed``: ``Planner.plan`` with ``compose = "outliers"`` (``fabricd.planner.compose``);
+* ``lower_bound``: the fabric's per-step bound max(mean, largest single unit)/mean, which no
+  balancer can beat without choosing which units share a step.
+
+Every fabric and composed figure is computed twice: from the plan's unit costs, and again from
+the packed micro-batches: each rank's units are packed by ``fabricd.pack.pack_micro_batch`` (as
+a constructor does) and the rank's cost is recomputed from the ``cu_seqlens`` it returns (all
+steps up to dp 64; the first ``--recompute-steps`` steps above). ``planner_ms`` is the median
+wall time of one step's plan (composition amortized over its window).
 
 ``--data DIR`` reads the demo corpus (``DIR/<source>/`` as written by
 ``scripts/make_dataset.py``) through ``fabricd.sources.index.open_index``; without it, or if
@@ -24,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fabricd.pack import pack_micro_batch
 from fabricd.planner import CostModel, MixtureSchedule, Planner, SourceUnits, build_units
+from fabricd.planner.plan import draws_for_tokens
 
 DEMO_WEIGHTS = {"captions": 0.3, "interleaved": 0.2, "longdocs": 0.15, "code": 0.2, "ocr": 0.15}
 #: (max_seq_len, long_samples) per demo source.
@@ -88,56 +103,136 @@ def demo_schedule() -> MixtureSchedule:
     return MixtureSchedule("constant", [(0, DEMO_WEIGHTS)], list(DEMO_WEIGHTS))
 
 
-def naive_rank_costs(sources: list[SourceUnits], weights: np.ndarray, dp: int, per_rank: int,
+
+BUDGET_PER_RANK = 65536
+MICRO_BATCH_TOKENS = 32768
+MAX_DELAY_STEPS = 15
+DPS = (8, 64, 1024, 4096)
+
+
+def naive_rank_costs(sources: list[SourceUnits], weights: np.ndarray, dp: int, budget: int,
                      step: int, seed: int) -> np.ndarray:
-    """Rank costs when every rank draws its own ``per_rank`` units from the mixture (per-rank DataLoader)."""
-    out = np.empty(dp)
-    for r in range(dp):
-        rng = np.random.default_rng([seed, step, r])
-        which = rng.choice(len(sources), size=per_rank, p=weights)
-        cost = 0.0
-        for j in np.unique(which):
-            k = int((which == j).sum())
-            pick = rng.integers(0, len(sources[j]), k)
-            cost += float(DEMO_COST(sources[j].tokens[pick], sources[j].images[pick]).sum())
-        out[r] = cost
+    """Rank costs when every rank draws its own units from the mixture and packs them greedily
+    to ``budget`` tokens (a per-rank DataLoader with a token budget). Vectorized over ranks."""
+    rng = np.random.default_rng([seed, step, dp])
+    mean_tokens = sum(float(w) * float(s.tokens.mean()) for w, s in zip(weights, sources))
+    k = int(4 * budget / mean_tokens) + 64
+    which = rng.choice(len(sources), size=(dp, k), p=weights / weights.sum())
+    tokens = np.zeros((dp, k), dtype=np.int64)
+    cost = np.zeros((dp, k))
+    for j, s in enumerate(sources):
+        m = which == j
+        pick = rng.integers(0, len(s), int(m.sum()))
+        tokens[m] = s.tokens[pick]
+        cost[m] = DEMO_COST(s.tokens[pick], s.images[pick])
+    # greedy: a rank takes units in draw order while they fit its budget, stops at the first that does not
+    fits = np.cumsum(tokens, axis=1) <= budget
+    take = np.cumprod(fits, axis=1).astype(bool)
+    return (cost * take).sum(axis=1)
+
+
+class _Sample:
+    """A synthetic loaded unit of ``n`` tokens (no images: the demo cost model's per_image is 0)."""
+
+    __slots__ = ("input_ids", "image_starts", "pixels")
+    _EMPTY_STARTS = np.zeros(0, dtype=np.int32)
+    _EMPTY_PIXELS = np.zeros((0, 4, 4, 3), dtype=np.uint8)
+
+    def __init__(self, n: int) -> None:
+        self.input_ids = np.zeros(n, dtype=np.int32)
+        self.image_starts = self._EMPTY_STARTS
+        self.pixels = self._EMPTY_PIXELS
+
+
+def packed_rank_costs(plan) -> np.ndarray:
+    """Each rank's cost recomputed from the cu_seqlens of its packed micro-batches."""
+    out = np.zeros(plan.dp_size)
+    for rank in range(plan.dp_size):
+        for rows in plan.micro_batches(rank):
+            samples = [_Sample(int(t)) for t in plan.tokens[rows].tolist()]
+            packed = pack_micro_batch(samples, source_ids=plan.source[rows], sample_ids=plan.sample_id[rows],
+                                      pieces=plan.piece[rows], image_size=4)
+            lengths = np.diff(packed["cu_seqlens"].astype(np.int64))
+            out[rank] += float(DEMO_COST(lengths, np.zeros(lengths.size)).sum())
     return out
+
+
+def planner_for(sources: list[SourceUnits], dp: int, compose: str, seed: int) -> Planner:
+    schedule = demo_schedule()
+    draws = draws_for_tokens(BUDGET_PER_RANK * dp, schedule, sources)
+    return Planner(seed=seed, samples_per_step=draws, micro_batch_tokens=MICRO_BATCH_TOKENS, schedule=schedule,
+                   cost=DEMO_COST, method="lpt", sources=sources, compose=compose,
+                   max_delay_steps=MAX_DELAY_STEPS if compose != "none" else 0, size_by_tokens=True,
+                   dp_history=((0, dp),))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="demo corpus directory (DIR/<source>/)")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=32, help="steps per dp size (whole windows of 16 are best)")
+    ap.add_argument("--recompute-steps", type=int, default=2, help="steps recomputed from cu_seqlens above dp 64")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=20000, help="synthetic samples per source")
-    ap.add_argument("--method", default="lpt")
+    ap.add_argument("--quick", action="store_true", help="16 steps (one window) per dp size")
     args = ap.parse_args(argv)
+    steps = 16 if args.quick else args.steps
     sources, origin = demo_sources(args.data, args.samples, args.seed)
     print(f"sources: {origin}: " + ", ".join(f"{s.name}={len(s)} units (max {int(s.tokens.max())} tok)" for s in sources))
-    schedule = demo_schedule()
-    weights = schedule.weights(0)
-    per_rank = 16
-    result: dict[str, dict[str, float]] = {"fabric_max_over_mean": {}, "naive_max_over_mean": {}, "lower_bound": {}}
-    for dp in (8, 64, 1024):
-        planner = Planner(seed=args.seed, samples_per_step=per_rank * dp, micro_batch_tokens=65536, schedule=schedule,
-                          cost=DEMO_COST, method=args.method, sources=sources)
-        fab, nai, lb = [], [], []
+    weights = demo_schedule().weights(0)
+    keys = ("composed_max_over_mean", "fabric_max_over_mean", "naive_max_over_mean", "lower_bound")
+    result: dict = {k: {} for k in keys}
+    result.update({"composed_recomputed": {}, "fabric_recomputed": {}, "composed_worst_step": {},
+                   "composed_lower_bound": {}, "planner_ms": {}, "tokens_per_step_spread": {}})
+    for dp in DPS:
         t0 = time.perf_counter()
-        for step in range(args.steps):
-            plan = planner.plan(step, dp)
-            rc = plan.rank_costs()
-            mean = rc.mean()
-            fab.append(rc.max() / mean)
-            lb.append(max(mean, float(plan.cost.max())) / mean)
-            nc = naive_rank_costs(sources, weights, dp, per_rank, step, args.seed)
-            nai.append(nc.max() / nc.mean())
-        dt = time.perf_counter() - t0
-        result["fabric_max_over_mean"][str(dp)] = round(float(np.mean(fab)), 4)
-        result["naive_max_over_mean"][str(dp)] = round(float(np.mean(nai)), 4)
-        result["lower_bound"][str(dp)] = round(float(np.mean(lb)), 4)
-        ratio = np.mean(np.array(fab) / np.array(lb))
-        print(f"dp {dp:5d}: fabric {np.mean(fab):.4f}  naive {np.mean(nai):.4f}  lower bound {np.mean(lb):.4f}  "
-              f"fabric/bound {ratio:.4f} (worst step {np.max(np.array(fab) / np.array(lb)):.4f})  [{dt:.1f}s, {args.steps} steps]")
+        plain = planner_for(sources, dp, "none", args.seed)
+        comp = planner_for(sources, dp, "outliers", args.seed)
+        figs: dict[str, list[float]] = {k: [] for k in ("fab", "fab_re", "comp", "comp_re", "nai", "lb", "clb", "tok")}
+        times = []
+        recompute = steps if dp <= 64 else min(steps, args.recompute_steps)
+        for step in range(steps):
+            p = plain.plan(step, dp)
+            rc = p.rank_costs()
+            figs["fab"].append(rc.max() / rc.mean())
+            figs["lb"].append(max(rc.mean(), float(p.cost.max())) / rc.mean())
+            t = time.perf_counter()
+            c = comp.plan(step, dp)
+            times.append(time.perf_counter() - t)
+            cc = c.rank_costs()
+            figs["comp"].append(cc.max() / cc.mean())
+            figs["clb"].append(max(cc.mean(), float(c.cost.max())) / cc.mean())
+            figs["tok"].append(int(c.tokens.sum()))
+            if step < recompute:
+                for plan, key, planned in ((p, "fab_re", rc), (c, "comp_re", cc)):
+                    re = packed_rank_costs(plan)
+                    if not np.allclose(re, planned, rtol=1e-9):
+                        raise SystemExit(f"dp {dp} step {step}: rank costs from cu_seqlens differ from the plan's")
+                    figs[key].append(re.max() / re.mean())
+            nc = naive_rank_costs(sources, weights, dp, BUDGET_PER_RANK, step, args.seed)
+            figs["nai"].append(nc.max() / nc.mean())
+        d = str(dp)
+        mean = lambda k: round(float(np.mean(figs[k])), 4)  # noqa: E731
+        result["composed_max_over_mean"][d] = mean("comp")
+        result["fabric_max_over_mean"][d] = mean("fab")
+        result["naive_max_over_mean"][d] = mean("nai")
+        result["lower_bound"][d] = mean("lb")
+        result["composed_lower_bound"][d] = mean("clb")
+        result["composed_recomputed"][d] = mean("comp_re")
+        result["fabric_recomputed"][d] = mean("fab_re")
+        result["composed_worst_step"][d] = round(float(np.max(figs["comp"])), 4)
+        result["planner_ms"][d] = round(1000 * float(np.median(times)) if dp < 1024 else
+                                        1000 * float(np.mean(times)), 1)  # amortized: one step composes a window
+        tok = np.asarray(figs["tok"], dtype=np.float64) / (BUDGET_PER_RANK * dp)
+        result["tokens_per_step_spread"][d] = [round(float(tok.min()), 4), round(float(tok.max()), 4)]
+        print(f"dp {dp:5d}: naive {mean('nai'):.4f}  fabric {mean('fab'):.4f} (bound {mean('lb'):.4f})  "
+              f"composed {mean('comp'):.4f} (worst step {np.max(figs['comp']):.4f}, bound {mean('clb'):.4f})  "
+              f"recomputed from cu_seqlens: fabric {mean('fab_re'):.4f} composed {mean('comp_re'):.4f} "
+              f"({recompute} steps)  planner {result['planner_ms'][d]} ms/step  tokens/budget {tok.min():.3f}..{tok.max():.3f}  "
+              f"[{time.perf_counter() - t0:.1f}s, {steps} steps]", flush=True)
+    result["max_delay_steps"] = MAX_DELAY_STEPS
+    result["config"] = {"tokens_per_rank": BUDGET_PER_RANK, "context": 32768, "micro_batch_tokens": MICRO_BATCH_TOKENS,
+                        "steps": steps, "origin": origin, "cost": {"attention": DEMO_COST.attention,
+                                                                   "linear": DEMO_COST.linear}}
     print(json.dumps(result))
     return 0
 

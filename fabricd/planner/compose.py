@@ -1,0 +1,152 @@
+"""Step composition: which of a window's units go into which of its steps, so that no step's
+balance is bounded by a few outlier units.
+
+Why. A step's DP ranks wait for the slowest. Balancing puts units on ranks, but no balancer can
+split a unit: when one 32k-token document costs more than a rank's whole share of the step, the
+rank that holds it sets the step time and every other rank waits. The fix (after WLB-LLM, OSDI'25)
+is to choose *which* units share a step: outliers wait in a queue and are released together,
+so every rank of that step gets one and the step's mean rises to meet them.
+
+THE RULE. Steps are grouped into windows of ``W = max_delay_steps + 1`` consecutive steps. The
+global sequence (:mod:`fabricd.planner.sequence`) draws a window's units exactly as it would
+without composition; :func:`compose_window` only moves each of them to a step of the same
+window. A pure function of the window's units (in draw order), their costs and sizes, and the
+composition DP size ``dp``:
+
+1. ``mean`` = total cost ÷ (W·dp): a rank's mean share of a step. A unit costing more than
+   ``mean`` is an *outlier*.
+2. Units are ranked by cost, largest first (ties: draw order). Outliers are released in
+   *groups*, one group per step: a group takes the next ``dp`` units of that ranking (so each
+   rank of its step gets one; the last group is completed with the largest non-outliers), then
+   tops up with further outliers while one still fits on the lightest rank under the group's
+   largest cost (an exact per-rank simulation), and while the group's size stays under
+   ``OUTLIER_SHARE`` of the step's size.
+3. Group ``g`` of ``G`` goes to step ``floor((g + 1/2)·W / G)`` of the window: spread evenly.
+4. Every other unit keeps its draw order and fills the steps in order, each step up to its size
+   quota (the window's size ÷ W, less its group's size): steps are equal in size (tokens under
+   ``tokens_per_step``, units otherwise) up to one unit, whatever their groups.
+
+Consequences, by construction: the window's multiset of units is the sequence's, so the mixture
+is exact over every window and every unit is delivered exactly once per epoch (a unit moves by
+less than W steps); no unit is delayed more than ``max_delay_steps``; the result depends on
+``dp``, so a change of DP size is a logged plan change (the window that starts at or after it
+uses the new size; see ``Planner(dp_history=...)``). Sums are sequential (``np.cumsum``), sorts
+stable: the same inputs give the same steps on every machine.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+
+import numpy as np
+
+__all__ = ["COMPOSE_MODES", "MAX_DELAY_STEPS", "OUTLIER_SHARE", "compose_window", "composition_dp", "extend_dp_history"]
+
+log = logging.getLogger(__name__)
+
+#: ``[batch] compose`` values: "none" plans each step's draws as drawn; "outliers" composes windows.
+COMPOSE_MODES = ("none", "outliers")
+#: Largest ``max_delay_steps`` a spec may ask for (a window's units are held in memory at once).
+MAX_DELAY_STEPS = 64
+#: Most of a step's size (tokens or units) that one outlier group may take.
+OUTLIER_SHARE = 0.75
+
+
+def composition_dp(dp_history: tuple[tuple[int, int], ...], window_start: int) -> int:
+    """The DP size a window starting at ``window_start`` is composed for: the last entry of the
+    history (``(from_step, dp_size)`` pairs, sorted by step, the first at step 0) at or before it."""
+    dp = dp_history[0][1]
+    for start, size in dp_history:
+        if start > window_start:
+            break
+        dp = size
+    return dp
+
+
+def extend_dp_history(history: tuple[tuple[int, int], ...], *, new_dp: int, frontier: int,
+                      window: int) -> tuple[tuple[int, int], ...]:
+    """The DP-size history after a change to ``new_dp``, given that no step at or past
+    ``frontier`` can have been delivered yet: the change takes effect at the first window
+    boundary past the frontier plus one window of margin (a window some of whose steps may have
+    been delivered keeps the size it was composed for). Entries past the new one are dropped."""
+    start = (-(-max(0, int(frontier)) // window) + 1) * window
+    kept = tuple((a, b) for a, b in history if a < start)
+    if kept and kept[-1][1] == new_dp:
+        return kept
+    return kept + ((start, int(new_dp)),)
+
+
+def _top(c: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest of ``c``, largest first, ties in index order: the first ``k``
+    of a stable descending sort, without sorting everything."""
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < c.size:
+        v = np.partition(c, c.size - k)[c.size - k]  # the k-th largest value
+        above = np.flatnonzero(c > v)
+        ties = np.flatnonzero(c == v)[: k - above.size]
+        pick = np.concatenate([above, ties])
+    else:
+        pick = np.arange(c.size)
+    return pick[np.lexsort((pick, -c[pick]))]
+
+
+def compose_window(cost: np.ndarray, size: np.ndarray, *, steps: int, dp: int) -> np.ndarray:
+    """int64 step (in ``[0, steps)``) of each unit of a window, by the module's rule.
+
+    ``cost`` (float64) and ``size`` (int64 tokens, or ones) per unit, in draw order.
+    """
+    c = np.asarray(cost, dtype=np.float64)
+    z = np.asarray(size, dtype=np.int64)
+    n = c.size
+    W = int(steps)
+    if W < 1 or int(dp) < 1:
+        raise ValueError(f"steps and dp must be >= 1, got {steps!r}, {dp!r}")
+    out = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return out
+    dp = int(dp)
+    total = float(np.cumsum(c)[-1])
+    mean = total / (W * dp)
+    n_out = int(np.count_nonzero(c > mean))
+    order = _top(c, min(n, n_out + dp))  # only the units a group can take, ranked
+    cz = np.cumsum(z)
+    quota = float(cz[-1]) / W
+    cap = OUTLIER_SHARE * quota
+    ranked_c = c[order].tolist()
+    ranked_z = z[order].tolist()
+    groups: list[tuple[int, int]] = []  # [lo, hi) slices of ``order``
+    pos = 0
+    while pos < n_out and len(groups) < W:
+        lo = pos
+        hi = min(n, pos + dp)
+        top = ranked_c[lo]
+        used = sum(ranked_z[lo:hi])
+        if hi - lo == dp and hi < n_out:
+            loads = ranked_c[lo:hi]
+            heapq.heapify(loads)
+            while hi < n_out and used + ranked_z[hi] <= cap and loads[0] + ranked_c[hi] <= top:
+                heapq.heapreplace(loads, loads[0] + ranked_c[hi])
+                used += ranked_z[hi]
+                hi += 1
+        groups.append((lo, hi))
+        pos = hi
+    if groups:
+        G = len(groups)
+        where = ((2 * np.arange(G, dtype=np.int64) + 1) * W) // (2 * G)
+        for (lo, hi), s in zip(groups, where.tolist()):
+            out[order[lo:hi]] = s
+    rest = np.flatnonzero(out < 0)
+    if rest.size:
+        taken = np.bincount(out[out >= 0], weights=z[out >= 0], minlength=W) if groups else np.zeros(W)
+        room = np.maximum(quota - taken, 0.0)
+        bounds = np.cumsum(room)
+        rz = z[rest]
+        mid = np.cumsum(rz) - 0.5 * rz
+        scale = bounds[-1] / float(rz.sum()) if rz.sum() > 0 and bounds[-1] > 0 else 0.0
+        if scale > 0:
+            out[rest] = np.minimum(np.searchsorted(bounds, mid * scale, side="right"), W - 1)
+        else:  # nothing has a size, or the groups took every step's quota: spread by count
+            out[rest] = (np.arange(rest.size, dtype=np.int64) * W) // rest.size
+    return out
