@@ -25,6 +25,8 @@ composition DP size ``dp``:
 4. Every other unit keeps its draw order and fills the steps in order, each step up to its size
    quota (the window's size ÷ W, less its group's size): steps are equal in size (tokens under
    ``tokens_per_step``, units otherwise) up to one unit, whatever their groups.
+5. A step left with fewer than ``dp`` units takes the last-drawn of those units from the step
+   with the most, so every rank of every step gets data.
 
 Consequences, by construction: the window's multiset of units is the sequence's, so the mixture
 is exact over every window and every unit is delivered exactly once per epoch (a unit moves by
@@ -149,4 +151,26 @@ def compose_window(cost: np.ndarray, size: np.ndarray, *, steps: int, dp: int) -
             out[rest] = np.minimum(np.searchsorted(bounds, mid * scale, side="right"), W - 1)
         else:  # nothing has a size, or the groups took every step's quota: spread by count
             out[rest] = (np.arange(rest.size, dtype=np.int64) * W) // rest.size
+        _every_rank_a_unit(out, rest, W, dp)
     return out
+
+
+def _every_rank_a_unit(out: np.ndarray, movable: np.ndarray, W: int, dp: int) -> None:
+    """Rule 5: a step with fewer than ``dp`` units (a few long ones filled its quota) takes the
+    last-drawn movable units of the step with the most, until every step has ``dp`` units or
+    no step has any to spare (a window of fewer than W·dp units). In place; deterministic."""
+    count = np.bincount(out, minlength=W)
+    if int(count.min()) >= dp or out.size < W * dp:
+        return
+    for s in np.flatnonzero(count < dp).tolist():
+        while count[s] < dp:
+            donor = int(np.argmax(count))
+            if count[donor] <= dp:
+                return
+            take = min(dp - int(count[s]), int(count[donor]) - dp)
+            cand = movable[out[movable] == donor][::-1][:take]
+            if cand.size == 0:
+                return
+            out[cand] = s
+            count[donor] -= cand.size
+            count[s] += cand.size

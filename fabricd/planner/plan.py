@@ -42,7 +42,7 @@ class StepPlan:
     piece: np.ndarray  # int32[n]
     tokens: np.ndarray  # int32[n]
     cost: np.ndarray  # float64[n]
-    num_micro: np.ndarray  # int32[dp_size] micro-batches of each rank (>= 1 whenever the rank has units)
+    num_micro: np.ndarray  # int32[dp_size] micro-batches of each rank (>= 1; one empty one for a rank without units)
 
     def __len__(self) -> int:
         return int(self.rank.shape[0])
@@ -212,7 +212,9 @@ class Planner:
             piece=self._piece[row],
             tokens=tokens[order],
             cost=cost[order],
-            num_micro=num_micro.astype(np.int32, copy=False),
+            # a rank without units (a composed step with fewer units than ranks, after a DP-size
+            # change) still gets one, empty, micro-batch: every rank receives every step
+            num_micro=np.maximum(num_micro, 1).astype(np.int32, copy=False),
         )
 
     def _cost(self, row: np.ndarray) -> np.ndarray:
