@@ -218,6 +218,11 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"  tokenizer {job['tokenizer']}, images {job.get('images')}")
         if job.get("defaults_applied"):
             click.echo(f"  defaults applied: {', '.join(job['defaults_applied'])}")
+        comp = job.get("composition")
+        if comp:
+            sizes = ", ".join(f"dp {dp} from step {start}" for start, dp in comp["dp_history"])
+            click.echo(f"  composition {comp['mode']}: max delay {comp['max_delay_steps']} steps, "
+                       f"{comp['samples_per_step'] if comp['samples_per_step'] is not None else '-'} units/step, {sizes}")
         c = job["counters"]
         click.echo(f"  plans {c['plans_computed']} (max {c['plan_ms_max']} ms), skipped units {c['skipped_units']} "
                    f"(recorded {job['skipped_recorded']})")

@@ -95,6 +95,8 @@ def test_composed_job_resumed_at_another_dp_size(tmp_path, local_daemon):
     assert history[0] == (0, 4) and history[-1][1] == 6 and len(history) == 2, history
     change = history[-1][0]
     assert change % 4 == 0 and change >= FIRST  # a window boundary past the steps the trainers reached
+    shown = fabricctl(local_daemon.address, "status")
+    assert "composition outliers: max delay 3 steps" in shown.stdout and f"dp 6 from step {change}" in shown.stdout
     second = receive(local_daemon.address, 6, FIRST, END)
     # the windows between the resume and the change are composed for 4 ranks, and that differs
     # from composing them for 6 (the test would not notice a planner that ignored the history)
