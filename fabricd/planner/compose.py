@@ -27,6 +27,10 @@ composition DP size ``dp``:
    ``tokens_per_step``, units otherwise) up to one unit, whatever their groups.
 5. A step left with fewer than ``dp`` units takes the last-drawn of those units from the step
    with the most, so every rank of every step gets data.
+6. Of the candidates (the groups as above; without a last group that had to be completed with
+   non-outliers; and the steps as drawn), the window keeps the one whose mean step bound
+   max(largest unit, mean share) / mean share is lowest (the first on a tie): composition never
+   makes a window's bound worse than no composition.
 
 Consequences, by construction: the window's multiset of units is the sequence's, so the mixture
 is exact over every window and every unit is delivered exactly once per epoch (a unit moves by
@@ -94,10 +98,13 @@ def _top(c: np.ndarray, k: int) -> np.ndarray:
     return pick[np.lexsort((pick, -c[pick]))]
 
 
-def compose_window(cost: np.ndarray, size: np.ndarray, *, steps: int, dp: int) -> np.ndarray:
+def compose_window(cost: np.ndarray, size: np.ndarray, *, steps: int, dp: int,
+                   drawn: np.ndarray | None = None) -> np.ndarray:
     """int64 step (in ``[0, steps)``) of each unit of a window, by the module's rule.
 
-    ``cost`` (float64) and ``size`` (int64 tokens, or ones) per unit, in draw order.
+    ``cost`` (float64) and ``size`` (int64 tokens, or ones) per unit, in draw order; ``drawn``:
+    the step (in the window) each unit was drawn for, a candidate kept when composing would not
+    lower the window's bound (rule 6).
     """
     c = np.asarray(cost, dtype=np.float64)
     z = np.asarray(size, dtype=np.int64)
@@ -105,20 +112,34 @@ def compose_window(cost: np.ndarray, size: np.ndarray, *, steps: int, dp: int) -
     W = int(steps)
     if W < 1 or int(dp) < 1:
         raise ValueError(f"steps and dp must be >= 1, got {steps!r}, {dp!r}")
-    out = np.full(n, -1, dtype=np.int64)
     if n == 0:
-        return out
+        return np.full(0, -1, dtype=np.int64)
     dp = int(dp)
     total = float(np.cumsum(c)[-1])
     mean = total / (W * dp)
     n_out = int(np.count_nonzero(c > mean))
     order = _top(c, min(n, n_out + dp))  # only the units a group can take, ranked
-    cz = np.cumsum(z)
-    quota = float(cz[-1]) / W
-    cap = OUTLIER_SHARE * quota
-    ranked_c = c[order].tolist()
-    ranked_z = z[order].tolist()
-    groups: list[tuple[int, int]] = []  # [lo, hi) slices of ``order``
+    quota = float(np.cumsum(z)[-1]) / W
+    groups = _groups(c[order].tolist(), z[order].tolist(), n_out=n_out, n=n, dp=dp, W=W,
+                     cap=OUTLIER_SHARE * quota)
+    candidates = [_assign(order, groups, z, W, dp, quota)]
+    if groups and groups[-1][1] - groups[-1][0] == dp and groups[-1][1] > n_out:
+        # the last group was completed with non-outliers: also try leaving its outliers unqueued
+        candidates.append(_assign(order, groups[:-1], z, W, dp, quota))
+    if drawn is not None:
+        candidates.append(np.asarray(drawn, dtype=np.int64))
+    best, best_bound = candidates[0], _mean_bound(c, candidates[0], W, dp)
+    for cand in candidates[1:]:
+        b = _mean_bound(c, cand, W, dp)
+        if b < best_bound:
+            best, best_bound = cand, b
+    return best
+
+
+def _groups(ranked_c: list[float], ranked_z: list[int], *, n_out: int, n: int, dp: int, W: int,
+            cap: float) -> list[tuple[int, int]]:
+    """Rule 2: the outlier groups, as [lo, hi) slices of the cost ranking."""
+    groups: list[tuple[int, int]] = []
     pos = 0
     while pos < n_out and len(groups) < W:
         lo = pos
@@ -134,6 +155,13 @@ def compose_window(cost: np.ndarray, size: np.ndarray, *, steps: int, dp: int) -
                 hi += 1
         groups.append((lo, hi))
         pos = hi
+    return groups
+
+
+def _assign(order: np.ndarray, groups: list[tuple[int, int]], z: np.ndarray, W: int, dp: int,
+            quota: float) -> np.ndarray:
+    """Rules 3-5: groups spread over the window's steps, every other unit filling them in order."""
+    out = np.full(z.size, -1, dtype=np.int64)
     if groups:
         G = len(groups)
         where = ((2 * np.arange(G, dtype=np.int64) + 1) * W) // (2 * G)
@@ -153,6 +181,18 @@ def compose_window(cost: np.ndarray, size: np.ndarray, *, steps: int, dp: int) -
             out[rest] = (np.arange(rest.size, dtype=np.int64) * W) // rest.size
         _every_rank_a_unit(out, rest, W, dp)
     return out
+
+
+def _mean_bound(c: np.ndarray, where: np.ndarray, W: int, dp: int) -> float:
+    """Mean over the window's steps of the balance bound max(largest unit, mean share) / mean
+    share: what no balancer can beat (sequential sums: the same on every machine)."""
+    total = np.bincount(where, weights=c, minlength=W)
+    top = np.zeros(W)
+    np.maximum.at(top, where, c)
+    share = total / dp
+    ok = share > 0
+    ratio = np.where(ok, np.maximum(top, share) / np.where(ok, share, 1.0), 1.0)
+    return float(np.cumsum(ratio)[-1]) / W
 
 
 def _every_rank_a_unit(out: np.ndarray, movable: np.ndarray, W: int, dp: int) -> None:

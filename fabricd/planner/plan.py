@@ -251,8 +251,9 @@ class Planner:
             src, unit = self.sequence.step_units(s)
             rows.append(self._offsets[src] + unit)
         row = np.concatenate(rows)
+        drawn = np.repeat(np.arange(W, dtype=np.int64), [r.size for r in rows])
         size = self._tokens[row].astype(np.int64) if self.size_by_tokens else np.ones(row.size, dtype=np.int64)
-        where = compose_window(self._cost(row), size, steps=W, dp=dp)
+        where = compose_window(self._cost(row), size, steps=W, dp=dp, drawn=drawn)
         order = np.argsort(where, kind="stable")
         bounds = np.searchsorted(where[order], np.arange(W + 1), side="left")
         return [row[order[bounds[i]:bounds[i + 1]]] for i in range(W)]

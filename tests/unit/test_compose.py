@@ -192,3 +192,33 @@ def test_compose_window_groups_outliers_one_per_rank() -> None:
     # steps stay equal in size
     assert max(np.bincount(where, minlength=W)) - min(np.bincount(where, minlength=W)) <= 2
     assert np.array_equal(where, compose_window(cost.copy(), np.ones(cost.size, dtype=np.int64), steps=W, dp=dp))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("B,dp", [(64, 4), (256, 8), (512, 32)])
+def test_composition_never_raises_a_windows_bound(B: int, dp: int) -> None:
+    """Rule 6: whatever the scale, a window's mean step bound under composition is at most the
+    bound of the steps as drawn (small per-rank budgets are where grouping can misfire)."""
+    plain, comp = _planner("none", B=B), _planner(B=B)
+    W = comp.window
+
+    def bound(p: StepPlan) -> float:
+        share = float(p.cost.sum()) / dp
+        return max(float(p.cost.max()), share) / share
+
+    for k in range(6):
+        before = np.mean([bound(plain.plan(s, dp)) for s in range(k * W, (k + 1) * W)])
+        after = np.mean([bound(comp.plan(s, dp)) for s in range(k * W, (k + 1) * W)])
+        assert after <= before + 1e-9, (k, before, after)
+
+
+@pytest.mark.unit
+def test_a_group_completed_with_small_units_is_not_kept_when_it_raises_the_bound() -> None:
+    # one outlier (12) among 4s and 1s at dp 4: grouping it with three 4s and filling by count
+    # leaves its step short of small units (bound 1.6); the steps as drawn are balanced
+    cost = np.array([12.0] + [4.0] * 11 + [1.0] * 8)
+    drawn = np.array([0] * 12 + [1] * 8)
+    where = compose_window(cost, np.ones(cost.size, dtype=np.int64), steps=2, dp=4, drawn=drawn)
+    for s in range(2):
+        share = cost[where == s].sum() / 4
+        assert cost[where == s].max() <= share + 1e-9, (s, where.tolist())
