@@ -8,13 +8,18 @@ process over tcp loopback; the trainer receives, decodes and checksum-verifies e
 numpy arrays. Raw path: a separate process PUSHes the same arrays (one frame per array,
 ``copy=False``); the receiver ``recv(copy=False)``s and ``np.frombuffer``s every frame.
 
-Trials alternate raw, loader, loader over CurveZMQ, raw, ... and the medians are reported, for
-lz4 and for no compression. ``curve_ratio`` is the encrypted ÷ plaintext Loader throughput, same
-run: the fabric's sockets are CurveZMQ by default (the trainer authenticates with its key, the
-stream is encrypted), so that is the price of security. The last line of output is one JSON
-object (headline: lz4).
+Each round runs a raw trial and a loader trial back to back (raw first in even rounds, loader
+first in odd ones, so a drifting machine load hits both alike), then the loader over CurveZMQ;
+this for lz4, then for no compression. The headline ratios are medians over rounds of each
+loader trial ÷ its raw neighbour: ``ratio_lz4`` and ``ratio_none`` (``ratio`` and
+``none_ratio`` are the older ratio of the medians). ``curve_ratio`` is the encrypted ÷ plaintext
+Loader throughput, same run: the fabric's sockets are CurveZMQ by default (the trainer
+authenticates with its key, the stream is encrypted), so that is the price of security.
+``cpu_us_per_mib_*`` is the CPU time (all threads, zmq's I/O thread included) each side's
+process spent per MiB of array bytes delivered (medians): a view of the cost that a machine
+shared with other work disturbs less than GB/s. The last line of output is one JSON object.
 
-    python scripts/bench/transport.py [--seconds 3] [--trials 3] [--batch-kib 1024]
+    python scripts/bench/transport.py [--seconds 3] [--trials 5] [--batch-kib 1024]
 """
 
 from __future__ import annotations
