@@ -11,10 +11,10 @@ Usage::
 How it works: the loader asks a daemon (``Hello`` → ``Locate``) which constructor serves its
 rank, subscribes there from its cursor with ``prefetch`` credits, and gives back the credit of
 every batch it hands out (in chunks of a quarter of the window while batches keep arriving, and
-all that are due before it waits for one). It relocates by itself (asks the daemons again, resubscribes from the
-cursor on a fresh socket) when the constructor falls silent for ``stall_s`` or refuses it. Every
-decision is :class:`~fabric_client.session.TrainerSession`'s (no I/O, tested with a fake
-clock); this module is the socket loop around it.
+all that are due before it waits for one). It relocates by itself (asks the daemons again,
+resubscribes from the cursor on a fresh socket) when the constructor falls silent for
+``stall_s`` or refuses it. Every decision is :class:`~fabric_client.session.TrainerSession`'s
+(no I/O, tested with a fake clock); this module is the socket loop around it.
 
 Every ``Locate`` declares the trainer's host (``host=``, else ``$FABRIC_TRAINER_HOST``, else the
 hostname), and the leader places the rank's data constructor on a daemon of that host when
