@@ -14,21 +14,23 @@ Promises:
 - :func:`decode_batch` raises :class:`~fabric_client.errors.ProtocolError` with code
   ``malformed`` for any buffer that is not a batch written by :func:`encode_batch`; it never
   lets a pyarrow exception escape.
-- :func:`checksum` depends only on the array *content* (names, dtypes, shapes, bytes), never on
-  the compression, so sender and receiver compute the same value.
+- :func:`checksum` (XXH3-128 over a documented byte stream, :data:`CHECKSUM_ALGORITHM`) depends
+  only on the array *content* (names, dtypes, shapes, bytes), never on the compression, so
+  sender and receiver compute the same value; :func:`decode_verified` computes exactly that
+  value from the decoded buffers, in place.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import sys
+import struct
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 from .errors import ProtocolError
 from .protocol import ErrorCode
@@ -38,7 +40,7 @@ __all__ = ["encode_batch", "decode_batch", "decode_verified", "checksum", "COMPR
 #: Accepted values of ``encode_batch(compression=...)``.
 COMPRESSIONS = ("lz4", "zstd", None)
 #: Name of the digest :func:`checksum` computes (see :func:`checksum`).
-CHECKSUM_ALGORITHM = "mlh128+blake2b-v1"
+CHECKSUM_ALGORITHM = "xxh3-128+layout-v2"
 
 _META_KEY = b"fabric.arrays"
 _META_VERSION = 1
@@ -103,9 +105,10 @@ def decode_batch(buf: Any) -> dict[str, np.ndarray]:
 def decode_verified(buf: Any) -> tuple[dict[str, np.ndarray], str]:
     """``(decode_batch(buf), checksum(...of the result))``, sharing the per-array work.
 
-    The digest is exactly :func:`checksum` of the returned arrays; for the usual batch (native
-    dtypes) it is computed straight from the decoded columns with the name/dtype/shape
-    descriptors prepared once per batch layout. Raises like :func:`decode_batch`.
+    The digest is exactly :func:`checksum` of the returned arrays; for the usual batch
+    (little-endian dtypes, distinct names) it is computed straight from the decoded buffers,
+    without a copy, with the name/dtype/shape descriptors prepared once per batch layout.
+    Raises like :func:`decode_batch`.
     """
     arrays, digest = _decode(buf, True)
     return arrays, digest if digest is not None else checksum(arrays)
@@ -149,24 +152,35 @@ def _record_arrays(record: pa.RecordBatch, want_digest: bool = False) -> tuple[d
             f"expected 1 x {len(layout.columns)}",
         )
     # The usual case: the schema is exactly the one encode_batch writes for this metadata, so the
-    # names and every column's type are known good and only per-batch facts (nulls, lengths) are
-    # left to check. Any other schema gets the checks column by column.
-    typed = schema.equals(layout.schema)
-    if not typed and list(layout.names) != schema.names:
-        raise ProtocolError(ErrorCode.MALFORMED, "fabric.arrays metadata does not match the columns")
+    # names and every column's type are known good. Any other schema gets them checked column by
+    # column. Either way, every column is then a large_list of one fixed-width primitive.
+    if not schema.equals(layout.schema):
+        _check_schema(schema, layout)
+    # All the columns' buffers in one call: per column [validity, offsets, values validity, values]
+    # (the record batch was fully validated: every buffer is as long as its lengths need).
+    buffers = record.to_struct_array().buffers()
+    if len(buffers) != 1 + 4 * len(layout.columns):
+        raise ProtocolError(ErrorCode.MALFORMED, f"batch frame has {len(buffers)} buffers for "
+                                                 f"{len(layout.columns)} columns")
     out: dict[str, np.ndarray] = {}
     flats: list[np.ndarray] = []
     for i, (name, dtype, wire, count, shape) in enumerate(layout.columns):
-        column = record.column(i)
-        if not typed and not pa.types.is_large_list(column.type) or column.null_count:
-            raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r} is {column.type}, not a large_list")
-        values = column.values  # the flat array; its length must be the product of the shape
-        try:
-            if (not typed and values.type != _arrow_type(wire)) or len(values) != count or values.null_count:
-                raise ValueError(f"{values.type}[{len(values)}] for {dtype}{list(shape)}")
-            flat = values.to_numpy(zero_copy_only=True)
-        except (pa.ArrowException, ValueError, TypeError) as e:
-            raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r}: {e}") from e
+        at = 1 + 4 * i
+        if (buffers[at] is not None or buffers[at + 2] is not None) and _has_nulls(record, i):
+            raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r} holds nulls")
+        offsets = buffers[at + 1]
+        # the single list value must be the whole array: values [0, count) of the flat child
+        if offsets is None or offsets.size < _OFFSETS.size or _OFFSETS.unpack_from(offsets) != (0, count):
+            got = _OFFSETS.unpack_from(offsets) if offsets is not None and offsets.size >= _OFFSETS.size else None
+            raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r}: list offsets {got} for {dtype}{list(shape)}")
+        if count:
+            try:
+                flat = np.frombuffer(buffers[at + 3], dtype=wire, count=count)  # a view: no copy
+                flat.flags.writeable = False  # as for a received frame, also over a decompressed buffer
+            except (TypeError, ValueError) as e:  # a values buffer too short (or absent)
+                raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r}: {e}") from e
+        else:  # no values buffer to view: a read-only empty view all the same
+            flat = np.frombuffer(b"", dtype=wire)
         flats.append(flat)
         if wire is not dtype:
             flat = flat.view(dtype)
@@ -174,13 +188,33 @@ def _record_arrays(record: pa.RecordBatch, want_digest: bool = False) -> tuple[d
     plan = layout.digest_plan if want_digest else None
     if plan is None:
         return out, None
-    parts = []
+    digest = xxhash.xxh3_128(_STREAM_HEAD)  # the stream checksum() hashes, from the prepared descriptors
     for i, descriptor in plan:
-        parts.append(descriptor)
+        digest.update(descriptor)
         flat = flats[i]
         if flat.size:
-            parts.append(_multilinear(flat.view(np.uint8)))
-    return out, hashlib.blake2b(b"".join(parts), digest_size=16).hexdigest()
+            digest.update(flat.view(np.uint8))
+    return out, digest.hexdigest()
+
+
+#: A one-row large_list's offsets: two int64 (little-endian, as Arrow IPC writes them).
+_OFFSETS = struct.Struct("<qq")
+
+
+def _check_schema(schema: pa.Schema, layout: _Layout) -> None:
+    """Names and column types of a schema that is not byte-for-byte the one encode_batch writes."""
+    if list(layout.names) != schema.names:
+        raise ProtocolError(ErrorCode.MALFORMED, "fabric.arrays metadata does not match the columns")
+    for (name, dtype, wire, _, shape), typ in zip(layout.columns, schema.types):
+        if not pa.types.is_large_list(typ) or typ.value_type != _arrow_type(wire):
+            raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r} is {typ}, not the large_list of "
+                                                     f"{_arrow_type(wire)} that {dtype}{list(shape)} needs")
+
+
+def _has_nulls(record: pa.RecordBatch, i: int) -> bool:
+    """Whether column ``i`` (a list column with a validity bitmap at either level) holds a null."""
+    column = record.column(i)
+    return bool(column.null_count or column.values.null_count)
 
 
 def _read_more(reader: pa.ipc.RecordBatchStreamReader) -> bool:
@@ -207,9 +241,12 @@ class _Layout:
         self.columns = tuple(columns)
         self.rows = 1 if columns else 0  # {} encodes 0 rows
         # checksum() of the decoded arrays, prepared: (column index, descriptor) in sorted-name
-        # order. Only for native dtypes and distinct names (else checksum() itself is used).
+        # order. Only for distinct names and dtypes whose bytes are already the canonical ones
+        # (little-endian on this machine); otherwise checksum() itself is used.
         names = [name for name, _, _ in arrays_meta]
-        if len(set(names)) == len(names) and all(dtype.byteorder in "=|" for _, dtype, _ in arrays_meta):
+        if len(set(names)) == len(names) and all(
+            _canonical(dtype) == dtype and dtype.byteorder in "=|" for _, dtype, _ in arrays_meta
+        ):
             order = sorted(range(len(names)), key=names.__getitem__)
             self.digest_plan: tuple[tuple[int, bytes], ...] | None = tuple(
                 (i, _descriptor(arrays_meta[i][0], arrays_meta[i][1].str, arrays_meta[i][2])) for i in order
@@ -267,89 +304,62 @@ def _arrow_type(dtype: np.dtype) -> pa.DataType:
 
 
 def checksum(arrays: Mapping[str, np.ndarray]) -> str:
-    """Hex digest of the content of ``arrays``: (name, dtype, shape, bytes) in sorted-name order.
+    """Hex digest (XXH3-128) of the content of ``arrays``: names, dtypes, shapes and bytes.
 
-    Independent of compression and of the mapping's order. Each array's bytes go through a
-    128-bit multilinear hash (two 64-bit lanes, fixed odd keys, both lanes in one numpy pass:
-    ~15 GB/s per core), and BLAKE2b combines names, dtypes, shapes and the lanes. It detects
-    corruption and answers "is this the expected batch" with ~2**-64 odds of a false match per
-    comparison; it is not meant to resist an adversary forging batches.
+    The one fingerprint of the determinism contract: the constructor and ``fabricd expect``
+    compute it from the arrays they build, the loader from the arrays it decoded
+    (:func:`decode_verified` feeds the very same stream), so equal content gives equal digests
+    whatever the compression, the mapping's order or the machine. The hashed stream, in bytes::
+
+        CHECKSUM_ALGORITHM, b"\\n"
+        for each array, in sorted-name order:
+            u32le(len(d)), d      # d = JSON [name, dtype (little-endian form), [shape...]], UTF-8
+            the array's values    # C order, little-endian, itemsize * prod(shape) bytes
+
+    Every field is length-delimited, so no two different batches give the same stream; a change
+    of any name, dtype, shape or byte changes the digest (with ~2**-128 odds of a collision
+    against accidental corruption; XXH3 is not meant to resist an adversary forging batches).
+    Contiguous arrays are hashed in place, without a copy.
     """
-    parts = []
+    digest = xxhash.xxh3_128(_STREAM_HEAD)
     for name in sorted(arrays):
         arr = arrays[name]
         if type(arr) is not np.ndarray:
             arr = np.asarray(arr)
         dtype = arr.dtype
-        if dtype.byteorder == _FOREIGN_ORDER:
-            dtype = _native(dtype)
-        parts.append(_descriptor(name, dtype.str, arr.shape))
+        wire = _canonical(dtype)
+        digest.update(_descriptor(name, wire.str, arr.shape))
         if arr.size:
-            data = arr if arr.flags.c_contiguous and arr.dtype == dtype else np.ascontiguousarray(arr, dtype=dtype)
-            parts.append(_multilinear(data.reshape(-1).view(np.uint8)))
-    return hashlib.blake2b(b"".join(parts), digest_size=16).hexdigest()
+            if not arr.flags.c_contiguous or dtype != wire:
+                arr = np.ascontiguousarray(arr, dtype=wire)  # only a strided or byte-swapped array copies
+            digest.update(arr.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
 
 
-_FOREIGN_ORDER = ">" if sys.byteorder == "little" else "<"
-#: (name, dtype string, shape) → the JSON bytes the digest takes for them (names and shapes repeat).
+def _canonical(dtype: np.dtype) -> np.dtype:
+    """The dtype whose bytes the checksum takes: the same kind and size, little-endian."""
+    return dtype.newbyteorder("<") if dtype.byteorder not in ("<", "|") and dtype.itemsize > 1 else dtype
+
+
+_STREAM_HEAD = CHECKSUM_ALGORITHM.encode() + b"\n"
+#: (name, dtype string, shape) -> the length-prefixed descriptor bytes (names and shapes repeat).
 _DESCRIPTORS: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
 _MAX_DESCRIPTORS = 4096
 
 
 def _descriptor(name: str, dtype_str: str, shape: tuple[int, ...]) -> bytes:
     if type(name) is not str:  # only plain str keys are cached: 1 == True would share an entry
-        return json.dumps([name, dtype_str, list(shape)]).encode()
+        return _encode_descriptor(name, dtype_str, shape)
     key = (name, dtype_str, shape)
     found = _DESCRIPTORS.get(key)
     if found is None:
-        found = json.dumps([name, dtype_str, list(shape)]).encode()
+        found = _encode_descriptor(name, dtype_str, shape)
         if len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:
             _DESCRIPTORS.clear()
         _DESCRIPTORS[key] = found
     return found
 
 
-_MASK = (1 << 64) - 1
-_BLOCK_WORDS = 1 << 16
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-_KEYS = tuple(_splitmix64(np.arange(_BLOCK_WORDS + 1, dtype=np.uint64) + np.uint64(lane << 32)) | np.uint64(1)
-              for lane in (1, 2))
-#: Both lanes' keys as one (2, words) matrix: one pass over the data computes both lanes.
-_KEYS2 = np.ascontiguousarray(np.stack(_KEYS))
-_KEYS2.flags.writeable = False
-_CHAIN = tuple(int(keys[-1]) for keys in _KEYS)  # multiplier chaining one block into the next
-_TAIL = tuple(int(keys[0]) for keys in _KEYS)  # key of the zero-padded trailing partial word
-#: Below this many words numpy's dot has less call overhead; above it einsum's unrolled loop is
-#: ~1.8x faster. Both are exact sums mod 2**64, so the choice never changes the value.
-_EINSUM_WORDS = 256
-
-
-def _multilinear(data: np.ndarray) -> bytes:
-    """Two 64-bit lanes of Σ word_i·key_i (mod 2**64) per 512 KiB block, chained across blocks."""
-    size = len(data)
-    words = size >> 3
-    (c0, c1), (t0, t1) = _CHAIN, _TAIL
-    h0 = h1 = size
-    if words:
-        w = data[: words * 8].view(np.uint64)
-        for start in range(0, words, _BLOCK_WORDS):
-            block = w[start:start + _BLOCK_WORDS]
-            keys = _KEYS2[:, : len(block)]
-            lanes = np.einsum("ij,j->i", keys, block) if len(block) >= _EINSUM_WORDS else np.dot(keys, block)
-            d0, d1 = lanes.tolist()
-            h0 = (h0 * c0 + d0) & _MASK
-            h1 = (h1 * c1 + d1) & _MASK
-    # the trailing partial word, zero-padded, read in native byte order
-    tail = int.from_bytes(data[words * 8:].tobytes().ljust(8, b"\0"), sys.byteorder) if size & 7 else 0
-    h0 = (h0 * c0 + tail * t0) & _MASK
-    h1 = (h1 * c1 + tail * t1) & _MASK
-    return h0.to_bytes(8, "little") + h1.to_bytes(8, "little")
+def _encode_descriptor(name: Any, dtype_str: str, shape: tuple[int, ...]) -> bytes:
+    body = json.dumps([name, dtype_str, [int(d) for d in shape]]).encode()
+    return len(body).to_bytes(4, "little") + body

@@ -9,11 +9,12 @@ Usage::
         ckpt["data"] = loader.state_dict()
 
 How it works: the loader asks a daemon (``Hello`` → ``Locate``) which constructor serves its
-rank, subscribes there from its cursor with ``prefetch`` credits, and returns one credit for
-every batch it hands out. It relocates by itself (asks the daemons again, resubscribes from the
-cursor on a fresh socket) when the constructor falls silent for ``stall_s`` or refuses it. Every
-decision is :class:`~fabric_client.session.TrainerSession`'s (no I/O, tested with a fake
-clock); this module is the socket loop around it.
+rank, subscribes there from its cursor with ``prefetch`` credits, and gives back the credit of
+every batch it hands out (in chunks of a quarter of the window while batches keep arriving, and
+all that are due before it waits for one). It relocates by itself (asks the daemons again,
+resubscribes from the cursor on a fresh socket) when the constructor falls silent for
+``stall_s`` or refuses it. Every decision is :class:`~fabric_client.session.TrainerSession`'s
+(no I/O, tested with a fake clock); this module is the socket loop around it.
 
 Every ``Locate`` declares the trainer's host (``host=``, else ``$FABRIC_TRAINER_HOST``, else the
 hostname), and the leader places the rank's data constructor on a daemon of that host when
@@ -92,6 +93,7 @@ STATE_NEXT_MICRO = "next_micro"
 _UNSUBSCRIBE_LINGER_MS = 100  # how long a closed stream socket may keep trying to deliver its Unsubscribe
 _MAX_WAIT_S = 1.0  # longest single wait of the socket loop (the session says when to wake up)
 _MAX_DEFAULT_WORKERS = 4
+_CREDIT_CHUNKS = 4  # a busy stream returns its window's credits in this many messages
 
 
 class FabricBatch(dict):
@@ -213,8 +215,9 @@ class Loader:
         self._stream: zmq.Socket | None = None  # the subscription's socket, to the constructor
         self._daemon: zmq.Socket | None = None  # the open Hello/Locate conversation, if any
         self._closed = False
-        (self._credit_frame,) = protocol.encode(
-            protocol.Credit(job=self.job, dp_rank=self.dp_rank, mp_rank=self.mp_rank, credits=1))
+        self._credit_frames: dict[int, Any] = {}  # credits -> the encoded Credit frame
+        self._credits_due = 0  # credits of batches handed out, not yet sent back
+        self._credit_chunk = 1  # send them back in chunks of this many (see _return_credit)
         (self._unsubscribe_frame,) = protocol.encode(
             protocol.Unsubscribe(job=self.job, dp_rank=self.dp_rank, mp_rank=self.mp_rank))
 
@@ -263,6 +266,7 @@ class Loader:
             wait = min(session.wake_at - self._clock(), _MAX_WAIT_S)
             if wait <= 0:
                 continue
+            self._flush_credits()  # never wait while the constructor could be short of credits
             if self._stream is not None:
                 self._stream.poll(int(wait * 1000) + 1, zmq.POLLIN)
             else:
@@ -300,7 +304,7 @@ class Loader:
             action = queue.popleft()
             kind = type(action)
             if kind is ReturnCredit:
-                self._send_credit()
+                self._return_credit()
             elif kind is Decode:
                 self._start_decode(action.received)
             elif kind is HandOut:
@@ -355,12 +359,29 @@ class Loader:
                 )
         return arrays
 
-    def _send_credit(self) -> None:
-        """Give the constructor back the credit of one batch taken out of its window."""
-        if self._stream is None:
+    def _return_credit(self) -> None:
+        """Give the constructor back the credit of one batch taken out of its window.
+
+        Credits go back in chunks of ``_credit_chunk`` (a quarter of the window) while batches
+        keep arriving, and all at once before the loader waits for one: a trainer that has to
+        wait never leaves credits unreturned, and a busy stream costs one Credit message (and
+        one wake-up of the constructor) per chunk instead of per batch.
+        """
+        self._credits_due += 1
+        if self._credits_due >= self._credit_chunk:
+            self._flush_credits()
+
+    def _flush_credits(self) -> None:
+        due, self._credits_due = self._credits_due, 0
+        if not due or self._stream is None:
             return
+        frame = self._credit_frames.get(due)
+        if frame is None:
+            (frame,) = protocol.encode(
+                protocol.Credit(job=self.job, dp_rank=self.dp_rank, mp_rank=self.mp_rank, credits=due))
+            self._credit_frames[due] = frame
         try:
-            self._stream.send(self._credit_frame, zmq.NOBLOCK)  # Credit(job, dp, mp, 1), encoded once
+            self._stream.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as e:  # queue to a dead peer full: the stall timer will relocate us
             self._session.last_error = f"credit to {self._session.endpoint} failed: {e}"
 
@@ -399,6 +420,7 @@ class Loader:
             sock.close(linger=0)
             return self._session.on_stream_failed(str(e), self._clock())
         self._stream = sock
+        self._credit_chunk = max(1, action.subscribe.credits // _CREDIT_CHUNKS)
         return []
 
     def _close_stream(self, discarded: Sequence[Received]) -> None:
@@ -412,6 +434,7 @@ class Loader:
                 linger = 0
             self._stream.close(linger=linger)
             self._stream = None
+        self._credits_due = 0  # a new subscription starts with a whole window
         for received in discarded:
             if received.work is not None:
                 received.work.cancel()

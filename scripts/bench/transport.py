@@ -8,13 +8,18 @@ process over tcp loopback; the trainer receives, decodes and checksum-verifies e
 numpy arrays. Raw path: a separate process PUSHes the same arrays (one frame per array,
 ``copy=False``); the receiver ``recv(copy=False)``s and ``np.frombuffer``s every frame.
 
-Trials alternate raw, loader, loader over CurveZMQ, raw, ... and the medians are reported, for
-lz4 and for no compression. ``curve_ratio`` is the encrypted ÷ plaintext Loader throughput, same
-run: the fabric's sockets are CurveZMQ by default (the trainer authenticates with its key, the
-stream is encrypted), so that is the price of security. The last line of output is one JSON
-object (headline: lz4).
+Each round runs a raw trial and a loader trial back to back (raw first in even rounds, loader
+first in odd ones, so a drifting machine load hits both alike), then the loader over CurveZMQ;
+this for lz4, then for no compression. The headline ratios are medians over rounds of each
+loader trial ÷ its raw neighbour: ``ratio_lz4`` and ``ratio_none`` (``ratio`` and
+``none_ratio`` are the older ratio of the medians). ``curve_ratio`` is the encrypted ÷ plaintext
+Loader throughput, same run: the fabric's sockets are CurveZMQ by default (the trainer
+authenticates with its key, the stream is encrypted), so that is the price of security.
+``cpu_us_per_mib_*`` is the CPU time (all threads, zmq's I/O thread included) each side's
+process spent per MiB of array bytes delivered (medians): a view of the cost that a machine
+shared with other work disturbs less than GB/s. The last line of output is one JSON object.
 
-    python scripts/bench/transport.py [--seconds 3] [--trials 3] [--batch-kib 1024]
+    python scripts/bench/transport.py [--seconds 3] [--trials 5] [--batch-kib 1024]
 """
 
 from __future__ import annotations
@@ -112,6 +117,26 @@ def array_bytes(arrays: dict[str, np.ndarray]) -> int:
 # ------------------------------------------------------------------------------ server processes
 
 
+class _CpuMark:
+    """A server's side of its pipe: "mark" starts counting this process's CPU time (all its
+    threads, zmq's I/O thread included), "split" sends the CPU seconds since, "stop" ends."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.start = time.process_time()
+
+    def stopped(self) -> bool:
+        if not self.conn.poll(0):
+            return False
+        what = self.conn.recv()
+        if what == "mark":
+            self.start = time.process_time()
+        elif what == "split":
+            self.conn.send(time.process_time() - self.start)
+        return what == "stop"
+
+
+
 def serve_loader(conn: Any, compression: str | None, target_bytes: int, prefetch: int,
                  keys_dir: str | None = None) -> None:
     """Constructor stand-in: a locator ROUTER (Hello/Locate) and a delivery ROUTER, one loop,
@@ -139,8 +164,9 @@ def serve_loader(conn: Any, compression: str | None, target_bytes: int, prefetch
     poller = zmq.Poller()
     poller.register(loc, zmq.POLLIN)
     poller.register(data, zmq.POLLIN)
+    cpu = _CpuMark(conn)
     try:
-        while not conn.poll(0):
+        while not cpu.stopped():
             events = dict(poller.poll(100))
             if loc in events:
                 identity, *raw = loc.recv_multipart()
@@ -176,8 +202,9 @@ def serve_raw(conn: Any, endpoint: str, target_bytes: int) -> None:
     push.connect(endpoint)
     conn.send("ready")
     i = 0
+    cpu = _CpuMark(conn)
     try:
-        while not conn.poll(0):
+        while not cpu.stopped():
             try:
                 push.send_multipart(batches[i % DISTINCT], copy=False)
                 i += 1
@@ -189,6 +216,12 @@ def serve_raw(conn: Any, endpoint: str, target_bytes: int) -> None:
 
 
 # ------------------------------------------------------------------------------ measurements
+
+
+def _split(conn: Any) -> float:
+    """The CPU seconds a server process used since its mark (nan if it does not answer)."""
+    conn.send("split")
+    return conn.recv() if conn.poll(10) else float("nan")
 
 
 def _stop(proc: mp.Process, conn: Any) -> None:
@@ -214,14 +247,16 @@ def trial_loader(
             warm_end = time.perf_counter() + 0.5
             while time.perf_counter() < warm_end:
                 next(it)
-            b0, n0, t0 = loader.stats["bytes"], loader.stats["batches"], time.perf_counter()
+            parent.send("mark")
+            b0, n0, t0, c0 = loader.stats["bytes"], loader.stats["batches"], time.perf_counter(), time.process_time()
             while time.perf_counter() - t0 < seconds:
                 batch = next(it)
                 _ = batch["pixel_values"]  # a trainer touches what it receives
-            dt = time.perf_counter() - t0
+            dt, rx_cpu, tx_cpu = time.perf_counter() - t0, time.process_time() - c0, _split(parent)
             got = loader.stats["bytes"] - b0
             count = loader.stats["batches"] - n0
-        return {"gbps": got / dt / 1e9, "batches": count, "batch_bytes": batch_bytes, "wire_bytes": wire_bytes}
+        return {"gbps": got / dt / 1e9, "batches": count, "batch_bytes": batch_bytes, "wire_bytes": wire_bytes,
+                "bytes": got, "rx_cpu_s": rx_cpu, "tx_cpu_s": tx_cpu}
     finally:
         _stop(proc, parent)
 
@@ -244,30 +279,42 @@ def trial_raw(mpctx: Any, seconds: float, target_bytes: int) -> dict:
         warm_end = time.perf_counter() + 0.5
         while time.perf_counter() < warm_end:
             one()
-        got, count, t0 = 0, 0, time.perf_counter()
+        parent.send("mark")
+        got, count, t0, c0 = 0, 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < seconds:
             got += one()
             count += 1
-        dt = time.perf_counter() - t0
-        return {"gbps": got / dt / 1e9, "batches": count}
+        dt, rx_cpu, tx_cpu = time.perf_counter() - t0, time.process_time() - c0, _split(parent)
+        return {"gbps": got / dt / 1e9, "batches": count, "bytes": got, "rx_cpu_s": rx_cpu, "tx_cpu_s": tx_cpu}
     finally:
         _stop(proc, parent)
         pull.close(linger=0)
         ctx.term()
 
 
+def _cpu_us_per_mib(trials: list[dict], side: str) -> float:
+    """Median CPU microseconds one side's process spent per MiB of array bytes delivered."""
+    return round(statistics.median(t[f"{side}_cpu_s"] * 1e6 / (t["bytes"] / 2**20) for t in trials), 1)
+
+
 def run(
     compression: str | None, seconds: float, trials: int, target_bytes: int, prefetch: int, diagnose: bool,
     keys_dir: str,
 ) -> dict:
+    """``trials`` rounds of raw and loader (order alternating, so drift hits both alike) then the
+    loader over CurveZMQ; the ratios are medians over rounds of loader ÷ the adjacent raw trial."""
     mpctx = mp.get_context("spawn")
-    raw, loader, curve, unverified, info = [], [], [], [], {}
+    raws, loaders, curve, unverified, info = [], [], [], [], {}
     for i in range(trials):
-        r = trial_raw(mpctx, seconds, target_bytes)
-        ld = trial_loader(mpctx, compression, seconds, target_bytes, prefetch)
+        if i % 2 == 0:
+            r = trial_raw(mpctx, seconds, target_bytes)
+            ld = trial_loader(mpctx, compression, seconds, target_bytes, prefetch)
+        else:
+            ld = trial_loader(mpctx, compression, seconds, target_bytes, prefetch)
+            r = trial_raw(mpctx, seconds, target_bytes)
         cv = trial_loader(mpctx, compression, seconds, target_bytes, prefetch, keys_dir=keys_dir)
-        raw.append(r["gbps"])
-        loader.append(ld["gbps"])
+        raws.append(r)
+        loaders.append(ld)
         curve.append(cv["gbps"])
         info = ld
         extra = ""
@@ -276,8 +323,11 @@ def run(
             unverified.append(nv["gbps"])
             extra = f", loader unverified {nv['gbps']:.2f} GB/s (diagnostic)"
         print(f"  [{compression or 'none'}] trial {i}: raw {r['gbps']:.2f} GB/s ({r['batches']} msgs), "
-              f"loader {ld['gbps']:.2f} GB/s ({ld['batches']} batches), loader over CurveZMQ {cv['gbps']:.2f} GB/s"
-              f"{extra}", flush=True)
+              f"loader {ld['gbps']:.2f} GB/s ({ld['batches']} batches), ratio {ld['gbps'] / r['gbps']:.3f}, "
+              f"loader over CurveZMQ {cv['gbps']:.2f} GB/s{extra}", flush=True)
+    raw = [t["gbps"] for t in raws]
+    loader = [t["gbps"] for t in loaders]
+    paired = [ld / r for ld, r in zip(loader, raw)]
     raw_med, loader_med, curve_med = statistics.median(raw), statistics.median(loader), statistics.median(curve)
     diag = {"loader_unverified_gbps": round(statistics.median(unverified), 3)} if unverified else {}
     return {
@@ -285,6 +335,8 @@ def run(
         "loader_gbps": round(loader_med, 3),
         "raw_gbps": round(raw_med, 3),
         "ratio": round(loader_med / raw_med, 3),
+        "paired_ratio": round(statistics.median(paired), 3),
+        "paired_ratio_trials": [round(x, 3) for x in paired],
         "curve_gbps": round(curve_med, 3),
         "curve_ratio": round(curve_med / loader_med, 3),
         "curve_trials": [round(x, 3) for x in curve],
@@ -293,13 +345,15 @@ def run(
         "wire_bytes": info["wire_bytes"],
         "loader_trials": [round(x, 3) for x in loader],
         "raw_trials": [round(x, 3) for x in raw],
+        "cpu_us_per_mib": {"raw_rx": _cpu_us_per_mib(raws, "rx"), "raw_tx": _cpu_us_per_mib(raws, "tx"),
+                           "loader_rx": _cpu_us_per_mib(loaders, "rx"), "loader_tx": _cpu_us_per_mib(loaders, "tx")},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per trial")
-    parser.add_argument("--trials", type=int, default=3, help="trials per path (alternating)")
+    parser.add_argument("--trials", type=int, default=5, help="rounds of raw and loader trials (alternating)")
     parser.add_argument("--batch-kib", type=int, default=1024, help="array bytes per batch, KiB")
     parser.add_argument("--prefetch", type=int, default=8, help="loader credits")
     parser.add_argument(
@@ -316,16 +370,25 @@ def main(argv: list[str] | None = None) -> int:
             res = run(compression, args.seconds, args.trials, target, args.prefetch, args.diagnose, keys_dir)
             results[res["compression"]] = res
             print(f"{res['compression']}: loader {res['loader_gbps']} GB/s, raw {res['raw_gbps']} GB/s, "
-                  f"ratio {res['ratio']}, over CurveZMQ {res['curve_gbps']} GB/s (curve_ratio {res['curve_ratio']}), "
-                  f"batch {res['batch_bytes']} array bytes -> {res['wire_bytes']} wire bytes", flush=True)
+                  f"ratio {res['paired_ratio']} (median of paired trials; of medians {res['ratio']}), "
+                  f"over CurveZMQ {res['curve_gbps']} GB/s (curve_ratio {res['curve_ratio']}), "
+                  f"batch {res['batch_bytes']} array bytes -> {res['wire_bytes']} wire bytes, "
+                  f"CPU us/MiB {res['cpu_us_per_mib']}", flush=True)
     head, none = results["lz4"], results["none"]
     line = {
+        # the headline: loader ÷ raw pyzmq, medians over trials of each loader trial ÷ its adjacent raw trial
+        "ratio_lz4": head["paired_ratio"],
+        "ratio_none": none["paired_ratio"],
         **{k: head[k] for k in ("loader_gbps", "raw_gbps", "ratio", "curve_gbps", "curve_ratio", "compression",
                                 "batch_bytes", "wire_bytes")},
         "none_loader_gbps": none["loader_gbps"],
         "none_curve_ratio": none["curve_ratio"],
         "none_raw_gbps": none["raw_gbps"],
         "none_ratio": none["ratio"],
+        "ratio_lz4_trials": head["paired_ratio_trials"],
+        "ratio_none_trials": none["paired_ratio_trials"],
+        "cpu_us_per_mib_lz4": head["cpu_us_per_mib"],
+        "cpu_us_per_mib_none": none["cpu_us_per_mib"],
         **({"loader_unverified_gbps": head["loader_unverified_gbps"],
             "none_loader_unverified_gbps": none["loader_unverified_gbps"]} if args.diagnose else {}),
         "seconds": args.seconds,

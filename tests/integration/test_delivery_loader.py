@@ -286,6 +286,39 @@ def test_batches_are_numpy_views_of_the_received_frames(ctx, stubs, compression)
 
 
 @pytest.mark.timeout(30)
+def test_credits_come_back_in_chunks_and_all_of_them_before_the_loader_waits(ctx, stubs) -> None:
+    prefetch, chunk = 8, 2  # the loader returns a busy stream's credits a quarter window at a time
+    last_step = 8  # the constructor has steps 0..7 only (15 batches, an odd number): then the loader waits
+    available = sum(num_micro(s) for s in range(last_step))
+    con = stubs(ConstructorStub(ctx, ready=lambda s, r, m: s < last_step, compression=None))
+    loc = stubs(LocatorStub(ctx, con.endpoint, prefetch=prefetch))
+
+    def sent() -> int:
+        with con.lock:
+            return con.delivery.stats()["batches_sent"]
+
+    with Loader(loc.address, job=JOB, dp_rank=0, dp_size=1, context=ctx, deadline_s=1.5, stall_s=30,
+                decode_workers=0) as loader:
+        it = iter(loader)
+        got = [received(next(it))]
+        wait_for(lambda: sent() == prefetch + 1 - 1 % chunk, what="the first window")
+        for consumed in range(2, available - prefetch + 1):
+            got.append(received(next(it)))
+            # the trainer is slow: the window is full again, short of at most one chunk
+            want = prefetch + consumed - consumed % chunk
+            wait_for(lambda: sent() == want, what=f"credits of {consumed} batches")
+        assert con.max_outstanding == prefetch
+        got += [received(next(it)) for _ in range(available - len(got))]
+        assert got == expected_sequence(0, (0, 0), available)
+        with pytest.raises(FabricUnavailable):
+            next(it)  # nothing more to come: it waited, and gave every credit back first
+        with con.lock:
+            (sub,) = con.delivery.stats()["subscriptions"]
+            assert sub["credits"] == prefetch and con.credited[(0, 0)] == available
+        assert loader.stats["relocations"] == 0
+
+
+@pytest.mark.timeout(30)
 def test_credits_bound_what_is_in_flight(ctx, stubs) -> None:
     prefetch = 3
     con = stubs(ConstructorStub(ctx))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import struct
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from fabric_client.batch import checksum, decode_batch, encode_batch
+from fabric_client.batch import checksum, decode_batch, decode_verified, encode_batch
 from fabric_client.errors import ProtocolError
 from fabric_client.protocol import ErrorCode
 
@@ -181,3 +182,59 @@ def test_flipped_bytes_anywhere_give_protocol_error_or_detectable_content(compre
         # decoded anyway: either the flip hit padding/unused bytes, or the checksum catches it
         same = list(out) == list(arrays) and all(np.array_equal(out[k], arrays[k]) for k in arrays)
         assert same == (checksum(out) == checksum(arrays))
+
+
+def _frame(column: pa.Array, meta: str, nullable: bool = False) -> bytes:
+    """A hand-made one-column frame: ``column`` under the name "x" with ``fabric.arrays`` ``meta``."""
+    schema = pa.schema([pa.field("x", column.type, nullable=nullable)], metadata={b"fabric.arrays": meta.encode()})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as w:
+        w.write_batch(pa.record_batch([column], schema=schema))
+    return sink.getvalue().to_pybytes()
+
+
+_META3 = '{"v": 1, "arrays": [["x", "<i4", [3]]]}'
+
+
+@pytest.mark.parametrize("column, meta, why", [
+    (pa.array([[1, None, 3]], type=pa.large_list(pa.int32())), _META3, "nulls"),
+    (pa.array([None], type=pa.large_list(pa.int32())), '{"v": 1, "arrays": [["x", "<i4", [0]]]}', "nulls"),
+    (pa.array([[1, 2, 3]], type=pa.large_list(pa.int64())), _META3, "large_list"),
+    (pa.array([[1, 2, 3]], type=pa.list_(pa.int32())), _META3, "large_list"),
+    (pa.array([[1, 2, 3]], type=pa.large_list(pa.int32())), '{"v": 1, "arrays": [["x", "<i4", [2]]]}', "offsets"),
+])
+def test_hand_made_frames_that_lie_are_refused(column: pa.Array, meta: str, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why) as info:
+        decode_verified(_frame(column, meta))
+    assert info.value.code == ErrorCode.MALFORMED
+
+
+def test_a_hand_made_frame_with_nullable_fields_but_no_nulls_decodes() -> None:
+    frame = _frame(pa.array([[4, 5, 6]], type=pa.large_list(pa.int32())), '{"v": 1, "arrays": [["x", "<i4", [3]]]}',
+                   nullable=True)
+    out, digest = decode_verified(frame)
+    np.testing.assert_array_equal(out["x"], np.array([4, 5, 6], np.int32))
+    assert digest == checksum({"x": np.array([4, 5, 6], np.int32)})
+
+
+@pytest.mark.parametrize("offsets", [(1, 3), (0, 2), (2, 2)])
+def test_list_offsets_that_do_not_cover_the_whole_array_are_refused(offsets: tuple[int, int]) -> None:
+    """Arrow's writer always writes offsets (0, n); a frame whose one list value is only part of
+    its flat values (still a valid Arrow stream) is not a batch encode_batch wrote."""
+    good = _frame(pa.array([[1, 2, 3]], type=pa.large_list(pa.int32())), _META3)
+    np.testing.assert_array_equal(decode_batch(good)["x"], [1, 2, 3])
+    at = good.rindex(struct.pack("<qq", 0, 3))  # the body (offsets, then values) follows the metadata
+    assert good[at + 16:at + 28] == np.array([1, 2, 3], np.int32).tobytes()
+    bad = good[:at] + struct.pack("<qq", *offsets) + good[at + 16:]
+    with pytest.raises(ProtocolError, match="offsets") as info:
+        decode_verified(bad)
+    assert info.value.code == ErrorCode.MALFORMED
+
+
+@pytest.mark.parametrize("compression", ["lz4", None])
+def test_decoded_arrays_are_read_only_views_even_when_empty(compression: str | None) -> None:
+    arrays = {"e": np.zeros((2, 0, 3), np.float32), "f": np.arange(5, dtype=np.int16), "b": np.zeros(0, bool)}
+    out = decode_batch(encode_batch(arrays, compression=compression))
+    for name, arr in out.items():
+        assert not arr.flags.owndata and not arr.flags.writeable, name
+        assert arr.dtype == arrays[name].dtype and arr.shape == arrays[name].shape, name
