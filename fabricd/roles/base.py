@@ -1,6 +1,7 @@
 """What every role process shares: its arguments, its link to the daemon, its exit conditions.
 
-A role process is started by the daemon's supervisor as ``python -m fabricd.roles ARGS_JSON``.
+A role process is started by the daemon's supervisor as ``python -m fabricd.roles ARGS_JSON``, or
+forked from the daemon's role template to the same effect (:mod:`fabricd.roles.template`).
 It binds its own endpoint, announces it to the daemon (``RoleHello``), sends ``RoleStats``
 heartbeats, and exits when the daemon is gone (parent-death signal and a parent-pid check), so a
 killed daemon never leaves orphans behind.
@@ -26,7 +27,7 @@ from fabric_client.errors import ProtocolError
 from fabric_client.keys import KeyRing, KeysError
 from fabric_client.sockets import SocketFactory
 
-__all__ = ["RoleArgs", "DaemonLink", "set_parent_death_signal", "StopFlag"]
+__all__ = ["RoleArgs", "DaemonLink", "set_parent_death_signal", "set_process_name", "StopFlag"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,16 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except OSError:
         log.debug("prctl unavailable; relying on the parent-pid check")
+
+
+def set_process_name(name: str) -> None:
+    """Name this process in ``top`` and ``ps -o comm`` (Linux, at most 15 bytes; no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_NAME = 15
+        libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except OSError:
+        pass
 
 
 class StopFlag:
