@@ -322,6 +322,39 @@ def preload() -> list[str]:
     return missing
 
 
+def warm_up() -> None:
+    """Run, once and on tiny inputs, what roles run: reading Parquet with each codec, an Arrow IPC
+    stream with lz4, decoding JPEG and PNG, numpy's generator. Libraries initialise much of their
+    state lazily (codec tables, registries, decoder state, code pages first touched); done here,
+    it is shared by every role instead of set up in each. Single-threaded: nothing here may start
+    Arrow's thread pools (``use_threads=False``, no Python file objects)."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.ipc
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = pa.table({"text": ["a", "b"], "image": pa.array([b"x", b"y"], pa.binary()), "n": [1, 2]})
+    for codec in ("snappy", "zstd", "lz4", "gzip", "none"):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression=codec, use_dictionary=False)
+        f = pq.ParquetFile(pa.BufferReader(sink.getvalue()), pre_buffer=False)  # a Python file would start an I/O pool
+        f.read_row_group(0, use_threads=False).take(pa.array([1], pa.int64()))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4",
+                                                                               use_threads=False)) as w:
+        w.write_table(table)
+    pa.ipc.open_stream(sink.getvalue(), options=pa.ipc.IpcReadOptions(use_threads=False)).read_all()
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (9, 99, 199)).save(buf, fmt)
+        with Image.open(io.BytesIO(buf.getvalue())) as img:
+            np.asarray(img.convert("RGB").resize((8, 8)))
+    np.random.default_rng(0).integers(0, 10, 4)
+
+
 def _threads() -> int:
     try:
         return len(os.listdir("/proc/self/task"))
@@ -339,6 +372,10 @@ def serve(fd: int, parent: int) -> int:
         return 0
     sock = socket.socket(fileno=fd)
     preload()
+    try:
+        warm_up()
+    except Exception as e:  # an optimisation only: roles initialise what it did not
+        log.warning("role template warm-up failed: %s", e)
     gc.collect()
     gc.freeze()  # the collector never touches these objects again: their pages stay shared
     if _threads() > 1:

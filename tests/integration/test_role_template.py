@@ -139,6 +139,7 @@ def test_forked_role_is_our_child_serves_restarts_and_ends_by_pid(tmp_path, tiny
         wait_for(lambda: sup.poll() is not None and role.proc is not None, 120, "the role was not started")
         assert role.forked and isinstance(role.proc, ForkedRole)
         template_pid = sup.template.pid
+        assert psutil.Process(template_pid).num_threads() == 1, "the template forks single-threaded"
         pids += [template_pid, role.pid]
         proc = psutil.Process(role.pid)
         assert proc.ppid() == os.getpid(), "a forked role is re-parented to the supervising process"
