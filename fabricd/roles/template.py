@@ -371,7 +371,7 @@ def serve(fd: int, parent: int) -> int:
     if os.getppid() != parent:
         return 0
     sock = socket.socket(fileno=fd)
-    preload()
+    missing = preload()
     try:
         warm_up()
     except Exception as e:  # an optimisation only: roles initialise what it did not
@@ -380,6 +380,7 @@ def serve(fd: int, parent: int) -> int:
     gc.freeze()  # the collector never touches these objects again: their pages stay shared
     if _threads() > 1:
         log.warning("the role template runs %d threads; forking it is safe only for the forking thread", _threads())
+    log.debug("preloaded %d modules (optional ones missing: %s)", len(sys.modules), ", ".join(missing) or "none")
     sock.sendall(b'{"ready": true}\n')
     buf = b""
     while True:

@@ -460,6 +460,18 @@ def run_baseline(spec_path: Path, work: Path, *, ranks: int, workers: int, steps
             "rank_processes_pss_mb": total(parents, "pss_mb")}
 
 
+def revision() -> str:
+    """The checkout measured: short commit, ``+dirty`` when the tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -495,7 +507,8 @@ def main() -> int:
         work = Path(args.workdir or DEMO_DIR / "memory")
         data = ensure_corpus(args.samples)
     work.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"steps": args.steps, "nodes": args.nodes, "loader_workers": args.loader_workers}
+    result: dict[str, Any] = {"revision": revision(), "steps": args.steps, "nodes": args.nodes,
+                              "loader_workers": args.loader_workers}
     if args.breakdown:
         result["imports"] = import_costs()
         print("imports alone (fresh interpreter): " + ", ".join(
