@@ -39,8 +39,10 @@ counted, which favours the baseline); torch is not imported (it is not installed
 DataLoader's workers would also hold their share of it).
 
 Human lines first; the last stdout line is one JSON object: per N, ``fabric_pss_mb`` (summed
-PSS of every fabric process), by-kind detail, ``processes``, and with ``--baseline``
-``baseline_pss_mb`` and ``baseline_over_fabric`` (how many times more the DataLoaders hold).
+PSS of every fabric process), per kind count and mean PSS/USS/RSS, ``processes``, and with
+``--baseline`` ``baseline_pss_mb`` and ``baseline_over_fabric`` (how many times more the
+DataLoaders hold). Everything measured (every sample's detail, the mappings' top entries, the
+tracemalloc tops) goes to ``WORKDIR/memory-detail.json``.
 """
 
 from __future__ import annotations
@@ -460,6 +462,35 @@ def run_baseline(spec_path: Path, work: Path, *, ranks: int, workers: int, steps
             "rank_processes_pss_mb": total(parents, "pss_mb")}
 
 
+def compact(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON line: headline numbers and per-kind summaries (the full result goes to a file)."""
+    out = {k: result[k] for k in ("revision", "steps", "nodes", "loader_workers") if k in result}
+    if "imports" in result:
+        out["imports"] = {k: {f: v[f] for f in ("uss_mb", "pss_mb", "rss_mb")} for k, v in result["imports"].items()}
+    out["runs"] = []
+    for r in result["runs"]:
+        run = {"sources": r["sources"], "fabric_pss_mb": r["fabric_pss_mb"], "processes": r["peak"]["processes"],
+               "fabric_uss_mb": r["peak"]["total"]["uss_mb"], "fabric_rss_mb": r["peak"]["total"]["rss_mb"],
+               "by_kind": {k: {f: v[f] for f in ("count", "pss_mb", "mean_pss_mb", "mean_uss_mb", "mean_rss_mb")}
+                           for k, v in r["peak"]["by_kind"].items()},
+               "batches": r["batches"], "role_restarts": r["role_restarts"],
+               "leftover_processes": r["leftover_processes"]}
+        if "mappings" in r:  # mean private MB per process, by kind of mapping
+            run["private_mb_by_mapping"] = {k: {c: e["private_mb"] for c, e in v["mean_per_process"].items()
+                                                if e["private_mb"] >= 0.1}
+                                            for k, v in r["mappings"].items()}
+        if "baseline" in r:
+            b = r["baseline"]
+            run.update(baseline_pss_mb=r["baseline_pss_mb"], baseline_over_fabric=r["baseline_over_fabric"],
+                       baseline_workers=b["worker_processes"], baseline_mean_worker_pss_mb=b["mean_worker_pss_mb"],
+                       baseline_rank_processes_pss_mb=b["rank_processes_pss_mb"])
+        out["runs"].append(run)
+    if "tracemalloc" in result:
+        out["tracemalloc"] = {k: {f: d.get(f) for f in ("uss_mb", "tracemalloc_mb", "arrow_pool_mb", "modules")}
+                              for k, d in result["tracemalloc"]["roles"].items()}
+    return out
+
+
 def revision() -> str:
     """The checkout measured: short commit, ``+dirty`` when the tree has changes."""
     try:
@@ -557,7 +588,10 @@ def main() -> int:
             print(f"    {kind}: USS {d['uss_mb']} MB, Python allocations {d['tracemalloc_mb']} MB, "
                   f"Arrow pool {d.get('arrow_pool_mb')} MB, {d['modules']} modules, heavy: {d['heavy_modules']}")
     result["runs"] = runs
-    print(json.dumps(result))
+    detail = work / "memory-detail.json"
+    detail.write_text(json.dumps(result, indent=1))
+    print(f"full detail (samples, mappings, tracemalloc tops): {detail}")
+    print(json.dumps(compact(result)))
     return 0
 
 
