@@ -1,6 +1,7 @@
 """What every role process shares: its arguments, its link to the daemon, its exit conditions.
 
-A role process is started by the daemon's supervisor as ``python -m fabricd.roles ARGS_JSON``.
+A role process is started by the daemon's supervisor as ``python -m fabricd.roles ARGS_JSON``, or
+forked from the daemon's role template to the same effect (:mod:`fabricd.roles.template`).
 It binds its own endpoint, announces it to the daemon (``RoleHello``), sends ``RoleStats``
 heartbeats, and exits when the daemon is gone (parent-death signal and a parent-pid check), so a
 killed daemon never leaves orphans behind.
@@ -26,9 +27,11 @@ from fabric_client.errors import ProtocolError
 from fabric_client.keys import KeyRing, KeysError
 from fabric_client.sockets import SocketFactory
 
-__all__ = ["RoleArgs", "DaemonLink", "set_parent_death_signal", "StopFlag"]
+__all__ = ["RoleArgs", "DaemonLink", "HeapTrimmer", "set_parent_death_signal", "set_process_name", "StopFlag"]
 
 log = logging.getLogger(__name__)
+
+TRIM_EVERY_S = 5.0  # how often a role gives the C heap's free pages back (see HeapTrimmer)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,16 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         log.debug("prctl unavailable; relying on the parent-pid check")
 
 
+def set_process_name(name: str) -> None:
+    """Name this process in ``top`` and ``ps -o comm`` (Linux, at most 15 bytes; no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_NAME = 15
+        libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except OSError:
+        pass
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT or by the parent's death; role loops check it every iteration."""
 
@@ -84,6 +97,35 @@ class StopFlag:
             log.warning("daemon (pid %d) is gone; exiting", self.parent)
             self.stopping = True
         return self.stopping
+
+
+class HeapTrimmer:
+    """Gives the C heap's free pages back to the system every ``every_s`` seconds (glibc's
+    ``malloc_trim(0)``; a no-op where there is none).
+
+    A role's buffers (decoded row groups, images, encoded batches) come and go through malloc;
+    glibc keeps the freed pages in the middle of its heap for reuse, so a role idles at its peak
+    footprint. Measured on the demo corpus: 3 to 24 MB per source loader between requests. Costs
+    about a millisecond per call, and page faults when the memory is used again."""
+
+    def __init__(self, every_s: float = TRIM_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self.clock = clock
+        self._next = 0.0
+        self.trims = 0
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def maybe(self) -> None:
+        if self._trim is None:
+            return
+        now = self.clock()
+        if now >= self._next:
+            self._next = now + self.every_s
+            self._trim(0)
+            self.trims += 1
 
 
 def role_sockets(ctx: zmq.Context, args: RoleArgs) -> SocketFactory:
@@ -115,6 +157,7 @@ class DaemonLink:
         self._next_beat = 0.0
         self.malformed = 0
         self.bad_stats = 0
+        self.heap = HeapTrimmer()
 
     def hello(self) -> None:
         self.send(protocol.RoleHello(role_id=self.args.role_id, kind=self.args.kind,
@@ -128,10 +171,12 @@ class DaemonLink:
 
     def beat(self, stats: Callable[[], dict]) -> None:
         """When a heartbeat is due: re-announce, and send ``stats()`` (only computed then) as the
-        typed :class:`~fabric_client.protocol.RoleCounters` (keys it does not name are left out)."""
+        typed :class:`~fabric_client.protocol.RoleCounters` (keys it does not name are left out);
+        and give free heap pages back when that is due (:class:`HeapTrimmer`)."""
         now = time.monotonic()
         if now >= self._next_beat:
             self._next_beat = now + self.args.heartbeat_s
+            self.heap.maybe()
             self.hello()
             try:
                 counters = msgspec.convert(stats(), protocol.RoleCounters, strict=False)
