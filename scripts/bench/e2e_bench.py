@@ -55,7 +55,7 @@ class Lengths:
 
 
 FULL = Lengths(free=8, cal=14, main=24, shift=30, sweep=12, warm=4, tail=2, tries=4, sim_steps=20, run_timeout_s=1800)
-QUICK = Lengths(free=3, cal=7, main=6, shift=8, sweep=4, warm=2, tail=2, tries=2, sim_steps=3, run_timeout_s=400)
+QUICK = Lengths(free=3, cal=6, main=5, shift=6, sweep=3, warm=2, tail=2, tries=2, sim_steps=3, run_timeout_s=400)
 TINY = Lengths(free=2, cal=5, main=5, shift=6, sweep=3, warm=1, tail=2, tries=1, sim_steps=2, run_timeout_s=150)
 
 
@@ -95,7 +95,8 @@ def make_job(cfg: BenchConfig, corpus: Path, out: Path, *, shift_step: int | Non
     per_step = mean_step_tokens(tokens, cfg.rank_tokens, w, ranks=cfg.ranks, seed=cfg.seed)
     mean_unit = float(sum(w[j] * tokens[j].mean() for j in range(len(units))))
     sps = int(round(per_step / mean_unit))
-    out.write_text(fabric_job_toml(cfg, corpus, sources, mixture, samples_per_step=sps))
+    out.write_text(fabric_job_toml(cfg, corpus, sources, mixture, samples_per_step=sps,
+                                   tokens_per_step=int(round(per_step))))
     return Job(cfg, out, mixture, [u.name for u in units], sps, per_step, measured)
 
 

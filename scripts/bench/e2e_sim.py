@@ -29,14 +29,16 @@ DEMO_RANK_TOKENS = 32768  # config/jobs/demo.toml: micro_batch_tokens
 
 
 def fabric_planner(units: Sequence[SourceUnits], weights: np.ndarray, *, rank_tokens: int, samples_per_step: int,
-                   cost: CostModel, seed: int, dp: int) -> Planner:
-    """THE fabric planner of the simulation: its global batch is ``samples_per_step`` units
-    matched to the baseline's tokens per step (``dp × rank_tokens`` once the planner takes
-    ``tokens_per_step`` and ``compose``: change it here)."""
+                   tokens_per_step: int, cost: CostModel, seed: int) -> Planner:
+    """THE fabric planner of the simulation: its global batch is ``samples_per_step`` units,
+    matched to the baseline's ``tokens_per_step``; once the planner takes ``tokens_per_step``
+    and step composition, the second ``batch`` line replaces the first."""
     names = [u.name for u in units]
     schedule = MixtureSchedule("constant", [(0, dict(zip(names, map(float, weights))))], names)
-    return Planner(seed=seed, samples_per_step=samples_per_step, micro_batch_tokens=rank_tokens, schedule=schedule,
-                   cost=cost, method="lpt", sources=units)
+    batch = {"samples_per_step": samples_per_step}
+    # batch = {"tokens_per_step": tokens_per_step, "compose": "outliers", "max_delay_steps": 8}
+    return Planner(seed=seed, micro_batch_tokens=rank_tokens, schedule=schedule, cost=cost, method="lpt",
+                   sources=units, **batch)
 
 
 def _unit_costs(units: Sequence[SourceUnits], cost: CostModel) -> list[np.ndarray]:
@@ -105,7 +107,8 @@ def simulate(units: Sequence[SourceUnits], weights: np.ndarray, *, rank_tokens: 
         b_max, b_mean, b_tok = baseline_steps(units, w, dp=dp, rank_tokens=rank_tokens, steps=steps, cost=cost,
                                               seed=seed)
         sps = int(round(b_tok.mean() / mean_tok))
-        planner = fabric_planner(units, w, rank_tokens=rank_tokens, samples_per_step=sps, cost=cost, seed=seed, dp=dp)
+        planner = fabric_planner(units, w, rank_tokens=rank_tokens, samples_per_step=sps,
+                                 tokens_per_step=int(round(b_tok.mean())), cost=cost, seed=seed)
         f_max, f_mean, f_tok, bound = np.zeros(steps), np.zeros(steps), np.zeros(steps), np.zeros(steps)
         for s in range(steps):
             plan = planner.plan(s, dp)
