@@ -28,7 +28,12 @@ processes (``e2e_sim.py``).
 Measured per side (``e2e_run.py``): steps/s, tokens/s, efficiency (ideal step time = mean rank
 cost × calibration, over measured step time), the fraction of time ranks waited for data, CPU
 seconds of every loading process per million delivered tokens, loading memory (summed PSS of
-the fabric's daemon and roles / the baseline's workers, plus each trainer's growth from loading).
+the fabric's daemon and roles / the baseline's workers, plus each trainer's growth from loading),
+CPU and memory by process group, and the cores other processes of the machine used meanwhile
+(``other_cores_busy``: this benchmark measures on whatever machine it is given). A stall of the
+mixture shift is a wait longer than 10% of the ideal step and than any wait of the phase before
+the shift. A sweep run the machine cannot hold is stopped (memory) or not started (when it would
+need more than the machine has): its memory then is a lower bound, flagged in the JSON.
 
 ``--quick`` runs the same configuration with shorter phases and only the 35-source sweep point
 (memory at 5 and 35 sources). ``--tiny`` is for tests (a small corpus and configuration: it

@@ -268,18 +268,24 @@ def phase_metrics(ph: Phase, stats: np.ndarray, step_end: np.ndarray, cpu: np.nd
     return out
 
 
-def settle_steps(ph: Phase, stats: np.ndarray, *, tail: int = 3) -> dict[str, Any]:
+def settle_steps(ph: Phase, before: Phase, stats: np.ndarray, *, tail: int = 3) -> dict[str, Any]:
     """Steps from the mixture shift (the first step of ``ph``) until stalls stop: the steps up to
     and including the last stalled one (0: none; None: still stalling in the last ``tail``
-    steps). A step stalls when some rank waited for data more than STALL_FRACTION of the ideal
-    step time (mean rank cost × calibration)."""
+    steps). A step stalls when some rank waited for data longer than STALL_FRACTION of the ideal
+    step time (mean rank cost × calibration) *and* longer than any rank waited in a measured step
+    of ``before`` (the phase before the shift, at the same calibration): what the machine's
+    noise does without a shift is not a stall of the shift's."""
+    def longest(p: Phase) -> np.ndarray:
+        return stats[:, p.start + p.warm:p.end - p.tail, W].max(axis=0)
+
     st = stats[:, ph.start:ph.end]
+    noise = float(longest(before).max()) if before.steps > before.warm + before.tail else 0.0
     ideal = st[..., COST].mean(axis=0) * ph.scale
-    stalled = st[..., W].max(axis=0) > STALL_FRACTION * ideal
+    stalled = longest(ph) > np.maximum(STALL_FRACTION * ideal, noise)
     idx = np.flatnonzero(stalled)
     settle = 0 if not idx.size else (None if idx[-1] >= ph.steps - tail else int(idx[-1]) + 1)
     return {"settle_steps": settle, "stalled_steps": int(stalled.sum()), "steps": ph.steps,
-            "longest_wait_s": round(float(st[..., W].max()), 3)}
+            "longest_wait_s": round(float(st[..., W].max()), 3), "longest_wait_before_s": round(noise, 3)}
 
 
 def _start_fabric(node: FabricNode, work: Path, spec_path: Path, timeout: float) -> Any:
@@ -409,7 +415,8 @@ def run_side(side: str, *, ctx: Any, args: RankArgs, driver: Driver, steps: int,
         _stop(procs)
         if cluster is not None:
             cluster.stop()
-    phases = [phase_metrics(ph, stats, step_end, cpu, busy) for ph in driver.phases if ph.end <= end]
+    phases = [phase_metrics(ph, stats, step_end, cpu, busy) for ph in driver.phases
+              if ph.end <= end and ph.steps > ph.warm + ph.tail]  # a drain phase measures nothing
     pools: dict[str, int] = {}
     for role in ((fabric.status if fabric else {}).get("jobs", {}).get("e2e", {}).get("roles", [])):
         if role.get("kind") == "source_loader" and role.get("alive"):

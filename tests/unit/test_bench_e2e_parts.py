@@ -147,3 +147,26 @@ def test_batch_cost_of_delivered_batches_is_the_planners_cost_of_their_units(tmp
                     assert batch_cost(mb.arrays, cost) == pytest.approx(float(plan.cost[rows].sum()), rel=1e-9)
                     compared += 1
     assert compared >= 6
+
+
+def test_settle_steps_counts_the_steps_until_waits_beyond_the_pre_shift_ones_stop():
+    from e2e_rank import FIELDS
+    from e2e_run import Phase, settle_steps
+
+    ranks, steps = 3, 30
+    stats = np.zeros((ranks, steps, len(FIELDS)))
+    stats[..., FIELDS.index("cost")] = 1e8                  # ideal step: 1e8 × 1e-8 = 1 s
+    before, shift = Phase("2x", 0, 12, 1e-8, warm=2), Phase("shift", 12, 18, 1e-8)
+    wait = FIELDS.index("wait")
+    stats[1, 5, wait] = 0.3                                 # noise before the shift: a 0.3 s hiccup
+    got = settle_steps(shift, before, stats)
+    assert (got["settle_steps"], got["stalled_steps"], got["longest_wait_before_s"]) == (0, 0, 0.3)
+    stats[2, 12:16, wait] = 0.5                             # the shift: 4 steps wait longer than any before
+    stats[0, 20, wait] = 0.25                               # within the noise: not a stall
+    got = settle_steps(shift, before, stats)
+    assert (got["settle_steps"], got["stalled_steps"]) == (4, 4)
+    stats[1, 28, wait] = 0.9                                # still stalling at the end: not settled
+    assert settle_steps(shift, before, stats)["settle_steps"] is None
+    stats[1, 5, wait] = 0.0                                 # no noise before: 10% of the ideal step is the bar
+    stats[1, 28, wait] = 0.0
+    assert settle_steps(shift, before, stats)["settle_steps"] == 9  # the 0.25 s wait at step 20 now counts
