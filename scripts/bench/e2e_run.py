@@ -221,8 +221,12 @@ def _group(p: psutil.Process, parent_group: str | None) -> str:
         return "workers"
     try:
         cmd = " ".join(p.cmdline())
+        name = p.name()
     except psutil.Error:
         return "other"
+    # roles forked from the role template carry its command line; their process name says the kind
+    if name in ("fd-loader", "fd-constructor"):
+        return "source_loaders" if name == "fd-loader" else "constructors"
     for kind in ("source_loader", "constructor"):
         if f'"kind": "{kind}"' in cmd:
             return f"{kind}s"

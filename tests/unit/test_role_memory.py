@@ -71,7 +71,9 @@ def test_mapping_breakdown_accounts_for_the_private_memory():
     assert mb["top"] and all(m["pss_mb"] >= mb["top"][-1]["pss_mb"] for m in mb["top"])
     snap = snapshot("r", "k")
     assert snap["uss_mb"] <= snap["pss_mb"] + 1 and snap["pss_mb"] <= snap["rss_mb"] + 1
-    assert "numpy" in snap["heavy_modules"] and "torch" not in snap["heavy_modules"]
+    # this is the pytest process (another test may have imported torch here); that a role never
+    # imports torch is checked by test_template_preload_and_warm_up_never_import_torch_and_start_no_thread
+    assert "numpy" in snap["heavy_modules"]
 
 
 def test_memory_probe_dumps_at_exit_with_the_tracemalloc_top(tmp_path):
