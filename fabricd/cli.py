@@ -340,7 +340,7 @@ def keys_list_cmd(keys_dir: str, as_json: bool) -> None:
 def expect_cmd(job_file: str, steps: str, dp_size: int | None, logs: tuple[str, ...]) -> None:
     """Print the expected batches of JOB_FILE (one JSON object per micro-batch), computed offline
     from the spec and the log's skip records."""
-    from .expect import dp_history_from_logs, expected_batches, skips_from_logs
+    from .expect import expected_batches, log_dp_history, log_skips, newest_log_state
 
     try:
         start, stop = (int(x) for x in steps.split(":"))
@@ -348,8 +348,9 @@ def expect_cmd(job_file: str, steps: str, dp_size: int | None, logs: tuple[str, 
         raise click.BadParameter(f"{steps!r} is not START:STOP", param_hint="--steps") from e
     try:
         spec = load_job_spec(job_file)
-        skips = skips_from_logs([Path(p) for p in logs], spec.name) if logs else set()
-        history = dp_history_from_logs([Path(p) for p in logs], spec.name) if logs else ()
+        state = newest_log_state([Path(p) for p in logs]) if logs else None
+        skips = log_skips(state, spec.name) if state is not None else set()
+        history = log_dp_history(state, spec.name) if state is not None else ()
         for batch in expected_batches(spec, range(start, stop), dp_size=dp_size, progress=sys.stderr.isatty(),
                                       skips=skips, dp_history=history):
             click.echo(json.dumps(batch.to_dict()))

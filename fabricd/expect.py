@@ -28,7 +28,8 @@ from .job import build_planner, check_vocabulary, dp_history_of, job_tokenizer, 
 from .planner import Planner
 from .sources.transform import SampleLoader
 
-__all__ = ["ExpectedBatch", "BatchOracle", "expected_batches", "skips_from_logs", "dp_history_from_logs"]
+__all__ = ["ExpectedBatch", "BatchOracle", "expected_batches", "skips_from_logs", "newest_log_state", "log_skips",
+           "log_dp_history"]
 
 log = logging.getLogger(__name__)
 
@@ -107,37 +108,16 @@ def expected_batches(spec: JobSpec, steps: Iterable[int], *, dp_size: int | None
         yield from oracle.step(step)
 
 
-def dp_history_from_logs(directories: Iterable[Path], job: str) -> tuple[tuple[int, int], ...]:
-    """The composition DP-size history of ``job`` (``(from_step, dp_size)`` pairs; empty: the
-    spec's dp_size throughout) in the most up-to-date of these checkpoint-log directories."""
-    from .cluster.log import CheckpointLog
-
-    best: tuple[tuple[int, int], tuple[tuple[int, int], ...]] | None = None
-    for directory in directories:
-        lg = CheckpointLog(Path(directory), fsync=False)
-        try:
-            state = lg.open()
-            position = lg.last_position
-        finally:
-            lg.close()
-        entry = state.jobs.get(job)
-        if best is None or position > best[0]:
-            best = (position, dp_history_of(entry.extra) if entry is not None else ())
-    if best is None:
-        raise ValueError("dp_history_from_logs: no log directory given")
-    return best[1]
-
-
-def skips_from_logs(directories: Iterable[Path], job: str) -> set[SkipRecord]:
-    """The skip records of ``job`` in the most up-to-date of these checkpoint-log directories
-    (highest (term, seq): the one that holds every committed record).
+def newest_log_state(directories: Iterable[Path]):
+    """The cluster state in the most up-to-date of these checkpoint-log directories (highest
+    (term, seq): the one that holds every committed record).
 
     Read logs no daemon is writing (a stopped daemon's, or a copy): opening a log cuts a torn
     tail. Raises ``LogError`` for a log that cannot be read and ``ValueError`` for no directory.
     """
     from .cluster.log import CheckpointLog
 
-    best: tuple[tuple[int, int], set[SkipRecord]] | None = None
+    best = None
     for directory in directories:
         lg = CheckpointLog(Path(directory), fsync=False)
         try:
@@ -146,7 +126,24 @@ def skips_from_logs(directories: Iterable[Path], job: str) -> set[SkipRecord]:
         finally:
             lg.close()
         if best is None or position > best[0]:
-            best = (position, set(state.skipped.get(job, ())))
+            best = (position, state)
     if best is None:
-        raise ValueError("skips_from_logs: no log directory given")
+        raise ValueError("no checkpoint-log directory given")
     return best[1]
+
+
+def log_skips(state, job: str) -> set[SkipRecord]:
+    """The skip records of ``job`` in a cluster state (see :func:`newest_log_state`)."""
+    return set(state.skipped.get(job, ()))
+
+
+def log_dp_history(state, job: str) -> tuple[tuple[int, int], ...]:
+    """The composition DP-size history of ``job`` in a cluster state (``(from_step, dp_size)``
+    pairs; empty: the spec's dp_size throughout)."""
+    entry = state.jobs.get(job)
+    return dp_history_of(entry.extra) if entry is not None else ()
+
+
+def skips_from_logs(directories: Iterable[Path], job: str) -> set[SkipRecord]:
+    """The skip records of ``job`` in the most up-to-date of these checkpoint-log directories."""
+    return log_skips(newest_log_state(directories), job)

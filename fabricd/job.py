@@ -25,6 +25,7 @@ from . import spec_bounds as B
 from .errors import FabricdError, PlanError, SourceError
 from .images import ImageSpec
 from .planner import CostModel, MixtureSchedule, Planner, build_units
+from .planner.compose import check_dp_history
 from .planner.plan import draws_for_tokens
 from .planner.units import SourceUnits
 from .planner.worker import PlanWorker
@@ -68,13 +69,10 @@ def dp_history_of(extra: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
     if raw is None:
         return ()
     try:
-        out = tuple((int(a), int(b)) for a, b in raw)
-        if out and out[0][0] == 0 and all(b >= 1 for _, b in out) and all(x[0] < y[0] for x, y in zip(out, out[1:])):
-            return out
+        return check_dp_history(raw)
     except (TypeError, ValueError):
-        pass
-    log.warning("ignoring a malformed dp_history in a job record: %r", raw)
-    return ()
+        log.warning("ignoring a malformed dp_history in a job record: %r", raw)
+        return ()
 
 
 def job_tokenizer(spec: JobSpec, *, roots: Sequence[Path] | None = None, parallel: bool = True) -> Tokenizer:
@@ -184,7 +182,8 @@ class JobRuntime:
     def __init__(self, spec: JobSpec, *, index_dir: Path, directory: RoleDirectory, record_seq: int = -1,
                  data_roots: Sequence[Path] | None = None, dp_history: Sequence[tuple[int, int]] = ()) -> None:
         self.spec = spec
-        self.dp_history = tuple(dp_history)  # the log's composition DP sizes (empty: the spec's)
+        # the log's composition DP sizes; none recorded: the spec's dp_size from step 0
+        self.dp_history = tuple(dp_history) or ((0, spec.topology.dp_size),)
         self.data_roots = data_roots  # the node's; a source outside them fails the job here
         self.record_seq = record_seq  # seq of the job_submitted record this runtime runs
         self.index_dir = index_dir
@@ -360,6 +359,6 @@ class JobRuntime:
             "defaults_applied": list(self.spec.defaults_applied),
             "composition": None if self.spec.batch.compose == "none" else {
                 "mode": self.spec.batch.compose, "max_delay_steps": self.spec.batch.max_delay_steps,
-                "dp_history": [list(x) for x in (self.dp_history or ((0, self.spec.topology.dp_size),))],
+                "dp_history": [list(x) for x in self.dp_history],
                 "samples_per_step": self.planner.samples_per_step if self.planner is not None else None},
         }

@@ -187,12 +187,7 @@ class LocalDaemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for child in children:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(children, timeout=5)
+        kill_processes(children, timeout=5)
         if self._log_file is not None:
             self._log_file.close()
         self.proc = None
@@ -216,6 +211,16 @@ def default_data_roots(workdir: Path) -> list[Path]:
     absolute directories) when set, else the directory holding ``workdir``."""
     env = os.environ.get(DATA_ROOTS_ENV, "")
     return [Path(p) for p in env.split(os.pathsep) if p] or [Path(workdir).absolute().parent]
+
+
+def kill_processes(procs: list[psutil.Process], *, timeout: float) -> None:
+    """SIGKILL every process of ``procs`` still running (by pid) and reap them."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
 
 
 def free_port() -> int:

@@ -11,6 +11,7 @@ from fabric_client import protocol
 from ..admission import check_submission, is_retry
 from ..config import describe_defaults, parse_job_spec
 from ..errors import ConfigError
+from ..job import dp_history_of
 from ..planner.compose import extend_dp_history
 from ..status import build_status
 from . import Reply, handles
@@ -81,7 +82,7 @@ def _dp_history(daemon: Daemon, spec, current) -> tuple[tuple[int, int], ...]:
         return ()
     if old.content_key() != spec.content_key():
         return ()
-    history = tuple(tuple(x) for x in current.extra.get("dp_history", ())) or ((0, current.dp_size),)
+    history = dp_history_of(current.extra) or ((0, current.dp_size),)
     if history[-1][1] == spec.topology.dp_size:
         return history if len(history) > 1 else ()
     state = daemon.cluster.state

@@ -47,7 +47,8 @@ import logging
 
 import numpy as np
 
-__all__ = ["COMPOSE_MODES", "MAX_DELAY_STEPS", "OUTLIER_SHARE", "compose_window", "composition_dp", "extend_dp_history"]
+__all__ = ["COMPOSE_MODES", "MAX_DELAY_STEPS", "OUTLIER_SHARE", "compose_window", "composition_dp", "extend_dp_history",
+           "check_dp_history"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,16 @@ COMPOSE_MODES = ("none", "outliers")
 MAX_DELAY_STEPS = 64
 #: Most of a step's size (tokens or units) that one outlier group may take.
 OUTLIER_SHARE = 0.75
+
+
+def check_dp_history(history) -> tuple[tuple[int, int], ...]:
+    """``history`` as a tuple of ``(from_step, dp_size)`` int pairs; ValueError (or TypeError for
+    a non-pair) unless the steps rise strictly from 0 and every size is >= 1. Empty is allowed."""
+    out = tuple((int(a), int(b)) for a, b in history)
+    if out and (out[0][0] != 0 or any(b < 1 for _, b in out) or any(x[0] >= y[0] for x, y in zip(out, out[1:]))):
+        raise ValueError(f"dp_history must be (step, dp_size >= 1) pairs, strictly increasing steps from 0; "
+                         f"got {out!r}")
+    return out
 
 
 def composition_dp(dp_history: tuple[tuple[int, int], ...], window_start: int) -> int:

@@ -12,7 +12,8 @@ import numpy as np
 
 from fabricd.errors import PlanError
 from fabricd.planner.balance import BALANCERS, balance, pack_micro_batches_grouped
-from fabricd.planner.compose import COMPOSE_MODES, MAX_DELAY_STEPS, compose_window, composition_dp
+from fabricd.planner.compose import (COMPOSE_MODES, MAX_DELAY_STEPS, check_dp_history, compose_window,
+                                     composition_dp)
 from fabricd.planner.cost import CostModel
 from fabricd.planner.mixture import MixtureSchedule
 from fabricd.planner.sequence import GlobalSequence, SourceUnits
@@ -129,11 +130,7 @@ class Planner:
         if isinstance(max_delay_steps, bool) or int(max_delay_steps) != max_delay_steps \
                 or not 0 <= int(max_delay_steps) <= MAX_DELAY_STEPS:
             raise ValueError(f"max_delay_steps must be an integer in [0, {MAX_DELAY_STEPS}], got {max_delay_steps!r}")
-        history = tuple((int(a), int(b)) for a, b in dp_history)
-        if history and (history[0][0] != 0 or any(b < 1 for _, b in history)
-                        or any(x[0] >= y[0] for x, y in zip(history, history[1:]))):
-            raise ValueError(f"dp_history must be (step, dp_size >= 1) pairs, strictly increasing steps from 0; "
-                             f"got {history!r}")
+        history = check_dp_history(dp_history)
         self.compose = compose
         self.window = int(max_delay_steps) + 1 if compose != "none" else 1
         self.size_by_tokens = bool(size_by_tokens)

@@ -30,6 +30,8 @@ import psutil
 
 from e2e_rank import FIELDS, Control, RankArgs, rank_main
 
+from fabricd.localnode import kill_processes
+
 __all__ = ["Phase", "StaticDriver", "CalibratingDriver", "FabricNode", "RunStopped", "run_side", "phase_metrics",
            "settle_steps"]
 
@@ -464,9 +466,4 @@ def _stop(procs: list[Any]) -> None:
         if p.is_alive():
             p.kill()
             p.join(timeout=10)
-    for d in descendants:
-        try:
-            d.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(descendants, timeout=10)
+    kill_processes(descendants, timeout=10)

@@ -17,20 +17,10 @@ from fabricd.assemble import assemble_micro_batch
 from fabricd.pack import IMAGE_ID
 from fabricd.sources.transform import SampleData
 
+from .test_batch_codec import DTYPES, SHAPES, _array
+
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
-DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
-          "float64", "bool"]
-SHAPES = [(), (0,), (1,), (7,), (3, 5), (2, 0, 4), (2, 3, 4, 3)]
-
-
-def _array(rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    if dtype == "bool":
-        return rng.integers(0, 2, size=shape).astype(bool)
-    if dtype.startswith("float"):
-        return rng.standard_normal(size=shape).astype(dtype)
-    info = np.iinfo(dtype)
-    return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
 
 
 def _all_arrays(seed: int = 3) -> dict[str, np.ndarray]:
