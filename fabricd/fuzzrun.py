@@ -42,6 +42,7 @@ from .cluster.wire import PEER_KINDS
 from .config import load_job_spec
 from .corpus import job_toml
 from .expect import BatchOracle, skips_from_logs
+from .roles.base import role_kind
 from .localnode import LocalCluster
 
 __all__ = ["SOCKET_KINDS", "FuzzRun"]
@@ -145,9 +146,7 @@ class FuzzRun:
                 continue
             for p in procs:
                 try:
-                    cmd = " ".join(p.cmdline())
-                    kind = ("daemon" if p.pid == d.proc.pid else "constructor" if '"constructor"' in cmd
-                            else "source_loader" if '"source_loader"' in cmd else "other")
+                    kind = "daemon" if p.pid == d.proc.pid else role_kind(p.name()) or "other"
                     out[f"{n}/{p.pid} {kind}"] = p.memory_info().rss / 2**20
                 except psutil.Error:
                     pass

@@ -9,11 +9,8 @@ import signal
 import sys
 
 from ..failpoints import arm_on_signal
-from .base import RoleArgs, set_parent_death_signal, set_process_name
+from .base import PROCESS_NAMES, RoleArgs, set_parent_death_signal, set_process_name
 from .memory_probe import start_from_env
-
-#: what ``top`` and ``ps -o comm`` call a role process
-PROCESS_NAMES = {"source_loader": "fd-loader", "constructor": "fd-constructor"}
 
 
 def main(argv: list[str]) -> int:

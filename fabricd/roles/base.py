@@ -70,6 +70,16 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         log.debug("prctl unavailable; relying on the parent-pid check")
 
 
+#: what ``top`` and ``ps -o comm`` call a role process, by role kind (forked or spawned alike)
+PROCESS_NAMES = {"source_loader": "fd-loader", "constructor": "fd-constructor"}
+_KIND_OF_NAME = {v: k for k, v in PROCESS_NAMES.items()}
+
+
+def role_kind(process_name: str) -> str | None:
+    """The role kind of a process named ``process_name`` (``psutil.Process.name()``), or None."""
+    return _KIND_OF_NAME.get(process_name)
+
+
 def set_process_name(name: str) -> None:
     """Name this process in ``top`` and ``ps -o comm`` (Linux, at most 15 bytes; no-op elsewhere)."""
     try:

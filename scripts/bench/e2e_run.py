@@ -31,6 +31,7 @@ import psutil
 from e2e_rank import FIELDS, Control, RankArgs, rank_main
 
 from fabricd.localnode import kill_processes
+from fabricd.roles.base import role_kind
 
 __all__ = ["Phase", "StaticDriver", "CalibratingDriver", "FabricNode", "RunStopped", "run_side", "phase_metrics",
            "settle_steps"]
@@ -222,17 +223,13 @@ def _group(p: psutil.Process, parent_group: str | None) -> str:
     if parent_group == "trainers":
         return "workers"
     try:
-        cmd = " ".join(p.cmdline())
         name = p.name()
     except psutil.Error:
         return "other"
-    # roles forked from the role template carry its command line; their process name says the kind
-    if name in ("fd-loader", "fd-constructor"):
-        return "source_loaders" if name == "fd-loader" else "constructors"
-    for kind in ("source_loader", "constructor"):
-        if f'"kind": "{kind}"' in cmd:
-            return f"{kind}s"
-    return "roles_other" if "fabricd.roles" in cmd else "other"
+    kind = role_kind(name)  # forked or spawned, a role's process name says its kind
+    if kind is not None:
+        return f"{kind}s"
+    return "roles_other" if name.startswith("fd-") else "other"
 
 
 def phase_metrics(ph: Phase, stats: np.ndarray, step_end: np.ndarray, cpu: np.ndarray | None,
