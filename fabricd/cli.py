@@ -335,12 +335,12 @@ def keys_list_cmd(keys_dir: str, as_json: bool) -> None:
 @click.option("--dp-size", type=int, default=None, help="DP world size (default: the spec's).")
 @click.option("--log", "logs", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Checkpoint-log directory (a stopped daemon's STATE_DIR/log, or a copy) whose skip records "
-                   "apply (and, under compose = 'outliers', its DP-size changes); repeat it to use the most up-to-date "
-                   "of several. Without it: no skip records.")
+                   "and plan changes apply (and, under compose = 'outliers', its DP-size changes); repeat it to use the "
+                   "most up-to-date of several. Without it: no skip records, no plan changes.")
 def expect_cmd(job_file: str, steps: str, dp_size: int | None, logs: tuple[str, ...]) -> None:
     """Print the expected batches of JOB_FILE (one JSON object per micro-batch), computed offline
     from the spec and the log's skip records."""
-    from .expect import expected_batches, log_dp_history, log_skips, newest_log_state
+    from .expect import expected_batches, log_dp_history, log_plan_changes, log_skips, newest_log_state
 
     try:
         start, stop = (int(x) for x in steps.split(":"))
@@ -351,8 +351,9 @@ def expect_cmd(job_file: str, steps: str, dp_size: int | None, logs: tuple[str, 
         state = newest_log_state([Path(p) for p in logs]) if logs else None
         skips = log_skips(state, spec.name) if state is not None else set()
         history = log_dp_history(state, spec.name) if state is not None else ()
+        changes = log_plan_changes(state, spec.name) if state is not None else ()
         for batch in expected_batches(spec, range(start, stop), dp_size=dp_size, progress=sys.stderr.isatty(),
-                                      skips=skips, dp_history=history):
+                                      skips=skips, dp_history=history, plan_changes=changes):
             click.echo(json.dumps(batch.to_dict()))
     except FabricdError as e:
         raise click.ClickException(str(e)) from e

@@ -5,6 +5,10 @@ function (``fabricd.assemble``) as the fabric's data path, run in this process. 
 trainers received with this, batch for batch, is how delivery is verified: nothing lost,
 nothing repeated, nothing altered.
 
+The log's plan changes are part of the input too (``plan_changes``, see :func:`log_plan_changes`):
+the planner is segmented at them exactly as the daemons' is, and a unit is transformed under the
+spec in effect at its step.
+
 The log's skip records are part of the input (the determinism contract): pass them as ``skips``
 (``(source, sample_id, piece, step)``, as ``FabricState.skipped[job]`` holds them; see
 :func:`skips_from_logs` to read them from checkpoint-log directories). A recorded unit is dropped
@@ -24,12 +28,14 @@ import numpy as np
 
 from .assemble import UnitKey, apply_skip_records, assemble_micro_batch
 from .config import JobSpec
+from .cluster.records import PlanChange
+from .plan_changes import plan_segments, spec_at
 from .job import build_planner, check_vocabulary, dp_history_of, job_tokenizer, open_sources, transform_spec
 from .planner import Planner
 from .sources.transform import SampleLoader
 
 __all__ = ["ExpectedBatch", "BatchOracle", "expected_batches", "skips_from_logs", "newest_log_state", "log_skips",
-           "log_dp_history"]
+           "log_dp_history", "log_plan_changes"]
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +64,10 @@ class BatchOracle:
     """Computes any (step, rank) batch of a job in-process, exactly as the fabric builds it."""
 
     def __init__(self, spec: JobSpec, *, dp_size: int | None = None, progress: bool = False,
-                 skips: Iterable[SkipRecord] = (), dp_history: Sequence[tuple[int, int]] = ()) -> None:
+                 skips: Iterable[SkipRecord] = (), dp_history: Sequence[tuple[int, int]] = (),
+                 plan_changes: Sequence[PlanChange] = ()) -> None:
         self.spec = spec
+        self.segments = plan_segments(spec, plan_changes)
         self.dp_size = dp_size or spec.topology.dp_size
         self.unrecorded = 0  # units that failed here without a skip record (dropped all the same)
         self.skips: dict[int, set[UnitKey]] = {}
@@ -72,9 +80,19 @@ class BatchOracle:
         tokenizer = job_tokenizer(spec)
         indexes = open_sources(spec, progress=progress, tokenizer=tokenizer)
         check_vocabulary(indexes, tokenizer)  # the job would fail: so does its expectation
-        self.planner: Planner = build_planner(spec, indexes, dp_history)
-        self.loaders = [SampleLoader(indexes[s.name], transform_spec(spec, s.name), tokenizer=tokenizer)
-                        for s in spec.sources]
+        self.planner: Planner = build_planner(spec, indexes, dp_history, plan_changes)
+        self._indexes, self._tokenizer = indexes, tokenizer
+        self._loaders: dict[tuple, SampleLoader] = {}  # (source, its transform) → loader
+        self.loaders = [self.loader(i, 0) for i in range(len(spec.sources))]  # under the spec's own transform
+
+    def loader(self, source: int, step: int) -> SampleLoader:
+        """The loader of the ``source``-th source under the spec in effect at ``step``."""
+        name = self.spec.sources[source].name
+        transform = transform_spec(spec_at(self.segments, step), name)
+        key = (name, transform)
+        if key not in self._loaders:
+            self._loaders[key] = SampleLoader(self._indexes[name], transform, tokenizer=self._tokenizer)
+        return self._loaders[key]
 
     def step(self, step: int) -> Iterator[ExpectedBatch]:
         """Every micro-batch of every rank at ``step``, in (rank, micro) order."""
@@ -82,7 +100,7 @@ class BatchOracle:
         loaded: list = [None] * len(plan.rank)
         for src in np.unique(plan.source).tolist():
             sel = np.flatnonzero(plan.source == src)
-            for i, unit in zip(sel.tolist(), self.loaders[src].load(plan.sample_id[sel], plan.piece[sel])):
+            for i, unit in zip(sel.tolist(), self.loader(src, step).load(plan.sample_id[sel], plan.piece[sel])):
                 loaded[i] = unit if not isinstance(unit, Exception) else unit.reason
         loaded, unrecorded = apply_skip_records(loaded, source_ids=plan.source, sample_ids=plan.sample_id,
                                                 pieces=plan.piece, recorded=self.skips.get(step, ()))
@@ -100,10 +118,13 @@ class BatchOracle:
 
 def expected_batches(spec: JobSpec, steps: Iterable[int], *, dp_size: int | None = None,
                      progress: bool = False, skips: Iterable[SkipRecord] = (),
-                     dp_history: Sequence[tuple[int, int]] = ()) -> Iterator[ExpectedBatch]:
+                     dp_history: Sequence[tuple[int, int]] = (),
+                     plan_changes: Sequence[PlanChange] = ()) -> Iterator[ExpectedBatch]:
     """The expected batches of ``steps``, for ``dp_size`` ranks (the spec's by default), given
-    the log's skip records ``skips`` and composition DP-size history ``dp_history``."""
-    oracle = BatchOracle(spec, dp_size=dp_size, progress=progress, skips=skips, dp_history=dp_history)
+    the log's skip records ``skips``, composition DP-size history ``dp_history`` and plan
+    changes ``plan_changes``."""
+    oracle = BatchOracle(spec, dp_size=dp_size, progress=progress, skips=skips, dp_history=dp_history,
+                         plan_changes=plan_changes)
     for step in steps:
         yield from oracle.step(step)
 
@@ -142,6 +163,12 @@ def log_dp_history(state, job: str) -> tuple[tuple[int, int], ...]:
     pairs; empty: the spec's dp_size throughout)."""
     entry = state.jobs.get(job)
     return dp_history_of(entry.extra) if entry is not None else ()
+
+
+def log_plan_changes(state, job: str) -> tuple[PlanChange, ...]:
+    """The plan changes of ``job`` in a cluster state, in log order. Every record of a log a
+    stopped daemon left is taken (the most up-to-date log holds every committed one)."""
+    return state.committed_plan_changes(job, state.last_seq)
 
 
 def skips_from_logs(directories: Iterable[Path], job: str) -> set[SkipRecord]:

@@ -25,7 +25,10 @@ from . import spec_bounds as B
 from .errors import FabricdError, PlanError, SourceError
 from .images import ImageSpec
 from .planner import CostModel, MixtureSchedule, Planner, build_units
+from .cluster.records import PlanChange
+from .plan_changes import plan_segments
 from .planner.compose import check_dp_history
+from .planner.segments import SegmentedPlanner, carry_draws, localize_points
 from .planner.plan import draws_for_tokens
 from .planner.units import SourceUnits
 from .planner.worker import PlanWorker
@@ -125,17 +128,39 @@ def check_vocabulary(indexes: Mapping[str, SourceIndex], tokenizer: Tokenizer) -
 
 
 def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex],
-                  dp_history: Sequence[tuple[int, int]] = ()) -> Planner:
-    """The job's planner from its spec, its sources' metadata and the log's DP-size history
-    (``(from_step, dp_size)`` pairs; empty: the spec's dp_size from step 0), nothing else."""
-    units = []
-    for s in spec.sources:
-        bucket = spec.bucket(s.bucket)
-        units.append(source_units(s.name, indexes[s.name], spec.images, max_seq_len=bucket.max_seq_len,
-                                  long_samples=bucket.long_samples,
-                                  vision=bool(spec.cost.vision_attention or spec.cost.vision_linear)))
+                  dp_history: Sequence[tuple[int, int]] = (),
+                  plan_changes: Sequence[PlanChange] = ()) -> Planner | SegmentedPlanner:
+    """The job's planner from its spec, its sources' metadata, the log's DP-size history
+    (``(from_step, dp_size)`` pairs; empty: the spec's dp_size from step 0) and the log's plan
+    changes (committed ones, in log order), nothing else: a :class:`Planner` without changes,
+    else a :class:`SegmentedPlanner` of one planner per segment (``fabricd.planner.segments``)."""
+    segments = plan_segments(spec, plan_changes)
+    vision = bool(spec.cost.vision_attention or spec.cost.vision_linear)
+    built: dict[tuple, SourceUnits] = {}  # (source, max_seq_len, long_samples) → its units, shared by segments
+    planners: list[Planner] = []
+    for i, seg in enumerate(segments):
+        units = []
+        for s in seg.spec.sources:
+            bucket = seg.spec.bucket(s.bucket)
+            key = (s.name, bucket.max_seq_len, bucket.long_samples)
+            if key not in built:
+                built[key] = source_units(s.name, indexes[s.name], spec.images, max_seq_len=bucket.max_seq_len,
+                                          long_samples=bucket.long_samples, vision=vision)
+            units.append(built[key])
+        end = segments[i + 1].start if i + 1 < len(segments) else None
+        draws, keys = carry_draws(planners[-1], seg.start, units) if planners else ((), ())
+        planners.append(_segment_planner(seg.spec, units, dp_history, start=seg.start, end=end, start_draws=draws,
+                                         source_keys=keys))
+    return planners[0] if len(planners) == 1 else SegmentedPlanner(planners)
+
+
+def _segment_planner(spec: JobSpec, units: Sequence[SourceUnits], dp_history: Sequence[tuple[int, int]], *,
+                     start: int, end: int | None, start_draws: Sequence[int], source_keys: Sequence[int]) -> Planner:
+    """The planner of steps ``[start, end)`` under ``spec`` (the whole job when start is 0 and end None)."""
     names = [s.name for s in spec.sources]
-    schedule = MixtureSchedule(spec.mixture.kind, spec.mixture.as_points(), names)
+    points = spec.mixture.as_points() if start == 0 else localize_points(spec.mixture.kind, spec.mixture.as_points(),
+                                                                           names, start)
+    schedule = MixtureSchedule(spec.mixture.kind, points, names)
     draws = spec.batch.samples_per_step
     if spec.batch.tokens_per_step:
         draws = draws_for_tokens(spec.batch.tokens_per_step, schedule, units)
@@ -156,6 +181,10 @@ def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex],
         max_delay_steps=spec.batch.max_delay_steps,
         size_by_tokens=bool(spec.batch.tokens_per_step),
         dp_history=dp_history or ((0, spec.topology.dp_size),),
+        start_step=start,
+        end_step=end,
+        start_draws=start_draws,
+        source_keys=source_keys,
     )
 
 

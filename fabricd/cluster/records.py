@@ -15,10 +15,13 @@ from typing import Annotated, Any
 import msgspec
 from fabric_client.protocol import Count, DpRank, DpSize, MpRank, Name, NextStep, OptName, SpecText, Step, Text
 
-__all__ = ["MAX_PROGRESS_AHEAD", "RECORD_TYPES", "RecordDataError", "check_data"]
+__all__ = ["MAX_PLAN_OPS", "MAX_PROGRESS_AHEAD", "RECORD_TYPES", "MixturePoint", "PlanChange", "RecordDataError",
+           "SetOp", "check_data"]
 
 #: Most ranks a ``job_progress`` record lists ahead of its floor.
 MAX_PROGRESS_AHEAD = 32
+#: Most set operations, and most added mixture points, one plan change carries.
+MAX_PLAN_OPS = 64
 
 NonEmptyIdent = Annotated[str, msgspec.Meta(min_length=1, max_length=4 * 255)]
 Extra = Annotated[dict[str, Any], msgspec.Meta(max_length=256)]
@@ -96,6 +99,36 @@ class RoleReleased(_Data):
     reason: Text
 
 
+class SetOp(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One ``--set PATH=VALUE`` of a plan change (``mixture.weights.code = 0.3``); what a path may
+    name and what its value must be is checked against the job spec (``fabricd.plan_changes``)."""
+
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    value: str | bool | int | float
+
+
+class MixturePoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A mixture point a plan change adds (or replaces) at ``step``: raw weights, normalised as
+    the spec's points are."""
+
+    step: Step
+    weights: Annotated[dict[Name, float], msgspec.Meta(max_length=4096)]
+
+
+class PlanChange(_Data):
+    """A change of a running job's plan, in effect from ``at_step`` on, for every rank: the spec's
+    keys ``sets`` changes and the mixture points ``points`` adds, applied to the spec in effect
+    before (see ``fabricd.plan_changes``). ``origin`` says who asked (``operator:NAME``,
+    ``online:odm``); ``term`` is the term of the leader that accepted it (the record's own)."""
+
+    job: Name
+    at_step: Step
+    sets: Annotated[list[SetOp], msgspec.Meta(max_length=MAX_PLAN_OPS)] = []
+    points: Annotated[list[MixturePoint], msgspec.Meta(max_length=MAX_PLAN_OPS)] = []
+    origin: Origin = ""
+    term: Count = 0
+
+
 class MemberSeen(_Data):
     node: Name
     endpoint: NonEmptyIdent
@@ -113,6 +146,7 @@ RECORD_TYPES: dict[str, type[_Data]] = {
     "role_assigned": RoleAssigned,
     "role_released": RoleReleased,
     "member_seen": MemberSeen,
+    "plan_changed": PlanChange,
 }
 
 

@@ -46,6 +46,13 @@ errors; ``int`` fields are non-negative, ``str`` fields non-empty unless noted):
     ``role_id`` str (an assigned role), ``reason`` str (may be empty).
 ``member_seen``
     ``node`` str, ``endpoint`` str: a daemon the leader admitted to the membership.
+``plan_changed``
+    ``job`` str (active), ``at_step`` int, ``sets`` list of ``{path, value}``, ``points`` list of
+    ``{step, weights}``, ``origin`` str, ``term`` int (must equal the record's term): a change of
+    the job's plan from ``at_step`` on (``fabricd.plan_changes``; the leader validated it against
+    the spec and its frontier). Kept per job in log order; a ``job_submitted`` record drops the
+    job's changes unless its ``extra`` says ``keep_plan_changes`` (a resubmission of the same
+    content, e.g. at another ``dp_size``).
 
 The state's snapshot (:meth:`FabricState.to_snapshot`) is a JSON-typed dict with sorted,
 deterministic contents, so two replicas with the same records produce equal snapshots.
@@ -72,6 +79,7 @@ __all__ = [
     "FabricState",
     "JobEntry",
     "MemberEntry",
+    "PlanChangeEntry",
     "RoleEntry",
     "decode_snapshot",
     "encode_snapshot",
@@ -93,6 +101,7 @@ RECORD_KINDS = (
     "role_assigned",
     "role_released",
     "member_seen",
+    "plan_changed",
 )
 
 #: kind → the typed record its data must convert to (see fabricd.cluster.records)
@@ -175,6 +184,14 @@ class RoleEntry(msgspec.Struct, frozen=True):
     seq: _Seq = 0
 
 
+class PlanChangeEntry(msgspec.Struct, frozen=True):
+    """A plan change the state holds: the record's data and its ``seq`` (a daemon plans with a
+    change only once ``seq`` is committed: an uncommitted one can still be truncated)."""
+
+    change: R.PlanChange
+    seq: _Seq
+
+
 class MemberEntry(msgspec.Struct, frozen=True):
     """A daemon the leader admitted to the membership (``member_seen`` in ``term``)."""
 
@@ -196,6 +213,7 @@ class _Snapshot(msgspec.Struct):
     progress_floor: dict[str, int] = {}  # absent from snapshots written before job_progress records
     hosts: dict[str, dict[str, tuple[str, int]]] = {}  # absent before trainers declared hosts
     pools: dict[str, dict[str, int]] = {}
+    plan_changes: dict[str, list[PlanChangeEntry]] = {}  # absent before plan changes existed
 
 
 @dataclass
@@ -206,7 +224,8 @@ class FabricState:
     ``progress``: job -> {"dp_rank/mp_rank": next_step} for the ranks ahead of the job's floor;
     ``progress_floor``: job -> the step every rank reached (absent: 0); ``hosts``: job -> {"dp_rank/mp_rank":
     [host, declared_ms]}; ``pools``: job -> {source: workers}; ``roles``: role_id -> :class:`RoleEntry`;
-    ``members``: node -> :class:`MemberEntry`.
+    ``members``: node -> :class:`MemberEntry`; ``plan_changes``: job -> its
+    :class:`PlanChangeEntry` list, in log order.
     """
 
     jobs: dict[str, JobEntry] = field(default_factory=dict)
@@ -217,6 +236,7 @@ class FabricState:
     pools: dict[str, dict[str, int]] = field(default_factory=dict)
     roles: dict[str, RoleEntry] = field(default_factory=dict)
     members: dict[str, MemberEntry] = field(default_factory=dict)
+    plan_changes: dict[str, list[PlanChangeEntry]] = field(default_factory=dict)
     last_term: int = 0
     last_seq: int = 0
 
@@ -257,6 +277,8 @@ class FabricState:
         self.skipped.setdefault(job, set())
         self.progress.setdefault(job, {})
         self.pools.pop(job, None)  # a (re)submitted job starts from its spec's pool sizes
+        if not d.extra.get("keep_plan_changes"):
+            self.plan_changes.pop(job, None)
 
     def _apply_job_cancelled(self, rec: Record, d: R.JobCancelled) -> None:
         entry = self._active_job(rec, d.job)
@@ -323,10 +345,21 @@ class FabricState:
             raise StateError(f"record seq {rec.seq} (role_released): role {d.role_id!r} is not assigned")
         del self.roles[d.role_id]
 
+    def _apply_plan_changed(self, rec: Record, d: R.PlanChange) -> None:
+        self._active_job(rec, d.job)
+        if d.term != rec.term:
+            raise StateError(f"record seq {rec.seq} (plan_changed): term = {d.term} is not the record's term "
+                             f"{rec.term}")
+        self.plan_changes.setdefault(d.job, []).append(PlanChangeEntry(change=d, seq=rec.seq))
+
     def _apply_member_seen(self, rec: Record, d: R.MemberSeen) -> None:
         self.members[d.node] = MemberEntry(endpoint=d.endpoint, term=rec.term)
 
     # -- queries --------------------------------------------------------------------------
+
+    def committed_plan_changes(self, job: str, commit_seq: int) -> tuple[R.PlanChange, ...]:
+        """``job``'s plan changes whose records are committed (seq <= ``commit_seq``), in log order."""
+        return tuple(e.change for e in self.plan_changes.get(job, ()) if e.seq <= commit_seq)
 
     def is_active(self, job: str) -> bool:
         """Whether ``job`` is submitted and not cancelled."""
@@ -371,6 +404,8 @@ class FabricState:
             "pools": {k: dict(sorted(self.pools[k].items())) for k in sorted(self.pools)},
             "roles": {k: msgspec.to_builtins(self.roles[k]) for k in sorted(self.roles)},
             "members": {k: msgspec.to_builtins(self.members[k]) for k in sorted(self.members)},
+            **({"plan_changes": {k: msgspec.to_builtins(self.plan_changes[k]) for k in sorted(self.plan_changes)}}
+               if self.plan_changes else {}),
         }
 
     @classmethod
@@ -394,6 +429,7 @@ class FabricState:
             pools=snap.pools,
             roles=snap.roles,
             members=snap.members,
+            plan_changes={k: list(v) for k, v in snap.plan_changes.items()},
             last_term=snap.last_term,
             last_seq=snap.last_seq,
         )

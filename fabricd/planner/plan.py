@@ -105,7 +105,13 @@ class Planner:
     micro-batch packing.
 
     Promises: ``plan(step, dp_size)`` is a pure function of the constructor inputs and its
-    arguments. Without composition the multiset of units of a step does not depend on
+    arguments.
+
+    A planner may plan one *segment* of a job's steps, ``[start_step, end_step)`` (a plan change
+    starts a new segment; see :mod:`fabricd.planner.segments`): its mixture schedule is then read
+    in steps from ``start_step``, its sources' draws continue from ``start_draws``, and its
+    composition windows start at ``start_step`` and stop at ``end_step`` (the last one shorter),
+    so no window mixes two segments' units. Without composition the multiset of units of a step does not depend on
     ``dp_size``; with ``compose = "outliers"`` it depends on the composition DP size of the step's
     window (``dp_history``, or ``dp_size`` when no history is given), never on call order.
     """
@@ -124,6 +130,10 @@ class Planner:
         max_delay_steps: int = 0,
         size_by_tokens: bool = False,
         dp_history: Sequence[tuple[int, int]] = (),
+        start_step: int = 0,
+        end_step: int | None = None,
+        start_draws: Sequence[int] = (),
+        source_keys: Sequence[int] = (),
     ) -> None:
         if compose not in COMPOSE_MODES:
             raise ValueError(f"unknown compose mode {compose!r}; expected one of {list(COMPOSE_MODES)}")
@@ -135,6 +145,10 @@ class Planner:
         self.window = int(max_delay_steps) + 1 if compose != "none" else 1
         self.size_by_tokens = bool(size_by_tokens)
         self.dp_history = history
+        self.start_step = int(start_step)
+        self.end_step = None if end_step is None else int(end_step)
+        if self.start_step < 0 or (self.end_step is not None and self.end_step <= self.start_step):
+            raise ValueError(f"a plan segment needs 0 <= start_step < end_step, got [{start_step}, {end_step})")
         self._windows: OrderedDict[tuple[int, int], list[np.ndarray]] = OrderedDict()
         self._window_lock = threading.Lock()
         if method not in BALANCERS:
@@ -160,7 +174,8 @@ class Planner:
         self._seq_to_planner = np.asarray([by_name[n] for n in schedule.sources], dtype=np.int32)
         ordered = [self.sources[i] for i in self._seq_to_planner]
         self.sequence = GlobalSequence(
-            seed=seed, samples_per_step=samples_per_step, schedule=schedule, source_sizes=[len(s) for s in ordered]
+            seed=seed, samples_per_step=samples_per_step, schedule=schedule, source_sizes=[len(s) for s in ordered],
+            start_draws=start_draws, source_keys=source_keys,
         )
         self.cost = cost
         self.method = method
@@ -188,7 +203,7 @@ class Planner:
                 f"samples_per_step {self.samples_per_step} < dp_size {dp}: some DP rank would get no data"
             )
         if self.compose == "none":
-            src, unit = self.sequence.step_units(step)
+            src, unit = self.sequence.step_units(self._local(step))
             row = self._offsets[src] + unit
         else:
             row = self.composed_rows(step, dp)
@@ -214,6 +229,26 @@ class Planner:
             num_micro=np.maximum(num_micro, 1).astype(np.int32, copy=False),
         )
 
+    # the segmented planner's interface (fabricd.planner.segments), for a planner of one segment
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """The steps its segments start at: just its own start."""
+        return (self.start_step,)
+
+    def segment(self, step: int) -> "Planner":
+        return self
+
+    def sources_at(self, step: int) -> tuple[SourceUnits, ...]:
+        """The units the sources have at ``step``: the same at every step."""
+        return self.sources
+
+    def _local(self, step: int) -> int:
+        """``step`` counted from the segment's start; PlanError for a step outside the segment."""
+        step = self.sequence._check_step(step)
+        if step < self.start_step or (self.end_step is not None and step >= self.end_step):
+            raise PlanError(f"step {step} is outside this plan segment [{self.start_step}, {self.end_step})")
+        return step - self.start_step
+
     def _cost(self, row: np.ndarray) -> np.ndarray:
         vision = (self._patches[row], self._patches_sq[row]) if self._patches is not None else (None, None)
         return self.cost(self._tokens[row], self._images[row], *vision)
@@ -222,13 +257,14 @@ class Planner:
         """The DP size the window of ``step`` is composed for (``dp_size`` without a history)."""
         if not self.dp_history:
             return int(dp_size)
-        return composition_dp(self.dp_history, (int(step) // self.window) * self.window)
+        local = int(step) - self.start_step
+        return composition_dp(self.dp_history, self.start_step + (local // self.window) * self.window)
 
     def composed_rows(self, step: int, dp_size: int) -> np.ndarray:
         """Global unit rows of ``step`` under composition, in draw order (see
         :mod:`fabricd.planner.compose`); the window is composed once and kept."""
-        step = self.sequence._check_step(step)
-        k = step // self.window
+        local = self._local(step)
+        k = local // self.window
         cdp = self.composition_dp(step, dp_size)
         with self._window_lock:
             parts = self._windows.get((k, cdp))
@@ -239,12 +275,14 @@ class Planner:
                     self._windows.popitem(last=False)
             else:
                 self._windows.move_to_end((k, cdp))
-        return parts[step - k * self.window]
+        return parts[local - k * self.window]
 
     def _compose(self, k: int, dp: int) -> list[np.ndarray]:
         W = self.window
+        if self.end_step is not None:  # the segment's last window ends with the segment
+            W = min(W, self.end_step - self.start_step - k * self.window)
         rows = []
-        for s in range(k * W, (k + 1) * W):
+        for s in range(k * self.window, k * self.window + W):
             src, unit = self.sequence.step_units(s)
             rows.append(self._offsets[src] + unit)
         row = np.concatenate(rows)

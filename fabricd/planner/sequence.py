@@ -146,6 +146,8 @@ class GlobalSequence:
         samples_per_step: int,
         schedule: MixtureSchedule,
         source_sizes: Sequence[int],
+        start_draws: Sequence[int] = (),
+        source_keys: Sequence[int] = (),
     ) -> None:
         if isinstance(samples_per_step, bool) or int(samples_per_step) != samples_per_step or int(samples_per_step) < 1:
             raise ValueError(f"samples_per_step must be an integer >= 1, got {samples_per_step!r}")
@@ -164,6 +166,15 @@ class GlobalSequence:
         self.samples_per_step = int(samples_per_step)
         self.schedule = schedule
         self.source_sizes = sizes
+        # a plan segment continues each source's draws where the previous segment left them
+        # (sampling without replacement across a plan change); the permutation of source j is
+        # keyed by source_keys[j] (default j: a source whose units changed gets a fresh key)
+        self.start_draws = np.asarray([int(x) for x in start_draws] or [0] * sizes.size, dtype=np.int64)
+        self.source_keys = tuple(int(k) for k in source_keys) or tuple(range(sizes.size))
+        if self.start_draws.shape != sizes.shape or len(self.source_keys) != sizes.size \
+                or (self.start_draws.size and int(self.start_draws.min()) < 0):
+            raise ValueError(f"start_draws {self.start_draws.tolist()!r} and source_keys {self.source_keys!r} need "
+                             f"one entry (>= 0) per source ({sizes.size})")
         self._allot = Allotment(seed=self.seed, samples_per_step=self.samples_per_step, schedule=schedule)
 
     @property
@@ -187,7 +198,7 @@ class GlobalSequence:
         return step
 
     def _cursor(self, step: int) -> np.ndarray:
-        return np.asarray(self._allot.cursor(step), dtype=np.int64)
+        return self.start_draws + np.asarray(self._allot.cursor(step), dtype=np.int64)
 
     def counts(self, step: int) -> np.ndarray:
         """int64[J]: units drawn from each source at ``step``; sums to samples_per_step."""
@@ -195,7 +206,7 @@ class GlobalSequence:
         return self._cursor(step + 1) - self._cursor(step)
 
     def cursor(self, step: int) -> np.ndarray:
-        """int64[J]: units drawn from each source in steps [0, step)."""
+        """int64[J]: units drawn from each source in steps [0, step) (plus ``start_draws``)."""
         return self._cursor(self._check_step(step))
 
     def epoch(self, step: int) -> np.ndarray:
@@ -218,7 +229,7 @@ class GlobalSequence:
                 raise PlanError(f"source {self.schedule.sources[j]!r} drawn at step {step} but has 0 units")
             draws = int(start[j]) + np.arange(cnt, dtype=np.int64)
             unit[offset : offset + cnt] = feistel_permute(
-                draws % size, size, seed=self.seed, source=int(j), epoch=draws // size
+                draws % size, size, seed=self.seed, source=self.source_keys[j], epoch=draws // size
             )
             offset += cnt
         return src, unit

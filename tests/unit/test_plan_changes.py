@@ -1,0 +1,232 @@
+"""Plan changes at runtime: parsing, validation against the spec, and segment planning that loses
+and repeats nothing (per-source sampling without replacement continues across a change, with and
+without composition)."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from fabricd.cluster.records import PlanChange, check_data
+from fabricd.config import load_job_spec
+from fabricd.errors import ConfigError
+from fabricd.job import build_planner, open_sources
+from fabricd.plan_changes import apply_change, make_change, parse_point, parse_set, plan_segments
+from fabricd.planner.segments import SegmentedPlanner, first_changeable, window_bounds
+from fabricd.planner.sequence import feistel_permute
+
+from ..conftest import write_job
+
+pytestmark = pytest.mark.unit
+
+@pytest.fixture(scope="module")
+def specs(tiny_corpus, tmp_path_factory):
+    d = tmp_path_factory.mktemp("plan-changes")
+    plain = load_job_spec(write_job(d / "plain.toml", tiny_corpus, name="plain", dp_size=2, samples_per_step=16))
+    text = (d / "plain.toml").read_text().replace('compression = "lz4"',
+                                                    'compression = "lz4"\ncompose = "outliers"\nmax_delay_steps = 3')
+    (d / "composed.toml").write_text(text.replace('name = "plain"', 'name = "composed"'))
+    composed = load_job_spec(d / "composed.toml")
+    return {"plain": plain, "composed": composed, "indexes": open_sources(plain)}
+
+
+def units_by_source(planner, steps, dp=2):
+    got = collections.defaultdict(list)
+    names = [s.name for s in planner.sources]
+    for s in steps:
+        p = planner.plan(s, dp)
+        for src, sid, piece in zip(p.source.tolist(), p.sample_id.tolist(), p.piece.tolist()):
+            got[names[src]].append((sid, piece))
+    return got
+
+
+def first_draws(planner, name, count):
+    """The units of the first ``count`` draws of source ``name`` in the unchanged job's sequence."""
+    seq = planner.sequence
+    j = list(seq.schedule.sources).index(name)
+    units = next(u for u in planner.sources if u.name == name)
+    n = len(units)
+    k = np.arange(count, dtype=np.int64)
+    idx = feistel_permute(k % n, n, seed=seq.seed, source=j, epoch=k // n)
+    return sorted(zip(units.sample_id[idx].tolist(), units.piece[idx].tolist()))
+
+
+# -- parsing and validation -------------------------------------------------------------------
+
+
+def test_parse_set_and_point_read_toml_values_or_bare_strings():
+    assert parse_set("mixture.weights.code=0.3").value == 0.3
+    assert parse_set("mixture.kind=piecewise").value == "piecewise"
+    assert parse_set("buckets.long.max_seq_len = 16384").value == 16384
+    p = parse_point("step=500,weights={code=0.5,ocr=1}")
+    assert p.step == 500 and p.weights == {"code": 0.5, "ocr": 1.0}
+    for bad in ("mixture.weights.code", "=3", "x="):
+        with pytest.raises(ConfigError, match="PATH=VALUE"):
+            parse_set(bad)
+    for bad in ("step=5", "step=5,weights={a='x'}", "weights={a=1}", "step=-1,weights={a=1}"):
+        with pytest.raises(ConfigError, match="--add-point"):
+            parse_point(bad)
+
+
+def test_plan_change_is_a_typed_record():
+    change = make_change("plain", 12, ["mixture.weights.code=0.5"], ["step=20,weights={ocr=1}"],
+                         origin="online:odm", term=3)
+    data = {"job": "plain", "at_step": 12, "sets": [{"path": "mixture.weights.code", "value": 0.5}],
+            "points": [{"step": 20, "weights": {"ocr": 1.0}}], "origin": "online:odm", "term": 3}
+    assert check_data("plan_changed", data) == change
+    with pytest.raises(ValueError, match="at_step"):
+        check_data("plan_changed", {**data, "at_step": -1})
+
+
+def test_weight_share_is_a_fraction_of_the_mix_and_others_keep_their_proportions(specs):
+    spec = specs["plain"]
+    new = apply_change(spec, make_change("plain", 10, ["mixture.weights.code=0.5"]))
+    assert new.mixture.kind == "linear"
+    step, weights = new.mixture.points[-1]
+    w = dict(weights)
+    assert step == 10 and w["code"] == 0.5
+    # after step 4 the spec holds captions 0.2, interleaved 0.2, longdocs 0.3, code 0.2, ocr 0.1
+    assert w["longdocs"] == pytest.approx(0.3 * 0.5 / 0.8) and w["ocr"] == pytest.approx(0.1 * 0.5 / 0.8)
+    assert new.mixture.points[:2] == spec.mixture.points  # the points before stay
+
+
+def test_changes_are_validated_like_a_submitted_spec(specs):
+    spec = specs["plain"]
+    cases = [
+        (["batch.samples_per_step=3"], "cannot be changed at runtime; changeable: mixture.weights.SOURCE"),
+        (["mixture.weights.nope=0.5"], "not a source of this job"),
+        (["mixture.weights.code=2"], r"share of the mix in \[0, 1\]"),
+        (["mixture.weights.code=0.7", "mixture.weights.ocr=0.6"], "sum to 1.3 > 1"),
+        (["mixture.kind=cubic"], "expected one of constant, piecewise, linear"),
+        (["buckets.long.max_seq_len=65536"], "exceeds batch.micro_batch_tokens"),
+        (["buckets.long.max_seq_len=1"], "must be >= 2"),
+        (["buckets.nope.max_seq_len=128"], "no bucket named 'nope'"),
+        ([], "nothing to change"),
+    ]
+    for sets, reason in cases:
+        with pytest.raises(ConfigError, match=reason) as e:
+            apply_change(spec, make_change("plain", 10, sets))
+        assert str(e.value).startswith("plan change at step 10: ")
+    with pytest.raises(ConfigError, match="at or after the change's step 10"):
+        apply_change(spec, make_change("plain", 10, points=["step=5,weights={code=1}"]))
+
+
+def test_constant_from_a_step_holds_the_weights_there(specs):
+    spec = specs["plain"]
+    new = apply_change(spec, make_change("plain", 2, ["mixture.kind=constant"]))
+    assert new.mixture.kind == "piecewise" and [s for s, _ in new.mixture.points] == [0, 2]
+    w = dict(new.mixture.points[-1][1])
+    assert w["captions"] == pytest.approx(0.25) and w["longdocs"] == pytest.approx(0.2)  # halfway along the ramp
+
+
+def test_segments_apply_changes_in_step_order(specs):
+    spec = specs["plain"]
+    late = make_change("plain", 20, ["mixture.weights.ocr=0.5"])
+    early = make_change("plain", 10, ["buckets.long.max_seq_len=4096"])
+    segs = plan_segments(spec, [late, early])
+    assert [s.start for s in segs] == [0, 10, 20]
+    assert segs[1].spec.bucket("long").max_seq_len == 4096 and segs[2].spec.bucket("long").max_seq_len == 4096
+    assert dict(segs[2].spec.mixture.points[-1][1])["ocr"] == 0.5
+
+
+# -- segment planning -------------------------------------------------------------------------
+
+
+def test_first_changeable_step_rounds_the_frontier_up_to_a_window_boundary():
+    assert first_changeable((0,), 1, 7) == 7
+    assert first_changeable((0,), 4, 8) == 8 and first_changeable((0,), 4, 9) == 12
+    # a segment at 10 restarts the windows: [8, 10) is its predecessor's last (short) window
+    assert window_bounds((0, 10), 4, 9) == (8, 10) and first_changeable((0, 10), 4, 9) == 10
+    assert first_changeable((0, 10), 4, 11) == 14
+
+
+@pytest.mark.parametrize("kind", ["plain", "composed"])
+def test_a_weights_change_loses_and_repeats_nothing(specs, kind):
+    spec, indexes = specs[kind], specs["indexes"]
+    base = build_planner(spec, indexes)
+    at, end = 9, 30
+    change = make_change(spec.name, at, ["mixture.weights.code=0.6"])
+    planner = build_planner(spec, indexes, plan_changes=[change])
+    assert isinstance(planner, SegmentedPlanner) and planner.starts == (0, at)
+    for s in range(at):  # the steps before the change are exactly the unchanged plan's
+        a, b = base.plan(s, 2), planner.plan(s, 2)
+        assert np.array_equal(a.sample_id, b.sample_id) and np.array_equal(a.rank, b.rank), s
+    got = units_by_source(planner, range(end))
+    counts = {n: len(v) for n, v in got.items()}
+    assert sum(counts.values()) == end * 16
+    for name, units in got.items():
+        # the units are the source's first draws of the one sequence: nothing lost, nothing repeated
+        assert sorted(units) == first_draws(base, name, len(units)), name
+        size = len(next(u for u in base.sources if u.name == name))
+        if len(units) <= size:
+            assert len(set(units)) == len(units), name
+    after = units_by_source(planner, range(at, end))
+    share = len(after["code"]) / ((end - at) * 16)
+    assert share == pytest.approx(0.6, abs=0.02)  # composition keeps the mix exact over a window
+    before = units_by_source(base, range(at, end))
+    assert len(before["code"]) / ((end - at) * 16) < 0.3
+
+
+def test_composed_windows_restart_at_a_change_and_stay_within_their_segment(specs):
+    spec, indexes = specs["composed"], specs["indexes"]
+    at = 10  # not a window boundary of the unchanged grid (windows of 4: [8, 12))
+    planner = build_planner(spec, indexes, plan_changes=[make_change(spec.name, at, ["mixture.weights.ocr=0.5"])])
+    first, second = planner.planners
+    assert (first.start_step, first.end_step, second.start_step) == (0, at, at)
+    # the units of [8, 10) are the draws of steps 8 and 9, recomposed over a window of two steps
+    drawn = collections.Counter()
+    for s in (8, 9):
+        src, unit = first.sequence.step_units(s)
+        drawn.update(zip((first._offsets[src] + unit).tolist()))
+    composed = collections.Counter()
+    for s in (8, 9):
+        composed.update(zip(first.composed_rows(s, 2).tolist()))
+    assert drawn == composed
+    with pytest.raises(Exception, match="outside this plan segment"):
+        first.plan(at, 2)
+
+
+def test_a_bucket_change_gives_its_sources_new_units_and_a_fresh_shuffle(specs):
+    spec, indexes = specs["plain"], specs["indexes"]
+    at = 6
+    planner = build_planner(spec, indexes, plan_changes=[make_change(spec.name, at, ["buckets.long.max_seq_len=512",
+                                                                                      "buckets.long.long_samples=split"])])
+    after = planner.segment(at)
+    longdocs = next(u for u in after.sources if u.name == "longdocs")
+    assert int(longdocs.tokens.max()) <= 512 and len(longdocs) > len(next(u for u in planner.sources
+                                                                              if u.name == "longdocs"))
+    j = list(after.sequence.schedule.sources).index("longdocs")
+    assert int(after.sequence.start_draws[j]) == 0 and after.sequence.source_keys[j] != j
+    code = list(after.sequence.schedule.sources).index("code")
+    assert after.sequence.source_keys[code] == code and int(after.sequence.start_draws[code]) > 0
+    plan = planner.plan(at + 1, 2)
+    assert int(plan.tokens[plan.source == j].max(initial=0)) <= 512
+
+
+def test_plan_changes_through_the_log_state_survive_a_snapshot():
+    from fabricd.cluster.state import FabricState, Record
+
+    st = FabricState()
+    st.apply(Record(1, 1, "job_submitted", {"job": "j", "spec_toml": "x", "spec_origin": "/x", "fingerprint": "",
+                                            "dp_size": 1}))
+    change = make_change("j", 5, ["mixture.kind=piecewise"], origin="operator:alice", term=1)
+    from msgspec import to_builtins
+    st.apply(Record(1, 2, "plan_changed", to_builtins(change)))
+    assert st.committed_plan_changes("j", 1) == () and st.committed_plan_changes("j", 2) == (change,)
+    again = FabricState.from_snapshot(st.to_snapshot())
+    assert again.committed_plan_changes("j", 2) == (change,) and again.to_snapshot() == st.to_snapshot()
+    with pytest.raises(Exception, match="term = 1 is not the record's term 2"):
+        st.copy().apply(Record(2, 3, "plan_changed", to_builtins(change)))
+    # resubmitting the job drops its changes unless the submission keeps them
+    kept = st.copy()
+    kept.apply(Record(1, 3, "job_cancelled", {"job": "j", "reason": ""}))
+    kept.apply(Record(1, 4, "job_submitted", {"job": "j", "spec_toml": "x", "spec_origin": "/x", "fingerprint": "",
+                                              "dp_size": 2, "extra": {"keep_plan_changes": True}}))
+    assert kept.committed_plan_changes("j", 4) == (change,)
+    st.apply(Record(1, 3, "job_cancelled", {"job": "j", "reason": ""}))
+    st.apply(Record(1, 4, "job_submitted", {"job": "j", "spec_toml": "x", "spec_origin": "/x", "fingerprint": "",
+                                            "dp_size": 1}))
+    assert st.committed_plan_changes("j", 4) == ()
+    assert isinstance(change, PlanChange)
