@@ -124,7 +124,7 @@ def _request(ctx: click.Context, msg: protocol.Message) -> protocol.Message:
         addresses = _address(ctx.obj["address"], ctx.obj["config"]).split(",")
         keys = ClientKeys.load(ctx.obj["key_file"]) if ctx.obj["key_file"] else None
         return request_any(addresses, msg, timeout_s=ctx.obj["timeout"], keys=keys,
-                           leader_only=isinstance(msg, (protocol.SubmitJob, protocol.CancelJob)))
+                           leader_only=isinstance(msg, (protocol.SubmitJob, protocol.CancelJob, protocol.PlanUpdate)))
     except (FabricError, FabricdError, KeysError) as e:
         raise click.ClickException(str(e)) from e
 
@@ -358,3 +358,101 @@ def expect_cmd(job_file: str, steps: str, dp_size: int | None, logs: tuple[str, 
     except FabricdError as e:
         raise click.ClickException(str(e)) from e
 
+
+
+@fabricctl_main.group("plan")
+def plan_group() -> None:
+    """Change a running job's plan from a future step, or preview its steps."""
+
+
+def _steps(steps: str) -> range:
+    try:
+        start, stop = (int(x) for x in steps.split(":"))
+    except ValueError as e:
+        raise click.BadParameter(f"{steps!r} is not START:STOP", param_hint="--steps") from e
+    if not 0 <= start < stop or stop - start > MAX_SHOW_STEPS:
+        raise click.BadParameter(f"{steps!r}: need 0 <= START < STOP, at most {MAX_SHOW_STEPS} steps", param_hint="--steps")
+    return range(start, stop)
+
+
+#: Most steps ``plan show`` plans at once (each is a full plan of the step, computed here).
+MAX_SHOW_STEPS = 4096
+
+_SET_HELP = ("PATH=VALUE, repeatable: mixture.weights.SOURCE=SHARE (a fraction of the mix; the other sources share "
+             "the rest as they did), mixture.kind=constant|piecewise|linear, buckets.NAME.max_seq_len=L, "
+             "buckets.NAME.long_samples=split|truncate.")
+_POINT_HELP = "A mixture point to add at or after --at-step, repeatable: 'step=S,weights={a=1,b=3}'."
+
+
+@plan_group.command("update")
+@click.argument("job")
+@click.option("--at-step", "at_step", type=int, required=True, help="The step the change takes effect at, for every rank.")
+@click.option("--set", "sets", multiple=True, help=_SET_HELP)
+@click.option("--add-point", "points", multiple=True, help=_POINT_HELP)
+@click.pass_context
+def plan_update_cmd(ctx: click.Context, job: str, at_step: int, sets: tuple[str, ...], points: tuple[str, ...]) -> None:
+    """Change JOB's plan from step --at-step on (recorded in the log; refused for a step already
+    planned or delivered, naming the first step still changeable). Preview it first with
+    `fabricctl plan show JOB --steps A:B --at-step N --set ...`."""
+    from .plan_changes import make_change
+
+    try:
+        make_change(job, at_step, sets, points)  # a typo is refused here, before asking the leader
+    except FabricdError as e:
+        raise click.ClickException(str(e)) from e
+    reply = _request(ctx, protocol.PlanUpdate(job=job, at_step=at_step, sets=list(sets), points=list(points)))
+    click.echo(f"job {reply.job}: plan change recorded (log seq {reply.seq}, term {reply.term}): {reply.change}")
+    click.echo(f"  in effect from step {reply.at_step} for every rank; the first step still changeable was "
+               f"{reply.frontier}", err=True)
+
+
+@plan_group.command("show")
+@click.argument("job")
+@click.option("--steps", default="0:10", show_default=True, help="Step range START:STOP (STOP excluded).")
+@click.option("--dp-size", type=int, default=None, help="DP world size (default: the job's).")
+@click.option("--at-step", "at_step", type=int, default=None, help="Preview a change from this step (not applied).")
+@click.option("--set", "sets", multiple=True, help="With --at-step: " + _SET_HELP)
+@click.option("--add-point", "points", multiple=True, help="With --at-step: " + _POINT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per step.")
+@click.pass_context
+def plan_show_cmd(ctx: click.Context, job: str, steps: str, dp_size: int | None, at_step: int | None,
+                  sets: tuple[str, ...], points: tuple[str, ...], as_json: bool) -> None:
+    """Dry run: JOB's predicted per-source mix, tokens and balance (max/mean and its lower bound)
+    over --steps, under the plan in effect (the spec and the log's changes), computed here from
+    the sources' indexes. With --at-step and --set/--add-point: as it would be with that change."""
+    import msgspec
+
+    from .cluster.records import PlanChange
+    from .config import parse_job_spec
+    from .job import build_planner, open_sources
+    from .plan_changes import describe_change, make_change
+    from .plan_preview import format_summaries, summarize
+
+    if (sets or points) and at_step is None:
+        raise click.UsageError("--set and --add-point preview a change: give its --at-step too")
+    window = _steps(steps)
+    reply = _request(ctx, protocol.PlanShowRequest(job=job))
+    try:
+        spec = parse_job_spec(reply.spec_toml, reply.spec_origin)
+        changes = [msgspec.convert(c, PlanChange) for c in reply.changes]
+        preview = [make_change(job, at_step, sets, points, origin="preview")] if at_step is not None else []
+        if preview and at_step < reply.frontier:
+            click.echo(f"note: step {at_step} is before the first step still changeable ({reply.frontier}); "
+                       "`plan update` would refuse it", err=True)
+        planner = build_planner(spec, open_sources(spec, progress=sys.stderr.isatty()),
+                                [tuple(x) for x in reply.dp_history], [*changes, *preview])
+        names = [s.name for s in planner.sources]
+        rows = [summarize(planner.plan(s, dp_size or spec.topology.dp_size), names) for s in window]
+    except FabricdError as e:
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r.to_dict()))
+        return
+    click.echo(f"job {job}: {len(changes)} logged plan change(s)"
+               + "".join(f"\n  {describe_change(c)}" for c in changes)
+               + f"\n  first step still changeable: {reply.frontier}")
+    if preview:
+        click.echo(f"PREVIEW (not applied): {describe_change(preview[0])}")
+    for line in format_summaries(rows):
+        click.echo(line)

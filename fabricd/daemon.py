@@ -100,6 +100,7 @@ class Daemon:
         self.declared_hosts: dict[tuple[str, int, int], tuple[str, int]] = {}
         self.hostname = socket.gethostname()
         self.leadership = Leadership(cfg, self.cluster, self.jobs, self.propose)
+        self.current_caller: str | None = None  # the key of the request being handled (see _handle)
         self._skip_tails: dict[str, tuple[object, tuple]] = {}  # job → (key, skip_records answer) past the commit point
         self.reconciler = LocalReconciler(self)
         self.service = ServiceLifecycle(self, notifier)
@@ -188,8 +189,10 @@ class Daemon:
             handler = HANDLERS.get(type(msg))
             if handler is None:
                 raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"the daemon does not serve {msg.TYPE}")
+            # who sent it (``kind:name`` of its key; None on an insecure node), for handlers that record it
+            self.current_caller = self.sockets.caller(frames) if self.ring is not None else None
             if self.ring is not None:
-                self._authorize(msg, self.sockets.caller(frames))
+                self._authorize(msg, self.current_caller)
             reply = handler(self, identity, msg, payload)
             self.reconciler.run()
         except ProtocolError as e:

@@ -26,7 +26,7 @@ from .errors import FabricdError, PlanError, SourceError
 from .images import ImageSpec
 from .planner import CostModel, MixtureSchedule, Planner, build_units
 from .cluster.records import PlanChange
-from .plan_changes import plan_segments
+from .plan_changes import describe_change, plan_segments
 from .planner.compose import check_dp_history
 from .planner.segments import SegmentedPlanner, carry_draws, localize_points
 from .planner.plan import draws_for_tokens
@@ -209,8 +209,13 @@ class JobRuntime:
     """
 
     def __init__(self, spec: JobSpec, *, index_dir: Path, directory: RoleDirectory, record_seq: int = -1,
-                 data_roots: Sequence[Path] | None = None, dp_history: Sequence[tuple[int, int]] = ()) -> None:
+                 data_roots: Sequence[Path] | None = None, dp_history: Sequence[tuple[int, int]] = (),
+                 plan_changes: Sequence[PlanChange] = ()) -> None:
         self.spec = spec
+        # the log's committed plan changes the planner is built with (see update_plan)
+        self.plan_changes: tuple[PlanChange, ...] = tuple(plan_changes)
+        self._replanned: tuple[tuple[PlanChange, ...], Planner | SegmentedPlanner] | None = None
+        self._replanning_from: int | None = None  # steps from here wait for the planner being rebuilt
         # the log's composition DP sizes; none recorded: the spec's dp_size from step 0
         self.dp_history = tuple(dp_history) or ((0, spec.topology.dp_size),)
         self.data_roots = data_roots  # the node's; a source outside them fails the job here
@@ -221,7 +226,7 @@ class JobRuntime:
         self.error: str | None = None
         self.fingerprint = ""
         self.indexes: dict[str, SourceIndex] = {}
-        self.planner: Planner | None = None
+        self.planner: Planner | SegmentedPlanner | None = None
         self.groups = spec.topology.groups()
         self.counters = {"plans_computed": 0, "plan_requests": 0, "skipped_units": 0, "plan_ms_max": 0.0,
                          "plans_over_deadline": 0, "plan_errors": 0, "plans_not_ready": 0}
@@ -245,12 +250,15 @@ class JobRuntime:
             weighted = {name for _, weights in self.spec.mixture.points for name, w in weights if w > 0}
             for name in sorted(weighted, key=[s.name for s in self.spec.sources].index):
                 require_samples(indexes[name])  # the real reason (file, column, type), not "0 units"
-            planner = build_planner(self.spec, indexes, self.dp_history)
+            changes = self.plan_changes
+            planner = build_planner(self.spec, indexes, self.dp_history, changes)
             self.fingerprint = self.spec.fingerprint({n: i.fingerprint for n, i in indexes.items()})
             self.indexes, self.planner = indexes, planner
             log.info("job %s: %d sources indexed in %.1fs (fingerprint %s)", self.spec.name, len(indexes),
                      time.monotonic() - started, self.fingerprint)
             self.state = "ready"
+            if changes != self.plan_changes:  # a change committed while indexing
+                self._replan(self.plan_changes)
         except FabricdError as e:  # the job's data or spec: the message says what is wrong
             log.error("job %s failed: %s", self.spec.name, e)
             self.error = f"{type(e).__name__}: {e}"
@@ -259,6 +267,45 @@ class JobRuntime:
             log.exception("job %s failed to prepare", self.spec.name)
             self.error = f"{type(e).__name__}: {e}"
             self.state = "failed"
+
+    def update_plan(self, changes: Sequence[PlanChange]) -> None:
+        """The log's committed plan changes of this job are now ``changes`` (in log order): plan
+        with them. The planner is rebuilt off the caller's thread; until it is swapped in (by
+        :meth:`plan`, on the daemon's thread), steps from the earliest new change on are not
+        planned (NOT_READY: constructors ask again), and steps before it are planned as before,
+        which they are under the new planner too."""
+        changes = tuple(changes)
+        if changes == self.plan_changes:
+            return
+        new = [c for c in changes if c not in self.plan_changes] or list(changes)
+        start = min(c.at_step for c in new)
+        self._replanning_from = start if self._replanning_from is None else min(start, self._replanning_from)
+        self.plan_changes = changes
+        log.warning("job %s: %d plan change(s) committed, the earliest at step %d; replanning", self.spec.name,
+                    len(new), start)
+        if self.state == "ready":
+            threading.Thread(target=self._replan, args=(changes,), name=f"replan-{self.spec.name}", daemon=True).start()
+
+    def _replan(self, changes: tuple[PlanChange, ...]) -> None:
+        try:
+            planner = build_planner(self.spec, self.indexes, self.dp_history, changes)
+        except Exception as e:  # validated by the leader: a failure here is a bug, surfaced as the job's
+            log.exception("job %s: cannot plan with its committed plan changes", self.spec.name)
+            self.error, self.state = f"plan change: {type(e).__name__}: {e}", "failed"
+            return
+        if changes == self.plan_changes:  # else a newer rebuild is under way
+            self._replanned = (changes, planner)
+
+    def _swap_planner(self) -> None:
+        """Take the rebuilt planner if it is the one for the current changes (daemon thread)."""
+        done = self._replanned
+        if done is None or done[0] != self.plan_changes:
+            return
+        self._replanned, self._replanning_from = None, None
+        self.planner = done[1]
+        if self.plan_worker is not None:  # its cache may hold steps planned the old way
+            self.plan_worker.close()
+            self.plan_worker = None
 
     def constructor_endpoint(self, dp_rank: int, avoid: list[str] = ()) -> tuple[str, bool] | None:
         """The live constructor of ``dp_rank`` not in ``avoid`` — its primary, else its standby —
@@ -296,6 +343,7 @@ class JobRuntime:
         """The requested ranks' rows of one step's plan, never computed here: a step not yet
         planned is NOT_READY at once and the job's plan worker is asked to compute it."""
         self.counters["plan_requests"] += 1
+        self._swap_planner()
         if self.planner is None or self._closed:
             return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason="planner not ready"), ()
         dp_size = self.spec.topology.dp_size
@@ -306,6 +354,9 @@ class JobRuntime:
         if bad is not None:
             return protocol.ErrorReply(code=protocol.ErrorCode.BAD_REQUEST,
                                        reason=f"rank {bad!r} outside dp_size {dp_size}"), ()
+        if self._replanning_from is not None and req.step >= self._replanning_from:
+            self.counters["plans_not_ready"] += 1
+            return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=f"step {req.step} is being planned"), ()
         if self.plan_worker is None:
             self.plan_worker = PlanWorker(self.planner, dp_size, name=self.spec.name, cache_steps=PLAN_CACHE_STEPS,
                                           ahead_steps=PLAN_AHEAD_STEPS, queue_steps=PLAN_QUEUE_STEPS,
@@ -385,6 +436,8 @@ class JobRuntime:
             "counters": dict(self.counters),
             "planning": None if self.plan_worker is None else self.plan_worker.status(),
             "recent_skips": list(self.skips),
+            "plan_changes": [{"at_step": c.at_step, "change": describe_change(c), "origin": c.origin, "term": c.term}
+                             for c in self.plan_changes],
             "defaults_applied": list(self.spec.defaults_applied),
             "composition": None if self.spec.batch.compose == "none" else {
                 "mode": self.spec.batch.compose, "max_delay_steps": self.spec.batch.max_delay_steps,

@@ -14,6 +14,9 @@
   more are released.
 - Trainer progress, as the constructors report it, is recorded every ``PROGRESS_EVERY_S``: one
   ``job_progress`` record per job (a floor and the ranks far ahead of it, see ``cluster.progress``).
+- Plan changes (``fabricctl plan update``, or an online mixing policy running in the leader) go
+  through one entry point, :meth:`Leadership.propose_plan_change`: checked (``plan_control``),
+  then recorded as a ``plan_changed`` record stamped with this leader's term.
 
 Nothing here touches a socket: decisions go through ``propose`` (the daemon's: append to the
 checkpoint log and replicate), and the replicated state is where they take effect.
@@ -22,8 +25,11 @@ checkpoint log and replicate), and the replicated state is where they take effec
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+
+import msgspec
 
 import numpy as np
 
@@ -37,6 +43,7 @@ from .cluster.autoscale import (
     weights_now_and_ahead,
 )
 from .cluster.controller import ClusterController
+from .cluster.records import PlanChange
 from .cluster.progress import progress_record
 from .cluster.placement import (
     MEMORY_GUARD_PERCENT,
@@ -48,6 +55,8 @@ from .cluster.placement import (
 )
 from .config import NodeConfig
 from .job import JobRuntime
+from .plan_changes import describe_change
+from .plan_control import PlanChangeRefused, check_plan_change
 
 __all__ = ["PROGRESS_EVERY_S", "MAX_PENDING_SKIPS", "Leadership"]
 
@@ -70,7 +79,8 @@ class Leadership:
         self.pending_skips: list[dict] = []  # skip reports received while leader, not yet recorded
         # the same reports by (job, step) → (source, sample_id, piece): what plan replies name pending
         self._pending_units: dict[tuple, set[tuple]] = {}
-        self.counters = {"skips_invalid": 0, "skips_overflowed": 0, "skips_recorded": 0, "skips_refused_delivered": 0}
+        self.counters = {"skips_invalid": 0, "skips_overflowed": 0, "skips_recorded": 0, "skips_refused_delivered": 0,
+                         "plan_changes_recorded": 0, "plan_changes_refused": 0}
         self._next_progress = 0.0
         self._next_autoscale = 0.0
         self._next_placement = 0.0
@@ -112,6 +122,44 @@ class Leadership:
         self.pending_skips.append(report)
         self._pending_units.setdefault(at, set()).add(unit)
         return True
+
+    def propose_plan_change(self, job_id: str, change: PlanChange, *, origin: str,
+                            now: float | None = None) -> PlanChange | PlanChangeRefused:
+        """Validate ``change`` of ``job_id``'s plan and record it: the one way a plan changes.
+
+        Returns the record as logged (``job`` = ``job_id``, ``origin``, ``term`` = this leader's
+        term), in effect from ``change.at_step`` on for every rank once committed; or a
+        :class:`~fabricd.plan_control.PlanChangeRefused` (``code`` ``not_leader``,
+        ``unknown_job``, ``not_ready``, ``too_late`` with the first changeable step in
+        ``frontier``, or ``invalid`` naming the key and value). Call it on the daemon's loop thread
+        (it reads the replicated state and appends to the log); it builds the job's planner once
+        to check the change, so it costs about a planner build, never a wait on the network.
+        """
+        now = time.monotonic() if now is None else now
+        if not self.cluster.is_leader(now):
+            return self._refused(PlanChangeRefused("not_leader", f"{self.cfg.node_id} is not the leader; leader: "
+                                                                 f"{self.cluster.leader or 'unknown'}"))
+        change = msgspec.structs.replace(change, job=job_id, origin=origin, term=self.cluster.term)
+        _, refused = check_plan_change(self.cluster.state, self.jobs.get(job_id), change,
+                                       self.trainer_positions(job_id))
+        if refused is not None:
+            return self._refused(refused)
+        if not self.propose([("plan_changed", msgspec.to_builtins(change))], now):
+            return self._refused(PlanChangeRefused("not_leader", "the change could not be recorded (lost the lease, "
+                                                                 "or the log refused it; see the daemon log)"))
+        self.counters["plan_changes_recorded"] += 1
+        log.warning("job %s: plan change recorded %s", job_id, describe_change(change))
+        return change
+
+    def _refused(self, refused: PlanChangeRefused) -> PlanChangeRefused:
+        self.counters["plan_changes_refused"] += 1
+        log.info("plan change refused (%s): %s", refused.code, refused.reason)
+        return refused
+
+    def trainer_positions(self, job: str) -> dict[tuple[int, int], int]:
+        """(dp, mp) → the furthest step a trainer of ``job`` is known to be at, from the
+        constructors' heartbeats (not yet recorded progress included)."""
+        return self._trainer_positions().get(job, {})
 
     def pending_units(self, job: str, step: int) -> set[tuple[str, int, int]]:
         """``(source, sample_id, piece)`` of ``job``'s reports for ``step`` waiting to be appended."""
@@ -183,7 +231,7 @@ class Leadership:
             return "fields of the wrong type"
         if not 0 <= r["step"] <= MAX_STEP:
             return f"step {r['step']} outside [0, {MAX_STEP}]"
-        units = next((u for u in job.planner.sources if u.name == r["source"]), None)
+        units = next((u for u in job.planner.sources_at(r["step"]) if u.name == r["source"]), None)
         if units is None:
             return f"job {r['job']!r} has no source {r['source']!r}"
         samples = job.indexes[r["source"]].num_samples

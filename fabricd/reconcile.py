@@ -1,7 +1,8 @@
 """Local jobs and role processes follow the replicated state, level-triggered.
 
 Every active job in the state has a :class:`~fabricd.job.JobRuntime` on this daemon (indexes,
-planner), started once its ``job_submitted`` record is committed; a cancelled or resubmitted job's
+planner), started once its ``job_submitted`` record is committed, and planning with the job's
+committed ``plan_changed`` records (an uncommitted one may still be truncated by a new leader); a cancelled or resubmitted job's
 runtime is dropped at once. Every role the state assigns to this node runs as a supervised child,
 started on a committed record; a role no longer assigned here is stopped at once (stopping early
 costs only a pause). Cheap when nothing changed: it acts only when the log position moves.
@@ -55,6 +56,7 @@ class LocalReconciler:
                 d.jobs.pop(name).close()  # stops its plan worker
         for name, entry in active.items():
             if name in d.jobs:
+                d.jobs[name].update_plan(d.cluster.state.committed_plan_changes(name, commit))
                 continue
             path = d.jobs_dir / f"{name}.toml"
             path.write_text(entry.spec_toml, encoding="utf-8")
@@ -64,7 +66,8 @@ class LocalReconciler:
                 log.error("job %s cannot run on this node: %s", name, e)
                 continue
             d.jobs[name] = JobRuntime(spec, index_dir=d.index_dir, directory=d, record_seq=entry.seq,
-                                      data_roots=d.cfg.data_roots, dp_history=dp_history_of(entry.extra))
+                                      data_roots=d.cfg.data_roots, dp_history=dp_history_of(entry.extra),
+                                      plan_changes=d.cluster.state.committed_plan_changes(name, commit))
 
     def _roles(self, commit: int) -> None:
         d = self.daemon

@@ -54,6 +54,10 @@ __all__ = [
     "SubmitJob",
     "JobAccepted",
     "CancelJob",
+    "PlanUpdate",
+    "PlanUpdated",
+    "PlanShowRequest",
+    "PlanShowReply",
     "StatusRequest",
     "StatusReply",
     "Locate",
@@ -271,6 +275,51 @@ class JobAccepted(Message, tag="job_accepted"):
 
 class CancelJob(Message, tag="cancel_job"):
     job: Name
+
+
+class PlanUpdate(Message, tag="plan_update"):
+    """Change a running job's plan from ``at_step`` on, for every rank (``fabricctl plan update``;
+    leader only). ``sets``: ``PATH=VALUE`` strings, ``points``: ``step=S,weights={...}`` strings,
+    parsed and validated by the leader against the job spec. Reply ``PlanUpdated``, or
+    ``ErrorReply``: ``invalid_spec`` (the change does not apply), ``bad_request`` (``at_step`` is
+    planned or delivered already: the reason names the first step still changeable),
+    ``unknown_job``, ``not_ready``, ``not_leader``."""
+
+    job: Name
+    at_step: Step
+    sets: Bounded(Text, 64) = []
+    points: Bounded(Text, 64) = []
+
+
+class PlanUpdated(Message, tag="plan_updated"):
+    """The change is recorded (``seq`` in the log, by the leader of ``term``); ``frontier``: the
+    first step that was still changeable; ``change``: what it does, in words."""
+
+    job: Name
+    at_step: Step
+    seq: Count
+    term: Count
+    frontier: NextStep
+    change: Text
+
+
+class PlanShowRequest(Message, tag="plan_show"):
+    """What a job's plan is made of (``fabricctl plan show``): reply ``PlanShowReply``."""
+
+    job: Name
+
+
+class PlanShowReply(Message, tag="plan_show_reply"):
+    """The job's spec, its DP-size history and its logged plan changes (``plan_changed`` record
+    data, in log order), and the first step still changeable as this daemon knows it: what an
+    offline planner needs to predict the job's steps."""
+
+    job: Name
+    spec_toml: SpecText
+    spec_origin: SpecText
+    dp_history: Bounded(tuple[Step, DpSize], 4096) = []
+    changes: Bounded(dict[str, Any], 4096) = []
+    frontier: NextStep = 0
 
 
 class StatusRequest(Message, tag="status"):

@@ -26,7 +26,7 @@ from typing import Any
 from fabric_client.limits import MAX_STEP
 from fabricd.cluster.state import MAX_PROGRESS_AHEAD, FabricState
 
-__all__ = ["MIN_GAIN", "progress_record"]
+__all__ = ["MIN_GAIN", "delivered_frontier", "progress_record"]
 
 #: Steps a rank must be ahead of what is recorded for it to be listed on its own: ranks one step
 #: apart (reports of different heartbeat phases) are the steady state, covered by the floor.
@@ -69,6 +69,15 @@ def progress_record(state: FabricState, job: str, reported: Mapping[tuple[int, i
     if new_floor == floor and not ahead:
         return None
     return {"job": job, "floor": new_floor, "ahead": ahead}
+
+
+def delivered_frontier(state: FabricState, job: str, live: Mapping[tuple[int, int], int], prefetch: int) -> int:
+    """The first step no trainer of ``job`` can have received and no constructor built: the
+    furthest step any rank is known to be at (recorded progress, or ``live`` reports from the
+    constructors' heartbeats), plus the ``prefetch`` steps a constructor builds ahead of it, plus
+    one. Steps before it are fixed; a DP-size change or a plan change takes effect at or after it."""
+    reached = max([state.progress_floor.get(job, 0), *state.progress.get(job, {}).values(), *live.values()])
+    return reached + int(prefetch) + 1
 
 
 def _rank(key: str) -> tuple[int, int] | None:

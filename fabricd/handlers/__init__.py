@@ -6,6 +6,7 @@ reply, grouped by who sends it:
 
 - :mod:`.trainers`: ``Hello``, ``Ping``, ``Locate`` (trainers, and anyone checking liveness);
 - :mod:`.operators`: ``SubmitJob``, ``CancelJob``, ``StatusRequest`` (``fabricctl``);
+- :mod:`.plans`: ``PlanUpdate``, ``PlanShowRequest`` (``fabricctl plan``);
 - :mod:`.roles`: ``RoleHello``, ``RoleStats``, ``PlanRequest``, ``PoolsRequest``, ``SkipReport``
   (this daemon's role processes);
 - :mod:`.peers`: ``PeerMessage`` (other daemons: lease, replication, heartbeats).
@@ -73,4 +74,4 @@ def caller_kind(who: str, node_id: str) -> str:
     return kind
 
 
-from . import operators, peers, roles, trainers  # noqa: E402,F401  (registers the handlers)
+from . import operators, peers, plans, roles, trainers  # noqa: E402,F401  (registers the handlers)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from fabric_client import protocol
 
 from ..admission import check_submission, is_retry
+from ..cluster.progress import delivered_frontier
 from ..config import describe_defaults, parse_job_spec
 from ..errors import ConfigError
 from ..job import dp_history_of
@@ -56,10 +57,12 @@ def submit(daemon: Daemon, _identity: bytes, msg: protocol.SubmitJob, _payload: 
                     "after it failed" if same else "with a different spec")
         entries += daemon.release_roles(spec.name)
         entries.append(("job_cancelled", {"job": spec.name, "reason": "resubmitted"}))
-    extra = {}
+    extra: dict = {}
     history = _dp_history(daemon, spec, current)
     if history:
         extra["dp_history"] = [list(x) for x in history]
+    if _same_content(spec, current) is not None and daemon.cluster.state.plan_changes.get(spec.name):
+        extra["keep_plan_changes"] = True  # the plan changes logged for this content still hold
     entries.append(("job_submitted", {"job": spec.name, "spec_toml": msg.spec_toml, "spec_origin": spec.file,
                                       "fingerprint": "", "dp_size": spec.topology.dp_size, "extra": extra}))
     if not daemon.propose(entries, now):
@@ -69,25 +72,33 @@ def submit(daemon: Daemon, _identity: bytes, msg: protocol.SubmitJob, _payload: 
     return protocol.JobAccepted(job=spec.name, fingerprint="", state="indexing")
 
 
+def _same_content(spec, current):
+    """The active job ``current``'s spec when ``spec`` decides batch content as it does (a
+    resubmission at another dp_size, or a retry: the job's DP history and plan changes carry
+    over), else None."""
+    if current is None or current.cancelled:
+        return None
+    try:
+        old = parse_job_spec(current.spec_toml, current.spec_origin)
+    except ConfigError:
+        return None
+    return old if old.content_key() == spec.content_key() else None
+
+
 def _dp_history(daemon: Daemon, spec, current) -> tuple[tuple[int, int], ...]:
     """The composition DP-size history to record with a (re)submitted job: empty for a new job or
     new content; for the same content at another dp_size under ``compose = "outliers"``, the old
     history plus the change, at a window boundary past every step the trainers can have reached
     (their recorded progress plus prefetch; see ``extend_dp_history``)."""
-    if current is None or current.cancelled or spec.batch.compose == "none":
-        return ()
-    try:
-        old = parse_job_spec(current.spec_toml, current.spec_origin)
-    except ConfigError:
-        return ()
-    if old.content_key() != spec.content_key():
+    old = _same_content(spec, current)
+    if spec.batch.compose == "none" or old is None:
         return ()
     history = dp_history_of(current.extra) or ((0, current.dp_size),)
     if history[-1][1] == spec.topology.dp_size:
         return history if len(history) > 1 else ()
-    state = daemon.cluster.state
-    reached = max([state.progress_floor.get(spec.name, 0), *state.progress.get(spec.name, {}).values()])
-    new = extend_dp_history(history, new_dp=spec.topology.dp_size, frontier=reached + old.batch.prefetch + 1,
+    frontier = delivered_frontier(daemon.cluster.state, spec.name, daemon.leadership.trainer_positions(spec.name),
+                                  max(old.batch.prefetch, spec.batch.prefetch))
+    new = extend_dp_history(history, new_dp=spec.topology.dp_size, frontier=frontier,
                             window=spec.batch.max_delay_steps + 1)
     log.warning("job %s: dp_size %d -> %d; composition changes at step %d (recorded: %s)", spec.name,
                 history[-1][1], spec.topology.dp_size, new[-1][0], new)
