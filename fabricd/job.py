@@ -26,7 +26,7 @@ from .errors import FabricdError, PlanError, SourceError
 from .images import ImageSpec
 from .planner import CostModel, MixtureSchedule, Planner, build_units
 from .cluster.records import PlanChange
-from .plan_changes import describe_change, plan_segments
+from .plan_changes import describe_change, plan_segments, spec_at
 from .planner.compose import check_dp_history
 from .planner.segments import SegmentedPlanner, carry_draws, localize_points
 from .planner.plan import draws_for_tokens
@@ -216,6 +216,7 @@ class JobRuntime:
         self.plan_changes: tuple[PlanChange, ...] = tuple(plan_changes)
         self._replanned: tuple[tuple[PlanChange, ...], Planner | SegmentedPlanner] | None = None
         self._replanning_from: int | None = None  # steps from here wait for the planner being rebuilt
+        self._segments_of: tuple[tuple[PlanChange, ...], tuple] | None = None
         # the log's composition DP sizes; none recorded: the spec's dp_size from step 0
         self.dp_history = tuple(dp_history) or ((0, spec.topology.dp_size),)
         self.data_roots = data_roots  # the node's; a source outside them fails the job here
@@ -374,8 +375,28 @@ class JobRuntime:
         reply = protocol.PlanReply(job=self.spec.name, step=req.step, dp_size=plan.dp_size, rows=len(part.rank),
                                    columns=[n for n, _ in PLAN_COLUMNS], dtypes=[d for _, d in PLAN_COLUMNS],
                                    num_micro=[int(plan.num_micro[r]) for r in req.ranks],
-                                   skips=skips, pending=pending)
+                                   skips=skips, pending=pending, contexts=self.step_contexts(req.step))
         return reply, frames
+
+    def step_contexts(self, step: int) -> list[tuple[int, int, str]]:
+        """``PlanReply.contexts``: the sources whose units at ``step`` are made under another
+        context than the spec's (a logged change of their bucket), as (source index, max_seq_len,
+        long_samples)."""
+        if not self.plan_changes:
+            return []
+        effective = spec_at(self._segments(), step)
+        out = []
+        for i, s in enumerate(self.spec.sources):
+            t = transform_spec(effective, s.name)
+            if t != transform_spec(self.spec, s.name):
+                out.append((i, t.max_seq_len, t.long_samples))
+        return out
+
+    def _segments(self):
+        """The job's plan segments under its committed changes (cached per change list)."""
+        if self._segments_of is None or self._segments_of[0] != self.plan_changes:
+            self._segments_of = (self.plan_changes, plan_segments(self.spec, self.plan_changes))
+        return self._segments_of[1]
 
     def step_skips(self, step: int) -> tuple[list[list[int]], list[list[int]]]:
         """The skip records of ``step`` as ``[source index, sample_id, piece]``, sorted: the

@@ -452,6 +452,10 @@ class PlanReply(Message, tag="plan_reply"):
     #: queue, the log's uncommitted tail): the constructor delivers none of them until the record
     #: is committed (then it drops them) or gone (then it delivers them)
     pending: Bounded(tuple[Count, Count, Count], MAX_LIST_ITEMS) = []
+    #: sources whose units at this step are made under another context than the job spec's (a
+    #: logged plan change of their bucket), as ``(source index, max_seq_len, long_samples)``: the
+    #: constructor asks their loaders for units of that context
+    contexts: Bounded(tuple[Count, Count, OptName], 4096) = []
 
 
 class SkipReport(Message, tag="skip_report"):
@@ -559,6 +563,10 @@ class LoadRequest(Message, tag="load_request"):
     source: Name
     req_id: Count
     count: Units
+    #: the context to make the units under (a plan change of the source's bucket); 0 and "": the
+    #: job spec's
+    max_seq_len: Count = 0
+    long_samples: OptName = ""
 
 
 class LoadReply(Message, tag="load_reply"):

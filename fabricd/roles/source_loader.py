@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ from ..errors import SampleError
 from ..failpoints import failpoint, fails
 from ..job import job_tokenizer, transform_spec
 from ..sources.index import open_index
-from ..sources.transform import SampleLoader
+from ..planner.units import LONG_SAMPLE_POLICIES
+from ..sources.transform import SampleLoader, TransformSpec
+from ..spec_bounds import MAX_SEQ_LEN
 from .base import DaemonLink, RoleArgs, StopFlag, role_sockets
 from .sample_wire import encode_load_reply
 
@@ -33,6 +36,8 @@ __all__ = ["run_source_loader", "MAX_UNITS_PER_REQUEST"]
 log = logging.getLogger(__name__)
 
 MAX_UNITS_PER_REQUEST = 4096
+#: Unit contexts (max_seq_len, long_samples) a source loader keeps a loader for.
+MAX_CONTEXTS = 8
 
 
 def run_source_loader(args: RoleArgs) -> int:
@@ -45,7 +50,8 @@ def run_source_loader(args: RoleArgs) -> int:
     tokenizer = job_tokenizer(spec, roots=roots, parallel=False)  # one process of a pool: one thread
     index = open_index(source.name, source.path, format=source.format, index_dir=Path(args.extra["index_dir"]),
                        roots=roots, tokenizer=tokenizer)
-    loader = SampleLoader(index, transform_spec(spec, source.name), roots=roots, tokenizer=tokenizer)
+    base = transform_spec(spec, source.name)
+    loaders = {(0, ""): SampleLoader(index, base, roots=roots, tokenizer=tokenizer)}  # by (max_seq_len, long_samples)
 
     stop = StopFlag(args.parent_pid)
     ctx = zmq.Context()
@@ -74,6 +80,7 @@ def run_source_loader(args: RoleArgs) -> int:
                 if not isinstance(msg, protocol.LoadRequest):
                     raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"source loader cannot serve {msg.TYPE}")
                 ids, pieces = _request_units(msg, payload, source.name)
+                loader = _context_loader(loaders, msg, base, index, roots, tokenizer)
             except ProtocolError as e:
                 stats["malformed"] += 1
                 log.warning("dropped malformed request: %s", e)
@@ -93,6 +100,21 @@ def run_source_loader(args: RoleArgs) -> int:
         sockets.close()
         ctx.term()
     return 0
+
+
+def _context_loader(loaders: dict, msg: protocol.LoadRequest, base: TransformSpec, index, roots, tokenizer):
+    """The loader of the context a request asks for (a plan change of the source's bucket; the
+    spec's by default): at most ``MAX_CONTEXTS`` are kept (a job changes its buckets rarely)."""
+    key = (msg.max_seq_len, msg.long_samples)
+    if key not in loaders:
+        if not 2 <= msg.max_seq_len <= MAX_SEQ_LEN or msg.long_samples not in LONG_SAMPLE_POLICIES:
+            raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"load_request context max_seq_len "
+                                f"{msg.max_seq_len}, long_samples {msg.long_samples!r} is not one a job can have")
+        while len(loaders) >= MAX_CONTEXTS:
+            loaders.pop(next(k for k in loaders if k != (0, "")))
+        loaders[key] = SampleLoader(index, replace(base, max_seq_len=msg.max_seq_len, long_samples=msg.long_samples),
+                                    roots=roots, tokenizer=tokenizer)
+    return loaders[key]
 
 
 def _inject_transient_errors(results: list, ids: np.ndarray, source: str) -> list:

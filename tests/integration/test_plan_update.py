@@ -131,15 +131,21 @@ def test_plan_update_changes_the_mix_at_exactly_its_step(tmp_path, local_daemon)
                    "mixture.weights.code=0.7")
     assert ok.returncode == 0, ok.stderr + local_daemon.tail()
     assert f"in effect from step {at} for every rank" in ok.stderr
+    # a second change: a shorter context from a later step (new units for both sources, loaded
+    # under the new context by the source loaders)
+    at2 = at + 4
+    ok2 = fabricctl(local_daemon.address, "plan", "update", "mix", "--at-step", str(at2), "--set",
+                    "buckets.default.max_seq_len=256")
+    assert ok2.returncode == 0, ok2.stderr + local_daemon.tail()
     status = local_daemon.status()["jobs"]["mix"]
-    assert [c["at_step"] for c in status["plan_changes"]] == [at]
+    assert [c["at_step"] for c in status["plan_changes"]] == [at, at2]
     assert status["plan_changes"][0]["origin"].startswith("operator")
 
     shown = fabricctl(local_daemon.address, "plan", "show", "mix", "--steps", f"{at - 2}:{at + 4}")
     assert shown.returncode == 0, shown.stderr
     assert f"at step {at}: mixture.weights.code = 0.7" in shown.stdout and "total" in shown.stdout
 
-    end = at + 9
+    end = at2 + 5
     second = receive(local_daemon.address, "mix", 2, 6, end)
     local_daemon.stop()
 
@@ -162,8 +168,11 @@ def test_plan_update_changes_the_mix_at_exactly_its_step(tmp_path, local_daemon)
     per_source = collections.defaultdict(list)
     for (step, _r, _m), (_c, units) in got.items():
         for u in units:
-            per_source[u[0]].append(u)
-            if step >= at:
+            if step < at2:  # from at2 the units are others (pieces of 256 tokens): a fresh shuffle
+                per_source[u[0]].append(u)
+            if at <= step < at2:
                 code[u[0]] += 1
     assert code[1] / (code[0] + code[1]) == pytest.approx(0.7, abs=0.05)
     assert all(len(set(v)) == len(v) for v in per_source.values()), "a unit was repeated"
+    short = [u for (step, _r, _m), (_c, units) in got.items() if step >= at2 for u in units]
+    assert max(p for _s, _i, p in short) >= 4, "no piece of the 256-token context was delivered"
