@@ -21,7 +21,7 @@ def _runtime(state: str = "ready") -> SimpleNamespace:
     # source "web": 4 samples, sample 2 is long enough to be split into 3 pieces
     units = build_units("web", np.array([10, 10, 250, 10]), np.zeros(4, np.int64), max_seq_len=100,
                         long_samples="split", image_tokens=0)
-    return SimpleNamespace(state=state, planner=SimpleNamespace(sources=[units]),
+    return SimpleNamespace(state=state, planner=SimpleNamespace(sources=[units], sources_at=lambda _step: [units]),
                            indexes={"web": SimpleNamespace(num_samples=4)})
 
 
