@@ -230,3 +230,87 @@ def test_plan_changes_through_the_log_state_survive_a_snapshot():
                                             "dp_size": 1}))
     assert st.committed_plan_changes("j", 4) == ()
     assert isinstance(change, PlanChange)
+
+
+# -- the leader's entry point -------------------------------------------------------------------
+
+
+class _NoRoles:
+    """A RoleDirectory with no roles (the runtime here only plans)."""
+
+    def endpoint(self, role_id):
+        return None
+
+    def role_ids(self, job):
+        return []
+
+    def skip_records(self, job):
+        return (0, (), ())
+
+    def reported_skips(self, job, step):
+        return ()
+
+
+def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(specs, tmp_path):
+    import time as _time
+
+    from fabricd.cluster.telemetry import NodeTelemetry, RoleView
+    from fabricd.job import JobRuntime
+    from fabricd.leadership import Leadership
+    from fabricd.plan_control import PlanChangeRefused
+
+    from .test_cluster_controller import ClusterController, _cfg
+
+    spec = specs["composed"]  # dp 2, prefetch 2, windows of 4
+    cfg = _cfg(tmp_path)
+    c = ClusterController(cfg, now=0.0)
+    c.tick(0.0, telemetry=NodeTelemetry, roles=dict)
+    c.propose([("job_submitted", {"job": spec.name, "spec_toml": spec.text, "spec_origin": spec.file,
+                                  "fingerprint": "", "dp_size": 2})], 0.01)
+    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=_NoRoles())
+    deadline = _time.monotonic() + 30
+    while runtime.state == "indexing" and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    assert runtime.state == "ready", runtime.error
+
+    def propose(entries, now):
+        c.propose(entries, now)
+        return True
+
+    lead = Leadership(cfg, c, {spec.name: runtime}, propose)
+    want = make_change(spec.name, 0, ["mixture.weights.code=0.5"])
+    refused = lead.propose_plan_change(spec.name, want, origin="online:odm", now=0.1)
+    # nothing consumed yet: steps [0, 3) may be built (prefetch 2); windows of 4 round it up to 4
+    assert isinstance(refused, PlanChangeRefused) and refused.code == "too_late" and refused.frontier == 4
+    assert "the first step still changeable is 4" in refused.reason
+
+    c.members.members["a"].roles = {f"{spec.name}/constructor/0": RoleView(trainers=[(0, 0, 6), (1, 0, 5)])}
+    late = lead.propose_plan_change(spec.name, msgspec_replace(want, at_step=8), origin="online:odm", now=0.1)
+    assert late.code == "too_late" and late.frontier == 12  # a trainer at step 6 (reported, not recorded yet)
+    bad = lead.propose_plan_change(spec.name, make_change(spec.name, 12, ["mixture.weights.code=3"]),
+                                   origin="online:odm", now=0.1)
+    assert bad.code == "invalid" and "mixture.weights.code = 3" in bad.reason
+    unknown = lead.propose_plan_change("nope", want, origin="online:odm", now=0.1)
+    assert unknown.code == "unknown_job"
+
+    got = lead.propose_plan_change(spec.name, msgspec_replace(want, at_step=13), origin="online:odm", now=0.1)
+    assert isinstance(got, PlanChange)
+    assert (got.job, got.at_step, got.origin, got.term) == (spec.name, 13, "online:odm", c.term)
+    assert c.state.plan_changes[spec.name][-1].change == got and c.commit_seq == c.state.last_seq
+    # the runtime plans with it once it is handed the committed changes
+    runtime.update_plan(c.state.committed_plan_changes(spec.name, c.commit_seq))
+    deadline = _time.monotonic() + 30
+    while runtime._replanned is None and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    runtime._swap_planner()
+    assert runtime.planner.starts == (0, 13)
+    assert lead.propose_plan_change(spec.name, want, origin="x", now=1e9).code == "not_leader"  # lease long gone
+    assert lead.counters["plan_changes_recorded"] == 1 and lead.counters["plan_changes_refused"] == 5
+    runtime.close()
+    c.log.close()
+
+
+def msgspec_replace(change, **kw):
+    import msgspec
+
+    return msgspec.structs.replace(change, **kw)
