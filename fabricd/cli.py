@@ -223,6 +223,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
             sizes = ", ".join(f"dp {dp} from step {start}" for start, dp in comp["dp_history"])
             click.echo(f"  composition {comp['mode']}: max delay {comp['max_delay_steps']} steps, "
                        f"{comp['samples_per_step'] if comp['samples_per_step'] is not None else '-'} units/step, {sizes}")
+        for change in job.get("plan_changes", ()):
+            click.echo(f"  plan change {change['change']} (term {change['term']})")
         c = job["counters"]
         click.echo(f"  plans {c['plans_computed']} (max {c['plan_ms_max']} ms), skipped units {c['skipped_units']} "
                    f"(recorded {job['skipped_recorded']})")
@@ -402,7 +404,7 @@ def plan_update_cmd(ctx: click.Context, job: str, at_step: int, sets: tuple[str,
         raise click.ClickException(str(e)) from e
     reply = _request(ctx, protocol.PlanUpdate(job=job, at_step=at_step, sets=list(sets), points=list(points)))
     click.echo(f"job {reply.job}: plan change recorded (log seq {reply.seq}, term {reply.term}): {reply.change}")
-    click.echo(f"  in effect from step {reply.at_step} for every rank; the first step still changeable was "
+    click.echo(f"  in effect from step {reply.at_step} for every rank; the first step still changeable is now "
                f"{reply.frontier}", err=True)
 
 

@@ -25,8 +25,9 @@ checkpoint log and replicate), and the replicated state is where they take effec
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 
 import msgspec
@@ -56,7 +57,7 @@ from .cluster.placement import (
 from .config import NodeConfig
 from .job import JobRuntime
 from .plan_changes import describe_change
-from .plan_control import PlanChangeRefused, check_plan_change
+from .plan_control import PlanChangeRefused, changeable_from, check_plan_change
 
 __all__ = ["PROGRESS_EVERY_S", "MAX_PENDING_SKIPS", "Leadership"]
 
@@ -66,6 +67,13 @@ PROGRESS_EVERY_S = 1.0
 PLACE_EVERY_S = 0.25  # placement passes (O(roles + trainer ranks)) at most this often, not every loop turn
 MAX_PENDING_SKIPS = 10_000  # skip reports waiting to be recorded; constructors re-send the ones dropped
 MAX_SKIP_REASON_CHARS = 500
+#: Seconds of trainer progress a plan change's frontier keeps clear of, past what the leader has
+#: seen: its view of the trainers is up to a heartbeat old, and the change must be committed and
+#: applied on every daemon before a constructor asks for its step (added as steps at the job's
+#: recent rate; nothing for trainers that stand still).
+PLAN_CHANGE_SLACK_S = 2.0
+#: Seconds of positions the rate of a job's trainers is measured over.
+RATE_WINDOW_S = 10.0
 
 Entries = list[tuple[str, dict]]
 
@@ -85,6 +93,7 @@ class Leadership:
         self._next_autoscale = 0.0
         self._next_placement = 0.0
         self._autoscaler: tuple[float | None, PoolAutoscaler] | None = None  # (leader since, its autoscaler)
+        self._seen: dict[str, deque[tuple[float, int]]] = {}  # job → (time, furthest trainer position), recent
 
     def run(self, now: float) -> None:
         """One turn of the leader's duties (call only while this daemon holds the lease)."""
@@ -140,8 +149,9 @@ class Leadership:
             return self._refused(PlanChangeRefused("not_leader", f"{self.cfg.node_id} is not the leader; leader: "
                                                                  f"{self.cluster.leader or 'unknown'}"))
         change = msgspec.structs.replace(change, job=job_id, origin=origin, term=self.cluster.term)
-        _, refused = check_plan_change(self.cluster.state, self.jobs.get(job_id), change,
-                                       self.trainer_positions(job_id))
+        runtime = self.jobs.get(job_id)
+        margin = self.advance_margin(job_id, runtime, now) if runtime is not None else 0
+        _, refused = check_plan_change(self.cluster.state, runtime, change, self.trainer_positions(job_id), margin)
         if refused is not None:
             return self._refused(refused)
         if not self.propose([("plan_changed", msgspec.to_builtins(change))], now):
@@ -150,6 +160,34 @@ class Leadership:
         self.counters["plan_changes_recorded"] += 1
         log.warning("job %s: plan change recorded %s", job_id, describe_change(change))
         return change
+
+    def changeable_from(self, job: str, now: float | None = None) -> int:
+        """The first step of ``job`` a plan change may take effect at now (see ``plan_control``)."""
+        runtime = self.jobs[job]
+        logged = [e.change for e in self.cluster.state.plan_changes.get(job, ())]
+        return changeable_from(self.cluster.state, runtime, self.trainer_positions(job), logged,
+                               self.advance_margin(job, runtime, time.monotonic() if now is None else now))
+
+    def advance_margin(self, job: str, runtime: JobRuntime, now: float) -> int:
+        """Steps ``job``'s trainers may advance past what this leader has seen before a change
+        is in effect everywhere: their recent rate × (a heartbeat + ``PLAN_CHANGE_SLACK_S``)."""
+        seen = self._seen.get(job)
+        if not seen or len(seen) < 2:
+            return 0
+        (t0, s0), (t1, s1) = seen[0], seen[-1]
+        rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+        return math.ceil(max(0.0, rate) * (self.cfg.heartbeat_s + PLAN_CHANGE_SLACK_S))
+
+    def _note_positions(self, now: float, positions: Mapping[str, Mapping[tuple[int, int], int]]) -> None:
+        """Remember each job's furthest trainer position over the last ``RATE_WINDOW_S``."""
+        for job, ranks in positions.items():
+            if ranks:
+                seen = self._seen.setdefault(job, deque())
+                seen.append((now, max(ranks.values())))
+                while len(seen) > 2 and now - seen[0][0] > RATE_WINDOW_S:
+                    seen.popleft()
+        for job in [j for j in self._seen if j not in positions]:
+            del self._seen[job]
 
     def _refused(self, refused: PlanChangeRefused) -> PlanChangeRefused:
         self.counters["plan_changes_refused"] += 1
@@ -334,7 +372,9 @@ class Leadership:
         ``cluster.progress``): O(jobs) records per pass, whatever the number of ranks."""
         state = self.cluster.state
         entries = []
-        for job, ranks in sorted(self._trainer_positions().items()):
+        positions = self._trainer_positions()
+        self._note_positions(now, positions)
+        for job, ranks in sorted(positions.items()):
             if not state.is_active(job):
                 continue
             runtime = self.jobs.get(job)

@@ -6,9 +6,10 @@ A change (``fabricd.cluster.records.PlanChange``) is accepted only if
    real units, not only the spec);
 2. its step is still changeable: at or past the *frontier*, the first step no trainer can have
    received and no constructor built (``cluster.progress.delivered_frontier``: the furthest
-   recorded or reported trainer position + prefetch + 1), rounded up to the next composition
-   window boundary (``planner.segments.first_changeable``): a step already planned or delivered
-   never changes;
+   recorded or reported trainer position + prefetch + 1, plus ``margin``: the steps moving
+   trainers can advance before the change is committed and applied on every daemon, which the
+   leader estimates from their recent rate), rounded up to the next composition window boundary
+   (``planner.segments.first_changeable``): a step already planned or delivered never changes;
 3. the spec in effect after it, with every change already logged, passes the validation a
    submitted spec passes, and the planner builds from it and plans its first step.
 
@@ -49,18 +50,19 @@ class PlanChangeRefused:
 
 
 def changeable_from(state: FabricState, runtime: JobRuntime, live: Mapping[tuple[int, int], int],
-                    logged: Sequence[PlanChange]) -> int:
+                    logged: Sequence[PlanChange], margin: int = 0) -> int:
     """The first step of ``runtime``'s job a change may take effect at (see the module doc), with
     the segments of the changes ``logged`` so far (committed or not)."""
     spec = runtime.spec
-    frontier = delivered_frontier(state, spec.name, live, spec.batch.prefetch)
+    frontier = delivered_frontier(state, spec.name, live, spec.batch.prefetch) + max(0, int(margin))
     starts = [seg.start for seg in plan_segments(spec, logged)]
     window = spec.batch.max_delay_steps + 1 if spec.batch.compose != "none" else 1
     return first_changeable(starts, window, frontier)
 
 
 def check_plan_change(state: FabricState, runtime: JobRuntime | None, change: PlanChange,
-                      live: Mapping[tuple[int, int], int]) -> tuple[int | None, PlanChangeRefused | None]:
+                      live: Mapping[tuple[int, int], int], margin: int = 0
+                      ) -> tuple[int | None, PlanChangeRefused | None]:
     """``(first changeable step, None)`` for a change the leader may record now, else
     ``(frontier or None, the refusal)``."""
     job = change.job
@@ -70,7 +72,7 @@ def check_plan_change(state: FabricState, runtime: JobRuntime | None, change: Pl
         return None, PlanChangeRefused("not_ready", f"job {job} is {runtime.state}; a plan change needs its indexes")
     logged = [e.change for e in state.plan_changes.get(job, ())]
     try:
-        first = changeable_from(state, runtime, live, logged)
+        first = changeable_from(state, runtime, live, logged, margin)
     except FabricdError as e:  # a logged change no longer applies: refuse rather than guess
         return None, PlanChangeRefused("invalid", f"job {job}: its logged plan changes do not apply: {e}")
     if change.at_step < first:

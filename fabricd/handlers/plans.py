@@ -13,7 +13,7 @@ from fabric_client import protocol
 from ..errors import ConfigError
 from ..job import dp_history_of
 from ..plan_changes import describe_change, make_change
-from ..plan_control import PlanChangeRefused, changeable_from
+from ..plan_control import PlanChangeRefused
 from . import Reply, handles
 
 if TYPE_CHECKING:
@@ -50,10 +50,9 @@ def plan_update(daemon: Daemon, _identity: bytes, msg: protocol.PlanUpdate, _pay
             return daemon.not_leader()
         return protocol.ErrorReply(code=_CODES[result.code], reason=result.reason)
     entry = daemon.cluster.state.plan_changes[msg.job][-1]
-    frontier = changeable_from(daemon.cluster.state, daemon.jobs[msg.job], daemon.leadership.trainer_positions(msg.job),
-                               [e.change for e in daemon.cluster.state.plan_changes[msg.job][:-1]])
     return protocol.PlanUpdated(job=msg.job, at_step=result.at_step, seq=entry.seq, term=result.term,
-                                frontier=frontier, change=describe_change(result)[:8000])
+                                frontier=daemon.leadership.changeable_from(msg.job, now),
+                                change=describe_change(result)[:8000])
 
 
 @handles(protocol.PlanShowRequest, callers=("operator",))
@@ -67,11 +66,10 @@ def plan_show(daemon: Daemon, _identity: bytes, msg: protocol.PlanShowRequest, _
     if entry is None or entry.cancelled:
         return protocol.ErrorReply(code=protocol.ErrorCode.UNKNOWN_JOB, reason=f"no active job named {msg.job!r}")
     changes = [e.change for e in state.plan_changes.get(msg.job, ())]
-    runtime = daemon.jobs.get(msg.job)
     frontier = 0
-    if runtime is not None:
+    if msg.job in daemon.jobs:
         try:
-            frontier = changeable_from(state, runtime, daemon.leadership.trainer_positions(msg.job), changes)
+            frontier = daemon.leadership.changeable_from(msg.job)
         except ConfigError:
             frontier = 0
     return protocol.PlanShowReply(job=msg.job, spec_toml=entry.spec_toml, spec_origin=entry.spec_origin,

@@ -304,8 +304,15 @@ def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(spe
         _time.sleep(0.05)
     runtime._swap_planner()
     assert runtime.planner.starts == (0, 13)
+    # trainers moving at 5 steps/s: the frontier keeps clear of what they reach before the change
+    # is in effect everywhere (a heartbeat + PLAN_CHANGE_SLACK_S = 3 s: 15 steps)
+    lead._note_positions(0.0, {spec.name: {(0, 0): 6}})
+    lead._note_positions(2.0, {spec.name: {(0, 0): 16}})
+    assert lead.advance_margin(spec.name, runtime, 2.0) == 15
+    moving = lead.propose_plan_change(spec.name, msgspec_replace(want, at_step=20), origin="x", now=0.2)
+    assert moving.code == "too_late" and moving.frontier >= 6 + 2 + 1 + 15
     assert lead.propose_plan_change(spec.name, want, origin="x", now=1e9).code == "not_leader"  # lease long gone
-    assert lead.counters["plan_changes_recorded"] == 1 and lead.counters["plan_changes_refused"] == 5
+    assert lead.counters["plan_changes_recorded"] == 1 and lead.counters["plan_changes_refused"] == 6
     runtime.close()
     c.log.close()
 
