@@ -215,7 +215,8 @@ class JobRuntime:
         # the log's committed plan changes the planner is built with (see update_plan)
         self.plan_changes: tuple[PlanChange, ...] = tuple(plan_changes)
         self._replanned: tuple[tuple[PlanChange, ...], Planner | SegmentedPlanner] | None = None
-        self._replanning_from: int | None = None  # steps from here wait for the planner being rebuilt
+        self._planned_with: tuple[PlanChange, ...] | None = None  # the changes self.planner was built with
+        self._replanning_from: int | None = None  # while they are not plan_changes: steps from here wait
         self._segments_of: tuple[tuple[PlanChange, ...], tuple] | None = None
         # the log's composition DP sizes; none recorded: the spec's dp_size from step 0
         self.dp_history = tuple(dp_history) or ((0, spec.topology.dp_size),)
@@ -254,7 +255,7 @@ class JobRuntime:
             changes = self.plan_changes
             planner = build_planner(self.spec, indexes, self.dp_history, changes)
             self.fingerprint = self.spec.fingerprint({n: i.fingerprint for n, i in indexes.items()})
-            self.indexes, self.planner = indexes, planner
+            self.indexes, self.planner, self._planned_with = indexes, planner, changes
             log.info("job %s: %d sources indexed in %.1fs (fingerprint %s)", self.spec.name, len(indexes),
                      time.monotonic() - started, self.fingerprint)
             self.state = "ready"
@@ -280,7 +281,8 @@ class JobRuntime:
             return
         new = [c for c in changes if c not in self.plan_changes] or list(changes)
         start = min(c.at_step for c in new)
-        self._replanning_from = start if self._replanning_from is None else min(start, self._replanning_from)
+        pending = self._replanning_from if self._planned_with != self.plan_changes else None
+        self._replanning_from = start if pending is None else min(start, pending)
         self.plan_changes = changes
         log.warning("job %s: %d plan change(s) committed, the earliest at step %d; replanning", self.spec.name,
                     len(new), start)
@@ -303,7 +305,7 @@ class JobRuntime:
         if done is None or done[0] != self.plan_changes:
             return
         self._replanned, self._replanning_from = None, None
-        self.planner = done[1]
+        self.planner, self._planned_with = done[1], done[0]
         if self.plan_worker is not None:  # its cache may hold steps planned the old way
             self.plan_worker.close()
             self.plan_worker = None
@@ -355,7 +357,8 @@ class JobRuntime:
         if bad is not None:
             return protocol.ErrorReply(code=protocol.ErrorCode.BAD_REQUEST,
                                        reason=f"rank {bad!r} outside dp_size {dp_size}"), ()
-        if self._replanning_from is not None and req.step >= self._replanning_from:
+        if self._planned_with != self.plan_changes and self._replanning_from is not None \
+                and req.step >= self._replanning_from:
             self.counters["plans_not_ready"] += 1
             return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=f"step {req.step} is being planned"), ()
         if self.plan_worker is None:

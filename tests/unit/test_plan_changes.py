@@ -321,3 +321,47 @@ def msgspec_replace(change, **kw):
     import msgspec
 
     return msgspec.structs.replace(change, **kw)
+
+
+def test_a_runtime_holds_steps_from_a_committed_change_until_it_replans(specs, tmp_path):
+    import time as _time
+
+    from fabric_client import protocol
+    from fabricd.job import JobRuntime
+
+    spec = specs["plain"]
+    change = make_change(spec.name, 7, ["mixture.weights.ocr=0.5"], origin="operator:alice", term=1)
+    # committed before the runtime exists: it plans with it from the start
+    early = JobRuntime(spec, index_dir=tmp_path / "idx", directory=_NoRoles(), plan_changes=[change])
+    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=_NoRoles())
+    deadline = _time.monotonic() + 30
+    while "indexing" in (early.state, runtime.state) and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+
+    def ask(rt, step):
+        reply, _ = rt.plan(protocol.PlanRequest(job=spec.name, step=step, ranks=[0, 1]))
+        while isinstance(reply, protocol.ErrorReply) and "is being planned" in reply.reason \
+                and _time.monotonic() < deadline:
+            _time.sleep(0.02)
+            reply, _ = rt.plan(protocol.PlanRequest(job=spec.name, step=step, ranks=[0, 1]))
+        return reply
+
+    assert early.planner.starts == (0, 7)
+    frames = lambda rt: rt.plan(protocol.PlanRequest(job=spec.name, step=8, ranks=[0, 1]))[1]  # noqa: E731
+    before, six = ask(runtime, 8), ask(runtime, 6)  # planned the old way, and cached
+    old = frames(runtime)
+    runtime.update_plan([change])
+    assert runtime._replanning_from == 7 and runtime._planned_with == ()  # swapped only by plan()
+    held, _ = runtime.plan(protocol.PlanRequest(job=spec.name, step=8, ranks=[0, 1]))
+    # held until the new planner is in, then planned afresh: never the cached old plan of step 8
+    assert isinstance(held, protocol.ErrorReply) and held.reason == "step 8 is being planned"
+    assert ask(runtime, 6).num_micro == six.num_micro == ask(early, 6).num_micro  # before the change: as it was
+    after = ask(runtime, 8)
+    assert isinstance(after, protocol.PlanReply) and runtime.planner.starts == (0, 7)
+    assert runtime.status()["plan_changes"][0]["at_step"] == 7
+    want = ask(early, 8)
+    assert after.rows == want.rows and after.num_micro == want.num_micro and before.rows == 16 == after.rows
+    assert all(np.array_equal(a, b) for a, b in zip(frames(runtime), frames(early)))
+    assert not all(np.array_equal(a, b) for a, b in zip(frames(runtime), old))
+    runtime.close()
+    early.close()
