@@ -56,7 +56,8 @@ from .cluster.placement import (
 )
 from .config import NodeConfig
 from .job import JobRuntime
-from .plan_changes import describe_change
+from .errors import ConfigError
+from .plan_changes import checked, describe_change
 from .plan_control import PlanChangeRefused, changeable_from, check_plan_change
 
 __all__ = ["PROGRESS_EVERY_S", "MAX_PENDING_SKIPS", "Leadership"]
@@ -148,7 +149,10 @@ class Leadership:
         if not self.cluster.is_leader(now):
             return self._refused(PlanChangeRefused("not_leader", f"{self.cfg.node_id} is not the leader; leader: "
                                                                  f"{self.cluster.leader or 'unknown'}"))
-        change = msgspec.structs.replace(change, job=job_id, origin=origin, term=self.cluster.term)
+        try:
+            change = checked(msgspec.structs.replace(change, job=job_id, origin=origin, term=self.cluster.term))
+        except ConfigError as e:
+            return self._refused(PlanChangeRefused("invalid", str(e)))
         runtime = self.jobs.get(job_id)
         margin = self.advance_margin(job_id, runtime, now) if runtime is not None else 0
         _, refused = check_plan_change(self.cluster.state, runtime, change, self.trainer_positions(job_id), margin)

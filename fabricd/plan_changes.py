@@ -40,14 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from fabric_client.limits import MAX_STEP
 
-from .cluster.records import MAX_PLAN_OPS, MixturePoint, PlanChange, SetOp
+from .cluster.records import MAX_PLAN_OPS, MixturePoint, PlanChange, RecordDataError, SetOp, check_data
 from .config import JobSpec, _build_job
 from .errors import ConfigError
 from .planner.mixture import MixtureSchedule
 
-__all__ = ["CHANGEABLE", "PlanSegment", "apply_change", "make_change", "parse_point", "parse_set", "plan_segments", "spec_at",
+__all__ = ["CHANGEABLE", "PlanSegment", "apply_change", "checked", "make_change", "parse_point", "parse_set", "plan_segments", "spec_at",
            "describe_change"]
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,16 @@ def make_change(job: str, at_step: int, sets: Iterable[str] = (), points: Iterab
     """A :class:`PlanChange` from command-line strings (``--set``, ``--add-point``)."""
     s = [parse_set(x, at_step=at_step) for x in sets]
     p = [parse_point(x, at_step=at_step) for x in points]
-    return PlanChange(job=job, at_step=int(at_step), sets=s, points=p, origin=origin, term=term)
+    return checked(PlanChange(job=job, at_step=int(at_step), sets=s, points=p, origin=origin, term=term))
+
+
+def checked(change: PlanChange) -> PlanChange:
+    """``change`` if every field is in range as the log requires (a Struct built in code is not
+    checked), else ConfigError naming the field."""
+    try:
+        return check_data("plan_changed", msgspec.to_builtins(change))
+    except RecordDataError as e:
+        raise ConfigError(_where(change.at_step), "plan change", change.job, str(e)) from None
 
 
 def describe_change(change: PlanChange) -> str:

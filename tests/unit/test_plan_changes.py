@@ -62,6 +62,8 @@ def test_parse_set_and_point_read_toml_values_or_bare_strings():
     assert parse_set("buckets.long.max_seq_len = 16384").value == 16384
     p = parse_point("step=500,weights={code=0.5,ocr=1}")
     assert p.step == 500 and p.weights == {"code": 0.5, "ocr": 1.0}
+    with pytest.raises(ConfigError, match="at_step"):
+        make_change("j", -1, ["mixture.kind=linear"])
     for bad in ("mixture.weights.code", "=3", "x="):
         with pytest.raises(ConfigError, match="PATH=VALUE"):
             parse_set(bad)
@@ -290,6 +292,8 @@ def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(spe
     bad = lead.propose_plan_change(spec.name, make_change(spec.name, 12, ["mixture.weights.code=3"]),
                                    origin="online:odm", now=0.1)
     assert bad.code == "invalid" and "mixture.weights.code = 3" in bad.reason
+    huge = lead.propose_plan_change(spec.name, msgspec_replace(want, at_step=1 << 50), origin="online:odm", now=0.1)
+    assert huge.code == "invalid" and "at_step" in huge.reason
     unknown = lead.propose_plan_change("nope", want, origin="online:odm", now=0.1)
     assert unknown.code == "unknown_job"
 
@@ -312,7 +316,7 @@ def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(spe
     moving = lead.propose_plan_change(spec.name, msgspec_replace(want, at_step=20), origin="x", now=0.2)
     assert moving.code == "too_late" and moving.frontier >= 6 + 2 + 1 + 15
     assert lead.propose_plan_change(spec.name, want, origin="x", now=1e9).code == "not_leader"  # lease long gone
-    assert lead.counters["plan_changes_recorded"] == 1 and lead.counters["plan_changes_refused"] == 6
+    assert lead.counters["plan_changes_recorded"] == 1 and lead.counters["plan_changes_refused"] == 7
     runtime.close()
     c.log.close()
 
