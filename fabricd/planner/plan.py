@@ -105,15 +105,16 @@ class Planner:
     micro-batch packing.
 
     Promises: ``plan(step, dp_size)`` is a pure function of the constructor inputs and its
-    arguments.
+    arguments. Without composition the multiset of units of a step does not depend on
+    ``dp_size``; with ``compose = "outliers"`` it depends on the composition DP size of the step's
+    window (``dp_history``, or ``dp_size`` when no history is given), never on call order.
 
     A planner may plan one *segment* of a job's steps, ``[start_step, end_step)`` (a plan change
     starts a new segment; see :mod:`fabricd.planner.segments`): its mixture schedule is then read
-    in steps from ``start_step``, its sources' draws continue from ``start_draws``, and its
-    composition windows start at ``start_step`` and stop at ``end_step`` (the last one shorter),
-    so no window mixes two segments' units. Without composition the multiset of units of a step does not depend on
-    ``dp_size``; with ``compose = "outliers"`` it depends on the composition DP size of the step's
-    window (``dp_history``, or ``dp_size`` when no history is given), never on call order.
+    in steps from ``start_step``, its sources' draws continue from ``start_draws`` (in schedule
+    order, permutations keyed by ``source_keys``), and its composition windows start at
+    ``start_step`` and stop at ``end_step`` (the last one shorter), so no window mixes two
+    segments' units.
     """
 
     def __init__(
