@@ -240,6 +240,7 @@ class FabricMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._snapshot: list[Metric] = []
         self._next_refresh = 0.0
+        self.refresh({})  # every family is there from the first scrape on
         self.registry.register(self)  # collect(): the last snapshot
         ProcessCollector(registry=self.registry)
 
