@@ -83,12 +83,25 @@ def step_balance(plan: StepPlan) -> StepBalance:
     return StepBalance(plan.step, float(costs.max()) / mean, max(top_unit, mean) / mean)
 
 
+def _usage(proc: psutil.Process | None, labels: tuple[str, ...], r: Readings) -> None:
+    """CPU seconds and RSS of one process, unless it is gone."""
+    if proc is None:
+        return
+    try:
+        with proc.oneshot():
+            cpu, rss = proc.cpu_times(), proc.memory_info().rss
+    except psutil.Error:
+        return
+    r[ROLE_CPU][labels] = cpu.user + cpu.system
+    r[ROLE_RSS][labels] = rss
+
+
 class DaemonReader:
     """Reads one daemon's state into a snapshot's readings; keeps what makes that cheap (the
-    psutil handle of each process, the balance of each job's latest planned step)."""
+    daemon's psutil handle, the balance of each job's latest planned step)."""
 
     def __init__(self) -> None:
-        self._processes: dict[int, psutil.Process] = {}
+        self._daemon = psutil.Process(os.getpid())
         self._balance: dict[str, StepBalance] = {}
 
     def read(self, daemon: Daemon) -> Readings:
@@ -135,38 +148,16 @@ class DaemonReader:
     def _local_roles(self, daemon: Daemon, r: Readings) -> None:
         """Per role process of this daemon: up, restarts, CPU, memory, the load queues it holds;
         and the daemon process itself (kind ``daemon``)."""
-        seen = set()
         for rid, role in daemon.supervisor.roles.items():
             labels = (role.args.job, rid, role.args.kind)
             r[LOCAL_ROLES_UP][labels] = 1 if role.alive else 0
             r[ROLE_RESTARTS][labels] = role.restarts
-            if role.alive and self._usage(role.pid, labels, r):
-                seen.add(role.pid)
+            _usage(daemon.supervisor.process(role), labels, r)
             for source, (queued, in_flight) in role.stats.load_queues.items():
                 key = (role.args.job, source)
                 r[SOURCE_QUEUED][key] = r[SOURCE_QUEUED].get(key, 0) + queued
                 r[SOURCE_IN_FLIGHT][key] = r[SOURCE_IN_FLIGHT].get(key, 0) + in_flight
-        own = os.getpid()
-        self._usage(own, ("", "daemon", "daemon"), r)
-        seen.add(own)
-        for pid in [p for p in self._processes if p not in seen]:
-            del self._processes[pid]
-
-    def _usage(self, pid: int | None, labels: tuple[str, ...], r: Readings) -> bool:
-        if pid is None:
-            return False
-        proc = self._processes.get(pid)
-        try:
-            if proc is None:
-                self._processes[pid] = proc = psutil.Process(pid)
-            with proc.oneshot():
-                cpu, rss = proc.cpu_times(), proc.memory_info().rss
-        except psutil.Error:
-            self._processes.pop(pid, None)
-            return False
-        r[ROLE_CPU][labels] = cpu.user + cpu.system
-        r[ROLE_RSS][labels] = rss
-        return True
+        _usage(self._daemon, ("", "daemon", "daemon"), r)
 
     def _cluster(self, daemon: Daemon, r: Readings) -> None:
         """Lease, log, replication and the leader's skip-report outcomes."""
@@ -184,7 +175,9 @@ class DaemonReader:
         if cluster.tracker is not None:
             for shadow, match in cluster.tracker.shadow_positions().items():
                 r[REPLICA_LAG][(shadow,)] = max(0, last - match)
-        r[DROPPED][("peer", STALE_TERM)] = counters.get("stale_term_rejected", 0)
+        # stale-term messages: replication's (the controller's count) and the lease's own
+        r[DROPPED][("peer", STALE_TERM)] = counters.get("stale_term_rejected", 0) + \
+            int(cluster.lease.status().get("stale_rejected") or 0)
         r[DROPPED][("control", "handshake_refused")] = daemon.sockets.refused_handshakes()
         for key, value in daemon.leadership.counters.items():
             r[SKIP_REPORTS][(key.removeprefix("skips_"),)] = value

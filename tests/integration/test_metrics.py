@@ -185,3 +185,28 @@ def test_metrics_server_port_zero_off_and_busy(tmp_path):
     off = MetricsServer(MetricsConfig(enabled=False), metrics.registry, endpoint)
     assert off.url is None and off.error is None and not endpoint.exists()
     off.close()
+
+
+@pytest.mark.timeout(30)
+def test_role_cpu_is_measured_between_two_looks_at_one_process_handle(tmp_path):
+    """The supervisor keeps one psutil handle per role pid: a fresh handle reads 0 % CPU."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from fabricd.roles.supervisor import RoleProcess, Supervisor
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        sup = Supervisor(backoff_s=0.1, backoff_max_s=1.0, template=False)
+        role = RoleProcess(args=SimpleNamespace(role_id="j/x/0"), proc=busy)
+        sup.roles["j/x/0"] = role
+        sup.telemetry(role)
+        time.sleep(0.5)
+        second = sup.telemetry(role)
+        assert second["cpu_percent"] > 20 and second["rss_mb"] > 1
+        assert sup.process(role) is sup.process(role)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert sup.process(role) is None and sup.telemetry(role) == {}
