@@ -33,6 +33,7 @@ from .planner.plan import StepPlan
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .job import JobRuntime
     from .roles.supervisor import RoleProcess
 
 __all__ = ["DaemonReader", "StepBalance", "feed_role_stats", "step_balance", "trainer_label"]
@@ -135,9 +136,9 @@ class DaemonReader:
                 r[BALANCE][(name,)] = balance.max_over_mean
                 r[BALANCE_BOUND][(name,)] = balance.lower_bound
 
-    def _job_balance(self, name: str, job: object) -> StepBalance | None:
-        worker = getattr(job, "plan_worker", None)
-        plan = worker.latest() if worker is not None else None
+    def _job_balance(self, name: str, job: JobRuntime) -> StepBalance | None:
+        """The balance of the job's latest planned step (kept after its plan leaves the cache)."""
+        plan = job.plan_worker.latest() if job.plan_worker is not None else None
         if plan is None:
             return self._balance.get(name)
         cached = self._balance.get(name)

@@ -4,7 +4,10 @@ document; and the endpoint's own life (port 0, off, a busy port, closed at shutd
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +16,7 @@ from collections import Counter
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fabric_client import Loader, protocol
+from fabric_client import Loader
 from fabricd.config import MetricsConfig
 from fabricd.metrics import CATALOGUE, COUNTER, FabricMetrics, MetricsServer
 
@@ -142,6 +145,11 @@ def test_scrape_of_a_daemon_serving_a_job(tmp_path, tiny_corpus, local_daemon):
     assert m["fabricd_dropped_messages"][(("reason", "malformed"), ("socket", "control"))] <= \
         status["dropped"]["malformed"]
 
+    fabricctl = [sys.executable, "-c", "from fabricd.cli import fabricctl_main; fabricctl_main()"]
+    out = subprocess.run([*fabricctl, "--address", local_daemon.address, "status"], capture_output=True, text=True,
+                         check=True, timeout=30, env={**os.environ, **local_daemon.client_env()}).stdout
+    assert f"metrics: {url}" in out.splitlines()
+
     # shutdown closes the endpoint
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     local_daemon.stop()
@@ -190,8 +198,6 @@ def test_metrics_server_port_zero_off_and_busy(tmp_path):
 @pytest.mark.timeout(30)
 def test_role_cpu_is_measured_between_two_looks_at_one_process_handle(tmp_path):
     """The supervisor keeps one psutil handle per role pid: a fresh handle reads 0 % CPU."""
-    import subprocess
-    import sys
     from types import SimpleNamespace
 
     from fabricd.roles.supervisor import RoleProcess, Supervisor
