@@ -201,6 +201,9 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     elif sec:
         click.echo(f"security: CurveZMQ, keys {sec['keys']} in {sec['keys_dir']}; "
                    f"refused handshakes {sec['refused_handshakes']}")
+    met = status.get("metrics") or {}
+    if met.get("url") or met.get("error"):
+        click.echo(f"metrics: {met['url'] or 'NOT SERVED: ' + met['error']}")
     replicas = cluster.get("replicas", {})
     for node, m in cluster["members"].items():
         t = m.get("telemetry") or {}

@@ -29,6 +29,7 @@ from .sources.roots import DEFAULT_DATA_ROOTS, MAX_DATA_ROOTS, resolve_roots
 __all__ = [
     "NodeConfig",
     "ClusterConfig",
+    "MetricsConfig",
     "PeerSpec",
     "JobSpec",
     "AutoscaleSpec",
@@ -189,6 +190,16 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: the daemon's Prometheus endpoint (``fabricd.metrics``). Port 0 picks a free
+    port and writes ``http://HOST:PORT/metrics`` to ``<state_dir>/metrics.endpoint``."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"   # an address of this node (0.0.0.0 or :: for every interface)
+    port: int = 9464
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """The fabric's daemons. A node with no ``[cluster]`` table is a cluster of one."""
 
@@ -226,11 +237,17 @@ class NodeConfig:
     security: SecurityConfig
     # directories (resolved) datasets may be read from; see fabricd.sources.roots
     data_roots: tuple[Path, ...] = DEFAULT_DATA_ROOTS
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def endpoint_file(self) -> Path:
         """Where the daemon writes the control endpoint it actually bound (for port 0)."""
         return self.state_dir / "control.endpoint"
+
+    @property
+    def metrics_endpoint_file(self) -> Path:
+        """Where the daemon writes the metrics URL it actually bound (for ``[metrics] port = 0``)."""
+        return self.state_dir / "metrics.endpoint"
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -244,6 +261,7 @@ def load_node_config(path: str | Path) -> NodeConfig:
     limits = root.table("limits")
     cluster_t = root.table("cluster")
     security_t = root.table("security")
+    metrics_t = root.table("metrics")
     control = _endpoint(node, "control", node.str("control", "tcp://127.0.0.1:7700"), bind=True)
     advertise_host = node.str("advertise_host", "127.0.0.1")
     if not valid_host(advertise_host) or advertise_host in ("*", "0.0.0.0", "::"):
@@ -273,8 +291,9 @@ def load_node_config(path: str | Path) -> NodeConfig:
         cluster=cluster,
         security=_security_config(security_t, path),
         data_roots=_data_roots(node),
+        metrics=_metrics_config(metrics_t),
     )
-    for table in (node, roles, limits, cluster_t, security_t, root):
+    for table in (node, roles, limits, cluster_t, security_t, metrics_t, root):
         table.done()
     return cfg
 
@@ -284,6 +303,18 @@ def _security_config(t: _Table, path: Path) -> SecurityConfig:
     if not keys_dir.is_absolute():
         keys_dir = (path.parent / keys_dir).resolve()
     return SecurityConfig(keys_dir=keys_dir, insecure=t.bool("insecure", False))
+
+
+def _metrics_config(t: _Table) -> MetricsConfig:
+    """``[metrics]``: ``enabled``, ``bind`` (an address or host name to listen on; ``0.0.0.0`` or
+    ``::`` for every interface, not ``*``) and ``port`` (0: any free port)."""
+    default = MetricsConfig()
+    bind = t.str("bind", default.bind)
+    if bind == "*" or not valid_host(bind.strip("[]")):
+        raise t.error("bind", bind, "expected an IP address or host name to listen on "
+                                    "(0.0.0.0 or :: for every interface)")
+    return MetricsConfig(enabled=t.bool("enabled", default.enabled), bind=bind.strip("[]"),
+                         port=t.int("port", default.port, min=0, max=65535))
 
 
 def _data_roots(t: _Table) -> tuple[Path, ...]:

@@ -43,6 +43,8 @@ from .config import NodeConfig
 from .handlers import CALLERS, HANDLERS, caller_kind
 from .job import JobRuntime, SkipUnit
 from .leadership import Leadership
+from .metrics import SEND_QUEUE_FULL, UNROUTABLE_REPLY, FabricMetrics, MetricsServer
+from .metrics_reading import DaemonReader
 from .ratelog import RateLimitedLog, truncate
 from .reconcile import LocalReconciler
 from .roles.supervisor import Supervisor
@@ -89,9 +91,10 @@ class Daemon:
         self.jobs_dir = cfg.state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.index_dir = cfg.state_dir / "indexes"
-        self.counters = {"malformed_dropped": 0, "requests": 0, "unroutable_replies": 0, "peer_sends_dropped": 0,
-                         "proposals_refused": 0, "stale_refused": 0}
-        self.dropped: dict[str, int] = {}  # malformed or refused messages by reason (ErrorCode)
+        # what the daemon counts (messages, drops per socket and reason) and its /metrics endpoint
+        self.metrics = FabricMetrics(cfg.node_id, __version__)
+        self.metrics_reader = DaemonReader()
+        self.metrics_server = MetricsServer(cfg.metrics, self.metrics.registry, cfg.metrics_endpoint_file)
         self.bad_input = RateLimitedLog(log)
         self.started = time.time()
         self._stopping = False
@@ -141,6 +144,8 @@ class Daemon:
                     self.leadership.run(now)
                 self.reconciler.run()
                 self.service.turn(now)  # reload if asked; READY, STATUS, WATCHDOG to systemd
+                if self.metrics.due(now):
+                    self.metrics.refresh(self.metrics_reader.read(self))
                 if not poller.poll(50):
                     continue
                 for _ in range(1000):  # drain, bounded so the cluster tick is never starved
@@ -160,6 +165,7 @@ class Daemon:
     def shutdown(self) -> None:
         # a leader hands over first, so a shadow is elected while the roles drain
         self.send_to_peers(self.cluster.release_lease(time.monotonic()))
+        self.metrics_server.close()
         log.info("stopping %d role processes", len(self.supervisor.roles))
         self.supervisor.stop()
         for job in self.jobs.values():
@@ -179,10 +185,10 @@ class Daemon:
             try:
                 sock.send_multipart(protocol.encode(*to_peer(self.cfg.node_id, msg)), flags=zmq.NOBLOCK)
             except zmq.Again:  # the peer is gone or slow: lease and replication messages are retried
-                self.counters["peer_sends_dropped"] += 1
+                self.metrics.dropped.add("peer", SEND_QUEUE_FULL)
 
     def _handle(self, frames: list) -> None:
-        self.counters["requests"] += 1
+        self.metrics.events.requests += 1
         identity = frames[0].bytes
         try:
             msg, payload = protocol.decode(frames[1:])
@@ -196,10 +202,8 @@ class Daemon:
             reply = handler(self, identity, msg, payload)
             self.reconciler.run()
         except ProtocolError as e:
-            self.counters["malformed_dropped"] += 1
-            self.dropped[e.code] = self.dropped.get(e.code, 0) + 1
             self.bad_input.warning(e.code, "dropped malformed message (%d so far): %s",
-                                   self.counters["malformed_dropped"], e)
+                                   self.metrics.dropped.add("control", e.code), e)
             reply = protocol.ErrorReply(code=e.code, reason=truncate(e.reason))
         except Exception as e:  # a bug in one handler must not take the node down; it is logged loudly
             log.exception("handler failed")
@@ -210,7 +214,7 @@ class Daemon:
         try:
             self.sock.send_multipart([identity, *protocol.encode(msg_out, payload_out)], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as e:  # EHOSTUNREACH: the peer left; EAGAIN: its queue is full
-            self.counters["unroutable_replies"] += 1
+            self.metrics.dropped.add("control", UNROUTABLE_REPLY)
             log.debug("reply to a departed peer dropped: %s", e)
 
     def reload_keys(self) -> None:
@@ -234,7 +238,7 @@ class Daemon:
         None: for the requests it must not answer from such a copy (plans, Locate)."""
         if self.cluster.in_touch(time.monotonic()):
             return None
-        self.counters["stale_refused"] += 1
+        self.metrics.events.stale_refused += 1
         return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
                                    reason=f"{what}: daemon {self.cfg.node_id} is not in touch with the leader")
 
@@ -312,7 +316,7 @@ class Daemon:
             if len(entries) > 1:
                 results = [self.propose([entry], now) for entry in entries]
                 return all(results)
-            self.counters["proposals_refused"] += 1
+            self.metrics.events.proposals_refused += 1
             self.bad_input.log(logging.ERROR, "refused", "refused to record %s: %s", entries[0][0], e)
             return False
         except LogError as e:

@@ -72,10 +72,11 @@ class LocalDaemon:
                  log_level: str = "INFO", extra_env: dict[str, str] | None = None, port: int = 0,
                  cluster_toml: str = "", heartbeat_s: float = 0.5, host: str = "127.0.0.1",
                  wrap: list[str] | None = None, data_roots: Sequence[str | Path] | None = None,
-                 keys_dir: str | Path | None = None, insecure: bool = False) -> None:
+                 keys_dir: str | Path | None = None, insecure: bool = False, metrics: bool = True) -> None:
         self.workdir = Path(workdir).absolute()
         self.data_roots = [Path(p).absolute() for p in data_roots or default_data_roots(self.workdir)]
         self.insecure = insecure
+        self.metrics = metrics    # serve /metrics on a free loopback port (see metrics_url)
         self.keys_dir = Path(keys_dir or os.environ.get(KEYS_DIR_ENV) or self.workdir / "keys").absolute()
         self.node_id = node_id
         self.loader_workers = loader_workers
@@ -106,6 +107,7 @@ class LocalDaemon:
             f"[roles]\nloader_workers = {self.loader_workers}\nrestart_backoff_s = 0.2\n"
             f"restart_backoff_max_s = 2.0\nheartbeat_s = {self.heartbeat_s}\n\n"
             f'[security]\nkeys_dir = "{self.keys_dir}"\ninsecure = {"true" if self.insecure else "false"}\n\n'
+            f'[metrics]\nenabled = {"true" if self.metrics else "false"}\nbind = "{self.host}"\nport = 0\n\n'
             f"{self.cluster_toml}"
         )
         if not self.insecure:
@@ -156,6 +158,13 @@ class LocalDaemon:
         with self.client() as c:
             reply, _ = c.request(protocol.StatusRequest())
         return reply.status
+
+    def metrics_url(self) -> str | None:
+        """The daemon's ``/metrics`` URL (from ``state/metrics.endpoint``), or None if it has none."""
+        try:
+            return (self.workdir / "state" / "metrics.endpoint").read_text().strip() or None
+        except OSError:
+            return None
 
     def descendants(self) -> list[psutil.Process]:
         if self.proc is None:
@@ -241,7 +250,7 @@ class LocalCluster:
                  lease_duration_s: float = 2.0, renew_deadline_s: float = 1.3, retry_period_s: float = 0.3,
                  heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None,
                  lab: NetnsLab | None = None, data_roots: Sequence[str | Path] | None = None,
-                 keys_dir: str | Path | None = None, insecure: bool = False) -> None:
+                 keys_dir: str | Path | None = None, insecure: bool = False, metrics: bool = True) -> None:
         self.workdir = Path(workdir).absolute()
         roots = list(data_roots or default_data_roots(self.workdir))
         keys_dir = Path(keys_dir or os.environ.get(KEYS_DIR_ENV) or self.workdir / "keys")
@@ -257,7 +266,7 @@ class LocalCluster:
                                        log_level=log_level, extra_env=extra_env, port=ports[n], cluster_toml=cluster,
                                        heartbeat_s=heartbeat_s, host=hosts[n],
                                        wrap=lab.command(i, []) if lab else None, data_roots=roots,
-                                       keys_dir=keys_dir, insecure=insecure)
+                                       keys_dir=keys_dir, insecure=insecure, metrics=metrics)
                         for i, n in enumerate(ids)}
         if not insecure:  # every node's key is in the allow-lists before the first daemon reads them
             ensure_keys(keys_dir, ids)

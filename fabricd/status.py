@@ -57,8 +57,8 @@ def build_status(daemon: Daemon, now: float) -> dict[str, Any]:
         "is_leader": daemon.cluster.is_leader(now),
         "cluster": daemon.cluster.status(now),
         "telemetry": msgspec.to_builtins(node_telemetry(daemon)),
-        "counters": dict(daemon.counters),
-        "dropped": dict(daemon.dropped),
+        "counters": daemon.metrics.status_counters(),
+        "dropped": daemon.metrics.status_dropped(),
         "log_lines_suppressed": dict(daemon.bad_input.suppressed),
         "leadership": dict(daemon.leadership.counters),
         "security": ({"insecure": True, "warning": "plaintext sockets, no authentication ([security] insecure = true)"}
@@ -67,6 +67,7 @@ def build_status(daemon: Daemon, now: float) -> dict[str, Any]:
                       "keys": dict(daemon.ring.counts),
                       "refused_handshakes": daemon.sockets.refused_handshakes()}),
         "jobs": jobs,
+        "metrics": daemon.metrics_server.status(),  # the /metrics URL, or why it is not served
     }
     # round-trip through JSON so nothing non-serializable reaches the encoder
     return json.loads(json.dumps(status, default=str))

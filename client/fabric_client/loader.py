@@ -375,11 +375,13 @@ class Loader:
         due, self._credits_due = self._credits_due, 0
         if not due or self._stream is None:
             return
-        frame = self._credit_frames.get(due)
+        wait_s = self._session.take_wait()
+        frame = self._credit_frames.get(due) if not wait_s else None
         if frame is None:
-            (frame,) = protocol.encode(
-                protocol.Credit(job=self.job, dp_rank=self.dp_rank, mp_rank=self.mp_rank, credits=due))
-            self._credit_frames[due] = frame
+            (frame,) = protocol.encode(protocol.Credit(job=self.job, dp_rank=self.dp_rank, mp_rank=self.mp_rank,
+                                                       credits=due, wait_s=min(wait_s, 1e12)))
+            if not wait_s:
+                self._credit_frames[due] = frame
         try:
             self._stream.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as e:  # queue to a dead peer full: the stall timer will relocate us

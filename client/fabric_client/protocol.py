@@ -408,6 +408,10 @@ class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
     unreachable_dropped: Count = 0
     eagain: Count = 0
     errors_replied: Count = 0
+    #: per trainer served since the role started: (dp, mp, batches sent, data-wait seconds it reported)
+    delivered: Bounded(tuple[DpRank, MpRank, Count, Seconds], MAX_DP_SIZE) = []
+    #: per source: (load requests queued, load requests in flight to its workers)
+    load_queues: Annotated[dict[Name, tuple[Count, Count]], msgspec.Meta(max_length=4096)] = {}
     # source loaders
     source: OptName = ""
     requests: Count = 0
@@ -523,12 +527,15 @@ class Unsubscribe(Message, tag="unsubscribe"):
 
 
 class Credit(Message, tag="credit"):
-    """The trainer consumed batches: it may now hold ``credits`` more."""
+    """The trainer consumed batches: it may now hold ``credits`` more. ``wait_s``: the seconds
+    the trainer spent waiting for data (blocked in the loader) since its previous ``Credit``;
+    the constructor sums it per trainer for its daemon's metrics (0 from older trainers)."""
 
     job: Name
     dp_rank: DpRank
     mp_rank: MpRank
     credits: Credits
+    wait_s: Seconds = 0.0
 
 
 class Batch(Message, tag="batch"):

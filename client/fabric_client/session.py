@@ -177,6 +177,8 @@ class TrainerSession:
         self._fingerprint: str | None = None
         # the trainer's request
         self._wanted = False
+        self._wanted_at = 0.0
+        self._wait_unreported = 0.0       # data wait not yet sent with a Credit (take_wait)
         self._deadline = math.inf
         self._stall_at = math.inf
         self._primary_check_at = math.inf
@@ -207,6 +209,7 @@ class TrainerSession:
             "malformed": 0,       # undecodable or unexpected messages from a constructor
             "bad_replies": 0,     # daemon replies of the wrong type, or Located that cannot be used
             "stream_failures": 0,  # subscriptions that could not be sent
+            "wait_s": 0.0,        # seconds the trainer waited for data (from want to hand-out)
             "endpoint": None,
         }
 
@@ -248,9 +251,16 @@ class TrainerSession:
     def want(self, now: float) -> list[Action]:
         """The trainer asks for the next batch: it gets one, or an error by ``now + deadline_s``."""
         self._wanted = True
+        self._wanted_at = now
         self._deadline = now + self.deadline_s
         self._stall_at = now + self.stall_s
         return []
+
+    def take_wait(self) -> float:
+        """The seconds the trainer waited for data since the last call: what the next ``Credit``
+        reports (``wait_s``), so the fabric can export each trainer's data wait."""
+        wait, self._wait_unreported = self._wait_unreported, 0.0
+        return wait
 
     def seek(self, step: int, micro: int) -> list[Action]:
         """Move the cursor; a stream from the old cursor is dropped."""
@@ -312,6 +322,9 @@ class TrainerSession:
         self.avoid = []
         self._corrupt_at = None
         self._refusal_backoff = BACKOFF_FIRST_S
+        waited = max(0.0, now - self._wanted_at)
+        self._wait_unreported += waited
+        self.stats["wait_s"] += waited
         self.stats["batches"] += 1
         self.stats["bytes"] += nbytes
         self.stats["wire_bytes"] += len(received.frame)

@@ -68,7 +68,8 @@ class ClusterController:
         self.commit_seq = 0 if len(c.peers) > 1 else self.state.last_seq
         self.leader_since: float | None = None
         self.started_at = now
-        self.counters = {"stale_term_rejected": 0, "log_full": 0, "elections_won": 0, "step_downs": 0}
+        self.counters = {"stale_term_rejected": 0, "log_full": 0, "elections_won": 0, "step_downs": 0,
+                         "leader_changes": 0}
         self._next_beat = now
         self._last_compact = self.state.last_seq
 
@@ -210,6 +211,7 @@ class ClusterController:
                 self.tracker, self.leader_since = None, None
                 self.replica = ShadowReplica(self.node, self.log, self.state)
             elif isinstance(a, LeaderChanged):
+                self.counters["leader_changes"] += 1
                 log.info("leader is now %s (term %d)", a.leader, a.term)
         return out
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import zmq
 from fabric_client import protocol
 
+from ..metrics import SEND_QUEUE_FULL
+from ..metrics_reading import feed_role_stats
 from . import Reply, handles
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ def role_stats(daemon: Daemon, _identity: bytes, msg: protocol.RoleStats, _paylo
     if role is not None:
         role.stats = msg.stats
         role.last_seen = time.monotonic()
+        feed_role_stats(daemon.metrics, role)  # running totals → the daemon's counters
     return None
 
 
@@ -85,5 +88,5 @@ def skip(daemon: Daemon, _identity: bytes, msg: protocol.SkipReport, _payload: l
         try:
             daemon.peers[leader].send_multipart(protocol.encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
-            daemon.counters["peer_sends_dropped"] += 1
+            daemon.metrics.dropped.add("peer", SEND_QUEUE_FULL)
     return None

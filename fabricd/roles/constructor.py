@@ -161,7 +161,8 @@ class Constructor:
         log.info("constructor %s for ranks %s serving on %s", self.args.role_id, self.ranks, self.link.endpoint)
         while not stop.should_stop():
             now = time.monotonic()
-            self.link.beat(lambda: {**self.stats, **self.delivery.stats(), "builds": len(self.builds)})
+            self.link.beat(lambda: {**self.stats, **self.delivery.stats(), "builds": len(self.builds),
+                                    "load_queues": self._load_queues()})
             if now >= self.next_pools:
                 self.next_pools = now + POOLS_REFRESH_S
                 self.link.send(protocol.PoolsRequest(job=self.spec.name))
@@ -179,6 +180,11 @@ class Constructor:
         self.link.close()
         self.trainers.close(linger=200)  # lets a farewell reach the trainers; bounded
         self.sockets.close()  # the authenticator thread, once no socket needs it
+
+    def _load_queues(self) -> dict[str, tuple[int, int]]:
+        """Per source: load requests waiting for a free worker, and requests in flight."""
+        return {s: (len(self.queue[s]), sum(len(w.in_flight) for w in self.workers[s].values()))
+                for s in self.source_names}
 
     # -- what to build ------------------------------------------------------------------------
 

@@ -8,7 +8,9 @@ loop; it feeds every decoded trainer message to :meth:`TrainerDelivery.handle` a
   the stream of one trainer at a position with ``credits`` batches of room. It replaces any
   earlier subscription of the same ``(dp_rank, mp_rank)`` (a restarted trainer, or one that
   reconnected on a new socket).
-- ``Credit(job, dp_rank, mp_rank, credits)``: the trainer consumed batches; it has room for more.
+- ``Credit(job, dp_rank, mp_rank, credits, wait_s)``: the trainer consumed batches; it has room
+  for more. ``wait_s`` (the trainer's data wait since its previous credit) is summed per trainer
+  for the daemon's metrics (``stats()["delivered"]``).
 - ``Unsubscribe(job, dp_rank, mp_rank)``: the trainer left (moved to another replica, or is
   done); its subscription is dropped if it is still the one from that trainer socket.
 
@@ -130,6 +132,9 @@ class TrainerDelivery:
         # where trainers that left were (dp, mp) → next step: progress to report after they are
         # gone (bounded by the ranks this constructor serves)
         self._departed: dict[tuple[int, int], int] = {}
+        # (dp, mp) → [batches sent, data-wait seconds reported], since this process started
+        # (bounded by the trainers of the ranks served): the daemon turns them into counters
+        self._delivered: dict[tuple[int, int], list] = {}
         self._counters = {
             "subscribes": 0,
             "unsubscribes": 0,
@@ -209,6 +214,8 @@ class TrainerDelivery:
             return
         sub.credits = min(sub.credits + msg.credits, MAX_CREDITS)
         self._counters["credits_received"] += msg.credits
+        if msg.wait_s:
+            self._delivered.setdefault((msg.dp_rank, msg.mp_rank), [0, 0.0])[1] += msg.wait_s
 
     def _refuse(self, identity: bytes, code: str, reason: str) -> None:
         self._counters["errors_replied"] += 1
@@ -285,6 +292,7 @@ class TrainerDelivery:
                 sub.pending = None
                 sub.credits -= 1
                 sub.sent += 1
+                self._delivered.setdefault(key, [0, 0.0])[0] += 1
                 sub.last_sent = now
                 sent += 1
                 counters["batches_sent"] += 1
@@ -330,11 +338,13 @@ class TrainerDelivery:
     # ---------------------------------------------------------------------------------- stats
 
     def stats(self) -> dict:
-        """Counters; per subscription, its position, credits and batches sent; and the last
-        position of trainers that left (``departed``: ``[dp_rank, mp_rank, next_step]``)."""
+        """Counters; per subscription, its position, credits and batches sent; the last
+        position of trainers that left (``departed``: ``[dp_rank, mp_rank, next_step]``); and per
+        trainer ever served, batches sent and data wait (``delivered``: ``[dp, mp, sent, wait_s]``)."""
         return {
             **self._counters,
             "departed": [[dp, mp, step] for (dp, mp), step in self._departed.items()],
+            "delivered": [[dp, mp, sent, wait] for (dp, mp), (sent, wait) in self._delivered.items()],
             "subscriptions": [
                 {
                     "dp_rank": s.dp_rank,

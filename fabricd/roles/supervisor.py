@@ -91,6 +91,9 @@ class Supervisor:
         self._failures_seen = 0      # the template's failures and forks counted so far
         self._forks_seen = 0
         self._failures_in_a_row = 0
+        # pid → psutil handle: CPU percent is measured between two calls on one handle (a fresh
+        # handle always reads 0.0), and the metrics read CPU seconds and RSS through it too
+        self._handles: dict[int, psutil.Process] = {}
 
     def start(self, args: RoleArgs) -> RoleProcess:
         role = self.roles.get(args.role_id) or RoleProcess(args)
@@ -233,13 +236,31 @@ class Supervisor:
             return {"enabled": False}
         return {"enabled": True, **self.template.status()}
 
-    def telemetry(self, role: RoleProcess) -> dict[str, Any]:
-        """RSS and CPU of one role process (psutil), or {} if it is not running."""
+    def process(self, role: RoleProcess) -> psutil.Process | None:
+        """The psutil handle of a running role's process (one per pid, kept), or None."""
         if not role.alive:
+            return None
+        pid = role.proc.pid
+        handle = self._handles.get(pid)
+        if handle is None:
+            if len(self._handles) > 2 * len(self.roles) + 8:  # forget the pids of exited roles
+                live = {r.pid for r in self.roles.values()}
+                self._handles = {p: h for p, h in self._handles.items() if p in live}
+            try:
+                handle = self._handles[pid] = psutil.Process(pid)
+            except psutil.Error:
+                return None
+        return handle
+
+    def telemetry(self, role: RoleProcess) -> dict[str, Any]:
+        """RSS and CPU percent (since the previous call) of one role process, or {} if it is
+        not running."""
+        p = self.process(role)
+        if p is None:
             return {}
         try:
-            p = psutil.Process(role.proc.pid)
             with p.oneshot():
                 return {"rss_mb": round(p.memory_info().rss / 2**20, 1), "cpu_percent": p.cpu_percent(None)}
         except psutil.Error:
+            self._handles.pop(p.pid, None)
             return {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fabricd.config import load_node_config
+from fabricd.config import MetricsConfig, load_node_config
 from fabricd.node_checks import check_node_environment
 from fabricd.errors import ConfigError
 
@@ -32,6 +32,13 @@ def _node(tmp_path, body: str, *, extra: str = "") -> str:
     ("[roles]\nheartbeat_s = 1e9", "roles.heartbeat_s", 1e9),
     ("[roles]\nrestart_backoff_s = 1e-9", "roles.restart_backoff_s", 1e-9),
     ("[cluster]\nretry_period_s = 1e-9", "cluster.retry_period_s", 1e-9),
+    ("[metrics]\nport = 65536", "metrics.port", 65536),
+    ("[metrics]\nport = -1", "metrics.port", -1),
+    ('[metrics]\nport = "9464"', "metrics.port", "9464"),
+    ('[metrics]\nbind = "*"', "metrics.bind", "*"),
+    ('[metrics]\nbind = "no such host!"', "metrics.bind", "no such host!"),
+    ('[metrics]\nenabled = "yes"', "metrics.enabled", "yes"),
+    ("[metrics]\npath = 1", "metrics.path", 1),
 ])
 def test_bad_node_values_name_file_key_and_value(tmp_path, body, key, value):
     path = _node(tmp_path, body)
@@ -55,6 +62,19 @@ def test_peer_endpoint_needs_host_and_port(tmp_path):
                                      "tcp://[::1]:7700", "tcp://node-a.example.com:7700", "ipc:///tmp/x"])
 def test_good_endpoints_load(tmp_path, control):
     assert load_node_config(_node(tmp_path, f'control = "{control}"')).control == control
+
+
+@pytest.mark.parametrize("body, want", [
+    ("", MetricsConfig(enabled=True, bind="127.0.0.1", port=9464)),
+    ('[metrics]\nbind = "0.0.0.0"\nport = 0', MetricsConfig(enabled=True, bind="0.0.0.0", port=0)),
+    ('[metrics]\nbind = "[::1]"', MetricsConfig(bind="::1")),
+    ('[metrics]\nbind = "node-a.example.com"\nport = 9100', MetricsConfig(bind="node-a.example.com", port=9100)),
+    ("[metrics]\nenabled = false", MetricsConfig(enabled=False)),
+])
+def test_metrics_table(tmp_path, body, want):
+    cfg = load_node_config(_node(tmp_path, "", extra=body))
+    assert cfg.metrics == want
+    assert cfg.metrics_endpoint_file == cfg.state_dir / "metrics.endpoint"
 
 
 def test_environment_state_dir_is_a_file(tmp_path):

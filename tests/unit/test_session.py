@@ -575,3 +575,20 @@ def test_hostile_peers_cannot_make_the_session_loop_or_crash() -> None:
             expect.append((step, micro))
             step, micro = (step, micro + 1) if micro + 1 < num_micro(step) else (step + 1, 0)
         assert handed == expect, trial
+
+
+def test_data_wait_runs_from_want_to_hand_out_and_is_reported_once() -> None:
+    t = Trainer()
+    t.connect()  # wanted at 100.0; nothing arrives until 101.5
+    t.at(101.5)
+    t.feed(0, 0)
+    (out,) = t.s.tick(t.now)
+    assert kinds(t.s.on_handed_out(out.received, 10, t.at(101.75))) == [ReturnCredit]
+    t.feed(1, 0)
+    t.s.want(t.at(102.0))
+    (out,) = t.s.tick(t.now)
+    t.s.on_handed_out(out.received, 10, t.at(102.25))  # a batch already there: only its decode
+    assert t.s.stats["wait_s"] == pytest.approx(2.0)
+    assert t.s.take_wait() == pytest.approx(2.0)  # what the next Credit carries
+    assert t.s.take_wait() == 0.0  # and only once
+    assert t.s.stats["wait_s"] == pytest.approx(2.0)

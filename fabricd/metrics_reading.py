@@ -1,0 +1,184 @@
+"""What a daemon's metrics read from the components that own the numbers (see :mod:`fabricd.metrics`).
+
+Two entry points, both called on the daemon's loop:
+
+- :func:`feed_role_stats`, when a role's ``RoleStats`` arrives: its running totals (units
+  loaded, batches sent and data wait per trainer, skipped units, dropped messages) go through
+  the counter feeds, keyed by ``(role id, pid)`` so a restarted role counts from zero again.
+- :meth:`DaemonReader.read`, when a snapshot is due: the replicated state (roles, pools, skip
+  records, progress), the lease and log, the local role processes (liveness, restarts, CPU and
+  memory, load queues) and the leader's counters, read where they are kept, so the metrics and
+  ``fabricctl status`` cannot disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import psutil
+
+from .cluster.autoscale import pool_bounds
+from .metrics import (
+    BALANCE, BALANCE_BOUND, DROPPED, IN_TOUCH, IS_LEADER, LEADER_CHANGES, LEASE_EVENTS, LEASE_TERM, LOCAL_ROLES_UP,
+    LOG_COMMIT, LOG_LAST, PLAN_STEP, POOL_TARGET, POOL_WORKERS, PROGRESS_FLOOR, REPLICA_LAG, ROLE_CPU, ROLE_RESTARTS,
+    ROLE_RSS, ROLES, SKIP_REPORTS, SKIPPED_UNITS, SKIPS_RECORDED, SOURCE_BUSY, SOURCE_FAILED, SOURCE_IN_FLIGHT,
+    SOURCE_QUEUED, SOURCE_UNITS, STALE_TERM, TRAINER_BATCHES, TRAINER_WAIT, FabricMetrics, Readings,
+)
+from .planner.plan import StepPlan
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .job import JobRuntime
+    from .roles.supervisor import RoleProcess
+
+__all__ = ["DaemonReader", "StepBalance", "feed_role_stats", "step_balance", "trainer_label"]
+
+SOURCE_LOADER = "source_loader"
+
+
+def trainer_label(dp_rank: int, mp_rank: int) -> str:
+    """The ``trainer`` label of one trainer rank: ``dp3/mp0``."""
+    return f"dp{dp_rank}/mp{mp_rank}"
+
+
+def feed_role_stats(metrics: FabricMetrics, role: RoleProcess) -> None:
+    """Feed the running totals of the ``RoleStats`` just received from ``role``."""
+    st, job, source = role.stats, role.args.job, (role.role_id, role.pid)
+    if role.args.kind == SOURCE_LOADER:
+        labels = (job, st.source or str(role.args.extra.get("source", "")))
+        metrics.feed(SOURCE_UNITS, source, labels, st.units)
+        metrics.feed(SOURCE_FAILED, source, labels, st.failed_units)
+        metrics.feed(SOURCE_BUSY, source, labels, st.busy_s)
+        socket = "loader"
+    else:
+        metrics.feed(SKIPPED_UNITS, source, (job,), st.skipped_units)
+        for dp, mp, sent, wait_s in st.delivered:
+            metrics.feed(TRAINER_BATCHES, source, (job, trainer_label(dp, mp)), sent)
+            metrics.feed(TRAINER_WAIT, source, (job, trainer_label(dp, mp)), wait_s)
+        socket = "stream"
+    metrics.feed(DROPPED, source, (socket, "malformed"), st.malformed)
+    metrics.feed(DROPPED, source, (socket, "forbidden"), st.forbidden)
+
+
+@dataclass(frozen=True)
+class StepBalance:
+    """How evenly one planned step spreads its estimated cost over the DP ranks."""
+
+    step: int
+    max_over_mean: float  # the heaviest rank's cost over the mean
+    lower_bound: float    # max(largest unit, mean share) / mean share: no balancer can go below
+
+
+def step_balance(plan: StepPlan) -> StepBalance:
+    """The balance of ``plan`` (1.0 and 1.0 for a step without cost)."""
+    costs = plan.rank_costs()
+    mean = float(costs.mean()) if costs.size else 0.0
+    if mean <= 0:
+        return StepBalance(plan.step, 1.0, 1.0)
+    top_unit = float(np.max(plan.cost)) if len(plan) else 0.0
+    return StepBalance(plan.step, float(costs.max()) / mean, max(top_unit, mean) / mean)
+
+
+def _usage(proc: psutil.Process | None, labels: tuple[str, ...], r: Readings) -> None:
+    """CPU seconds and RSS of one process, unless it is gone."""
+    if proc is None:
+        return
+    try:
+        with proc.oneshot():
+            cpu, rss = proc.cpu_times(), proc.memory_info().rss
+    except psutil.Error:
+        return
+    r[ROLE_CPU][labels] = cpu.user + cpu.system
+    r[ROLE_RSS][labels] = rss
+
+
+class DaemonReader:
+    """Reads one daemon's state into a snapshot's readings; keeps what makes that cheap (the
+    daemon's psutil handle, the balance of each job's latest planned step)."""
+
+    def __init__(self) -> None:
+        self._daemon = psutil.Process(os.getpid())
+        self._balance: dict[str, StepBalance] = {}
+
+    def read(self, daemon: Daemon) -> Readings:
+        r: Readings = defaultdict(dict)
+        self._state(daemon, r)
+        self._local_roles(daemon, r)
+        self._cluster(daemon, r)
+        live = {(rid, role.pid) for rid, role in daemon.supervisor.roles.items()}
+        for feed in daemon.metrics.feeds.values():
+            feed.forget(lambda source: not isinstance(source, tuple) or source in live)
+        return r
+
+    def _state(self, daemon: Daemon, r: Readings) -> None:
+        """Roles, pools, progress and skip records from the replicated state; balance per job."""
+        state = daemon.cluster.state
+        pools: dict[tuple[str, str], int] = defaultdict(int)
+        for entry in state.roles.values():
+            r[ROLES][(entry.job, entry.kind)] = r[ROLES].get((entry.job, entry.kind), 0) + 1
+            if entry.kind == SOURCE_LOADER:
+                pools[(entry.job, str(entry.extra.get("source", "")))] += 1
+        for name, job in daemon.jobs.items():
+            for s in job.spec.sources:
+                base, _ = pool_bounds(job.spec, s.name, daemon.cfg.loader_workers)
+                r[POOL_TARGET][(name, s.name)] = state.pools.get(name, {}).get(s.name, base)
+                r[POOL_WORKERS][(name, s.name)] = pools.get((name, s.name), 0)
+            r[PROGRESS_FLOOR][(name,)] = state.floor_step(name)
+            r[SKIPS_RECORDED][(name,)] = len(state.skipped.get(name, ()))
+            balance = self._job_balance(name, job)
+            if balance is not None:
+                r[PLAN_STEP][(name,)] = balance.step
+                r[BALANCE][(name,)] = balance.max_over_mean
+                r[BALANCE_BOUND][(name,)] = balance.lower_bound
+
+    def _job_balance(self, name: str, job: JobRuntime) -> StepBalance | None:
+        """The balance of the job's latest planned step (kept after its plan leaves the cache)."""
+        plan = job.plan_worker.latest() if job.plan_worker is not None else None
+        if plan is None:
+            return self._balance.get(name)
+        cached = self._balance.get(name)
+        if cached is None or cached.step != plan.step:
+            self._balance[name] = cached = step_balance(plan)  # O(rows) once per new step
+        return cached
+
+    def _local_roles(self, daemon: Daemon, r: Readings) -> None:
+        """Per role process of this daemon: up, restarts, CPU, memory, the load queues it holds;
+        and the daemon process itself (kind ``daemon``)."""
+        for rid, role in daemon.supervisor.roles.items():
+            labels = (role.args.job, rid, role.args.kind)
+            r[LOCAL_ROLES_UP][labels] = 1 if role.alive else 0
+            r[ROLE_RESTARTS][labels] = role.restarts
+            _usage(daemon.supervisor.process(role), labels, r)
+            for source, (queued, in_flight) in role.stats.load_queues.items():
+                key = (role.args.job, source)
+                r[SOURCE_QUEUED][key] = r[SOURCE_QUEUED].get(key, 0) + queued
+                r[SOURCE_IN_FLIGHT][key] = r[SOURCE_IN_FLIGHT].get(key, 0) + in_flight
+        _usage(self._daemon, ("", "daemon", "daemon"), r)
+
+    def _cluster(self, daemon: Daemon, r: Readings) -> None:
+        """Lease, log, replication and the leader's skip-report outcomes."""
+        cluster, now = daemon.cluster, time.monotonic()
+        counters = cluster.counters
+        r[LEASE_TERM][()] = cluster.term
+        r[IS_LEADER][()] = 1 if cluster.is_leader(now) else 0
+        r[IN_TOUCH][()] = 1 if cluster.in_touch(now) else 0
+        r[LEADER_CHANGES][()] = counters.get("leader_changes", 0)
+        r[LEASE_EVENTS][("elections_won",)] = counters.get("elections_won", 0)
+        r[LEASE_EVENTS][("step_downs",)] = counters.get("step_downs", 0)
+        last = cluster.log.last_position[1]
+        r[LOG_LAST][()] = last
+        r[LOG_COMMIT][()] = cluster.commit_seq
+        if cluster.tracker is not None:
+            for shadow, match in cluster.tracker.shadow_positions().items():
+                r[REPLICA_LAG][(shadow,)] = max(0, last - match)
+        # stale-term messages: replication's (the controller's count) and the lease's own
+        r[DROPPED][("peer", STALE_TERM)] = counters.get("stale_term_rejected", 0) + \
+            int(cluster.lease.status().get("stale_rejected") or 0)
+        r[DROPPED][("control", "handshake_refused")] = daemon.sockets.refused_handshakes()
+        for key, value in daemon.leadership.counters.items():
+            r[SKIP_REPORTS][(key.removeprefix("skips_"),)] = value
