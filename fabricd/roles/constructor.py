@@ -160,7 +160,8 @@ class Constructor:
         log.info("constructor %s for ranks %s serving on %s", self.args.role_id, self.ranks, self.link.endpoint)
         while not stop.should_stop():
             now = time.monotonic()
-            self.link.beat(lambda: {**self.stats, **self.delivery.stats(), "builds": len(self.builds)})
+            self.link.beat(lambda: {**self.stats, **self.delivery.stats(), "builds": len(self.builds),
+                                    "load_queue": self.load_queue()})
             if now >= self.next_pools:
                 self.next_pools = now + POOLS_REFRESH_S
                 self.link.send(protocol.PoolsRequest(job=self.spec.name))
@@ -170,6 +171,12 @@ class Constructor:
             self.delivery.pump(self._lookup)
             for sock in dict(self.poller.poll(20)):
                 self._on_readable(sock)
+
+    def load_queue(self) -> dict[str, int]:
+        """Per source, the load requests waiting for a free worker or in flight to one: how far
+        behind that source's pool is (``fabricctl top`` shows it per pool)."""
+        return {source: len(queue) + sum(len(w.in_flight) for w in self.workers[source].values())
+                for source, queue in self.queue.items()}
 
     def close(self) -> None:
         for workers in self.workers.values():

@@ -99,6 +99,24 @@ class _Subscription:
     last_sent: float
     pending: EncodedBatch | None = None
     sent: int = 0
+    #: credits of the trainer's whole window (those it subscribed with): holding all of them
+    #: means the trainer has nothing buffered or in flight, so it waits for us
+    window: int = 0
+    starved_since: float | None = None  # since when this constructor holds the whole window
+    data_wait_s: float = 0.0  # closed stretches of holding it
+
+    def hold(self, now: float) -> None:
+        """Note the credits changed at ``now``: a stretch of holding the whole window opens or closes."""
+        starved = self.window > 0 and self.credits >= self.window
+        if starved and self.starved_since is None:
+            self.starved_since = now
+        elif not starved and self.starved_since is not None:
+            self.data_wait_s += now - self.starved_since
+            self.starved_since = None
+
+    def waited(self, now: float) -> float:
+        """Seconds this trainer waited for data here so far (a stretch still open included)."""
+        return self.data_wait_s + (now - self.starved_since if self.starved_since is not None else 0.0)
 
 
 class TrainerDelivery:
@@ -136,6 +154,7 @@ class TrainerDelivery:
             "credits_received": 0,
             "batches_sent": 0,
             "bytes_sent": 0,
+            "tokens_sent": 0,
             "heartbeats_sent": 0,
             "unreachable_dropped": 0,
             "eagain": 0,
@@ -192,7 +211,9 @@ class TrainerDelivery:
             micro=msg.next_micro,
             credits=min(msg.credits, MAX_CREDITS),
             last_sent=self._clock(),
+            window=min(msg.credits, MAX_CREDITS),
         )
+        self._subs[key].hold(self._clock())
         self._counters["subscribes"] += 1
 
     def _credit(self, identity: bytes, msg: protocol.Credit) -> None:
@@ -208,6 +229,7 @@ class TrainerDelivery:
             self._refuse(identity, ErrorCode.BAD_REQUEST, f"negative credits {msg.credits}")
             return
         sub.credits = min(sub.credits + msg.credits, MAX_CREDITS)
+        sub.hold(self._clock())
         self._counters["credits_received"] += msg.credits
 
     def _refuse(self, identity: bytes, code: str, reason: str) -> None:
@@ -284,11 +306,14 @@ class TrainerDelivery:
                 failpoint("delivery.after_send")  # mid-batch: the rest of the step, or other MP ranks, unsent
                 sub.pending = None
                 sub.credits -= 1
+                if sub.starved_since is not None:
+                    sub.hold(now)
                 sub.sent += 1
                 sub.last_sent = now
                 sent += 1
                 counters["batches_sent"] += 1
                 counters["bytes_sent"] += batch.nbytes
+                counters["tokens_sent"] += batch.header.tokens
                 if sub.micro + 1 < batch.header.num_micro_batches:
                     sub.micro += 1
                 else:
@@ -331,7 +356,13 @@ class TrainerDelivery:
 
     def stats(self) -> dict:
         """Counters; per subscription, its position, credits and batches sent; and the last
-        position of trainers that left (``departed``: ``[dp_rank, mp_rank, next_step]``)."""
+        position of trainers that left (``departed``: ``[dp_rank, mp_rank, next_step]``).
+
+        A subscription's ``data_wait_s`` is the time this constructor held the trainer's whole
+        credit window (what it subscribed with): the trainer had no batch buffered or in flight
+        and was waiting for one. It is measured here, not by the trainer, so it counts a trainer
+        that stopped asking (every credit returned, then idle) as waiting too."""
+        now = self._clock()
         return {
             **self._counters,
             "departed": [[dp, mp, step] for (dp, mp), step in self._departed.items()],
@@ -343,6 +374,7 @@ class TrainerDelivery:
                     "next_micro": s.micro,
                     "credits": s.credits,
                     "sent": s.sent,
+                    "data_wait_s": round(s.waited(now), 3),
                 }
                 for s in self._subs.values()
             ],

@@ -736,3 +736,38 @@ def test_resubscribe_replaces_and_wrong_lookup_is_a_bug() -> None:
     assert d.demand() == {0: (4, 0)} and len(d.stats()["subscriptions"]) == 2
     with pytest.raises(ValueError, match="returned the batch"):
         d.pump(lambda rank, step, micro: _batch(0, 0))
+
+
+@pytest.mark.timeout(15)
+def test_data_wait_is_the_time_the_constructor_holds_the_whole_window() -> None:
+    """A trainer waits for data while its constructor holds every credit of its window (nothing
+    buffered, nothing in flight): stretches of that are summed per subscription, the open one
+    included, and closed by the next batch sent (fabricctl top shows it per trainer)."""
+    now = [0.0]
+    sock = FakeRouter()
+    d = TrainerDelivery(sock, job=JOB, fingerprint=FP, ranks=[0], mp_size=1, heartbeat_s=100.0, clock=lambda: now[0])
+    ready = [False]
+    lookup = lambda rank, step, micro: _batch(step, micro, rank) if ready[0] else None  # noqa: E731
+
+    def waited() -> float:
+        (sub,) = d.stats()["subscriptions"]
+        return sub["data_wait_s"]
+
+    d.handle(b"t0", protocol.Subscribe(JOB, FP, 0, 0, 0, 0, 2))  # window of 2, all held: waiting
+    now[0] = 1.0
+    assert d.pump(lookup) == 0 and waited() == 1.0
+    ready[0] = True
+    assert d.pump(lookup) == 2 and waited() == 1.0  # sent: the wait ends at 1.0
+    now[0] = 3.0
+    d.handle(b"t0", protocol.Credit(JOB, 0, 0, 1))  # one batch still with the trainer: not waiting
+    now[0] = 4.0
+    assert waited() == 1.0
+    ready[0] = False
+    d.handle(b"t0", protocol.Credit(JOB, 0, 0, 1))  # the whole window back at 4.0: waiting again
+    now[0] = 4.5
+    assert waited() == 1.5
+    ready[0] = True
+    now[0] = 5.0
+    assert d.pump(lookup) == 2
+    now[0] = 10.0
+    assert waited() == 2.0 and d.stats()["tokens_sent"] == 4  # each test batch holds 1 token
