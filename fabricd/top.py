@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich import box
+from rich.columns import Columns
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -212,7 +213,7 @@ def _header(snapshot: Snapshot, shown: Snapshot | None) -> RenderableType:
 
 
 def _members_table(status: dict[str, Any]) -> Table:
-    table = Table(title="members", title_justify="left", expand=False, box=box.SIMPLE_HEAD)
+    table = Table(title="members", title_justify="left", expand=False, box=box.SIMPLE_HEAD, show_edge=False)
     for col, justify in (("node", "left"), ("state", "left"), ("cpu %", "right"), ("mem %", "right"),
                          ("mem free MB", "right"), ("roles", "right"), ("beat", "right")):
         table.add_column(col, justify=justify)
@@ -232,14 +233,13 @@ def _job_tables(view: JobView) -> RenderableType:
     r = view.rates
     parts.append(Text(f"  rates: {_num(r.batches)} batches/s  {_num(r.units)} units/s  "
                       f"{_num(r.tokens, '{:,.0f}')} tokens/s"))
-    row = Table.grid(padding=(0, 3))
-    pools = Table(title="pools", title_justify="left", box=box.SIMPLE_HEAD)
+    pools = Table(title="pools", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     for col in ("source", "workers", "queue", "units", "units/s"):
         pools.add_column(col, justify="left" if col == "source" else "right")
     for p in view.pools:
         pools.add_row(p.source, Text(f"{p.up}/{p.workers}", style="" if p.up == p.workers else "bold red"),
                       str(p.queue), f"{p.units:,}", _num(p.units_per_s))
-    trainers = Table(title=f"trainers (all at step >= {view.floor})", title_justify="left", box=box.SIMPLE_HEAD)
+    trainers = Table(title=f"trainers (all at step >= {view.floor})", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     for col in ("dp/mp", "step", "data wait s", "wait %"):
         trainers.add_column(col, justify="left" if col == "dp/mp" else "right")
     for t in view.trainers:
@@ -248,15 +248,14 @@ def _job_tables(view: JobView) -> RenderableType:
         trainers.add_row(f"+{view.trainers_hidden} more", "", "", "")
     if not view.trainers:
         trainers.add_row("none subscribed", "", "", "")
-    balance = Table(title="balance (cost per rank)", title_justify="left", box=box.SIMPLE_HEAD)
+    balance = Table(title="balance (cost per rank)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     for col in ("step", "max/mean", "bound"):
         balance.add_column(col, justify="right")
     for b in view.balance[-BALANCE_ROWS:]:
         balance.add_row(str(b["step"]), f"{b['max_over_mean']:.3f}", f"{b['bound']:.3f}")
     if not view.balance:
         balance.add_row("-", "-", "-")
-    row.add_row(pools, trainers, balance)
-    parts.append(row)
+    parts.append(Columns([pools, trainers, balance], padding=(0, 3)))  # side by side when they fit
     return Group(*parts)
 
 
