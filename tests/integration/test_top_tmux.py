@@ -1,7 +1,7 @@
 """``fabricctl top`` in a real terminal: tmux runs it against a real daemon (secure control
 socket, operator key) serving a job to a real trainer; the pane must show the leader, the term
-and the trainer's step, say "unreachable since" once the daemon is gone (and keep running), and
-q must end it with status 0.
+and the trainer's step, say "unreachable since" once the daemon is gone (and keep running), show
+the daemon again once it is back, and q must end it with status 0.
 
 The tmux server has its own socket (``-L``), so the test neither sees nor disturbs another
 server, and it is killed by that socket at the end whatever happened.
@@ -89,7 +89,7 @@ def trainer_step(pane: str, rank: str = "0/0") -> int | None:
     return int(m.group(1)) if m else None
 
 
-def test_top_in_tmux_shows_leader_term_and_trainer_step_survives_the_daemon_and_quits_on_q(
+def test_top_in_tmux_shows_leader_term_and_trainer_step_outlives_a_daemon_restart_and_quits_on_q(
         tmp_path, local_daemon, tmux) -> None:
     write_books(tmp_path / "books", n=24)
     job_file = tmp_path / "job.toml"
@@ -124,6 +124,9 @@ def test_top_in_tmux_shows_leader_term_and_trainer_step_survives_the_daemon_and_
     pane = wait_for_pane(tmux, "that the daemon is unreachable", lambda p: "unreachable since" in p)
     assert "showing the last answer" in pane and trainer_step(pane) == step
     assert not rc_file.exists(), f"top exited when the daemon went away: {err_file.read_text()}"
+    local_daemon.port = int(local_daemon.address.rsplit(":", 1)[1])  # restarted where top looks for it
+    local_daemon.start()
+    wait_for_pane(tmux, "the restarted daemon", lambda p: "unreachable" not in p and "leader test" in p)
 
     tmux("send-keys", "-t", "top", "q")
     end = time.monotonic() + WAIT_S
