@@ -152,14 +152,16 @@ def job_view(name: str, job: dict[str, Any], tel: dict[str, dict[str, Any]],
                              units_per_s=_rate(counter_delta(tel, before, ids, "units"), ok_dt)))
 
     waits_before = {(w[0], w[1]): w[3] for c in constructors for w in before.get(c, {}).get("trainer_waits", [])}
-    trainers = []
+    by_rank: dict[tuple[int, int], TrainerRow] = {}
     for c in constructors:
         for dp, mp, step, wait in tel.get(c, {}).get("trainer_waits", []):
             old = waits_before.get((dp, mp))
             pct = None if old is None or ok_dt is None or wait < old else min(100.0, 100.0 * (wait - old) / ok_dt)
-            trainers.append(TrainerRow(rank=f"{dp}/{mp}", step=int(step), wait_s=float(wait), wait_pct=pct,
-                                       constructor=c))
-    trainers.sort(key=lambda t: (t.step, t.rank))
+            row = TrainerRow(rank=f"{dp}/{mp}", step=int(step), wait_s=float(wait), wait_pct=pct, constructor=c)
+            seen = by_rank.get((dp, mp))
+            if seen is None or row.step > seen.step:  # moved between constructors: where it is now
+                by_rank[(dp, mp)] = row
+    trainers = sorted(by_rank.values(), key=lambda t: (t.step, t.rank))
 
     topo = job.get("topology", {})
     state = job.get("state", "?") + (", serving" if job.get("serving") else "")
@@ -330,18 +332,18 @@ def _keys() -> Iterator[Callable[[float], str]]:
 def run_top(fetch: Callable[[], dict[str, Any]], errors: tuple[type[BaseException], ...], *, interval: float,
             once: bool = False, console: Console | None = None) -> int:
     """Poll with ``fetch`` every ``interval`` seconds and redraw until q or Ctrl-C (exit status
-    0). ``once``: print one frame (rates over one interval: two polls) and return 1 when the
-    daemon did not answer, else 0."""
+    0; the terminal is restored). ``once``: print one frame (rates over one interval: two polls)
+    and return 1 when the daemon did not answer, else 0."""
     console = console or Console()
-    if once:
-        first = poll_snapshot(fetch, None, errors)
-        time.sleep(interval)
-        snap = poll_snapshot(fetch, first, errors)
-        console.print(render(snap, first))
-        return 0 if snap.status is not None else 1
     last: Snapshot | None = None  # the newest poll
     good: Snapshot | None = None  # the newest poll the daemon answered: shown while it does not, and rated against
     try:
+        if once:
+            first = poll_snapshot(fetch, None, errors)
+            time.sleep(interval)
+            last = poll_snapshot(fetch, first, errors)
+            console.print(render(last, first if first.status is not None else None))
+            return 0 if last.status is not None else 1
         with _keys() as read_key, Live(console=console, screen=True, auto_refresh=False,
                                         redirect_stdout=False, redirect_stderr=False) as live:
             while True:
@@ -353,5 +355,5 @@ def run_top(fetch: Callable[[], dict[str, Any]], errors: tuple[type[BaseExceptio
                 while (left := deadline - time.monotonic()) > 0:
                     if "q" in read_key(left).lower():
                         return 0
-    except KeyboardInterrupt:
-        return 0
+    except KeyboardInterrupt:  # the view's way out (like q); a script's --once was interrupted
+        return 130 if once else 0

@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -100,17 +101,9 @@ def test_top_in_tmux_shows_leader_term_and_trainer_step_outlives_a_daemon_restar
     for _ in loader:  # 4 steps consumed; the loader stays subscribed, so its constructor stops at its window
         pass
 
-    rc_file, err_file = tmp_path / "top.rc", tmp_path / "top.err"
-    cmd = [sys.executable, "-c", "from fabricd.cli import fabricctl_main; fabricctl_main()",
-           "--address", local_daemon.address, "top", "--interval", "0.5"]
-    env = {**local_daemon.client_env(), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "client"),
-                                                                      os.environ.get("PYTHONPATH", "")])}
-    script = tmp_path / "top.sh"
-    # COLUMNS/LINES would override the pane's size for rich (a tmux server started from pytest has 80x24 there)
-    script.write_text("unset COLUMNS LINES\n" + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
-                      + f"{shlex.join(cmd)} 2>{shlex.quote(str(err_file))}\necho $? >{shlex.quote(str(rc_file))}\n")
+    run = TopRun(tmux, tmp_path, "--address", local_daemon.address, "top", "--interval", "0.5",
+                 env=local_daemon.client_env())
     try:
-        tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "50", f"sh {shlex.quote(str(script))}")
         status, step = settled_step(local_daemon)
         assert step >= 4
         pane = wait_for_pane(tmux, f"trainer 0/0 at step {step}", lambda p: trainer_step(p) == step)
@@ -123,22 +116,57 @@ def test_top_in_tmux_shows_leader_term_and_trainer_step_outlives_a_daemon_restar
     local_daemon.stop()
     pane = wait_for_pane(tmux, "that the daemon is unreachable", lambda p: "unreachable since" in p)
     assert "showing the last answer" in pane and trainer_step(pane) == step
-    assert not rc_file.exists(), f"top exited when the daemon went away: {err_file.read_text()}"
+    assert not run.rc_file.exists(), f"top exited when the daemon went away: {run.err_file.read_text()}"
     local_daemon.port = int(local_daemon.address.rsplit(":", 1)[1])  # restarted where top looks for it
     local_daemon.start()
     wait_for_pane(tmux, "the restarted daemon", lambda p: "unreachable" not in p and "leader test" in p)
 
     tmux("send-keys", "-t", "top", "q")
-    end = time.monotonic() + WAIT_S
-    while not rc_file.exists() or not rc_file.read_text().strip():
-        assert time.monotonic() < end, "top did not exit on q"
-        time.sleep(0.1)
-    assert rc_file.read_text().strip() == "0", err_file.read_text()
-    assert "Traceback" not in err_file.read_text()
-    end = time.monotonic() + WAIT_S
-    while "top" in sessions(tmux):
-        assert time.monotonic() < end, "the tmux session outlived top"
-        time.sleep(0.1)
+    run.assert_exited_cleanly()
+
+
+def test_ctrl_c_ends_top_while_nothing_answers_and_restores_the_terminal(tmp_path, tmux) -> None:
+    from fabricd.localnode import free_port
+
+    run = TopRun(tmux, tmp_path, "--address", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.3", "top",
+                 "--interval", "0.3")
+    wait_for_pane(tmux, "that nothing answers", lambda p: "unreachable since" in p and "no status yet" in p)
+    tmux("send-keys", "-t", "top", "C-c")
+    run.assert_exited_cleanly()
+
+
+class TopRun:
+    """``fabricctl ARGS`` in the tmux session ``top`` (160x50), by a script that then records its
+    exit status and the terminal's settings (``stty -a``) in files of ``tmp_path``."""
+
+    def __init__(self, tmux: Callable[..., str], tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.tmux = tmux
+        self.rc_file, self.err_file, self.stty_file = tmp_path / "top.rc", tmp_path / "top.err", tmp_path / "stty"
+        cmd = [sys.executable, "-c", "from fabricd.cli import fabricctl_main; fabricctl_main()", *args]
+        env = {**(env or {}), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "client"),
+                                                             os.environ.get("PYTHONPATH", "")])}
+        q = lambda p: shlex.quote(str(p))  # noqa: E731
+        script = tmp_path / "top.sh"
+        # COLUMNS/LINES would override the pane's size for rich (a tmux server started from pytest has 80x24 there)
+        # the script itself outlives a Ctrl-C meant for top (a trap is reset to the default in top)
+        script.write_text("trap : INT\nunset COLUMNS LINES\n" + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+                          + f"{shlex.join(cmd)} 2>{q(self.err_file)}\necho $? >{q(self.rc_file)}\n"
+                          + f"stty -a >{q(self.stty_file)}.part && mv {q(self.stty_file)}.part {q(self.stty_file)}\n")
+        tmux("new-session", "-d", "-s", "top", "-x", "160", "-y", "50", f"sh {q(script)}")
+
+    def assert_exited_cleanly(self) -> None:
+        """Status 0, no traceback, the terminal back in line mode with echo, the session gone."""
+        end = time.monotonic() + WAIT_S
+        while not self.stty_file.exists():
+            assert time.monotonic() < end, f"top did not exit: {self.err_file.read_text()}"
+            time.sleep(0.1)
+        err = self.err_file.read_text()
+        assert self.rc_file.read_text().strip() == "0" and "Traceback" not in err, err
+        modes = self.stty_file.read_text().split()
+        assert "icanon" in modes and "echo" in modes, f"the terminal was left in cbreak mode: {modes}"
+        while "top" in sessions(self.tmux):
+            assert time.monotonic() < end, "the tmux session outlived top"
+            time.sleep(0.1)
 
 
 def sessions(tmux: Callable[..., str]) -> list[str]:

@@ -13,7 +13,7 @@ from rich.console import Console
 from fabricd.planner.plan import StepPlan
 from fabricd.planner.quality import step_balance
 from fabricd.planner.worker import PlanWorker
-from fabricd.top import Snapshot, counter_delta, poll_snapshot, render
+from fabricd.top import Snapshot, counter_delta, job_view, poll_snapshot, render
 
 pytestmark = pytest.mark.unit
 
@@ -145,3 +145,13 @@ def test_the_plan_worker_reports_the_balance_of_the_steps_it_planned() -> None:
         assert rows[0] == {"step": 0, "max_over_mean": 1.5, "bound": 1.5}
     finally:
         worker.close()
+
+
+def test_a_trainer_two_constructors_report_is_shown_once_where_it_is_now() -> None:
+    """A trainer that moved to its group's standby may still be listed by the primary for a beat."""
+    job = {"roles": [{"id": "j/constructor/0", "kind": "constructor", "alive": True},
+                     {"id": "j/constructor/0/standby", "kind": "constructor", "alive": True}]}
+    tel = {"j/constructor/0": {"trainer_waits": [[0, 0, 5, 1.0]]},
+           "j/constructor/0/standby": {"trainer_waits": [[0, 0, 9, 0.5]]}}
+    view = job_view("j", job, tel, None, None)
+    assert [(t.rank, t.step, t.constructor) for t in view.trainers] == [("0/0", 9, "j/constructor/0/standby")]
