@@ -264,7 +264,16 @@ def _job_tables(view: JobView) -> RenderableType:
 def render(snapshot: Snapshot, previous: Snapshot | None) -> RenderableType:
     """The frame for ``snapshot``, with rates against ``previous`` (the last poll the daemon
     answered before it; None for the first). When ``snapshot`` has no status (the daemon did
-    not answer), the frame says since when, over the content of ``previous``."""
+    not answer), the frame says since when, over the content of ``previous``. A status document
+    it cannot read (another version's, a broken one) is a frame saying so, never a crash."""
+    try:
+        return _render(snapshot, previous)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        return Group(Text(f"cannot show the status document polled at {_clock(snapshot.at)}: "
+                          f"{type(e).__name__}: {e}", style="bold red"), _footer())
+
+
+def _render(snapshot: Snapshot, previous: Snapshot | None) -> RenderableType:
     shown = snapshot if snapshot.status is not None else (previous if previous and previous.status else None)
     parts: list[RenderableType] = [_header(snapshot, shown)]
     if shown is None or shown.status is None:

@@ -155,3 +155,12 @@ def test_a_trainer_two_constructors_report_is_shown_once_where_it_is_now() -> No
            "j/constructor/0/standby": {"trainer_waits": [[0, 0, 9, 0.5]]}}
     view = job_view("j", job, tel, None, None)
     assert [(t.rank, t.step, t.constructor) for t in view.trainers] == [("0/0", 9, "j/constructor/0/standby")]
+
+
+def test_a_status_document_it_cannot_read_is_a_frame_saying_so() -> None:
+    doc = status_doc(units=1, batches=1, tokens=1, wait_s=0.0, step=2)
+    doc["jobs"]["j"]["roles"][0] = {"id": "j/constructor/0"}  # no kind
+    frame = text(render(Snapshot(at=1.0, status=doc), None))
+    assert "cannot show the status document" in frame and "KeyError: 'kind'" in frame
+    doc["cluster"] = "garbled"
+    assert "AttributeError" in text(render(Snapshot(at=1.0, status=doc), None))
