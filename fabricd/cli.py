@@ -121,12 +121,19 @@ def fabricctl_main(ctx: click.Context, address: str | None, config_path: str | N
 def _request(ctx: click.Context, msg: protocol.Message) -> protocol.Message:
     """Ask the daemons of --address (comma-separated) in turn; decisions go to the leader."""
     try:
-        addresses = _address(ctx.obj["address"], ctx.obj["config"]).split(",")
         keys = ClientKeys.load(ctx.obj["key_file"]) if ctx.obj["key_file"] else None
-        return request_any(addresses, msg, timeout_s=ctx.obj["timeout"], keys=keys,
-                           leader_only=isinstance(msg, (protocol.SubmitJob, protocol.CancelJob, protocol.PlanUpdate)))
+        return _request_with(ctx, msg, keys, timeout_s=ctx.obj["timeout"])
     except (FabricError, FabricdError, KeysError) as e:
         raise click.ClickException(str(e)) from e
+
+
+def _request_with(ctx: click.Context, msg: protocol.Message, keys: ClientKeys | None, *,
+                  timeout_s: float) -> protocol.Message:
+    """``_request`` with the keys already loaded, raising the fabric's errors as they are (the
+    address is resolved again each time: a restarted daemon may have written a new endpoint)."""
+    addresses = _address(ctx.obj["address"], ctx.obj["config"]).split(",")
+    return request_any(addresses, msg, timeout_s=timeout_s, keys=keys,
+                       leader_only=isinstance(msg, (protocol.SubmitJob, protocol.CancelJob, protocol.PlanUpdate)))
 
 
 @fabricctl_main.command("submit")
@@ -256,6 +263,28 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"  trainer progress: every rank at step {job.get('progress_floor', 0)} or later"
                        + ("; ahead (dp/mp: next step): " + ", ".join(f"{k}: {v}" for k, v in steps[:16])
                           + (" ..." if len(steps) > 16 else "") if steps else ""))
+
+
+@fabricctl_main.command("top")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one frame (rates over one interval) and exit; "
+                                           "exit status 1 when no daemon answered.")
+@click.pass_context
+def top_cmd(ctx: click.Context, interval: float, once: bool) -> None:
+    """A live view of the fabric: leader and term, members, and per job its pools, trainers,
+    balance and rates. q or Ctrl-C quits. A daemon that stops answering is shown as
+    "unreachable since ..." until it answers again."""
+    from .top import run_top
+
+    try:
+        keys = ClientKeys.load(ctx.obj["key_file"]) if ctx.obj["key_file"] else None
+    except KeysError as e:
+        raise click.ClickException(str(e)) from e
+    # a poll that waits long holds up the keys (q): at most a couple of intervals, or --timeout
+    timeout_s = min(ctx.obj["timeout"], max(1.0, 2 * interval))
+    fetch = lambda: _request_with(ctx, protocol.StatusRequest(), keys, timeout_s=timeout_s).status  # noqa: E731
+    ctx.exit(run_top(fetch, (FabricError, FabricdError, KeysError, OSError), interval=interval, once=once))
 
 
 @fabricctl_main.command("dev-cluster")

@@ -95,7 +95,9 @@ def node_telemetry(daemon: Daemon) -> NodeTelemetry:
         roles[rid] = RoleProcessTelemetry(
             **daemon.supervisor.telemetry(role), builds=st.builds, units=st.units, requests=st.requests,
             busy_s=st.busy_s, built_batches=st.built_batches, hedged=st.hedged,
-            load_retries=st.load_retries, sent=st.sent)
+            load_retries=st.load_retries, sent=st.sent, batches_sent=st.batches_sent, tokens_sent=st.tokens_sent,
+            load_queue={src: queued + in_flight for src, (queued, in_flight) in st.load_queues.items()},
+            trainer_waits=[(s.dp_rank, s.mp_rank, s.next_step, s.data_wait_s) for s in st.subscriptions])
     return NodeTelemetry(cpu_percent=psutil.cpu_percent(None), mem_used_percent=vm.percent,
                          mem_available_mb=round(vm.available / 2**20), roles=len(daemon.supervisor.roles),
                          role_processes=roles, hostname=daemon.hostname[:255],

@@ -34,6 +34,7 @@ from fabricd.cluster.placement import constructor_id
 from fabricd.config import load_job_spec
 from fabricd.expect import BatchOracle
 from fabricd.localnode import LocalCluster
+from fabricd.planner.quality import step_balance
 from fabric_client import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,10 +175,9 @@ def verify(spec, steps: int, out_dir: Path) -> dict:
     for step in tqdm(range(steps), desc="computing expected batches offline", unit="step"):
         for b in oracle.step(step):
             expected[b.key()] = b
-        plan = oracle.planner.plan(step, spec.topology.dp_size)
-        costs = plan.rank_costs()
-        ratios.append(float(costs.max() / costs.mean()))
-        bounds.append(float(max(costs.mean(), plan.cost.max()) / costs.mean()))
+        balance = step_balance(oracle.planner.plan(step, spec.topology.dp_size))
+        ratios.append(balance.max_over_mean)
+        bounds.append(balance.bound)
     lost = duplicated = mismatched = 0
     tokens = skipped = batches = image_tokens = images = 0
     for d in range(spec.topology.dp_size):

@@ -373,6 +373,9 @@ class TrainerPosition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     next_micro: Micro = 0
     credits: Credits = 0
     sent: Count = 0
+    #: seconds the constructor held this trainer's whole credit window (it had nothing buffered
+    #: or in flight: it waited for data), since it subscribed
+    data_wait_s: Seconds = 0.0
 
 
 class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -404,6 +407,7 @@ class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
     credits_received: Count = 0
     batches_sent: Count = 0
     bytes_sent: Count = 0
+    tokens_sent: Count = 0
     heartbeats_sent: Count = 0
     unreachable_dropped: Count = 0
     eagain: Count = 0

@@ -13,7 +13,7 @@ from typing import Annotated
 import msgspec
 from fabric_client.protocol import Bounded, Count, DpRank, Ident, MpRank, Name, NextStep, OptName, Seconds
 
-__all__ = ["HostDeclaration", "NodeTelemetry", "RoleProcessTelemetry", "RoleView", "TrainerAt"]
+__all__ = ["HostDeclaration", "NodeTelemetry", "RoleProcessTelemetry", "RoleView", "TrainerAt", "TrainerWait"]
 
 Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0 * 4096)]  # psutil's per-process CPU can pass 100
 Megabytes = Annotated[float, msgspec.Meta(ge=0.0, le=float(1 << 40))]
@@ -22,6 +22,8 @@ Megabytes = Annotated[float, msgspec.Meta(ge=0.0, le=float(1 << 40))]
 TrainerAt = tuple[DpRank, MpRank, NextStep]
 #: ``(job, dp_rank, mp_rank, host, declared_ms)``: a trainer's host, from its ``Locate``.
 HostDeclaration = tuple[Name, DpRank, MpRank, Name, Count]
+#: ``(dp_rank, mp_rank, next_step, data_wait_s)`` of one trainer a constructor serves now.
+TrainerWait = tuple[DpRank, MpRank, NextStep, Seconds]
 
 
 class RoleProcessTelemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -37,6 +39,12 @@ class RoleProcessTelemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     hedged: Count = 0
     load_retries: Count = 0
     sent: Count = 0
+    # what `fabricctl top` shows cluster-wide (constructors): delivery rates, the load requests
+    # queued per source, and how long each served trainer waited for data
+    batches_sent: Count = 0
+    tokens_sent: Count = 0
+    load_queue: Annotated[dict[Name, Count], msgspec.Meta(max_length=1024)] = {}
+    trainer_waits: Bounded(TrainerWait, 1 << 16) = []
 
 
 class NodeTelemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

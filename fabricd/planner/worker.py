@@ -17,15 +17,18 @@ from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+import msgspec
 from fabric_client.limits import MAX_STEP
 
 from fabricd.planner.plan import Planner, StepPlan
+from fabricd.planner.quality import StepBalance, step_balance
 
 __all__ = ["PlanWorker"]
 
 log = logging.getLogger(__name__)
 
 _FAILED_KEPT = 32  # most recent failed steps remembered (each is answered with its error)
+BALANCE_KEPT = 16  # the balance of the most recently planned steps, shown by status (fabricctl top)
 
 
 class PlanWorker:
@@ -57,6 +60,7 @@ class PlanWorker:
         self._cache: OrderedDict[int, StepPlan] = OrderedDict()
         self._wanted: set[int] = set()
         self._failed: OrderedDict[int, str] = OrderedDict()
+        self._balance: OrderedDict[int, StepBalance] = OrderedDict()  # step → its plan's balance
         self._highest = -1
         self._running: tuple[int, float] | None = None  # (step, started) of the plan in progress
         self._overdue_counted = False
@@ -110,7 +114,8 @@ class PlanWorker:
                 "overdue": now - self._running[1] > self.deadline_s}
             return {"alive": self._thread.is_alive() and not self._stopped, "running": running,
                     "queued": len(self._wanted), "cached": len(self._cache), "deadline_s": self.deadline_s,
-                    "error": self.error, "last_overdue": self.last_overdue}
+                    "error": self.error, "last_overdue": self.last_overdue,
+                    "balance": [msgspec.to_builtins(b) for b in sorted(self._balance.values(), key=lambda b: b.step)]}
 
     def close(self) -> None:
         """Stop the thread (after the plan in progress, if any) and drop the cache."""
@@ -184,6 +189,7 @@ class PlanWorker:
             err = f"plan of step {step} failed: {type(e).__name__}: {e}"
             log.exception("job %s: %s", self.name, err)
         seconds = self.clock() - started
+        balance = step_balance(plan) if isinstance(plan, StepPlan) else None  # off the clock: not planning time
         with self._cond:
             self._check_overdue()
             self._running = None
@@ -206,5 +212,10 @@ class PlanWorker:
             self.counters["plans_computed"] += 1
             self.counters["plan_ms_max"] = max(self.counters["plan_ms_max"], round(seconds * 1e3, 2))
             self._cache[step] = plan
+            if balance is not None:
+                self._balance[step] = balance
+                self._balance.move_to_end(step)
+                while len(self._balance) > BALANCE_KEPT:
+                    self._balance.popitem(last=False)
             while len(self._cache) > self.cache_steps:
                 self._cache.popitem(last=False)

@@ -141,6 +141,7 @@ class TrainerDelivery:
             "credits_received": 0,
             "batches_sent": 0,
             "bytes_sent": 0,
+            "tokens_sent": 0,
             "heartbeats_sent": 0,
             "unreachable_dropped": 0,
             "eagain": 0,
@@ -297,6 +298,7 @@ class TrainerDelivery:
                 sent += 1
                 counters["batches_sent"] += 1
                 counters["bytes_sent"] += batch.nbytes
+                counters["tokens_sent"] += batch.header.tokens
                 if sub.micro + 1 < batch.header.num_micro_batches:
                     sub.micro += 1
                 else:
@@ -338,9 +340,12 @@ class TrainerDelivery:
     # ---------------------------------------------------------------------------------- stats
 
     def stats(self) -> dict:
-        """Counters; per subscription, its position, credits and batches sent; the last
+        """Counters; per subscription, its position, credits and batches sent; and the last
         position of trainers that left (``departed``: ``[dp_rank, mp_rank, next_step]``); and per
-        trainer ever served, batches sent and data wait (``delivered``: ``[dp, mp, sent, wait_s]``)."""
+        trainer ever served, batches sent and data wait (``delivered``: ``[dp, mp, sent, wait_s]``).
+        A subscription's ``data_wait_s`` is that trainer's wait so far: the seconds its loader
+        spent between asking for a batch and having one, as its credits report them.
+        """
         return {
             **self._counters,
             "departed": [[dp, mp, step] for (dp, mp), step in self._departed.items()],
@@ -353,6 +358,7 @@ class TrainerDelivery:
                     "next_micro": s.micro,
                     "credits": s.credits,
                     "sent": s.sent,
+                    "data_wait_s": round(self._delivered.get((s.dp_rank, s.mp_rank), (0, 0.0))[1], 3),
                 }
                 for s in self._subs.values()
             ],

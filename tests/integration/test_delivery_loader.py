@@ -736,3 +736,25 @@ def test_resubscribe_replaces_and_wrong_lookup_is_a_bug() -> None:
     assert d.demand() == {0: (4, 0)} and len(d.stats()["subscriptions"]) == 2
     with pytest.raises(ValueError, match="returned the batch"):
         d.pump(lambda rank, step, micro: _batch(0, 0))
+
+
+@pytest.mark.timeout(15)
+def test_data_wait_is_what_the_trainer_reports_with_its_credits() -> None:
+    """A trainer's data wait is measured by its loader (asking for a batch until it has one) and
+    travels with its credits; the constructor sums it per trainer, for the subscription (what
+    fabricctl top shows) and per trainer ever served (what the metrics export)."""
+    sock = FakeRouter()
+    d = TrainerDelivery(sock, job=JOB, fingerprint=FP, ranks=[0], mp_size=1, heartbeat_s=100.0)
+    lookup = lambda rank, step, micro: _batch(step, micro, rank)  # noqa: E731
+
+    def waited() -> float:
+        (sub,) = d.stats()["subscriptions"]
+        return sub["data_wait_s"]
+
+    d.handle(b"t0", protocol.Subscribe(JOB, FP, 0, 0, 0, 0, 2))
+    assert d.pump(lookup) == 2 and waited() == 0.0
+    d.handle(b"t0", protocol.Credit(JOB, 0, 0, 1, wait_s=1.25))
+    d.handle(b"t0", protocol.Credit(JOB, 0, 0, 1, wait_s=0.5))
+    assert waited() == 1.75
+    assert d.pump(lookup) == 2
+    assert d.stats()["delivered"] == [[0, 0, 4, 1.75]] and d.stats()["tokens_sent"] == 4  # each test batch holds 1 token
