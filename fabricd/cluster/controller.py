@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import NodeConfig
-from .lease import BecameLeader, LeaderChanged, LeaseBackend, LeaseConfig, LeaseElection, Send, SteppedDown
+from .lease import BecameLeader, LeaderChanged, LeaseBackend, Send, SteppedDown
+from .lease_backends import make_lease
 from .log import CheckpointLog, LogError, LogFull
 from .membership import MemberBeat, Membership
 from .replication import Committed, HigherTerm, ReplicationTracker, ShadowReplica
@@ -57,10 +58,8 @@ class ClusterController:
         self.peers = [p.node_id for p in c.peers if p.node_id != self.node]
         self.log = CheckpointLog(Path(cfg.state_dir) / "log")
         self.state: FabricState = self.log.open()
-        self.lease: LeaseBackend = LeaseElection(self.node, c.voters, LeaseConfig(c.lease_duration_s, c.renew_deadline_s,
-                                                                     c.retry_period_s),
-                                   FileTermStore(Path(cfg.state_dir) / "term.json"),
-                                   log_position=lambda: self.log.last_position, now=now)
+        self.lease: LeaseBackend = make_lease(cfg, FileTermStore(Path(cfg.state_dir) / "term.json"),
+                                              log_position=lambda: self.log.last_position, now=now)
         self.members = Membership(self.node, [p.node_id for p in c.peers], heartbeat_s=cfg.heartbeat_s,
                                   missed_beats=c.missed_beats)
         self.replica = ShadowReplica(self.node, self.log, self.state)
