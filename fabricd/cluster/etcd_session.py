@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .etcd_gateway import EtcdError, EtcdGateway, KeyValue, prefix_end
 
@@ -126,10 +126,12 @@ class EtcdSession:
         self._thread.start()
 
     def set_intent(self, intent: Intent) -> None:
+        """Replace the intent; a change other than the log position (which moves with every
+        record) starts the next cycle at once."""
         with self._lock:
-            changed = intent != self._intent
+            urgent = replace(intent, position=self._intent.position) != self._intent
             self._intent = intent
-        if changed:
+        if urgent:
             self._wake.set()
 
     def observations(self) -> list[Observation]:
