@@ -40,6 +40,7 @@ class EtcdServer:
         self.url = ""
 
     def start(self) -> str:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):  # a free port can be taken between picking and binding it
             client, peer = free_port(), free_port()
             self.url = f"http://127.0.0.1:{client}"
