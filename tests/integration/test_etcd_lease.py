@@ -205,3 +205,46 @@ def test_a_term_not_above_the_stored_one_is_refused(etcd_server, prefix, nodes):
     assert a.lease.term > revision + 6
     assert all(x.term > revision + 6 for _, x in a.actions if isinstance(x, BecameLeader))
     assert store.load()[0] == a.lease.term
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_appends_of_the_previous_etcd_term_are_fenced(etcd_server, prefix, nodes, tmp_path):
+    """Terms taken from a real handover (create revisions t1 < t2) go through the replication
+    layer's fencing unchanged: a shadow that holds t2's records refuses a late append of t1, and
+    the old leader is told of the newer term."""
+    from fabricd.cluster.log import CheckpointLog
+    from fabricd.cluster.replication import LogAck, LogAppend, ReplicationTracker, ShadowReplica
+    from fabricd.cluster.state import FabricState, Record
+
+    from ..unit.test_replication import make_records
+
+    first = start_three(etcd_server.url, prefix, nodes)
+    t1 = first.lease.term
+    first.lease.release(time.monotonic(), "test: hand over")
+    others = [n for n in nodes if n is not first]
+    drive(nodes, lambda: leader_of(others) is not None, 10)
+    second = leader_of(others)
+    t2 = second.lease.term
+    shadow = next(n for n in others if n is not second)
+    drive(nodes, lambda: shadow.lease.term == t2, 5)
+    assert t1 < t2
+
+    log = CheckpointLog(tmp_path / "log")
+    replica = ShadowReplica(shadow.node_id, log, log.open())
+    decided = FabricState()
+    old = make_records(decided, t1, 3)
+    replica.on_message(LogAppend(t1, first.node_id, 0, [r.to_dict() for r in old], 3, 0), 1.0)
+    new = make_records(decided, t2, 2)
+    replica.on_message(LogAppend(t2, second.node_id, 3, [r.to_dict() for r in new], 5, t1), 2.0)
+    assert log.last_position == (t2, 5)
+
+    late = LogAppend(t1, first.node_id, 5, [Record(t1, 6, "member_seen", {"node": "x", "endpoint": "e"}).to_dict()],
+                     6, t2)
+    assert t1 < shadow.lease.term, "the daemon's own check (append term < lease term) refuses it too"
+    (reply,) = replica.on_message(late, 3.0)
+    assert reply.msg == LogAck(term=t2, shadow=shadow.node_id, seq=5, ok=False)
+    assert replica.counters["stale_term_rejected"] == 1 and log.last_position == (t2, 5)
+    stale_leader = ReplicationTracker(first.node_id, t1, [shadow.node_id], 1, log, clock_now=0.0)
+    assert [a.term for a in stale_leader.on_message(reply.msg, 3.0)] == [t2]
+    log.close()
