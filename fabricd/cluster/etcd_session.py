@@ -173,9 +173,11 @@ class EtcdSession:
             return self._cycle(started, intent)
         except EtcdError as e:
             return Observation(started_at=started, released=self._released, error=str(e))
-        except Exception as e:  # a bug: logged and shown in status, the next cycle tries again
-            log.exception("etcd lease session of %s failed", self.node_id)
-            self.failure = f"{type(e).__name__}: {e}"
+        except Exception as e:  # a bug: logged (once per kind) and shown in status; the next cycle tries again
+            failure = f"{type(e).__name__}: {e}"
+            if failure != self.failure:
+                log.exception("etcd lease session of %s failed", self.node_id)
+            self.failure = failure
             return Observation(started_at=started, released=self._released, error=self.failure)
 
     def _cycle(self, started: float, intent: Intent) -> Observation:

@@ -174,3 +174,18 @@ def test_bad_lease_backend_keys_name_file_key_and_value(tmp_path, cluster, key, 
     with pytest.raises(ConfigError) as info:
         load_node_config(path)
     assert (info.value.file, info.value.key, info.value.value) == (path, key, value)
+
+
+def test_gateway_helpers():
+    from fabricd.cluster.etcd_gateway import KeyValue, prefix_end, url_problem
+    from fabricd.cluster.etcd_session import position_of
+
+    assert prefix_end("/fabricd/nodes/") == "/fabricd/nodes0"
+    assert url_problem("http://127.0.0.1:2379") is None and url_problem("http://[::1]:2379") is None
+    assert url_problem("http://h:x") and url_problem("unix:///run/etcd.sock")
+
+    def kv(value):
+        return KeyValue("/p/nodes/a", value, 5, 5, 7)
+    assert position_of(kv('{"term": 3, "seq": 9}')) == (3, 9)
+    for bad in ("", "[]", '{"term": -1, "seq": 0}', '{"term": true, "seq": 0}', '{"term": 1}', "{nope"):
+        assert position_of(kv(bad)) is None, bad
