@@ -244,11 +244,12 @@ class ClusterController:
 
     def status(self, now: float) -> dict[str, Any]:
         """Lease, log, replicas, members, counters; ``degraded`` says why this daemon cannot vote
-        or lead (its term store fails: a full or read-only disk), else None."""
+        or lead (its term store fails: a full or read-only disk; the etcd lease backend cannot
+        reach etcd), else None."""
         lease = self.lease.status(now)
-        store_error = lease.get("store_error")
+        store_error, etcd_error = lease.get("store_error"), lease.get("etcd_error")
         return {
-            "degraded": f"term store: {store_error}" if store_error else None,
+            "degraded": f"term store: {store_error}" if store_error else f"etcd: {etcd_error}" if etcd_error else None,
             "lease": lease,
             "log": {"last": list(self.log.last_position), "first_seq": self.log.first_seq,
                     "commit_seq": self.commit_seq},
