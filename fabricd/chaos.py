@@ -123,7 +123,9 @@ class ChaosRun:
     """A local fabric + trainer threads + a seeded fault schedule."""
 
     def __init__(self, workdir: Path, *, seed: int, nodes: int = 3, dp_size: int = 2, pace_s: float = 0.05,
-                 lease_s: float = 2.0, kinds: tuple[str, ...] = FAULT_KINDS, netns: bool = False) -> None:
+                 lease_s: float = 2.0, kinds: tuple[str, ...] = FAULT_KINDS, netns: bool = False,
+                 cluster_extra: str = "") -> None:
+        """``cluster_extra``: more ``[cluster]`` TOML lines for every daemon (say, the etcd lease backend)."""
         known = FAULT_KINDS + (PARTITION_KINDS if netns else ())
         unknown = set(kinds) - set(known)
         if unknown:
@@ -135,6 +137,7 @@ class ChaosRun:
         self.rng = random.Random(seed)
         self.seed, self.nodes, self.dp_size, self.pace_s, self.lease_s = seed, nodes, dp_size, pace_s, lease_s
         self.kinds = kinds
+        self.cluster_extra = cluster_extra
         self.stop_event = threading.Event()
         self.cluster: LocalCluster | None = None
         self.trainers: list[_Trainer] = []
@@ -161,7 +164,8 @@ class ChaosRun:
         self.cluster = LocalCluster(self.workdir / "cluster", nodes=self.nodes, loader_workers=2,
                                     lease_duration_s=self.lease_s, renew_deadline_s=self.lease_s * 0.65,
                                     retry_period_s=self.lease_s * 0.15, log_level="WARNING", lab=self.lab,
-                                    extra_env={FAILPOINTS_FILE_ENV: str(self.armed.absolute())})
+                                    extra_env={FAILPOINTS_FILE_ENV: str(self.armed.absolute())},
+                                    cluster_extra=self.cluster_extra)
         self.cluster.start()
         leader = self.cluster.leader()
         with self.cluster.daemons[leader].client() as c:

@@ -19,6 +19,7 @@ from typing import Any
 from fabric_client.limits import MAX_NAME_CHARS
 
 from . import spec_bounds as B
+from .cluster.etcd_gateway import url_problem
 from .errors import ConfigError
 from .images import IMAGE_MODES, ImageSpec
 from .planner.compose import COMPOSE_MODES, MAX_DELAY_STEPS
@@ -175,6 +176,13 @@ def _parse_toml(text: str, file: str) -> dict:
 # Node config
 
 
+#: Lease backends: the daemons' own majority election, or a lease in etcd v3 (see README).
+LEASE_BACKENDS = ("builtin", "etcd")
+DEFAULT_ETCD_PREFIX = "/fabricd/"
+MAX_ETCD_ENDPOINTS = 16
+MAX_ETCD_PREFIX_CHARS = 200
+
+
 @dataclass(frozen=True)
 class PeerSpec:
     node_id: str
@@ -210,6 +218,9 @@ class ClusterConfig:
     renew_deadline_s: float
     retry_period_s: float
     missed_beats: int             # heartbeats missed before a member is declared dead
+    lease_backend: str = "builtin"  # who grants the lease: LEASE_BACKENDS
+    etcd_endpoints: tuple[str, ...] = ()  # lease_backend = "etcd": the etcd gateway URLs (http://host:port)
+    etcd_prefix: str = DEFAULT_ETCD_PREFIX  # lease_backend = "etcd": the keys of this cluster start with it
 
     def peer(self, node_id: str) -> PeerSpec:
         for p in self.peers:
@@ -377,7 +388,36 @@ def _cluster_config(t: _Table, node_id: str, control: str) -> ClusterConfig:
         renew_deadline_s=renew,
         retry_period_s=retry,
         missed_beats=t.int("missed_beats", 3, min=1, max=100),
+        **_lease_backend(t),
     )
+
+
+def _lease_backend(t: _Table) -> dict[str, Any]:
+    """``lease_backend`` and, for etcd, ``etcd_endpoints`` / ``etcd_prefix`` (refused otherwise)."""
+    backend = t.str("lease_backend", "builtin", choices=LEASE_BACKENDS)
+    if backend != "etcd":
+        for key in ("etcd_endpoints", "etcd_prefix"):
+            if key in t.data:
+                raise t.error(key, t.data[key], f"only used with lease_backend = \"etcd\" (it is {backend!r})")
+        return {"lease_backend": backend}
+    endpoints = _str_list(t, "etcd_endpoints", max=MAX_ETCD_ENDPOINTS, bound="MAX_ETCD_ENDPOINTS")
+    if not endpoints:
+        raise t.error("etcd_endpoints", list(endpoints),
+                      'lease_backend = "etcd" needs at least one endpoint, like ["http://127.0.0.1:2379"]')
+    for url in endpoints:
+        problem = url_problem(url)
+        if problem:
+            raise t.error("etcd_endpoints", url, problem)
+    prefix = t.str("etcd_prefix", DEFAULT_ETCD_PREFIX)
+    if not prefix.startswith("/") or not prefix.endswith("/") or len(prefix) > MAX_ETCD_PREFIX_CHARS \
+            or not prefix.isprintable() or not prefix.isascii():
+        raise t.error("etcd_prefix", prefix,
+                      f"expected printable ASCII starting and ending with '/', at most {MAX_ETCD_PREFIX_CHARS} "
+                      'characters, like "/fabricd/<cluster>/"')
+    if "etcd_prefix" not in t.data:
+        log.info("%s: no [cluster] etcd_prefix; the lease keys are under %s (clusters sharing an etcd need "
+                 "their own prefix)", t.file, prefix)
+    return {"lease_backend": backend, "etcd_endpoints": endpoints, "etcd_prefix": prefix}
 
 
 # --------------------------------------------------------------------------------------------

@@ -250,7 +250,9 @@ class LocalCluster:
                  lease_duration_s: float = 2.0, renew_deadline_s: float = 1.3, retry_period_s: float = 0.3,
                  heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None,
                  lab: NetnsLab | None = None, data_roots: Sequence[str | Path] | None = None,
-                 keys_dir: str | Path | None = None, insecure: bool = False, metrics: bool = True) -> None:
+                 keys_dir: str | Path | None = None, insecure: bool = False, metrics: bool = True,
+                 cluster_extra: str = "") -> None:
+        """``cluster_extra``: more ``[cluster]`` keys, as TOML lines (say, the lease backend)."""
         self.workdir = Path(workdir).absolute()
         roots = list(data_roots or default_data_roots(self.workdir))
         keys_dir = Path(keys_dir or os.environ.get(KEYS_DIR_ENV) or self.workdir / "keys")
@@ -261,7 +263,7 @@ class LocalCluster:
         ports = dict.fromkeys(ids, 7700) if lab else {n: free_port() for n in ids}
         peers = "".join(f'[[cluster.peers]]\nid = "{n}"\ncontrol = "tcp://{hosts[n]}:{p}"\n\n' for n, p in ports.items())
         cluster = (f"[cluster]\nlease_duration_s = {lease_duration_s}\nrenew_deadline_s = {renew_deadline_s}\n"
-                   f"retry_period_s = {retry_period_s}\nmissed_beats = {missed_beats}\n\n{peers}")
+                   f"retry_period_s = {retry_period_s}\nmissed_beats = {missed_beats}\n{cluster_extra}\n{peers}")
         self.daemons = {n: LocalDaemon(self.workdir / n, node_id=n, loader_workers=loader_workers,
                                        log_level=log_level, extra_env=extra_env, port=ports[n], cluster_toml=cluster,
                                        heartbeat_s=heartbeat_s, host=hosts[n],

@@ -206,3 +206,16 @@ def keyed_dealer(kind: str, node: str | None = None, *, hwm: int = 1000):
     keys = Path(os.environ[KEYS_DIR_ENV])
     path = {"trainer": keys / TRAINER_KEY, "operator": keys / OPERATOR_KEY, "node": keys / f"nodes/{node}.key_secret"}[kind]
     return SocketFactory(zmq.Context.instance(), keys=ClientKeys.load(path)).dealer(hwm=hwm)
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory) -> Iterator:
+    """A real etcd (Debian's etcd-server) on free ports, one per test worker; skips, saying why,
+    where there is no etcd binary. Tests keep apart by using their own key prefix."""
+    from .etcd_server import EtcdServer, etcd_missing
+
+    missing = etcd_missing()
+    if missing:
+        pytest.skip(missing)
+    with EtcdServer(tmp_path_factory.mktemp("etcd")) as server:
+        yield server

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import NodeConfig
-from .lease import BecameLeader, LeaderChanged, LeaseBackend, LeaseConfig, LeaseElection, Send, SteppedDown
+from .lease import BecameLeader, LeaderChanged, LeaseBackend, Send, SteppedDown
+from .lease_backends import make_lease
 from .log import CheckpointLog, LogError, LogFull
 from .membership import MemberBeat, Membership
 from .replication import Committed, HigherTerm, ReplicationTracker, ShadowReplica
@@ -57,10 +58,8 @@ class ClusterController:
         self.peers = [p.node_id for p in c.peers if p.node_id != self.node]
         self.log = CheckpointLog(Path(cfg.state_dir) / "log")
         self.state: FabricState = self.log.open()
-        self.lease: LeaseBackend = LeaseElection(self.node, c.voters, LeaseConfig(c.lease_duration_s, c.renew_deadline_s,
-                                                                     c.retry_period_s),
-                                   FileTermStore(Path(cfg.state_dir) / "term.json"),
-                                   log_position=lambda: self.log.last_position, now=now)
+        self.lease: LeaseBackend = make_lease(cfg, FileTermStore(Path(cfg.state_dir) / "term.json"),
+                                              log_position=lambda: self.log.last_position, now=now)
         self.members = Membership(self.node, [p.node_id for p in c.peers], heartbeat_s=cfg.heartbeat_s,
                                   missed_beats=c.missed_beats)
         self.replica = ShadowReplica(self.node, self.log, self.state)
@@ -247,11 +246,12 @@ class ClusterController:
 
     def status(self, now: float) -> dict[str, Any]:
         """Lease, log, replicas, members, counters; ``degraded`` says why this daemon cannot vote
-        or lead (its term store fails: a full or read-only disk), else None."""
+        or lead (its term store fails: a full or read-only disk; the etcd lease backend cannot
+        reach etcd), else None."""
         lease = self.lease.status(now)
-        store_error = lease.get("store_error")
+        store_error, etcd_error = lease.get("store_error"), lease.get("etcd_error")
         return {
-            "degraded": f"term store: {store_error}" if store_error else None,
+            "degraded": f"term store: {store_error}" if store_error else f"etcd: {etcd_error}" if etcd_error else None,
             "lease": lease,
             "log": {"last": list(self.log.last_position), "first_seq": self.log.first_seq,
                     "commit_seq": self.commit_seq},

@@ -16,8 +16,8 @@ INVARIANTS = ("lost", "duplicated", "mismatched", "stale_term_applied", "log_div
               "unrecovered", "orphaned_processes", "daemon_crashes", "malformed_casualties", "unrecorded_failures")
 
 
-def _run(tmp_path, seed, kinds, faults=None):
-    run = ChaosRun(tmp_path / "chaos", seed=seed)
+def _run(tmp_path, seed, kinds, faults=None, cluster_extra=""):
+    run = ChaosRun(tmp_path / "chaos", seed=seed, cluster_extra=cluster_extra)
     try:
         run.start()
         for kind in kinds:
@@ -37,6 +37,17 @@ def test_every_fault_kind_once(tmp_path):
     assert {k: summary[k] for k in INVARIANTS} == dict.fromkeys(INVARIANTS, 0), summary
     (armed,) = [f for f in faults if f.kind == "failpoint_constructor"]
     assert " (hit)" in armed.detail, f"no serving constructor died at its failpoint: {armed}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("lease_backend", ["etcd"], indirect=True)
+def test_leader_faults_on_the_etcd_lease_backend(tmp_path, lease_backend):
+    """Leader kills and pauses (and a shadow kill) with etcd granting the lease: nothing lost or
+    repeated, one leader per term (a term being the leader key's create revision)."""
+    summary = _run(tmp_path, seed=3, kinds=("kill_leader", "pause_leader", "kill_shadow", "kill_leader"),
+                   cluster_extra=lease_backend)
+    assert {k: summary[k] for k in INVARIANTS} == dict.fromkeys(INVARIANTS, 0), summary
 
 
 @pytest.mark.slow

@@ -69,10 +69,10 @@ def logs_prefix_consistent(cluster: LocalCluster) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_leader_killed_mid_delivery_loses_and_repeats_nothing(tmp_path, tiny_corpus):
+def test_leader_killed_mid_delivery_loses_and_repeats_nothing(tmp_path, tiny_corpus, lease_backend):
     job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=2, samples_per_step=12)
     steps = 24
-    with LocalCluster(tmp_path / "cluster", nodes=3, loader_workers=2) as cluster:
+    with LocalCluster(tmp_path / "cluster", nodes=3, loader_workers=2, cluster_extra=lease_backend) as cluster:
         leader = submit_to_leader(cluster, job_file)
         term = cluster.status(leader)["term"]
         out, errors = {}, []
@@ -84,6 +84,8 @@ def test_leader_killed_mid_delivery_loses_and_repeats_nothing(tmp_path, tiny_cor
         assert not errors, errors
         new_leader = cluster.leader()
         assert new_leader != leader and cluster.status(new_leader)["term"] > term
+        backend = cluster.status(new_leader)["cluster"]["lease"].get("backend", "builtin")
+        assert backend == ("etcd" if lease_backend else "builtin")
         want = expected(job_file, range(steps))
         for d in range(2):
             assert_exact([(k, c) for k, c, _ in out[d]], want, d)
@@ -102,10 +104,10 @@ def test_leader_killed_mid_delivery_loses_and_repeats_nothing(tmp_path, tiny_cor
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_paused_leader_loses_its_lease_and_is_fenced(tmp_path, tiny_corpus):
+def test_paused_leader_loses_its_lease_and_is_fenced(tmp_path, tiny_corpus, lease_backend):
     job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=2, samples_per_step=12)
     steps = 20
-    with LocalCluster(tmp_path / "cluster", nodes=3, loader_workers=2) as cluster:
+    with LocalCluster(tmp_path / "cluster", nodes=3, loader_workers=2, cluster_extra=lease_backend) as cluster:
         leader = submit_to_leader(cluster, job_file)
         out, errors = {}, []
         threads = consume_all(cluster, 2, steps, out, errors)
