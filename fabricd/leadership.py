@@ -14,6 +14,8 @@
   more are released.
 - Trainer progress, as the constructors report it, is recorded every ``PROGRESS_EVERY_S``: one
   ``job_progress`` record per job (a floor and the ranks far ahead of it, see ``cluster.progress``).
+- Online mixing (``[mixture] online``): the trainers' loss reports feed the job's policy, whose
+  rounds become plan changes at future steps (see ``online_mixing``).
 
 Nothing here touches a socket: decisions go through ``propose`` (the daemon's: append to the
 checkpoint log and replicate), and the replicated state is where they take effect.
@@ -27,6 +29,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from fabric_client import protocol
 from fabric_client.limits import MAX_STEP
 
 from .cluster.autoscale import (
@@ -48,6 +51,7 @@ from .cluster.placement import (
 )
 from .config import NodeConfig
 from .job import JobRuntime
+from .online_mixing import OnlineMixer
 
 __all__ = ["PROGRESS_EVERY_S", "MAX_PENDING_SKIPS", "Leadership"]
 
@@ -75,6 +79,8 @@ class Leadership:
         self._next_autoscale = 0.0
         self._next_placement = 0.0
         self._autoscaler: tuple[float | None, PoolAutoscaler] | None = None  # (leader since, its autoscaler)
+        self.mixers: dict[str, OnlineMixer] = {}  # job → its online-mixing policy (jobs with [mixture] online)
+        self.counters.update(losses_ignored=0, online_rounds=0, online_refused=0)
 
     def run(self, now: float) -> None:
         """One turn of the leader's duties (call only while this daemon holds the lease)."""
@@ -95,6 +101,7 @@ class Leadership:
         if now >= self._next_progress:
             self._next_progress = now + PROGRESS_EVERY_S
             self._record_progress(now)
+            self._online_mix(now)
 
     def add_skip(self, report: dict) -> bool:
         """Queue one skip report (keys of a ``sample_skipped`` record) to be recorded. Returns False
@@ -112,6 +119,50 @@ class Leadership:
         self.pending_skips.append(report)
         self._pending_units.setdefault(at, set()).add(unit)
         return True
+
+    def add_losses(self, msg: protocol.LossReport) -> None:
+        """Feed a (constructor-merged) loss report to its job's online-mixing policy; a report of
+        a job without ``[mixture] online``, or naming a source it lacks, is dropped and counted."""
+        runtime = self.jobs.get(msg.job)
+        if runtime is None or not runtime.spec.online.enabled or not self.cluster.state.is_active(msg.job):
+            self.counters["losses_ignored"] += 1
+            return
+        mixer = self._mixer(msg.job, runtime)
+        if not mixer.add(msg):
+            self.counters["losses_ignored"] += 1
+
+    def _mixer(self, job: str, runtime: JobRuntime) -> OnlineMixer:
+        mixer = self.mixers.get(job)
+        if mixer is None or mixer.spec is not runtime.spec:  # new, or resubmitted with another spec
+            mixer = self.mixers[job] = OnlineMixer(runtime.spec)
+            resumed = runtime.online_state()
+            if resumed is not None:
+                mixer.resume(*resumed)
+        return mixer
+
+    def _online_mix(self, now: float) -> None:
+        """One policy round for every job whose slowest trainer passed its next round step; its
+        new weights are proposed as a plan change at the first step still changeable (plus the
+        job's ``online_lead_steps``)."""
+        state = self.cluster.state
+        for job in [j for j in self.mixers if j not in self.jobs or not state.is_active(j)]:
+            del self.mixers[job]
+        for job, mixer in sorted(self.mixers.items()):
+            runtime = self.jobs[job]
+            floor = state.progress_floor.get(job, 0)
+            if not mixer.due(floor):
+                continue
+            at_step = runtime.changeable_from() + runtime.spec.online.lead_steps
+            change = mixer.round(floor, at_step, runtime.weights_at(floor))
+            refusal = runtime.propose_weights(change, self.propose, now)
+            if refusal is None:
+                mixer.applied(change, floor)
+                self.counters["online_rounds"] += 1
+                log.info("job %s: online mixing round %d: weights %s from step %d", job, change.state.rounds,
+                         dict(change.weights), change.at_step)
+            else:
+                self.counters["online_refused"] += 1
+                log.warning("job %s: online mixing change refused: %s", job, refusal)
 
     def pending_units(self, job: str, step: int) -> set[tuple[str, int, int]]:
         """``(source, sample_id, piece)`` of ``job``'s reports for ``step`` waiting to be appended."""
