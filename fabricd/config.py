@@ -23,6 +23,7 @@ from .cluster.etcd_gateway import url_problem
 from .errors import ConfigError
 from .images import IMAGE_MODES, ImageSpec
 from .planner.compose import COMPOSE_MODES, MAX_DELAY_STEPS
+from .planner.online import ONLINE_POLICIES
 from .text import TOKENIZER_KINDS, TokenizerSpec
 from .node_checks import endpoint_problem, valid_host
 from .sources.roots import DEFAULT_DATA_ROOTS, MAX_DATA_ROOTS, resolve_roots
@@ -494,6 +495,22 @@ class MixtureSpec:
 
 
 @dataclass(frozen=True)
+class OnlineMixingSpec:
+    """``[mixture] online``: a policy that turns the trainers' per-source losses into weight
+    changes at future steps (each a logged plan change; see ``planner.online``). Not part of the
+    fingerprint: what it changes is in the log, and a replay reads the log."""
+
+    policy: str = "none"      # ONLINE_POLICIES
+    every_steps: int = 20     # one policy round each time the slowest trainer passes this many steps
+    alpha: float = 0.9        # ODM's reward smoothing
+    lead_steps: int = 0       # the change lands this many steps past the first step still changeable
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+
+@dataclass(frozen=True)
 class AutoscaleSpec:
     """How the leader resizes source-loader pools (``[autoscale]``; never part of batch content)."""
 
@@ -521,6 +538,7 @@ class JobSpec:
     sources: tuple[SourceSpec, ...]
     mixture: MixtureSpec
     autoscale: AutoscaleSpec = AutoscaleSpec()
+    online: OnlineMixingSpec = OnlineMixingSpec()
     #: trainer keys (names under ``keys/trainers/``) that may locate and stream this job's data;
     #: empty: any trainer key of the fabric (access, not content: outside the fingerprint)
     trainers: tuple[str, ...] = ()
@@ -781,6 +799,7 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     if kind == "constant" and len(points) != 1:
         raise mix_t.error("points", len(points), "a constant mixture has exactly one point")
     mixture = MixtureSpec(kind=kind, points=tuple(points))
+    online = _online_mixing(mix_t)
 
     auto_t = root.table("autoscale")
     autoscale = AutoscaleSpec(
@@ -800,7 +819,20 @@ def _build_job(text: str, data: dict, path: Path) -> JobSpec:
     return JobSpec(
         file=file, text=text, name=name, seed=seed, topology=topology, batch=batch,
         images=images, cost=cost, tokenizer=tokenizer, balance=balance, buckets=tuple(buckets), sources=tuple(sources),
-        mixture=mixture, autoscale=autoscale, trainers=trainers, defaults_applied=tuple(defaults),
+        mixture=mixture, autoscale=autoscale, online=online, trainers=trainers, defaults_applied=tuple(defaults),
+    )
+
+
+def _online_mixing(t: _Table) -> OnlineMixingSpec:
+    """``[mixture]``'s ``online``, ``online_every_steps``, ``online_alpha`` and ``online_lead_steps``."""
+    alpha = t.float("online_alpha", 0.9, min=0.0)
+    if alpha >= 1.0:
+        raise t.error("online_alpha", alpha, "must be in [0, 1): the weight of the old reward estimate")
+    return OnlineMixingSpec(
+        policy=t.str("online", "none", choices=ONLINE_POLICIES),
+        every_steps=t.int("online_every_steps", 20, min=1, max=B.MAX_STEP, bound="MAX_STEP"),
+        alpha=alpha,
+        lead_steps=t.int("online_lead_steps", 0, min=0, max=B.MAX_STEP, bound="MAX_STEP"),
     )
 
 

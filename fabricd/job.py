@@ -340,7 +340,7 @@ class JobRuntime:
         endpoint, standby = found
         return protocol.Located(job=self.spec.name, fingerprint=self.fingerprint, endpoint=endpoint,
                                 dp_size=topo.dp_size, mp_size=topo.mp_size, prefetch=self.spec.batch.prefetch,
-                                standby=standby)
+                                standby=standby, sources=[s.name for s in self.spec.sources])
 
     def plan(self, req: protocol.PlanRequest) -> tuple[protocol.Message, tuple]:
         """The requested ranks' rows of one step's plan, never computed here: a step not yet

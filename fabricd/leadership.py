@@ -17,6 +17,8 @@
 - Plan changes (``fabricctl plan update``, or an online mixing policy running in the leader) go
   through one entry point, :meth:`Leadership.propose_plan_change`: checked (``plan_control``),
   then recorded as a ``plan_changed`` record stamped with this leader's term.
+- Online mixing (``[mixture] online``): the trainers' loss reports feed the job's policy, whose
+  rounds become plan changes at future steps (see ``online_mixing``).
 
 Nothing here touches a socket: decisions go through ``propose`` (the daemon's: append to the
 checkpoint log and replicate), and the replicated state is where they take effect.
@@ -34,6 +36,7 @@ import msgspec
 
 import numpy as np
 
+from fabric_client import protocol
 from fabric_client.limits import MAX_STEP
 
 from .cluster.autoscale import (
@@ -57,8 +60,10 @@ from .cluster.placement import (
 from .config import NodeConfig
 from .job import JobRuntime
 from .errors import ConfigError
-from .plan_changes import checked, describe_change
+from .plan_changes import checked, describe_change, plan_segments, spec_at, weights_at
 from .plan_control import PlanChangeRefused, changeable_from, check_plan_change
+from .online_mixing import ONLINE_ORIGIN, OnlineMixer
+from .planner.online import OdmState
 
 __all__ = ["PROGRESS_EVERY_S", "MAX_PENDING_SKIPS", "Leadership"]
 
@@ -95,6 +100,8 @@ class Leadership:
         self._next_placement = 0.0
         self._autoscaler: tuple[float | None, PoolAutoscaler] | None = None  # (leader since, its autoscaler)
         self._seen: dict[str, deque[tuple[float, int]]] = {}  # job → (time, furthest trainer position), recent
+        self.mixers: dict[str, OnlineMixer] = {}  # job → its online-mixing policy (jobs with [mixture] online)
+        self.counters.update(losses_ignored=0, online_rounds=0, online_refused=0)
 
     def run(self, now: float) -> None:
         """One turn of the leader's duties (call only while this daemon holds the lease)."""
@@ -115,6 +122,7 @@ class Leadership:
         if now >= self._next_progress:
             self._next_progress = now + PROGRESS_EVERY_S
             self._record_progress(now)
+            self._online_mix(now)
 
     def add_skip(self, report: dict) -> bool:
         """Queue one skip report (keys of a ``sample_skipped`` record) to be recorded. Returns False
@@ -202,6 +210,57 @@ class Leadership:
         """(dp, mp) → the furthest step a trainer of ``job`` is known to be at, from the
         constructors' heartbeats (not yet recorded progress included)."""
         return self._trainer_positions().get(job, {})
+    def add_losses(self, msg: protocol.LossReport) -> None:
+        """Feed a (constructor-merged) loss report to its job's online-mixing policy; a report of
+        a job without ``[mixture] online``, or naming a source it lacks, is dropped and counted."""
+        runtime = self.jobs.get(msg.job)
+        if runtime is None or not runtime.spec.online.enabled or not self.cluster.state.is_active(msg.job):
+            self.counters["losses_ignored"] += 1
+            return
+        mixer = self._mixer(msg.job, runtime)
+        if not mixer.add(msg):
+            self.counters["losses_ignored"] += 1
+
+    def _mixer(self, job: str, runtime: JobRuntime) -> OnlineMixer:
+        mixer = self.mixers.get(job)
+        if mixer is None or mixer.spec is not runtime.spec:  # new, or resubmitted with another spec
+            mixer = self.mixers[job] = OnlineMixer(runtime.spec)
+            logged = [e.change for e in self.cluster.state.plan_changes.get(job, ())
+                      if e.change.origin == ONLINE_ORIGIN and e.change.policy is not None]
+            if logged:  # a new leader, or a restart: continue the policy where the log has it
+                last = logged[-1]
+                try:
+                    mixer.resume(OdmState.from_record(last.policy, len(runtime.spec.sources)), last.at_step)
+                except ValueError as e:
+                    log.warning("job %s: online mixing starts afresh: the logged policy state is unusable: %s", job, e)
+        return mixer
+
+    def _online_mix(self, now: float) -> None:
+        """One policy round for every job whose slowest trainer passed its next round step; its
+        new weights are proposed as a plan change at the first step still changeable (plus the
+        job's ``online_lead_steps``). A refused change (say the trainers outran the frontier)
+        is tried again at the next pass, with the reports kept."""
+        state = self.cluster.state
+        for job in [j for j in self.mixers if j not in self.jobs or not state.is_active(j)]:
+            del self.mixers[job]
+        for job, mixer in sorted(self.mixers.items()):
+            runtime = self.jobs[job]
+            floor = state.progress_floor.get(job, 0)
+            if not mixer.due(floor) or runtime.state != "ready":
+                continue
+            at_step = self.changeable_from(job, now) + runtime.spec.online.lead_steps
+            segments = plan_segments(runtime.spec, [e.change for e in state.plan_changes.get(job, ())])
+            drawn = weights_at(spec_at(segments, floor), floor)
+            change = mixer.round(at_step, [drawn[s.name] for s in runtime.spec.sources])
+            result = self.propose_plan_change(job, mixer.change_record(change), origin=ONLINE_ORIGIN, now=now)
+            if isinstance(result, PlanChangeRefused):
+                self.counters["online_refused"] += 1
+                log.warning("job %s: online mixing change refused (%s): %s", job, result.code, result.reason)
+                continue
+            mixer.applied(change, floor)
+            self.counters["online_rounds"] += 1
+            log.info("job %s: online mixing round %d: weights %s from step %d", job, change.state.rounds,
+                     dict(change.weights), change.at_step)
 
     def pending_units(self, job: str, step: int) -> set[tuple[str, int, int]]:
         """``(source, sample_id, piece)`` of ``job``'s reports for ``step`` waiting to be appended."""

@@ -146,7 +146,8 @@ def _spec_data(spec: JobSpec) -> dict:
     return data
 
 
-def _weights_at(spec: JobSpec, step: int) -> dict[str, float]:
+def weights_at(spec: JobSpec, step: int) -> dict[str, float]:
+    """Source name → its (normalised) weight at ``step`` under ``spec``'s schedule."""
     names = [s.name for s in spec.sources]
     w = MixtureSchedule(spec.mixture.kind, spec.mixture.as_points(), names).weights(step)
     return {n: float(x) for n, x in zip(names, w.tolist())}
@@ -212,11 +213,11 @@ def apply_change(spec: JobSpec, change: PlanChange) -> JobSpec:
             raise ConfigError(where, "--add-point", p.step, f"a point must lie at or after the change's step {change.at_step}")
     if shares or kind is not None or change.points:
         points = data["mixture"]["points"]
-        _put_point(points, change.at_step, _weights_at(spec, change.at_step))
+        _put_point(points, change.at_step, weights_at(spec, change.at_step))
         if kind is not None:
             data["mixture"]["kind"] = kind
         if shares:
-            _put_point(points, change.at_step, _set_shares(where, _weights_at(spec, change.at_step), shares))
+            _put_point(points, change.at_step, _set_shares(where, weights_at(spec, change.at_step), shares))
         for p in change.points:
             _put_point(points, p.step, p.weights)
         if kind == "constant":  # constant from at_step on: the points before stay for the steps before

@@ -45,6 +45,7 @@ Promises:
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -243,6 +244,63 @@ class Loader:
             if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_STEP for v in (step, micro)):
                 raise ValueError(f"state {dict(state)!r}: next_step and next_micro must be ints in [0, {MAX_STEP}]")
         self._perform(self._session.seek(step, micro))  # a stream from the old cursor is dropped
+
+    # ------------------------------------------------------------------------------ online mixing
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """The job's source names by index, as a batch's ``source_ids`` count them (known once
+        the loader has located its constructor, i.e. after the first batch)."""
+        return self._session.source_names
+
+    def report(self, loss_by_source: Mapping[int | str, float | tuple[float, int]], *,
+               step: int | None = None) -> bool:
+        """Report this rank's training loss per source, for a job with online mixing
+        (``[mixture] online = "odm"``): the leader's policy raises the weight of sources whose
+        loss stays high, as a logged plan change at a future step, so delivery stays exactly
+        replayable.
+
+        ``loss_by_source`` maps a source (its index, as in ``batch["source_ids"]``, or its name)
+        to its mean loss, or to ``(loss_sum, count)`` over ``count`` samples or tokens. ``step``
+        defaults to the last step handed out. Best effort and non-blocking: returns False (and
+        counts ``stats["loss_reports_dropped"]``) when there is no stream to send it on.
+        Raises ``ValueError`` for an unknown source name, a negative or non-finite loss, or a
+        count below 1: a wrong report would steer the mixture, so it is refused, not skipped.
+        """
+        names = {name: i for i, name in enumerate(self._session.source_names)}
+        rows = []
+        for source, value in loss_by_source.items():
+            if isinstance(source, str):
+                if source not in names:
+                    raise ValueError(f"source {source!r} is not a source of job {self.job!r}"
+                                     + (f" (sources: {', '.join(names)})" if names else
+                                        " (its sources are known after the first batch; report by index before that)"))
+                index = names[source]
+            elif isinstance(source, int) and not isinstance(source, bool) and source >= 0:
+                index = int(source)
+            else:
+                raise ValueError(f"source {source!r}: need a source index (>= 0) or name")
+            loss_sum, count = (value, 1) if not isinstance(value, tuple) else value
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"source {source!r}: count {count!r} must be an int >= 1")
+            loss_sum = float(loss_sum)
+            if not (math.isfinite(loss_sum) and loss_sum >= 0):
+                raise ValueError(f"source {source!r}: loss {loss_sum!r} must be finite and >= 0")
+            rows.append((index, loss_sum, count))
+        if step is None:
+            step = max(0, self._session.next_step - 1)
+        msg = protocol.LossReport(job=self.job, step=int(step), losses=rows, dp_rank=self.dp_rank)
+        stats = self._session.stats
+        if self._stream is None or not rows:
+            stats["loss_reports_dropped"] += bool(rows)
+            return False
+        try:
+            self._stream.send_multipart(protocol.encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            stats["loss_reports_dropped"] += 1
+            return False
+        stats["loss_reports"] += 1
+        return True
 
     # ------------------------------------------------------------------------------ iteration
 

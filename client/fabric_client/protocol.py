@@ -69,6 +69,7 @@ __all__ = [
     "PlanRequest",
     "PlanReply",
     "SkipReport",
+    "LossReport",
     "PoolsRequest",
     "PoolsReply",
     "PeerMessage",
@@ -130,6 +131,10 @@ Credits = Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
 Pid = Annotated[int, msgspec.Meta(ge=0, le=1 << 31)]
 Nonce = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 Units = Annotated[int, msgspec.Meta(ge=0, le=1 << 24)]  # units in one load request or reply
+#: A source's index in its job spec (``source_ids`` in a batch).
+SourceIndex = Annotated[int, msgspec.Meta(ge=0, lt=1 << 16)]
+#: A sum of training losses: finite and non-negative (NaN fails the bounds).
+LossSum = Annotated[float, msgspec.Meta(ge=0.0, le=1e30)]
 
 
 def Bounded(tp: Any, n: int = MAX_LIST_ITEMS) -> Any:  # noqa: N802 (a type constructor)
@@ -349,6 +354,8 @@ class Located(Message, tag="located"):
     mp_size: MpSize
     prefetch: Credits
     standby: bool = False  # the endpoint is the group's standby: its primary is down or starting
+    #: the job's source names, by index (what a batch's ``source_ids`` point at)
+    sources: Bounded(Name, 1 << 16) = []
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +423,7 @@ class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
     delivered: Bounded(tuple[DpRank, MpRank, Count, Seconds], MAX_DP_SIZE) = []
     #: per source: (load requests queued, load requests in flight to its workers)
     load_queues: Annotated[dict[Name, tuple[Count, Count]], msgspec.Meta(max_length=4096)] = {}
+    loss_reports: Count = 0
     # source loaders
     source: OptName = ""
     requests: Count = 0
@@ -478,6 +486,21 @@ class SkipReport(Message, tag="skip_report"):
     piece: Count
     reason: Text
     dp_rank: DpRank = 0
+
+
+class LossReport(Message, tag="loss_report"):
+    """Trainer → its constructor (on the stream) → its daemon → the leader: training losses per
+    source, for online mixing (``[mixture] online`` in the job spec). ``losses`` holds (source
+    index, loss sum, count) with ``count`` the samples (or tokens) the sum covers; a constructor
+    merges its trainers' reports (``reports`` of them) before passing them on. Advisory: a lost
+    report makes one policy round less informed and changes nothing delivered, because the
+    policy's decisions are plan changes in the log. No reply."""
+
+    job: Name
+    step: Step
+    losses: Bounded(tuple[SourceIndex, LossSum, Count], 1 << 16)
+    dp_rank: DpRank = 0
+    reports: Count = 1
 
 
 class PoolsRequest(Message, tag="pools_request"):

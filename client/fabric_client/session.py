@@ -169,6 +169,7 @@ class TrainerSession:
         self.endpoint: str | None = None  # the constructor subscribed at (or last subscribed at)
         self.streaming = False
         self.standby = False              # the stream comes from the group's standby constructor
+        self.source_names: tuple[str, ...] = ()  # the job's sources by index, once located
         self.window = DEFAULT_PREFETCH    # credits given at Subscribe
         self.outstanding = 0              # credits the constructor holds now (<= window)
         self._rx_step = 0                 # where the next *received* batch must be
@@ -210,6 +211,8 @@ class TrainerSession:
             "bad_replies": 0,     # daemon replies of the wrong type, or Located that cannot be used
             "stream_failures": 0,  # subscriptions that could not be sent
             "wait_s": 0.0,        # seconds the trainer waited for data (from want to hand-out)
+            "loss_reports": 0,     # loss reports sent (Loader.report)
+            "loss_reports_dropped": 0,  # not sent: no stream open, or its queue full
             "endpoint": None,
         }
 
@@ -446,6 +449,8 @@ class TrainerSession:
         self.endpoint = located.endpoint
         self.streaming = True
         self.standby = located.standby
+        if located.sources:
+            self.source_names = tuple(located.sources)
         self.outstanding = self.window
         self._rx_step, self._rx_micro = self.next_step, self.next_micro
         self._stall_at = now + self.stall_s

@@ -115,6 +115,15 @@ class MixturePoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     weights: Annotated[dict[Name, float], msgspec.Meta(max_length=4096)]
 
 
+class PolicyState(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where an online-mixing policy stood when it made a change (``fabricd.planner.online``):
+    what a new leader continues from. Not read by the planner: content comes from the change."""
+
+    rounds: Count
+    rewards: Annotated[list[Annotated[float, msgspec.Meta(ge=0.0, le=1e300)]], msgspec.Meta(max_length=4096)]
+    weights: Annotated[list[Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]], msgspec.Meta(max_length=4096)]
+
+
 class PlanChange(_Data):
     """A change of a running job's plan, in effect from ``at_step`` on, for every rank: the spec's
     keys ``sets`` changes and the mixture points ``points`` adds, applied to the spec in effect
@@ -127,6 +136,7 @@ class PlanChange(_Data):
     points: Annotated[list[MixturePoint], msgspec.Meta(max_length=MAX_PLAN_OPS)] = []
     origin: Origin = ""
     term: Count = 0
+    policy: PolicyState | None = None  # an online-mixing policy's state after the round that made it
 
 
 class MemberSeen(_Data):

@@ -1,5 +1,5 @@
 """Requests from this daemon's role processes: announce, report, ask for plans and pools,
-report skipped units."""
+report skipped units and trainers' losses."""
 
 from __future__ import annotations
 
@@ -83,10 +83,28 @@ def skip(daemon: Daemon, _identity: bytes, msg: protocol.SkipReport, _payload: l
               "step": msg.step, "reason": msg.reason, "dp_rank": msg.dp_rank}
     if daemon.cluster.is_leader(time.monotonic()):
         daemon.leadership.add_skip(record)  # checked, bounded; kept until recorded
-    elif (leader := daemon.cluster.leader) in daemon.peers:
-        # a report lost on the way (or with a dying leader) is re-sent by the constructor
+    else:  # a report lost on the way (or with a dying leader) is re-sent by the constructor
+        _to_leader(daemon, msg)
+    return None
+
+
+@handles(protocol.LossReport, callers=("role", "peer"))
+def loss_report(daemon: Daemon, _identity: bytes, msg: protocol.LossReport, _payload: list) -> Reply:
+    """Request: ``LossReport(job, step, losses, dp_rank, reports)``: trainers' losses per source,
+    merged by a constructor. No reply. The leader feeds the job's online-mixing policy with it
+    (checked there: a job with ``[mixture] online``, source indexes of the job); another daemon
+    passes it on to the leader. Advisory: one lost on the way is not re-sent."""
+    if daemon.cluster.is_leader(time.monotonic()):
+        daemon.leadership.add_losses(msg)
+    else:
+        _to_leader(daemon, msg)
+    return None
+
+
+def _to_leader(daemon: Daemon, msg: protocol.Message) -> None:
+    """Pass a report on to the leader, without blocking (a full queue drops it, counted)."""
+    if (leader := daemon.cluster.leader) in daemon.peers:
         try:
             daemon.peers[leader].send_multipart(protocol.encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
             daemon.metrics.dropped.add("peer", SEND_QUEUE_FULL)
-    return None

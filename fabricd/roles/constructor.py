@@ -66,6 +66,7 @@ PLAN_TIMEOUT_S = 5.0
 PLAN_RETRY_S = 0.1         # a step the daemon is still planning (NOT_READY) is asked for again this soon
 _PLANNING = re.compile(r"^step (\d+)(?: is being planned|: )")  # NOT_READY for a step: ask again soon
 POOLS_REFRESH_S = 1.0
+LOSS_FLUSH_S = 0.5  # trainers' loss reports are merged and passed on at most this often
 UNIT_RETRIES = 1           # loads of a failed unit before it is reported as skipped
 SKIP_POLL_S = 0.2          # how often a step waiting for skip records asks for its plan again
 REPORT_RESEND_S = 1.0      # how often an unrecorded skip is reported again (doubling up to 8 s)
@@ -148,6 +149,7 @@ class Constructor:
         self.by_socket: dict[zmq.Socket, tuple[str, _Worker]] = {}
         self.req_ids = itertools.count(1)
         self.next_pools = 0.0
+        self.next_losses = 0.0
         self.reported: dict[tuple[int, UnitKey], _Report] = {}  # (step, unit) → its unrecorded report
         self.bad_input = RateLimitedLog(log)  # warnings about hostile or broken input, rate-limited
         self.stats = {"built_batches": 0, "skipped_units": 0, "malformed": 0, "load_retries": 0, "hedged": 0,
@@ -166,6 +168,10 @@ class Constructor:
             if now >= self.next_pools:
                 self.next_pools = now + POOLS_REFRESH_S
                 self.link.send(protocol.PoolsRequest(job=self.spec.name))
+            if now >= self.next_losses:
+                self.next_losses = now + LOSS_FLUSH_S
+                if (losses := self.delivery.take_losses()) is not None:
+                    self.link.send(losses)  # to the daemon, which passes it on to the leader
             self._schedule(now)
             self._chase_skips(now)
             self._dispatch(now)

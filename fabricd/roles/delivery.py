@@ -146,7 +146,12 @@ class TrainerDelivery:
             "unreachable_dropped": 0,
             "eagain": 0,
             "errors_replied": 0,
+            "loss_reports": 0,
         }
+        # trainers' loss reports merged until the constructor passes them on (online mixing)
+        self._losses: dict[int, list] = {}  # source index → [loss sum, count]
+        self._loss_step = 0
+        self._loss_reports = 0
 
     # ---------------------------------------------------------------------------------- input
 
@@ -158,6 +163,8 @@ class TrainerDelivery:
             self._credit(identity, msg)
         elif isinstance(msg, protocol.Unsubscribe):
             self._unsubscribe(identity, msg)
+        elif isinstance(msg, protocol.LossReport):
+            self._loss_report(identity, msg)
         else:
             self._refuse(identity, ErrorCode.BAD_REQUEST, f"a constructor does not serve {msg.TYPE!r}")
 
@@ -217,6 +224,31 @@ class TrainerDelivery:
         self._counters["credits_received"] += msg.credits
         if msg.wait_s:
             self._delivered.setdefault((msg.dp_rank, msg.mp_rank), [0, 0.0])[1] += msg.wait_s
+
+    def _loss_report(self, identity: bytes, msg: protocol.LossReport) -> None:
+        """Merge a subscribed trainer's losses into the report :meth:`take_losses` passes on
+        (one per source index: bounded by the job's sources, whatever the trainers send)."""
+        if not self._check_target(identity, msg.job, msg.dp_rank, 0):
+            return
+        if not any(sub.identity == identity for sub in self._subs.values()):
+            self._refuse(identity, ErrorCode.STALE, "no subscription on this connection; subscribe first")
+            return
+        for source, loss_sum, count in msg.losses:
+            merged = self._losses.setdefault(source, [0.0, 0])
+            merged[0] += loss_sum
+            merged[1] += count
+        self._loss_step = max(self._loss_step, msg.step)
+        self._loss_reports += 1
+        self._counters["loss_reports"] += 1
+
+    def take_losses(self) -> protocol.LossReport | None:
+        """The trainers' losses merged since the last call, as one report (None if none came)."""
+        if not self._loss_reports:
+            return None
+        report = protocol.LossReport(job=self._job, step=self._loss_step, reports=self._loss_reports,
+                                     losses=[(src, total, n) for src, (total, n) in sorted(self._losses.items())])
+        self._losses, self._loss_reports, self._loss_step = {}, 0, 0
+        return report
 
     def _refuse(self, identity: bytes, code: str, reason: str) -> None:
         self._counters["errors_replied"] += 1
