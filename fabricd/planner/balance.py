@@ -253,6 +253,71 @@ def balance(costs: np.ndarray, num_bins: int, method: str = "lpt") -> np.ndarray
 # --------------------------------------------------------------------------- micro-batches
 
 
+def stable_order(*keys: np.ndarray) -> np.ndarray:
+    """``np.lexsort(keys)`` (the last key primary, ties by index) for keys of non-negative
+    integers, as stable sorts of 8- or 16-bit digits, least significant first: numpy sorts those
+    by radix, in linear time, where a comparison sort of 10⁵-10⁶ items costs 5-10× more. The
+    result is the unique stable order, whatever algorithm numpy picks."""
+    order: np.ndarray | None = None
+    for key in keys:
+        k = np.asarray(key)
+        if k.size and int(k.min()) < 0:
+            raise ValueError("stable_order needs non-negative integer keys")
+        top = int(k.max()) if k.size else 0
+        shift = 0
+        while True:
+            rest = top >> shift
+            bits = 8 if rest < (1 << 8) else 16
+            digit = k >> shift if shift else k
+            if rest >= (1 << bits):
+                digit = digit & ((1 << bits) - 1)
+            digit = digit.astype(np.uint8 if bits == 8 else np.uint16)
+            order = np.argsort(digit, kind="stable") if order is None else \
+                order[np.argsort(digit[order], kind="stable")]
+            shift += bits
+            if (top >> shift) == 0:
+                break
+    if order is None:
+        raise ValueError("stable_order needs at least one key")
+    return order
+
+
+def descending_rank(values: np.ndarray) -> np.ndarray:
+    """int64 dense rank of each value, 0 for the largest (equal values share a rank): a key that
+    ``stable_order`` sorts by value, largest first, ties by index, exactly like
+    ``np.argsort(-values, kind="stable")``. Values must not be NaN."""
+    v = np.asarray(values).ravel()
+    out = np.zeros(v.size, dtype=np.int64)
+    if v.size == 0:
+        return out
+    o = np.argsort(v)  # any order of equal values: they get one rank
+    sv = v[o]
+    step = np.empty(v.size, dtype=np.int64)
+    step[0] = 0
+    np.not_equal(sv[1:], sv[:-1], out=step[1:])
+    asc = np.cumsum(step)
+    out[o] = asc[-1] - asc
+    return out
+
+
+def _lockstep_columns(gi: np.ndarray, key: np.ndarray, ts: np.ndarray, cnt: np.ndarray,
+                      itype) -> tuple[np.ndarray, np.ndarray]:
+    """Items laid out for a lockstep loop over groups: item i sits at column ``p`` (its place in
+    its group's order by ``key``, a non-negative integer, ties by index) of row ``gi[i]``.
+    Returns (flat index of each item in the (columns, groups) matrix, the matrix of token
+    counts, 0 where a group has no item)."""
+    m = gi.size
+    R = cnt.size
+    order = stable_order(key, gi)
+    start = np.cumsum(cnt) - cnt
+    place = np.empty(m, dtype=np.int64)
+    place[order] = np.arange(m) - np.repeat(start, cnt)
+    flat = place * R + gi
+    tok = np.zeros((int(cnt.max()), R), dtype=itype)
+    tok.ravel()[flat] = ts
+    return flat, tok
+
+
 def pack_micro_batches_grouped(
     group: np.ndarray, num_groups: int, tokens: np.ndarray, costs: np.ndarray, capacity: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -287,50 +352,49 @@ def pack_micro_batches_grouped(
     if not over.any():
         return micro, num  # fast path: every group fits in one micro-batch
     sel = np.flatnonzero(over[g])
-    ug, gi = np.unique(g[sel], return_inverse=True)
+    ug = np.flatnonzero(over)
+    gi = (np.cumsum(over) - 1)[g[sel]]
     ts, cs = t[sel], c[sel]
     R = ug.size
-    m_items = sel.size
     cnt = np.bincount(gi, minlength=R)
-    start = np.cumsum(cnt) - cnt
     tsum = np.bincount(gi, weights=ts, minlength=R)
-    width = int(min(cnt.max(), int(np.max(2 * tsum // cap)) + 2))
+    # First fit leaves at most one bin at most half full: it never needs more than 2·sum/cap + 1 bins.
+    width = int(min(int(cnt.max()), int(np.max(2 * tsum // cap)) + 2))
+    itype = np.int32 if cap < (1 << 30) else np.int64
     rows = np.arange(R)
 
-    # First-fit decreasing by tokens, all groups in lockstep (position p = p-th largest of each group).
-    order = np.lexsort((np.arange(m_items), -ts, gi))
-    ffd = np.empty(m_items, dtype=np.int64)
-    fill = np.zeros((R, width), dtype=np.int64)
-    used = np.zeros(R, dtype=np.int64)
-    for p in range(int(cnt.max())):
-        gs = rows[cnt > p]
-        it = order[start[gs] + p]
-        room = fill[gs] + ts[it][:, None] <= cap
-        if not room.any(axis=1).all():  # defensive: widen (first fit never needs more than 2·sum/cap + 1)
-            fill = np.hstack([fill, np.zeros((R, width), dtype=np.int64)])
-            width *= 2
-            room = fill[gs] + ts[it][:, None] <= cap
-        b = np.argmax(room, axis=1)
-        fill[gs, b] += ts[it]
-        ffd[it] = b
-        used[gs] = np.maximum(used[gs], b + 1)
+    # First-fit decreasing by tokens, all groups in lockstep: column p holds the p-th largest item
+    # of every group (a group with fewer items is padded with 0-token items, which change nothing).
+    ffd_rank, tok = _lockstep_columns(gi, cap - ts, ts, cnt, itype)
+    fill = np.zeros((R, width), dtype=itype)
+    ffd_cols = np.empty(tok.shape, dtype=np.int64)
+    for p in range(tok.shape[0]):
+        x = tok[p]
+        b = np.argmax(fill <= (cap - x)[:, None], axis=1)
+        fill[rows, b] += x
+        ffd_cols[p] = b
+    if int(fill.max()) > cap:  # unreachable by the bound above; never hand out an overfull micro-batch
+        raise AssertionError("first-fit packing overflowed its micro-batches")
+    used = ffd_cols.max(axis=0) + 1
+    ffd = ffd_cols.ravel()[ffd_rank]
 
-    # Spread cost: LPT by cost over the same number of micro-batches, within the token budget.
-    order = np.lexsort((np.arange(m_items), -cs, gi))
-    spread = np.empty(m_items, dtype=np.int64)
-    tfill = np.zeros((R, width), dtype=np.int64)
+    # Spread cost: LPT by cost over the same number of micro-batches, within the token budget. A bin
+    # past a group's count is marked full (cap + 1 tokens); an item with room nowhere goes to bin 0
+    # (the group then falls back to first fit), so bin 0 is overfull exactly when a group failed.
+    spread_rank, tok = _lockstep_columns(gi, descending_rank(cs), ts, cnt, itype)
+    cost_cols = np.zeros(tok.shape, dtype=np.float64)
+    cost_cols.ravel()[spread_rank] = cs
+    tfill = np.where(np.arange(width)[None, :] < used[:, None], 0, cap + 1).astype(itype)
     cfill = np.zeros((R, width), dtype=np.float64)
-    allowed = np.arange(width)[None, :] < used[:, None]
-    failed = np.zeros(R, dtype=bool)
-    for p in range(int(cnt.max())):
-        gs = rows[cnt > p]
-        it = order[start[gs] + p]
-        room = (tfill[gs] + ts[it][:, None] <= cap) & allowed[gs]
-        failed[gs] |= ~room.any(axis=1)
-        b = np.argmin(np.where(room, cfill[gs], np.inf), axis=1)
-        tfill[gs, b] += ts[it]
-        cfill[gs, b] += cs[it]
-        spread[it] = b
+    spread_cols = np.empty(tok.shape, dtype=np.int64)
+    for p in range(tok.shape[0]):
+        x = tok[p]
+        b = np.argmin(np.where(tfill <= (cap - x)[:, None], cfill, np.inf), axis=1)
+        tfill[rows, b] += x
+        cfill[rows, b] += cost_cols[p]
+        spread_cols[p] = b
+    failed = tfill[:, 0] > cap
+    spread = spread_cols.ravel()[spread_rank]
     choice = np.where(failed[gi], ffd, spread)
     micro[sel] = choice.astype(np.int32)
     num[ug] = used.astype(np.int32)
