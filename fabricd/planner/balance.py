@@ -54,7 +54,7 @@ def _lpt_rounds(costs: np.ndarray, k: int) -> np.ndarray:
     step for as long as that is what per-item LPT would do, i.e. while the i-th lightest bin is no
     heavier than any bin that already took an item of the chunk. Typically ~n/k + 20 chunks; past
     a safety cap on chunks, whole rounds are forced (plain round-based LPT)."""
-    order = np.argsort(-costs, kind="stable")
+    order = stable_order(descending_rank(costs))  # = np.argsort(-costs, kind="stable"), by radix
     n = costs.size
     bins = np.empty(n, dtype=np.int32)
     loads = np.zeros(k, dtype=np.float64)

@@ -11,9 +11,9 @@ from typing import Sequence
 import numpy as np
 
 from fabricd.errors import PlanError
-from fabricd.planner.balance import BALANCERS, balance, pack_micro_batches_grouped
+from fabricd.planner.balance import BALANCERS, balance, pack_micro_batches_grouped, stable_order
 from fabricd.planner.compose import (COMPOSE_MODES, MAX_DELAY_STEPS, check_dp_history, compose_window,
-                                     composition_dp)
+                                     composition_dp, split_by_step, step_dtype)
 from fabricd.planner.cost import CostModel
 from fabricd.planner.mixture import MixtureSchedule
 from fabricd.planner.sequence import GlobalSequence, SourceUnits
@@ -177,6 +177,7 @@ class Planner:
             self._patches = np.concatenate([s.patches if s.patches is not None else zeros(s) for s in ordered])
             self._patches_sq = np.concatenate([s.patches_sq if s.patches_sq is not None else zeros(s)
                                                for s in ordered])
+        self._unit_cost = cost(self._tokens, self._images, self._patches, self._patches_sq)
 
     def plan(self, step: int, dp_size: int) -> StepPlan:
         """The plan of ``step`` for ``dp_size`` DP ranks."""
@@ -197,7 +198,7 @@ class Planner:
         cost = self._cost(row)
         rank = balance(cost, dp, self.method)
         micro, num_micro = pack_micro_batches_grouped(rank, dp, tokens, cost, self.micro_batch_tokens)
-        order = np.lexsort((np.arange(row.size), micro, rank))
+        order = stable_order(micro, rank)  # = np.lexsort((np.arange(n), micro, rank)), by radix
         row = row[order]
         return StepPlan(
             step=int(step),
@@ -215,8 +216,9 @@ class Planner:
         )
 
     def _cost(self, row: np.ndarray) -> np.ndarray:
-        vision = (self._patches[row], self._patches_sq[row]) if self._patches is not None else (None, None)
-        return self.cost(self._tokens[row], self._images[row], *vision)
+        # the cost model is elementwise: gathering each unit's cost, computed once, gives the same
+        # values as computing it for the gathered units
+        return self._unit_cost[row]
 
     def composition_dp(self, step: int, dp_size: int) -> int:
         """The DP size the window of ``step`` is composed for (``dp_size`` without a history)."""
@@ -248,9 +250,7 @@ class Planner:
             src, unit = self.sequence.step_units(s)
             rows.append(self._offsets[src] + unit)
         row = np.concatenate(rows)
-        drawn = np.repeat(np.arange(W, dtype=np.int64), [r.size for r in rows])
-        size = self._tokens[row].astype(np.int64) if self.size_by_tokens else np.ones(row.size, dtype=np.int64)
+        drawn = np.repeat(np.arange(W, dtype=step_dtype(W)), [r.size for r in rows])
+        size = self._tokens[row] if self.size_by_tokens else np.ones(row.size, dtype=np.int8)
         where = compose_window(self._cost(row), size, steps=W, dp=dp, drawn=drawn)
-        order = np.argsort(where, kind="stable")
-        bounds = np.searchsorted(where[order], np.arange(W + 1), side="left")
-        return [row[order[bounds[i]:bounds[i + 1]]] for i in range(W)]
+        return [row[i] for i in split_by_step(where, W)]

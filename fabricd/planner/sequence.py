@@ -70,7 +70,10 @@ def _perm_keys(seed: int, source: int, epochs: np.ndarray) -> list[np.ndarray]:
     Keys are computed once per distinct epoch; with a single epoch they are shape (1,) and
     broadcast, which is the common case (a step rarely crosses an epoch boundary).
     """
-    uniq, inv = np.unique(epochs, return_inverse=True)
+    if epochs.size and int(epochs.min()) == int(epochs.max()):  # the common case, without a sort
+        uniq, inv = epochs[:1], None
+    else:
+        uniq, inv = np.unique(epochs, return_inverse=True)
     with np.errstate(over="ignore"):
         base = _mix(_mix(_u64(seed) ^ _u64(_TAG_PERM)) + _u64(source + 1) * _GOLDEN)
         k = _mix(base ^ _mix(uniq.astype(np.uint64) * _M2 + _GOLDEN))
@@ -81,17 +84,38 @@ def _perm_keys(seed: int, source: int, epochs: np.ndarray) -> list[np.ndarray]:
 
 
 def _feistel_once(x: np.ndarray, keys: list[np.ndarray], bits: int) -> np.ndarray:
-    """One pass of an (unbalanced when ``bits`` is odd) Feistel network: a bijection of [0, 2**bits)."""
+    """One pass of an (unbalanced when ``bits`` is odd) Feistel network: a bijection of [0, 2**bits).
+    Overwrites and returns ``x``; every round works in two scratch arrays (no temporaries)."""
     a = bits // 2  # width of the half that gets mixed
     b = bits - a  # width of the half that feeds the round function
     sa, sb = _U64(a), _U64(b)
     mask_a, mask_b = _U64((1 << a) - 1), _U64((1 << b) - 1)
+    right = np.empty_like(x)
+    f = np.empty_like(x)
+    tmp = np.empty_like(x)
     with np.errstate(over="ignore"):
         for k in keys:
-            left = x >> sb
-            right = x & mask_b
-            x = (right << sa) | (left ^ (_mix(right ^ k) & mask_a))
+            np.bitwise_and(x, mask_b, out=right)
+            np.bitwise_xor(right, k, out=f)
+            _mix_inplace(f, tmp)  # f = _mix(right ^ k)
+            f &= mask_a
+            x >>= sb  # left
+            x ^= f
+            right <<= sa
+            x |= right  # (right << a) | (left ^ f)
     return x
+
+
+def _mix_inplace(z: np.ndarray, tmp: np.ndarray) -> None:
+    """``z = _mix(z)`` in place (``tmp``: scratch of the same shape)."""
+    np.right_shift(z, _S30, out=tmp)
+    z ^= tmp
+    z *= _M1
+    np.right_shift(z, _S27, out=tmp)
+    z ^= tmp
+    z *= _M2
+    np.right_shift(z, _S31, out=tmp)
+    z ^= tmp
 
 
 def feistel_permute(index: np.ndarray, n: int, *, seed: int, source: int, epoch: np.ndarray | int) -> np.ndarray:
