@@ -49,12 +49,13 @@ def _lpt_exact(costs: np.ndarray, k: int) -> np.ndarray:
     return bins
 
 
-def _lpt_rounds(costs: np.ndarray, k: int) -> np.ndarray:
+def _lpt_rounds(costs: np.ndarray, k: int, order: np.ndarray | None = None) -> np.ndarray:
     """LPT in vectorized chunks: the next items (largest first) go to the least-loaded bins in one
     step for as long as that is what per-item LPT would do, i.e. while the i-th lightest bin is no
     heavier than any bin that already took an item of the chunk. Typically ~n/k + 20 chunks; past
     a safety cap on chunks, whole rounds are forced (plain round-based LPT)."""
-    order = stable_order(descending_rank(costs))  # = np.argsort(-costs, kind="stable"), by radix
+    if order is None:
+        order = stable_order(descending_rank(costs))  # = np.argsort(-costs, kind="stable"), by radix
     n = costs.size
     bins = np.empty(n, dtype=np.int32)
     loads = np.zeros(k, dtype=np.float64)
@@ -139,12 +140,13 @@ def _refine(costs: np.ndarray, bins: np.ndarray, k: int, rounds: int = _REFINE_R
     return bins
 
 
-def lpt(costs: np.ndarray, num_bins: int) -> np.ndarray:
+def lpt(costs: np.ndarray, num_bins: int, order: np.ndarray | None = None) -> np.ndarray:
     """Greedy longest-processing-time, then pairwise swap refinement.
 
     Up to 8 bins it runs exact per-item LPT on a heap; above, the same greedy in vectorized
     chunks (O(n log n + chunks·k log k), typically ~n/k + 20 chunks). Both finish with a vectorized refinement that
     never raises the maximum load. Deterministic: stable sorts, ties to the lower index.
+    ``order``: ``np.argsort(-costs, kind="stable")`` when the caller has it (else computed).
     """
     c = _check(costs, num_bins)
     k = int(num_bins)
@@ -153,17 +155,18 @@ def lpt(costs: np.ndarray, num_bins: int) -> np.ndarray:
     if k <= _EXACT_LPT_BINS:
         bins = _lpt_exact(c, k)
     else:
-        bins = _lpt_rounds(c, k)
+        bins = _lpt_rounds(c, k, order)
     return _refine(c, bins, k)
 
 
-def karmarkar_karp(costs: np.ndarray, num_bins: int) -> np.ndarray:
+def karmarkar_karp(costs: np.ndarray, num_bins: int, order: np.ndarray | None = None) -> np.ndarray:
     """Karmarkar–Karp largest differencing method for k-way partitioning.
 
     Keeps a heap of partial partitions (sorted k-tuples of bin sums); repeatedly merges the two
     with the largest max−min difference, pairing the largest sums of one with the smallest of
     the other. Time O(n log n + n·k log k), memory O(n·k): fine for DP sizes up to a few hundred,
     slow for thousands of bins (use "lpt" there). Deterministic: ties by creation order.
+    ``order`` is accepted for the balancers' common signature and not used.
     """
     c = _check(costs, num_bins)
     k = int(num_bins)
@@ -229,24 +232,25 @@ def _fill_empty_bins(costs: np.ndarray, bins: np.ndarray, k: int) -> np.ndarray:
     return bins
 
 
-BALANCERS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+BALANCERS: dict[str, Callable[[np.ndarray, int, np.ndarray | None], np.ndarray]] = {
     "lpt": lpt,
     "kk": karmarkar_karp,
 }
 
 
-def balance(costs: np.ndarray, num_bins: int, method: str = "lpt") -> np.ndarray:
+def balance(costs: np.ndarray, num_bins: int, method: str = "lpt", *, order: np.ndarray | None = None) -> np.ndarray:
     """int32 bin of each item, from the balancer named ``method``.
 
     Promises: deterministic; every bin gets at least one item whenever there are at least
-    ``num_bins`` items.
+    ``num_bins`` items. ``order``: the items by descending cost, ties by index
+    (``np.argsort(-costs, kind="stable")``), when the caller has it: the planner does, cheaply.
     """
     try:
         fn = BALANCERS[method]
     except (KeyError, TypeError):
         raise ValueError(f"unknown balance method {method!r}; expected one of {sorted(BALANCERS)}") from None
     c = _check(costs, num_bins)
-    bins = fn(c, int(num_bins))
+    bins = fn(c, int(num_bins), order)
     return _fill_empty_bins(c, bins.astype(np.int32, copy=False), int(num_bins))
 
 
@@ -300,15 +304,15 @@ def descending_rank(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _lockstep_columns(gi: np.ndarray, key: np.ndarray, ts: np.ndarray, cnt: np.ndarray,
+def _lockstep_columns(gi: np.ndarray, order: np.ndarray, ts: np.ndarray, cnt: np.ndarray,
                       itype) -> tuple[np.ndarray, np.ndarray]:
     """Items laid out for a lockstep loop over groups: item i sits at column ``p`` (its place in
-    its group's order by ``key``, a non-negative integer, ties by index) of row ``gi[i]``.
+    its group's order: ``order``, the items sorted by group, then as the caller ranks them) of
+    row ``gi[i]``.
     Returns (flat index of each item in the (columns, groups) matrix, the matrix of token
     counts, 0 where a group has no item)."""
     m = gi.size
     R = cnt.size
-    order = stable_order(key, gi)
     start = np.cumsum(cnt) - cnt
     place = np.empty(m, dtype=np.int64)
     place[order] = np.arange(m) - np.repeat(start, cnt)
@@ -319,13 +323,16 @@ def _lockstep_columns(gi: np.ndarray, key: np.ndarray, ts: np.ndarray, cnt: np.n
 
 
 def pack_micro_batches_grouped(
-    group: np.ndarray, num_groups: int, tokens: np.ndarray, costs: np.ndarray, capacity: int
+    group: np.ndarray, num_groups: int, tokens: np.ndarray, costs: np.ndarray, capacity: int, *,
+    by_cost: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``pack_micro_batches`` for many ranks at once, vectorized over ranks.
 
     ``group[i]`` is the rank of item i. Returns (micro-batch of each item int32[n], number of
     micro-batches of each group int32[num_groups]); a group without items has 0 micro-batches.
     Each group's result equals ``pack_micro_batches`` on that group's items alone (in order).
+    ``by_cost``: the items by descending cost, ties by index (``np.argsort(-costs,
+    kind="stable")``), when the caller has it (the planner does, from each unit's cost rank).
     """
     g = np.asarray(group, dtype=np.int64).ravel()
     t = np.asarray(tokens, dtype=np.int64).ravel()
@@ -365,7 +372,7 @@ def pack_micro_batches_grouped(
 
     # First-fit decreasing by tokens, all groups in lockstep: column p holds the p-th largest item
     # of every group (a group with fewer items is padded with 0-token items, which change nothing).
-    ffd_rank, tok = _lockstep_columns(gi, cap - ts, ts, cnt, itype)
+    ffd_rank, tok = _lockstep_columns(gi, stable_order(cap - ts, gi), ts, cnt, itype)
     fill = np.zeros((R, width), dtype=itype)
     ffd_cols = np.empty(tok.shape, dtype=np.int64)
     for p in range(tok.shape[0]):
@@ -381,7 +388,16 @@ def pack_micro_batches_grouped(
     # Spread cost: LPT by cost over the same number of micro-batches, within the token budget. A bin
     # past a group's count is marked full (cap + 1 tokens); an item with room nowhere goes to bin 0
     # (the group then falls back to first fit), so bin 0 is overfull exactly when a group failed.
-    spread_rank, tok = _lockstep_columns(gi, descending_rank(cs), ts, cnt, itype)
+    if by_cost is None:
+        by_cost_sel = stable_order(descending_rank(cs))
+    elif sel.size == n:
+        by_cost_sel = np.asarray(by_cost, dtype=np.int64)
+    else:  # the items of the packed groups, in the caller's cost order, numbered within ``sel``
+        local = np.full(n, -1, dtype=np.int64)
+        local[sel] = np.arange(sel.size)
+        by_cost_sel = local[np.asarray(by_cost, dtype=np.int64)]
+        by_cost_sel = by_cost_sel[by_cost_sel >= 0]
+    spread_rank, tok = _lockstep_columns(gi, by_cost_sel[stable_order(gi[by_cost_sel])], ts, cnt, itype)
     cost_cols = np.zeros(tok.shape, dtype=np.float64)
     cost_cols.ravel()[spread_rank] = cs
     tfill = np.where(np.arange(width)[None, :] < used[:, None], 0, cap + 1).astype(itype)

@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from fabricd.errors import PlanError
-from fabricd.planner.balance import BALANCERS, balance, pack_micro_batches_grouped, stable_order
+from fabricd.planner.balance import (BALANCERS, balance, descending_rank, pack_micro_batches_grouped,
+                                     stable_order)
 from fabricd.planner.compose import (COMPOSE_MODES, MAX_DELAY_STEPS, check_dp_history, compose_window,
                                      composition_dp, split_by_step, step_dtype)
 from fabricd.planner.cost import CostModel
@@ -178,6 +179,9 @@ class Planner:
             self._patches_sq = np.concatenate([s.patches_sq if s.patches_sq is not None else zeros(s)
                                                for s in ordered])
         self._unit_cost = cost(self._tokens, self._images, self._patches, self._patches_sq)
+        # each unit's place among the distinct unit costs, largest 0: a step sorts its units by
+        # cost with two radix passes over these, not a comparison sort of floats
+        self._unit_rank = descending_rank(self._unit_cost)
 
     def plan(self, step: int, dp_size: int) -> StepPlan:
         """The plan of ``step`` for ``dp_size`` DP ranks."""
@@ -196,8 +200,10 @@ class Planner:
             src = np.searchsorted(self._offsets, row, side="right").astype(np.int32) - 1
         tokens = self._tokens[row]
         cost = self._cost(row)
-        rank = balance(cost, dp, self.method)
-        micro, num_micro = pack_micro_batches_grouped(rank, dp, tokens, cost, self.micro_batch_tokens)
+        by_cost = stable_order(self._unit_rank[row])  # = np.argsort(-cost, kind="stable")
+        rank = balance(cost, dp, self.method, order=by_cost)
+        micro, num_micro = pack_micro_batches_grouped(rank, dp, tokens, cost, self.micro_batch_tokens,
+                                                      by_cost=by_cost)
         order = stable_order(micro, rank)  # = np.lexsort((np.arange(n), micro, rank)), by radix
         row = row[order]
         return StepPlan(

@@ -72,6 +72,11 @@ def _perm_keys(seed: int, source: int, epochs: np.ndarray) -> list[np.ndarray]:
     """
     if epochs.size and int(epochs.min()) == int(epochs.max()):  # the common case, without a sort
         uniq, inv = epochs[:1], None
+    elif epochs.size and bool((epochs[1:] >= epochs[:-1]).all()):  # a step's draws: rising, no sort
+        new = np.empty(epochs.size, dtype=bool)
+        new[0] = True
+        np.not_equal(epochs[1:], epochs[:-1], out=new[1:])
+        uniq, inv = epochs[new], np.cumsum(new) - 1
     else:
         uniq, inv = np.unique(epochs, return_inverse=True)
     with np.errstate(over="ignore"):
@@ -106,6 +111,19 @@ def _feistel_once(x: np.ndarray, keys: list[np.ndarray], bits: int) -> np.ndarra
     return x
 
 
+#: Indices per block of a Feistel pass: a block and its scratch stay in the CPU's cache, which
+#: halves the time of a pass over a step's draws.
+_BLOCK = 1 << 14
+
+
+def _feistel_blocks(x: np.ndarray, keys: list[np.ndarray], bits: int) -> np.ndarray:
+    """``_feistel_once`` over ``x`` (in place) block by block; per-index keys are sliced along."""
+    for i in range(0, x.size, _BLOCK):
+        block = [k if k.size == 1 else k[i:i + _BLOCK] for k in keys]
+        _feistel_once(x[i:i + _BLOCK], block, bits)
+    return x
+
+
 def _mix_inplace(z: np.ndarray, tmp: np.ndarray) -> None:
     """``z = _mix(z)`` in place (``tmp``: scratch of the same shape)."""
     np.right_shift(z, _S30, out=tmp)
@@ -135,13 +153,13 @@ def feistel_permute(index: np.ndarray, n: int, *, seed: int, source: int, epoch:
     ep = np.broadcast_to(np.asarray(epoch, dtype=np.int64), idx.shape).ravel()
     x = idx.ravel().astype(np.uint64)
     keys = _perm_keys(source=source, seed=seed, epochs=ep)
-    x = _feistel_once(x, keys, bits)
+    _feistel_blocks(x, keys, bits)
     nn = _U64(n)
     out = x >= nn
     while out.any():  # cycle walking: terminates because x's cycle returns into [0, n)
         sel = np.flatnonzero(out)
         sub_keys = keys if keys[0].size == 1 else [k[sel] for k in keys]
-        x[sel] = _feistel_once(x[sel], sub_keys, bits)
+        x[sel] = _feistel_blocks(x[sel], sub_keys, bits)
         out[sel] = x[sel] >= nn
     return x.astype(np.int64).reshape(idx.shape)
 
@@ -240,9 +258,16 @@ class GlobalSequence:
             size = int(self.source_sizes[j])
             if size == 0:  # unreachable: excluded at construction
                 raise PlanError(f"source {self.schedule.sources[j]!r} drawn at step {step} but has 0 units")
-            draws = int(start[j]) + np.arange(cnt, dtype=np.int64)
-            unit[offset : offset + cnt] = feistel_permute(
-                draws % size, size, seed=self.seed, source=int(j), epoch=draws // size
-            )
-            offset += cnt
+            # one call per epoch the draws span (a step may draw a small source many times over):
+            # each call's keys are shared by all its draws
+            first = int(start[j])
+            end = first + cnt
+            while first < end:
+                epoch = first // size
+                stop = min(end, (epoch + 1) * size)
+                idx = np.arange(first - epoch * size, stop - epoch * size, dtype=np.int64)
+                unit[offset : offset + idx.size] = feistel_permute(idx, size, seed=self.seed, source=int(j),
+                                                                   epoch=epoch)
+                offset += idx.size
+                first = stop
         return src, unit
