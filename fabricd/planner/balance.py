@@ -374,11 +374,13 @@ def pack_micro_batches_grouped(
     # of every group (a group with fewer items is padded with 0-token items, which change nothing).
     ffd_rank, tok = _lockstep_columns(gi, stable_order(cap - ts, gi), ts, cnt, itype)
     fill = np.zeros((R, width), dtype=itype)
+    flat_fill = fill.ravel()  # a view: (group, bin) at group·width + bin
+    row_start = rows * width
+    need = cap - tok  # an item fits a bin holding at most this many tokens
     ffd_cols = np.empty(tok.shape, dtype=np.int64)
     for p in range(tok.shape[0]):
-        x = tok[p]
-        b = np.argmax(fill <= (cap - x)[:, None], axis=1)
-        fill[rows, b] += x
+        b = np.argmax(fill <= need[p][:, None], axis=1)
+        flat_fill[row_start + b] += tok[p]
         ffd_cols[p] = b
     if int(fill.max()) > cap:  # unreachable by the bound above; never hand out an overfull micro-batch
         raise AssertionError("first-fit packing overflowed its micro-batches")
@@ -402,12 +404,14 @@ def pack_micro_batches_grouped(
     cost_cols.ravel()[spread_rank] = cs
     tfill = np.where(np.arange(width)[None, :] < used[:, None], 0, cap + 1).astype(itype)
     cfill = np.zeros((R, width), dtype=np.float64)
+    flat_t, flat_c = tfill.ravel(), cfill.ravel()
+    need = cap - tok
     spread_cols = np.empty(tok.shape, dtype=np.int64)
     for p in range(tok.shape[0]):
-        x = tok[p]
-        b = np.argmin(np.where(tfill <= (cap - x)[:, None], cfill, np.inf), axis=1)
-        tfill[rows, b] += x
-        cfill[rows, b] += cost_cols[p]
+        b = np.argmin(np.where(tfill <= need[p][:, None], cfill, np.inf), axis=1)
+        at = row_start + b
+        flat_t[at] += tok[p]
+        flat_c[at] += cost_cols[p]
         spread_cols[p] = b
     failed = tfill[:, 0] > cap
     spread = spread_cols.ravel()[spread_rank]

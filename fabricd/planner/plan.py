@@ -204,7 +204,8 @@ class Planner:
         rank = balance(cost, dp, self.method, order=by_cost)
         micro, num_micro = pack_micro_batches_grouped(rank, dp, tokens, cost, self.micro_batch_tokens,
                                                       by_cost=by_cost)
-        order = stable_order(micro, rank)  # = np.lexsort((np.arange(n), micro, rank)), by radix
+        # = np.lexsort((np.arange(n), micro, rank)), by radix over one key (one pass up to 2**16)
+        order = stable_order(rank.astype(np.int64) * (int(num_micro.max()) + 1) + micro)
         row = row[order]
         return StepPlan(
             step=int(step),
