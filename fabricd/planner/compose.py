@@ -36,8 +36,14 @@ Consequences, by construction: the window's multiset of units is the sequence's,
 is exact over every window and every unit is delivered exactly once per epoch (a unit moves by
 less than W steps); no unit is delayed more than ``max_delay_steps``; the result depends on
 ``dp``, so a change of DP size is a logged plan change (the window that starts at or after it
-uses the new size; see ``Planner(dp_history=...)``). Sums are sequential (``np.cumsum``), sorts
-stable: the same inputs give the same steps on every machine.
+uses the new size; see ``Planner(dp_history=...)``). Sums run in a fixed order (sequential, or
+per slice of ``CHUNK`` units and then across slices), sorts are stable: the same inputs give the
+same steps on every machine.
+
+Speed. A window at DP 4096 holds ~10⁷ units, so the work runs over slices of ``CHUNK`` units
+(no window-sized temporaries), step numbers are one byte, rule 4 places a slice's units with W
+binary searches into their (rising) midpoints, and the outlier ranking partitions only the
+units above a threshold, not the whole window.
 """
 
 from __future__ import annotations
