@@ -153,8 +153,19 @@ def feistel_permute(index: np.ndarray, n: int, *, seed: int, source: int, epoch:
     ep = np.broadcast_to(np.asarray(epoch, dtype=np.int64), idx.shape).ravel()
     x = idx.ravel().astype(np.uint64)
     keys = _perm_keys(source=source, seed=seed, epochs=ep)
-    _feistel_blocks(x, keys, bits)
     nn = _U64(n)
+    if keys[0].size == 1 and 2 * x.size >= (1 << bits):
+        # the indices cover much of the domain (a step drawing a small source whole): tabulate
+        # the network over all of [0, 2**bits) once, then walk cycles by table lookups
+        table = _feistel_blocks(np.arange(1 << bits, dtype=np.uint64), keys, bits)
+        x = table[x]
+        out = x >= nn
+        while out.any():
+            sel = np.flatnonzero(out)
+            x[sel] = table[x[sel]]
+            out[sel] = x[sel] >= nn
+        return x.astype(np.int64).reshape(idx.shape)
+    _feistel_blocks(x, keys, bits)
     out = x >= nn
     while out.any():  # cycle walking: terminates because x's cycle returns into [0, n)
         sel = np.flatnonzero(out)
