@@ -314,6 +314,26 @@ def descending_rank(values: np.ndarray) -> np.ndarray:
     return out
 
 
+#: The penalty of a full micro-batch in the cost-spreading loop (see there).
+_FULL = 1e300
+
+
+def _first_fit(tok: np.ndarray, width: int, cap: int) -> np.ndarray | None:
+    """First fit of the columns of ``tok`` (item p of every group at row p) into ``width`` bins
+    per group, in lockstep: the bin of each item, or None if some item found no room."""
+    R = tok.shape[1]
+    fill = np.zeros((R, width), dtype=tok.dtype)
+    flat_fill = fill.ravel()  # a view: (group, bin) at group·width + bin
+    row_start = np.arange(R) * width
+    need = cap - tok  # an item fits a bin holding at most this many tokens
+    cols = np.empty(tok.shape, dtype=np.int64)
+    for p in range(tok.shape[0]):
+        b = np.argmax(fill <= need[p][:, None], axis=1)  # 0 when no bin has room: overfills bin 0
+        flat_fill[row_start + b] += tok[p]
+        cols[p] = b
+    return None if int(fill.max()) > cap else cols
+
+
 def _lockstep_columns(gi: np.ndarray, order: np.ndarray, ts: np.ndarray, cnt: np.ndarray,
                       itype) -> tuple[np.ndarray, np.ndarray]:
     """Items laid out for a lockstep loop over groups: item i sits at column ``p`` (its place in
@@ -375,24 +395,21 @@ def pack_micro_batches_grouped(
     R = ug.size
     cnt = np.bincount(gi, minlength=R)
     tsum = np.bincount(gi, weights=ts, minlength=R)
-    # First fit leaves at most one bin at most half full: it never needs more than 2·sum/cap + 1 bins.
-    width = int(min(int(cnt.max()), int(np.max(2 * tsum // cap)) + 2))
     itype = np.int32 if cap < (1 << 30) else np.int64
     rows = np.arange(R)
 
     # First-fit decreasing by tokens, all groups in lockstep: column p holds the p-th largest item
     # of every group (a group with fewer items is padded with 0-token items, which change nothing).
+    # First fit leaves at most one bin at most half full, so it never needs more than 2·sum/cap + 1
+    # bins; it is tried with one bin more than the sum needs first (the loop's work grows with the
+    # bins), and again with the bound in the rare group where that was not enough.
     ffd_rank, tok = _lockstep_columns(gi, stable_order(cap - ts, gi), ts, cnt, itype)
-    fill = np.zeros((R, width), dtype=itype)
-    flat_fill = fill.ravel()  # a view: (group, bin) at group·width + bin
-    row_start = rows * width
-    need = cap - tok  # an item fits a bin holding at most this many tokens
-    ffd_cols = np.empty(tok.shape, dtype=np.int64)
-    for p in range(tok.shape[0]):
-        b = np.argmax(fill <= need[p][:, None], axis=1)
-        flat_fill[row_start + b] += tok[p]
-        ffd_cols[p] = b
-    if int(fill.max()) > cap:  # unreachable by the bound above; never hand out an overfull micro-batch
+    ffd_cols = None
+    for width in (int(np.max(-(-tsum // cap))) + 1, int(np.max(2 * tsum // cap)) + 2):
+        ffd_cols = _first_fit(tok, min(width, int(cnt.max())), cap)
+        if ffd_cols is not None:
+            break
+    if ffd_cols is None:  # unreachable by the bound above; never hand out an overfull micro-batch
         raise AssertionError("first-fit packing overflowed its micro-batches")
     used = ffd_cols.max(axis=0) + 1
     ffd = ffd_cols.ravel()[ffd_rank]
@@ -412,13 +429,19 @@ def pack_micro_batches_grouped(
     spread_rank, tok = _lockstep_columns(gi, by_cost_sel[stable_order(gi[by_cost_sel])], ts, cnt, itype)
     cost_cols = np.zeros(tok.shape, dtype=np.float64)
     cost_cols.ravel()[spread_rank] = cs
+    width = int(used.max())
     tfill = np.where(np.arange(width)[None, :] < used[:, None], 0, cap + 1).astype(itype)
     cfill = np.zeros((R, width), dtype=np.float64)
     flat_t, flat_c = tfill.ravel(), cfill.ravel()
+    row_start = rows * width
     need = cap - tok
     spread_cols = np.empty(tok.shape, dtype=np.int64)
+    # A full bin is kept out of the choice by a penalty that swamps any cost sum (cost + _FULL ==
+    # _FULL exactly): cheaper than a masked copy, and an all-full row still picks bin 0.
+    penalty = float(np.max(cost_cols.sum(axis=0))) < _FULL * 2.0 ** -60
     for p in range(tok.shape[0]):
-        b = np.argmin(np.where(tfill <= need[p][:, None], cfill, np.inf), axis=1)
+        full = tfill > need[p][:, None]
+        b = np.argmin(cfill + full * _FULL if penalty else np.where(full, np.inf, cfill), axis=1)
         at = row_start + b
         flat_t[at] += tok[p]
         flat_c[at] += cost_cols[p]

@@ -185,3 +185,31 @@ def test_a_callers_cost_order_changes_nothing() -> None:
         m2, n2 = pack_micro_batches_grouped(bins, k, tokens, costs, 512, by_cost=by_cost)
         assert np.array_equal(micro, m2) and np.array_equal(num, n2)
         assert int(num.max()) >= 2  # the lockstep packing ran, not the one-micro-batch fast path
+
+
+def _first_fit_decreasing_bins(tokens: list[int], cap: int) -> int:
+    bins: list[int] = []
+    for t in sorted(tokens, reverse=True):
+        for i, used in enumerate(bins):
+            if used + t <= cap:
+                bins[i] += t
+                break
+        else:
+            bins.append(t)
+    return len(bins)
+
+
+@pytest.mark.unit
+def test_packing_uses_first_fit_decreasings_count_when_it_needs_bins_beyond_the_sum() -> None:
+    """Items just over a third of a micro-batch: first fit needs far more micro-batches than the
+    token sum suggests (the lockstep loop's first, narrower try runs out of bins and is redone)."""
+    rng = np.random.default_rng(23)
+    cap, groups = 90, 12
+    g = rng.integers(0, groups, 400)
+    tokens = rng.integers(31, 46, 400)
+    micro, num = pack_micro_batches_grouped(g, groups, tokens, rng.random(400), cap)
+    for r in range(groups):
+        mine = g == r
+        assert num[r] == _first_fit_decreasing_bins(tokens[mine].tolist(), cap)
+        assert np.bincount(micro[mine], weights=tokens[mine]).max() <= cap
+    assert max(num[r] - -(-int(tokens[g == r].sum()) // cap) for r in range(groups)) >= 2
