@@ -260,8 +260,8 @@ def _assign(order: np.ndarray, groups: list[tuple[int, int]], z: np.ndarray, W: 
     rtotal = int(z.sum(dtype=np.int64)) - int(gz.sum())
     n_rest = z.size - grouped.size
     scale = bounds[-1] / float(rtotal) if rtotal > 0 and bounds[-1] > 0 else 0.0
+    count = np.zeros(W, dtype=np.int64)  # units of each step, counted as they are placed
     if n_rest and scale > 0:
-        steps = np.arange(W + 1, dtype=np.int64)
         carry = 0
         for sl in _slices(z.size):
             rz = z[sl].astype(np.int64)
@@ -271,16 +271,26 @@ def _assign(order: np.ndarray, groups: list[tuple[int, int]], z: np.ndarray, W: 
             csum += carry
             carry = int(csum[-1])
             mid = (csum - 0.5 * rz) * scale
-            cut = np.searchsorted(mid, bounds, side="left")
-            out[sl] = np.minimum(np.repeat(steps, np.diff(np.concatenate([[0], cut, [mid.size]]))), W - 1)
+            # unit i's step: the number of bounds at or below its midpoint (at most W - 1)
+            cut = np.searchsorted(mid, bounds, side="left").tolist()
+            part = out[sl]
+            lo = 0
+            for j, hi in enumerate(cut + [mid.size]):
+                if hi > lo:
+                    part[lo:hi] = min(j, W - 1)
+                    count[min(j, W - 1)] += hi - lo
+                    lo = hi
+            count -= np.bincount(part[inside], minlength=W)  # grouped: placed below
     elif n_rest:  # nothing has a size, or the groups took every step's quota: spread by count
         keep = np.ones(z.size, dtype=bool)
         keep[grouped] = False
         rest = np.flatnonzero(keep)
         out[rest] = (np.arange(rest.size, dtype=np.int64) * W) // rest.size
+        count += np.bincount(out[rest], minlength=W)
     out[grouped] = gstep
+    count += np.bincount(gstep, minlength=W)
     if n_rest:
-        _every_rank_a_unit(out, grouped, W, dp)
+        _every_rank_a_unit(out, grouped, W, dp, count)
     return out
 
 
@@ -301,12 +311,11 @@ def _mean_bound(c: np.ndarray, where: np.ndarray, W: int, dp: int, big: np.ndarr
     return float(np.cumsum(ratio)[-1]) / W
 
 
-def _every_rank_a_unit(out: np.ndarray, grouped: np.ndarray, W: int, dp: int) -> None:
+def _every_rank_a_unit(out: np.ndarray, grouped: np.ndarray, W: int, dp: int, count: np.ndarray) -> None:
     """Rule 5: a step with fewer than ``dp`` units (a few long ones filled its quota) takes the
     last-drawn movable (not grouped) units of the step with the most, until every step has
-    ``dp`` units or no step has any to spare (a window of fewer than W·dp units). In place;
-    deterministic."""
-    count = _step_sums(out, None, W)
+    ``dp`` units or no step has any to spare (a window of fewer than W·dp units). In place
+    (``out`` and ``count``, the units of each step); deterministic."""
     if int(count.min()) >= dp or out.size < W * dp:
         return
     keep = np.ones(out.size, dtype=bool)
