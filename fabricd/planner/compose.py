@@ -114,21 +114,23 @@ def step_dtype(steps: int) -> type:
     return np.uint8 if int(steps) <= 255 else np.int64
 
 
-def split_by_step(where: np.ndarray, W: int) -> list[np.ndarray]:
-    """Indices of each step's units, in draw order: a stable counting sort of ``where`` by
-    slices (each slice's indices sorted by step by radix, appended to their steps' lists)."""
+def split_by_step(where: np.ndarray, W: int, values: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each step's units, in draw order: their indices, or ``values`` at them. A stable counting
+    sort of ``where`` by slices (each slice's units sorted by step by radix, appended to their
+    steps' lists), so no window-sized index array is made."""
     parts: list[list[np.ndarray]] = [[] for _ in range(W)]
     for sl in _slices(where.size):
         w = where[sl]
         order = np.argsort(w, kind="stable")
-        order += sl.start
+        picked = order + sl.start if values is None else values[sl][order]
         bounds = np.cumsum(np.bincount(w, minlength=W))
         lo = 0
         for s, hi in enumerate(bounds.tolist()):
             if hi > lo:
-                parts[s].append(order[lo:hi])
+                parts[s].append(picked[lo:hi])
             lo = hi
-    return [np.concatenate(p) if p else np.zeros(0, dtype=np.int64) for p in parts]
+    dtype = np.int64 if values is None else values.dtype
+    return [np.concatenate(p) if p else np.zeros(0, dtype=dtype) for p in parts]
 
 
 def _seq_sum(x: np.ndarray) -> float:

@@ -260,4 +260,4 @@ class Planner:
         drawn = np.repeat(np.arange(W, dtype=step_dtype(W)), [r.size for r in rows])
         size = self._tokens[row] if self.size_by_tokens else np.ones(row.size, dtype=np.int8)
         where = compose_window(self._cost(row), size, steps=W, dp=dp, drawn=drawn)
-        return [row[i] for i in split_by_step(where, W)]
+        return split_by_step(where, W, values=row)
