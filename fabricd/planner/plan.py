@@ -180,7 +180,7 @@ class Planner:
                                                for s in ordered])
         self._unit_cost = cost(self._tokens, self._images, self._patches, self._patches_sq)
         # each unit's place among the distinct unit costs, largest 0: a step sorts its units by
-        # cost with two radix passes over these, not a comparison sort of floats
+        # cost with radix passes over these (one up to 2**16 distinct costs), not by comparing floats
         self._unit_rank = descending_rank(self._unit_cost)
 
     def plan(self, step: int, dp_size: int) -> StepPlan:

@@ -90,7 +90,7 @@ def _perm_keys(seed: int, source: int, epochs: np.ndarray) -> list[np.ndarray]:
 
 def _feistel_once(x: np.ndarray, keys: list[np.ndarray], bits: int) -> np.ndarray:
     """One pass of an (unbalanced when ``bits`` is odd) Feistel network: a bijection of [0, 2**bits).
-    Overwrites and returns ``x``; every round works in two scratch arrays (no temporaries)."""
+    Overwrites and returns ``x``; the rounds work in three scratch arrays (no temporaries)."""
     a = bits // 2  # width of the half that gets mixed
     b = bits - a  # width of the half that feeds the round function
     sa, sb = _U64(a), _U64(b)
