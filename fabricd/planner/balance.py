@@ -52,14 +52,15 @@ def _lpt_exact(costs: np.ndarray, k: int) -> np.ndarray:
     return bins
 
 
-def _argsort_stable(v: np.ndarray) -> np.ndarray:
-    """``np.argsort(v, kind="stable")``, by the (several times faster) default sort when no two
-    values are equal: then the order is unique and any sort gives it."""
+def _argsort_stable(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.argsort(v, kind="stable")`` and ``v`` in that order, by the (several times faster)
+    default sort when no two values are equal: then the order is unique and any sort gives it."""
     o = np.argsort(v)
     s = v[o]
     if s.size > 1 and bool((s[1:] == s[:-1]).any()):
-        return np.argsort(v, kind="stable")
-    return o
+        o = np.argsort(v, kind="stable")
+        s = v[o]
+    return o, s
 
 
 def _lpt_rounds(costs: np.ndarray, k: int, order: np.ndarray | None = None) -> np.ndarray:
@@ -70,27 +71,29 @@ def _lpt_rounds(costs: np.ndarray, k: int, order: np.ndarray | None = None) -> n
     if order is None:
         order = stable_order(descending_rank(costs))  # = np.argsort(-costs, kind="stable"), by radix
     n = costs.size
-    bins = np.empty(n, dtype=np.int32)
+    ranked = costs[order]  # item costs, largest first
+    got = np.empty(n, dtype=np.int32)  # the bin of each item, in that order
     loads = np.zeros(k, dtype=np.float64)
     pos = 0
     chunks = 0
     cap = 4 * (-(-n // k)) + 64
     while pos < n:
         m = min(k, n - pos)
-        items = order[pos : pos + m]
-        target = _argsort_stable(loads)[:m]
-        x = costs[items]
+        target, lo = _argsort_stable(loads)
+        target, lo = target[:m], lo[:m]
+        x = ranked[pos : pos + m]
         cut = m
         if chunks < cap and m > 1:
-            lo = loads[target]
             reach = np.minimum.accumulate(lo + x)
             bad = np.flatnonzero(lo[1:] > reach[:-1])
             if bad.size:
                 cut = int(bad[0]) + 1
-        bins[items[:cut]] = target[:cut]
+        got[pos : pos + cut] = target[:cut]
         loads[target[:cut]] += x[:cut]
         pos += cut
         chunks += 1
+    bins = np.empty(n, dtype=np.int32)
+    bins[order] = got
     return bins
 
 
