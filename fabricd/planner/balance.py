@@ -2,7 +2,10 @@
 into micro-batches under a token budget.
 
 Algorithms are pure functions picked by name from ``BALANCERS``. Every one is deterministic:
-ties are broken by index order (stable sorts), never by hashing or timing.
+ties are broken by index order (stable sorts), never by hashing or timing. Orders over many
+items come from ``stable_order``: stable radix passes over integer keys (a float key is first
+replaced by its ``descending_rank``), several times faster than ``np.lexsort`` and giving the
+same order.
 """
 
 from __future__ import annotations
@@ -49,34 +52,48 @@ def _lpt_exact(costs: np.ndarray, k: int) -> np.ndarray:
     return bins
 
 
-def _lpt_rounds(costs: np.ndarray, k: int) -> np.ndarray:
+def _argsort_stable(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.argsort(v, kind="stable")`` and ``v`` in that order, by the (several times faster)
+    default sort when no two values are equal: then the order is unique and any sort gives it."""
+    o = np.argsort(v)
+    s = v[o]
+    if s.size > 1 and bool((s[1:] == s[:-1]).any()):
+        o = np.argsort(v, kind="stable")
+        s = v[o]
+    return o, s
+
+
+def _lpt_rounds(costs: np.ndarray, k: int, order: np.ndarray | None = None) -> np.ndarray:
     """LPT in vectorized chunks: the next items (largest first) go to the least-loaded bins in one
     step for as long as that is what per-item LPT would do, i.e. while the i-th lightest bin is no
     heavier than any bin that already took an item of the chunk. Typically ~n/k + 20 chunks; past
     a safety cap on chunks, whole rounds are forced (plain round-based LPT)."""
-    order = np.argsort(-costs, kind="stable")
+    if order is None:
+        order = stable_order(descending_rank(costs))  # = np.argsort(-costs, kind="stable"), by radix
     n = costs.size
-    bins = np.empty(n, dtype=np.int32)
+    ranked = costs[order]  # item costs, largest first
+    got = np.empty(n, dtype=np.int32)  # the bin of each item, in that order
     loads = np.zeros(k, dtype=np.float64)
     pos = 0
     chunks = 0
     cap = 4 * (-(-n // k)) + 64
     while pos < n:
         m = min(k, n - pos)
-        items = order[pos : pos + m]
-        target = np.argsort(loads, kind="stable")[:m]
-        x = costs[items]
+        target, lo = _argsort_stable(loads)
+        target, lo = target[:m], lo[:m]
+        x = ranked[pos : pos + m]
         cut = m
         if chunks < cap and m > 1:
-            lo = loads[target]
             reach = np.minimum.accumulate(lo + x)
             bad = np.flatnonzero(lo[1:] > reach[:-1])
             if bad.size:
                 cut = int(bad[0]) + 1
-        bins[items[:cut]] = target[:cut]
+        got[pos : pos + cut] = target[:cut]
         loads[target[:cut]] += x[:cut]
         pos += cut
         chunks += 1
+    bins = np.empty(n, dtype=np.int32)
+    bins[order] = got
     return bins
 
 
@@ -139,12 +156,13 @@ def _refine(costs: np.ndarray, bins: np.ndarray, k: int, rounds: int = _REFINE_R
     return bins
 
 
-def lpt(costs: np.ndarray, num_bins: int) -> np.ndarray:
+def lpt(costs: np.ndarray, num_bins: int, order: np.ndarray | None = None) -> np.ndarray:
     """Greedy longest-processing-time, then pairwise swap refinement.
 
     Up to 8 bins it runs exact per-item LPT on a heap; above, the same greedy in vectorized
     chunks (O(n log n + chunks·k log k), typically ~n/k + 20 chunks). Both finish with a vectorized refinement that
     never raises the maximum load. Deterministic: stable sorts, ties to the lower index.
+    ``order``: ``np.argsort(-costs, kind="stable")`` when the caller has it (else computed).
     """
     c = _check(costs, num_bins)
     k = int(num_bins)
@@ -153,17 +171,18 @@ def lpt(costs: np.ndarray, num_bins: int) -> np.ndarray:
     if k <= _EXACT_LPT_BINS:
         bins = _lpt_exact(c, k)
     else:
-        bins = _lpt_rounds(c, k)
+        bins = _lpt_rounds(c, k, order)
     return _refine(c, bins, k)
 
 
-def karmarkar_karp(costs: np.ndarray, num_bins: int) -> np.ndarray:
+def karmarkar_karp(costs: np.ndarray, num_bins: int, order: np.ndarray | None = None) -> np.ndarray:
     """Karmarkar–Karp largest differencing method for k-way partitioning.
 
     Keeps a heap of partial partitions (sorted k-tuples of bin sums); repeatedly merges the two
     with the largest max−min difference, pairing the largest sums of one with the smallest of
     the other. Time O(n log n + n·k log k), memory O(n·k): fine for DP sizes up to a few hundred,
     slow for thousands of bins (use "lpt" there). Deterministic: ties by creation order.
+    ``order`` is accepted for the balancers' common signature and not used.
     """
     c = _check(costs, num_bins)
     k = int(num_bins)
@@ -229,38 +248,127 @@ def _fill_empty_bins(costs: np.ndarray, bins: np.ndarray, k: int) -> np.ndarray:
     return bins
 
 
-BALANCERS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+BALANCERS: dict[str, Callable[[np.ndarray, int, np.ndarray | None], np.ndarray]] = {
     "lpt": lpt,
     "kk": karmarkar_karp,
 }
 
 
-def balance(costs: np.ndarray, num_bins: int, method: str = "lpt") -> np.ndarray:
+def balance(costs: np.ndarray, num_bins: int, method: str = "lpt", *, order: np.ndarray | None = None) -> np.ndarray:
     """int32 bin of each item, from the balancer named ``method``.
 
     Promises: deterministic; every bin gets at least one item whenever there are at least
-    ``num_bins`` items.
+    ``num_bins`` items. ``order``: the items by descending cost, ties by index
+    (``np.argsort(-costs, kind="stable")``), when the caller has it: the planner does, cheaply.
     """
     try:
         fn = BALANCERS[method]
     except (KeyError, TypeError):
         raise ValueError(f"unknown balance method {method!r}; expected one of {sorted(BALANCERS)}") from None
     c = _check(costs, num_bins)
-    bins = fn(c, int(num_bins))
+    bins = fn(c, int(num_bins), order)
     return _fill_empty_bins(c, bins.astype(np.int32, copy=False), int(num_bins))
 
 
 # --------------------------------------------------------------------------- micro-batches
 
 
+def stable_order(*keys: np.ndarray) -> np.ndarray:
+    """``np.lexsort(keys)`` (the last key primary, ties by index) for keys of non-negative
+    integers, as stable sorts of 8- or 16-bit digits, least significant first: numpy sorts those
+    by radix, in linear time, where a comparison sort of 10⁵-10⁶ items costs 5-10× more. The
+    result is the unique stable order, whatever algorithm numpy picks."""
+    order: np.ndarray | None = None
+    for key in keys:
+        k = np.asarray(key)
+        if k.size and int(k.min()) < 0:
+            raise ValueError("stable_order needs non-negative integer keys")
+        top = int(k.max()) if k.size else 0
+        shift = 0
+        while True:
+            rest = top >> shift
+            bits = 8 if rest < (1 << 8) else 16
+            digit = k >> shift if shift else k
+            if rest >= (1 << bits):
+                digit = digit & ((1 << bits) - 1)
+            digit = digit.astype(np.uint8 if bits == 8 else np.uint16)
+            order = np.argsort(digit, kind="stable") if order is None else \
+                order[np.argsort(digit[order], kind="stable")]
+            shift += bits
+            if (top >> shift) == 0:
+                break
+    if order is None:
+        raise ValueError("stable_order needs at least one key")
+    return order
+
+
+def descending_rank(values: np.ndarray) -> np.ndarray:
+    """int64 dense rank of each value, 0 for the largest (equal values share a rank): a key that
+    ``stable_order`` sorts by value, largest first, ties by index, exactly like
+    ``np.argsort(-values, kind="stable")``. Values must not be NaN."""
+    v = np.asarray(values).ravel()
+    out = np.zeros(v.size, dtype=np.int64)
+    if v.size == 0:
+        return out
+    o = np.argsort(v)  # any order of equal values: they get one rank
+    sv = v[o]
+    step = np.empty(v.size, dtype=np.int64)
+    step[0] = 0
+    np.not_equal(sv[1:], sv[:-1], out=step[1:])
+    asc = np.cumsum(step)
+    out[o] = asc[-1] - asc
+    return out
+
+
+#: The penalty of a full micro-batch in the cost-spreading loop (see there).
+_FULL = 1e300
+
+
+def _first_fit(tok: np.ndarray, width: int, cap: int) -> np.ndarray | None:
+    """First fit of the columns of ``tok`` (item p of every group at row p) into ``width`` bins
+    per group, in lockstep: the bin of each item, or None if some item found no room."""
+    R = tok.shape[1]
+    fill = np.zeros((R, width), dtype=tok.dtype)
+    flat_fill = fill.ravel()  # a view: (group, bin) at group·width + bin
+    row_start = np.arange(R) * width
+    need = cap - tok  # an item fits a bin holding at most this many tokens
+    cols = np.empty(tok.shape, dtype=np.int64)
+    for p in range(tok.shape[0]):
+        b = np.argmax(fill <= need[p][:, None], axis=1)  # 0 when no bin has room: overfills bin 0
+        flat_fill[row_start + b] += tok[p]
+        cols[p] = b
+    return None if int(fill.max()) > cap else cols
+
+
+def _lockstep_columns(gi: np.ndarray, order: np.ndarray, ts: np.ndarray, cnt: np.ndarray,
+                      itype) -> tuple[np.ndarray, np.ndarray]:
+    """Items laid out for a lockstep loop over groups: item i sits at column ``p`` (its place in
+    its group's order: ``order``, the items sorted by group, then as the caller ranks them) of
+    row ``gi[i]``.
+    Returns (flat index of each item in the (columns, groups) matrix, the matrix of token
+    counts, 0 where a group has no item)."""
+    m = gi.size
+    R = cnt.size
+    start = np.cumsum(cnt) - cnt
+    place = np.empty(m, dtype=np.int64)
+    place[order] = np.arange(m) - np.repeat(start, cnt)
+    flat = place * R + gi
+    tok = np.zeros((int(cnt.max()), R), dtype=itype)
+    tok.ravel()[flat] = ts
+    return flat, tok
+
+
 def pack_micro_batches_grouped(
-    group: np.ndarray, num_groups: int, tokens: np.ndarray, costs: np.ndarray, capacity: int
+    group: np.ndarray, num_groups: int, tokens: np.ndarray, costs: np.ndarray, capacity: int, *,
+    by_cost: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``pack_micro_batches`` for many ranks at once, vectorized over ranks.
 
     ``group[i]`` is the rank of item i. Returns (micro-batch of each item int32[n], number of
     micro-batches of each group int32[num_groups]); a group without items has 0 micro-batches.
     Each group's result equals ``pack_micro_batches`` on that group's items alone (in order).
+    ``by_cost``: the items by descending cost, ties by index (``np.argsort(-costs,
+    kind="stable")``), when the caller has it (the planner does, from each unit's cost rank).
     """
     g = np.asarray(group, dtype=np.int64).ravel()
     t = np.asarray(tokens, dtype=np.int64).ravel()
@@ -287,50 +395,65 @@ def pack_micro_batches_grouped(
     if not over.any():
         return micro, num  # fast path: every group fits in one micro-batch
     sel = np.flatnonzero(over[g])
-    ug, gi = np.unique(g[sel], return_inverse=True)
+    ug = np.flatnonzero(over)
+    gi = (np.cumsum(over) - 1)[g[sel]]
     ts, cs = t[sel], c[sel]
     R = ug.size
-    m_items = sel.size
     cnt = np.bincount(gi, minlength=R)
-    start = np.cumsum(cnt) - cnt
     tsum = np.bincount(gi, weights=ts, minlength=R)
-    width = int(min(cnt.max(), int(np.max(2 * tsum // cap)) + 2))
+    itype = np.int32 if cap < (1 << 30) else np.int64
     rows = np.arange(R)
 
-    # First-fit decreasing by tokens, all groups in lockstep (position p = p-th largest of each group).
-    order = np.lexsort((np.arange(m_items), -ts, gi))
-    ffd = np.empty(m_items, dtype=np.int64)
-    fill = np.zeros((R, width), dtype=np.int64)
-    used = np.zeros(R, dtype=np.int64)
-    for p in range(int(cnt.max())):
-        gs = rows[cnt > p]
-        it = order[start[gs] + p]
-        room = fill[gs] + ts[it][:, None] <= cap
-        if not room.any(axis=1).all():  # defensive: widen (first fit never needs more than 2·sum/cap + 1)
-            fill = np.hstack([fill, np.zeros((R, width), dtype=np.int64)])
-            width *= 2
-            room = fill[gs] + ts[it][:, None] <= cap
-        b = np.argmax(room, axis=1)
-        fill[gs, b] += ts[it]
-        ffd[it] = b
-        used[gs] = np.maximum(used[gs], b + 1)
+    # First-fit decreasing by tokens, all groups in lockstep: column p holds the p-th largest item
+    # of every group (a group with fewer items is padded with 0-token items, which change nothing).
+    # First fit leaves at most one bin at most half full, so it never needs more than 2·sum/cap + 1
+    # bins; it is tried with one bin more than the sum needs first (the loop's work grows with the
+    # bins), and again with the bound in the rare group where that was not enough.
+    ffd_rank, tok = _lockstep_columns(gi, stable_order(cap - ts, gi), ts, cnt, itype)
+    ffd_cols = None
+    for width in (int(np.max(-(-tsum // cap))) + 1, int(np.max(2 * tsum // cap)) + 2):
+        ffd_cols = _first_fit(tok, min(width, int(cnt.max())), cap)
+        if ffd_cols is not None:
+            break
+    if ffd_cols is None:  # unreachable by the bound above; never hand out an overfull micro-batch
+        raise AssertionError("first-fit packing overflowed its micro-batches")
+    used = ffd_cols.max(axis=0) + 1
+    ffd = ffd_cols.ravel()[ffd_rank]
 
-    # Spread cost: LPT by cost over the same number of micro-batches, within the token budget.
-    order = np.lexsort((np.arange(m_items), -cs, gi))
-    spread = np.empty(m_items, dtype=np.int64)
-    tfill = np.zeros((R, width), dtype=np.int64)
+    # Spread cost: LPT by cost over the same number of micro-batches, within the token budget. A bin
+    # past a group's count is marked full (cap + 1 tokens); an item with room nowhere goes to bin 0
+    # (the group then falls back to first fit), so bin 0 is overfull exactly when a group failed.
+    if by_cost is None:
+        by_cost_sel = stable_order(descending_rank(cs))
+    elif sel.size == n:
+        by_cost_sel = np.asarray(by_cost, dtype=np.int64)
+    else:  # the items of the packed groups, in the caller's cost order, numbered within ``sel``
+        local = np.full(n, -1, dtype=np.int64)
+        local[sel] = np.arange(sel.size)
+        by_cost_sel = local[np.asarray(by_cost, dtype=np.int64)]
+        by_cost_sel = by_cost_sel[by_cost_sel >= 0]
+    spread_rank, tok = _lockstep_columns(gi, by_cost_sel[stable_order(gi[by_cost_sel])], ts, cnt, itype)
+    cost_cols = np.zeros(tok.shape, dtype=np.float64)
+    cost_cols.ravel()[spread_rank] = cs
+    width = int(used.max())
+    tfill = np.where(np.arange(width)[None, :] < used[:, None], 0, cap + 1).astype(itype)
     cfill = np.zeros((R, width), dtype=np.float64)
-    allowed = np.arange(width)[None, :] < used[:, None]
-    failed = np.zeros(R, dtype=bool)
-    for p in range(int(cnt.max())):
-        gs = rows[cnt > p]
-        it = order[start[gs] + p]
-        room = (tfill[gs] + ts[it][:, None] <= cap) & allowed[gs]
-        failed[gs] |= ~room.any(axis=1)
-        b = np.argmin(np.where(room, cfill[gs], np.inf), axis=1)
-        tfill[gs, b] += ts[it]
-        cfill[gs, b] += cs[it]
-        spread[it] = b
+    flat_t, flat_c = tfill.ravel(), cfill.ravel()
+    row_start = rows * width
+    need = cap - tok
+    spread_cols = np.empty(tok.shape, dtype=np.int64)
+    # A full bin is kept out of the choice by a penalty that swamps any cost sum (cost + _FULL ==
+    # _FULL exactly): cheaper than a masked copy, and an all-full row still picks bin 0.
+    penalty = float(np.max(cost_cols.sum(axis=0))) < _FULL * 2.0 ** -60
+    for p in range(tok.shape[0]):
+        full = tfill > need[p][:, None]
+        b = np.argmin(cfill + full * _FULL if penalty else np.where(full, np.inf, cfill), axis=1)
+        at = row_start + b
+        flat_t[at] += tok[p]
+        flat_c[at] += cost_cols[p]
+        spread_cols[p] = b
+    failed = tfill[:, 0] > cap
+    spread = spread_cols.ravel()[spread_rank]
     choice = np.where(failed[gi], ffd, spread)
     micro[sel] = choice.astype(np.int32)
     num[ug] = used.astype(np.int32)

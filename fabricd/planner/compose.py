@@ -36,8 +36,14 @@ Consequences, by construction: the window's multiset of units is the sequence's,
 is exact over every window and every unit is delivered exactly once per epoch (a unit moves by
 less than W steps); no unit is delayed more than ``max_delay_steps``; the result depends on
 ``dp``, so a change of DP size is a logged plan change (the window that starts at or after it
-uses the new size; see ``Planner(dp_history=...)``). Sums are sequential (``np.cumsum``), sorts
-stable: the same inputs give the same steps on every machine.
+uses the new size; see ``Planner(dp_history=...)``). Sums run in a fixed order (sequential, or
+per slice of ``CHUNK`` units and then across slices), sorts are stable: the same inputs give the
+same steps on every machine.
+
+Speed. A window at DP 4096 holds ~10⁷ units, so the work runs over slices of ``CHUNK`` units
+(no window-sized temporaries), step numbers are one byte, rule 4 places a slice's units with W
+binary searches into their (rising) midpoints, and the outlier ranking partitions only the
+units above a threshold, not the whole window.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import logging
 import numpy as np
 
 __all__ = ["COMPOSE_MODES", "MAX_DELAY_STEPS", "OUTLIER_SHARE", "compose_window", "composition_dp", "extend_dp_history",
-           "check_dp_history"]
+           "check_dp_history", "split_by_step", "step_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -94,43 +100,111 @@ def extend_dp_history(history: tuple[tuple[int, int], ...], *, new_dp: int, fron
     return kept + ((start, int(new_dp)),)
 
 
-def _top(c: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest of ``c``, largest first, ties in index order: the first ``k``
-    of a stable descending sort, without sorting everything."""
+#: Units per slice of a window's elementwise work: temporaries stay a few MiB, so the allocator
+#: reuses them instead of mapping (and page-faulting) fresh memory for every array of a window.
+CHUNK = 1 << 20
+
+
+def _slices(n: int) -> list[slice]:
+    return [slice(i, min(n, i + CHUNK)) for i in range(0, n, CHUNK)]
+
+
+def step_dtype(steps: int) -> type:
+    """The integer type of a window's step numbers: one byte for any window a spec may ask for."""
+    return np.uint8 if int(steps) <= 255 else np.int64
+
+
+def split_by_step(where: np.ndarray, W: int, values: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each step's units, in draw order: their indices, or ``values`` at them. A stable counting
+    sort of ``where`` by slices (each slice's units sorted by step by radix, appended to their
+    steps' lists), so no window-sized index array is made."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(W)]
+    for sl in _slices(where.size):
+        w = where[sl]
+        order = np.argsort(w, kind="stable")
+        picked = order + sl.start if values is None else values[sl][order]
+        bounds = np.cumsum(np.bincount(w, minlength=W))
+        lo = 0
+        for s, hi in enumerate(bounds.tolist()):
+            if hi > lo:
+                parts[s].append(picked[lo:hi])
+            lo = hi
+    dtype = np.int64 if values is None else values.dtype
+    return [np.concatenate(p) if p else np.zeros(0, dtype=dtype) for p in parts]
+
+
+def _seq_sum(x: np.ndarray) -> float:
+    """``float(np.cumsum(x)[-1])`` (a strictly sequential sum) in slices, carrying the sum so far
+    into each slice's first element: the same value, without a window-sized temporary."""
+    total = 0.0
+    for sl in _slices(x.size):
+        part = x[sl].astype(np.float64)  # a copy
+        part[0] += total
+        total = float(np.cumsum(part)[-1])
+    return total
+
+
+def _step_sums(where: np.ndarray, weights: np.ndarray | None, W: int) -> np.ndarray:
+    """Per step, the sum of ``weights`` (or the count) of its units: one bincount per slice, the
+    slices' partial sums added in slice order (a fixed order: the same on every machine)."""
+    out = np.zeros(W, dtype=np.float64 if weights is not None else np.int64)
+    for sl in _slices(where.size):
+        out += np.bincount(where[sl], weights=None if weights is None else weights[sl], minlength=W)
+    return out
+
+
+def _top(c: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """Indices of the ``k`` largest of ``c``, largest first, ties in index order (the first ``k``
+    of a stable descending sort, without sorting everything), and a bound on every other value
+    (-inf when none is left). Looks among the values above a threshold halved until at least
+    ``k`` pass, so a window's few large units are partitioned, not all of them."""
     if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if k < c.size:
-        v = np.partition(c, c.size - k)[c.size - k]  # the k-th largest value
-        above = np.flatnonzero(c > v)
-        ties = np.flatnonzero(c == v)[: k - above.size]
-        pick = np.concatenate([above, ties])
-    else:
+        return np.zeros(0, dtype=np.int64), (float(c.max()) if c.size else -np.inf)
+    if k >= c.size:
         pick = np.arange(c.size)
-    return pick[np.lexsort((pick, -c[pick]))]
+        return pick[np.lexsort((pick, -c))], -np.inf
+    cand = None
+    t = float(c.max()) / 2
+    while t > 0 and np.isfinite(t):
+        if int(np.count_nonzero(c > t)) >= k:
+            cand = np.flatnonzero(c > t)
+            break
+        t /= 4
+    if cand is None:
+        cand = np.arange(c.size)
+    cc = c[cand]
+    v = np.partition(cc, cc.size - k)[cc.size - k]  # the k-th largest value (all its ties are candidates)
+    above = cand[cc > v]
+    ties = cand[cc == v][: k - above.size]
+    pick = np.concatenate([above, ties])
+    return pick[np.lexsort((pick, -c[pick]))], float(v)
 
 
 def compose_window(cost: np.ndarray, size: np.ndarray, *, steps: int, dp: int,
                    drawn: np.ndarray | None = None) -> np.ndarray:
-    """int64 step (in ``[0, steps)``) of each unit of a window, by the module's rule.
+    """Step (in ``[0, steps)``) of each unit of a window, by the module's rule: uint8 for up to
+    255 steps (every window a spec may ask for), int64 above.
 
-    ``cost`` (float64) and ``size`` (int64 tokens, or ones) per unit, in draw order; ``drawn``:
+    ``cost`` (float64) and ``size`` (integer tokens, or ones) per unit, in draw order; ``drawn``:
     the step (in the window) each unit was drawn for, a candidate kept when composing would not
     lower the window's bound (rule 6).
     """
     c = np.asarray(cost, dtype=np.float64)
-    z = np.asarray(size, dtype=np.int64)
+    z = np.asarray(size)
+    if z.dtype.kind not in "iu":
+        z = z.astype(np.int64)
     n = c.size
     W = int(steps)
     if W < 1 or int(dp) < 1:
         raise ValueError(f"steps and dp must be >= 1, got {steps!r}, {dp!r}")
     if n == 0:
-        return np.full(0, -1, dtype=np.int64)
+        return np.zeros(0, dtype=step_dtype(W))
     dp = int(dp)
-    total = float(np.cumsum(c)[-1])
+    total = _seq_sum(c)
     mean = total / (W * dp)
     n_out = int(np.count_nonzero(c > mean))
-    order = _top(c, min(n, n_out + dp))  # only the units a group can take, ranked
-    quota = float(np.cumsum(z)[-1]) / W
+    order, rest_max = _top(c, min(n, n_out + dp))  # only the units a group can take, ranked
+    quota = float(int(z.sum(dtype=np.int64))) / W
     groups = _groups(c[order].tolist(), z[order].tolist(), n_out=n_out, n=n, dp=dp, W=W,
                      cap=OUTLIER_SHARE * quota)
     candidates = [_assign(order, groups, z, W, dp, quota)]
@@ -138,10 +212,11 @@ def compose_window(cost: np.ndarray, size: np.ndarray, *, steps: int, dp: int,
         # the last group was completed with non-outliers: also try leaving its outliers unqueued
         candidates.append(_assign(order, groups[:-1], z, W, dp, quota))
     if drawn is not None:
-        candidates.append(np.asarray(drawn, dtype=np.int64))
-    best, best_bound = candidates[0], _mean_bound(c, candidates[0], W, dp)
+        d = np.asarray(drawn)
+        candidates.append(d.astype(step_dtype(W)) if d.dtype != step_dtype(W) else d)
+    best, best_bound = candidates[0], _mean_bound(c, candidates[0], W, dp, order, rest_max)
     for cand in candidates[1:]:
-        b = _mean_bound(c, cand, W, dp)
+        b = _mean_bound(c, cand, W, dp, order, rest_max)
         if b < best_bound:
             best, best_bound = cand, b
     return best
@@ -171,48 +246,83 @@ def _groups(ranked_c: list[float], ranked_z: list[int], *, n_out: int, n: int, d
 
 def _assign(order: np.ndarray, groups: list[tuple[int, int]], z: np.ndarray, W: int, dp: int,
             quota: float) -> np.ndarray:
-    """Rules 3-5: groups spread over the window's steps, every other unit filling them in order."""
-    out = np.full(z.size, -1, dtype=np.int64)
-    if groups:
-        G = len(groups)
-        where = ((2 * np.arange(G, dtype=np.int64) + 1) * W) // (2 * G)
-        for (lo, hi), s in zip(groups, where.tolist()):
-            out[order[lo:hi]] = s
-    rest = np.flatnonzero(out < 0)
-    if rest.size:
-        taken = np.bincount(out[out >= 0], weights=z[out >= 0], minlength=W) if groups else np.zeros(W)
-        room = np.maximum(quota - taken, 0.0)
-        bounds = np.cumsum(room)
-        rz = z[rest]
-        mid = np.cumsum(rz) - 0.5 * rz
-        scale = bounds[-1] / float(rz.sum()) if rz.sum() > 0 and bounds[-1] > 0 else 0.0
-        if scale > 0:
-            out[rest] = np.minimum(np.searchsorted(bounds, mid * scale, side="right"), W - 1)
-        else:  # nothing has a size, or the groups took every step's quota: spread by count
-            out[rest] = (np.arange(rest.size, dtype=np.int64) * W) // rest.size
-        _every_rank_a_unit(out, rest, W, dp)
+    """Rules 3-5: groups spread over the window's steps, every other unit filling them in order.
+
+    The filling runs over every unit in slices, a grouped unit counting 0 toward its step's size
+    (its step is set afterwards): the midpoints of the others are exactly those of the units
+    left alone, and they rise with draw order, so W binary searches per slice place them."""
+    out = np.empty(z.size, dtype=step_dtype(W))
+    grouped = order[: groups[-1][1]] if groups else order[:0]  # the groups: consecutive slices from 0
+    gstep = np.repeat(((2 * np.arange(len(groups), dtype=np.int64) + 1) * W) // (2 * max(1, len(groups))),
+                      [hi - lo for lo, hi in groups])
+    taken = np.bincount(gstep, weights=z[grouped], minlength=W)  # integer sums: exact
+    room = np.maximum(quota - taken, 0.0)
+    bounds = np.cumsum(room)
+    gz = z[grouped].astype(np.int64)
+    rtotal = int(z.sum(dtype=np.int64)) - int(gz.sum())
+    n_rest = z.size - grouped.size
+    scale = bounds[-1] / float(rtotal) if rtotal > 0 and bounds[-1] > 0 else 0.0
+    count = np.zeros(W, dtype=np.int64)  # units of each step, counted as they are placed
+    if n_rest and scale > 0:
+        carry = 0
+        for sl in _slices(z.size):
+            rz = z[sl].astype(np.int64)
+            inside = grouped[(grouped >= sl.start) & (grouped < sl.stop)] - sl.start
+            rz[inside] = 0
+            csum = np.cumsum(rz)
+            csum += carry
+            carry = int(csum[-1])
+            mid = (csum - 0.5 * rz) * scale
+            # unit i's step: the number of bounds at or below its midpoint (at most W - 1)
+            cut = np.searchsorted(mid, bounds, side="left").tolist()
+            part = out[sl]
+            lo = 0
+            for j, hi in enumerate(cut + [mid.size]):
+                if hi > lo:
+                    part[lo:hi] = min(j, W - 1)
+                    count[min(j, W - 1)] += hi - lo
+                    lo = hi
+            count -= np.bincount(part[inside], minlength=W)  # grouped: placed below
+    elif n_rest:  # nothing has a size, or the groups took every step's quota: spread by count
+        keep = np.ones(z.size, dtype=bool)
+        keep[grouped] = False
+        rest = np.flatnonzero(keep)
+        out[rest] = (np.arange(rest.size, dtype=np.int64) * W) // rest.size
+        count += np.bincount(out[rest], minlength=W)
+    out[grouped] = gstep
+    count += np.bincount(gstep, minlength=W)
+    if n_rest:
+        _every_rank_a_unit(out, grouped, W, dp, count)
     return out
 
 
-def _mean_bound(c: np.ndarray, where: np.ndarray, W: int, dp: int) -> float:
+def _mean_bound(c: np.ndarray, where: np.ndarray, W: int, dp: int, big: np.ndarray, rest_max: float) -> float:
     """Mean over the window's steps of the balance bound max(largest unit, mean share) / mean
-    share: what no balancer can beat (sequential sums: the same on every machine)."""
-    total = np.bincount(where, weights=c, minlength=W)
+    share: what no balancer can beat (sums in a fixed order: the same on every machine). ``big``:
+    the largest units; every other one costs at most ``rest_max``, so a step's largest unit is
+    looked for among ``big`` alone unless one of the others could exceed its bound."""
+    total = _step_sums(where, c, W)
     top = np.zeros(W)
-    np.maximum.at(top, where, c)
+    np.maximum.at(top, where[big].astype(np.int64), c[big])
     share = total / dp
+    if rest_max > 0 and bool((np.maximum(top, share) < rest_max).any()):
+        for sl in _slices(where.size):
+            np.maximum.at(top, where[sl].astype(np.int64), c[sl])
     ok = share > 0
     ratio = np.where(ok, np.maximum(top, share) / np.where(ok, share, 1.0), 1.0)
     return float(np.cumsum(ratio)[-1]) / W
 
 
-def _every_rank_a_unit(out: np.ndarray, movable: np.ndarray, W: int, dp: int) -> None:
+def _every_rank_a_unit(out: np.ndarray, grouped: np.ndarray, W: int, dp: int, count: np.ndarray) -> None:
     """Rule 5: a step with fewer than ``dp`` units (a few long ones filled its quota) takes the
-    last-drawn movable units of the step with the most, until every step has ``dp`` units or
-    no step has any to spare (a window of fewer than W·dp units). In place; deterministic."""
-    count = np.bincount(out, minlength=W)
+    last-drawn movable (not grouped) units of the step with the most, until every step has
+    ``dp`` units or no step has any to spare (a window of fewer than W·dp units). In place
+    (``out`` and ``count``, the units of each step); deterministic."""
     if int(count.min()) >= dp or out.size < W * dp:
         return
+    keep = np.ones(out.size, dtype=bool)
+    keep[grouped] = False
+    movable = np.flatnonzero(keep)
     for s in np.flatnonzero(count < dp).tolist():
         while count[s] < dp:
             donor = int(np.argmax(count))

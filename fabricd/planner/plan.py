@@ -11,9 +11,10 @@ from typing import Sequence
 import numpy as np
 
 from fabricd.errors import PlanError
-from fabricd.planner.balance import BALANCERS, balance, pack_micro_batches_grouped
+from fabricd.planner.balance import (BALANCERS, balance, descending_rank, pack_micro_batches_grouped,
+                                     stable_order)
 from fabricd.planner.compose import (COMPOSE_MODES, MAX_DELAY_STEPS, check_dp_history, compose_window,
-                                     composition_dp)
+                                     composition_dp, split_by_step, step_dtype)
 from fabricd.planner.cost import CostModel
 from fabricd.planner.mixture import MixtureSchedule
 from fabricd.planner.sequence import GlobalSequence, SourceUnits
@@ -193,6 +194,10 @@ class Planner:
             self._patches = np.concatenate([s.patches if s.patches is not None else zeros(s) for s in ordered])
             self._patches_sq = np.concatenate([s.patches_sq if s.patches_sq is not None else zeros(s)
                                                for s in ordered])
+        self._unit_cost = cost(self._tokens, self._images, self._patches, self._patches_sq)
+        # each unit's place among the distinct unit costs, largest 0: a step sorts its units by
+        # cost with radix passes over these (one up to 2**16 distinct costs), not by comparing floats
+        self._unit_rank = descending_rank(self._unit_cost)
 
     def plan(self, step: int, dp_size: int) -> StepPlan:
         """The plan of ``step`` for ``dp_size`` DP ranks."""
@@ -211,9 +216,12 @@ class Planner:
             src = np.searchsorted(self._offsets, row, side="right").astype(np.int32) - 1
         tokens = self._tokens[row]
         cost = self._cost(row)
-        rank = balance(cost, dp, self.method)
-        micro, num_micro = pack_micro_batches_grouped(rank, dp, tokens, cost, self.micro_batch_tokens)
-        order = np.lexsort((np.arange(row.size), micro, rank))
+        by_cost = stable_order(self._unit_rank[row])  # = np.argsort(-cost, kind="stable")
+        rank = balance(cost, dp, self.method, order=by_cost)
+        micro, num_micro = pack_micro_batches_grouped(rank, dp, tokens, cost, self.micro_batch_tokens,
+                                                      by_cost=by_cost)
+        # = np.lexsort((np.arange(n), micro, rank)), by radix over one key (one pass up to 2**16)
+        order = stable_order(rank.astype(np.int64) * (int(num_micro.max()) + 1) + micro)
         row = row[order]
         return StepPlan(
             step=int(step),
@@ -251,8 +259,9 @@ class Planner:
         return step - self.start_step
 
     def _cost(self, row: np.ndarray) -> np.ndarray:
-        vision = (self._patches[row], self._patches_sq[row]) if self._patches is not None else (None, None)
-        return self.cost(self._tokens[row], self._images[row], *vision)
+        # the cost model is elementwise: gathering each unit's cost, computed once, gives the same
+        # values as computing it for the gathered units
+        return self._unit_cost[row]
 
     def composition_dp(self, step: int, dp_size: int) -> int:
         """The DP size the window of ``step`` is composed for (``dp_size`` without a history)."""
@@ -287,9 +296,7 @@ class Planner:
             src, unit = self.sequence.step_units(s)
             rows.append(self._offsets[src] + unit)
         row = np.concatenate(rows)
-        drawn = np.repeat(np.arange(W, dtype=np.int64), [r.size for r in rows])
-        size = self._tokens[row].astype(np.int64) if self.size_by_tokens else np.ones(row.size, dtype=np.int64)
+        drawn = np.repeat(np.arange(W, dtype=step_dtype(W)), [r.size for r in rows])
+        size = self._tokens[row] if self.size_by_tokens else np.ones(row.size, dtype=np.int8)
         where = compose_window(self._cost(row), size, steps=W, dp=dp, drawn=drawn)
-        order = np.argsort(where, kind="stable")
-        bounds = np.searchsorted(where[order], np.arange(W + 1), side="left")
-        return [row[order[bounds[i]:bounds[i + 1]]] for i in range(W)]
+        return split_by_step(where, W, values=row)

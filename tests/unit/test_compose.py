@@ -222,3 +222,23 @@ def test_a_group_completed_with_small_units_is_not_kept_when_it_raises_the_bound
     for s in range(2):
         share = cost[where == s].sum() / 4
         assert cost[where == s].max() <= share + 1e-9, (s, where.tolist())
+
+
+@pytest.mark.unit
+def test_compose_window_does_not_depend_on_its_slice_size(monkeypatch) -> None:
+    """A window's work runs in slices of CHUNK units; carried sums and per-slice searches give
+    the steps one pass over the whole window gives."""
+    import fabricd.planner.compose as compose
+
+    rng = np.random.default_rng(31)
+    W, dp = 8, 16
+    tokens = np.minimum(32768, (125 * (1 + rng.pareto(1.1, 3000)))).astype(np.int64)
+    cost = tokens * tokens + 8192.0 * tokens
+    drawn = np.repeat(np.arange(W), 3000 // W)
+    whole = compose_window(cost, tokens, steps=W, dp=dp, drawn=drawn)
+    assert whole.dtype == np.uint8 and int(whole.max()) < W
+    assert len(set(np.flatnonzero(cost > cost.sum() / (W * dp)).tolist())) > dp  # outlier groups formed
+    monkeypatch.setattr(compose, "CHUNK", 97)
+    assert np.array_equal(whole, compose_window(cost, tokens, steps=W, dp=dp, drawn=drawn))
+    parts = compose.split_by_step(whole, W)
+    assert [p.tolist() for p in parts] == [np.flatnonzero(whole == s).tolist() for s in range(W)]

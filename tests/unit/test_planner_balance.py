@@ -152,3 +152,64 @@ def test_chunked_lpt_matches_per_item_lpt() -> None:
         a = np.sort(np.bincount(_lpt_rounds(costs, k), weights=costs, minlength=k))
         b = np.sort(np.bincount(_lpt_exact(costs, k), weights=costs, minlength=k))
         np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.unit
+def test_stable_order_is_lexsort_and_descending_rank_is_a_stable_descending_sort() -> None:
+    from fabricd.planner.balance import descending_rank, stable_order
+
+    rng = np.random.default_rng(21)
+    for top in (1, 200, 70_000, 2**40):  # one uint8 digit, one uint16, two, several
+        keys = [rng.integers(0, top, 3000), rng.integers(0, 5, 3000)]
+        assert np.array_equal(stable_order(*keys), np.lexsort(keys))
+        assert np.array_equal(stable_order(keys[0]), np.argsort(keys[0], kind="stable"))
+    costs = np.round(rng.pareto(1.1, 5000) * 10)  # many ties
+    assert np.array_equal(stable_order(descending_rank(costs)), np.argsort(-costs, kind="stable"))
+    with pytest.raises(ValueError):
+        stable_order(np.array([1, -1]))
+
+
+@pytest.mark.unit
+def test_a_callers_cost_order_changes_nothing() -> None:
+    """The planner hands LPT and the packing the cost order it computed once per step: the result
+    is the one each computes for itself."""
+    rng = np.random.default_rng(22)
+    for k in (4, 64, 700):
+        costs = np.round(_pareto_costs(rng, 20 * k) / 1e5)
+        tokens = rng.integers(1, 400, costs.size)
+        by_cost = np.argsort(-costs, kind="stable")
+        bins = balance(costs, k, "lpt")
+        assert np.array_equal(bins, balance(costs, k, "lpt", order=by_cost))
+        tokens[bins % 3 == 0] = 1  # these ranks fit in one micro-batch: only the others are packed
+        micro, num = pack_micro_batches_grouped(bins, k, tokens, costs, 512)
+        m2, n2 = pack_micro_batches_grouped(bins, k, tokens, costs, 512, by_cost=by_cost)
+        assert np.array_equal(micro, m2) and np.array_equal(num, n2)
+        assert int(num.max()) >= 2  # the lockstep packing ran, not the one-micro-batch fast path
+
+
+def _first_fit_decreasing_bins(tokens: list[int], cap: int) -> int:
+    bins: list[int] = []
+    for t in sorted(tokens, reverse=True):
+        for i, used in enumerate(bins):
+            if used + t <= cap:
+                bins[i] += t
+                break
+        else:
+            bins.append(t)
+    return len(bins)
+
+
+@pytest.mark.unit
+def test_packing_uses_first_fit_decreasings_count_when_it_needs_bins_beyond_the_sum() -> None:
+    """Items just over a third of a micro-batch: first fit needs far more micro-batches than the
+    token sum suggests (the lockstep loop's first, narrower try runs out of bins and is redone)."""
+    rng = np.random.default_rng(23)
+    cap, groups = 90, 12
+    g = rng.integers(0, groups, 400)
+    tokens = rng.integers(31, 46, 400)
+    micro, num = pack_micro_batches_grouped(g, groups, tokens, rng.random(400), cap)
+    for r in range(groups):
+        mine = g == r
+        assert num[r] == _first_fit_decreasing_bins(tokens[mine].tolist(), cap)
+        assert np.bincount(micro[mine], weights=tokens[mine]).max() <= cap
+    assert max(num[r] - -(-int(tokens[g == r].sum()) // cap) for r in range(groups)) >= 2

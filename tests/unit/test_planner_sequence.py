@@ -189,3 +189,22 @@ def test_counts_sum_exactly_even_when_weights_do_not_sum_to_one_in_floats() -> N
     seq = GlobalSequence(seed=1, samples_per_step=B, schedule=sched, source_sizes=[5] * 19)
     assert int(seq.cursor(20000).sum()) == B * 20000
     assert all(int(seq.counts(s).sum()) == B for s in range(50))
+
+
+@pytest.mark.unit
+def test_feistel_blocks_and_epoch_calls_change_no_unit(monkeypatch) -> None:
+    """The Feistel network runs in cache-sized blocks and a step calls it once per epoch its
+    draws span: the units are those of the definition, draw k of source j being
+    perm_{j, k // N_j}(k mod N_j), whatever the block size."""
+    import fabricd.planner.sequence as sequence
+
+    sched = MixtureSchedule("constant", [(0, {"a": 0.7, "b": 0.3})], ["a", "b"])
+    seq = GlobalSequence(seed=5, samples_per_step=1000, schedule=sched, source_sizes=[130, 4099])
+    src, unit = seq.step_units(3)  # source a: ~700 draws of 130 units, six epochs in one step
+    start = seq.cursor(3)
+    for j, size in enumerate((130, 4099)):
+        draws = int(start[j]) + np.arange(int(np.count_nonzero(src == j)))
+        want = feistel_permute(draws % size, size, seed=5, source=j, epoch=draws // size)
+        assert np.array_equal(unit[src == j], want)
+    monkeypatch.setattr(sequence, "_BLOCK", 3)
+    assert np.array_equal(seq.step_units(3)[1], unit)
