@@ -217,3 +217,41 @@ def test_loader_report_validates_and_counts_drops():
         assert loader.stats["loss_reports_dropped"] == 1
     finally:
         loader.close()
+
+
+def test_a_new_leader_continues_the_policy_from_the_log(tmp_path):
+    """The policy's state travels in the plan-change record: a leader that never saw the reports
+    (a failover) starts its mixer from the newest online change in the log."""
+    import msgspec
+
+    from fabricd.cluster.records import MixturePoint, PlanChange, PolicyState
+    from fabricd.cluster.telemetry import NodeTelemetry
+    from fabricd.leadership import Leadership
+
+    from .test_cluster_controller import ClusterController, _cfg
+
+    spec = parse_job_spec(SPEC, "/jobs/mix.toml")
+    cfg = _cfg(tmp_path)
+    c = ClusterController(cfg, now=0.0)
+    c.tick(0.0, telemetry=NodeTelemetry, roles=dict)
+    c.propose([("job_submitted", {"job": "mix", "spec_toml": spec.text, "spec_origin": spec.file,
+                                  "fingerprint": "", "dp_size": 1})], 0.01)
+    states = [OdmState(rounds=1, rewards=(2.0, 1.0), weights=(0.5, 0.5)),
+              OdmState(rounds=2, rewards=(3.0, 1.5), weights=(0.6, 0.4))]
+    for at, st in zip((10, 14), states):
+        change = PlanChange(job="mix", at_step=at, points=[MixturePoint(step=at, weights={"a": st.weights[0], "b": st.weights[1]})],
+                            origin="online:odm", term=c.term, policy=PolicyState(**st.to_record()))
+        c.propose([("plan_changed", msgspec.to_builtins(change))], 0.02)
+    operator = PlanChange(job="mix", at_step=20, points=[MixturePoint(step=20, weights={"a": 1.0})],
+                          origin="operator:x", term=c.term)
+    c.propose([("plan_changed", msgspec.to_builtins(operator))], 0.03)
+
+    class Runtime:  # what the mixer reads of a job runtime
+        pass
+
+    runtime = Runtime()
+    runtime.spec = spec
+    lead = Leadership(cfg, c, {"mix": runtime}, lambda entries, now: True)
+    mixer = lead._mixer("mix", runtime)
+    assert mixer.state == states[1]  # the newest online change's state, not the operator's change
+    assert mixer.next_round == 14 + spec.online.every_steps
