@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .etcd_session import EtcdSession, Intent, Observation
+from .lease import FOLLOWER, LEADER, LeaseView
 from .lease_messages import Action, BecameLeader, LeaderChanged, LeaseConfig, LeaseMessage, SteppedDown
 from .term_store import TermStore, TermStoreError
 
@@ -53,8 +54,6 @@ __all__ = ["EtcdLease", "lease_ttl_s"]
 
 log = logging.getLogger(__name__)
 
-FOLLOWER = "follower"
-LEADER = "leader"
 #: How long ``release`` waits for the session to revoke the lease (a shutdown, not the loop).
 RELEASE_WAIT_S = 1.0
 
@@ -64,7 +63,7 @@ def lease_ttl_s(config: LeaseConfig) -> int:
     return max(1, math.ceil(config.lease_duration_s))
 
 
-class EtcdLease:
+class EtcdLease(LeaseView):
     """One daemon's view of the etcd lease. ``session`` does the etcd calls; this class only
     reads its observations and sets its intent (see the module docstring)."""
 
@@ -95,25 +94,6 @@ class EtcdLease:
 
     # --- read-only view ------------------------------------------------------------------------
 
-    @property
-    def node_id(self) -> str:
-        return self._node_id
-
-    @property
-    def role(self) -> str:
-        return self._role
-
-    @property
-    def term(self) -> int:
-        return self._term
-
-    @property
-    def leader(self) -> str | None:
-        return self._leader
-
-    def is_leader(self, now: float) -> bool:
-        now = self._clock(now)
-        return self._role == LEADER and self._lease_expires_at is not None and now < self._lease_expires_at
 
     def status(self, now: float | None = None) -> dict[str, Any]:
         at = self._now if now is None else max(now, self._now)
@@ -193,10 +173,6 @@ class EtcdLease:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _clock(self, now: float) -> float:
-        if now > self._now:
-            self._now = now
-        return self._now
 
     def _may_lead(self, now: float) -> bool:
         return self._is_voter and now >= self._hold_until and self._store_error is None

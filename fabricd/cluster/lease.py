@@ -156,7 +156,48 @@ class LeaseBackend(Protocol):
         ...
 
 
-class LeaseElection:
+class LeaseView:
+    """What both lease backends expose the same way: identity, role, term, leader, whether this
+    node leads now, and a clock that never goes backwards. Subclasses set ``_node_id``,
+    ``_role``, ``_term``, ``_leader``, ``_lease_expires_at`` and ``_now``."""
+
+    _node_id: str
+    _role: str
+    _term: int
+    _leader: str | None
+    _lease_expires_at: float | None
+    _now: float
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    @property
+    def role(self) -> str:
+        """``follower``, ``pre_candidate``, ``candidate`` or ``leader``."""
+        return self._role
+
+    @property
+    def term(self) -> int:
+        return self._term
+
+    @property
+    def leader(self) -> str | None:
+        return self._leader
+
+    def is_leader(self, now: float) -> bool:
+        """True iff this node leads and ``now`` is before the lease's proven expiry."""
+        now = self._clock(now)
+        return self._role == LEADER and self._lease_expires_at is not None and now < self._lease_expires_at
+
+    def _clock(self, now: float) -> float:
+        """``now``, or the latest time seen if it went backwards."""
+        if now > self._now:
+            self._now = now
+        return self._now
+
+
+class LeaseElection(LeaseView):
     """One daemon's view of the lease. Feed it time and messages; it returns actions.
 
     ``voters`` are the configured voter ids; ``node_id`` need not be one (a non-voter follows
@@ -231,30 +272,8 @@ class LeaseElection:
     # --- read-only view ------------------------------------------------------------------------
 
     @property
-    def node_id(self) -> str:
-        return self._node_id
-
-    @property
-    def role(self) -> str:
-        """``follower``, ``pre_candidate``, ``candidate`` or ``leader``."""
-        return self._role
-
-    @property
-    def term(self) -> int:
-        return self._term
-
-    @property
-    def leader(self) -> str | None:
-        return self._leader
-
-    @property
     def voted_for(self) -> str | None:
         return self._voted_for
-
-    def is_leader(self, now: float) -> bool:
-        """True iff this node leads and ``now`` is before the lease's proven expiry."""
-        now = self._clock(now)
-        return self._role == LEADER and self._lease_expires_at is not None and now < self._lease_expires_at
 
     def lease_expires_at(self) -> float | None:
         """The monotonic time the current lease ends (leader only, else None)."""
@@ -359,11 +378,6 @@ class LeaseElection:
         return out
 
     # --- time ----------------------------------------------------------------------------------
-
-    def _clock(self, now: float) -> float:
-        if now > self._now:
-            self._now = now
-        return self._now
 
     def _jitter(self) -> float:
         return self._rng.random() * self._config.retry_period_s

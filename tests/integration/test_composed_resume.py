@@ -6,7 +6,6 @@ frontier, so the resumed trainers lose and repeat nothing."""
 from __future__ import annotations
 
 import collections
-import threading
 import time
 
 import pytest
@@ -16,6 +15,7 @@ from fabricd.config import load_job_spec
 from fabricd.expect import expected_batches
 from fabricd.job import build_planner, open_sources
 
+from ..ranks import run_ranks
 from .test_minimal_spec import fabricctl, write_books
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -55,24 +55,15 @@ FIRST, END = 5, 14  # steps [0, 5) at dp 4, then [5, 14) at dp 6
 def receive(address: str, dp: int, start: int, stop: int) -> dict:
     """Every rank of ``dp`` from ``start`` to ``stop`` (one thread per rank): key → (checksum, units)."""
     got: dict = {}
-    errors: list = []
 
     def rank(r: int) -> None:
-        try:
-            with Loader(address, job="composed", dp_rank=r, dp_size=dp, max_steps=stop, deadline_s=90.0) as loader:
-                loader.load_state_dict({"job": "composed", "next_step": start, "next_micro": 0})
-                for b in loader:
-                    got[(b.step, b.dp_rank, b.micro_batch)] = (
-                        b.checksum, list(zip(b["source_ids"].tolist(), b["sample_ids"].tolist(), b["pieces"].tolist())))
-        except Exception as e:  # noqa: BLE001 - reported by the test thread
-            errors.append(e)
+        with Loader(address, job="composed", dp_rank=r, dp_size=dp, max_steps=stop, deadline_s=90.0) as loader:
+            loader.load_state_dict({"job": "composed", "next_step": start, "next_micro": 0})
+            for b in loader:
+                got[(b.step, b.dp_rank, b.micro_batch)] = (
+                    b.checksum, list(zip(b["source_ids"].tolist(), b["sample_ids"].tolist(), b["pieces"].tolist())))
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(dp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(150)
-    assert not errors, errors
+    run_ranks(dp, rank, join_s=150)
     return got
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import json
-import threading
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 
 from fabric_client import Loader
 
+from ..ranks import run_ranks
 from .test_minimal_spec import fabricctl, write_books
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -66,30 +66,21 @@ def train(address: str, dp: int) -> dict:
     """Every rank consumes [0, END), reporting per-source losses for each batch like a training
     loop would (from ``source_ids``), at a pace a real step would have."""
     got: dict = {}
-    errors: list = []
 
     def rank(r: int) -> None:
-        try:
-            with Loader(address, job="odm", dp_rank=r, dp_size=dp, max_steps=END, deadline_s=90.0) as loader:
-                for b in loader:
-                    key = (b.step, b.dp_rank, b.micro_batch)
-                    assert key not in got, f"batch {key} delivered twice"
-                    got[key] = (b.checksum, b["source_ids"].tolist())
-                    names = loader.source_names
-                    counts = np.bincount(b["source_ids"], minlength=len(names))
-                    loader.report({names[i]: (LOSS[names[i]] * int(counts[i]), int(counts[i]))
-                                   for i in np.flatnonzero(counts)})
-                    time.sleep(0.15)
-                assert loader.stats["loss_reports"] > 0
-        except Exception as e:  # noqa: BLE001 - reported by the test thread
-            errors.append(e)
+        with Loader(address, job="odm", dp_rank=r, dp_size=dp, max_steps=END, deadline_s=90.0) as loader:
+            for b in loader:
+                key = (b.step, b.dp_rank, b.micro_batch)
+                assert key not in got, f"batch {key} delivered twice"
+                got[key] = (b.checksum, b["source_ids"].tolist())
+                names = loader.source_names
+                counts = np.bincount(b["source_ids"], minlength=len(names))
+                loader.report({names[i]: (LOSS[names[i]] * int(counts[i]), int(counts[i]))
+                               for i in np.flatnonzero(counts)})
+                time.sleep(0.15)
+            assert loader.stats["loss_reports"] > 0
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(dp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert not errors, errors
+    run_ranks(dp, rank, join_s=180)
     return got
 
 

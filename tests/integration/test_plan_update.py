@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import json
 import re
-import threading
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from fabric_client import Loader
 from fabricd.config import load_job_spec
 from fabricd.expect import expected_batches
 
+from ..ranks import run_ranks
 from .test_minimal_spec import fabricctl, write_books
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -62,26 +62,17 @@ weights = { books = 0.8, code = 0.2 }
 def receive(address: str, job: str, dp: int, start: int, stop: int) -> dict:
     """Every rank of ``dp`` from ``start`` to ``stop`` (one thread per rank): key → (checksum, units)."""
     got: dict = {}
-    errors: list = []
 
     def rank(r: int) -> None:
-        try:
-            with Loader(address, job=job, dp_rank=r, dp_size=dp, max_steps=stop, deadline_s=90.0) as loader:
-                loader.load_state_dict({"job": job, "next_step": start, "next_micro": 0})
-                for b in loader:
-                    key = (b.step, b.dp_rank, b.micro_batch)
-                    assert key not in got, f"batch {key} delivered twice"
-                    got[key] = (b.checksum, list(zip(b["source_ids"].tolist(), b["sample_ids"].tolist(),
-                                                     b["pieces"].tolist())))
-        except Exception as e:  # noqa: BLE001 - reported by the test thread
-            errors.append(e)
+        with Loader(address, job=job, dp_rank=r, dp_size=dp, max_steps=stop, deadline_s=90.0) as loader:
+            loader.load_state_dict({"job": job, "next_step": start, "next_micro": 0})
+            for b in loader:
+                key = (b.step, b.dp_rank, b.micro_batch)
+                assert key not in got, f"batch {key} delivered twice"
+                got[key] = (b.checksum, list(zip(b["source_ids"].tolist(), b["sample_ids"].tolist(),
+                                                 b["pieces"].tolist())))
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(dp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(150)
-    assert not errors, errors
+    run_ranks(dp, rank, join_s=150)
     return got
 
 
