@@ -248,8 +248,12 @@ class Leadership:
             floor = state.progress_floor.get(job, 0)
             if not mixer.due(floor) or runtime.state != "ready":
                 continue
-            at_step = self.changeable_from(job, now) + runtime.spec.online.lead_steps
-            segments = plan_segments(runtime.spec, [e.change for e in state.plan_changes.get(job, ())])
+            logged = [e.change for e in state.plan_changes.get(job, ())]
+            # past the policy's own last change too: the frontier can fall back when the trainers
+            # slow down, and an older round must never override a newer one (changes apply in step order)
+            last = max((c.at_step for c in logged if c.origin == ONLINE_ORIGIN), default=-1)
+            at_step = max(self.changeable_from(job, now) + runtime.spec.online.lead_steps, last + 1)
+            segments = plan_segments(runtime.spec, logged)
             drawn = weights_at(spec_at(segments, floor), floor)
             change = mixer.round(at_step, [drawn[s.name] for s in runtime.spec.sources])
             result = self.propose_plan_change(job, mixer.change_record(change), origin=ONLINE_ORIGIN, now=now)
