@@ -2,6 +2,7 @@
 """The chaos suite outside pytest: a 3-daemon fabric, real trainers, N seeded faults, invariants.
 
     .venv/bin/python scripts/chaos.py --faults 200 --seed 1
+    .venv/bin/python scripts/chaos.py --faults 50 --etcd http://127.0.0.1:2379   # on the etcd lease backend
 
 Prints one JSON line per fault, then one summary line: {faults, lost, duplicated, mismatched,
 stale_term_applied, malformed_casualties, skips_recorded, max_recovery_s, ...}; delivery is
@@ -34,6 +35,9 @@ def main() -> int:
     ap.add_argument("--netns", choices=("auto", "yes", "no"), default="auto",
                     help="run the daemons in network namespaces, enabling partition faults (needs root)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
+    ap.add_argument("--etcd", metavar="URL", default=None,
+                    help="use the etcd lease backend against this etcd endpoint (e.g. http://127.0.0.1:2379), "
+                         "under a prefix of this run's own")
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C: the finally below stops every daemon this run started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -42,7 +46,9 @@ def main() -> int:
     kinds = tuple(args.kinds.split(",")) if args.kinds else FAULT_KINDS + (PARTITION_KINDS if netns else ())
     print(f"faults drawn from: {', '.join(kinds)}" + ("" if netns else " (no network namespaces: no partitions)"),
           file=sys.stderr)
-    run = ChaosRun(work, seed=args.seed, nodes=args.nodes, kinds=kinds, netns=netns)
+    extra = (f'lease_backend = "etcd"\netcd_endpoints = ["{args.etcd}"]\netcd_prefix = "/fabricd-chaos/{work.name}/"\n'
+             if args.etcd else "")
+    run = ChaosRun(work, seed=args.seed, nodes=args.nodes, kinds=kinds, netns=netns, cluster_extra=extra)
     try:
         run.start()
         for _ in range(args.faults):
