@@ -15,6 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 
 from fabric_client import protocol
@@ -398,7 +399,12 @@ class JobRuntime:
         changes = tuple(changes)
         if changes == self.plan_changes:
             return
-        new = [c for c in changes if c not in self.plan_changes] or list(changes)
+        old = self.plan_changes
+        if changes[:len(old)] == old:  # the log grew: the new changes are the ones after
+            new = list(changes[len(old):]) or list(changes)
+        else:
+            seen = {msgspec.msgpack.encode(c) for c in old}
+            new = [c for c in changes if msgspec.msgpack.encode(c) not in seen] or list(changes)
         start = min(c.at_step for c in new)
         pending = self._replanning_from if self._planned_with != self.plan_changes else None
         self._replanning_from = start if pending is None else min(start, pending)

@@ -38,7 +38,7 @@ import logging
 import math
 import threading
 import tomllib
-from collections import OrderedDict
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,32 +244,37 @@ def spec_at(segments: Sequence[PlanSegment], step: int) -> JobSpec:
     return segments[max(0, bisect.bisect_right([seg.start for seg in segments], step) - 1)].spec
 
 
-#: Applied changes remembered (see :func:`_applied`): far more than a job's segments, so that
-#: replanning with one more change applies that change alone.
-APPLIED_CACHE = 1 << 16
-_applied_cache: OrderedDict[tuple[int, bytes], tuple[JobSpec, JobSpec]] = OrderedDict()
-_applied_lock = threading.Lock()
+#: ``id(spec)`` → (a weak reference to ``spec``, {a change's key → the segment spec it starts}):
+#: see :func:`_applied`. An entry goes when its spec does.
+_applied_after: dict[int, tuple[weakref.ref, dict[bytes, JobSpec]]] = {}
+_applied_lock = threading.RLock()  # re-entrant: a finalizer may run while it is held
+
+
+def _forget(key: int) -> None:
+    with _applied_lock:
+        _applied_after.pop(key, None)
 
 
 def _applied(spec: JobSpec, change: PlanChange) -> JobSpec:
     """The spec of the segment ``change`` starts, given ``spec`` in effect before it:
-    ``apply_change(spec, change)`` from its step on (:func:`_from_step`), remembered per (``spec`` object, the change's step, sets and
-    points): the segments of a job's changes are recomputed on every new change (and every
-    online-mixing round), and with the earlier specs the same objects, each earlier change is
-    found here instead of being applied (validated, parsed) again. A spec object is held by
-    its entry, so its ``id`` is never another's while the entry lives. Errors are not kept."""
-    key = (id(spec), msgspec.msgpack.encode((change.at_step, change.sets, change.points)))
+    ``apply_change(spec, change)`` from its step on (:func:`_from_step`), remembered per ``spec``
+    object and the change's step, sets and points, for as long as ``spec`` lives. Why: a job's
+    segments are recomputed on every new change (and every online-mixing round); with the earlier
+    specs the same objects, every earlier change is found here instead of being applied
+    (parsed and validated) again, and the segment specs stay the same objects, which the
+    planner's caches key on (``job.SegmentPlans``). Errors are not remembered."""
+    key = msgspec.msgpack.encode((change.at_step, change.sets, change.points))
     with _applied_lock:
-        hit = _applied_cache.get(key)
-        if hit is not None and hit[0] is spec:
-            _applied_cache.move_to_end(key)
-            return hit[1]
+        entry = _applied_after.get(id(spec))
+        if entry is not None and entry[0]() is spec and key in entry[1]:
+            return entry[1][key]
     out = _from_step(apply_change(spec, change), change.at_step)
     with _applied_lock:
-        _applied_cache[key] = (spec, out)
-        while len(_applied_cache) > APPLIED_CACHE:
-            _applied_cache.popitem(last=False)
-    return out
+        entry = _applied_after.get(id(spec))
+        if entry is None or entry[0]() is not spec:
+            entry = _applied_after[id(spec)] = (weakref.ref(spec), {})
+            weakref.finalize(spec, _forget, id(spec))
+        return entry[1].setdefault(key, out)
 
 
 def _from_step(spec: JobSpec, start: int) -> JobSpec:
