@@ -10,10 +10,12 @@ import logging
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 
 from fabric_client import protocol
@@ -28,7 +30,7 @@ from .planner import CostModel, MixtureSchedule, Planner, build_units
 from .cluster.records import PlanChange
 from .plan_changes import describe_change, plan_segments, spec_at
 from .planner.compose import check_dp_history
-from .planner.segments import SegmentedPlanner, carry_draws, localize_points
+from .planner.segments import SegmentHead, SegmentedPlanner, localize_points
 from .planner.plan import draws_for_tokens
 from .planner.units import SourceUnits
 from .planner.worker import PlanWorker
@@ -36,7 +38,7 @@ from .sources.index import SourceIndex, open_index, require_samples, skip_reason
 from .sources.transform import TransformSpec, image_tokens_per_sample, truncated_lengths
 from .text import Tokenizer, load_tokenizer
 
-__all__ = ["JobRuntime", "open_sources", "build_planner", "dp_history_of", "job_tokenizer", "transform_spec", "source_units", "check_vocabulary", "PLAN_COLUMNS"]
+__all__ = ["JobRuntime", "SegmentPlans", "open_sources", "build_planner", "dp_history_of", "job_tokenizer", "transform_spec", "source_units", "check_vocabulary", "PLAN_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -133,30 +135,126 @@ def build_planner(spec: JobSpec, indexes: Mapping[str, SourceIndex],
     """The job's planner from its spec, its sources' metadata, the log's DP-size history
     (``(from_step, dp_size)`` pairs; empty: the spec's dp_size from step 0) and the log's plan
     changes (committed ones, in log order), nothing else: a :class:`Planner` without changes,
-    else a :class:`SegmentedPlanner` of one planner per segment (``fabricd.planner.segments``)."""
-    segments = plan_segments(spec, plan_changes)
-    vision = bool(spec.cost.vision_attention or spec.cost.vision_linear)
-    built: dict[tuple, SourceUnits] = {}  # (source, max_seq_len, long_samples) → its units, shared by segments
-    planners: list[Planner] = []
-    for i, seg in enumerate(segments):
+    else a :class:`SegmentedPlanner` of one planner per segment (``fabricd.planner.segments``),
+    each built when first used (:class:`SegmentPlans`)."""
+    return SegmentPlans(spec, indexes, dp_history).planner(plan_changes)
+
+
+#: Segment planners a job keeps built: the segments its steps are being planned in (a boundary
+#: or two) and the one a change was just checked in. Any other is rebuilt, the same, when asked.
+KEEP_SEGMENT_PLANNERS = 4
+
+
+class SegmentPlans:
+    """A job's planners across its plan changes, built once and reused as changes come.
+
+    Why: online mixing logs a plan change every few steps, thousands over a run; rebuilding every
+    segment's planner for each new change is work quadratic in the changes, and holding one
+    planner (its unit arrays) per segment is memory linear in them. Here
+
+    - each source's units under each context (``max_seq_len``, ``long_samples``) are built once;
+    - a segment's :class:`SegmentHead` (its carried draws, schedule, draws per step) is kept,
+      keyed by the previous segment's head, its start and its spec object (``plan_segments``
+      returns the same spec objects for an unchanged prefix of changes), so a change appended at
+      step N computes one new head: every earlier one is found, never recomputed;
+    - a segment's planner is built from its head and end only when a step of it is planned, and
+      only the ``keep`` most recently used are kept (an appended change truncates the last
+      segment: the one planner rebuilt with its new end).
+
+    The planners are those :func:`build_planner` built before (same inputs, same order): plans
+    are identical. Safe to use from several threads (the plan worker, a replan, the leader's
+    check of a change).
+    """
+
+    def __init__(self, spec: JobSpec, indexes: Mapping[str, SourceIndex],
+                 dp_history: Sequence[tuple[int, int]] = (), *, keep: int = KEEP_SEGMENT_PLANNERS) -> None:
+        self.spec, self.indexes, self.dp_history = spec, indexes, tuple(dp_history)
+        self.keep = max(1, int(keep))
+        self._vision = bool(spec.cost.vision_attention or spec.cost.vision_linear)
+        self._lock = threading.RLock()
+        self._units: dict[tuple[str, int, str], SourceUnits] = {}
+        # (id(previous head) or 0, start, id(spec)) → (previous head, spec, head): the first two
+        # held, so their ids are nobody else's while the entry lives
+        self._heads: OrderedDict[tuple[int, int, int], tuple[SegmentHead | None, JobSpec, SegmentHead]] = OrderedDict()
+        self._planners: OrderedDict[tuple[int, int | None], tuple[SegmentHead, Planner]] = OrderedDict()
+        #: heads computed and segment planners built, over this object's life (tests count them)
+        self.counters = {"heads_built": 0, "planners_built": 0}
+
+    def planner(self, changes: Sequence[PlanChange] = (), *, check: bool = False) -> Planner | SegmentedPlanner:
+        """The job's planner with ``changes`` (as :func:`build_planner`). ``check``: also build
+        the planner of every segment whose head is new here (an appended change: the last one),
+        so a change that cannot be planned (PlanError) is refused now, not met by a plan worker."""
+        segments = plan_segments(self.spec, changes)
+        heads: list[SegmentHead] = []
+        fresh: list[int] = []
+        with self._lock:
+            for seg in segments:
+                before = self.counters["heads_built"]
+                heads.append(self._head(heads[-1] if heads else None, seg.start, seg.spec))
+                if self.counters["heads_built"] != before:
+                    fresh.append(len(heads) - 1)
+            while len(self._heads) > 2 * len(heads) + 64:  # the current chain was just used: it stays
+                self._heads.popitem(last=False)
+        if len(heads) == 1:
+            return self.segment_planner(heads[0], None)
+        spec = self.spec
+        planner = SegmentedPlanner(heads, self.segment_planner, compose=spec.batch.compose,
+                                   window=spec.batch.max_delay_steps + 1 if spec.batch.compose != "none" else 1,
+                                   dp_history=check_dp_history(self.dp_history or ((0, spec.topology.dp_size),)))
+        if check:
+            for i in fresh:
+                self.segment_planner(heads[i], planner.end(i))
+        return planner
+
+    def segment_planner(self, head: SegmentHead, end: int | None) -> Planner:
+        """The planner of steps ``[head.start, end)``: kept, or built now (and kept)."""
+        key = (id(head), end)
+        with self._lock:
+            hit = self._planners.get(key)
+            if hit is not None and hit[0] is head:
+                self._planners.move_to_end(key)
+                return hit[1]
+        built = _head_planner(head, self.dp_history, end)  # outside the lock: the loop thread may wait on it
+        with self._lock:
+            self.counters["planners_built"] += 1
+            self._planners[key] = (head, built)
+            self._planners.move_to_end(key)
+            while len(self._planners) > self.keep:
+                self._planners.popitem(last=False)
+        return built
+
+    def _head(self, prev: SegmentHead | None, start: int, spec: JobSpec) -> SegmentHead:
+        key = (0 if prev is None else id(prev), int(start), id(spec))
+        hit = self._heads.get(key)
+        if hit is not None and hit[0] is prev and hit[1] is spec:
+            self._heads.move_to_end(key)
+            return hit[2]
+        units = self._units_of(spec)
+        draws, keys = prev.carry(start, units) if prev is not None else ((), ())
+        schedule, samples = _segment_schedule(spec, units, start)
+        head = SegmentHead.make(start=start, spec=spec, units=units, schedule=schedule, samples_per_step=samples,
+                                seed=spec.seed, start_draws=draws, source_keys=keys)
+        self._heads[key] = (prev, spec, head)
+        self.counters["heads_built"] += 1
+        return head
+
+    def _units_of(self, spec: JobSpec) -> list[SourceUnits]:
+        """The units of ``spec``'s sources under its buckets, each built once."""
         units = []
-        for s in seg.spec.sources:
-            bucket = seg.spec.bucket(s.bucket)
+        for s in spec.sources:
+            bucket = spec.bucket(s.bucket)
             key = (s.name, bucket.max_seq_len, bucket.long_samples)
-            if key not in built:
-                built[key] = source_units(s.name, indexes[s.name], spec.images, max_seq_len=bucket.max_seq_len,
-                                          long_samples=bucket.long_samples, vision=vision)
-            units.append(built[key])
-        end = segments[i + 1].start if i + 1 < len(segments) else None
-        draws, keys = carry_draws(planners[-1], seg.start, units) if planners else ((), ())
-        planners.append(_segment_planner(seg.spec, units, dp_history, start=seg.start, end=end, start_draws=draws,
-                                         source_keys=keys))
-    return planners[0] if len(planners) == 1 else SegmentedPlanner(planners)
+            if key not in self._units:
+                self._units[key] = source_units(s.name, self.indexes[s.name], self.spec.images,
+                                                max_seq_len=bucket.max_seq_len, long_samples=bucket.long_samples,
+                                                vision=self._vision)
+            units.append(self._units[key])
+        return units
 
 
-def _segment_planner(spec: JobSpec, units: Sequence[SourceUnits], dp_history: Sequence[tuple[int, int]], *,
-                     start: int, end: int | None, start_draws: Sequence[int], source_keys: Sequence[int]) -> Planner:
-    """The planner of steps ``[start, end)`` under ``spec`` (the whole job when start is 0 and end None)."""
+def _segment_schedule(spec: JobSpec, units: Sequence[SourceUnits], start: int) -> tuple[MixtureSchedule, int]:
+    """The mixture schedule of the segment starting at ``start`` under ``spec`` (read from
+    ``start``) and its units drawn per step."""
     names = [s.name for s in spec.sources]
     points = spec.mixture.as_points() if start == 0 else localize_points(spec.mixture.kind, spec.mixture.as_points(),
                                                                            names, start)
@@ -168,6 +266,26 @@ def _segment_planner(spec: JobSpec, units: Sequence[SourceUnits], dp_history: Se
             raise PlanError(f"tokens_per_step {spec.batch.tokens_per_step} is {draws} units per step at the mixture's "
                             f"mean unit length, more than MAX_SAMPLES_PER_STEP ({B.MAX_SAMPLES_PER_STEP})")
         draws = max(draws, spec.topology.dp_size)
+    return schedule, draws
+
+
+def _segment_planner(spec: JobSpec, units: Sequence[SourceUnits], dp_history: Sequence[tuple[int, int]], *,
+                     start: int, end: int | None, start_draws: Sequence[int], source_keys: Sequence[int]) -> Planner:
+    """The planner of steps ``[start, end)`` under ``spec`` (the whole job when start is 0 and end None)."""
+    schedule, draws = _segment_schedule(spec, units, start)
+    return _planner(spec, units, schedule, draws, dp_history, start=start, end=end, start_draws=start_draws,
+                    source_keys=source_keys)
+
+
+def _head_planner(head: SegmentHead, dp_history: Sequence[tuple[int, int]], end: int | None) -> Planner:
+    """The planner of steps ``[head.start, end)`` from the segment's head."""
+    return _planner(head.spec, head.units, head.schedule, head.samples_per_step, dp_history, start=head.start,
+                    end=end, start_draws=head.start_draws, source_keys=head.source_keys)
+
+
+def _planner(spec: JobSpec, units: Sequence[SourceUnits], schedule: MixtureSchedule, draws: int,
+             dp_history: Sequence[tuple[int, int]], *, start: int, end: int | None, start_draws: Sequence[int],
+             source_keys: Sequence[int]) -> Planner:
     return Planner(
         seed=spec.seed,
         samples_per_step=draws,
@@ -229,6 +347,7 @@ class JobRuntime:
         self.fingerprint = ""
         self.indexes: dict[str, SourceIndex] = {}
         self.planner: Planner | SegmentedPlanner | None = None
+        self.plans: SegmentPlans | None = None  # its segments' planners, kept across plan changes (once ready)
         self.groups = spec.topology.groups()
         self.counters = {"plans_computed": 0, "plan_requests": 0, "skipped_units": 0, "plan_ms_max": 0.0,
                          "plans_over_deadline": 0, "plan_errors": 0, "plans_not_ready": 0}
@@ -253,7 +372,8 @@ class JobRuntime:
             for name in sorted(weighted, key=[s.name for s in self.spec.sources].index):
                 require_samples(indexes[name])  # the real reason (file, column, type), not "0 units"
             changes = self.plan_changes
-            planner = build_planner(self.spec, indexes, self.dp_history, changes)
+            self.plans = SegmentPlans(self.spec, indexes, self.dp_history)
+            planner = self.plans.planner(changes)
             self.fingerprint = self.spec.fingerprint({n: i.fingerprint for n, i in indexes.items()})
             self.indexes, self.planner, self._planned_with = indexes, planner, changes
             log.info("job %s: %d sources indexed in %.1fs (fingerprint %s)", self.spec.name, len(indexes),
@@ -279,7 +399,12 @@ class JobRuntime:
         changes = tuple(changes)
         if changes == self.plan_changes:
             return
-        new = [c for c in changes if c not in self.plan_changes] or list(changes)
+        old = self.plan_changes
+        if changes[:len(old)] == old:  # the log grew: the new changes are the ones after
+            new = list(changes[len(old):]) or list(changes)
+        else:
+            seen = {msgspec.msgpack.encode(c) for c in old}
+            new = [c for c in changes if msgspec.msgpack.encode(c) not in seen] or list(changes)
         start = min(c.at_step for c in new)
         pending = self._replanning_from if self._planned_with != self.plan_changes else None
         self._replanning_from = start if pending is None else min(start, pending)
@@ -291,7 +416,7 @@ class JobRuntime:
 
     def _replan(self, changes: tuple[PlanChange, ...]) -> None:
         try:
-            planner = build_planner(self.spec, self.indexes, self.dp_history, changes)
+            planner = self.plans.planner(changes)  # reuses every segment the new changes leave as it was
         except Exception as e:  # validated by the leader: a failure here is a bug, surfaced as the job's
             log.exception("job %s: cannot plan with its committed plan changes", self.spec.name)
             self.error, self.state = f"plan change: {type(e).__name__}: {e}", "failed"

@@ -150,8 +150,10 @@ class Leadership:
         :class:`~fabricd.plan_control.PlanChangeRefused` (``code`` ``not_leader``,
         ``unknown_job``, ``not_ready``, ``too_late`` with the first changeable step in
         ``frontier``, or ``invalid`` naming the key and value). Call it on the daemon's loop thread
-        (it reads the replicated state and appends to the log); it builds the job's planner once
-        to check the change, so it costs about a planner build, never a wait on the network.
+        (it reads the replicated state and appends to the log); to check the change it builds the
+        planner of the segment the change starts, the job's other segments reused
+        (``job.SegmentPlans``), so it costs about one segment's planner build, never a wait on the
+        network.
         """
         now = time.monotonic() if now is None else now
         if not self.cluster.is_leader(now):

@@ -32,9 +32,13 @@ the same segments from the same log.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import logging
 import math
+import threading
 import tomllib
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,16 +241,70 @@ def apply_change(spec: JobSpec, change: PlanChange) -> JobSpec:
 
 def spec_at(segments: Sequence[PlanSegment], step: int) -> JobSpec:
     """The spec in effect at ``step`` (what a unit of that step is loaded and transformed under)."""
-    return next(seg.spec for seg in reversed(segments) if seg.start <= step)
+    return segments[max(0, bisect.bisect_right([seg.start for seg in segments], step) - 1)].spec
+
+
+#: ``id(spec)`` → (a weak reference to ``spec``, {a change's key → the segment spec it starts}):
+#: see :func:`_applied`. An entry goes when its spec does.
+_applied_after: dict[int, tuple[weakref.ref, dict[bytes, JobSpec]]] = {}
+_applied_lock = threading.RLock()  # re-entrant: a finalizer may run while it is held
+
+
+def _forget(key: int) -> None:
+    with _applied_lock:
+        _applied_after.pop(key, None)
+
+
+def _applied(spec: JobSpec, change: PlanChange) -> JobSpec:
+    """The spec of the segment ``change`` starts, given ``spec`` in effect before it:
+    ``apply_change(spec, change)`` from its step on (:func:`_from_step`), remembered per ``spec``
+    object and the change's step, sets and points, for as long as ``spec`` lives. Why: a job's
+    segments are recomputed on every new change (and every online-mixing round); with the earlier
+    specs the same objects, every earlier change is found here instead of being applied
+    (parsed and validated) again, and the segment specs stay the same objects, which the
+    planner's caches key on (``job.SegmentPlans``). Errors are not remembered."""
+    key = msgspec.msgpack.encode((change.at_step, change.sets, change.points))
+    with _applied_lock:
+        entry = _applied_after.get(id(spec))
+        if entry is not None and entry[0]() is spec and key in entry[1]:
+            return entry[1][key]
+    out = _from_step(apply_change(spec, change), change.at_step)
+    with _applied_lock:
+        entry = _applied_after.get(id(spec))
+        if entry is None or entry[0]() is not spec:
+            entry = _applied_after[id(spec)] = (weakref.ref(spec), {})
+            weakref.finalize(spec, _forget, id(spec))
+        return entry[1].setdefault(key, out)
+
+
+def _from_step(spec: JobSpec, start: int) -> JobSpec:
+    """``spec`` as a segment starting at ``start`` needs it: its mixture points before the last
+    one at or before ``start`` (``p``) replaced by a copy of ``p`` at step 0. The weights at
+    every step from ``p`` on, hence from ``start`` on, are exactly the spec's (a schedule's weights
+    at a step depend on the point at or before it and the one after, normalised one by one), and
+    so is every later change applied to it; the steps before ``start`` are planned by earlier
+    segments. Why: every change pins a point, so a job's spec would otherwise carry every point
+    of every change before it (thousands under online mixing: quadratic work and memory over a
+    run, and a refusal past ``MAX_MIXTURE_POINTS``)."""
+    points = spec.mixture.points
+    keep = bisect.bisect_right([st for st, _ in points], start) - 1
+    if keep <= 0:
+        return spec
+    _, weights = points[keep]
+    return dataclasses.replace(spec, mixture=dataclasses.replace(spec.mixture,
+                                                                 points=((0, weights),) + tuple(points[keep:])))
 
 
 def plan_segments(spec: JobSpec, changes: Sequence[PlanChange]) -> tuple[PlanSegment, ...]:
     """The job's segments: ``[0, ...)`` under ``spec``, and one from each change's step under the
-    spec with every change up to it applied (changes in step order, log order within a step).
-    Raises ConfigError for a change that does not apply."""
+    spec with every change up to it applied (changes in step order, log order within a step;
+    each segment's mixture points before its start summarised, see :func:`_from_step`).
+    Raises ConfigError for a change that does not apply. The same spec and an extended list of
+    changes give the same segment spec objects for the unaffected prefix (the planner's caches
+    key on them), at the cost of applying only the new changes."""
     segments = [PlanSegment(0, spec)]
     for change in sorted(changes, key=lambda c: c.at_step):  # stable: log order within a step
-        effective = apply_change(segments[-1].spec, change)
+        effective = _applied(segments[-1].spec, change)
         if change.at_step == segments[-1].start:
             segments[-1] = PlanSegment(change.at_step, effective)
         else:

@@ -11,7 +11,8 @@ A change (``fabricd.cluster.records.PlanChange``) is accepted only if
    leader estimates from their recent rate), rounded up to the next composition window boundary
    (``planner.segments.first_changeable``): a step already planned or delivered never changes;
 3. the spec in effect after it, with every change already logged, passes the validation a
-   submitted spec passes, and the planner builds from it and plans its first step.
+   submitted spec passes, and the planner builds from it and plans its first step (the planner
+   of every segment it makes anew is built: for a change after the others, its own one only).
 
 Pure checks (no sockets, no log): :meth:`fabricd.leadership.Leadership.propose_plan_change`
 calls :func:`check_plan_change` and then records the change.
@@ -27,7 +28,7 @@ from .cluster.progress import delivered_frontier
 from .cluster.records import PlanChange
 from .cluster.state import FabricState
 from .errors import ConfigError, FabricdError
-from .job import JobRuntime, build_planner
+from .job import JobRuntime, SegmentPlans
 from .plan_changes import describe_change, plan_segments
 from .planner.segments import first_changeable
 
@@ -80,7 +81,11 @@ def check_plan_change(state: FabricState, runtime: JobRuntime | None, change: Pl
             "too_late", f"job {job}: step {change.at_step} is already planned or delivered; the first step still "
                         f"changeable is {first} (the frontier)", first)
     try:
-        planner = build_planner(runtime.spec, runtime.indexes, runtime.dp_history, [*logged, change])
+        plans = runtime.plans if runtime.plans is not None else SegmentPlans(runtime.spec, runtime.indexes,
+                                                                              runtime.dp_history)
+        # the runtime's segment planners and heads: a change appended after the others costs its
+        # own segment's head and planner (kept for the replan once it is committed), not a rebuild
+        planner = plans.planner([*logged, change], check=True)
         planner.plan(change.at_step, runtime.spec.topology.dp_size)
     except ConfigError as e:
         return first, PlanChangeRefused("invalid", str(e), first)

@@ -33,16 +33,19 @@ boundary of the segmentation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from fabricd.errors import PlanError
 from fabricd.planner.mixture import MixtureSchedule
 from fabricd.planner.plan import Planner, StepPlan
+from fabricd.planner.sequence import GlobalSequence
 from fabricd.planner.units import SourceUnits
 
-__all__ = ["SegmentedPlanner", "SegmentedSchedule", "carry_draws", "first_changeable", "localize_points",
+__all__ = ["BuildSegment", "SegmentHead", "SegmentedPlanner", "SegmentedSchedule", "carry_draws", "carry_sequence", "first_changeable", "localize_points",
            "same_units", "window_bounds"]
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,7 @@ def localize_points(kind: str, points: Sequence[tuple[int, dict[str, float]]], s
 
 def same_units(a: SourceUnits, b: SourceUnits) -> bool:
     """Whether two builds of a source's units are the same units (same ids, pieces and lengths)."""
-    return len(a) == len(b) and bool(np.array_equal(a.sample_id, b.sample_id)
+    return a is b or len(a) == len(b) and bool(np.array_equal(a.sample_id, b.sample_id)
                                       and np.array_equal(a.piece, b.piece) and np.array_equal(a.tokens, b.tokens))
 
 
@@ -72,9 +75,17 @@ def carry_draws(prev: Planner, start: int, units: Sequence[SourceUnits]) -> tupl
     sequence's source order: each source's draws so far and its permutation key, both carried
     over; a source whose units differ from ``prev``'s (``units``, in the same order) starts at 0
     draws under a key never used before (its old key + the number of sources)."""
-    cursor = prev.sequence.cursor(start - prev.start_step).tolist()
-    keys = list(prev.sequence.source_keys)
     ordered = [prev.sources[i] for i in prev._seq_to_planner]
+    return carry_sequence(prev.sequence, prev.start_step, ordered, start, units)
+
+
+def carry_sequence(sequence: GlobalSequence, prev_start: int, ordered: Sequence[SourceUnits], start: int,
+                   units: Sequence[SourceUnits]) -> tuple[list[int], list[int]]:
+    """:func:`carry_draws` from the previous segment's draw ``sequence`` (it starts at
+    ``prev_start``; ``ordered``: its units in the sequence's source order) alone, without its
+    planner."""
+    cursor = sequence.cursor(start - prev_start).tolist()
+    keys = list(sequence.source_keys)
     draws = []
     for j, (old, new) in enumerate(zip(ordered, units)):
         if same_units(old, new):
@@ -106,18 +117,60 @@ def first_changeable(starts: Sequence[int], window: int, frontier: int) -> int:
     return frontier if lo == frontier else int(hi)
 
 
+@dataclass(frozen=True, eq=False)
+class SegmentHead:
+    """What a segment's planner is made of, short of its end and its unit arrays: its start, the
+    spec in effect (``spec``, opaque here), its sources' units in the spec's order, its mixture
+    schedule read from ``start``, its draws per step and seed, and the draws and permutation keys
+    it carries over (as :class:`Planner` takes them: empty for the first segment). ``sequence`` is
+    the segment's draw sequence (the very one its planner draws by), so the head of the next
+    segment follows from this one alone (:meth:`carry`): a late segment's start never needs the
+    planners of the earlier ones."""
+
+    start: int
+    spec: Any
+    units: tuple[SourceUnits, ...]
+    schedule: MixtureSchedule
+    samples_per_step: int
+    seed: int
+    start_draws: tuple[int, ...]
+    source_keys: tuple[int, ...]
+    sequence: GlobalSequence
+
+    @classmethod
+    def make(cls, *, start: int, spec: Any, units: Sequence[SourceUnits], schedule: MixtureSchedule,
+             samples_per_step: int, seed: int, start_draws: Sequence[int] = (),
+             source_keys: Sequence[int] = ()) -> "SegmentHead":
+        """A head, its sequence built as its planner builds it (so a source weighted with no
+        units is refused here, as the planner refuses it)."""
+        by_name = {u.name: u for u in units}
+        sequence = GlobalSequence(seed=seed, samples_per_step=samples_per_step, schedule=schedule,
+                                  source_sizes=[len(by_name[n]) for n in schedule.sources],
+                                  start_draws=start_draws, source_keys=source_keys)
+        return cls(start=int(start), spec=spec, units=tuple(units), schedule=schedule,
+                   samples_per_step=int(samples_per_step), seed=int(seed), start_draws=tuple(start_draws),
+                   source_keys=tuple(source_keys), sequence=sequence)
+
+    def carry(self, start: int, units: Sequence[SourceUnits]) -> tuple[list[int], list[int]]:
+        """``(start_draws, source_keys)`` of the segment after this one, starting at ``start``
+        with ``units``: what :func:`carry_draws` gives from this segment's planner."""
+        by_name = {u.name: u for u in self.units}
+        return carry_sequence(self.sequence, self.start, [by_name[n] for n in self.schedule.sources], start, units)
+
+
 class SegmentedSchedule:
     """The mixture weights of a segmented plan, by absolute step (for autoscaling and ``plan
     show``): ``weights``, ``points`` and ``sources`` as :class:`MixtureSchedule` has them."""
 
-    def __init__(self, planners: Sequence[Planner]) -> None:
-        self._planners = tuple(planners)
-        self._starts = np.asarray([p.start_step for p in planners], dtype=np.int64)
-        self.sources = planners[0].schedule.sources
+    def __init__(self, starts: Sequence[int], schedules: Sequence[MixtureSchedule]) -> None:
+        self._schedules = tuple(schedules)
+        self._starts = np.asarray(starts, dtype=np.int64)
+        self.sources = self._schedules[0].sources
 
     @property
     def points(self) -> tuple[tuple[int, dict[str, float]], ...]:
-        return tuple((p.start_step + s, w) for p in self._planners for s, w in p.schedule.points)
+        return tuple((int(start) + s, w) for start, sched in zip(self._starts.tolist(), self._schedules)
+                     for s, w in sched.points)
 
     def weights(self, steps: int | np.ndarray) -> np.ndarray:
         scalar = np.ndim(steps) == 0
@@ -126,31 +179,55 @@ class SegmentedSchedule:
         out = np.zeros((s.size, len(self.sources)), dtype=np.float64)
         for i in np.unique(seg).tolist():
             sel = seg == i
-            out[sel] = self._planners[i].schedule.weights(s[sel] - int(self._starts[i]))
+            out[sel] = self._schedules[i].weights(s[sel] - int(self._starts[i]))
         return out[0] if scalar else out
+
+
+#: Builds the planner of one segment: (its head, its end step or None) → the planner.
+BuildSegment = Callable[[SegmentHead, "int | None"], Planner]
 
 
 class SegmentedPlanner:
     """A job's planner across its plan changes: one :class:`Planner` per segment, contiguous from
     step 0 (see the module doc). ``plan(step, dp_size)`` is the segment's; promises as Planner's.
+
+    A segment's planner is built (by ``build``, from its :class:`SegmentHead` and end) only when a
+    step of it is first planned, and ``build`` may keep only a few recent ones: a job with
+    thousands of plan changes holds the heads (a few hundred bytes each), not thousands of
+    planners. ``compose``, ``window`` and ``dp_history``: the job's, as its planners have them.
     """
 
-    def __init__(self, planners: Sequence[Planner]) -> None:
-        planners = tuple(planners)
-        if not planners or planners[0].start_step != 0 or planners[-1].end_step is not None or any(
-                a.end_step != b.start_step for a, b in zip(planners, planners[1:])):
-            raise PlanError("plan segments must be contiguous from step 0, the last one unbounded: "
-                            f"{[(p.start_step, p.end_step) for p in planners]!r}")
-        self.planners = planners
-        self.starts = tuple(p.start_step for p in planners)
-        first = planners[0]
-        self.sources, self.samples_per_step = first.sources, first.samples_per_step
-        self.compose, self.window, self.dp_history = first.compose, first.window, first.dp_history
-        self.schedule = SegmentedSchedule(planners)
+    def __init__(self, heads: Sequence[SegmentHead], build: BuildSegment, *, compose: str, window: int,
+                 dp_history: Sequence[tuple[int, int]]) -> None:
+        heads = tuple(heads)
+        if not heads or heads[0].start != 0 or any(a.start >= b.start for a, b in zip(heads, heads[1:])):
+            raise PlanError(f"plan segments must start at step 0 and increase: {[h.start for h in heads]!r}")
+        self.heads = heads
+        self._build = build
+        self.starts = tuple(h.start for h in heads)
+        self._starts = np.asarray(self.starts, dtype=np.int64)
+        first = heads[0]
+        self.sources, self.samples_per_step = first.units, first.samples_per_step
+        self.compose, self.window, self.dp_history = compose, int(window), tuple(dp_history)
+        self.schedule = SegmentedSchedule(self.starts, [h.schedule for h in heads])
+
+    def end(self, i: int) -> int | None:
+        """The end step of the ``i``-th segment (None: the last, unbounded)."""
+        return self.starts[i + 1] if i + 1 < len(self.starts) else None
+
+    def index(self, step: int) -> int:
+        """Which segment holds ``step``."""
+        return int(np.searchsorted(self._starts, int(step), side="right")) - 1
 
     def segment(self, step: int) -> Planner:
-        """The planner of the segment holding ``step``."""
-        return self.planners[int(np.searchsorted(np.asarray(self.starts), int(step), side="right")) - 1]
+        """The planner of the segment holding ``step`` (built now if it is not at hand)."""
+        i = self.index(step)
+        return self._build(self.heads[i], self.end(i))
+
+    @property
+    def planners(self) -> tuple[Planner, ...]:
+        """Every segment's planner (each built if not at hand: for inspection, not for planning)."""
+        return tuple(self._build(h, self.end(i)) for i, h in enumerate(self.heads))
 
     def plan(self, step: int, dp_size: int) -> StepPlan:
         if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)) or int(step) < 0:
@@ -159,7 +236,7 @@ class SegmentedPlanner:
 
     def sources_at(self, step: int) -> tuple[SourceUnits, ...]:
         """The units the sources have at ``step`` (a bucket change makes new ones)."""
-        return self.segment(step).sources
+        return self.heads[self.index(step)].units
 
     def first_changeable(self, frontier: int) -> int:
         """See :func:`first_changeable`."""
