@@ -150,6 +150,10 @@ ROLE_CPU = _spec("fabricd_role_cpu_seconds", "CPU seconds (user + system) of a p
                  COUNTER, "job", "role", "kind")
 ROLE_RSS = _spec("fabricd_role_resident_memory_bytes", "Resident memory of a process: a role, or the daemon.",
                  GAUGE, "job", "role", "kind")
+ROLE_PSS = _spec("fabricd_role_proportional_memory_bytes",
+                 "Proportional set size of a process (its private pages plus its share of pages shared with "
+                 "others, e.g. the role template's): what sums to the node's real use; RSS counts shared pages "
+                 "once per process.", GAUGE, "job", "role", "kind")
 
 #: every metric a daemon exports, in exposition order
 CATALOGUE: tuple[MetricSpec, ...] = tuple(v for v in list(globals().values()) if isinstance(v, MetricSpec))

@@ -25,7 +25,7 @@ import psutil
 from .cluster.autoscale import pool_bounds
 from .metrics import (
     BALANCE, BALANCE_BOUND, DROPPED, IN_TOUCH, IS_LEADER, LEADER_CHANGES, LEASE_EVENTS, LEASE_TERM, LOCAL_ROLES_UP,
-    LOG_COMMIT, LOG_LAST, PLAN_STEP, POOL_TARGET, POOL_WORKERS, PROGRESS_FLOOR, REPLICA_LAG, ROLE_CPU, ROLE_RESTARTS,
+    LOG_COMMIT, LOG_LAST, PLAN_STEP, POOL_TARGET, POOL_WORKERS, PROGRESS_FLOOR, REPLICA_LAG, ROLE_CPU, ROLE_PSS, ROLE_RESTARTS,
     ROLE_RSS, ROLES, SKIP_REPORTS, SKIPPED_UNITS, SKIPS_RECORDED, SOURCE_BUSY, SOURCE_FAILED, SOURCE_IN_FLIGHT,
     SOURCE_QUEUED, SOURCE_UNITS, STALE_TERM, TRAINER_BATCHES, TRAINER_WAIT, FabricMetrics, Readings,
 )
@@ -85,16 +85,23 @@ def step_balance(plan: StepPlan) -> StepBalance:
 
 
 def _usage(proc: psutil.Process | None, labels: tuple[str, ...], r: Readings) -> None:
-    """CPU seconds and RSS of one process, unless it is gone."""
+    """CPU seconds, RSS and PSS of one process, unless it is gone (PSS: where the kernel does not
+    let us read it, the process's RSS is all there is to say)."""
     if proc is None:
         return
     try:
         with proc.oneshot():
             cpu, rss = proc.cpu_times(), proc.memory_info().rss
+            try:
+                pss = proc.memory_full_info().pss  # /proc/PID/smaps_rollup
+            except (psutil.AccessDenied, AttributeError):
+                pss = None
     except psutil.Error:
         return
     r[ROLE_CPU][labels] = cpu.user + cpu.system
     r[ROLE_RSS][labels] = rss
+    if pss is not None:
+        r[ROLE_PSS][labels] = pss
 
 
 class DaemonReader:

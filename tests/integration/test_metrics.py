@@ -122,6 +122,9 @@ def test_scrape_of_a_daemon_serving_a_job(tmp_path, tiny_corpus, local_daemon):
         labels = {"job": "t", "role": r["id"], "kind": r["kind"]}
         assert value(m, "fabricd_role_up", **labels) == 1
         assert value(m, "fabricd_role_resident_memory_bytes", **labels) > 1 << 20
+        # forked from the role template: its share of shared pages counts once over the processes
+        assert 0 < value(m, "fabricd_role_proportional_memory_bytes", **labels) \
+            <= value(m, "fabricd_role_resident_memory_bytes", **labels)
         assert value(m, "fabricd_role_cpu_seconds", **labels) > 0
     assert value(m, "fabricd_role_cpu_seconds", job="", role="daemon", kind="daemon") > 0
 
