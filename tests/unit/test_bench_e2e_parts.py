@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
 from e2e_rank import batch_cost  # noqa: E402
 from e2e_sampler import RankStream, mean_step_tokens  # noqa: E402
-from e2e_sim import pack_greedy  # noqa: E402
+from e2e_sim import pack_greedy, simulate, synthetic_demo  # noqa: E402
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
@@ -123,9 +123,10 @@ def test_batch_cost_of_delivered_batches_is_the_planners_cost_of_their_units(tmp
     sources = bench_sources(tiny_corpus, 5)
     path = tmp_path / "job.toml"
     path.write_text(fabric_job_toml(cfg, tiny_corpus, sources, Mixture({s.name: s.weight for s in sources}),
-                                    samples_per_step=24))
+                                    tokens_per_step=6000))
     spec = job_spec(path)
     assert spec.images.mode == "native" and spec.tokenizer.kind == "hf"  # the demo job's, as the bench says
+    assert (spec.batch.tokens_per_step, spec.batch.compose) == (6000, "outliers")  # composed, in tokens
     tok = job_tokenizer(spec)
     indexes = open_sources(spec, tokenizer=tok)
     planner = build_planner(spec, indexes)
@@ -147,6 +148,21 @@ def test_batch_cost_of_delivered_batches_is_the_planners_cost_of_their_units(tmp
                     assert batch_cost(mb.arrays, cost) == pytest.approx(float(plan.cost[rows].sum()), rel=1e-9)
                     compared += 1
     assert compared >= 6
+
+
+def test_simulated_fabric_plans_the_baselines_tokens_per_step_composed_below_the_largest_unit_bound():
+    """The simulation's fabric side is the benchmark's: as many tokens per step as the baseline's
+    (the comparison's terms), composed, so its steps sit near the mean rank cost, where the
+    baseline's per-rank draws do not."""
+    units, weights, cost, budget = synthetic_demo(seed=3, samples=4000)
+    window = 16
+    got = simulate(units, weights, rank_tokens=budget, cost=cost, dps=(64,), steps=window, seed=3)
+    d = got["detail"]["64"]
+    base, fab = d["tokens_per_step"]["baseline"], d["tokens_per_step"]["fabric"]
+    assert abs(fab / base - 1) < 0.03
+    # uncomposed, the largest units bound a DP-64 step at ~1.9× the mean (README, balance.py)
+    assert d["fabric_bound_over_mean"] <= d["fabric_max_over_mean"] < 1.1 < d["baseline_max_over_mean"]
+    assert got["ratio"]["64"] > 1.3
 
 
 def test_settle_steps_counts_the_steps_until_waits_beyond_the_pre_shift_ones_stop():
