@@ -11,8 +11,9 @@ transforms (fabricd's reader and transform on both sides), same tokens per step,
   over every source with a per-rank sampler that mixes the sources by weight and packs greedily
   to the token budget (``e2e_baseline.py`` says why map-style).
 * fabricd: a one-daemon local fabric running the generated job (``e2e_setup.fabric_job_toml``:
-  the demo job's tokenizer, images, cost model, LPT balancing, autoscaler on), trainers pulling
-  with ``fabric_client.Loader``.
+  the demo job's tokenizer, images, cost model, LPT balancing, autoscaler on; its global batch
+  ``tokens_per_step``, the baseline's mean tokens per step, with step composition,
+  ``compose = "outliers"``), trainers pulling with ``fabric_client.Loader``.
 * Trainers: R ranks per side, one process each. A rank takes its step's batch, "computes"
   (sleeps) cost × calibration per micro-batch, and waits at a barrier for every rank.
 

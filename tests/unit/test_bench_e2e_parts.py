@@ -186,3 +186,46 @@ def test_settle_steps_counts_the_steps_until_waits_beyond_the_pre_shift_ones_sto
     stats[1, 5, wait] = 0.0                                 # no noise before: 10% of the ideal step is the bar
     stats[1, 28, wait] = 0.0
     assert settle_steps(shift, before, stats)["settle_steps"] == 9  # the 0.25 s wait at step 20 now counts
+
+
+def test_a_role_forked_before_it_names_itself_is_counted_in_its_kinds_group_once_named(tmp_path):
+    """A role forked from the template is still ``fd-template`` for a moment: the harness must not
+    leave its CPU and memory under ``roles_other`` for the rest of the run."""
+    import subprocess
+    import time
+
+    import psutil
+    from e2e_run import LoadingProcesses
+
+    from fabricd.localnode import kill_processes
+
+    go = tmp_path / "go"
+    script = (
+        "import os, sys, time\n"
+        "from fabricd.roles.base import set_process_name\n"
+        "if os.fork() == 0:\n"
+        "    set_process_name('fd-template')\n"
+        f"    while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        "    set_process_name('fd-loader')\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "time.sleep(60)\n"
+    )
+    root = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL)
+    parent = psutil.Process(root.pid)
+    try:
+        deadline = time.monotonic() + 30
+        while not [c for c in parent.children() if c.name() == "fd-template"]:
+            assert time.monotonic() < deadline, "the forked child did not name itself"
+            time.sleep(0.01)
+        (child,) = parent.children()
+        lp = LoadingProcesses([], [root.pid])  # sees it first under its template name
+        assert lp.groups[child.pid] == "roles_other"
+        go.write_text("")
+        while child.name() != "fd-loader":
+            assert time.monotonic() < deadline, "the child did not rename itself"
+            time.sleep(0.01)
+        lp.refresh()
+        assert lp.groups[child.pid] == "source_loaders"
+    finally:
+        kill_processes(parent.children(recursive=True) + [parent], timeout=10)
+        root.wait(timeout=10)
