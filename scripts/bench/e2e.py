@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=8, help="simulated DP ranks per side")
     ap.add_argument("--workers", type=int, default=4, help="baseline DataLoader workers per rank")
     ap.add_argument("--rank-tokens", type=int, default=8192, help="tokens per rank per step")
+    ap.add_argument("--compression", default="", choices=["", "none", "lz4"],
+                    help="the fabric's batch compression (default: the demo job's, lz4)")
     ap.add_argument("--sweep-sources", default=None, help="source counts (default 5,20,35; quick and tiny: 5,35)")
     ap.add_argument("--sweep-ranks", default=None, help="ranks per host (default RANKS,32; quick and tiny: RANKS)")
     ap.add_argument("--run-timeout", type=float, default=None, help="seconds one run may take (default: by mode)")
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     short = args.quick or args.tiny
     sources = [int(x) for x in (args.sweep_sources or ("5,35" if short else "5,20,35")).split(",")]
     ranks = [int(x) for x in (args.sweep_ranks or (str(args.ranks) if short else f"{args.ranks},32")).split(",")]
-    cfg = BenchConfig(ranks=args.ranks, workers=args.workers, rank_tokens=args.rank_tokens)
+    cfg = BenchConfig(ranks=args.ranks, workers=args.workers, rank_tokens=args.rank_tokens,
+                      compression=args.compression)
     result = run_benchmark(L=L, mode="tiny" if args.tiny else "quick" if args.quick else "full",
                            corpus=args.corpus.absolute(), samples=args.samples, cfg=cfg, sweep_sources=sources,
                            sweep_ranks=ranks, workdir=args.workdir)

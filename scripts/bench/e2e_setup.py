@@ -56,6 +56,7 @@ class BenchConfig:
     loader_workers: int = 1        # fabric: base source-loader pool per source (the node default)
     ranks_per_constructor: int = 8
     shift_fraction: float = 0.5    # share of every other source's weight moved to the heavy source
+    compression: str = ""          # fabric: batch compression ("": the demo job's, lz4)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -167,7 +168,7 @@ ranks_per_constructor = {min(cfg.ranks_per_constructor, cfg.ranks)}
 {global_batch}
 micro_batch_tokens = {cfg.rank_tokens}
 prefetch = {demo["batch"]["prefetch"]}
-compression = "{demo["batch"]["compression"]}"
+compression = "{cfg.compression or demo["batch"]["compression"]}"
 
 [tokenizer]
 kind = "{tok["kind"]}"
