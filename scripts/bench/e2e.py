@@ -11,8 +11,9 @@ transforms (fabricd's reader and transform on both sides), same tokens per step,
   over every source with a per-rank sampler that mixes the sources by weight and packs greedily
   to the token budget (``e2e_baseline.py`` says why map-style).
 * fabricd: a one-daemon local fabric running the generated job (``e2e_setup.fabric_job_toml``:
-  the demo job's tokenizer, images, cost model, LPT balancing, autoscaler on), trainers pulling
-  with ``fabric_client.Loader``.
+  the demo job's tokenizer, images, cost model, LPT balancing, autoscaler on; its global batch
+  ``tokens_per_step``, the baseline's mean tokens per step, with step composition,
+  ``compose = "outliers"``), trainers pulling with ``fabric_client.Loader``.
 * Trainers: R ranks per side, one process each. A rank takes its step's batch, "computes"
   (sleeps) cost × calibration per micro-batch, and waits at a barrier for every rank.
 
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=8, help="simulated DP ranks per side")
     ap.add_argument("--workers", type=int, default=4, help="baseline DataLoader workers per rank")
     ap.add_argument("--rank-tokens", type=int, default=8192, help="tokens per rank per step")
+    ap.add_argument("--compression", default="", choices=["", "none", "lz4"],
+                    help="the fabric's batch compression (default: the demo job's, lz4)")
     ap.add_argument("--sweep-sources", default=None, help="source counts (default 5,20,35; quick and tiny: 5,35)")
     ap.add_argument("--sweep-ranks", default=None, help="ranks per host (default RANKS,32; quick and tiny: RANKS)")
     ap.add_argument("--run-timeout", type=float, default=None, help="seconds one run may take (default: by mode)")
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     short = args.quick or args.tiny
     sources = [int(x) for x in (args.sweep_sources or ("5,35" if short else "5,20,35")).split(",")]
     ranks = [int(x) for x in (args.sweep_ranks or (str(args.ranks) if short else f"{args.ranks},32")).split(",")]
-    cfg = BenchConfig(ranks=args.ranks, workers=args.workers, rank_tokens=args.rank_tokens)
+    cfg = BenchConfig(ranks=args.ranks, workers=args.workers, rank_tokens=args.rank_tokens,
+                      compression=args.compression)
     result = run_benchmark(L=L, mode="tiny" if args.tiny else "quick" if args.quick else "full",
                            corpus=args.corpus.absolute(), samples=args.samples, cfg=cfg, sweep_sources=sources,
                            sweep_ranks=ranks, workdir=args.workdir)

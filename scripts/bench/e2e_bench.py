@@ -1,7 +1,8 @@
 """The end-to-end benchmark's sequence of runs and its report (``scripts/bench/e2e.py`` is the CLI).
 
 1. The job of the main configuration (``e2e_setup``), with a mixture shift to the source that is
-   the most expensive to load, and ``samples_per_step`` matched to the baseline's tokens per step.
+   the most expensive to load, and ``tokens_per_step`` (with step composition) the baseline's
+   mean tokens per step.
 2. The baseline's main run, calibrating itself (``e2e_run.CalibratingDriver``): free, tries, 1x,
    0.5x, 2x, shift.
 3. The fabric's main run at that calibration: free, 1x, 0.5x, 2x, shift.
@@ -27,9 +28,11 @@ import psutil
 from e2e_rank import RankArgs
 from e2e_run import CalibratingDriver, FabricNode, Phase, RunStopped, StaticDriver, run_side, settle_steps
 from e2e_sampler import mean_step_tokens
-from e2e_setup import (BenchConfig, Mixture, bench_sources, ensure_corpus, fabric_job_toml, heaviest_source,
-                       job_cost, job_spec, job_units, shifted_weights)
+from e2e_setup import (MAX_DELAY_STEPS, BenchConfig, Mixture, bench_sources, ensure_corpus, fabric_job_toml,
+                       heaviest_source, job_cost, job_spec, job_units, shifted_weights)
 from e2e_sim import simulate, synthetic_demo
+from fabricd.planner import MixtureSchedule
+from fabricd.planner.plan import draws_for_tokens
 
 __all__ = ["Lengths", "FULL", "QUICK", "TINY", "run_benchmark"]
 
@@ -40,7 +43,8 @@ MEMORY_MARGIN_BYTES = 4 << 30  # what a sweep run must leave to the machine's ot
 class Lengths:
     """Phase lengths in steps (a mode): ``free``, the measured steps of the free run (after the
     batches prepared before the first step are consumed); ``sweep``, the 1x phase of a sweep run;
-    ``warm``/``tail``, a phase's first/last steps left out of its measurement."""
+    ``warm``/``tail``, a phase's first/last steps left out of its measurement; ``sim_steps``, the
+    simulated steps at each DP size (whole composition windows, but in the test mode)."""
 
     free: int
     cal: int
@@ -54,8 +58,10 @@ class Lengths:
     run_timeout_s: float
 
 
-FULL = Lengths(free=8, cal=14, main=24, shift=30, sweep=12, warm=4, tail=2, tries=4, sim_steps=20, run_timeout_s=1800)
-QUICK = Lengths(free=3, cal=6, main=5, shift=6, sweep=3, warm=2, tail=2, tries=2, sim_steps=3, run_timeout_s=400)
+FULL = Lengths(free=8, cal=14, main=24, shift=30, sweep=12, warm=4, tail=2, tries=4, sim_steps=2 * (MAX_DELAY_STEPS + 1),
+               run_timeout_s=1800)
+QUICK = Lengths(free=3, cal=6, main=5, shift=6, sweep=3, warm=2, tail=2, tries=2, sim_steps=MAX_DELAY_STEPS + 1,
+                run_timeout_s=400)
 TINY = Lengths(free=2, cal=5, main=5, shift=6, sweep=3, warm=1, tail=2, tries=1, sim_steps=2, run_timeout_s=150)
 
 
@@ -74,30 +80,30 @@ class Job:
     path: Path
     mixture: Mixture
     names: list[str]
-    samples_per_step: int
+    samples_per_step: int            # the fabric's units drawn per step for its tokens_per_step
     baseline_tokens_per_step: float
     heavy_us_per_token: dict
 
 
 def make_job(cfg: BenchConfig, corpus: Path, out: Path, *, shift_step: int | None) -> Job:
     """Write the job spec of ``cfg``: the mixture (shifting to the heaviest source at
-    ``shift_step`` when given) and ``samples_per_step`` matched to the baseline's mean tokens per
-    step (the mean unit length under the mixture, from the index)."""
+    ``shift_step`` when given) and ``tokens_per_step``, the baseline's mean tokens per step (its
+    own sampler run offline over the index's unit lengths). ``Job.samples_per_step``: the units
+    the fabric's planner draws per step for it (reported, not configured)."""
     sources = bench_sources(corpus, cfg.sources)
     base = {s.name: s.weight for s in sources}
-    out.write_text(fabric_job_toml(cfg, corpus, sources, Mixture(base), samples_per_step=cfg.ranks))
+    out.write_text(fabric_job_toml(cfg, corpus, sources, Mixture(base)))
     spec = job_spec(out)
     units = job_units(spec)
     heavy, measured = heaviest_source(spec, units) if shift_step is not None else (None, {})
     mixture = Mixture(base, shifted_weights(sources, heavy, cfg.shift_fraction) if heavy else None, shift_step, heavy)
     w = np.array([base[u.name] for u in units])
-    tokens = [u.tokens for u in units]
-    per_step = mean_step_tokens(tokens, cfg.rank_tokens, w, ranks=cfg.ranks, seed=cfg.seed)
-    mean_unit = float(sum(w[j] * tokens[j].mean() for j in range(len(units))))
-    sps = int(round(per_step / mean_unit))
-    out.write_text(fabric_job_toml(cfg, corpus, sources, mixture, samples_per_step=sps,
-                                   tokens_per_step=int(round(per_step))))
-    return Job(cfg, out, mixture, [u.name for u in units], sps, per_step, measured)
+    per_step = mean_step_tokens([u.tokens for u in units], cfg.rank_tokens, w, ranks=cfg.ranks, seed=cfg.seed)
+    out.write_text(fabric_job_toml(cfg, corpus, sources, mixture, tokens_per_step=int(round(per_step))))
+    names = [u.name for u in units]
+    schedule = MixtureSchedule("constant", [(0, base)], names)
+    draws = max(draws_for_tokens(int(round(per_step)), schedule, units), cfg.ranks)  # as fabricd.job does
+    return Job(cfg, out, mixture, names, draws, per_step, measured)
 
 
 def rank_args(side: str, job: Job, steps: int) -> RankArgs:
@@ -207,8 +213,8 @@ def run_benchmark(*, L: Lengths, mode: str, corpus: Path, samples: int, cfg: Ben
         fabric_shift = fabric_phases[-1].start
         job = make_job(cfg, corpus, tmp / "job.toml", shift_step=fabric_shift)
         print(f"configuration: {cfg.ranks} ranks, {cfg.workers} workers/rank, {cfg.rank_tokens} tokens/rank/step "
-              f"(baseline mean {job.baseline_tokens_per_step:.0f} tokens/step; fabric samples_per_step "
-              f"{job.samples_per_step}), {cfg.sources} sources; heaviest to load: {job.mixture.heavy} "
+              f"(baseline mean {job.baseline_tokens_per_step:.0f} tokens/step = the fabric's tokens_per_step, "
+              f"composed, ~{job.samples_per_step} units/step), {cfg.sources} sources; heaviest to load: {job.mixture.heavy} "
               f"(µs/token: {job.heavy_us_per_token})", flush=True)
 
         drv = CalibratingDriver(drain=drain, free=L.free, cal=L.cal, main=L.main, shift=L.shift, warm=L.warm, tail=L.tail,
@@ -295,7 +301,9 @@ def run_benchmark(*, L: Lengths, mode: str, corpus: Path, samples: int, cfg: Ben
         "sweep": sweep,
         "sides": {"baseline": side_view(base), "fabric": side_view(fab)},
         "configuration": {**cfg.as_dict(), "mode": mode, "lengths": L.__dict__,
+                          "tokens_per_step": int(round(job.baseline_tokens_per_step)),
                           "samples_per_step": job.samples_per_step,
+                          "compose": "outliers", "max_delay_steps": MAX_DELAY_STEPS,
                           "baseline_tokens_per_step": round(job.baseline_tokens_per_step, 1),
                           "heavy_source_us_per_token": job.heavy_us_per_token,
                           "corpus_samples_per_source": samples, "cpus": os.cpu_count(),

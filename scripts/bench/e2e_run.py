@@ -43,6 +43,7 @@ MIN_AVAILABLE_BYTES = 3 << 30  # a run is stopped when the machine has less memo
 REFRESH_S = 0.5
 START_TIMEOUT_S = 300.0
 PROGRESS_S = 10.0           # how often a run reports its progress on stderr
+UNNAMED_GROUPS = ("roles_other", "other")  # groups of a process seen before it named itself: looked at again
 
 
 @dataclass
@@ -185,6 +186,10 @@ class LoadingProcesses:
                     if p.pid not in self.procs:
                         self.procs[p.pid] = p
                         self.groups.setdefault(p.pid, _group(p, self.groups.get(pid)))
+                    elif self.groups.get(p.pid) in UNNAMED_GROUPS:
+                        # a role forked from the template is named after its kind only once it
+                        # runs: seen before that, it was not a loader or constructor yet
+                        self.groups[p.pid] = _group(p, self.groups.get(pid))
             except psutil.NoSuchProcess:
                 pass
 

@@ -21,18 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from fabricd.config import JobSpec, parse_job_spec
+from fabricd.config import DEFAULT_MAX_DELAY_STEPS, JobSpec, parse_job_spec
 from fabricd.corpus import SOURCES, make_dataset, tokenizer_paths
 from fabricd.job import job_tokenizer, open_sources, source_units, transform_spec
 from fabricd.planner import CostModel, SourceUnits
 from fabricd.sources.transform import SampleLoader
 
-__all__ = ["ROOT", "DEMO_JOB", "BenchConfig", "BenchSource", "ensure_corpus", "bench_sources", "fabric_job_toml",
+__all__ = ["ROOT", "DEMO_JOB", "MAX_DELAY_STEPS", "BenchConfig", "BenchSource", "ensure_corpus", "bench_sources", "fabric_job_toml",
            "job_spec", "job_units", "job_cost", "heaviest_source", "shifted_weights"]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_JOB = ROOT / "config" / "jobs" / "demo.toml"
 JOB_NAME = "e2e"
+#: the fabric's composition window - 1 (both the live runs' and the simulation's): the spec default
+MAX_DELAY_STEPS = DEFAULT_MAX_DELAY_STEPS
 
 
 def _demo_tables() -> dict:
@@ -54,6 +56,7 @@ class BenchConfig:
     loader_workers: int = 1        # fabric: base source-loader pool per source (the node default)
     ranks_per_constructor: int = 8
     shift_fraction: float = 0.5    # share of every other source's weight moved to the heavy source
+    compression: str = ""          # fabric: batch compression ("": the demo job's, lz4)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -126,18 +129,17 @@ def shifted_weights(sources: list[BenchSource], heavy: str, fraction: float) -> 
 
 
 def fabric_job_toml(cfg: BenchConfig, corpus: Path, sources: list[BenchSource], mixture: Mixture,
-                    samples_per_step: int, tokens_per_step: int | None = None) -> str:
+                    tokens_per_step: int | None = None) -> str:
     """THE job spec of a run (both sides read it). Everything but the topology, the batch, the
     long bucket's context and the mixture is the demo job's (``config/jobs/demo.toml``):
     tokenizer, native images, cost model, balance method, buckets' policies, autoscale.
 
-    The global batch: ``samples_per_step`` units, matched to the baseline's mean tokens per step
-    (``tokens_per_step``), until the planner takes ``[batch] tokens_per_step`` and step
-    composition; then the second ``global_batch`` line replaces the first."""
+    The global batch is in tokens, as the baseline's is: ``tokens_per_step`` (the baseline's mean
+    tokens per step; default ``ranks × rank_tokens``), with step composition on
+    (``compose = "outliers"``, windows of MAX_DELAY_STEPS + 1 steps): what the fabric is for."""
     demo = _demo_tables()
     tokens_per_step = tokens_per_step or cfg.ranks * cfg.rank_tokens
-    global_batch = f"samples_per_step = {samples_per_step}"
-    # global_batch = f'tokens_per_step = {tokens_per_step}\ncompose = "outliers"\nmax_delay_steps = 8'
+    global_batch = f'tokens_per_step = {tokens_per_step}\ncompose = "outliers"\nmax_delay_steps = {MAX_DELAY_STEPS}'
 
     images, cost, autoscale = ("".join(f"{k} = {_toml(v)}\n" for k, v in demo[t].items())
                                for t in ("images", "cost", "autoscale"))
@@ -166,7 +168,7 @@ ranks_per_constructor = {min(cfg.ranks_per_constructor, cfg.ranks)}
 {global_batch}
 micro_batch_tokens = {cfg.rank_tokens}
 prefetch = {demo["batch"]["prefetch"]}
-compression = "{demo["batch"]["compression"]}"
+compression = "{cfg.compression or demo["batch"]["compression"]}"
 
 [tokenizer]
 kind = "{tok["kind"]}"

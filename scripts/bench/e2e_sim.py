@@ -5,8 +5,11 @@ A step takes as long as its most expensive rank (the others wait at the all-redu
 assumed to keep up on both sides, so this is the compute-bound limit. The baseline's plan: every
 rank draws its own units from the mixture and packs them greedily to the token budget (the
 sampler of :mod:`e2e_sampler`, vectorized over ranks). The fabric's plan: ``Planner.plan`` with
-a global batch matched to the baseline's mean tokens per step (:func:`fabric_planner`). The
-ratio is tokens/s, fabric over baseline: Σ tokens / Σ step time of each side.
+``tokens_per_step`` the baseline's mean tokens per step and step composition on
+(:func:`fabric_planner`). The ratio is tokens/s, fabric over baseline: Σ tokens / Σ step time of
+each side. Composition works over windows of MAX_DELAY_STEPS + 1 steps (the first step of each
+composes the whole window), so the fabric's figure is only representative over whole windows:
+``steps`` should be a multiple of the window.
 
 Lengths: by default the synthetic demo distribution of ``scripts/bench/balance.py`` (its Pareto
 long documents reach 32k tokens, which the generated demo corpus at its default size does not)
@@ -21,24 +24,27 @@ from collections.abc import Sequence
 import numpy as np
 
 from balance import DEMO_COST, DEMO_SHAPES, DEMO_WEIGHTS, IMAGE_TOKENS, synthetic_lengths
+from e2e_setup import MAX_DELAY_STEPS
 from fabricd.planner import CostModel, MixtureSchedule, Planner, SourceUnits, build_units
+from fabricd.planner.plan import draws_for_tokens
 
 __all__ = ["fabric_planner", "pack_greedy", "baseline_steps", "simulate", "synthetic_demo"]
 
 DEMO_RANK_TOKENS = 32768  # config/jobs/demo.toml: micro_batch_tokens
 
 
-def fabric_planner(units: Sequence[SourceUnits], weights: np.ndarray, *, rank_tokens: int, samples_per_step: int,
-                   tokens_per_step: int, cost: CostModel, seed: int) -> Planner:
-    """THE fabric planner of the simulation: its global batch is ``samples_per_step`` units,
-    matched to the baseline's ``tokens_per_step``; once the planner takes ``tokens_per_step``
-    and step composition, the second ``batch`` line replaces the first."""
+def fabric_planner(units: Sequence[SourceUnits], weights: np.ndarray, *, rank_tokens: int, tokens_per_step: int,
+                   cost: CostModel, seed: int, dp: int) -> Planner:
+    """THE fabric planner of the simulation, as ``fabricd.job`` builds it for the benchmark's job
+    spec: a global batch of ``tokens_per_step`` tokens (the baseline's mean; the units drawn per
+    step derived from the mixture's mean unit length) with step composition
+    (``compose = "outliers"``, windows of MAX_DELAY_STEPS + 1 steps, composed for ``dp``)."""
     names = [u.name for u in units]
     schedule = MixtureSchedule("constant", [(0, dict(zip(names, map(float, weights))))], names)
-    batch = {"samples_per_step": samples_per_step}
-    # batch = {"tokens_per_step": tokens_per_step, "compose": "outliers", "max_delay_steps": 8}
-    return Planner(seed=seed, micro_batch_tokens=rank_tokens, schedule=schedule, cost=cost, method="lpt",
-                   sources=units, **batch)
+    draws = max(draws_for_tokens(tokens_per_step, schedule, units), dp)
+    return Planner(seed=seed, samples_per_step=draws, micro_batch_tokens=rank_tokens, schedule=schedule, cost=cost,
+                   method="lpt", sources=units, compose="outliers", max_delay_steps=MAX_DELAY_STEPS,
+                   size_by_tokens=True, dp_history=((0, dp),))
 
 
 def _unit_costs(units: Sequence[SourceUnits], cost: CostModel) -> list[np.ndarray]:
@@ -100,15 +106,13 @@ def simulate(units: Sequence[SourceUnits], weights: np.ndarray, *, rank_tokens: 
              dps: Sequence[int] = (1024, 4096), steps: int = 20, seed: int = 0) -> dict:
     """``{"ratio": {dp: tokens/s fabric over baseline}, "detail": {dp: {...}}}``."""
     w = np.asarray(weights, np.float64)
-    mean_tok = float(sum(w[j] * units[j].tokens.mean() for j in range(len(units))))
     ratio, detail = {}, {}
     for dp in dps:
         t0 = time.perf_counter()
         b_max, b_mean, b_tok = baseline_steps(units, w, dp=dp, rank_tokens=rank_tokens, steps=steps, cost=cost,
                                               seed=seed)
-        sps = int(round(b_tok.mean() / mean_tok))
-        planner = fabric_planner(units, w, rank_tokens=rank_tokens, samples_per_step=sps,
-                                 tokens_per_step=int(round(b_tok.mean())), cost=cost, seed=seed)
+        planner = fabric_planner(units, w, rank_tokens=rank_tokens, tokens_per_step=int(round(b_tok.mean())),
+                                 cost=cost, seed=seed, dp=dp)
         f_max, f_mean, f_tok, bound = np.zeros(steps), np.zeros(steps), np.zeros(steps), np.zeros(steps)
         for s in range(steps):
             plan = planner.plan(s, dp)
@@ -122,7 +126,7 @@ def simulate(units: Sequence[SourceUnits], weights: np.ndarray, *, rank_tokens: 
             "fabric_max_over_mean": round(float(f_max.sum() / f_mean.sum()), 3),
             "fabric_bound_over_mean": round(float(bound.sum() / f_mean.sum()), 3),  # largest unit or the mean
             "tokens_per_step": {"baseline": round(float(b_tok.mean())), "fabric": round(float(f_tok.mean()))},
-            "fabric_samples_per_step": sps, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+            "fabric_samples_per_step": planner.samples_per_step, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
         }
     return {"ratio": ratio, "detail": detail}
 

@@ -69,11 +69,21 @@ def test_tiny_mode_reports_every_key_with_numbers_the_configuration_implies(tmp_
 
     (job_file,) = work.glob("fabricd-bench-e2e-*/job.toml")
     spec = job_spec(job_file)
-    assert spec.batch.samples_per_step == cfg["samples_per_step"]
+    # the global batch in tokens, the baseline's, with step composition
+    assert spec.batch.tokens_per_step == cfg["tokens_per_step"] == round(cfg["baseline_tokens_per_step"])
+    assert (spec.batch.compose, spec.batch.max_delay_steps) == ("outliers", cfg["max_delay_steps"])
     planner = build_planner(spec, open_sources(spec, tokenizer=job_tokenizer(spec)))
+    assert planner.samples_per_step == cfg["samples_per_step"]
     f = one["fabric"]
     planned = [int(planner.plan(s, 2).tokens.sum()) for s in range(f["first_step"], f["first_step"] + f["steps"])]
     assert f["tokens_per_step"] == pytest.approx(sum(planned) / len(planned), rel=0.02)
+    # and over the whole composition windows before the mixture shift (after it, the units drawn
+    # per step stay those of the first mixture point) the fabric's steps hold the baseline's tokens
+    window = cfg["max_delay_steps"] + 1
+    before = result["mixture_shift"]["fabric"]["shift_step"] // window * window
+    assert before >= window
+    steps = [int(planner.plan(s, 2).tokens.sum()) for s in range(before)]
+    assert abs(sum(steps) / len(steps) / cfg["tokens_per_step"] - 1) < 0.15
 
     # processes: the baseline's loading is its workers; the fabric's, a daemon, a loader per source, a constructor
     for point in result["sweep"]:

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
 from e2e_rank import batch_cost  # noqa: E402
 from e2e_sampler import RankStream, mean_step_tokens  # noqa: E402
-from e2e_sim import pack_greedy  # noqa: E402
+from e2e_sim import pack_greedy, simulate, synthetic_demo  # noqa: E402
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
@@ -123,9 +123,10 @@ def test_batch_cost_of_delivered_batches_is_the_planners_cost_of_their_units(tmp
     sources = bench_sources(tiny_corpus, 5)
     path = tmp_path / "job.toml"
     path.write_text(fabric_job_toml(cfg, tiny_corpus, sources, Mixture({s.name: s.weight for s in sources}),
-                                    samples_per_step=24))
+                                    tokens_per_step=6000))
     spec = job_spec(path)
     assert spec.images.mode == "native" and spec.tokenizer.kind == "hf"  # the demo job's, as the bench says
+    assert (spec.batch.tokens_per_step, spec.batch.compose) == (6000, "outliers")  # composed, in tokens
     tok = job_tokenizer(spec)
     indexes = open_sources(spec, tokenizer=tok)
     planner = build_planner(spec, indexes)
@@ -149,6 +150,21 @@ def test_batch_cost_of_delivered_batches_is_the_planners_cost_of_their_units(tmp
     assert compared >= 6
 
 
+def test_simulated_fabric_plans_the_baselines_tokens_per_step_composed_below_the_largest_unit_bound():
+    """The simulation's fabric side is the benchmark's: as many tokens per step as the baseline's
+    (the comparison's terms), composed, so its steps sit near the mean rank cost, where the
+    baseline's per-rank draws do not."""
+    units, weights, cost, budget = synthetic_demo(seed=3, samples=4000)
+    window = 16
+    got = simulate(units, weights, rank_tokens=budget, cost=cost, dps=(64,), steps=window, seed=3)
+    d = got["detail"]["64"]
+    base, fab = d["tokens_per_step"]["baseline"], d["tokens_per_step"]["fabric"]
+    assert abs(fab / base - 1) < 0.03
+    # uncomposed, the largest units bound a DP-64 step at ~1.9× the mean (README, balance.py)
+    assert d["fabric_bound_over_mean"] <= d["fabric_max_over_mean"] < 1.1 < d["baseline_max_over_mean"]
+    assert got["ratio"]["64"] > 1.3
+
+
 def test_settle_steps_counts_the_steps_until_waits_beyond_the_pre_shift_ones_stop():
     from e2e_rank import FIELDS
     from e2e_run import Phase, settle_steps
@@ -170,3 +186,46 @@ def test_settle_steps_counts_the_steps_until_waits_beyond_the_pre_shift_ones_sto
     stats[1, 5, wait] = 0.0                                 # no noise before: 10% of the ideal step is the bar
     stats[1, 28, wait] = 0.0
     assert settle_steps(shift, before, stats)["settle_steps"] == 9  # the 0.25 s wait at step 20 now counts
+
+
+def test_a_role_forked_before_it_names_itself_is_counted_in_its_kinds_group_once_named(tmp_path):
+    """A role forked from the template is still ``fd-template`` for a moment: the harness must not
+    leave its CPU and memory under ``roles_other`` for the rest of the run."""
+    import subprocess
+    import time
+
+    import psutil
+    from e2e_run import LoadingProcesses
+
+    from fabricd.localnode import kill_processes
+
+    go = tmp_path / "go"
+    script = (
+        "import os, sys, time\n"
+        "from fabricd.roles.base import set_process_name\n"
+        "if os.fork() == 0:\n"
+        "    set_process_name('fd-template')\n"
+        f"    while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        "    set_process_name('fd-loader')\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "time.sleep(60)\n"
+    )
+    root = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL)
+    parent = psutil.Process(root.pid)
+    try:
+        deadline = time.monotonic() + 30
+        while not [c for c in parent.children() if c.name() == "fd-template"]:
+            assert time.monotonic() < deadline, "the forked child did not name itself"
+            time.sleep(0.01)
+        (child,) = parent.children()
+        lp = LoadingProcesses([], [root.pid])  # sees it first under its template name
+        assert lp.groups[child.pid] == "roles_other"
+        go.write_text("")
+        while child.name() != "fd-loader":
+            assert time.monotonic() < deadline, "the child did not rename itself"
+            time.sleep(0.01)
+        lp.refresh()
+        assert lp.groups[child.pid] == "source_loaders"
+    finally:
+        kill_processes(parent.children(recursive=True) + [parent], timeout=10)
+        root.wait(timeout=10)
