@@ -318,6 +318,23 @@ class RoleDirectory(Protocol):
     def reported_skips(self, job: str, step: int) -> Collection[tuple[str, int, int]]: ...
 
 
+class NoRoles:
+    """A :class:`RoleDirectory` with no roles and no skips: a runtime that only plans (offline
+    tools, benchmarks, tests)."""
+
+    def endpoint(self, role_id: str) -> str | None:
+        return None
+
+    def role_ids(self, job: str) -> list[str]:
+        return []
+
+    def skip_records(self, job: str) -> tuple[object, Collection[SkipUnit], Collection[SkipUnit]]:
+        return 0, (), ()
+
+    def reported_skips(self, job: str, step: int) -> Collection[tuple[str, int, int]]:
+        return ()
+
+
 class JobRuntime:
     """One job on this daemon: its indexes and planner (indexing → ready, or failed).
 

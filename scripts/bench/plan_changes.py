@@ -60,20 +60,6 @@ def _change(job: str, i: int, term: int = 1):
                       term=term)
 
 
-class _NoRoles:
-    def endpoint(self, role_id):
-        return None
-
-    def role_ids(self, job):
-        return []
-
-    def skip_records(self, job):
-        return (0, (), ())
-
-    def reported_skips(self, job, step):
-        return ()
-
-
 def _wait(pred, timeout: float = 3600.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -89,7 +75,7 @@ def one(n: int, corpus: Path, work: Path, compose: bool, reps: int) -> dict:
     from fabricd.cluster.state import FabricState, Record
     from fabricd.config import load_job_spec
     from fabricd.corpus import job_toml
-    from fabricd.job import JobRuntime, open_sources
+    from fabricd.job import JobRuntime, NoRoles, open_sources
     from fabricd.plan_control import check_plan_change
 
     text = job_toml(corpus, name="bench", seed=3, dp_size=4, samples_per_step=64, prefetch=2)
@@ -102,7 +88,7 @@ def one(n: int, corpus: Path, work: Path, compose: bool, reps: int) -> dict:
     changes = [_change(spec.name, i) for i in range(n)]
 
     t0 = time.perf_counter()
-    rt = JobRuntime(spec, index_dir=work / "idx", directory=_NoRoles(), plan_changes=changes)
+    rt = JobRuntime(spec, index_dir=work / "idx", directory=NoRoles(), plan_changes=changes)
     _wait(lambda: rt.state != "indexing")
     build_s = time.perf_counter() - t0
     assert rt.state == "ready", rt.error

@@ -21,7 +21,7 @@ from fabricd.plan_changes import apply_change, make_change, plan_segments
 from fabricd.planner.segments import SegmentedPlanner, carry_draws
 
 from ..conftest import write_job
-from .test_plan_changes import _NoRoles
+from fabricd.job import NoRoles
 
 pytestmark = pytest.mark.unit
 
@@ -163,7 +163,7 @@ def test_the_1001st_change_costs_one_segment(specs, tmp_path, monkeypatch):
 
     spec = specs["plain"]
     changes = [_online(spec.name, i) for i in range(1000)]
-    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=_NoRoles(), plan_changes=changes)
+    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles(), plan_changes=changes)
     deadline = time.monotonic() + 60
     while runtime.state == "indexing" and time.monotonic() < deadline:
         time.sleep(0.02)

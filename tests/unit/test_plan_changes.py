@@ -12,7 +12,7 @@ import pytest
 from fabricd.cluster.records import PlanChange, check_data
 from fabricd.config import load_job_spec
 from fabricd.errors import ConfigError
-from fabricd.job import build_planner, open_sources
+from fabricd.job import NoRoles, build_planner, open_sources
 from fabricd.plan_changes import apply_change, make_change, parse_point, parse_set, plan_segments
 from fabricd.planner.segments import SegmentedPlanner, first_changeable, window_bounds
 from fabricd.planner.sequence import feistel_permute
@@ -237,22 +237,6 @@ def test_plan_changes_through_the_log_state_survive_a_snapshot():
 # -- the leader's entry point -------------------------------------------------------------------
 
 
-class _NoRoles:
-    """A RoleDirectory with no roles (the runtime here only plans)."""
-
-    def endpoint(self, role_id):
-        return None
-
-    def role_ids(self, job):
-        return []
-
-    def skip_records(self, job):
-        return (0, (), ())
-
-    def reported_skips(self, job, step):
-        return ()
-
-
 def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(specs, tmp_path):
     import time as _time
 
@@ -269,7 +253,7 @@ def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(spe
     c.tick(0.0, telemetry=NodeTelemetry, roles=dict)
     c.propose([("job_submitted", {"job": spec.name, "spec_toml": spec.text, "spec_origin": spec.file,
                                   "fingerprint": "", "dp_size": 2})], 0.01)
-    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=_NoRoles())
+    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles())
     deadline = _time.monotonic() + 30
     while runtime.state == "indexing" and _time.monotonic() < deadline:
         _time.sleep(0.05)
@@ -336,8 +320,8 @@ def test_a_runtime_holds_steps_from_a_committed_change_until_it_replans(specs, t
     spec = specs["plain"]
     change = make_change(spec.name, 7, ["mixture.weights.ocr=0.5"], origin="operator:alice", term=1)
     # committed before the runtime exists: it plans with it from the start
-    early = JobRuntime(spec, index_dir=tmp_path / "idx", directory=_NoRoles(), plan_changes=[change])
-    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=_NoRoles())
+    early = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles(), plan_changes=[change])
+    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles())
     deadline = _time.monotonic() + 30
     while "indexing" in (early.state, runtime.state) and _time.monotonic() < deadline:
         _time.sleep(0.05)

@@ -14,7 +14,7 @@ from fabric_client.limits import MAX_STEP
 
 from fabricd.config import parse_job_spec
 from fabricd.corpus import job_toml, make_dataset
-from fabricd.job import JobRuntime, build_planner, open_sources
+from fabricd.job import JobRuntime, NoRoles, build_planner, open_sources
 from fabricd.planner.worker import PlanWorker
 
 pytestmark = pytest.mark.unit
@@ -153,20 +153,6 @@ def test_close_stops_the_thread_after_the_plan_in_progress() -> None:
 
 
 # --------------------------------------------------------------------------- the job's plan path
-
-
-class NoRoles:
-    def endpoint(self, role_id: str) -> str | None:
-        return None
-
-    def role_ids(self, job: str) -> list[str]:
-        return []
-
-    def skip_records(self, job: str) -> tuple[object, set, set]:
-        return 0, set(), set()
-
-    def reported_skips(self, job: str, step: int) -> set:
-        return set()
 
 
 @pytest.fixture(scope="module")
