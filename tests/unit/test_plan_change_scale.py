@@ -15,28 +15,16 @@ import pytest
 
 import fabricd.plan_changes as plan_changes_mod
 from fabricd.cluster.records import MixturePoint, PlanChange
-from fabricd.config import load_job_spec
-from fabricd.job import SegmentPlans, _segment_planner, build_planner, open_sources, source_units
+from fabricd.job import NoRoles, SegmentPlans, _segment_planner, build_planner, source_units
 from fabricd.plan_changes import apply_change, make_change, plan_segments
 from fabricd.planner.segments import SegmentedPlanner, carry_draws
 
-from ..conftest import write_job
-from fabricd.job import NoRoles
 
 pytestmark = pytest.mark.unit
 
 SOURCES = ("captions", "interleaved", "longdocs", "code", "ocr")
 
 
-@pytest.fixture(scope="module")
-def specs(tiny_corpus, tmp_path_factory):
-    d = tmp_path_factory.mktemp("plan-change-scale")
-    plain = load_job_spec(write_job(d / "plain.toml", tiny_corpus, name="plain", dp_size=2, samples_per_step=16))
-    text = (d / "plain.toml").read_text().replace('compression = "lz4"',
-                                                    'compression = "lz4"\ncompose = "outliers"\nmax_delay_steps = 3')
-    (d / "composed.toml").write_text(text.replace('name = "plain"', 'name = "composed"'))
-    composed = load_job_spec(d / "composed.toml")
-    return {"plain": plain, "composed": composed, "indexes": open_sources(plain)}
 
 
 def eager_segments(spec, indexes, changes):

@@ -10,26 +10,13 @@ import numpy as np
 import pytest
 
 from fabricd.cluster.records import PlanChange, check_data
-from fabricd.config import load_job_spec
 from fabricd.errors import ConfigError
-from fabricd.job import NoRoles, build_planner, open_sources
+from fabricd.job import NoRoles, build_planner
 from fabricd.plan_changes import apply_change, make_change, parse_point, parse_set, plan_segments
 from fabricd.planner.segments import SegmentedPlanner, first_changeable, window_bounds
 from fabricd.planner.sequence import feistel_permute
 
-from ..conftest import write_job
-
 pytestmark = pytest.mark.unit
-
-@pytest.fixture(scope="module")
-def specs(tiny_corpus, tmp_path_factory):
-    d = tmp_path_factory.mktemp("plan-changes")
-    plain = load_job_spec(write_job(d / "plain.toml", tiny_corpus, name="plain", dp_size=2, samples_per_step=16))
-    text = (d / "plain.toml").read_text().replace('compression = "lz4"',
-                                                    'compression = "lz4"\ncompose = "outliers"\nmax_delay_steps = 3')
-    (d / "composed.toml").write_text(text.replace('name = "plain"', 'name = "composed"'))
-    composed = load_job_spec(d / "composed.toml")
-    return {"plain": plain, "composed": composed, "indexes": open_sources(plain)}
 
 
 def units_by_source(planner, steps, dp=2):
