@@ -16,10 +16,8 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import psutil
 
 from .cluster.autoscale import pool_bounds
@@ -29,14 +27,12 @@ from .metrics import (
     ROLE_RSS, ROLES, SKIP_REPORTS, SKIPPED_UNITS, SKIPS_RECORDED, SOURCE_BUSY, SOURCE_FAILED, SOURCE_IN_FLIGHT,
     SOURCE_QUEUED, SOURCE_UNITS, STALE_TERM, TRAINER_BATCHES, TRAINER_WAIT, FabricMetrics, Readings,
 )
-from .planner.plan import StepPlan
 
 if TYPE_CHECKING:
     from .daemon import Daemon
-    from .job import JobRuntime
     from .roles.supervisor import RoleProcess
 
-__all__ = ["DaemonReader", "StepBalance", "feed_role_stats", "step_balance", "trainer_label"]
+__all__ = ["DaemonReader", "feed_role_stats", "trainer_label"]
 
 SOURCE_LOADER = "source_loader"
 
@@ -65,25 +61,6 @@ def feed_role_stats(metrics: FabricMetrics, role: RoleProcess) -> None:
     metrics.feed(DROPPED, source, (socket, "forbidden"), st.forbidden)
 
 
-@dataclass(frozen=True)
-class StepBalance:
-    """How evenly one planned step spreads its estimated cost over the DP ranks."""
-
-    step: int
-    max_over_mean: float  # the heaviest rank's cost over the mean
-    lower_bound: float    # max(largest unit, mean share) / mean share: no balancer can go below
-
-
-def step_balance(plan: StepPlan) -> StepBalance:
-    """The balance of ``plan`` (1.0 and 1.0 for a step without cost)."""
-    costs = plan.rank_costs()
-    mean = float(costs.mean()) if costs.size else 0.0
-    if mean <= 0:
-        return StepBalance(plan.step, 1.0, 1.0)
-    top_unit = float(np.max(plan.cost)) if len(plan) else 0.0
-    return StepBalance(plan.step, float(costs.max()) / mean, max(top_unit, mean) / mean)
-
-
 def _usage(proc: psutil.Process | None, labels: tuple[str, ...], r: Readings) -> None:
     """CPU seconds, RSS and PSS of one process, unless it is gone (PSS: where the kernel does not
     let us read it, the process's RSS is all there is to say)."""
@@ -105,12 +82,10 @@ def _usage(proc: psutil.Process | None, labels: tuple[str, ...], r: Readings) ->
 
 
 class DaemonReader:
-    """Reads one daemon's state into a snapshot's readings; keeps what makes that cheap (the
-    daemon's psutil handle, the balance of each job's latest planned step)."""
+    """Reads one daemon's state into a snapshot's readings; keeps the daemon's psutil handle."""
 
     def __init__(self) -> None:
         self._daemon = psutil.Process(os.getpid())
-        self._balance: dict[str, StepBalance] = {}
 
     def read(self, daemon: Daemon) -> Readings:
         r: Readings = defaultdict(dict)
@@ -137,21 +112,12 @@ class DaemonReader:
                 r[POOL_WORKERS][(name, s.name)] = pools.get((name, s.name), 0)
             r[PROGRESS_FLOOR][(name,)] = state.floor_step(name)
             r[SKIPS_RECORDED][(name,)] = len(state.skipped.get(name, ()))
-            balance = self._job_balance(name, job)
+            # the plan worker computes each plan's balance once (planner.quality)
+            balance = job.plan_worker.latest_balance() if job.plan_worker is not None else None
             if balance is not None:
                 r[PLAN_STEP][(name,)] = balance.step
                 r[BALANCE][(name,)] = balance.max_over_mean
-                r[BALANCE_BOUND][(name,)] = balance.lower_bound
-
-    def _job_balance(self, name: str, job: JobRuntime) -> StepBalance | None:
-        """The balance of the job's latest planned step (kept after its plan leaves the cache)."""
-        plan = job.plan_worker.latest() if job.plan_worker is not None else None
-        if plan is None:
-            return self._balance.get(name)
-        cached = self._balance.get(name)
-        if cached is None or cached.step != plan.step:
-            self._balance[name] = cached = step_balance(plan)  # O(rows) once per new step
-        return cached
+                r[BALANCE_BOUND][(name,)] = balance.bound
 
     def _local_roles(self, daemon: Daemon, r: Readings) -> None:
         """Per role process of this daemon: up, restarts, CPU, memory, the load queues it holds;

@@ -92,11 +92,11 @@ class PlanWorker:
             self._cond.notify()
             return None
 
-    def latest(self) -> StepPlan | None:
-        """The cached plan of the highest step computed so far (its balance is exported as a
-        metric), or None; never blocks on a computation."""
+    def latest_balance(self) -> StepBalance | None:
+        """The balance of the highest step planned so far (exported as a metric), or None;
+        computed once per plan, never blocks on a computation."""
         with self._cond:
-            return self._cache[max(self._cache)] if self._cache else None
+            return self._balance[max(self._balance)] if self._balance else None
 
     def failure(self, step: int) -> str | None:
         """Why planning ``step`` failed, or None. A failed step is not retried."""

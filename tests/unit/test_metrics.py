@@ -16,7 +16,8 @@ from fabricd.metrics import (
     CATALOGUE, COUNTER, DROPPED, SOURCE_UNITS, TRAINER_BATCHES, TRAINER_WAIT, UNROUTABLE_REPLY, CounterFeed,
     FabricMetrics,
 )
-from fabricd.metrics_reading import feed_role_stats, step_balance
+from fabricd.metrics_reading import feed_role_stats
+from fabricd.planner.quality import step_balance
 from fabricd.planner.plan import StepPlan
 from fabricd.roles.base import RoleArgs
 from fabricd.roles.supervisor import RoleProcess
@@ -128,8 +129,8 @@ def test_step_balance_is_max_over_mean_and_its_lower_bound():
     b = step_balance(plan)
     assert b.step == 7
     assert b.max_over_mean == pytest.approx(5.0 / 3.0)
-    assert b.lower_bound == pytest.approx(5.0 / 3.0)  # the 5.0 unit alone is above the mean share
+    assert b.bound == pytest.approx(5.0 / 3.0)  # the 5.0 unit alone is above the mean share
     empty = StepPlan(step=0, dp_size=2, rank=rank[:0], micro=rank[:0], source=rank[:0],
                      sample_id=np.zeros(0, np.int64), piece=rank[:0], tokens=rank[:0], cost=cost[:0],
                      num_micro=np.ones(2, np.int32))
-    assert (step_balance(empty).max_over_mean, step_balance(empty).lower_bound) == (1.0, 1.0)
+    assert (step_balance(empty).max_over_mean, step_balance(empty).bound) == (1.0, 1.0)
