@@ -216,7 +216,6 @@ class Loader:
         self._stream: zmq.Socket | None = None  # the subscription's socket, to the constructor
         self._daemon: zmq.Socket | None = None  # the open Hello/Locate conversation, if any
         self._closed = False
-        self._credit_frames: dict[int, Any] = {}  # credits -> the encoded Credit frame
         self._credits_due = 0  # credits of batches handed out, not yet sent back
         self._credit_chunk = 1  # send them back in chunks of this many (see _return_credit)
         (self._unsubscribe_frame,) = protocol.encode(
@@ -433,13 +432,9 @@ class Loader:
         due, self._credits_due = self._credits_due, 0
         if not due or self._stream is None:
             return
-        wait_s = self._session.take_wait()
-        frame = self._credit_frames.get(due) if not wait_s else None
-        if frame is None:
-            (frame,) = protocol.encode(protocol.Credit(job=self.job, dp_rank=self.dp_rank, mp_rank=self.mp_rank,
-                                                       credits=due, wait_s=min(wait_s, 1e12)))
-            if not wait_s:
-                self._credit_frames[due] = frame
+        # a frame per chunk: it carries the data wait since the last one (a few µs to encode)
+        (frame,) = protocol.encode(protocol.Credit(job=self.job, dp_rank=self.dp_rank, mp_rank=self.mp_rank,
+                                                   credits=due, wait_s=min(self._session.take_wait(), 1e12)))
         try:
             self._stream.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError as e:  # queue to a dead peer full: the stall timer will relocate us

@@ -95,7 +95,7 @@ class _StepBuild:
     reload: dict[int, list[float]] = field(default_factory=dict)  # row → [next load, interval]: see _assemble
     assembled: set[int] = field(default_factory=set)
     batches: dict[tuple[int, int], EncodedBatch] = field(default_factory=dict)
-    contexts: dict[int, tuple[int, str]] = field(default_factory=dict)  # source → (max_seq_len, long_samples) of a plan change
+    contexts: dict[str, tuple[int, str]] = field(default_factory=dict)  # source → (max_seq_len, long_samples) of a plan change
 
     def key(self, row: int) -> UnitKey:
         return (int(self.rows["source"][row]), int(self.rows["sample_id"][row]), int(self.rows["piece"][row]))
@@ -244,7 +244,9 @@ class Constructor:
             step=msg.step, rows=rows, num_micro=dict(zip(self.ranks, msg.num_micro)),
             results=[None] * msg.rows,
             pending_by_rank={r: int(np.count_nonzero(rows["rank"] == r)) for r in self.ranks},
-            skips=skips, pending=pending, contexts={int(s): (int(n), str(p)) for s, n, p in msg.contexts},
+            skips=skips, pending=pending,
+            contexts={self.source_names[s]: (int(n), str(p)) for s, n, p in msg.contexts
+                      if 0 <= s < len(self.source_names)},
         )
         self.builds[msg.step] = build
         self.stats["plans"] += 1
@@ -431,7 +433,7 @@ class Constructor:
         req_id = next(self.req_ids)
         ids = np.ascontiguousarray(build.rows["sample_id"][job.rows], np.int64)
         pieces = np.ascontiguousarray(build.rows["piece"][job.rows], np.int32)
-        max_seq_len, long_samples = build.contexts.get(self.source_names.index(job.source), (0, ""))
+        max_seq_len, long_samples = build.contexts.get(job.source, (0, ""))
         request = protocol.LoadRequest(job=self.spec.name, source=job.source, req_id=req_id, count=len(ids),
                                        max_seq_len=max_seq_len, long_samples=long_samples)
         try:
