@@ -214,14 +214,18 @@ class Leadership:
         return self._trainer_positions().get(job, {})
     def add_losses(self, msg: protocol.LossReport) -> None:
         """Feed a (constructor-merged) loss report to its job's online-mixing policy; a report of
-        a job without ``[mixture] online``, or naming a source it lacks, is dropped and counted."""
+        a job without ``[mixture] online`` is dropped and counted here, one naming a source the
+        job lacks by the job's mixer."""
         runtime = self.jobs.get(msg.job)
         if runtime is None or not runtime.spec.online.enabled or not self.cluster.state.is_active(msg.job):
             self.counters["losses_ignored"] += 1
             return
-        mixer = self._mixer(msg.job, runtime)
-        if not mixer.add(msg):
-            self.counters["losses_ignored"] += 1
+        self._mixer(msg.job, runtime).add(msg)
+
+    def online_status(self) -> dict[str, dict]:
+        """Per job with online mixing on this leader: reports kept, refused, and rounds run."""
+        return {job: {**m.counters, "rounds": m.state.rounds if m.state is not None else 0,
+                      "next_round_step": m.next_round} for job, m in sorted(self.mixers.items())}
 
     def _mixer(self, job: str, runtime: JobRuntime) -> OnlineMixer:
         mixer = self.mixers.get(job)

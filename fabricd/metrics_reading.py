@@ -154,4 +154,5 @@ class DaemonReader:
             int(cluster.lease.status().get("stale_rejected") or 0)
         r[DROPPED][("control", "handshake_refused")] = daemon.sockets.refused_handshakes()
         for key, value in daemon.leadership.counters.items():
-            r[SKIP_REPORTS][(key.removeprefix("skips_"),)] = value
+            if key.startswith("skips_"):  # the skip reports' outcomes (the others are plan changes and mixing)
+                r[SKIP_REPORTS][(key.removeprefix("skips_"),)] = value

@@ -53,7 +53,7 @@ class OnlineMixer:
     state: OdmState | None = None
     next_round: int = 0  # the round runs once the job's progress floor reaches this step
     observations: deque = field(default_factory=lambda: deque(maxlen=MAX_OBSERVATIONS))
-    counters: dict = field(default_factory=lambda: {"reports": 0, "reports_invalid": 0, "rounds": 0})
+    counters: dict = field(default_factory=lambda: {"reports": 0, "reports_invalid": 0})  # rounds: state.rounds
 
     def __post_init__(self) -> None:
         if self.next_round == 0:
@@ -106,5 +106,4 @@ class OnlineMixer:
         """The change is in the log: the state moves on and the next round waits ``every_steps``."""
         self.state = change.state
         self.observations.clear()
-        self.counters["rounds"] += 1
         self.next_round = floor + self.spec.online.every_steps

@@ -61,6 +61,7 @@ def build_status(daemon: Daemon, now: float) -> dict[str, Any]:
         "dropped": daemon.metrics.status_dropped(),
         "log_lines_suppressed": dict(daemon.bad_input.suppressed),
         "leadership": dict(daemon.leadership.counters),
+        "online_mixing": daemon.leadership.online_status(),
         "security": ({"insecure": True, "warning": "plaintext sockets, no authentication ([security] insecure = true)"}
                      if daemon.ring is None else
                      {"insecure": False, "keys_dir": str(daemon.ring.keys_dir),
