@@ -269,14 +269,6 @@ def _segment_schedule(spec: JobSpec, units: Sequence[SourceUnits], start: int) -
     return schedule, draws
 
 
-def _segment_planner(spec: JobSpec, units: Sequence[SourceUnits], dp_history: Sequence[tuple[int, int]], *,
-                     start: int, end: int | None, start_draws: Sequence[int], source_keys: Sequence[int]) -> Planner:
-    """The planner of steps ``[start, end)`` under ``spec`` (the whole job when start is 0 and end None)."""
-    schedule, draws = _segment_schedule(spec, units, start)
-    return _planner(spec, units, schedule, draws, dp_history, start=start, end=end, start_draws=start_draws,
-                    source_keys=source_keys)
-
-
 def _head_planner(head: SegmentHead, dp_history: Sequence[tuple[int, int]], end: int | None) -> Planner:
     """The planner of steps ``[head.start, end)`` from the segment's head."""
     return _planner(head.spec, head.units, head.schedule, head.samples_per_step, dp_history, start=head.start,

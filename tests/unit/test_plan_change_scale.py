@@ -15,7 +15,7 @@ import pytest
 
 import fabricd.plan_changes as plan_changes_mod
 from fabricd.cluster.records import MixturePoint, PlanChange
-from fabricd.job import NoRoles, SegmentPlans, _segment_planner, build_planner, source_units
+from fabricd.job import NoRoles, SegmentPlans, _planner, _segment_schedule, build_planner, source_units
 from fabricd.plan_changes import apply_change, make_change, plan_segments
 from fabricd.planner.segments import SegmentedPlanner, carry_draws
 
@@ -50,7 +50,9 @@ def eager_segments(spec, indexes, changes):
             units.append(built[key])
         end = segs[i + 1][0] if i + 1 < len(segs) else None
         draws, keys = carry_draws(planners[-1], start, units) if planners else ((), ())
-        planners.append(_segment_planner(sp, units, (), start=start, end=end, start_draws=draws, source_keys=keys))
+        schedule, per_step = _segment_schedule(sp, units, start)
+        planners.append(_planner(sp, units, schedule, per_step, (), start=start, end=end, start_draws=draws,
+                                 source_keys=keys))
     return planners
 
 
