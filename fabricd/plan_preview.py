@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .planner.plan import StepPlan
+from .planner.quality import step_balance
 
 __all__ = ["StepSummary", "summarize", "format_summaries"]
 
@@ -36,13 +37,10 @@ def summarize(plan: StepPlan, names: Sequence[str]) -> StepSummary:
     """The summary of one planned step (``names``: the planner's source names, in its order)."""
     counts = np.bincount(plan.source, minlength=len(names))
     total = max(1, len(plan))
-    costs = plan.rank_costs()
-    mean = float(costs.mean()) if costs.size else 0.0
-    top = float(plan.cost.max(initial=0.0))
+    balance = step_balance(plan)
     return StepSummary(step=plan.step, units=len(plan), tokens=int(plan.tokens.sum()),
                        mix={n: round(int(c) / total, 4) for n, c in zip(names, counts.tolist())},
-                       balance=round(float(costs.max()) / mean, 4) if mean > 0 else 1.0,
-                       bound=round(max(top, mean) / mean, 4) if mean > 0 else 1.0)
+                       balance=round(balance.max_over_mean, 4), bound=round(balance.bound, 4))
 
 
 def format_summaries(rows: Sequence[StepSummary]) -> list[str]:
