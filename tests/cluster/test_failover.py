@@ -35,14 +35,19 @@ def submit_to_leader(cluster: LocalCluster, job_file: Path, timeout: float = 90.
     raise AssertionError("job not serving")
 
 
-def consume_all(cluster, dp_size, steps, out, errors, pace_s=0.03, hosts=None):
+def consume_all(cluster, dp_size, steps, out, errors, pace_s=0.03, hosts=None, on_batch=None):
+    """One trainer thread per rank of job "t": ``out[rank]`` gets ((step, rank, micro), checksum,
+    time) per batch; ``on_batch(loader, batch)``, if given, runs after each (a training step)."""
     def run(d):
         try:
             records = []
-            for b in Loader(cluster.addresses, job="t", dp_rank=d, dp_size=dp_size, max_steps=steps,
-                            deadline_s=90, stall_s=1.0, host=(hosts or {}).get(d)):
-                records.append(((b.step, b.dp_rank, b.micro_batch), b.checksum, time.monotonic()))
-                time.sleep(pace_s)
+            with Loader(cluster.addresses, job="t", dp_rank=d, dp_size=dp_size, max_steps=steps,
+                        deadline_s=90, stall_s=1.0, host=(hosts or {}).get(d)) as loader:
+                for b in loader:
+                    records.append(((b.step, b.dp_rank, b.micro_batch), b.checksum, time.monotonic()))
+                    if on_batch is not None:
+                        on_batch(loader, b)
+                    time.sleep(pace_s)
             out[d] = records
         except Exception as e:  # surfaced by the test
             errors.append((d, e))

@@ -6,20 +6,17 @@ received is exactly what ``expect`` computes from the spec plus the newest log's
 from __future__ import annotations
 
 import signal
-import threading
-import time
 
 import numpy as np
 import pytest
 
-from fabric_client import Loader
 from fabricd.config import load_job_spec
 from fabricd.expect import BatchOracle, log_plan_changes, log_skips, newest_log_state
 from fabricd.localnode import LocalCluster
 
 from ..conftest import write_job
 from ..integration.test_data_path import assert_exact
-from .test_failover import logs_prefix_consistent, submit_to_leader
+from .test_failover import consume_all, logs_prefix_consistent, submit_to_leader
 from .test_plan_change_failover import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -28,27 +25,12 @@ STEPS = 48
 HARD = "code"  # the source the "model" keeps finding hard
 
 
-def train(cluster: LocalCluster, dp_size: int, out: dict, errors: list) -> list[threading.Thread]:
-    def run(d: int) -> None:
-        try:
-            records = []
-            with Loader(cluster.addresses, job="t", dp_rank=d, dp_size=dp_size, max_steps=STEPS,
-                        deadline_s=90, stall_s=1.0) as loader:
-                for b in loader:
-                    records.append(((b.step, b.dp_rank, b.micro_batch), b.checksum, time.monotonic()))
-                    names = loader.source_names
-                    counts = np.bincount(b["source_ids"], minlength=len(names))
-                    loader.report({names[i]: ((5.0 if names[i] == HARD else 1.0) * int(counts[i]), int(counts[i]))
-                                   for i in np.flatnonzero(counts)})
-                    time.sleep(0.3)
-            out[d] = records
-        except Exception as e:  # surfaced by the test
-            errors.append((d, e))
-
-    threads = [threading.Thread(target=run, args=(d,)) for d in range(dp_size)]
-    for t in threads:
-        t.start()
-    return threads
+def report_losses(loader, batch) -> None:
+    """What a training loop reports after a step: the mean loss per source of its batch."""
+    names = loader.source_names
+    counts = np.bincount(batch["source_ids"], minlength=len(names))
+    loader.report({names[i]: ((5.0 if names[i] == HARD else 1.0) * int(counts[i]), int(counts[i]))
+                   for i in np.flatnonzero(counts)})
 
 
 def online_changes(cluster: LocalCluster, node: str) -> list:
@@ -67,7 +49,7 @@ def test_leader_killed_while_online_mixing(tmp_path, tiny_corpus):
         leader = submit_to_leader(cluster, job_file)
         term = cluster.status(leader)["term"]
         out, errors = {}, []
-        threads = train(cluster, 2, out, errors)
+        threads = consume_all(cluster, 2, STEPS, out, errors, pace_s=0.3, on_batch=report_losses)
         wait_for(lambda: len(online_changes(cluster, leader)) >= 3, 90, "the policy made no changes")
         cluster.kill(leader, signal.SIGKILL)
         new = cluster.leader(exclude=(leader,))
