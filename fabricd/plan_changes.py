@@ -309,4 +309,22 @@ def plan_segments(spec: JobSpec, changes: Sequence[PlanChange]) -> tuple[PlanSeg
             segments[-1] = PlanSegment(change.at_step, effective)
         else:
             segments.append(PlanSegment(change.at_step, effective))
-    return tuple(segments)
+    return _split_at_points(segments)
+
+
+def _split_at_points(segments: Sequence[PlanSegment]) -> tuple[PlanSegment, ...]:
+    """``segments``, each with a ``tokens_per_step`` spec also cut at its mixture points (the
+    pieces keep the same spec object). Why: a token budget is a number of draws per step at the
+    mixture's mean unit length, and that mean moves with the mixture: one draw count for the
+    whole schedule would give steps of the wrong size after a point that favours shorter or
+    longer units. A segment's draws are computed at its start (see ``job._segment_schedule``),
+    so a cut at every point gives each piece of the schedule its own."""
+    out: list[PlanSegment] = []
+    for i, seg in enumerate(segments):
+        out.append(seg)
+        if not seg.spec.batch.tokens_per_step:
+            continue
+        end = segments[i + 1].start if i + 1 < len(segments) else None
+        out.extend(PlanSegment(step, seg.spec) for step, _ in seg.spec.mixture.points
+                   if step > seg.start and (end is None or step < end))
+    return tuple(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -85,17 +86,17 @@ class StepPlan:
 
 def draws_for_tokens(tokens_per_step: int, schedule: MixtureSchedule, sources: Sequence[SourceUnits]) -> int:
     """Units drawn per step for a global batch of ``tokens_per_step`` tokens: the budget over the
-    mean unit length under the mixture's first point (at least 1). A pure function of metadata;
-    under a schedule whose later points favour longer units, steps grow in tokens with the mix."""
+    mean unit length of the schedule's first piece (at least 1). The mean unit length is the
+    weights' mean of each source's mean; over a ``linear`` piece the weights (rows summing to 1)
+    and so that mean move linearly, and the piece's mean is the mean of its two ends; otherwise
+    it is the first point's. A pure function of metadata. A job's plan is cut at every mixture
+    point under a token budget (:func:`fabricd.plan_changes.plan_segments`), so each piece gets
+    its own count."""
     by_name = {s.name: s for s in sources}
-    w = schedule.weights(0)
-    mean = 0.0
-    for name, weight in zip(schedule.sources, w.tolist()):
-        units = by_name[name]
-        if weight > 0 and len(units):
-            mean += weight * float(np.cumsum(units.tokens, dtype=np.float64)[-1]) / len(units)
-    total = float(sum(w.tolist()))
-    mean = mean / total if total > 0 else 0.0
+    per_unit = np.array([float(np.sum(by_name[n].tokens, dtype=np.float64)) / len(by_name[n]) if len(by_name[n]) else 0.0
+                         for n in schedule.sources], dtype=np.float64)
+    rows = schedule.rows[:2] if schedule.kind == "linear" else schedule.rows[:1]
+    mean = math.fsum(math.fsum((row * per_unit).tolist()) for row in rows) / len(rows)
     if mean <= 0:
         raise PlanError("tokens_per_step needs units with tokens under the mixture's first point")
     return max(1, int(round(int(tokens_per_step) / mean)))

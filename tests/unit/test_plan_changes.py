@@ -5,6 +5,7 @@ without composition)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -156,6 +157,37 @@ def test_a_weights_change_loses_and_repeats_nothing(specs, kind):
     assert share == pytest.approx(0.6, abs=0.02)  # composition keeps the mix exact over a window
     before = units_by_source(base, range(at, end))
     assert len(before["code"]) / ((end - at) * 16) < 0.3
+
+
+@pytest.mark.parametrize("kind", ["plain", "composed"])
+@pytest.mark.parametrize("schedule", ["piecewise", "linear"])
+def test_a_token_budget_holds_across_mixture_points(specs, kind, schedule):
+    """Under ``tokens_per_step`` every piece of the mixture draws its own units per step: after a
+    point that moves the weight from long documents to short captions, steps still hold the
+    budget (one draw count for the whole schedule gave steps far short of it), and the cut at
+    the point loses and repeats nothing."""
+    spec, indexes = specs[kind], specs["indexes"]
+    budget, at, end = 24_000, 8, 24
+    # piecewise: the mix jumps at ``at``; linear: it moves over [0, at), then holds
+    points = ((0, (("longdocs", 0.8), ("captions", 0.2))), (at, (("longdocs", 0.05), ("captions", 0.95))))
+    spec = dataclasses.replace(spec, batch=dataclasses.replace(spec.batch, samples_per_step=0, tokens_per_step=budget),
+                               mixture=dataclasses.replace(spec.mixture, kind=schedule, points=points))
+    planner = build_planner(spec, indexes)
+    assert isinstance(planner, SegmentedPlanner) and planner.starts == (0, at)
+    first, second = planner.planners
+    assert second.samples_per_step > 2 * first.samples_per_step  # captions are far shorter than long documents
+    window = planner.window
+    for lo, hi in ((0, at), (at, end)):
+        tokens = [int(planner.plan(s, 2).tokens.sum()) for s in range(lo, hi)]
+        # over whole windows a piece's steps hold the budget (a linear piece: on average)
+        assert abs(np.mean(tokens) - budget) < 0.2 * budget, (lo, tokens)
+        assert (hi - lo) % window == 0
+    got = units_by_source(planner, range(end))
+    for name, units in got.items():
+        assert sorted(units) == first_draws(first, name, len(units)), name
+    assert set(got) == {"longdocs", "captions"}
+    # every reader of the segments cuts the plan at the same steps
+    assert [seg.start for seg in plan_segments(spec, ())] == [0, at]
 
 
 def test_composed_windows_restart_at_a_change_and_stay_within_their_segment(specs):
