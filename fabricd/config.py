@@ -52,7 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _JOB_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-COMPRESSIONS = ("lz4", "none")
+COMPRESSIONS = ("auto", "lz4", "none")
 BALANCE_METHODS = ("lpt", "kk")
 SCHEDULE_KINDS = ("constant", "piecewise", "linear")
 LONG_SAMPLE_POLICIES = ("split", "truncate")
@@ -858,7 +858,7 @@ def _batch_shape(t: _Table, topology: Topology, *, given: bool, micro_default: i
         micro_batch_tokens=t.int("micro_batch_tokens", micro_default, required=given, min=16,
                                  max=B.MAX_MICRO_BATCH_TOKENS, bound="MAX_MICRO_BATCH_TOKENS"),
         prefetch=t.int("prefetch", 4, min=1, max=B.MAX_PREFETCH, bound="MAX_PREFETCH"),
-        compression=t.str("compression", "lz4", choices=COMPRESSIONS),
+        compression=t.str("compression", "auto", choices=COMPRESSIONS),
     )
     if by_tokens and batch.tokens_per_step < topology.dp_size:
         raise t.error("tokens_per_step", batch.tokens_per_step,

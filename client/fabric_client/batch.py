@@ -35,7 +35,7 @@ import xxhash
 from .errors import ProtocolError
 from .protocol import ErrorCode
 
-__all__ = ["encode_batch", "decode_batch", "decode_verified", "checksum", "COMPRESSIONS", "CHECKSUM_ALGORITHM"]
+__all__ = ["encode_batch", "recompress", "decode_batch", "decode_verified", "checksum", "COMPRESSIONS", "CHECKSUM_ALGORITHM"]
 
 #: Accepted values of ``encode_batch(compression=...)``.
 COMPRESSIONS = ("lz4", "zstd", None)
@@ -89,6 +89,21 @@ def encode_batch(arrays: Mapping[str, np.ndarray], *, compression: str | None = 
     options = pa.ipc.IpcWriteOptions(compression=compression)
     with pa.ipc.new_stream(sink, schema, options=options) as writer:
         writer.write_batch(record)
+    return sink.getvalue()
+
+
+def recompress(buf: Any, *, compression: str | None) -> pa.Buffer:
+    """A frame of :func:`encode_batch` written again under ``compression``: the same schema and
+    content, byte for byte the frame ``encode_batch`` gives for those arrays under that
+    compression (a constructor encodes a batch once, uncompressed, and compresses it only for a
+    trainer on another machine). Raises ``ValueError`` for a bad ``compression``."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression={compression!r}; expected one of {COMPRESSIONS}")
+    reader = pa.ipc.open_stream(pa.py_buffer(buf) if not isinstance(buf, pa.Buffer) else buf)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, reader.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
+        for record in reader:
+            writer.write_batch(record)
     return sink.getvalue()
 
 

@@ -61,6 +61,7 @@ from . import protocol
 from .batch import decode_batch, decode_verified
 from .errors import BatchIntegrityError, FabricUnavailable, ProtocolError
 from .limits import MAX_STEP
+from .machine import machine_id
 from .session import (
     MAX_PREFETCH,
     Action,
@@ -207,7 +208,7 @@ class Loader:
         self._pool: ThreadPoolExecutor | None = None
         self._session = TrainerSession(
             addresses, job=job, dp_rank=self.dp_rank, dp_size=self.dp_size, mp_rank=self.mp_rank, host=self.host,
-            prefetch=prefetch, deadline_s=self.deadline_s, stall_s=self.stall_s,
+            machine=machine_id(), prefetch=prefetch, deadline_s=self.deadline_s, stall_s=self.stall_s,
             primary_check_s=self.primary_check_s,
             ahead=max(1, self._workers),  # batches received and being decoded before hand-out
         )

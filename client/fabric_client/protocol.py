@@ -542,6 +542,9 @@ class Subscribe(Message, tag="subscribe"):
     next_step: NextStep
     next_micro: Micro
     credits: Credits
+    #: the trainer's machine (:func:`fabric_client.machine.machine_id`; "" unknown): under
+    #: ``compression = "auto"`` a constructor on the same machine sends uncompressed frames
+    machine: OptName = ""
 
 
 class Unsubscribe(Message, tag="unsubscribe"):

@@ -143,6 +143,7 @@ class TrainerSession:
         dp_size: int,
         mp_rank: int = 0,
         host: str = "",
+        machine: str = "",
         prefetch: int | None = None,
         deadline_s: float = 120.0,
         stall_s: float = 5.0,
@@ -159,6 +160,7 @@ class TrainerSession:
         self.addresses = list(addresses)
         self.job, self.dp_rank, self.dp_size, self.mp_rank = job, dp_rank, dp_size, mp_rank
         self.host = host
+        self.machine = machine  # declared with every Subscribe (see fabric_client.machine)
         self.prefetch = prefetch
         self.deadline_s, self.stall_s, self.primary_check_s = deadline_s, stall_s, primary_check_s
         self.ahead = ahead
@@ -460,7 +462,7 @@ class TrainerSession:
                  self.mp_rank, located.endpoint, self.next_step, self.next_micro, " (standby)" * self.standby)
         sub = protocol.Subscribe(job=self.job, fingerprint=located.fingerprint, dp_rank=self.dp_rank,
                                  mp_rank=self.mp_rank, next_step=self.next_step, next_micro=self.next_micro,
-                                 credits=self.window)
+                                 credits=self.window, machine=self.machine)
         return [OpenStream(located.endpoint, sub)]
 
     def _close_stream(self) -> list[Action]:

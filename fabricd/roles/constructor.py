@@ -130,14 +130,16 @@ class Constructor:
         self.dp_size = spec.topology.dp_size
         self.window = max(2, spec.batch.prefetch)
         self.source_names = [s.name for s in spec.sources]
-        self.compression = None if spec.batch.compression == "none" else spec.batch.compression
+        # "auto": built uncompressed, lz4 only for a trainer on another machine (TrainerDelivery)
+        self.compression = spec.batch.compression if spec.batch.compression == "lz4" else None
 
         self.sockets = role_sockets(ctx, args)
         self.trainers = self.sockets.router(domain="stream")
         port = self.trainers.bind_to_random_port(f"tcp://{args.bind_host}")
         self.link = DaemonLink(self.sockets, args, f"tcp://{args.bind_host}:{port}")
         self.delivery = TrainerDelivery(self.trainers, job=spec.name, fingerprint=args.extra["fingerprint"],
-                                        ranks=self.ranks, mp_size=spec.topology.mp_size)
+                                        ranks=self.ranks, mp_size=spec.topology.mp_size,
+                                        remote_compression="lz4" if spec.batch.compression == "auto" else None)
         self.poller = zmq.Poller()
         self.poller.register(self.trainers, zmq.POLLIN)
         self.poller.register(self.link.sock, zmq.POLLIN)

@@ -19,6 +19,9 @@ Promises:
 - Batches reach each subscription in strict ``(step, micro)`` order, never more than its credits
   ahead of what the trainer acknowledged (every queue is bounded by the credits).
 - One encoded frame is sent, without copying, to every model-parallel rank that needs it.
+  Under ``remote_compression`` (the job's ``compression = "auto"``) batches are built
+  uncompressed; a trainer whose ``Subscribe.machine`` is another machine gets them re-encoded under
+  that compression, once per batch, and the content (and its checksum) is the same either way.
 - A vanished trainer (``EHOSTUNREACH``) drops its subscription and is counted, never a crash;
   a full peer queue (``EAGAIN``) keeps the batch for the next :meth:`pump`.
 - While a subscription has credits but nothing was sent for ``heartbeat_s`` (:data:`HEARTBEAT_S`,
@@ -54,6 +57,8 @@ from typing import Any
 import zmq
 
 from fabric_client import protocol
+from fabric_client.batch import recompress
+from fabric_client.machine import machine_id
 from fabric_client.protocol import ErrorCode
 
 from ..failpoints import failpoint
@@ -81,13 +86,30 @@ class EncodedBatch:
     header_frame: bytes = field(init=False, repr=False, compare=False)
     #: Size of the payload frame in bytes.
     nbytes: int = field(init=False, repr=False, compare=False)
+    #: compression → the frame re-encoded under it (see :meth:`frame_for`)
+    _compressed: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         (head,) = protocol.encode(self.header)
         object.__setattr__(self, "header_frame", head)
-        frame = self.frame
-        size = getattr(frame, "size", None)
-        object.__setattr__(self, "nbytes", int(size) if size is not None else len(memoryview(frame).cast("B")))
+        object.__setattr__(self, "nbytes", _size(self.frame))
+        object.__setattr__(self, "_compressed", {})
+
+    def frame_for(self, compression: str | None) -> Any:
+        """The payload under ``compression`` (None: the frame as built, uncompressed under
+        ``compression = "auto"``): made once, on the first send to a trainer that needs it, and
+        kept with the batch for the other model-parallel ranks."""
+        if compression is None:
+            return self.frame
+        made = self._compressed.get(compression)
+        if made is None:
+            made = self._compressed[compression] = recompress(self.frame, compression=compression)
+        return made
+
+
+def _size(frame: Any) -> int:
+    size = getattr(frame, "size", None)
+    return int(size) if size is not None else len(memoryview(frame).cast("B"))
 
 
 @dataclass
@@ -101,6 +123,7 @@ class _Subscription:
     last_sent: float
     pending: EncodedBatch | None = None
     sent: int = 0
+    compression: str | None = None  # what frames to this trainer are re-encoded with (None: as built)
 
 
 class TrainerDelivery:
@@ -116,6 +139,7 @@ class TrainerDelivery:
         mp_size: int,
         heartbeat_s: float = HEARTBEAT_S,
         clock: Callable[[], float] = time.monotonic,
+        remote_compression: str | None = None,
     ) -> None:
         if mp_size < 1:
             raise ValueError(f"mp_size = {mp_size!r}: must be at least 1")
@@ -128,6 +152,9 @@ class TrainerDelivery:
         self._mp_size = int(mp_size)
         self._heartbeat_s = float(heartbeat_s)
         self._clock = clock
+        # batches are built uncompressed and re-encoded under this for a trainer on another
+        # machine (``compression = "auto"``); None: every trainer gets the frame as built
+        self._remote_compression = remote_compression
         self._subs: dict[tuple[int, int], _Subscription] = {}
         # where trainers that left were (dp, mp) → next step: progress to report after they are
         # gone (bounded by the ranks this constructor serves)
@@ -205,6 +232,7 @@ class TrainerDelivery:
             micro=msg.next_micro,
             credits=min(msg.credits, MAX_CREDITS),
             last_sent=self._clock(),
+            compression=None if msg.machine and msg.machine == machine_id() else self._remote_compression,
         )
         self._counters["subscribes"] += 1
 
@@ -316,7 +344,8 @@ class TrainerDelivery:
                 if batch is None:
                     break
                 self._check_batch(sub, batch)
-                outcome = self._send(sub, [batch.header_frame, batch.frame])
+                frame = batch.frame_for(sub.compression)
+                outcome = self._send(sub, [batch.header_frame, frame])
                 if outcome is not _OK:
                     if outcome is _AGAIN:
                         sub.pending = batch
@@ -329,7 +358,7 @@ class TrainerDelivery:
                 sub.last_sent = now
                 sent += 1
                 counters["batches_sent"] += 1
-                counters["bytes_sent"] += batch.nbytes
+                counters["bytes_sent"] += batch.nbytes if frame is batch.frame else _size(frame)
                 counters["tokens_sent"] += batch.header.tokens
                 if sub.micro + 1 < batch.header.num_micro_batches:
                     sub.micro += 1

@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=8, help="simulated DP ranks per side")
     ap.add_argument("--workers", type=int, default=4, help="baseline DataLoader workers per rank")
     ap.add_argument("--rank-tokens", type=int, default=8192, help="tokens per rank per step")
-    ap.add_argument("--compression", default="", choices=["", "none", "lz4"],
-                    help="the fabric's batch compression (default: the demo job's, lz4)")
+    ap.add_argument("--compression", default="", choices=["", "auto", "none", "lz4"],
+                    help="the fabric's batch compression (default: the demo job's, auto: uncompressed to the "
+                         "trainers here, which share the daemon's machine)")
     ap.add_argument("--sweep-sources", default=None, help="source counts (default 5,20,35; quick and tiny: 5,35)")
     ap.add_argument("--sweep-ranks", default=None, help="ranks per host (default RANKS,32; quick and tiny: RANKS)")
     ap.add_argument("--run-timeout", type=float, default=None, help="seconds one run may take (default: by mode)")

@@ -56,7 +56,7 @@ class BenchConfig:
     loader_workers: int = 1        # fabric: base source-loader pool per source (the node default)
     ranks_per_constructor: int = 8
     shift_fraction: float = 0.5    # share of every other source's weight moved to the heavy source
-    compression: str = ""          # fabric: batch compression ("": the demo job's, lz4)
+    compression: str = ""          # fabric: batch compression ("": the demo job's, auto)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -18,8 +18,9 @@ import zmq
 
 from fabric_client import BatchIntegrityError, FabricUnavailable, Loader, RemoteError
 from fabric_client import protocol
-from fabric_client.batch import checksum, encode_batch
+from fabric_client.batch import checksum, decode_batch, encode_batch
 from fabric_client.errors import ProtocolError
+from fabric_client.machine import machine_id
 from fabric_client.protocol import ErrorCode
 from fabricd.roles.delivery import EncodedBatch, TrainerDelivery
 
@@ -102,6 +103,7 @@ class ConstructorStub(_Thread):
         heartbeat_s: float = 1.0,
         ready: Callable[[int, int, int], bool] = lambda s, r, m: True,
         compression: str | None = "lz4",
+        remote_compression: str | None = None,
     ) -> None:
         super().__init__()
         self.sock = ctx.socket(zmq.ROUTER)
@@ -110,7 +112,8 @@ class ConstructorStub(_Thread):
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.delivery = TrainerDelivery(
-            self.sock, job=JOB, fingerprint=FP, ranks=ranks, mp_size=mp_size, heartbeat_s=heartbeat_s
+            self.sock, job=JOB, fingerprint=FP, ranks=ranks, mp_size=mp_size, heartbeat_s=heartbeat_s,
+            remote_compression=remote_compression,
         )
         self.ready = ready
         self.compression = compression
@@ -283,6 +286,40 @@ def test_batches_are_numpy_views_of_the_received_frames(ctx, stubs, compression)
     for arr in batch.values():
         assert isinstance(arr, np.ndarray) and not arr.flags.owndata
         assert not arr.flags.writeable  # a view of the received zmq frame / decompressed buffer
+
+
+@pytest.mark.timeout(30)
+def test_auto_compression_sends_plain_frames_on_this_machine_and_lz4_to_others(ctx, stubs) -> None:
+    """``compression = "auto"``: batches built uncompressed go as built to a trainer that declares
+    this machine, and re-encoded with lz4 (once per batch, the bytes ``encode_batch`` gives) to
+    one on another machine or one that declares none; the content is the same."""
+    con = stubs(ConstructorStub(ctx, ranks=(0,), mp_size=3, compression=None, remote_compression="lz4"))
+    frames = {}
+    for mp, machine in enumerate((machine_id(), "boot:another-machine", "")):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(con.endpoint)
+        try:
+            sock.send_multipart(protocol.encode(protocol.Subscribe(JOB, FP, 0, mp, 0, 0, 2, machine=machine)))
+            got = []
+            while len(got) < 2:
+                assert sock.poll(5000), "no batch"
+                parts = sock.recv_multipart()
+                msg, payload = protocol.decode(parts)
+                if isinstance(msg, protocol.Batch):
+                    assert checksum(decode_batch(payload[0])) == msg.checksum
+                    got.append(bytes(payload[0]))
+            frames[machine] = got
+        finally:
+            sock.close(linger=0)
+    plain = [bytes(encode_batch(make_arrays(0, 0, 0), compression=None)),
+             bytes(encode_batch(make_arrays(1, 0, 0), compression=None))]
+    lz4 = [bytes(encode_batch(make_arrays(0, 0, 0), compression="lz4")),
+           bytes(encode_batch(make_arrays(1, 0, 0), compression="lz4"))]
+    assert frames[machine_id()] == plain
+    assert frames["boot:another-machine"] == lz4 and frames[""] == lz4
+    assert plain != lz4
+    assert con.encodes == 2  # built once each, whoever received them
 
 
 @pytest.mark.timeout(30)
