@@ -61,18 +61,32 @@ def feed_role_stats(metrics: FabricMetrics, role: RoleProcess) -> None:
     metrics.feed(DROPPED, source, (socket, "forbidden"), st.forbidden)
 
 
-def _usage(proc: psutil.Process | None, labels: tuple[str, ...], r: Readings) -> None:
+#: Seconds a process's PSS reading is reused. PSS comes from /proc/PID/smaps_rollup, which the
+#: kernel computes by walking the process's page tables: milliseconds per process, so once a
+#: second over a node's dozens of roles it took several percent of a core (CPU and RSS are cheap
+#: and stay per snapshot).
+PSS_REFRESH_S = 15.0
+
+
+def _usage(proc: psutil.Process | None, labels: tuple[str, ...], r: Readings,
+           pss_cache: dict[int, tuple[float, int | None]], now: float) -> None:
     """CPU seconds, RSS and PSS of one process, unless it is gone (PSS: where the kernel does not
-    let us read it, the process's RSS is all there is to say)."""
+    let us read it, the process's RSS is all there is to say; read at most every PSS_REFRESH_S,
+    ``pss_cache``: pid → (when read, value))."""
     if proc is None:
         return
     try:
         with proc.oneshot():
             cpu, rss = proc.cpu_times(), proc.memory_info().rss
-            try:
-                pss = proc.memory_full_info().pss  # /proc/PID/smaps_rollup
-            except (psutil.AccessDenied, AttributeError):
-                pss = None
+            cached = pss_cache.get(proc.pid)
+            if cached is not None and now - cached[0] < PSS_REFRESH_S:
+                pss = cached[1]
+            else:
+                try:
+                    pss = proc.memory_full_info().pss  # /proc/PID/smaps_rollup
+                except (psutil.AccessDenied, AttributeError):
+                    pss = None
+                pss_cache[proc.pid] = (now, pss)
     except psutil.Error:
         return
     r[ROLE_CPU][labels] = cpu.user + cpu.system
@@ -86,6 +100,7 @@ class DaemonReader:
 
     def __init__(self) -> None:
         self._daemon = psutil.Process(os.getpid())
+        self._pss: dict[int, tuple[float, int | None]] = {}  # pid → (when read, PSS bytes or None)
 
     def read(self, daemon: Daemon) -> Readings:
         r: Readings = defaultdict(dict)
@@ -122,16 +137,23 @@ class DaemonReader:
     def _local_roles(self, daemon: Daemon, r: Readings) -> None:
         """Per role process of this daemon: up, restarts, CPU, memory, the load queues it holds;
         and the daemon process itself (kind ``daemon``)."""
+        now = time.monotonic()
+        seen = {self._daemon.pid}
         for rid, role in daemon.supervisor.roles.items():
             labels = (role.args.job, rid, role.args.kind)
             r[LOCAL_ROLES_UP][labels] = 1 if role.alive else 0
             r[ROLE_RESTARTS][labels] = role.restarts
-            _usage(daemon.supervisor.process(role), labels, r)
+            proc = daemon.supervisor.process(role)
+            if proc is not None:
+                seen.add(proc.pid)
+            _usage(proc, labels, r, self._pss, now)
             for source, (queued, in_flight) in role.stats.load_queues.items():
                 key = (role.args.job, source)
                 r[SOURCE_QUEUED][key] = r[SOURCE_QUEUED].get(key, 0) + queued
                 r[SOURCE_IN_FLIGHT][key] = r[SOURCE_IN_FLIGHT].get(key, 0) + in_flight
-        _usage(self._daemon, ("", "daemon", "daemon"), r)
+        _usage(self._daemon, ("", "daemon", "daemon"), r, self._pss, now)
+        for pid in [p for p in self._pss if p not in seen]:  # bounded by the live processes
+            del self._pss[pid]
 
     def _cluster(self, daemon: Daemon, r: Readings) -> None:
         """Lease, log, replication and the leader's skip-report outcomes."""

@@ -3,6 +3,7 @@ reads, the feeds that turn role processes' running totals into counters, and the
 
 from __future__ import annotations
 
+import collections
 import re
 from types import SimpleNamespace
 
@@ -134,3 +135,29 @@ def test_step_balance_is_max_over_mean_and_its_lower_bound():
                      sample_id=np.zeros(0, np.int64), piece=rank[:0], tokens=rank[:0], cost=cost[:0],
                      num_micro=np.ones(2, np.int32))
     assert (step_balance(empty).max_over_mean, step_balance(empty).bound) == (1.0, 1.0)
+
+
+def test_pss_is_read_at_most_every_refresh_interval_and_cpu_rss_every_time(monkeypatch):
+    """smaps_rollup costs milliseconds per process: a snapshot a second over dozens of roles
+    reads it once per PSS_REFRESH_S per process, and CPU and RSS on every snapshot."""
+    import psutil
+
+    from fabricd import metrics_reading as mr
+
+    calls = []
+    real = psutil.Process.memory_full_info
+
+    def counted(self):
+        calls.append(self.pid)
+        return real(self)
+
+    monkeypatch.setattr(psutil.Process, "memory_full_info", counted)
+    proc, cache, labels = psutil.Process(), {}, ("", "daemon", "daemon")
+    readings = []
+    for now in (100.0, 101.0, 100.0 + mr.PSS_REFRESH_S - 0.1, 100.0 + mr.PSS_REFRESH_S + 0.1):
+        r = collections.defaultdict(dict)
+        mr._usage(proc, labels, r, cache, now)
+        readings.append(r)
+    assert len(calls) == 2  # the first snapshot and the one past the interval
+    assert all(labels in r[mr.ROLE_PSS] and labels in r[mr.ROLE_RSS] and labels in r[mr.ROLE_CPU] for r in readings)
+    assert readings[1][mr.ROLE_PSS][labels] == readings[0][mr.ROLE_PSS][labels]
