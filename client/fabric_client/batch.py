@@ -85,8 +85,18 @@ def encode_batch(arrays: Mapping[str, np.ndarray], *, compression: str | None = 
         meta.append([name, arr.dtype.str, shape])
     schema = pa.schema(fields, metadata={_META_KEY: json.dumps({"v": _META_VERSION, "arrays": meta}).encode()})
     record = pa.RecordBatch.from_arrays(columns, schema=schema)
-    sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression=compression)
+    if compression is None:
+        # sized by a first pass that copies nothing, then written once into a buffer of that
+        # size: a growing stream would reallocate (copy, and fault in fresh pages) as it doubles
+        mock = pa.MockOutputStream()
+        with pa.ipc.new_stream(mock, schema, options=options) as writer:
+            writer.write_batch(record)
+        out = pa.allocate_buffer(mock.size())
+        with pa.ipc.new_stream(pa.FixedSizeBufferWriter(out), schema, options=options) as writer:
+            writer.write_batch(record)
+        return out
+    sink = pa.BufferOutputStream()  # compressed: its size is known only once written
     with pa.ipc.new_stream(sink, schema, options=options) as writer:
         writer.write_batch(record)
     return sink.getvalue()

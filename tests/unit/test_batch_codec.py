@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fabric_client.batch import checksum, decode_batch, decode_verified, encode_batch
+from fabric_client.batch import checksum, decode_batch, decode_verified, encode_batch, recompress
 from fabric_client.errors import ProtocolError
 from fabric_client.protocol import ErrorCode
 
@@ -238,3 +238,25 @@ def test_decoded_arrays_are_read_only_views_even_when_empty(compression: str | N
     for name, arr in out.items():
         assert not arr.flags.owndata and not arr.flags.writeable, name
         assert arr.dtype == arrays[name].dtype and arr.shape == arrays[name].shape, name
+
+
+@pytest.mark.parametrize("compression", ["lz4", None])
+def test_a_frame_is_the_plain_arrow_stream_whatever_way_it_was_written_and_recompress_round_trips(
+        compression: str | None) -> None:
+    """An uncompressed frame is written into a buffer sized beforehand, a compressed one into a
+    growing stream: both are byte for byte the Arrow IPC stream of the same record (what an
+    Arrow stream reader and writer make of it), and re-encoding between them gives the other's
+    bytes (a constructor compresses a built batch only for a trainer on another machine)."""
+    arrays = _all_arrays()
+    other = "lz4" if compression is None else None
+    frame = encode_batch(arrays, compression=compression)
+    reader = pa.ipc.open_stream(frame)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, reader.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
+        for record in reader:
+            w.write_batch(record)
+    assert frame.equals(sink.getvalue())
+    assert recompress(frame, compression=other).equals(encode_batch(arrays, compression=other))
+    assert recompress(recompress(frame, compression=other), compression=compression).equals(frame)
+    with pytest.raises(ValueError, match="compression"):
+        recompress(frame, compression="gzip9")
