@@ -344,6 +344,10 @@ class JobRuntime:
         self._replanned: tuple[tuple[PlanChange, ...], Planner | SegmentedPlanner] | None = None
         self._planned_with: tuple[PlanChange, ...] | None = None  # the changes self.planner was built with
         self._replanning_from: int | None = None  # while they are not plan_changes: steps from here wait
+        #: the earliest step of a plan change in this daemon's log not yet committed (set by the
+        #: daemon's reconcile pass): steps from it on wait, for it may yet commit (and a new leader
+        #: commits what a majority holds) or be dropped; None: no such change
+        self.hold_from: int | None = None
         self._segments_of: tuple[tuple[PlanChange, ...], tuple] | None = None
         # the log's composition DP sizes; none recorded: the spec's dp_size from step 0
         self.dp_history = tuple(dp_history) or ((0, spec.topology.dp_size),)
@@ -495,6 +499,11 @@ class JobRuntime:
                 and req.step >= self._replanning_from:
             self.counters["plans_not_ready"] += 1
             return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=f"step {req.step} is being planned"), ()
+        if self.hold_from is not None and req.step >= self.hold_from:
+            self.counters["plans_not_ready"] += 1
+            return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
+                                       reason=f"step {req.step} waits for the plan change at step {self.hold_from} "
+                                              f"to be committed"), ()
         if self.plan_worker is None:
             self.plan_worker = PlanWorker(self.planner, dp_size, name=self.spec.name, cache_steps=PLAN_CACHE_STEPS,
                                           ahead_steps=PLAN_AHEAD_STEPS, queue_steps=PLAN_QUEUE_STEPS,

@@ -46,7 +46,7 @@ from .cluster.autoscale import (
     pool_bounds,
     weights_now_and_ahead,
 )
-from .cluster.controller import ClusterController
+from .cluster.controller import SYNC_SLACK_S, ClusterController
 from .cluster.records import PlanChange
 from .cluster.progress import progress_record
 from .cluster.placement import (
@@ -74,10 +74,10 @@ PLACE_EVERY_S = 0.25  # placement passes (O(roles + trainer ranks)) at most this
 MAX_PENDING_SKIPS = 10_000  # skip reports waiting to be recorded; constructors re-send the ones dropped
 MAX_SKIP_REASON_CHARS = 500
 #: Seconds of trainer progress a plan change's frontier keeps clear of, past what the leader has
-#: seen: its view of the trainers is up to a heartbeat old, and the change must be committed and
-#: applied on every daemon before a constructor asks for its step (added as steps at the job's
-#: recent rate; nothing for trainers that stand still).
-PLAN_CHANGE_SLACK_S = 2.0
+#: seen (added as steps at the job's recent rate; nothing for trainers that stand still), on top
+#: of the time a daemon may go on answering plans without the change (see ``advance_margin``):
+#: for the rate's jitter and the replan.
+PLAN_CHANGE_SLACK_S = 1.0
 #: Seconds of positions the rate of a job's trainers is measured over.
 RATE_WINDOW_S = 10.0
 
@@ -184,13 +184,23 @@ class Leadership:
 
     def advance_margin(self, job: str, runtime: JobRuntime, now: float) -> int:
         """Steps ``job``'s trainers may advance past what this leader has seen before a change
-        is in effect everywhere: their recent rate × (a heartbeat + ``PLAN_CHANGE_SLACK_S``)."""
+        is in effect everywhere or nowhere: their recent rate × ``change_horizon_s()``."""
         seen = self._seen.get(job)
         if not seen or len(seen) < 2:
             return 0
         (t0, s0), (t1, s1) = seen[0], seen[-1]
         rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
-        return math.ceil(max(0.0, rate) * (self.cfg.heartbeat_s + PLAN_CHANGE_SLACK_S))
+        return math.ceil(max(0.0, rate) * self.change_horizon_s())
+
+    def change_horizon_s(self) -> float:
+        """Seconds from a change's acceptance until no daemon answers a plan without it. A daemon
+        holding the change's record holds its steps until the record is committed (``JobRuntime.
+        hold_from``); one that never got it (the leader died first) answers plans only while in
+        touch: at most ``lease_duration_s`` + ``SYNC_SLACK_S`` after its last sync, which came
+        before the change. The leader's view of the trainers is up to two heartbeats old (a
+        constructor's beat to its daemon, the daemon's to the leader)."""
+        return (2 * self.cfg.heartbeat_s + self.cfg.cluster.lease_duration_s + SYNC_SLACK_S
+                + PLAN_CHANGE_SLACK_S)
 
     def _note_positions(self, now: float, positions: Mapping[str, Mapping[tuple[int, int], int]]) -> None:
         """Remember each job's furthest trainer position over the last ``RATE_WINDOW_S``."""

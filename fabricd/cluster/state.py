@@ -361,6 +361,11 @@ class FabricState:
         """``job``'s plan changes whose records are committed (seq <= ``commit_seq``), in log order."""
         return tuple(e.change for e in self.plan_changes.get(job, ()) if e.seq <= commit_seq)
 
+    def uncommitted_change_from(self, job: str, commit_seq: int) -> int | None:
+        """The earliest step of ``job``'s plan changes appended here and not yet committed (seq >
+        ``commit_seq``), or None: steps from it on may yet be planned differently."""
+        return min((e.change.at_step for e in self.plan_changes.get(job, ()) if e.seq > commit_seq), default=None)
+
     def is_active(self, job: str) -> bool:
         """Whether ``job`` is submitted and not cancelled."""
         entry = self.jobs.get(job)

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 
 from fabricd.cluster.records import PlanChange, check_data
 from fabricd.errors import ConfigError
+from fabricd.cluster.controller import SYNC_SLACK_S
 from fabricd.job import NoRoles, build_planner
+from fabricd.leadership import PLAN_CHANGE_SLACK_S
 from fabricd.plan_changes import apply_change, make_change, parse_point, parse_set, plan_segments
 from fabricd.planner.segments import SegmentedPlanner, first_changeable, window_bounds
 from fabricd.planner.sequence import feistel_permute
@@ -253,6 +256,52 @@ def test_plan_changes_through_the_log_state_survive_a_snapshot():
     assert isinstance(change, PlanChange)
 
 
+def test_a_change_appended_and_not_yet_committed_holds_its_steps_on_every_daemon_that_has_it(specs, tmp_path):
+    """A daemon whose log holds a plan change not yet committed (the leader died before telling
+    it the commit, say: a new leader commits what a majority holds) must not answer a plan of
+    that change's steps from the plan without it: they wait, earlier steps do not."""
+    import time as _time
+
+    from msgspec import to_builtins
+
+    from fabric_client import protocol
+    from fabricd.cluster.state import FabricState, Record
+    from fabricd.job import JobRuntime
+
+    st = FabricState()
+    st.apply(Record(1, 1, "job_submitted", {"job": "j", "spec_toml": "x", "spec_origin": "/x", "fingerprint": "",
+                                            "dp_size": 1}))
+    st.apply(Record(1, 2, "plan_changed", to_builtins(make_change("j", 9, ["mixture.kind=piecewise"], term=1))))
+    st.apply(Record(1, 3, "plan_changed", to_builtins(make_change("j", 14, ["mixture.kind=linear"], term=1))))
+    assert st.uncommitted_change_from("j", 1) == 9
+    assert st.uncommitted_change_from("j", 2) == 14
+    assert st.uncommitted_change_from("j", 3) is None and st.uncommitted_change_from("other", 0) is None
+
+    spec = specs["plain"]
+    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles())
+    deadline = _time.monotonic() + 30
+    while runtime.state == "indexing" and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+
+    def ask(step):
+        reply, _ = runtime.plan(protocol.PlanRequest(job=spec.name, step=step, ranks=[0, 1]))
+        while isinstance(reply, protocol.ErrorReply) and "is being planned" in reply.reason \
+                and _time.monotonic() < deadline:
+            _time.sleep(0.02)
+            reply, _ = runtime.plan(protocol.PlanRequest(job=spec.name, step=step, ranks=[0, 1]))
+        return reply
+
+    runtime.hold_from = 9
+    assert isinstance(ask(8), protocol.PlanReply)
+    held = ask(9)
+    assert isinstance(held, protocol.ErrorReply) and held.code == protocol.ErrorCode.NOT_READY
+    assert "waits for the plan change at step 9 to be committed" in held.reason
+    assert isinstance(ask(30), protocol.ErrorReply)
+    runtime.hold_from = None  # committed (and applied) or dropped by a new leader: served again
+    assert isinstance(ask(9), protocol.PlanReply)
+    runtime.close()
+
+
 # -- the leader's entry point -------------------------------------------------------------------
 
 
@@ -312,12 +361,17 @@ def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(spe
     runtime._swap_planner()
     assert runtime.planner.starts == (0, 13)
     # trainers moving at 5 steps/s: the frontier keeps clear of what they reach before the change
-    # is in effect everywhere (a heartbeat + PLAN_CHANGE_SLACK_S = 3 s: 15 steps)
+    # is in effect everywhere or nowhere: two heartbeats of stale positions, then the lease and a
+    # replication beat a daemon that never got the change may go on answering, and the slack
+    cfg = lead.cfg
+    horizon = 2 * cfg.heartbeat_s + cfg.cluster.lease_duration_s + SYNC_SLACK_S + PLAN_CHANGE_SLACK_S
+    assert lead.change_horizon_s() == pytest.approx(horizon)
     lead._note_positions(0.0, {spec.name: {(0, 0): 6}})
     lead._note_positions(2.0, {spec.name: {(0, 0): 16}})
-    assert lead.advance_margin(spec.name, runtime, 2.0) == 15
+    margin = math.ceil(5 * horizon)
+    assert lead.advance_margin(spec.name, runtime, 2.0) == margin
     moving = lead.propose_plan_change(spec.name, msgspec_replace(want, at_step=20), origin="x", now=0.2)
-    assert moving.code == "too_late" and moving.frontier >= 6 + 2 + 1 + 15
+    assert moving.code == "too_late" and moving.frontier >= 6 + 2 + 1 + margin
     assert lead.propose_plan_change(spec.name, want, origin="x", now=1e9).code == "not_leader"  # lease long gone
     assert lead.counters["plan_changes_recorded"] == 1 and lead.counters["plan_changes_refused"] == 7
     runtime.close()
