@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -84,21 +84,29 @@ def encode_batch(arrays: Mapping[str, np.ndarray], *, compression: str | None = 
         fields.append(pa.field(name, pa.large_list(values.type), nullable=False))
         meta.append([name, arr.dtype.str, shape])
     schema = pa.schema(fields, metadata={_META_KEY: json.dumps({"v": _META_VERSION, "arrays": meta}).encode()})
-    record = pa.RecordBatch.from_arrays(columns, schema=schema)
+    return _ipc_stream(schema, [pa.RecordBatch.from_arrays(columns, schema=schema)], compression)
+
+
+def _ipc_stream(schema: pa.Schema, records: Sequence[pa.RecordBatch], compression: str | None) -> pa.Buffer:
+    """The Arrow IPC stream of ``records``. Uncompressed, it is sized by a first pass that copies
+    nothing, then written once into a buffer of that size: a growing stream would reallocate
+    (copy, and fault in fresh pages) as it doubles. Compressed, its size is known only once
+    written."""
     options = pa.ipc.IpcWriteOptions(compression=compression)
+
+    def write(sink: Any) -> None:
+        with pa.ipc.new_stream(sink, schema, options=options) as writer:
+            for record in records:
+                writer.write_batch(record)
+
     if compression is None:
-        # sized by a first pass that copies nothing, then written once into a buffer of that
-        # size: a growing stream would reallocate (copy, and fault in fresh pages) as it doubles
         mock = pa.MockOutputStream()
-        with pa.ipc.new_stream(mock, schema, options=options) as writer:
-            writer.write_batch(record)
+        write(mock)
         out = pa.allocate_buffer(mock.size())
-        with pa.ipc.new_stream(pa.FixedSizeBufferWriter(out), schema, options=options) as writer:
-            writer.write_batch(record)
+        write(pa.FixedSizeBufferWriter(out))
         return out
-    sink = pa.BufferOutputStream()  # compressed: its size is known only once written
-    with pa.ipc.new_stream(sink, schema, options=options) as writer:
-        writer.write_batch(record)
+    sink = pa.BufferOutputStream()
+    write(sink)
     return sink.getvalue()
 
 
@@ -110,11 +118,7 @@ def recompress(buf: Any, *, compression: str | None) -> pa.Buffer:
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}; expected one of {COMPRESSIONS}")
     reader = pa.ipc.open_stream(pa.py_buffer(buf) if not isinstance(buf, pa.Buffer) else buf)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, reader.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as writer:
-        for record in reader:
-            writer.write_batch(record)
-    return sink.getvalue()
+    return _ipc_stream(reader.schema, list(reader), compression)
 
 
 def decode_batch(buf: Any) -> dict[str, np.ndarray]:

@@ -66,6 +66,9 @@ PLAN_TIMEOUT_S = 5.0
 PLAN_RETRY_S = 0.1         # a step the daemon is still planning (NOT_READY) is asked for again this soon
 _PLANNING = re.compile(r"^step (\d+)(?: is being planned|: )")  # NOT_READY for a step: ask again soon
 POOLS_REFRESH_S = 1.0
+#: the job's ``compression`` → (what a batch is built with, what it is re-encoded with for a
+#: trainer on another machine: ``TrainerDelivery(remote_compression=...)``)
+WIRE_COMPRESSION = {"lz4": ("lz4", None), "none": (None, None), "auto": (None, "lz4")}
 LOSS_FLUSH_S = 0.5  # trainers' loss reports are merged and passed on at most this often
 UNIT_RETRIES = 1           # loads of a failed unit before it is reported as skipped
 SKIP_POLL_S = 0.2          # how often a step waiting for skip records asks for its plan again
@@ -130,8 +133,7 @@ class Constructor:
         self.dp_size = spec.topology.dp_size
         self.window = max(2, spec.batch.prefetch)
         self.source_names = [s.name for s in spec.sources]
-        # "auto": built uncompressed, lz4 only for a trainer on another machine (TrainerDelivery)
-        self.compression = spec.batch.compression if spec.batch.compression == "lz4" else None
+        self.compression, remote = WIRE_COMPRESSION[spec.batch.compression]
 
         self.sockets = role_sockets(ctx, args)
         self.trainers = self.sockets.router(domain="stream")
@@ -139,7 +141,7 @@ class Constructor:
         self.link = DaemonLink(self.sockets, args, f"tcp://{args.bind_host}:{port}")
         self.delivery = TrainerDelivery(self.trainers, job=spec.name, fingerprint=args.extra["fingerprint"],
                                         ranks=self.ranks, mp_size=spec.topology.mp_size,
-                                        remote_compression="lz4" if spec.batch.compression == "auto" else None)
+                                        remote_compression=remote)
         self.poller = zmq.Poller()
         self.poller.register(self.trainers, zmq.POLLIN)
         self.poller.register(self.link.sock, zmq.POLLIN)

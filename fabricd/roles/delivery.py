@@ -84,15 +84,12 @@ class EncodedBatch:
     header: protocol.Batch
     frame: Any  # the Arrow IPC buffer (pa.Buffer / bytes / memoryview); sent with copy=False
     header_frame: bytes = field(init=False, repr=False, compare=False)
-    #: Size of the payload frame in bytes.
-    nbytes: int = field(init=False, repr=False, compare=False)
     #: compression → the frame re-encoded under it (see :meth:`frame_for`)
     _compressed: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         (head,) = protocol.encode(self.header)
         object.__setattr__(self, "header_frame", head)
-        object.__setattr__(self, "nbytes", _size(self.frame))
         object.__setattr__(self, "_compressed", {})
 
     def frame_for(self, compression: str | None) -> Any:
@@ -358,7 +355,7 @@ class TrainerDelivery:
                 sub.last_sent = now
                 sent += 1
                 counters["batches_sent"] += 1
-                counters["bytes_sent"] += batch.nbytes if frame is batch.frame else _size(frame)
+                counters["bytes_sent"] += _size(frame)
                 counters["tokens_sent"] += batch.header.tokens
                 if sub.micro + 1 < batch.header.num_micro_batches:
                     sub.micro += 1
