@@ -10,12 +10,11 @@ import time
 
 import pytest
 
-from fabric_client import Loader
 from fabricd.config import load_job_spec
 from fabricd.expect import expected_batches
 from fabricd.job import build_planner, open_sources
 
-from ..ranks import run_ranks
+from ..ranks import receive_ranks
 from .test_minimal_spec import fabricctl, write_books
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -52,21 +51,6 @@ path = "data/books"
 FIRST, END = 5, 14  # steps [0, 5) at dp 4, then [5, 14) at dp 6
 
 
-def receive(address: str, dp: int, start: int, stop: int) -> dict:
-    """Every rank of ``dp`` from ``start`` to ``stop`` (one thread per rank): key → (checksum, units)."""
-    got: dict = {}
-
-    def rank(r: int) -> None:
-        with Loader(address, job="composed", dp_rank=r, dp_size=dp, max_steps=stop, deadline_s=90.0) as loader:
-            loader.load_state_dict({"job": "composed", "next_step": start, "next_micro": 0})
-            for b in loader:
-                got[(b.step, b.dp_rank, b.micro_batch)] = (
-                    b.checksum, list(zip(b["source_ids"].tolist(), b["sample_ids"].tolist(), b["pieces"].tolist())))
-
-    run_ranks(dp, rank, join_s=150)
-    return got
-
-
 def test_composed_job_resumed_at_another_dp_size(tmp_path, local_daemon):
     write_books(tmp_path / "data" / "books", n=160)
     job2, job3 = tmp_path / "job2.toml", tmp_path / "job3.toml"
@@ -76,7 +60,7 @@ def test_composed_job_resumed_at_another_dp_size(tmp_path, local_daemon):
 
     r = fabricctl(local_daemon.address, "submit", "--wait", "--wait-timeout", "90", str(job2))
     assert r.returncode == 0, r.stderr + local_daemon.tail()
-    first = receive(local_daemon.address, 4, 0, FIRST)
+    first = receive_ranks(local_daemon.address, "composed", 4, 0, FIRST)
     time.sleep(1.5)  # let the leader record the trainers' progress
 
     r = fabricctl(local_daemon.address, "submit", "--wait", "--wait-timeout", "90", str(job3))
@@ -88,7 +72,7 @@ def test_composed_job_resumed_at_another_dp_size(tmp_path, local_daemon):
     assert change % 4 == 0 and change >= FIRST  # a window boundary past the steps the trainers reached
     shown = fabricctl(local_daemon.address, "status")
     assert "composition outliers: max delay 3 steps" in shown.stdout and f"dp 6 from step {change}" in shown.stdout
-    second = receive(local_daemon.address, 6, FIRST, END)
+    second = receive_ranks(local_daemon.address, "composed", 6, FIRST, END)
     # the windows between the resume and the change are composed for 4 ranks, and that differs
     # from composing them for 6 (the test would not notice a planner that ignored the history)
     p2 = build_planner(spec3, open_sources(spec3), history)

@@ -52,6 +52,46 @@ def write_books(directory, n: int = 48) -> None:
     pq.write_table(pa.table({"text": texts}), directory / "part-0.parquet")
 
 
+def books_and_code_spec(name: str, seed: int, *, weights: str, batch: str = "", mixture: str = "") -> str:
+    """A two-source job over ``data/books`` and ``data/code`` (``write_books`` corpora): 2 DP
+    ranks of one constructor each, 16 units a step, a constant mixture of ``weights``; ``batch``
+    and ``mixture``: extra lines of those tables."""
+    return f"""
+[job]
+name = "{name}"
+seed = {seed}
+
+[topology]
+dp_size = 2
+ranks_per_constructor = 1
+
+[batch]
+samples_per_step = 16
+micro_batch_tokens = 4096
+{batch}prefetch = 2
+
+[[buckets]]
+name = "default"
+max_seq_len = 1024
+long_samples = "split"
+
+[[sources]]
+name = "books"
+path = "data/books"
+
+[[sources]]
+name = "code"
+path = "data/code"
+
+[mixture]
+kind = "constant"
+{mixture}
+[[mixture.points]]
+step = 0
+weights = {{ {weights} }}
+"""
+
+
 def test_minimal_spec_runs_end_to_end_with_its_defaults(tmp_path, local_daemon):
     write_books(tmp_path / "data" / "books")
     job_file = tmp_path / "job.toml"

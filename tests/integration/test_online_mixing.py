@@ -12,50 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from fabric_client import Loader
-
-from ..ranks import run_ranks
-from .test_minimal_spec import fabricctl, write_books
+from ..ranks import receive_ranks
+from .test_minimal_spec import books_and_code_spec, fabricctl, write_books
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-SPEC = """
-[job]
-name = "odm"
-seed = 9
-
-[topology]
-dp_size = 2
-ranks_per_constructor = 1
-
-[batch]
-samples_per_step = 16
-micro_batch_tokens = 4096
-prefetch = 2
-
-[[buckets]]
-name = "default"
-max_seq_len = 1024
-long_samples = "split"
-
-[[sources]]
-name = "books"
-path = "data/books"
-
-[[sources]]
-name = "code"
-path = "data/code"
-
-[mixture]
-kind = "constant"
-online = "odm"
-online_every_steps = 2
-online_alpha = 0.5
-
-[[mixture.points]]
-step = 0
-weights = { books = 1, code = 1 }
-"""
+SPEC = books_and_code_spec("odm", 9, weights="books = 1, code = 1",
+                           mixture='online = "odm"\nonline_every_steps = 2\nonline_alpha = 0.5\n')
 
 END = 70         # steps the trainers consume
 WITHIN = 45      # the hard source's weight must be up by a change at or before this step
@@ -65,22 +28,17 @@ LOSS = {"books": 1.0, "code": 6.0}  # what the "model" finds hard: code
 def train(address: str, dp: int) -> dict:
     """Every rank consumes [0, END), reporting per-source losses for each batch like a training
     loop would (from ``source_ids``), at a pace a real step would have."""
-    got: dict = {}
+    reports: dict = {}
 
-    def rank(r: int) -> None:
-        with Loader(address, job="odm", dp_rank=r, dp_size=dp, max_steps=END, deadline_s=90.0) as loader:
-            for b in loader:
-                key = (b.step, b.dp_rank, b.micro_batch)
-                assert key not in got, f"batch {key} delivered twice"
-                got[key] = (b.checksum, b["source_ids"].tolist())
-                names = loader.source_names
-                counts = np.bincount(b["source_ids"], minlength=len(names))
-                loader.report({names[i]: (LOSS[names[i]] * int(counts[i]), int(counts[i]))
-                               for i in np.flatnonzero(counts)})
-                time.sleep(0.15)
-            assert loader.stats["loss_reports"] > 0
+    def report(loader, b) -> None:
+        names = loader.source_names
+        counts = np.bincount(b["source_ids"], minlength=len(names))
+        loader.report({names[i]: (LOSS[names[i]] * int(counts[i]), int(counts[i])) for i in np.flatnonzero(counts)})
+        reports[b.dp_rank] = loader.stats["loss_reports"]
+        time.sleep(0.15)
 
-    run_ranks(dp, rank, join_s=180)
+    got = receive_ranks(address, "odm", dp, 0, END, on_batch=report, join_s=180)
+    assert all(reports.get(r, 0) > 0 for r in range(dp)), reports
     return got
 
 
@@ -125,7 +83,7 @@ def test_a_source_whose_loss_stays_high_gains_weight_and_the_replay_is_exact(tmp
 
     # and the trainers really got more code after the raise than before it
     per = collections.defaultdict(collections.Counter)
-    for (step, _r, _m), (_c, sources) in got.items():
-        per[step >= raised[0]].update(sources)
+    for (step, _r, _m), (_c, units) in got.items():
+        per[step >= raised[0]].update(source for source, _, _ in units)
     before, after = (per[k][1] / max(1, sum(per[k].values())) for k in (False, True))
     assert before == pytest.approx(0.5, abs=0.05) and after > before + 0.05, (before, after)

@@ -12,68 +12,16 @@ import time
 
 import pytest
 
-from fabric_client import Loader
 from fabricd.config import load_job_spec
 from fabricd.expect import expected_batches
 
-from ..ranks import run_ranks
-from .test_minimal_spec import fabricctl, write_books
+from ..ranks import receive_ranks
+from .test_minimal_spec import books_and_code_spec, fabricctl, write_books
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-SPEC = """
-[job]
-name = "mix"
-seed = 5
-
-[topology]
-dp_size = 2
-ranks_per_constructor = 1
-
-[batch]
-samples_per_step = 16
-micro_batch_tokens = 4096
-compose = "outliers"
-max_delay_steps = 3
-prefetch = 2
-
-[[buckets]]
-name = "default"
-max_seq_len = 1024
-long_samples = "split"
-
-[[sources]]
-name = "books"
-path = "data/books"
-
-[[sources]]
-name = "code"
-path = "data/code"
-
-[mixture]
-kind = "constant"
-
-[[mixture.points]]
-step = 0
-weights = { books = 0.8, code = 0.2 }
-"""
-
-
-def receive(address: str, job: str, dp: int, start: int, stop: int) -> dict:
-    """Every rank of ``dp`` from ``start`` to ``stop`` (one thread per rank): key → (checksum, units)."""
-    got: dict = {}
-
-    def rank(r: int) -> None:
-        with Loader(address, job=job, dp_rank=r, dp_size=dp, max_steps=stop, deadline_s=90.0) as loader:
-            loader.load_state_dict({"job": job, "next_step": start, "next_micro": 0})
-            for b in loader:
-                key = (b.step, b.dp_rank, b.micro_batch)
-                assert key not in got, f"batch {key} delivered twice"
-                got[key] = (b.checksum, list(zip(b["source_ids"].tolist(), b["sample_ids"].tolist(),
-                                                 b["pieces"].tolist())))
-
-    run_ranks(dp, rank, join_s=150)
-    return got
+SPEC = books_and_code_spec("mix", 5, weights="books = 0.8, code = 0.2",
+                           batch='compose = "outliers"\nmax_delay_steps = 3\n')
 
 
 def wait_progress(daemon, job: str, step: int, timeout: float = 30.0) -> None:
@@ -94,17 +42,26 @@ def test_plan_update_changes_the_mix_at_exactly_its_step(tmp_path, local_daemon)
     r = fabricctl(local_daemon.address, "submit", "--wait", "--wait-timeout", "90", str(job_file))
     assert r.returncode == 0, r.stderr + local_daemon.tail()
 
-    first = receive(local_daemon.address, "mix", 2, 0, 6)
+    first = receive_ranks(local_daemon.address, "mix", 2, 0, 6)
     wait_progress(local_daemon, "mix", 6)
 
-    # too late: the trainers are at step 6 and constructors build prefetch (2) ahead; windows of 4
-    refused = fabricctl(local_daemon.address, "plan", "update", "mix", "--at-step", "7", "--set",
-                        "mixture.weights.code=0.7")
-    assert refused.returncode != 0
-    m = re.search(r"step 7 is already planned or delivered; the first step still changeable is (\d+)", refused.stderr)
-    assert m, refused.stderr
-    frontier = int(m.group(1))
-    assert frontier >= 6 + 2 + 1 and frontier % 4 == 0, frontier
+    # too late: the trainers are at step 6 and constructors build prefetch (2) ahead; windows of 4.
+    # While the leader still measures them moving (its rate window), the frontier also keeps
+    # clear of the steps they could cover before a change is in effect everywhere; once they are
+    # seen standing, it settles at 12, and a change past it must be accepted
+    deadline = time.monotonic() + 30
+    while True:
+        refused = fabricctl(local_daemon.address, "plan", "update", "mix", "--at-step", "7", "--set",
+                            "mixture.weights.code=0.7")
+        assert refused.returncode != 0
+        m = re.search(r"step 7 is already planned or delivered; the first step still changeable is (\d+)",
+                      refused.stderr)
+        assert m, refused.stderr
+        frontier = int(m.group(1))
+        assert frontier >= 6 + 2 + 1 and frontier % 4 == 0, frontier
+        if frontier == 12 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     bad = fabricctl(local_daemon.address, "plan", "update", "mix", "--at-step", str(frontier + 1), "--set",
                     "mixture.weights.nope=0.5")
     assert bad.returncode != 0 and "mixture.weights.nope = 0.5: not a source of this job" in bad.stderr, bad.stderr
@@ -137,7 +94,7 @@ def test_plan_update_changes_the_mix_at_exactly_its_step(tmp_path, local_daemon)
     assert f"at step {at}: mixture.weights.code = 0.7" in shown.stdout and "total" in shown.stdout
 
     end = at2 + 5
-    second = receive(local_daemon.address, "mix", 2, 6, end)
+    second = receive_ranks(local_daemon.address, "mix", 2, 6, end)
     local_daemon.stop()
 
     from click.testing import CliRunner

@@ -44,6 +44,35 @@ def first_draws(planner, name, count):
     return sorted(zip(units.sample_id[idx].tolist(), units.piece[idx].tolist()))
 
 
+def ready_runtime(spec, tmp_path, **kw):
+    """A JobRuntime of ``spec`` with no roles, past its indexing (at most 30 s)."""
+    import time as _time
+
+    from fabricd.job import JobRuntime
+
+    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles(), **kw)
+    deadline = _time.monotonic() + 30
+    while runtime.state == "indexing" and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    return runtime
+
+
+def ask_plan(runtime, step, timeout_s: float = 30.0):
+    """``runtime``'s answer for ``step`` (ranks 0 and 1), asked again while it is being planned."""
+    import time as _time
+
+    from fabric_client import protocol
+
+    deadline = _time.monotonic() + timeout_s
+    req = protocol.PlanRequest(job=runtime.spec.name, step=step, ranks=[0, 1])
+    reply, _ = runtime.plan(req)
+    while isinstance(reply, protocol.ErrorReply) and "is being planned" in reply.reason \
+            and _time.monotonic() < deadline:
+        _time.sleep(0.02)
+        reply, _ = runtime.plan(req)
+    return reply
+
+
 # -- parsing and validation -------------------------------------------------------------------
 
 
@@ -260,13 +289,10 @@ def test_a_change_appended_and_not_yet_committed_holds_its_steps_on_every_daemon
     """A daemon whose log holds a plan change not yet committed (the leader died before telling
     it the commit, say: a new leader commits what a majority holds) must not answer a plan of
     that change's steps from the plan without it: they wait, earlier steps do not."""
-    import time as _time
-
     from msgspec import to_builtins
 
     from fabric_client import protocol
     from fabricd.cluster.state import FabricState, Record
-    from fabricd.job import JobRuntime
 
     st = FabricState()
     st.apply(Record(1, 1, "job_submitted", {"job": "j", "spec_toml": "x", "spec_origin": "/x", "fingerprint": "",
@@ -277,19 +303,8 @@ def test_a_change_appended_and_not_yet_committed_holds_its_steps_on_every_daemon
     assert st.uncommitted_change_from("j", 2) == 14
     assert st.uncommitted_change_from("j", 3) is None and st.uncommitted_change_from("other", 0) is None
 
-    spec = specs["plain"]
-    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles())
-    deadline = _time.monotonic() + 30
-    while runtime.state == "indexing" and _time.monotonic() < deadline:
-        _time.sleep(0.05)
-
-    def ask(step):
-        reply, _ = runtime.plan(protocol.PlanRequest(job=spec.name, step=step, ranks=[0, 1]))
-        while isinstance(reply, protocol.ErrorReply) and "is being planned" in reply.reason \
-                and _time.monotonic() < deadline:
-            _time.sleep(0.02)
-            reply, _ = runtime.plan(protocol.PlanRequest(job=spec.name, step=step, ranks=[0, 1]))
-        return reply
+    runtime = ready_runtime(specs["plain"], tmp_path)
+    ask = lambda step: ask_plan(runtime, step)  # noqa: E731
 
     runtime.hold_from = 9
     assert isinstance(ask(8), protocol.PlanReply)
@@ -309,7 +324,6 @@ def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(spe
     import time as _time
 
     from fabricd.cluster.telemetry import NodeTelemetry, RoleView
-    from fabricd.job import JobRuntime
     from fabricd.leadership import Leadership
     from fabricd.plan_control import PlanChangeRefused
 
@@ -321,10 +335,7 @@ def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(spe
     c.tick(0.0, telemetry=NodeTelemetry, roles=dict)
     c.propose([("job_submitted", {"job": spec.name, "spec_toml": spec.text, "spec_origin": spec.file,
                                   "fingerprint": "", "dp_size": 2})], 0.01)
-    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles())
-    deadline = _time.monotonic() + 30
-    while runtime.state == "indexing" and _time.monotonic() < deadline:
-        _time.sleep(0.05)
+    runtime = ready_runtime(spec, tmp_path)
     assert runtime.state == "ready", runtime.error
 
     def propose(entries, now):
@@ -385,42 +396,28 @@ def msgspec_replace(change, **kw):
 
 
 def test_a_runtime_holds_steps_from_a_committed_change_until_it_replans(specs, tmp_path):
-    import time as _time
-
     from fabric_client import protocol
-    from fabricd.job import JobRuntime
 
     spec = specs["plain"]
     change = make_change(spec.name, 7, ["mixture.weights.ocr=0.5"], origin="operator:alice", term=1)
     # committed before the runtime exists: it plans with it from the start
-    early = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles(), plan_changes=[change])
-    runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles())
-    deadline = _time.monotonic() + 30
-    while "indexing" in (early.state, runtime.state) and _time.monotonic() < deadline:
-        _time.sleep(0.05)
-
-    def ask(rt, step):
-        reply, _ = rt.plan(protocol.PlanRequest(job=spec.name, step=step, ranks=[0, 1]))
-        while isinstance(reply, protocol.ErrorReply) and "is being planned" in reply.reason \
-                and _time.monotonic() < deadline:
-            _time.sleep(0.02)
-            reply, _ = rt.plan(protocol.PlanRequest(job=spec.name, step=step, ranks=[0, 1]))
-        return reply
+    early = ready_runtime(spec, tmp_path, plan_changes=[change])
+    runtime = ready_runtime(spec, tmp_path)
 
     assert early.planner.starts == (0, 7)
     frames = lambda rt: rt.plan(protocol.PlanRequest(job=spec.name, step=8, ranks=[0, 1]))[1]  # noqa: E731
-    before, six = ask(runtime, 8), ask(runtime, 6)  # planned the old way, and cached
+    before, six = ask_plan(runtime, 8), ask_plan(runtime, 6)  # planned the old way, and cached
     old = frames(runtime)
     runtime.update_plan([change])
     assert runtime._replanning_from == 7 and runtime._planned_with == ()  # swapped only by plan()
     held, _ = runtime.plan(protocol.PlanRequest(job=spec.name, step=8, ranks=[0, 1]))
     # held until the new planner is in, then planned afresh: never the cached old plan of step 8
     assert isinstance(held, protocol.ErrorReply) and held.reason == "step 8 is being planned"
-    assert ask(runtime, 6).num_micro == six.num_micro == ask(early, 6).num_micro  # before the change: as it was
-    after = ask(runtime, 8)
+    assert ask_plan(runtime, 6).num_micro == six.num_micro == ask_plan(early, 6).num_micro  # before the change: as it was
+    after = ask_plan(runtime, 8)
     assert isinstance(after, protocol.PlanReply) and runtime.planner.starts == (0, 7)
     assert runtime.status()["plan_changes"][0]["at_step"] == 7
-    want = ask(early, 8)
+    want = ask_plan(early, 8)
     assert after.rows == want.rows and after.num_micro == want.num_micro and before.rows == 16 == after.rows
     assert all(np.array_equal(a, b) for a, b in zip(frames(runtime), frames(early)))
     assert not all(np.array_equal(a, b) for a, b in zip(frames(runtime), old))
