@@ -57,7 +57,6 @@ class LocalReconciler:
         for name, entry in active.items():
             if name in d.jobs:
                 d.jobs[name].update_plan(d.cluster.state.committed_plan_changes(name, commit))
-                d.jobs[name].hold_from = d.cluster.state.uncommitted_change_from(name, commit)
                 continue
             path = d.jobs_dir / f"{name}.toml"
             path.write_text(entry.spec_toml, encoding="utf-8")
@@ -69,7 +68,8 @@ class LocalReconciler:
             d.jobs[name] = JobRuntime(spec, index_dir=d.index_dir, directory=d, record_seq=entry.seq,
                                       data_roots=d.cfg.data_roots, dp_history=dp_history_of(entry.extra),
                                       plan_changes=d.cluster.state.committed_plan_changes(name, commit))
-            d.jobs[name].hold_from = d.cluster.state.uncommitted_change_from(name, commit)
+        for name, job in d.jobs.items():  # steps of a change this log holds uncommitted wait (JobRuntime.plan)
+            job.hold_from = d.cluster.state.uncommitted_change_from(name, commit)
 
     def _roles(self, commit: int) -> None:
         d = self.daemon
