@@ -60,7 +60,7 @@ class Lengths:
 
 FULL = Lengths(free=8, cal=14, main=24, shift=30, sweep=12, warm=4, tail=2, tries=4, sim_steps=2 * (MAX_DELAY_STEPS + 1),
                run_timeout_s=1800)
-QUICK = Lengths(free=3, cal=6, main=5, shift=6, sweep=3, warm=2, tail=2, tries=2, sim_steps=MAX_DELAY_STEPS + 1,
+QUICK = Lengths(free=2, cal=6, main=4, shift=6, sweep=3, warm=2, tail=2, tries=2, sim_steps=MAX_DELAY_STEPS + 1,
                 run_timeout_s=400)
 TINY = Lengths(free=2, cal=5, main=5, shift=6, sweep=3, warm=1, tail=2, tries=1, sim_steps=2, run_timeout_s=150)
 
@@ -304,6 +304,7 @@ def run_benchmark(*, L: Lengths, mode: str, corpus: Path, samples: int, cfg: Ben
                           "tokens_per_step": int(round(job.baseline_tokens_per_step)),
                           "samples_per_step": job.samples_per_step,
                           "compose": "outliers", "max_delay_steps": MAX_DELAY_STEPS,
+                          "baseline_worker_start_method": multiprocessing.get_all_start_methods()[0],
                           "baseline_tokens_per_step": round(job.baseline_tokens_per_step, 1),
                           "heavy_source_us_per_token": job.heavy_us_per_token,
                           "corpus_samples_per_source": samples, "cpus": os.cpu_count(),

@@ -17,6 +17,7 @@ import gc
 import importlib
 import json
 import math
+import multiprocessing
 import os
 import time
 import traceback
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-__all__ = ["FIELDS", "RankArgs", "Control", "batch_cost", "rank_main"]
+__all__ = ["FIELDS", "RankArgs", "Control", "batch_cost", "rank_main", "use_platform_start_method"]
 
 #: per (rank, step), in Control.stats
 FIELDS = ("wait", "compute", "cost", "tokens", "samples", "micro")
@@ -117,10 +118,24 @@ def _fabric_fetch(args: RankArgs) -> tuple[Callable[[], tuple[dict, bool]], Call
     return fetch, loader.close, lambda: {k: v for k, v in loader.stats.items() if isinstance(v, (int, float, str))}
 
 
+def use_platform_start_method() -> str:
+    """Make this process's default start method the interpreter's own default, and return it.
+
+    The harness spawns its ranks, and a spawned process inherits "spawn" as its default start
+    method, which a DataLoader's workers would then use: every worker would import torch and the
+    dataset afresh and share no page with its rank (a minute to the first step, twice the
+    memory). A rank that torchrun launched has the interpreter's default (fork on Linux up to
+    Python 3.13), and so does a rank of this benchmark."""
+    method = multiprocessing.get_all_start_methods()[0]
+    multiprocessing.set_start_method(method, force=True)
+    return method
+
+
 def _baseline_fetch(args: RankArgs, ctl: Control) -> tuple[Callable[[], tuple[dict, bool]], Callable[[], None],
                                                            Callable[[], dict]]:
     from e2e_baseline import baseline_loader
 
+    use_platform_start_method()
     base = np.asarray(args.base_weights)
     shifted = np.asarray(args.shifted_weights) if args.shifted_weights is not None else base
 

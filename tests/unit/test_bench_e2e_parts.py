@@ -4,6 +4,7 @@ compute: the cost model evaluated on a delivered batch must be the planner's cos
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
-from e2e_rank import batch_cost  # noqa: E402
+from e2e_rank import batch_cost, use_platform_start_method  # noqa: E402
 from e2e_sampler import RankStream, mean_step_tokens  # noqa: E402
 from e2e_sim import pack_greedy, simulate, synthetic_demo  # noqa: E402
 
@@ -229,3 +230,26 @@ def test_a_role_forked_before_it_names_itself_is_counted_in_its_kinds_group_once
     finally:
         kill_processes(parent.children(recursive=True) + [parent], timeout=10)
         root.wait(timeout=10)
+
+
+def _start_methods(q) -> None:
+    before = multiprocessing.get_start_method()
+    q.put((before, use_platform_start_method(), multiprocessing.get_start_method()))
+
+
+def test_a_spawned_rank_gives_its_dataloader_workers_the_interpreters_default_start_method():
+    # the harness spawns its ranks; without the reset their DataLoader workers would be spawned too
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_start_methods, args=(q,))
+    p.start()
+    try:
+        before, chosen, after = q.get(timeout=60)
+    finally:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    default = multiprocessing.get_all_start_methods()[0]
+    assert before == "spawn"  # what a spawned process inherits: the bug this guards against
+    assert chosen == after == default
