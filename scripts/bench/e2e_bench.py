@@ -159,7 +159,9 @@ def print_run(label: str, run: dict) -> None:
         eff = "  -  " if p["efficiency"] is None else f"{p['efficiency']:.3f}"
         print(f"  {p['phase']:>5s}: {p['steps_per_s']:6.3f} steps/s {p['tokens_per_s']:8.0f} tok/s  eff {eff}  "
               f"wait {p['wait_frac']:.3f}  max/mean {p['max_over_mean']:.3f}  cpu {p['cpu_s_per_mtok']} s/Mtok "
-              f"({p['cpu_cores_busy']} cores; others {p['other_cores_busy']})", flush=True)
+              f"({p['cpu_cores_busy']} cores; others {p['other_cores_busy']})"
+              + (f"  loaders {p['source_loaders'][0]}->{p['source_loaders'][1]}" if "source_loaders" in p else ""),
+              flush=True)
 
 
 def side_view(run: dict) -> dict:

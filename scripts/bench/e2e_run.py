@@ -204,6 +204,11 @@ class LoadingProcesses:
                 pass
         return float(sum(self.cpu_last.values()))
 
+    def alive(self, group: str) -> int:
+        """Processes of ``group`` running now (as of the last refresh: a fabric's loader pools
+        grow and shrink under the autoscaler)."""
+        return sum(1 for pid, p in self.procs.items() if self.groups.get(pid) == group and p.is_running())
+
     def cpu_by_group(self) -> dict[str, float]:
         """CPU seconds of each group since the start."""
         out: dict[str, float] = {}
@@ -238,11 +243,13 @@ def _group(p: psutil.Process, parent_group: str | None) -> str:
 
 
 def phase_metrics(ph: Phase, stats: np.ndarray, step_end: np.ndarray, cpu: np.ndarray | None,
-                  busy: np.ndarray | None = None) -> dict[str, Any]:
+                  busy: np.ndarray | None = None, loaders: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics of the measured steps of ``ph`` (see the module docstring). Also, to read them by:
     ``barrier_s``, the mean time per step beyond the slowest rank's wait + compute (the barrier,
     scheduling); ``oversleep_frac``, compute measured over compute asked (a loaded machine wakes
-    sleepers late); ``other_cores_busy``, cores this machine spent on processes not of this run."""
+    sleepers late); ``other_cores_busy``, cores this machine spent on processes not of this run;
+    ``source_loaders``, the fabric's loader processes at the phase's first and last measured step
+    (``loaders``: their count at the end of each step)."""
     a, b = max(1, ph.start + ph.warm), ph.end - ph.tail
     st = stats[:, a:b]
     elapsed = float(step_end[b - 1] - step_end[a - 1])
@@ -273,6 +280,8 @@ def phase_metrics(ph: Phase, stats: np.ndarray, step_end: np.ndarray, cpu: np.nd
         out["cpu_cores_busy"] = round(used / elapsed, 3)
         if busy is not None:
             out["other_cores_busy"] = round((float(busy[b - 1] - busy[a - 1]) - used) / elapsed, 3)
+    if loaders is not None and np.isfinite(loaders[a - 1]) and np.isfinite(loaders[b - 1]):
+        out["source_loaders"] = [int(loaders[a - 1]), int(loaders[b - 1])]
     return out
 
 
@@ -380,7 +389,7 @@ def run_side(side: str, *, ctx: Any, args: RankArgs, driver: Driver, steps: int,
         loaders_at = time.monotonic()
         loading = LoadingProcesses([p.pid for p in procs],
                                    [d.proc.pid for d in cluster.daemons.values()] if cluster else [])
-        cpu, busy = np.full(steps, np.nan), np.full(steps, np.nan)
+        cpu, busy, loaders = np.full(steps, np.nan), np.full(steps, np.nan), np.full(steps, np.nan)
         seen = 0
         cpu_start = loading.cpu()
         shown = time.monotonic()
@@ -393,6 +402,8 @@ def run_side(side: str, *, ctx: Any, args: RankArgs, driver: Driver, steps: int,
                       flush=True)
             if done != seen:
                 cpu[seen:done], busy[seen:done] = loading.cpu(), _busy_cpu()
+                if cluster is not None:
+                    loaders[seen:done] = loading.alive("source_loaders")
                 seen = done
                 driver.advance(done, ctl, ctl.stat_array)
                 if done >= ctl.end_step.value:
@@ -423,7 +434,8 @@ def run_side(side: str, *, ctx: Any, args: RankArgs, driver: Driver, steps: int,
         _stop(procs)
         if cluster is not None:
             cluster.stop()
-    phases = [phase_metrics(ph, stats, step_end, cpu, busy) for ph in driver.phases
+    phases = [phase_metrics(ph, stats, step_end, cpu, busy, loaders if cluster is not None else None)
+              for ph in driver.phases
               if ph.end <= end and ph.steps > ph.warm + ph.tail]  # a drain phase measures nothing
     pools: dict[str, int] = {}
     for role in ((fabric.status if fabric else {}).get("jobs", {}).get("e2e", {}).get("roles", [])):

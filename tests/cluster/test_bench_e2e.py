@@ -10,6 +10,7 @@ Marker ``cluster`` (real daemons and trainer processes); needs PyTorch (the ``tr
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,8 @@ def test_tiny_mode_reports_every_key_with_numbers_the_configuration_implies(tmp_
     assert KEYS <= set(result)
     cfg = result["configuration"]
     assert (cfg["ranks"], cfg["workers"], cfg["prefetch_factor"], cfg["rank_tokens"]) == (2, 1, 2, 2048)
+    # the DataLoader workers start as under torchrun (fork on Linux), not as the spawned ranks do
+    assert cfg["baseline_worker_start_method"] == multiprocessing.get_all_start_methods()[0]
     assert set(result["memory_ratio"]) == {"5", "10"} and all(v > 0 for v in result["memory_ratio"].values())
     assert set(result["simulated_throughput_ratio"]) == {"1024", "4096"}
     assert result["mixture_shift"]["to"] in ("captions", "interleaved", "longdocs", "code", "ocr")
@@ -55,6 +58,9 @@ def test_tiny_mode_reports_every_key_with_numbers_the_configuration_implies(tmp_
         assert phases["1x"]["scale"] == pytest.approx(result["calibration"]["seconds_per_cost"])
         for p in phases.values():
             assert 0 <= p["wait_frac"] <= 1 and p["tokens_per_s"] > 0 and p["cpu_s_per_mtok"] > 0
+            # the fabric's loader processes, at least one per source, through every phase
+            assert (side == "fabric") == ("source_loaders" in p)
+            assert side != "fabric" or min(p["source_loaders"]) >= 5
     assert result["throughput_ratio"] == pytest.approx(one["fabric"]["tokens_per_s"] / one["baseline"]["tokens_per_s"],
                                                        rel=0.01)
     assert result["fabric_efficiency"] == one["fabric"]["efficiency"] and 0 < result["fabric_efficiency"] < 1.2
