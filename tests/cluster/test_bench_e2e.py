@@ -83,8 +83,9 @@ def test_tiny_mode_reports_every_key_with_numbers_the_configuration_implies(tmp_
     f = one["fabric"]
     planned = [int(planner.plan(s, 2).tokens.sum()) for s in range(f["first_step"], f["first_step"] + f["steps"])]
     assert f["tokens_per_step"] == pytest.approx(sum(planned) / len(planned), rel=0.02)
-    # and over the whole composition windows before the mixture shift (after it, the units drawn
-    # per step stay those of the first mixture point) the fabric's steps hold the baseline's tokens
+    # and over the whole composition windows before the mixture shift the fabric's steps hold the
+    # baseline's tokens (past the shift, its own draw count holds them: test_plan_changes'
+    # test_a_token_budget_holds_across_mixture_points)
     window = cfg["max_delay_steps"] + 1
     before = result["mixture_shift"]["fabric"]["shift_step"] // window * window
     assert before >= window
