@@ -480,6 +480,12 @@ class JobRuntime:
                                 dp_size=topo.dp_size, mp_size=topo.mp_size, prefetch=self.spec.batch.prefetch,
                                 standby=standby, sources=[s.name for s in self.spec.sources])
 
+    def _not_ready(self, reason: str) -> tuple[protocol.Message, tuple]:
+        """NOT_READY for a step that waits: ``reason`` starts "step N is being planned" or "step N: ",
+        which a constructor asks again for soon (``constructor._PLANNING``), not after its timeout."""
+        self.counters["plans_not_ready"] += 1
+        return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=reason), ()
+
     def plan(self, req: protocol.PlanRequest) -> tuple[protocol.Message, tuple]:
         """The requested ranks' rows of one step's plan, never computed here: a step not yet
         planned is NOT_READY at once and the job's plan worker is asked to compute it."""
@@ -497,13 +503,10 @@ class JobRuntime:
                                        reason=f"rank {bad!r} outside dp_size {dp_size}"), ()
         if self._planned_with != self.plan_changes and self._replanning_from is not None \
                 and req.step >= self._replanning_from:
-            self.counters["plans_not_ready"] += 1
-            return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=f"step {req.step} is being planned"), ()
+            return self._not_ready(f"step {req.step} is being planned")
         if self.hold_from is not None and req.step >= self.hold_from:
-            self.counters["plans_not_ready"] += 1
-            return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY,
-                                       reason=f"step {req.step} waits for the plan change at step {self.hold_from} "
-                                              f"to be committed"), ()
+            return self._not_ready(f"step {req.step}: waits for the plan change at step {self.hold_from} "
+                                   "to be committed")
         if self.plan_worker is None:
             self.plan_worker = PlanWorker(self.planner, dp_size, name=self.spec.name, cache_steps=PLAN_CACHE_STEPS,
                                           ahead_steps=PLAN_AHEAD_STEPS, queue_steps=PLAN_QUEUE_STEPS,
@@ -513,8 +516,7 @@ class JobRuntime:
             failed = self.plan_worker.failure(req.step)
             if failed is not None:
                 return protocol.ErrorReply(code=protocol.ErrorCode.INTERNAL, reason=f"job {self.spec.name}: {failed}"), ()
-            self.counters["plans_not_ready"] += 1
-            return protocol.ErrorReply(code=protocol.ErrorCode.NOT_READY, reason=f"step {req.step} is being planned"), ()
+            return self._not_ready(f"step {req.step} is being planned")
         part = plan.for_ranks(req.ranks)
         frames = tuple(np.ascontiguousarray(getattr(part, name), dtype) for name, dtype in PLAN_COLUMNS)
         skips, pending = self.step_skips(req.step)

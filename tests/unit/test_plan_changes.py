@@ -11,9 +11,9 @@ import math
 import numpy as np
 import pytest
 
+from fabricd.cluster.controller import SYNC_SLACK_S
 from fabricd.cluster.records import PlanChange, check_data
 from fabricd.errors import ConfigError
-from fabricd.cluster.controller import SYNC_SLACK_S
 from fabricd.job import NoRoles, build_planner
 from fabricd.leadership import PLAN_CHANGE_SLACK_S
 from fabricd.plan_changes import apply_change, make_change, parse_point, parse_set, plan_segments
@@ -311,6 +311,9 @@ def test_a_change_appended_and_not_yet_committed_holds_its_steps_on_every_daemon
     held = ask(9)
     assert isinstance(held, protocol.ErrorReply) and held.code == protocol.ErrorCode.NOT_READY
     assert "waits for the plan change at step 9 to be committed" in held.reason
+    # a reason the constructor asks again for soon (PLAN_RETRY_S), not after its PLAN_TIMEOUT_S
+    from fabricd.roles.constructor import _PLANNING
+    assert _PLANNING.match(held.reason).group(1) == "9"
     assert isinstance(ask(30), protocol.ErrorReply)
     runtime.hold_from = None  # committed (and applied) or dropped by a new leader: served again
     assert isinstance(ask(9), protocol.PlanReply)
