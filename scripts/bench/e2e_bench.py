@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from e2e_rank import RankArgs
+from e2e_rank import PLATFORM_START_METHOD, RankArgs
 from e2e_run import CalibratingDriver, FabricNode, Phase, RunStopped, StaticDriver, run_side, settle_steps
 from e2e_sampler import mean_step_tokens
 from e2e_setup import (MAX_DELAY_STEPS, BenchConfig, Mixture, bench_sources, ensure_corpus, fabric_job_toml,
@@ -306,7 +306,7 @@ def run_benchmark(*, L: Lengths, mode: str, corpus: Path, samples: int, cfg: Ben
                           "tokens_per_step": int(round(job.baseline_tokens_per_step)),
                           "samples_per_step": job.samples_per_step,
                           "compose": "outliers", "max_delay_steps": MAX_DELAY_STEPS,
-                          "baseline_worker_start_method": multiprocessing.get_all_start_methods()[0],
+                          "baseline_worker_start_method": PLATFORM_START_METHOD,
                           "baseline_tokens_per_step": round(job.baseline_tokens_per_step, 1),
                           "heavy_source_us_per_token": job.heavy_us_per_token,
                           "corpus_samples_per_source": samples, "cpus": os.cpu_count(),

@@ -29,10 +29,14 @@ from typing import Any
 import numpy as np
 import psutil
 
-__all__ = ["FIELDS", "RankArgs", "Control", "batch_cost", "rank_main", "use_platform_start_method"]
+__all__ = ["FIELDS", "PLATFORM_START_METHOD", "RankArgs", "Control", "batch_cost", "rank_main",
+           "use_platform_start_method"]
 
 #: per (rank, step), in Control.stats
 FIELDS = ("wait", "compute", "cost", "tokens", "samples", "micro")
+#: the interpreter's default start method (fork on Linux up to Python 3.13): a baseline rank's
+#: DataLoader workers start with it, as under torchrun (see use_platform_start_method)
+PLATFORM_START_METHOD = multiprocessing.get_all_start_methods()[0]
 BARRIER_TIMEOUT_S = 300.0
 START_TIMEOUT_S = 300.0
 RELEASE_TIMEOUT_S = 300.0
@@ -126,9 +130,8 @@ def use_platform_start_method() -> str:
     dataset afresh and share no page with its rank (a minute to the first step, twice the
     memory). A rank that torchrun launched has the interpreter's default (fork on Linux up to
     Python 3.13), and so does a rank of this benchmark."""
-    method = multiprocessing.get_all_start_methods()[0]
-    multiprocessing.set_start_method(method, force=True)
-    return method
+    multiprocessing.set_start_method(PLATFORM_START_METHOD, force=True)
+    return PLATFORM_START_METHOD
 
 
 def _baseline_fetch(args: RankArgs, ctl: Control) -> tuple[Callable[[], tuple[dict, bool]], Callable[[], None],

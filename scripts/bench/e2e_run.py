@@ -389,7 +389,8 @@ def run_side(side: str, *, ctx: Any, args: RankArgs, driver: Driver, steps: int,
         loaders_at = time.monotonic()
         loading = LoadingProcesses([p.pid for p in procs],
                                    [d.proc.pid for d in cluster.daemons.values()] if cluster else [])
-        cpu, busy, loaders = np.full(steps, np.nan), np.full(steps, np.nan), np.full(steps, np.nan)
+        cpu, busy = np.full(steps, np.nan), np.full(steps, np.nan)
+        loaders = np.full(steps, np.nan) if cluster is not None else None  # the fabric's pools, per step
         seen = 0
         cpu_start = loading.cpu()
         shown = time.monotonic()
@@ -402,7 +403,7 @@ def run_side(side: str, *, ctx: Any, args: RankArgs, driver: Driver, steps: int,
                       flush=True)
             if done != seen:
                 cpu[seen:done], busy[seen:done] = loading.cpu(), _busy_cpu()
-                if cluster is not None:
+                if loaders is not None:
                     loaders[seen:done] = loading.alive("source_loaders")
                 seen = done
                 driver.advance(done, ctl, ctl.stat_array)
@@ -434,8 +435,7 @@ def run_side(side: str, *, ctx: Any, args: RankArgs, driver: Driver, steps: int,
         _stop(procs)
         if cluster is not None:
             cluster.stop()
-    phases = [phase_metrics(ph, stats, step_end, cpu, busy, loaders if cluster is not None else None)
-              for ph in driver.phases
+    phases = [phase_metrics(ph, stats, step_end, cpu, busy, loaders) for ph in driver.phases
               if ph.end <= end and ph.steps > ph.warm + ph.tail]  # a drain phase measures nothing
     pools: dict[str, int] = {}
     for role in ((fabric.status if fabric else {}).get("jobs", {}).get("e2e", {}).get("roles", [])):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from fabricd.cluster.controller import SYNC_SLACK_S
 from fabricd.cluster.records import PlanChange, check_data
 from fabricd.errors import ConfigError
-from fabricd.job import NoRoles, build_planner
+from fabricd.job import JobRuntime, NoRoles, build_planner
 from fabricd.leadership import PLAN_CHANGE_SLACK_S
 from fabricd.plan_changes import apply_change, make_change, parse_point, parse_set, plan_segments
 from fabricd.planner.segments import SegmentedPlanner, first_changeable, window_bounds
@@ -46,29 +47,23 @@ def first_draws(planner, name, count):
 
 def ready_runtime(spec, tmp_path, **kw):
     """A JobRuntime of ``spec`` with no roles, past its indexing (at most 30 s)."""
-    import time as _time
-
-    from fabricd.job import JobRuntime
-
     runtime = JobRuntime(spec, index_dir=tmp_path / "idx", directory=NoRoles(), **kw)
-    deadline = _time.monotonic() + 30
-    while runtime.state == "indexing" and _time.monotonic() < deadline:
-        _time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while runtime.state == "indexing" and time.monotonic() < deadline:
+        time.sleep(0.05)
     return runtime
 
 
 def ask_plan(runtime, step, timeout_s: float = 30.0):
     """``runtime``'s answer for ``step`` (ranks 0 and 1), asked again while it is being planned."""
-    import time as _time
-
     from fabric_client import protocol
 
-    deadline = _time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s
     req = protocol.PlanRequest(job=runtime.spec.name, step=step, ranks=[0, 1])
     reply, _ = runtime.plan(req)
     while isinstance(reply, protocol.ErrorReply) and "is being planned" in reply.reason \
-            and _time.monotonic() < deadline:
-        _time.sleep(0.02)
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
         reply, _ = runtime.plan(req)
     return reply
 
@@ -324,8 +319,6 @@ def test_a_change_appended_and_not_yet_committed_holds_its_steps_on_every_daemon
 
 
 def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(specs, tmp_path):
-    import time as _time
-
     from fabricd.cluster.telemetry import NodeTelemetry, RoleView
     from fabricd.leadership import Leadership
     from fabricd.plan_control import PlanChangeRefused
@@ -369,9 +362,9 @@ def test_propose_plan_change_records_a_typed_change_or_refuses_with_a_reason(spe
     assert c.state.plan_changes[spec.name][-1].change == got and c.commit_seq == c.state.last_seq
     # the runtime plans with it once it is handed the committed changes
     runtime.update_plan(c.state.committed_plan_changes(spec.name, c.commit_seq))
-    deadline = _time.monotonic() + 30
-    while runtime._replanned is None and _time.monotonic() < deadline:
-        _time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while runtime._replanned is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     runtime._swap_planner()
     assert runtime.planner.starts == (0, 13)
     # trainers moving at 5 steps/s: the frontier keeps clear of what they reach before the change
