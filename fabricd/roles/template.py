@@ -44,7 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
-from .base import set_parent_death_signal, set_process_name
+from .base import PROCESS_NAMES, RoleArgs, set_parent_death_signal, set_process_name
 
 __all__ = ["RoleTemplate", "ForkedRole", "TemplateError", "MEMORY_ENV", "PRELOAD", "serve"]
 
@@ -430,6 +430,9 @@ def _become_role(args_json: str, sock: socket.socket, middle: int) -> None:
     the role as ``python -m fabricd.roles ARGS_JSON`` would, and exit with its code."""
     code = 1
     try:
+        # named after its kind at once (top, ps, the benchmarks' process groups), not only once
+        # it runs: until then it would go by the template's name
+        set_process_name(PROCESS_NAMES.get(RoleArgs.from_json(args_json).kind, "fd-role"))
         sock.close()
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
