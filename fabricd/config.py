@@ -196,6 +196,7 @@ class SecurityConfig:
 
     keys_dir: Path        # server.key_secret, nodes/<id>.key_secret, and the allow-lists
     insecure: bool        # plaintext, no authentication: warned at every start, shown in status
+    local_ipc: bool = True  # same-node loader links over a private Unix socket, plaintext (fabricd.local_ipc)
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ def _security_config(t: _Table, path: Path) -> SecurityConfig:
     keys_dir = Path(t.str("keys_dir", "/etc/fabricd/keys"))
     if not keys_dir.is_absolute():
         keys_dir = (path.parent / keys_dir).resolve()
-    return SecurityConfig(keys_dir=keys_dir, insecure=t.bool("insecure", False))
+    return SecurityConfig(keys_dir=keys_dir, insecure=t.bool("insecure", False), local_ipc=t.bool("local_ipc", True))
 
 
 def _metrics_config(t: _Table) -> MetricsConfig:

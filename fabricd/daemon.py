@@ -34,7 +34,7 @@ from fabric_client.errors import ProtocolError
 from fabric_client.keys import KeyRing
 from fabric_client.sockets import SocketFactory
 
-from . import __version__
+from . import __version__, local_ipc
 from .cluster.controller import ClusterController, NotLeader
 from .cluster.log import LogError
 from .cluster.state import StateError
@@ -91,6 +91,8 @@ class Daemon:
         self.jobs_dir = cfg.state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.index_dir = cfg.state_dir / "indexes"
+        # same-node loader links over a private Unix socket (fabricd.local_ipc); removed at shutdown
+        self.ipc_dir = local_ipc.make_dir(cfg.state_dir / "ipc_dir") if cfg.security.local_ipc else None
         # what the daemon counts (messages, drops per socket and reason) and its /metrics endpoint
         self.metrics = FabricMetrics(cfg.node_id, __version__)
         self.metrics_reader = DaemonReader()
@@ -173,6 +175,7 @@ class Daemon:
         for s in self.peers.values():
             s.close(linger=PEER_LINGER_MS)  # the lease release may still be queued
         self.sock.close(linger=0)
+        local_ipc.remove_dir(self.ipc_dir)
         self.cluster.log.close()
         self.sockets.close()
         self.ctx.term()

@@ -72,10 +72,12 @@ class LocalDaemon:
                  log_level: str = "INFO", extra_env: dict[str, str] | None = None, port: int = 0,
                  cluster_toml: str = "", heartbeat_s: float = 0.5, host: str = "127.0.0.1",
                  wrap: list[str] | None = None, data_roots: Sequence[str | Path] | None = None,
-                 keys_dir: str | Path | None = None, insecure: bool = False, metrics: bool = True) -> None:
+                 keys_dir: str | Path | None = None, insecure: bool = False, metrics: bool = True,
+                 local_ipc: bool = True) -> None:
         self.workdir = Path(workdir).absolute()
         self.data_roots = [Path(p).absolute() for p in data_roots or default_data_roots(self.workdir)]
         self.insecure = insecure
+        self.local_ipc = local_ipc  # same-node loader links over a private Unix socket (fabricd.local_ipc)
         self.metrics = metrics    # serve /metrics on a free loopback port (see metrics_url)
         self.keys_dir = Path(keys_dir or os.environ.get(KEYS_DIR_ENV) or self.workdir / "keys").absolute()
         self.node_id = node_id
@@ -106,7 +108,8 @@ class LocalDaemon:
             f"data_roots = {json.dumps([str(p) for p in self.data_roots])}\n\n"
             f"[roles]\nloader_workers = {self.loader_workers}\nrestart_backoff_s = 0.2\n"
             f"restart_backoff_max_s = 2.0\nheartbeat_s = {self.heartbeat_s}\n\n"
-            f'[security]\nkeys_dir = "{self.keys_dir}"\ninsecure = {"true" if self.insecure else "false"}\n\n'
+            f'[security]\nkeys_dir = "{self.keys_dir}"\ninsecure = {"true" if self.insecure else "false"}\n'
+            f'local_ipc = {"true" if self.local_ipc else "false"}\n\n'
             f'[metrics]\nenabled = {"true" if self.metrics else "false"}\nbind = "{self.host}"\nport = 0\n\n'
             f"{self.cluster_toml}"
         )
@@ -251,7 +254,7 @@ class LocalCluster:
                  heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None,
                  lab: NetnsLab | None = None, data_roots: Sequence[str | Path] | None = None,
                  keys_dir: str | Path | None = None, insecure: bool = False, metrics: bool = True,
-                 cluster_extra: str = "") -> None:
+                 cluster_extra: str = "", local_ipc: bool = True) -> None:
         """``cluster_extra``: more ``[cluster]`` keys, as TOML lines (say, the lease backend)."""
         self.workdir = Path(workdir).absolute()
         roots = list(data_roots or default_data_roots(self.workdir))
@@ -268,7 +271,7 @@ class LocalCluster:
                                        log_level=log_level, extra_env=extra_env, port=ports[n], cluster_toml=cluster,
                                        heartbeat_s=heartbeat_s, host=hosts[n],
                                        wrap=lab.command(i, []) if lab else None, data_roots=roots,
-                                       keys_dir=keys_dir, insecure=insecure, metrics=metrics)
+                                       keys_dir=keys_dir, insecure=insecure, metrics=metrics, local_ipc=local_ipc)
                         for i, n in enumerate(ids)}
         if not insecure:  # every node's key is in the allow-lists before the first daemon reads them
             ensure_keys(keys_dir, ids)

@@ -423,6 +423,10 @@ class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
     delivered: Bounded(tuple[DpRank, MpRank, Count, Seconds], MAX_DP_SIZE) = []
     #: per source: (load requests queued, load requests in flight to its workers)
     load_queues: Annotated[dict[Name, tuple[Count, Count]], msgspec.Meta(max_length=4096)] = {}
+    #: source-loader workers connected now, and of them those on this node reached over a private
+    #: Unix socket without CurveZMQ (fabricd.local_ipc)
+    loader_links: Count = 0
+    local_loader_links: Count = 0
     loss_reports: Count = 0
     # source loaders
     source: OptName = ""

@@ -45,7 +45,9 @@ from fabric_client import protocol
 from fabric_client.batch import encode_batch
 from fabric_client.errors import ProtocolError
 from fabric_client.limits import MAX_STEP
+from fabric_client.sockets import SocketFactory
 
+from .. import local_ipc
 from ..assemble import RECORDED_SKIP, UnitKey, apply_skip_records, assemble_micro_batch
 from ..config import JobSpec, parse_job_spec
 from ..ratelog import RateLimitedLog, truncate
@@ -120,6 +122,7 @@ class _Worker:
     endpoint: str
     sock: zmq.Socket
     in_flight: dict[int, tuple[_LoadJob, int, float]] = field(default_factory=dict)  # req_id → (job, step, sent)
+    local: bool = False  # over this node's private Unix socket (fabricd.local_ipc), not TCP
 
 
 class Constructor:
@@ -160,6 +163,8 @@ class Constructor:
                       "plans": 0, "evicted_steps": 0, "ranks": self.ranks, "unit_retries": 0, "skip_reports": 0,
                       "waiting_for_skips": 0, "rebuilt_for_skips": 0,
                       "delivered_unit_reloads": 0, "forbidden": 0}
+        # this node's loaders are reached over plaintext Unix sockets in the daemon's private directory
+        self.local_sockets = SocketFactory(ctx, max_message_bytes=args.max_message_bytes)
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -168,7 +173,7 @@ class Constructor:
         while not stop.should_stop():
             now = time.monotonic()
             self.link.beat(lambda: {**self.stats, **self.delivery.stats(), "builds": len(self.builds),
-                                    "load_queues": self._load_queues()})
+                                    "load_queues": self._load_queues(), **self._loader_links()})
             if now >= self.next_pools:
                 self.next_pools = now + POOLS_REFRESH_S
                 self.link.send(protocol.PoolsRequest(job=self.spec.name))
@@ -190,6 +195,11 @@ class Constructor:
         self.link.close()
         self.trainers.close(linger=200)  # lets a farewell reach the trainers; bounded
         self.sockets.close()  # the authenticator thread, once no socket needs it
+
+    def _loader_links(self) -> dict[str, int]:
+        """Source-loader workers connected now, and those of them reached over this node's Unix socket."""
+        workers = [w for pool in self.workers.values() for w in pool.values()]
+        return {"loader_links": len(workers), "local_loader_links": sum(w.local for w in workers)}
 
     def _load_queues(self) -> dict[str, tuple[int, int]]:
         """Per source: load requests waiting for a free worker, and requests in flight."""
@@ -369,9 +379,10 @@ class Constructor:
                 if endpoint not in wanted:
                     self._drop_worker(source, endpoint, "left the pool")
             for endpoint in wanted - set(current):
-                sock = self.sockets.dealer()
-                sock.connect(endpoint)
-                worker = _Worker(endpoint, sock)
+                local = local_ipc.local_endpoint(self.args.extra.get("ipc_dir"), endpoint)
+                sock = self.local_sockets.dealer() if local else self.sockets.dealer()
+                sock.connect(local or endpoint)
+                worker = _Worker(endpoint, sock, local=local is not None)
                 current[endpoint] = worker
                 self.by_socket[sock] = (source, worker)
                 self.poller.register(sock, zmq.POLLIN)

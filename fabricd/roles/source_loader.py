@@ -19,7 +19,9 @@ import zmq
 
 from fabric_client import protocol
 from fabric_client.errors import ProtocolError
+from fabric_client.sockets import SocketFactory
 
+from .. import local_ipc
 from ..config import parse_job_spec
 from ..errors import SampleError
 from ..failpoints import failpoint, fails
@@ -56,50 +58,71 @@ def run_source_loader(args: RoleArgs) -> int:
     stop = StopFlag(args.parent_pid)
     ctx = zmq.Context()
     sockets = role_sockets(ctx, args)
-    sock = sockets.router(domain="loader")
-    port = sock.bind_to_random_port(f"tcp://{args.bind_host}")
+    served = [sockets.router(domain="loader")]
+    port = served[0].bind_to_random_port(f"tcp://{args.bind_host}")
     link = DaemonLink(sockets, args, f"tcp://{args.bind_host}:{port}")
+    if args.extra.get("ipc_dir"):  # constructors of this node connect here (fabricd.local_ipc)
+        local = _local_router(ctx, args, link.endpoint)
+        if local is not None:
+            served.append(local)
     stats = {"requests": 0, "units": 0, "failed_units": 0, "malformed": 0, "busy_s": 0.0,
              "source": source.name}
     poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
+    for sock in served:
+        poller.register(sock, zmq.POLLIN)
     poller.register(link.sock, zmq.POLLIN)
-    log.info("source loader %s for %r serving on %s", args.role_id, source.name, link.endpoint)
+    log.info("source loader %s for %r serving on %s", args.role_id, source.name,
+             " and ".join([link.endpoint, *(s.getsockopt_string(zmq.LAST_ENDPOINT) for s in served[1:])]))
     try:
         while not stop.should_stop():
             link.beat(lambda: stats)
             events = dict(poller.poll(200))
             if link.sock in events:
                 link.recv()  # the daemon only acknowledges; nothing to act on yet
-            if sock not in events:
-                continue
-            frames = sock.recv_multipart(copy=False)
-            identity, body = frames[0].bytes, frames[1:]
-            try:
-                msg, payload = protocol.decode(body)
-                if not isinstance(msg, protocol.LoadRequest):
-                    raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"source loader cannot serve {msg.TYPE}")
-                ids, pieces = _request_units(msg, payload, source.name)
-                loader = _context_loader(loaders, msg, base, index, roots, tokenizer)
-            except ProtocolError as e:
-                stats["malformed"] += 1
-                log.warning("dropped malformed request: %s", e)
-                _send(sock, identity, protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason)))
-                continue
-            started = time.perf_counter()
-            failpoint("loader.before_load")  # counts as busy: it stands for a slow read
-            results = _inject_transient_errors(loader.load(ids, pieces), ids, source.name)
-            stats["busy_s"] += time.perf_counter() - started
-            stats["requests"] += 1
-            stats["units"] += len(results)
-            stats["failed_units"] += sum(isinstance(r, SampleError) for r in results)
-            _send(sock, identity, encode_load_reply(msg, results, spec.images))
+            for sock in [s for s in served if s in events]:  # one request from each ready socket
+                frames = sock.recv_multipart(copy=False)
+                identity, body = frames[0].bytes, frames[1:]
+                try:
+                    msg, payload = protocol.decode(body)
+                    if not isinstance(msg, protocol.LoadRequest):
+                        raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"source loader cannot serve {msg.TYPE}")
+                    ids, pieces = _request_units(msg, payload, source.name)
+                    loader = _context_loader(loaders, msg, base, index, roots, tokenizer)
+                except ProtocolError as e:
+                    stats["malformed"] += 1
+                    log.warning("dropped malformed request: %s", e)
+                    _send(sock, identity, protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason)))
+                    continue
+                started = time.perf_counter()
+                failpoint("loader.before_load")  # counts as busy: it stands for a slow read
+                results = _inject_transient_errors(loader.load(ids, pieces), ids, source.name)
+                stats["busy_s"] += time.perf_counter() - started
+                stats["requests"] += 1
+                stats["units"] += len(results)
+                stats["failed_units"] += sum(isinstance(r, SampleError) for r in results)
+                _send(sock, identity, encode_load_reply(msg, results, spec.images))
     finally:
         link.close()
-        sock.close(linger=0)
+        for sock in served:
+            sock.close(linger=0)  # a bound Unix socket's file goes with it
         sockets.close()
         ctx.term()
     return 0
+
+
+def _local_router(ctx: zmq.Context, args: RoleArgs, tcp_endpoint: str) -> zmq.Socket | None:
+    """The plaintext ROUTER same-node constructors reach through the daemon's private directory
+    (fabricd.local_ipc): the directory's mode is its access control, so no CurveZMQ. None
+    (logged; constructors then use TCP) when it cannot bind."""
+    sock = SocketFactory(ctx, max_message_bytes=args.max_message_bytes).router(domain="loader")
+    endpoint = local_ipc.endpoint_for(args.extra["ipc_dir"], tcp_endpoint)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        log.warning("cannot serve on %s (%s): same-node constructors use TCP", endpoint, e)
+        sock.close(linger=0)
+        return None
+    return sock
 
 
 def _context_loader(loaders: dict, msg: protocol.LoadRequest, base: TransformSpec, index, roots, tokenizer):

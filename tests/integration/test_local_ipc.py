@@ -1,0 +1,141 @@
+"""Same-node loader links over the daemon's private Unix socket directory (fabricd.local_ipc):
+delivery stays exact, the directory is private and goes with the daemon, and the config turns
+it off (the links then use TCP with CurveZMQ, as across nodes)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from fabric_client import protocol
+from fabricd.localnode import LocalDaemon
+
+from ..conftest import write_job
+from .test_data_path import assert_exact, expected, run_ranks, submit
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def _links(daemon: LocalDaemon, job: str) -> tuple[int, int]:
+    """(loader links, local loader links) of the job's constructor, once it has connected."""
+    deadline = time.monotonic() + 30
+    while True:
+        stats = [r["stats"] for r in daemon.status()["jobs"][job]["roles"]
+                 if r["kind"] == "constructor" and r.get("stats")]
+        links = (stats[0].get("loader_links", 0), stats[0].get("local_loader_links", 0)) if stats else (0, 0)
+        if links[0] or time.monotonic() > deadline:
+            return links
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("local_ipc", [True, False])
+def test_same_node_loaders_are_reached_by_unix_socket_and_deliver_exactly(tmp_path, tiny_corpus, local_ipc):
+    daemon = LocalDaemon(tmp_path / "node", node_id="test", local_ipc=local_ipc)
+    daemon.start()
+    try:
+        job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=2)
+        submit(daemon, job_file)
+        steps = 4
+        got = run_ranks(daemon.address, "t", 2, 1, steps)
+        want = expected(job_file, range(steps))
+        for (d, _), records in got.items():
+            assert_exact(records, want, d)
+        links, local = _links(daemon, "t")
+        security = daemon.status()["security"]
+        assert not security["insecure"]  # the TCP sockets are CurveZMQ all the same
+        if local_ipc:
+            directory = Path(security["local_ipc"])
+            assert links >= 1 and local == links, (links, local)  # one node: every loader is local
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700  # only the daemon's user gets in
+            assert any(p.name.endswith(".sock") and stat.S_ISSOCK(p.stat().st_mode) for p in directory.iterdir())
+        else:
+            assert security["local_ipc"] is None
+            assert links >= 1 and local == 0, (links, local)
+    finally:
+        daemon.stop()
+    if local_ipc:
+        assert not directory.exists(), "the daemon left its socket directory behind"
+
+
+def test_the_unix_socket_serves_load_requests_only(tmp_path, tiny_corpus, local_daemon):
+    """The plaintext socket is the loader's own request handler: anything but a LoadRequest is
+    refused and counted, as on its CurveZMQ socket."""
+    job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=1)
+    submit(local_daemon, job_file)
+    directory = Path(local_daemon.status()["security"]["local_ipc"])
+    deadline = time.monotonic() + 30
+    while not (socks := sorted(directory.glob("*.sock"))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert socks, "no loader serves on the socket directory"
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"ipc://{socks[0]}")
+        sock.send_multipart(protocol.encode(protocol.Ping(nonce=7)))
+        assert sock.poll(5000), "no answer on the Unix socket"
+        reply, _ = protocol.decode(sock.recv_multipart())
+    finally:
+        sock.close()
+    assert isinstance(reply, protocol.ErrorReply) and reply.code == protocol.ErrorCode.BAD_REQUEST, reply
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        loaders = [r["stats"] for r in local_daemon.status()["jobs"]["t"]["roles"]
+                   if r["kind"] == "source_loader" and r.get("stats")]
+        if any(s.get("malformed", 0) >= 1 for s in loaders):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the refused request was not counted")
+    assert os.path.exists(socks[0])  # and the loader still serves
+
+
+def _probe_as_nobody(endpoint: str, out) -> None:
+    """In a forked child: drop to user nobody, ask the loader's Unix socket, report the answer."""
+    os.setgid(65534)
+    os.setuid(65534)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    sock.send_multipart(protocol.encode(protocol.Ping(nonce=9)))
+    out.put(bool(sock.poll(2000)))
+    sock.close()
+    ctx.term()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to become another user")
+def test_another_user_cannot_reach_the_unix_socket(tmp_path, tiny_corpus, local_daemon):
+    import multiprocessing as mp
+
+    job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=1)
+    submit(local_daemon, job_file)
+    directory = Path(local_daemon.status()["security"]["local_ipc"])
+    deadline = time.monotonic() + 30
+    while not (socks := sorted(directory.glob("*.sock"))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert socks
+    ctx = mp.get_context("fork")
+
+    def probe() -> bool:
+        out = ctx.Queue()
+        child = ctx.Process(target=_probe_as_nobody, args=(f"ipc://{socks[0]}", out))
+        child.start()
+        try:
+            return out.get(timeout=30)
+        finally:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+
+    os.chmod(socks[0], 0o777)  # whatever the socket file's own mode, the directory keeps others out
+    assert probe() is False, "a process of another user got an answer from the loader's Unix socket"
+    os.chmod(directory, 0o755)  # the control: with the directory open, the same probe gets in
+    try:
+        assert probe() is True, "the probe cannot tell: it got no answer even through an open directory"
+    finally:
+        os.chmod(directory, 0o700)
