@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["MAX_SOCKET_PATH", "make_dir", "endpoint_for", "local_endpoint", "socket_file", "remove_dir"]
+__all__ = ["MAX_SOCKET_PATH", "make_dir", "endpoint_for", "local_endpoint", "socket_file", "remove_dir", "remove_recorded"]
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,7 @@ def make_dir(record: Path | None = None, base: str | None = None) -> Path | None
     ``record``: a file in the daemon's state directory naming the directory it uses. A daemon
     that was killed could not remove its own: the next start removes it first."""
     if record is not None:
-        try:
-            previous = Path(record.read_text().strip())
-        except (OSError, ValueError):
-            previous = None
-        if previous is not None and previous.name.startswith(_PREFIX):
-            remove_dir(previous)
+        remove_recorded(record)
     try:
         path = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=base))  # mkdtemp: mode 0700
     except OSError as e:
@@ -89,6 +84,17 @@ def local_endpoint(directory: str | Path | None, tcp_endpoint: str) -> str | Non
         return None
     path = socket_file(directory, tcp_endpoint)
     return f"ipc://{path}" if os.path.exists(path) else None
+
+
+def remove_recorded(record: Path) -> None:
+    """Remove the socket directory ``record`` names (what a daemon that was killed left behind);
+    a record naming anything but such a directory is not followed."""
+    try:
+        previous = Path(record.read_text().strip())
+    except (OSError, ValueError):
+        return
+    if previous.name.startswith(_PREFIX):
+        remove_dir(previous)
 
 
 def remove_dir(path: str | Path | None) -> None:

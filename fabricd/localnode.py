@@ -28,6 +28,7 @@ import psutil
 from fabric_client import protocol
 from fabric_client.keys import ClientKeys, KeysError, generate
 
+from . import local_ipc
 from .ctl import ControlClient
 from .netns import NetnsLab
 
@@ -200,6 +201,7 @@ class LocalDaemon:
                 self.proc.kill()
                 self.proc.wait()
         kill_processes(children, timeout=5)
+        local_ipc.remove_recorded(self.workdir / "state" / "ipc_dir")  # a killed daemon could not
         if self._log_file is not None:
             self._log_file.close()
         self.proc = None
