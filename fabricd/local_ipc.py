@@ -17,6 +17,11 @@ directory: only a loader of the same daemon can have made it, so the pair is on 
 the directory's mode keeps every other user out (root aside, who can read the keys anyway).
 Loaders of other daemons, on this host or another, are reached over TCP with CurveZMQ. The
 daemon removes the directory when it stops. ``[security] local_ipc = false`` turns this off.
+
+Trainer streams likewise: a constructor also serves on :func:`endpoint_for` its stream endpoint
+(not for a job that names its trainer keys: there only a key says who may connect), the daemon
+names that socket in ``Located.local_endpoint`` when the constructor is its own, and a
+``Loader`` that can connect to it (same host, the daemon's user) streams there.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import stat
 import time
 import warnings
 from collections import deque
@@ -203,6 +204,8 @@ class Loader:
         self.keys = ClientKeys.load(keys) if isinstance(keys, (str, os.PathLike)) else (
             keys if keys is not None else client_keys_from_env(KEY_ENV))
         self._sockets = SocketFactory(self._ctx, keys=self.keys)
+        # a constructor on this host, under this user, is also reachable on a Unix socket (no CurveZMQ)
+        self._plain_sockets = SocketFactory(self._ctx)
         self._clock = time.monotonic
         self._workers = decode_workers if decode_workers is not None else _default_workers()
         self._pool: ThreadPoolExecutor | None = None
@@ -468,14 +471,16 @@ class Loader:
 
     def _open_stream(self, action: OpenStream) -> list[Action]:
         self._close_stream(())
-        sock = self._sockets.dealer()
+        local = _usable_unix_socket(action.local)
+        sock = (self._plain_sockets if local else self._sockets).dealer()
         try:
-            sock.connect(action.endpoint)
+            sock.connect(local or action.endpoint)
             sock.send_multipart(protocol.encode(action.subscribe), zmq.NOBLOCK)
         except zmq.ZMQError as e:
             sock.close(linger=0)
             return self._session.on_stream_failed(str(e), self._clock())
         self._stream = sock
+        self.stats["stream_endpoint"] = local or action.endpoint
         self._credit_chunk = max(1, action.subscribe.credits // _CREDIT_CHUNKS)
         return []
 
@@ -533,6 +538,20 @@ class Loader:
             self.close()
         except Exception:  # noqa: BLE001 — interpreter shutdown: nothing left to report to
             pass
+
+
+def _usable_unix_socket(endpoint: str) -> str:
+    """``endpoint`` (an ``ipc://`` one from ``Located.local_endpoint``) when this process can
+    connect to it: the socket file exists here and this user may write to it, which takes
+    entering its daemon's private directory (only the daemon's user can). Else "": the trainer
+    runs on another host or as another user, and streams over TCP with CurveZMQ."""
+    if not endpoint.startswith("ipc://"):
+        return ""
+    path = endpoint[len("ipc://"):]
+    try:
+        return endpoint if stat.S_ISSOCK(os.stat(path).st_mode) and os.access(path, os.W_OK) else ""
+    except OSError:
+        return ""
 
 
 def _default_workers() -> int:

@@ -346,7 +346,7 @@ class Locate(Message, tag="locate"):
     host: OptName = ""  # the trainer's host: the leader places this rank's constructor on a daemon there
 
 
-class Located(Message, tag="located"):
+class Located(Message, tag="located", omit_defaults=True):
     job: Name
     fingerprint: OptName
     endpoint: Ident
@@ -356,6 +356,9 @@ class Located(Message, tag="located"):
     standby: bool = False  # the endpoint is the group's standby: its primary is down or starting
     #: the job's source names, by index (what a batch's ``source_ids`` point at)
     sources: Bounded(Name, 1 << 16) = []
+    #: the same constructor on a Unix socket in its daemon's private directory (plaintext; only
+    #: the daemon's user can enter it), for a trainer on that host running as that user; "" if none
+    local_endpoint: Ident = ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -463,7 +463,7 @@ class TrainerSession:
         sub = protocol.Subscribe(job=self.job, fingerprint=located.fingerprint, dp_rank=self.dp_rank,
                                  mp_rank=self.mp_rank, next_step=self.next_step, next_micro=self.next_micro,
                                  credits=self.window, machine=self.machine)
-        return [OpenStream(located.endpoint, sub)]
+        return [OpenStream(located.endpoint, sub, located.local_endpoint)]
 
     def _close_stream(self) -> list[Action]:
         if not self.streaming and not self._pending:

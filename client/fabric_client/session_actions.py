@@ -68,6 +68,7 @@ class OpenStream:
 
     endpoint: str
     subscribe: protocol.Subscribe
+    local: str = ""  # the same constructor on its daemon's Unix socket, when the trainer may use it
 
 
 @dataclass(frozen=True)

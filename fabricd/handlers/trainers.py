@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import msgspec
 from fabric_client import protocol
 
-from .. import __version__
+from .. import __version__, local_ipc
 from . import Reply, handles
 
 if TYPE_CHECKING:
@@ -47,4 +48,7 @@ def locate(daemon: Daemon, _identity: bytes, msg: protocol.Locate, _payload: lis
     topo = job.spec.topology
     if msg.host and msg.dp_size == topo.dp_size and msg.dp_rank < topo.dp_size and msg.mp_rank < topo.mp_size:
         daemon.declared_hosts[(msg.job, msg.dp_rank, msg.mp_rank)] = (msg.host, int(time.time() * 1000))
-    return job.locate(msg)
+    found = job.locate(msg)
+    # a constructor of this daemon also serves on its private directory's Unix socket (fabricd.local_ipc)
+    local = local_ipc.local_endpoint(daemon.ipc_dir, found.endpoint) if isinstance(found, protocol.Located) else None
+    return msgspec.structs.replace(found, local_endpoint=local) if local else found

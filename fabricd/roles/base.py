@@ -27,6 +27,8 @@ from fabric_client.errors import ProtocolError
 from fabric_client.keys import KeyRing, KeysError
 from fabric_client.sockets import SocketFactory
 
+from .. import local_ipc
+
 __all__ = ["RoleArgs", "DaemonLink", "HeapTrimmer", "set_parent_death_signal", "set_process_name", "StopFlag"]
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,24 @@ def role_sockets(ctx: zmq.Context, args: RoleArgs) -> SocketFactory:
 
     signal.signal(signal.SIGHUP, reload)
     return SocketFactory(ctx, max_message_bytes=args.max_message_bytes, ring=ring, keys=ring.client())
+
+
+def local_router(ctx: zmq.Context, args: RoleArgs, tcp_endpoint: str, *, domain: str) -> zmq.Socket | None:
+    """A plaintext ROUTER on the Unix socket of ``tcp_endpoint`` in the daemon's private directory
+    (fabricd.local_ipc): the directory's mode is its access control, so no CurveZMQ. None when
+    the daemon has no such directory, or (logged; peers then use TCP) when it cannot bind."""
+    directory = args.extra.get("ipc_dir")
+    if not directory:
+        return None
+    sock = SocketFactory(ctx, max_message_bytes=args.max_message_bytes).router(domain=domain)
+    endpoint = local_ipc.endpoint_for(directory, tcp_endpoint)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        log.warning("cannot serve on %s (%s): same-node peers use TCP", endpoint, e)
+        sock.close(linger=0)
+        return None
+    return sock
 
 
 class DaemonLink:

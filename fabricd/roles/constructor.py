@@ -51,8 +51,8 @@ from .. import local_ipc
 from ..assemble import RECORDED_SKIP, UnitKey, apply_skip_records, assemble_micro_batch
 from ..config import JobSpec, parse_job_spec
 from ..ratelog import RateLimitedLog, truncate
-from .base import DaemonLink, RoleArgs, StopFlag, role_sockets
-from .delivery import EncodedBatch, TrainerDelivery
+from .base import DaemonLink, RoleArgs, StopFlag, local_router, role_sockets
+from .delivery import EncodedBatch, TrainerDelivery, TrainerSockets
 from .sample_wire import decode_load_reply
 
 __all__ = ["run_constructor", "Constructor"]
@@ -139,14 +139,19 @@ class Constructor:
         self.compression, remote = WIRE_COMPRESSION[spec.batch.compression]
 
         self.sockets = role_sockets(ctx, args)
-        self.trainers = self.sockets.router(domain="stream")
-        port = self.trainers.bind_to_random_port(f"tcp://{args.bind_host}")
+        stream = self.sockets.router(domain="stream")
+        port = stream.bind_to_random_port(f"tcp://{args.bind_host}")
         self.link = DaemonLink(self.sockets, args, f"tcp://{args.bind_host}:{port}")
+        # trainers of this host running as the daemon's user may stream over its private Unix socket
+        # (fabricd.local_ipc), unless the job names the trainer keys it admits: only a key says who
+        local = None if spec.trainers else local_router(ctx, args, self.link.endpoint, domain="stream")
+        self.trainers = TrainerSockets([stream] if local is None else [stream, local])
         self.delivery = TrainerDelivery(self.trainers, job=spec.name, fingerprint=args.extra["fingerprint"],
                                         ranks=self.ranks, mp_size=spec.topology.mp_size,
                                         remote_compression=remote)
         self.poller = zmq.Poller()
-        self.poller.register(self.trainers, zmq.POLLIN)
+        for sock in self.trainers.sockets:
+            self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.link.sock, zmq.POLLIN)
 
         self.builds: dict[int, _StepBuild] = {}
@@ -566,14 +571,16 @@ class Constructor:
 
     def _on_readable(self, sock: zmq.Socket) -> None:
         frames = sock.recv_multipart(copy=False)
+        from_trainer = sock in self.trainers.sockets
         try:
-            if sock is self.trainers:
-                identity, body = frames[0].bytes, frames[1:]
+            if from_trainer:
+                identity, body = self.trainers.identity(sock, frames[0].bytes), frames[1:]
                 msg, _ = protocol.decode(body)
-                who = self.sockets.caller(frames)
-                if self.sockets.ring is not None and (who is None or not self.spec.trainer_allowed(who)):
-                    raise ProtocolError(protocol.ErrorCode.FORBIDDEN,
-                                        f"{who or 'a key no longer allowed'} may not read job {self.spec.name!r}")
+                if sock is self.trainers.sockets[0]:  # TCP: CurveZMQ says who (the Unix socket: the daemon's user)
+                    who = self.sockets.caller(frames)
+                    if self.sockets.ring is not None and (who is None or not self.spec.trainer_allowed(who)):
+                        raise ProtocolError(protocol.ErrorCode.FORBIDDEN,
+                                            f"{who or 'a key no longer allowed'} may not read job {self.spec.name!r}")
                 self.delivery.handle(identity, msg)
             elif sock is self.link.sock:
                 msg, payload = protocol.decode(frames)
@@ -591,11 +598,11 @@ class Constructor:
             self.stats["forbidden" if forbidden else "malformed"] += 1
             self.bad_input.warning(e.code, "dropped %s message: %s", "a forbidden" if forbidden else "malformed",
                                    truncate(str(e)))
-            if sock is self.trainers:
+            if from_trainer:
                 try:
                     self.trainers.send_multipart(
-                        [frames[0].bytes, *protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason))],
-                        flags=zmq.NOBLOCK)
+                        [self.trainers.identity(sock, frames[0].bytes),
+                         *protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason))], flags=zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass  # the sender is gone or not listening; the drop is already counted
 

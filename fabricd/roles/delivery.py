@@ -63,7 +63,7 @@ from fabric_client.protocol import ErrorCode
 
 from ..failpoints import failpoint
 
-__all__ = ["EncodedBatch", "TrainerDelivery", "MAX_CREDITS", "HEARTBEAT_S"]
+__all__ = ["TrainerSockets", "EncodedBatch", "TrainerDelivery", "MAX_CREDITS", "HEARTBEAT_S"]
 
 #: Heartbeat interval of an idle subscription with credits (seconds): well under a trainer's stall_s.
 HEARTBEAT_S = 0.25
@@ -123,12 +123,40 @@ class _Subscription:
     compression: str | None = None  # what frames to this trainer are re-encoded with (None: as built)
 
 
+class TrainerSockets:
+    """A constructor's trainer ROUTERs as the one socket :class:`TrainerDelivery` sends on: the
+    CurveZMQ one on TCP and, where the job lets same-node trainers in over the daemon's private
+    Unix socket (fabricd.local_ipc), a plaintext one there. A trainer's identity is its ROUTER
+    identity after one byte naming the socket it came in on, so replies go back that way."""
+
+    def __init__(self, sockets: Sequence[zmq.Socket]) -> None:
+        if not 1 <= len(sockets) <= 255:
+            raise ValueError(f"{len(sockets)} trainer sockets: expected 1 to 255")
+        self.sockets = tuple(sockets)
+
+    def identity(self, sock: zmq.Socket, routing_id: bytes) -> bytes:
+        """The identity of a trainer whose message came in on ``sock`` with ``routing_id``."""
+        return bytes((self.sockets.index(sock),)) + routing_id
+
+    def send_multipart(self, frames: Sequence[Any], flags: int = 0, copy: bool = True) -> None:
+        """Send ``[identity, *rest]`` on the socket the identity came in on. Raises like a ROUTER
+        with ``ROUTER_MANDATORY`` (EHOSTUNREACH for a departed trainer), ``zmq.Again`` when full."""
+        identity = bytes(frames[0])
+        if not identity or identity[0] >= len(self.sockets):
+            raise zmq.ZMQError(zmq.EHOSTUNREACH, f"no trainer socket for identity {identity[:8]!r}")
+        self.sockets[identity[0]].send_multipart([identity[1:], *frames[1:]], flags, copy=copy)
+
+    def close(self, linger: int) -> None:
+        for sock in self.sockets:
+            sock.close(linger=linger)
+
+
 class TrainerDelivery:
     """Credit-based delivery of encoded batches to the trainers of a group of DP ranks."""
 
     def __init__(
         self,
-        socket: zmq.Socket,
+        socket: zmq.Socket | TrainerSockets,
         *,
         job: str,
         fingerprint: str,

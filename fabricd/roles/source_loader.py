@@ -19,9 +19,7 @@ import zmq
 
 from fabric_client import protocol
 from fabric_client.errors import ProtocolError
-from fabric_client.sockets import SocketFactory
 
-from .. import local_ipc
 from ..config import parse_job_spec
 from ..errors import SampleError
 from ..failpoints import failpoint, fails
@@ -30,7 +28,7 @@ from ..sources.index import open_index
 from ..planner.units import LONG_SAMPLE_POLICIES
 from ..sources.transform import SampleLoader, TransformSpec
 from ..spec_bounds import MAX_SEQ_LEN
-from .base import DaemonLink, RoleArgs, StopFlag, role_sockets
+from .base import DaemonLink, RoleArgs, StopFlag, local_router, role_sockets
 from .sample_wire import encode_load_reply
 
 __all__ = ["run_source_loader", "MAX_UNITS_PER_REQUEST"]
@@ -61,10 +59,8 @@ def run_source_loader(args: RoleArgs) -> int:
     served = [sockets.router(domain="loader")]
     port = served[0].bind_to_random_port(f"tcp://{args.bind_host}")
     link = DaemonLink(sockets, args, f"tcp://{args.bind_host}:{port}")
-    if args.extra.get("ipc_dir"):  # constructors of this node connect here (fabricd.local_ipc)
-        local = _local_router(ctx, args, link.endpoint)
-        if local is not None:
-            served.append(local)
+    if (local := local_router(ctx, args, link.endpoint, domain="loader")) is not None:
+        served.append(local)  # this node's constructors connect here (fabricd.local_ipc)
     stats = {"requests": 0, "units": 0, "failed_units": 0, "malformed": 0, "busy_s": 0.0,
              "source": source.name}
     poller = zmq.Poller()
@@ -108,21 +104,6 @@ def run_source_loader(args: RoleArgs) -> int:
         sockets.close()
         ctx.term()
     return 0
-
-
-def _local_router(ctx: zmq.Context, args: RoleArgs, tcp_endpoint: str) -> zmq.Socket | None:
-    """The plaintext ROUTER same-node constructors reach through the daemon's private directory
-    (fabricd.local_ipc): the directory's mode is its access control, so no CurveZMQ. None
-    (logged; constructors then use TCP) when it cannot bind."""
-    sock = SocketFactory(ctx, max_message_bytes=args.max_message_bytes).router(domain="loader")
-    endpoint = local_ipc.endpoint_for(args.extra["ipc_dir"], tcp_endpoint)
-    try:
-        sock.bind(endpoint)
-    except zmq.ZMQError as e:
-        log.warning("cannot serve on %s (%s): same-node constructors use TCP", endpoint, e)
-        sock.close(linger=0)
-        return None
-    return sock
 
 
 def _context_loader(loaders: dict, msg: protocol.LoadRequest, base: TransformSpec, index, roots, tokenizer):

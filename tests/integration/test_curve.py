@@ -172,6 +172,7 @@ def test_a_job_that_names_its_trainers_serves_only_them(tmp_path, tiny_corpus):
         assert isinstance(reply, protocol.ErrorReply) and reply.code == "forbidden" and eve in reply.reason, reply
         located = _ask(keyed_dealer("trainer"), daemon.address, locate)
         assert isinstance(located, protocol.Located), located
+        assert not located.local_endpoint  # no Unix socket for such a job: only a key says who streams
         subscribe = protocol.encode(protocol.Subscribe(job="t", fingerprint=located.fingerprint, dp_rank=0, mp_rank=0,
                                                        next_step=0, next_micro=0, credits=1))
         reply = _ask(SocketFactory(zmq.Context.instance(), keys=eve_keys).dealer(), located.endpoint, subscribe)

@@ -1,6 +1,7 @@
-"""Same-node loader links over the daemon's private Unix socket directory (fabricd.local_ipc):
-delivery stays exact, the directory is private and goes with the daemon, and the config turns
-it off (the links then use TCP with CurveZMQ, as across nodes)."""
+"""Same-node links over the daemon's private Unix socket directory (fabricd.local_ipc): loaders
+to constructors, and constructors to trainers running as the daemon's user. Delivery stays
+exact, the directory is private and goes with the daemon, and the config turns it off (the
+links then use TCP with CurveZMQ, as across nodes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from fabric_client import protocol
+from fabric_client import Loader, protocol
 from fabricd.localnode import LocalDaemon
 
 from ..conftest import write_job
@@ -45,6 +46,12 @@ def test_same_node_loaders_are_reached_by_unix_socket_and_deliver_exactly(tmp_pa
         want = expected(job_file, range(steps))
         for (d, _), records in got.items():
             assert_exact(records, want, d)
+        # a trainer of this host, under the daemon's user, streams over the Unix socket too
+        with Loader(daemon.address, job="t", dp_rank=0, dp_size=2, max_steps=steps, deadline_s=60) as loader:
+            records = [((b.step, b.dp_rank, b.micro_batch), b.checksum) for b in loader]
+            stream = loader.stats["stream_endpoint"]
+        assert [c for _, c in records] == [want[k].checksum for k, _ in records] and len(records) >= steps
+        assert stream.startswith("ipc://" if local_ipc else "tcp://"), stream
         links, local = _links(daemon, "t")
         security = daemon.status()["security"]
         assert not security["insecure"]  # the TCP sockets are CurveZMQ all the same

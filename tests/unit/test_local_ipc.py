@@ -61,3 +61,57 @@ def test_a_restart_removes_the_directory_a_killed_daemon_left(tmp_path):
         local_ipc.remove_dir(third)
     finally:
         local_ipc.remove_dir(second)
+
+
+def test_trainer_sockets_send_each_reply_back_on_the_socket_its_request_came_in_on():
+    import zmq
+
+    from fabricd.roles.delivery import TrainerSockets
+
+    ctx = zmq.Context.instance()
+    routers = [ctx.socket(zmq.ROUTER) for _ in range(2)]
+    dealers = [ctx.socket(zmq.DEALER) for _ in range(2)]
+    try:
+        for i, (r, d) in enumerate(zip(routers, dealers)):
+            r.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            r.bind(f"inproc://trainer-sockets-{i}")
+            d.connect(f"inproc://trainer-sockets-{i}")
+        mux = TrainerSockets(routers)
+        ids = []
+        for i, (r, d) in enumerate(zip(routers, dealers)):
+            d.send(b"hello %d" % i)
+            routing_id, body = r.recv_multipart()
+            ids.append(mux.identity(r, routing_id))
+            assert ids[-1][0] == i and ids[-1][1:] == routing_id
+        for i, identity in enumerate(ids):
+            mux.send_multipart([identity, b"reply %d" % i])
+        for i, d in enumerate(dealers):
+            assert d.poll(2000) and d.recv() == b"reply %d" % i
+        with pytest.raises(zmq.ZMQError):  # no socket 7: as a ROUTER answers a departed peer
+            mux.send_multipart([b"\x07" + ids[0][1:], b"lost"])
+        with pytest.raises(zmq.ZMQError):
+            mux.send_multipart([b"", b"lost"])
+        with pytest.raises(ValueError):
+            TrainerSockets([])
+    finally:
+        for s in routers + dealers:
+            s.close(linger=0)
+
+
+def test_a_trainer_uses_the_unix_socket_only_where_it_can_connect(tmp_path):
+    import socket
+
+    from fabric_client.loader import _usable_unix_socket
+
+    path = tmp_path / "c.sock"
+    assert _usable_unix_socket(f"ipc://{path}") == ""  # not on this host
+    assert _usable_unix_socket("") == "" and _usable_unix_socket("tcp://127.0.0.1:1") == ""
+    path.write_bytes(b"")
+    assert _usable_unix_socket(f"ipc://{path}") == ""  # a file, not a socket
+    path.unlink()
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(path))
+        assert _usable_unix_socket(f"ipc://{path}") == f"ipc://{path}"
+    finally:
+        server.close()
