@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from fabric_client import Loader, protocol
+from fabricd import local_ipc
 from fabricd.localnode import LocalDaemon
 
 from ..conftest import write_job
@@ -69,20 +70,29 @@ def test_same_node_loaders_are_reached_by_unix_socket_and_deliver_exactly(tmp_pa
         assert not directory.exists(), "the daemon left its socket directory behind"
 
 
+def _loader_socket(tmp_path: Path, tiny_corpus: Path, daemon: LocalDaemon) -> tuple[Path, Path]:
+    """Run a one-rank job; (the daemon's socket directory, its source loader's Unix socket there)."""
+    submit(daemon, write_job(tmp_path / "job.toml", tiny_corpus, dp_size=1))
+    directory = Path(daemon.status()["security"]["local_ipc"])
+    deadline = time.monotonic() + 30
+    while True:
+        loaders = [r["endpoint"] for r in daemon.status()["jobs"]["t"]["roles"]
+                   if r["kind"] == "source_loader" and r["endpoint"]]
+        path = local_ipc.socket_file(directory, loaders[0]) if loaders else None
+        if path is not None and path.exists():
+            return directory, path
+        assert time.monotonic() < deadline, "no source loader serves on the socket directory"
+        time.sleep(0.1)
+
+
 def test_the_unix_socket_serves_load_requests_only(tmp_path, tiny_corpus, local_daemon):
     """The plaintext socket is the loader's own request handler: anything but a LoadRequest is
     refused and counted, as on its CurveZMQ socket."""
-    job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=1)
-    submit(local_daemon, job_file)
-    directory = Path(local_daemon.status()["security"]["local_ipc"])
-    deadline = time.monotonic() + 30
-    while not (socks := sorted(directory.glob("*.sock"))) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert socks, "no loader serves on the socket directory"
+    directory, loader_socket = _loader_socket(tmp_path, tiny_corpus, local_daemon)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(f"ipc://{socks[0]}")
+        sock.connect(f"ipc://{loader_socket}")
         sock.send_multipart(protocol.encode(protocol.Ping(nonce=7)))
         assert sock.poll(5000), "no answer on the Unix socket"
         reply, _ = protocol.decode(sock.recv_multipart())
@@ -98,7 +108,7 @@ def test_the_unix_socket_serves_load_requests_only(tmp_path, tiny_corpus, local_
         time.sleep(0.2)
     else:
         raise AssertionError("the refused request was not counted")
-    assert os.path.exists(socks[0])  # and the loader still serves
+    assert loader_socket.exists()  # and the loader still serves
 
 
 def _probe_as_nobody(endpoint: str, out) -> None:
@@ -119,18 +129,12 @@ def _probe_as_nobody(endpoint: str, out) -> None:
 def test_another_user_cannot_reach_the_unix_socket(tmp_path, tiny_corpus, local_daemon):
     import multiprocessing as mp
 
-    job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=1)
-    submit(local_daemon, job_file)
-    directory = Path(local_daemon.status()["security"]["local_ipc"])
-    deadline = time.monotonic() + 30
-    while not (socks := sorted(directory.glob("*.sock"))) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert socks
+    directory, loader_socket = _loader_socket(tmp_path, tiny_corpus, local_daemon)
     ctx = mp.get_context("fork")
 
     def probe() -> bool:
         out = ctx.Queue()
-        child = ctx.Process(target=_probe_as_nobody, args=(f"ipc://{socks[0]}", out))
+        child = ctx.Process(target=_probe_as_nobody, args=(f"ipc://{loader_socket}", out))
         child.start()
         try:
             return out.get(timeout=30)
@@ -139,7 +143,7 @@ def test_another_user_cannot_reach_the_unix_socket(tmp_path, tiny_corpus, local_
             if child.is_alive():
                 child.kill()
 
-    os.chmod(socks[0], 0o777)  # whatever the socket file's own mode, the directory keeps others out
+    os.chmod(loader_socket, 0o777)  # whatever the socket file's own mode, the directory keeps others out
     assert probe() is False, "a process of another user got an answer from the loader's Unix socket"
     os.chmod(directory, 0o755)  # the control: with the directory open, the same probe gets in
     try:
