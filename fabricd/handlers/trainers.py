@@ -34,8 +34,9 @@ def ping(_daemon: Daemon, _identity: bytes, msg: protocol.Ping, _payload: list) 
 @handles(protocol.Locate, callers=("trainer", "operator"))
 def locate(daemon: Daemon, _identity: bytes, msg: protocol.Locate, _payload: list) -> Reply:
     """Request: ``Locate(job, dp_rank, dp_size, mp_rank, avoid, host)``. Reply: ``Located(job,
-    fingerprint, endpoint, dp_size, mp_size, prefetch, standby)`` naming the rank's constructor
-    (its primary, else its standby, avoiding ``avoid``); ``ErrorReply(not_ready)`` while the job
+    fingerprint, endpoint, dp_size, mp_size, prefetch, standby, local_endpoint)`` naming the rank's
+    constructor (its primary, else its standby, avoiding ``avoid``), and its Unix socket when it is
+    one of this daemon's own (fabricd.local_ipc); ``ErrorReply(not_ready)`` while the job
     indexes or the constructor starts or moves; ``ErrorReply(unknown_job | bad_request |
     invalid_spec)``; ``ErrorReply(not_ready)`` too while this daemon is not in touch with the
     leader (its role records may be stale: the trainer asks another daemon). A ``host`` is
