@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -238,10 +239,38 @@ def kill_processes(procs: list[psutil.Process], *, timeout: float) -> None:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (for configs that need one up front)."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nothing uses right now (for configs that need one up front).
+
+    Picked below the kernel's ephemeral range when there is room: a port from that range (what
+    binding port 0 gives) can be taken in the meantime as the local port of any outgoing
+    connection, and a daemon killed and restarted on its port then fails with "address already
+    in use" (seen in the failover tests). ZeroMQ's random binds (49152 and up) stay clear too."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(_FIXED_PORTS_FROM, low) if low > _FIXED_PORTS_FROM + 1000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    with socket.socket() as s:  # nothing free below the range: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: Where :func:`free_port` starts looking (above the registered ports most services use).
+_FIXED_PORTS_FROM = 20000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux's default elsewhere)."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 class LocalCluster:
