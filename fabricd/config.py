@@ -196,7 +196,7 @@ class SecurityConfig:
 
     keys_dir: Path        # server.key_secret, nodes/<id>.key_secret, and the allow-lists
     insecure: bool        # plaintext, no authentication: warned at every start, shown in status
-    local_ipc: bool = True  # same-node loader links over a private Unix socket, plaintext (fabricd.local_ipc)
+    local_ipc: bool = True  # same-node links (loaders, same-user trainers) over private Unix sockets (fabricd.local_ipc)
 
 
 @dataclass(frozen=True)

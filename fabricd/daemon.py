@@ -91,7 +91,7 @@ class Daemon:
         self.jobs_dir = cfg.state_dir / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.index_dir = cfg.state_dir / "indexes"
-        # same-node loader links over a private Unix socket (fabricd.local_ipc); removed at shutdown
+        # same-node links over private Unix sockets (fabricd.local_ipc); removed at shutdown
         self.ipc_dir = local_ipc.make_dir(cfg.state_dir / "ipc_dir") if cfg.security.local_ipc else None
         # what the daemon counts (messages, drops per socket and reason) and its /metrics endpoint
         self.metrics = FabricMetrics(cfg.node_id, __version__)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,10 +84,9 @@ def endpoint_for(directory: str | Path, tcp_endpoint: str) -> str:
 def local_endpoint(directory: str | Path | None, tcp_endpoint: str) -> str | None:
     """The same-node endpoint of the loader serving ``tcp_endpoint`` when its socket exists in
     ``directory`` (this daemon's: the loader is one of this daemon's own), else None."""
-    if not directory:
+    if not directory or not socket_file(directory, tcp_endpoint).exists():
         return None
-    path = socket_file(directory, tcp_endpoint)
-    return f"ipc://{path}" if os.path.exists(path) else None
+    return endpoint_for(directory, tcp_endpoint)
 
 
 def remove_recorded(record: Path) -> None:

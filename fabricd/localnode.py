@@ -79,7 +79,7 @@ class LocalDaemon:
         self.workdir = Path(workdir).absolute()
         self.data_roots = [Path(p).absolute() for p in data_roots or default_data_roots(self.workdir)]
         self.insecure = insecure
-        self.local_ipc = local_ipc  # same-node loader links over a private Unix socket (fabricd.local_ipc)
+        self.local_ipc = local_ipc  # same-node links over private Unix sockets (fabricd.local_ipc)
         self.metrics = metrics    # serve /metrics on a free loopback port (see metrics_url)
         self.keys_dir = Path(keys_dir or os.environ.get(KEYS_DIR_ENV) or self.workdir / "keys").absolute()
         self.node_id = node_id
@@ -246,16 +246,15 @@ def free_port() -> int:
     connection, and a daemon killed and restarted on its port then fails with "address already
     in use" (seen in the failover tests). ZeroMQ's random binds (49152 and up) stay clear too."""
     low, _ = _ephemeral_range()
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(_FIXED_PORTS_FROM, low) if low > _FIXED_PORTS_FROM + 1000 else 0
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    with socket.socket() as s:  # nothing free below the range: any port the kernel gives
+    if low > _FIXED_PORTS_FROM + 1000:
+        for port in random.sample(range(_FIXED_PORTS_FROM, low), 200):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:  # no room (or nothing free) below the range: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

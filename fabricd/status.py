@@ -67,7 +67,7 @@ def build_status(daemon: Daemon, now: float) -> dict[str, Any]:
                      {"insecure": False, "keys_dir": str(daemon.ring.keys_dir),
                       "keys": dict(daemon.ring.counts),
                       "refused_handshakes": daemon.sockets.refused_handshakes()}) | {
-            # same-node loader links: a private Unix socket directory, plaintext (fabricd.local_ipc)
+            # same-node links: a private Unix socket directory, plaintext (fabricd.local_ipc)
             "local_ipc": str(daemon.ipc_dir) if daemon.ipc_dir else None},
         "jobs": jobs,
         "metrics": daemon.metrics_server.status(),  # the /metrics URL, or why it is not served

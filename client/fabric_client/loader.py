@@ -204,8 +204,6 @@ class Loader:
         self.keys = ClientKeys.load(keys) if isinstance(keys, (str, os.PathLike)) else (
             keys if keys is not None else client_keys_from_env(KEY_ENV))
         self._sockets = SocketFactory(self._ctx, keys=self.keys)
-        # a constructor on this host, under this user, is also reachable on a Unix socket (no CurveZMQ)
-        self._plain_sockets = SocketFactory(self._ctx)
         self._clock = time.monotonic
         self._workers = decode_workers if decode_workers is not None else _default_workers()
         self._pool: ThreadPoolExecutor | None = None
@@ -472,7 +470,7 @@ class Loader:
     def _open_stream(self, action: OpenStream) -> list[Action]:
         self._close_stream(())
         local = _usable_unix_socket(action.local)
-        sock = (self._plain_sockets if local else self._sockets).dealer()
+        sock = self._sockets.dealer(local=bool(local))  # a constructor on this host, under this user
         try:
             sock.connect(local or action.endpoint)
             sock.send_multipart(protocol.encode(action.subscribe), zmq.NOBLOCK)

@@ -16,7 +16,9 @@ caller doing anything: with ``keys`` (a :class:`~fabric_client.keys.ClientKeys`)
 authenticates with the caller's key pair and checks the fabric's server key; with ``ring`` (a
 node's :class:`~fabric_client.keys.KeyRing`), every ROUTER is a CURVE server that admits only the
 kinds of key its ``domain`` allows, checked by one ZAP authenticator thread on the context (pyzmq's
-``zmq.auth``). Without them the sockets are plaintext (``insecure = true`` in the node config).
+``zmq.auth``). Without them the sockets are plaintext (``insecure = true`` in the node config),
+and so is a socket asked for with ``local=True``: one on a Unix socket in a daemon's private
+directory (``fabricd.local_ipc``), where the directory's mode is the access control.
 :meth:`SocketFactory.caller` gives the authenticated ``kind:name`` of a received message.
 """
 
@@ -113,25 +115,27 @@ class SocketFactory:
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         return sock
 
-    def router(self, *, domain: str = "control", hwm: int = 1000) -> zmq.Socket:
+    def router(self, *, domain: str = "control", hwm: int = 1000, local: bool = False) -> zmq.Socket:
         """A ROUTER (a served endpoint): replies to departed peers raise EHOSTUNREACH. With a ring,
-        a CURVE server admitting the key kinds of ``domain`` (see :data:`DOMAINS`)."""
+        a CURVE server admitting the key kinds of ``domain`` (see :data:`DOMAINS`), unless
+        ``local`` (a private Unix socket: plaintext)."""
         if domain not in DOMAINS:
             raise ValueError(f"domain {domain!r}: expected one of {', '.join(DOMAINS)}")
         sock = self._make(zmq.ROUTER, hwm, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if self.ring is not None:
+        if self.ring is not None and not local:
             sock.curve_secretkey = self.ring.server.secret
             sock.curve_publickey = self.ring.server.public
             sock.curve_server = True
             sock.zap_domain = domain.encode()
         return sock
 
-    def dealer(self, *, hwm: int = 1000, linger_ms: int = 0) -> zmq.Socket:
+    def dealer(self, *, hwm: int = 1000, linger_ms: int = 0, local: bool = False) -> zmq.Socket:
         """A DEALER (a connection to a served endpoint). ``linger_ms`` > 0 lets a last message
-        (a farewell) leave after close, for at most that long. With keys, a CURVE client."""
+        (a farewell) leave after close, for at most that long. With keys, a CURVE client, unless
+        ``local`` (to a private Unix socket: plaintext)."""
         sock = self._make(zmq.DEALER, hwm, linger_ms)
-        if self.keys is not None:
+        if self.keys is not None and not local:
             sock.curve_secretkey = self.keys.own.secret
             sock.curve_publickey = self.keys.own.public
             sock.curve_serverkey = self.keys.server_public

@@ -158,14 +158,14 @@ def role_sockets(ctx: zmq.Context, args: RoleArgs) -> SocketFactory:
     return SocketFactory(ctx, max_message_bytes=args.max_message_bytes, ring=ring, keys=ring.client())
 
 
-def local_router(ctx: zmq.Context, args: RoleArgs, tcp_endpoint: str, *, domain: str) -> zmq.Socket | None:
+def local_router(sockets: SocketFactory, args: RoleArgs, tcp_endpoint: str, *, domain: str) -> zmq.Socket | None:
     """A plaintext ROUTER on the Unix socket of ``tcp_endpoint`` in the daemon's private directory
     (fabricd.local_ipc): the directory's mode is its access control, so no CurveZMQ. None when
     the daemon has no such directory, or (logged; peers then use TCP) when it cannot bind."""
     directory = args.extra.get("ipc_dir")
     if not directory:
         return None
-    sock = SocketFactory(ctx, max_message_bytes=args.max_message_bytes).router(domain=domain)
+    sock = sockets.router(domain=domain, local=True)
     endpoint = local_ipc.endpoint_for(directory, tcp_endpoint)
     try:
         sock.bind(endpoint)

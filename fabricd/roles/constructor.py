@@ -45,7 +45,6 @@ from fabric_client import protocol
 from fabric_client.batch import encode_batch
 from fabric_client.errors import ProtocolError
 from fabric_client.limits import MAX_STEP
-from fabric_client.sockets import SocketFactory
 
 from .. import local_ipc
 from ..assemble import RECORDED_SKIP, UnitKey, apply_skip_records, assemble_micro_batch
@@ -144,7 +143,7 @@ class Constructor:
         self.link = DaemonLink(self.sockets, args, f"tcp://{args.bind_host}:{port}")
         # trainers of this host running as the daemon's user may stream over its private Unix socket
         # (fabricd.local_ipc), unless the job names the trainer keys it admits: only a key says who
-        local = None if spec.trainers else local_router(ctx, args, self.link.endpoint, domain="stream")
+        local = None if spec.trainers else local_router(self.sockets, args, self.link.endpoint, domain="stream")
         self.trainers = TrainerSockets([stream] if local is None else [stream, local])
         self.delivery = TrainerDelivery(self.trainers, job=spec.name, fingerprint=args.extra["fingerprint"],
                                         ranks=self.ranks, mp_size=spec.topology.mp_size,
@@ -168,8 +167,6 @@ class Constructor:
                       "plans": 0, "evicted_steps": 0, "ranks": self.ranks, "unit_retries": 0, "skip_reports": 0,
                       "waiting_for_skips": 0, "rebuilt_for_skips": 0,
                       "delivered_unit_reloads": 0, "forbidden": 0}
-        # this node's loaders are reached over plaintext Unix sockets in the daemon's private directory
-        self.local_sockets = SocketFactory(ctx, max_message_bytes=args.max_message_bytes)
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -385,7 +382,7 @@ class Constructor:
                     self._drop_worker(source, endpoint, "left the pool")
             for endpoint in wanted - set(current):
                 local = local_ipc.local_endpoint(self.args.extra.get("ipc_dir"), endpoint)
-                sock = self.local_sockets.dealer() if local else self.sockets.dealer()
+                sock = self.sockets.dealer(local=local is not None)  # a loader of this daemon: plaintext
                 sock.connect(local or endpoint)
                 worker = _Worker(endpoint, sock, local=local is not None)
                 current[endpoint] = worker
@@ -569,18 +566,24 @@ class Constructor:
 
     # -- sockets ----------------------------------------------------------------------------
 
+    def _admit(self, sock: zmq.Socket, frames: list) -> None:
+        """Raise FORBIDDEN unless the trainer behind ``frames`` may read this job. Over TCP its
+        CurveZMQ key says who it is; the Unix socket admits the daemon's user alone, and exists
+        only for a job that names no trainer keys."""
+        if sock is not self.trainers.sockets[0] or self.sockets.ring is None:
+            return
+        who = self.sockets.caller(frames)
+        if who is None or not self.spec.trainer_allowed(who):
+            raise ProtocolError(protocol.ErrorCode.FORBIDDEN,
+                                f"{who or 'a key no longer allowed'} may not read job {self.spec.name!r}")
+
     def _on_readable(self, sock: zmq.Socket) -> None:
         frames = sock.recv_multipart(copy=False)
-        from_trainer = sock in self.trainers.sockets
+        identity = self.trainers.identity(sock, frames[0].bytes) if sock in self.trainers.sockets else None
         try:
-            if from_trainer:
-                identity, body = self.trainers.identity(sock, frames[0].bytes), frames[1:]
-                msg, _ = protocol.decode(body)
-                if sock is self.trainers.sockets[0]:  # TCP: CurveZMQ says who (the Unix socket: the daemon's user)
-                    who = self.sockets.caller(frames)
-                    if self.sockets.ring is not None and (who is None or not self.spec.trainer_allowed(who)):
-                        raise ProtocolError(protocol.ErrorCode.FORBIDDEN,
-                                            f"{who or 'a key no longer allowed'} may not read job {self.spec.name!r}")
+            if identity is not None:
+                msg, _ = protocol.decode(frames[1:])
+                self._admit(sock, frames)
                 self.delivery.handle(identity, msg)
             elif sock is self.link.sock:
                 msg, payload = protocol.decode(frames)
@@ -598,11 +601,10 @@ class Constructor:
             self.stats["forbidden" if forbidden else "malformed"] += 1
             self.bad_input.warning(e.code, "dropped %s message: %s", "a forbidden" if forbidden else "malformed",
                                    truncate(str(e)))
-            if from_trainer:
+            if identity is not None:
                 try:
                     self.trainers.send_multipart(
-                        [self.trainers.identity(sock, frames[0].bytes),
-                         *protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason))], flags=zmq.NOBLOCK)
+                        [identity, *protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason))], flags=zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass  # the sender is gone or not listening; the drop is already counted
 

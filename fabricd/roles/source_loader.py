@@ -59,7 +59,7 @@ def run_source_loader(args: RoleArgs) -> int:
     served = [sockets.router(domain="loader")]
     port = served[0].bind_to_random_port(f"tcp://{args.bind_host}")
     link = DaemonLink(sockets, args, f"tcp://{args.bind_host}:{port}")
-    if (local := local_router(ctx, args, link.endpoint, domain="loader")) is not None:
+    if (local := local_router(sockets, args, link.endpoint, domain="loader")) is not None:
         served.append(local)  # this node's constructors connect here (fabricd.local_ipc)
     stats = {"requests": 0, "units": 0, "failed_units": 0, "malformed": 0, "busy_s": 0.0,
              "source": source.name}
@@ -69,34 +69,40 @@ def run_source_loader(args: RoleArgs) -> int:
     poller.register(link.sock, zmq.POLLIN)
     log.info("source loader %s for %r serving on %s", args.role_id, source.name,
              " and ".join([link.endpoint, *(s.getsockopt_string(zmq.LAST_ENDPOINT) for s in served[1:])]))
+
+    def serve_one(sock: zmq.Socket) -> None:
+        """Answer one request waiting on ``sock``, on ``sock``: units, or an error reply."""
+        frames = sock.recv_multipart(copy=False)
+        identity, body = frames[0].bytes, frames[1:]
+        try:
+            msg, payload = protocol.decode(body)
+            if not isinstance(msg, protocol.LoadRequest):
+                raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"source loader cannot serve {msg.TYPE}")
+            ids, pieces = _request_units(msg, payload, source.name)
+            loader = _context_loader(loaders, msg, base, index, roots, tokenizer)
+        except ProtocolError as e:
+            stats["malformed"] += 1
+            log.warning("dropped malformed request: %s", e)
+            _send(sock, identity, protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason)))
+            return
+        started = time.perf_counter()
+        failpoint("loader.before_load")  # counts as busy: it stands for a slow read
+        results = _inject_transient_errors(loader.load(ids, pieces), ids, source.name)
+        stats["busy_s"] += time.perf_counter() - started
+        stats["requests"] += 1
+        stats["units"] += len(results)
+        stats["failed_units"] += sum(isinstance(r, SampleError) for r in results)
+        _send(sock, identity, encode_load_reply(msg, results, spec.images))
+
     try:
         while not stop.should_stop():
             link.beat(lambda: stats)
             events = dict(poller.poll(200))
             if link.sock in events:
                 link.recv()  # the daemon only acknowledges; nothing to act on yet
-            for sock in [s for s in served if s in events]:  # one request from each ready socket
-                frames = sock.recv_multipart(copy=False)
-                identity, body = frames[0].bytes, frames[1:]
-                try:
-                    msg, payload = protocol.decode(body)
-                    if not isinstance(msg, protocol.LoadRequest):
-                        raise ProtocolError(protocol.ErrorCode.BAD_REQUEST, f"source loader cannot serve {msg.TYPE}")
-                    ids, pieces = _request_units(msg, payload, source.name)
-                    loader = _context_loader(loaders, msg, base, index, roots, tokenizer)
-                except ProtocolError as e:
-                    stats["malformed"] += 1
-                    log.warning("dropped malformed request: %s", e)
-                    _send(sock, identity, protocol.encode(protocol.ErrorReply(code=e.code, reason=e.reason)))
-                    continue
-                started = time.perf_counter()
-                failpoint("loader.before_load")  # counts as busy: it stands for a slow read
-                results = _inject_transient_errors(loader.load(ids, pieces), ids, source.name)
-                stats["busy_s"] += time.perf_counter() - started
-                stats["requests"] += 1
-                stats["units"] += len(results)
-                stats["failed_units"] += sum(isinstance(r, SampleError) for r in results)
-                _send(sock, identity, encode_load_reply(msg, results, spec.images))
+            for sock in served:  # one request from each ready socket: neither starves the other
+                if sock in events:
+                    serve_one(sock)
     finally:
         link.close()
         for sock in served:

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the fabric's batch compression (default: the demo job's, auto: uncompressed to the "
                          "trainers here, which share the daemon's machine)")
     ap.add_argument("--no-local-ipc", action="store_true",
-                    help="the fabric's same-node loader links over TCP with CurveZMQ, as across nodes "
+                    help="the fabric's same-node links (loaders, trainer streams) over TCP with CurveZMQ, as across nodes "
                          "(default: a private Unix socket, plaintext; README: Security)")
     ap.add_argument("--sweep-sources", default=None, help="source counts (default 5,20,35; quick and tiny: 5,35)")
     ap.add_argument("--sweep-ranks", default=None, help="ranks per host (default RANKS,32; quick and tiny: RANKS)")

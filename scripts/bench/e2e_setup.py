@@ -57,7 +57,7 @@ class BenchConfig:
     ranks_per_constructor: int = 8
     shift_fraction: float = 0.5    # share of every other source's weight moved to the heavy source
     compression: str = ""          # fabric: batch compression ("": the demo job's, auto)
-    local_ipc: bool = True         # fabric: same-node loader links over a private Unix socket (the default)
+    local_ipc: bool = True         # fabric: same-node links over private Unix sockets (the default)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -43,8 +43,9 @@ def submit(daemon, job_file: Path, timeout: float = 90.0) -> None:
     raise AssertionError(f"job not ready in {timeout}s:\n{daemon.tail()}")
 
 
-def consume(address, job, dp_rank, dp_size, *, steps, mp_rank=0, state=None, stop_after=None, **kw):
-    """Pull batches until ``steps`` (or ``stop_after`` steps); return (records, state_dict)."""
+def consume(address, job, dp_rank, dp_size, *, steps, mp_rank=0, state=None, stop_after=None, stats=None, **kw):
+    """Pull batches until ``steps`` (or ``stop_after`` steps); return (records, state_dict).
+    ``stats``: a dict to update with the loader's counters at the end."""
     records = []
     loader = Loader(address, job=job, dp_rank=dp_rank, dp_size=dp_size, mp_rank=mp_rank, max_steps=steps,
                     deadline_s=kw.pop("deadline_s", 60.0), **kw)
@@ -56,6 +57,8 @@ def consume(address, job, dp_rank, dp_size, *, steps, mp_rank=0, state=None, sto
             records.append(((batch.step, batch.dp_rank, batch.micro_batch), batch.checksum, units, mp_rank))
             if stop_after is not None and batch.micro_batch + 1 == batch.num_micro_batches and batch.step + 1 >= stop_after:
                 break
+        if stats is not None:
+            stats.update(loader.stats)
         return records, loader.state_dict()
 
 
