@@ -173,15 +173,16 @@ def _decode(buf: Any, want_digest: bool) -> tuple[dict[str, np.ndarray], str | N
 def _record_arrays(record: pa.RecordBatch, want_digest: bool = False) -> tuple[dict[str, np.ndarray], str | None]:
     """The arrays of ``record`` and, when asked and the layout allows, their checksum."""
     schema = record.schema
-    layout = _layout(schema)
+    shaped = _shaped(schema)
+    layout = shaped.layout
     if record.num_rows != layout.rows or record.num_columns != len(layout.columns):
         raise ProtocolError(
             ErrorCode.MALFORMED,
             f"batch frame has {record.num_rows} rows x {record.num_columns} columns; "
             f"expected 1 x {len(layout.columns)}",
         )
-    # The usual case: the schema is exactly the one encode_batch writes for this metadata, so the
-    # names and every column's type are known good. Any other schema gets them checked column by
+    # The usual case: the schema is exactly the one encode_batch writes for these names and
+    # dtypes, so every column's type is known good. Any other schema gets them checked column by
     # column. Either way, every column is then a large_list of one fixed-width primitive.
     if not schema.equals(layout.schema):
         _check_schema(schema, layout)
@@ -193,7 +194,7 @@ def _record_arrays(record: pa.RecordBatch, want_digest: bool = False) -> tuple[d
                                                  f"{len(layout.columns)} columns")
     out: dict[str, np.ndarray] = {}
     flats: list[np.ndarray] = []
-    for i, (name, dtype, wire, count, shape) in enumerate(layout.columns):
+    for i, ((name, dtype, wire, _), shape, count) in enumerate(zip(layout.columns, shaped.shapes, shaped.counts)):
         at = 1 + 4 * i
         if (buffers[at] is not None or buffers[at + 2] is not None) and _has_nulls(record, i):
             raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r} holds nulls")
@@ -214,11 +215,10 @@ def _record_arrays(record: pa.RecordBatch, want_digest: bool = False) -> tuple[d
         if wire is not dtype:
             flat = flat.view(dtype)
         out[name] = flat.reshape(shape)
-    plan = layout.digest_plan if want_digest else None
-    if plan is None:
+    if not want_digest or layout.digest_order is None:
         return out, None
     digest = xxhash.xxh3_128(_STREAM_HEAD)  # the stream checksum() hashes, from the prepared descriptors
-    for i, descriptor in plan:
+    for i, descriptor in zip(layout.digest_order, shaped.descriptors):
         digest.update(descriptor)
         flat = flats[i]
         if flat.size:
@@ -234,10 +234,10 @@ def _check_schema(schema: pa.Schema, layout: _Layout) -> None:
     """Names and column types of a schema that is not byte-for-byte the one encode_batch writes."""
     if list(layout.names) != schema.names:
         raise ProtocolError(ErrorCode.MALFORMED, "fabric.arrays metadata does not match the columns")
-    for (name, dtype, wire, _, shape), typ in zip(layout.columns, schema.types):
+    for (name, dtype, wire, _), typ in zip(layout.columns, schema.types):
         if not pa.types.is_large_list(typ) or typ.value_type != _arrow_type(wire):
             raise ProtocolError(ErrorCode.MALFORMED, f"column {name!r} is {typ}, not the large_list of "
-                                                     f"{_arrow_type(wire)} that {dtype}{list(shape)} needs")
+                                                     f"{_arrow_type(wire)} that {dtype} needs")
 
 
 def _has_nulls(record: pa.RecordBatch, i: int) -> bool:
@@ -255,52 +255,78 @@ def _read_more(reader: pa.ipc.RecordBatchStreamReader) -> bool:
 
 
 class _Layout:
-    """What one ``fabric.arrays`` metadata value says about a record batch, parsed once."""
+    """What a batch's names and dtypes say, whatever its shapes: the schema encode_batch writes
+    for them and the order checksum() hashes the columns in. Built once per distinct list of
+    names and dtypes (a stream has few), not per batch: packed batches differ in their shapes."""
 
-    __slots__ = ("schema", "names", "columns", "rows", "digest_plan")
+    __slots__ = ("schema", "names", "columns", "rows", "digest_order")
 
-    def __init__(self, arrays_meta: list[tuple[str, np.dtype, tuple[int, ...]]]) -> None:
+    def __init__(self, names_dtypes: tuple[tuple[str, np.dtype], ...]) -> None:
         columns, fields = [], []
-        for name, dtype, shape in arrays_meta:
+        for name, dtype in names_dtypes:
             wire = _VIEW_AS.get(dtype.kind, dtype)
-            columns.append((name, dtype, wire, math.prod(shape), shape))
+            columns.append((name, dtype, wire, _descriptor_head(name, dtype.str)))
             fields.append(pa.field(name, pa.large_list(_arrow_type(wire)), nullable=False))
         self.schema = pa.schema(fields)  # exactly what encode_batch writes (metadata aside)
-        self.names = tuple(name for name, _, _ in arrays_meta)
+        self.names = tuple(name for name, _ in names_dtypes)
         self.columns = tuple(columns)
         self.rows = 1 if columns else 0  # {} encodes 0 rows
-        # checksum() of the decoded arrays, prepared: (column index, descriptor) in sorted-name
-        # order. Only for distinct names and dtypes whose bytes are already the canonical ones
+        # checksum() of the decoded arrays, prepared: the column indices in sorted-name order.
+        # Only for distinct names and dtypes whose bytes are already the canonical ones
         # (little-endian on this machine); otherwise checksum() itself is used.
-        names = [name for name, _, _ in arrays_meta]
-        if len(set(names)) == len(names) and all(
-            _canonical(dtype) == dtype and dtype.byteorder in "=|" for _, dtype, _ in arrays_meta
+        if len(set(self.names)) == len(self.names) and all(
+            _canonical(dtype) == dtype and dtype.byteorder in "=|" for _, dtype in names_dtypes
         ):
-            order = sorted(range(len(names)), key=names.__getitem__)
-            self.digest_plan: tuple[tuple[int, bytes], ...] | None = tuple(
-                (i, _descriptor(arrays_meta[i][0], arrays_meta[i][1].str, arrays_meta[i][2])) for i in order
-            )
+            self.digest_order: tuple[int, ...] | None = tuple(sorted(range(len(self.names)),
+                                                                     key=self.names.__getitem__))
         else:
-            self.digest_plan = None
+            self.digest_order = None
 
 
-#: ``fabric.arrays`` metadata bytes → parsed layout. A stream of batches repeats a few layouts,
-#: so each batch costs a dict lookup instead of a JSON parse and a schema rebuild.
-_LAYOUTS: dict[bytes, _Layout] = {}
+class _Shaped:
+    """One ``fabric.arrays`` metadata value parsed: its layout, each column's shape and number
+    of values, and (when the layout allows a prepared digest) the checksum descriptors in the
+    order ``layout.digest_order`` hashes them."""
+
+    __slots__ = ("layout", "shapes", "counts", "descriptors")
+
+    def __init__(self, layout: _Layout, shapes: list[tuple[int, ...]]) -> None:
+        self.layout = layout
+        self.shapes = shapes
+        self.counts = [math.prod(shape) for shape in shapes]
+        order = layout.digest_order
+        self.descriptors = () if order is None else \
+            tuple(_descriptor_from(layout.columns[i][3], shapes[i]) for i in order)
+
+
+#: Names and dtypes → their layout (a stream repeats a few).
+_LAYOUTS: dict[tuple[tuple[str, np.dtype], ...], _Layout] = {}
 _MAX_LAYOUTS = 256
+#: ``fabric.arrays`` metadata bytes → parsed (a batch whose shapes repeat an earlier one's skips
+#: the JSON parse).
+_SHAPED: dict[bytes, _Shaped] = {}
+_MAX_SHAPED = 256
 
 
-def _layout(schema: pa.Schema) -> _Layout:
+def _shaped(schema: pa.Schema) -> _Shaped:
     raw = (schema.metadata or {}).get(_META_KEY)
     if raw is None:
         raise ProtocolError(ErrorCode.MALFORMED, "batch frame lacks the fabric.arrays schema metadata")
-    layout = _LAYOUTS.get(raw)
-    if layout is None:
-        layout = _Layout(_parse_meta(raw))
-        if len(_LAYOUTS) >= _MAX_LAYOUTS:
-            _LAYOUTS.clear()
-        _LAYOUTS[raw] = layout
-    return layout
+    shaped = _SHAPED.get(raw)
+    if shaped is None:
+        meta = _parse_meta(raw)
+        key = tuple((name, dtype) for name, dtype, _ in meta)
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            layout = _Layout(key)
+            if len(_LAYOUTS) >= _MAX_LAYOUTS:
+                _LAYOUTS.clear()
+            _LAYOUTS[key] = layout
+        shaped = _Shaped(layout, [shape for _, _, shape in meta])
+        if len(_SHAPED) >= _MAX_SHAPED:
+            _SHAPED.clear()
+        _SHAPED[raw] = shaped
+    return shaped
 
 
 def _parse_meta(raw: bytes) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
@@ -371,24 +397,32 @@ def _canonical(dtype: np.dtype) -> np.dtype:
 
 
 _STREAM_HEAD = CHECKSUM_ALGORITHM.encode() + b"\n"
-#: (name, dtype string, shape) -> the length-prefixed descriptor bytes (names and shapes repeat).
-_DESCRIPTORS: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
-_MAX_DESCRIPTORS = 4096
+#: (name, dtype string) -> the descriptor's JSON up to its shape (names and dtypes repeat; shapes
+#: of packed batches do not, so the shape is appended per array).
+_HEADS: dict[tuple[str, str], str] = {}
+_MAX_HEADS = 4096
 
 
 def _descriptor(name: str, dtype_str: str, shape: tuple[int, ...]) -> bytes:
+    return _descriptor_from(_descriptor_head(name, dtype_str), shape)
+
+
+def _descriptor_head(name: Any, dtype_str: str) -> str:
+    """``json.dumps([name, dtype_str, [...]])`` up to the shape's first value: '["n", "<i4", ['."""
     if type(name) is not str:  # only plain str keys are cached: 1 == True would share an entry
-        return _encode_descriptor(name, dtype_str, shape)
-    key = (name, dtype_str, shape)
-    found = _DESCRIPTORS.get(key)
+        return json.dumps([name, dtype_str])[:-1] + ", ["
+    key = (name, dtype_str)
+    found = _HEADS.get(key)
     if found is None:
-        found = _encode_descriptor(name, dtype_str, shape)
-        if len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:
-            _DESCRIPTORS.clear()
-        _DESCRIPTORS[key] = found
+        found = json.dumps([name, dtype_str])[:-1] + ", ["
+        if len(_HEADS) >= _MAX_HEADS:
+            _HEADS.clear()
+        _HEADS[key] = found
     return found
 
 
-def _encode_descriptor(name: Any, dtype_str: str, shape: tuple[int, ...]) -> bytes:
-    body = json.dumps([name, dtype_str, [int(d) for d in shape]]).encode()
+def _descriptor_from(head: str, shape: tuple[int, ...]) -> bytes:
+    """The length-prefixed descriptor: exactly ``json.dumps([name, dtype_str, [int(d) ...]])``,
+    UTF-8 (its head prepared once), after its length as u32le."""
+    body = (head + ", ".join([str(int(d)) for d in shape]) + "]]").encode()
     return len(body).to_bytes(4, "little") + body

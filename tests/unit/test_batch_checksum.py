@@ -124,6 +124,28 @@ def test_the_digest_depends_on_values_not_on_layout_or_order() -> None:
     assert checksum({"a": list(range(10)), "b": a["b"]}) == checksum({"a": np.arange(10), "b": a["b"]})
 
 
+def test_a_stream_of_one_layout_in_many_shapes_decodes_and_verifies_every_batch() -> None:
+    """Packed batches keep their names and dtypes but not their shapes: the receiver prepares a
+    layout once per names and dtypes and each batch's shapes apart, so a batch must never be
+    read with another's shapes or digested with another's descriptors."""
+    rng = np.random.default_rng(7)
+    names = ["input_ids", "naïve \"q\" [x]", "pixel_values", "cu_seqlens", "flag"]
+    for i in range(40):
+        n, imgs = int(rng.integers(0, 50)), int(rng.integers(0, 3))
+        arrays = {names[0]: rng.integers(0, 1 << 30, n).astype(np.int32),
+                  names[1]: rng.random((n % 7, 3)).astype(np.float64),
+                  names[2]: rng.integers(0, 255, (imgs, 2, 2, 3)).astype(np.uint8),
+                  names[3]: np.arange(i % 5 + 1, dtype=np.int64),
+                  names[4]: rng.random(i % 3) < 0.5}
+        frame = encode_batch(arrays, compression=None if i % 2 else "lz4")
+        got, digest = decode_verified(frame)
+        assert digest == checksum(arrays) == _reference(arrays)
+        assert list(got) == names
+        for name in names:
+            assert got[name].shape == arrays[name].shape and got[name].dtype == arrays[name].dtype
+            np.testing.assert_array_equal(got[name], arrays[name])
+
+
 def test_a_big_contiguous_array_is_hashed_in_place() -> None:
     big = np.random.default_rng(1).integers(0, 255, size=32 << 20, dtype=np.uint8).reshape(1024, -1)
     words = big.reshape(-1).view(np.int64)
