@@ -6,6 +6,7 @@ Unknown keys are errors: a typo must not silently fall back to a default.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import json
 import logging
@@ -197,6 +198,12 @@ class SecurityConfig:
     keys_dir: Path        # server.key_secret, nodes/<id>.key_secret, and the allow-lists
     insecure: bool        # plaintext, no authentication: warned at every start, shown in status
     local_ipc: bool = True  # same-node links (loaders, same-user trainers) over private Unix sockets (fabricd.local_ipc)
+    # a group whose members' trainers stream from this node's constructors over Unix sockets shared
+    # with it (fabricd.local_ipc; None: only the daemon's user's), and where those sockets go (None:
+    # $RUNTIME_DIRECTORY, else the temp directory)
+    trainer_group: str | None = None
+    trainer_gid: int | None = None
+    trainer_socket_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -315,7 +322,18 @@ def _security_config(t: _Table, path: Path) -> SecurityConfig:
     keys_dir = Path(t.str("keys_dir", "/etc/fabricd/keys"))
     if not keys_dir.is_absolute():
         keys_dir = (path.parent / keys_dir).resolve()
-    return SecurityConfig(keys_dir=keys_dir, insecure=t.bool("insecure", False), local_ipc=t.bool("local_ipc", True))
+    group = t.str("trainer_group") if "trainer_group" in t.data else None
+    gid = None
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise t.error("trainer_group", group, "no such group on this node") from None
+    where = Path(t.str("trainer_socket_dir")) if "trainer_socket_dir" in t.data else None
+    if where is not None and not where.is_absolute():
+        raise t.error("trainer_socket_dir", str(where), "expected an absolute path")
+    return SecurityConfig(keys_dir=keys_dir, insecure=t.bool("insecure", False), local_ipc=t.bool("local_ipc", True),
+                          trainer_group=group, trainer_gid=gid, trainer_socket_dir=where)
 
 
 def _metrics_config(t: _Table) -> MetricsConfig:

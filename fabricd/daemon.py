@@ -93,6 +93,12 @@ class Daemon:
         self.index_dir = cfg.state_dir / "indexes"
         # same-node links over private Unix sockets (fabricd.local_ipc); removed at shutdown
         self.ipc_dir = local_ipc.make_dir(cfg.state_dir / "ipc_dir") if cfg.security.local_ipc else None
+        # and trainer streams over Unix sockets shared with [security] trainer_group, when set
+        sec = cfg.security
+        self.trainer_ipc_dir = local_ipc.make_shared_dir(
+            sec.trainer_gid, cfg.state_dir / "trainer_ipc_dir",
+            str(sec.trainer_socket_dir) if sec.trainer_socket_dir else None,
+        ) if self.ipc_dir is not None and sec.trainer_gid is not None else None
         # what the daemon counts (messages, drops per socket and reason) and its /metrics endpoint
         self.metrics = FabricMetrics(cfg.node_id, __version__)
         self.metrics_reader = DaemonReader()
@@ -176,6 +182,7 @@ class Daemon:
             s.close(linger=PEER_LINGER_MS)  # the lease release may still be queued
         self.sock.close(linger=0)
         local_ipc.remove_dir(self.ipc_dir)
+        local_ipc.remove_dir(self.trainer_ipc_dir)
         self.cluster.log.close()
         self.sockets.close()
         self.ctx.term()

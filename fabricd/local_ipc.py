@@ -22,17 +22,28 @@ Trainer streams likewise: a constructor also serves on :func:`endpoint_for` its 
 (not for a job that names its trainer keys: there only a key says who may connect), the daemon
 names that socket in ``Located.local_endpoint`` when the constructor is its own, and a
 ``Loader`` that can connect to it (same host, the daemon's user) streams there.
+
+Trainers of another user: the packaged unit runs the daemon as its own user, so the private
+directory keeps every trainer out. ``[security] trainer_group = "G"`` gives the trainer streams a
+directory of their own, made like the private one but shared with the group G (mode 2750, group
+G, sockets 0660), in ``$RUNTIME_DIRECTORY`` (systemd's ``RuntimeDirectory=``, outside the
+service's private /tmp) or ``[security] trainer_socket_dir``: a member of G connects to it,
+plaintext. Being in G is then what holding a trainer key is on TCP: it admits to the streams of
+every job on this node that does not name its trainer keys. Source loaders stay in the private
+directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["MAX_SOCKET_PATH", "make_dir", "endpoint_for", "local_endpoint", "socket_file", "remove_dir", "remove_recorded"]
+__all__ = ["MAX_SOCKET_PATH", "make_dir", "make_shared_dir", "share_socket", "endpoint_for", "local_endpoint",
+           "socket_file", "remove_dir", "remove_recorded"]
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +51,15 @@ log = logging.getLogger(__name__)
 MAX_SOCKET_PATH = 107
 _NAME_BYTES = 8  # hash bytes in a socket's file name: 16 hex digits
 _PREFIX = "fabricd-ipc-"
+_SHARED_PREFIX = "fabricd-trainers-"
+#: The shared directory: the group may enter and find sockets, not create files; setgid, so the
+#: sockets made in it belong to the group.
+SHARED_DIR_MODE = 0o2750
+#: A socket in it: connecting takes write permission on the socket file.
+SHARED_SOCKET_MODE = 0o660
 
 
-def make_dir(record: Path | None = None, base: str | None = None) -> Path | None:
+def make_dir(record: Path | None = None, base: str | None = None, *, prefix: str = _PREFIX) -> Path | None:
     """A new private directory (mode 0700) for this daemon's role sockets, or None (logged) when
     none can be made or its sockets' paths would be too long for a Unix socket.
 
@@ -51,12 +68,12 @@ def make_dir(record: Path | None = None, base: str | None = None) -> Path | None
     if record is not None:
         remove_recorded(record)
     try:
-        path = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=base))  # mkdtemp: mode 0700
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))  # mkdtemp: mode 0700
     except OSError as e:
-        log.warning("no private socket directory (%s): same-node role links use TCP", e)
+        log.warning("no socket directory in %s (%s): same-node links use TCP", base or tempfile.gettempdir(), e)
         return None
     if len(str(path / _name("x"))) > MAX_SOCKET_PATH:
-        log.warning("socket directory %s is too long for Unix sockets: same-node role links use TCP", path)
+        log.warning("socket directory %s is too long for Unix sockets: same-node links use TCP", path)
         remove_dir(path)
         return None
     if record is not None:
@@ -65,6 +82,32 @@ def make_dir(record: Path | None = None, base: str | None = None) -> Path | None
         except OSError as e:  # only the clean-up after a kill depends on it
             log.warning("cannot record the socket directory in %s: %s", record, e)
     return path
+
+
+def make_shared_dir(gid: int, record: Path | None = None, base: str | None = None) -> Path | None:
+    """A new directory for trainer streams shared with group ``gid`` (mode 2750, that group), in
+    ``base`` (default: ``$RUNTIME_DIRECTORY``, else the temp directory), or None (logged as an
+    error: the group's trainers then stream over TCP with CurveZMQ) when it cannot be made, e.g.
+    because the daemon's user is not in that group and so cannot give it the directory."""
+    base = base or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    path = make_dir(record, base, prefix=_SHARED_PREFIX)
+    if path is None:
+        return None
+    try:
+        os.chown(path, -1, gid)
+        os.chmod(path, SHARED_DIR_MODE)
+    except OSError as e:
+        log.error("cannot share %s with group %d (%s; is the daemon's user in that group?): trainers of "
+                  "other users stream over TCP with CurveZMQ", path, gid, e)
+        remove_dir(path)
+        return None
+    return path
+
+
+def share_socket(directory: str | Path, tcp_endpoint: str) -> None:
+    """Let the group of ``directory`` connect to the socket of ``tcp_endpoint`` bound there (the
+    process's umask decided its mode). Raises OSError."""
+    os.chmod(socket_file(directory, tcp_endpoint), SHARED_SOCKET_MODE)
 
 
 def _name(tcp_endpoint: str) -> str:
@@ -96,7 +139,7 @@ def remove_recorded(record: Path) -> None:
         previous = Path(record.read_text().strip())
     except (OSError, ValueError):
         return
-    if previous.name.startswith(_PREFIX):
+    if previous.name.startswith((_PREFIX, _SHARED_PREFIX)):
         remove_dir(previous)
 
 

@@ -75,11 +75,12 @@ class LocalDaemon:
                  cluster_toml: str = "", heartbeat_s: float = 0.5, host: str = "127.0.0.1",
                  wrap: list[str] | None = None, data_roots: Sequence[str | Path] | None = None,
                  keys_dir: str | Path | None = None, insecure: bool = False, metrics: bool = True,
-                 local_ipc: bool = True) -> None:
+                 local_ipc: bool = True, trainer_group: str | None = None) -> None:
         self.workdir = Path(workdir).absolute()
         self.data_roots = [Path(p).absolute() for p in data_roots or default_data_roots(self.workdir)]
         self.insecure = insecure
         self.local_ipc = local_ipc  # same-node links over private Unix sockets (fabricd.local_ipc)
+        self.trainer_group = trainer_group  # [security] trainer_group: trainer sockets shared with it
         self.metrics = metrics    # serve /metrics on a free loopback port (see metrics_url)
         self.keys_dir = Path(keys_dir or os.environ.get(KEYS_DIR_ENV) or self.workdir / "keys").absolute()
         self.node_id = node_id
@@ -111,7 +112,8 @@ class LocalDaemon:
             f"[roles]\nloader_workers = {self.loader_workers}\nrestart_backoff_s = 0.2\n"
             f"restart_backoff_max_s = 2.0\nheartbeat_s = {self.heartbeat_s}\n\n"
             f'[security]\nkeys_dir = "{self.keys_dir}"\ninsecure = {"true" if self.insecure else "false"}\n'
-            f'local_ipc = {"true" if self.local_ipc else "false"}\n\n'
+            f'local_ipc = {"true" if self.local_ipc else "false"}\n'
+            + (f"trainer_group = {json.dumps(self.trainer_group)}\n" if self.trainer_group else "") + "\n"
             f'[metrics]\nenabled = {"true" if self.metrics else "false"}\nbind = "{self.host}"\nport = 0\n\n'
             f"{self.cluster_toml}"
         )
@@ -202,7 +204,8 @@ class LocalDaemon:
                 self.proc.kill()
                 self.proc.wait()
         kill_processes(children, timeout=5)
-        local_ipc.remove_recorded(self.workdir / "state" / "ipc_dir")  # a killed daemon could not
+        for record in ("ipc_dir", "trainer_ipc_dir"):  # a killed daemon could not
+            local_ipc.remove_recorded(self.workdir / "state" / record)
         if self._log_file is not None:
             self._log_file.close()
         self.proc = None

@@ -68,7 +68,10 @@ def build_status(daemon: Daemon, now: float) -> dict[str, Any]:
                       "keys": dict(daemon.ring.counts),
                       "refused_handshakes": daemon.sockets.refused_handshakes()}) | {
             # same-node links: a private Unix socket directory, plaintext (fabricd.local_ipc)
-            "local_ipc": str(daemon.ipc_dir) if daemon.ipc_dir else None},
+            "local_ipc": str(daemon.ipc_dir) if daemon.ipc_dir else None,
+            # trainer streams over Unix sockets shared with a group of trainers' users
+            "trainer_ipc": {"dir": str(daemon.trainer_ipc_dir), "group": daemon.cfg.security.trainer_group}
+            if daemon.trainer_ipc_dir else None},
         "jobs": jobs,
         "metrics": daemon.metrics_server.status(),  # the /metrics URL, or why it is not served
     }

@@ -19,6 +19,10 @@
 #                     keys generate --dir /etc/fabricd/keys trainer NAME`, `systemctl reload fabricd`)
 #   --node ID         this node's id, to pick its key (default: node.id of the config)
 #   --datasets DIR    a dataset directory the daemon reads (repeatable): ReadOnlyPaths= in a drop-in
+#   --trainer-group G the group of the trainers' users on this node: the daemon joins it
+#                     (SupplementaryGroups= in a drop-in), so that with `[security] trainer_group =
+#                     "G"` in the config it can share its trainer-stream Unix sockets with that
+#                     group (README: Security); the group must exist
 #   --prefix DIR      where the virtualenv goes (default /opt/fabricd)
 #   --python EXE      the Python that makes the virtualenv (default python3.11, else python3); with
 #                     --no-package and no virtualenv, the one that reads node.id and makes keys
@@ -40,6 +44,7 @@ CONFIG=""
 KEYS=""
 NODE=""
 DATASETS=()
+TRAINER_GROUP=""
 PIP_ARGS=""
 PACKAGE=1
 START=1
@@ -54,6 +59,7 @@ while [ $# -gt 0 ]; do
         --keys) KEYS="${2:?--keys needs a directory}"; shift 2 ;;
         --node) NODE="${2:?--node needs a node id}"; shift 2 ;;
         --datasets) DATASETS+=("${2:?--datasets needs a directory}"); shift 2 ;;
+        --trainer-group) TRAINER_GROUP="${2:?--trainer-group needs a group}"; shift 2 ;;
         --prefix) PREFIX="${2:?--prefix needs a directory}"; shift 2 ;;
         --python) PYTHON="${2:?--python needs an executable}"; shift 2 ;;
         --pip-args) PIP_ARGS="${2?--pip-args needs a value}"; shift 2 ;;
@@ -75,6 +81,10 @@ for d in "${DATASETS[@]}"; do
     case "$d" in *[[:space:]]*) die "--datasets $d: paths with spaces are not supported in ReadOnlyPaths=" ;; esac
     [ -n "$ROOT" ] || [ -d "$d" ] || die "--datasets $d: no such directory"
 done
+if [ -n "$TRAINER_GROUP" ]; then
+    case "$TRAINER_GROUP" in *[!a-zA-Z0-9_.-]*|-*) die "--trainer-group $TRAINER_GROUP: not a group name" ;; esac
+    [ -n "$ROOT" ] || getent group "$TRAINER_GROUP" >/dev/null || die "--trainer-group $TRAINER_GROUP: no such group"
+fi
 
 ETC="$ROOT/etc/fabricd"
 UNIT_DIR="$ROOT/etc/systemd/system"
@@ -299,7 +309,7 @@ fi
 # --- 5. the unit ------------------------------------------------------------------------------
 install -D -m 0644 "$SRC/systemd/fabricd.service" "$UNIT_DIR/fabricd.service"
 DROPIN="$UNIT_DIR/fabricd.service.d"
-rm -f "$DROPIN/prefix.conf" "$DROPIN/datasets.conf"
+rm -f "$DROPIN/prefix.conf" "$DROPIN/datasets.conf" "$DROPIN/trainers.conf"
 if [ "$PREFIX" != /opt/fabricd ]; then
     install -d -m 0755 "$DROPIN"
     printf '[Service]\nExecStart=\nExecStart=%s/bin/fabricd run --config /etc/fabricd/fabricd.toml\n' \
@@ -308,6 +318,11 @@ fi
 if [ ${#DATASETS[@]} -gt 0 ]; then
     install -d -m 0755 "$DROPIN"
     printf '[Service]\nReadOnlyPaths=%s\n' "${DATASETS[*]}" > "$DROPIN/datasets.conf"
+fi
+if [ -n "$TRAINER_GROUP" ]; then
+    install -d -m 0755 "$DROPIN"
+    printf '[Service]\nSupplementaryGroups=%s\n' "$TRAINER_GROUP" > "$DROPIN/trainers.conf"
+    say "the daemon joins group $TRAINER_GROUP: set [security] trainer_group = \"$TRAINER_GROUP\" in /etc/fabricd/fabricd.toml"
 fi
 rmdir "$DROPIN" 2>/dev/null || true
 say "unit installed as /etc/systemd/system/fabricd.service"

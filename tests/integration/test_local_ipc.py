@@ -14,6 +14,8 @@ import pytest
 import zmq
 
 from fabric_client import protocol
+from fabric_client.keys import ClientKeys
+from fabric_client.machine import machine_id
 from fabricd import local_ipc
 from fabricd.localnode import LocalDaemon
 
@@ -145,3 +147,66 @@ def test_another_user_cannot_reach_the_unix_socket(tmp_path, tiny_corpus, local_
         assert probe() is True, "the probe cannot tell: it got no answer even through an open directory"
     finally:
         os.chmod(directory, 0o700)
+
+
+def _consume_as(uid: int, gid: int, groups: list[int], address: str, dp_rank: int, dp_size: int, out) -> None:
+    """In a forked child: take the trainer key, become ``uid`` with those groups, stream a rank."""
+    try:
+        keys = ClientKeys.load(os.environ["FABRIC_KEY"])  # read while still allowed to
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+        stats: dict = {}
+        records, _ = consume(address, "t", dp_rank, dp_size, steps=4, stats=stats, keys=keys)
+        out.put((records, stats["stream_endpoint"]))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        out.put(e)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to become another user")
+def test_trainers_of_the_trainer_group_stream_over_a_socket_shared_with_it(tmp_path, tiny_corpus):
+    """[security] trainer_group: a trainer of another user in that group streams over the shared
+    Unix socket, one not in it over TCP with CurveZMQ; both get exactly what the oracle says, and
+    the loaders' sockets stay in the private directory."""
+    import multiprocessing as mp
+
+    nobody, nogroup, other_gid = 65534, 65534, 65533
+    daemon = LocalDaemon(tmp_path / "node", node_id="test", trainer_group="nogroup")
+    daemon.start()
+    try:
+        job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=2)
+        submit(daemon, job_file)
+        want = expected(job_file, range(4))
+        security = daemon.status()["security"]
+        shared, private = Path(security["trainer_ipc"]["dir"]), Path(security["local_ipc"])
+        assert security["trainer_ipc"]["group"] == "nogroup"
+        st = shared.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o2750 and st.st_gid == nogroup
+        ctx = mp.get_context("fork")
+        machine_id()  # cached before the fork: the child, as nobody, cannot read this venv's stdlib
+        # rank 0: nobody, in the group as a supplementary one; rank 1: nobody, not in it
+        for rank, groups, scheme in ((0, [nogroup], "ipc://"), (1, [], "tcp://")):
+            out = ctx.Queue()
+            child = ctx.Process(target=_consume_as, args=(nobody, other_gid, groups, daemon.address, rank, 2, out))
+            child.start()
+            try:
+                got = out.get(timeout=90)
+            finally:
+                child.join(10)
+                if child.is_alive():
+                    child.kill()
+            assert not isinstance(got, BaseException), got
+            records, endpoint = got
+            assert endpoint.startswith(scheme), (rank, endpoint)
+            if scheme == "ipc://":
+                assert Path(endpoint[len("ipc://"):]).parent == shared
+            assert_exact(records, want, rank)
+        socks = [p for p in shared.iterdir()]
+        assert socks and all(stat.S_ISSOCK(p.stat().st_mode) and stat.S_IMODE(p.stat().st_mode) == 0o660
+                             and p.stat().st_gid == nogroup for p in socks)
+        constructors = [r for r in daemon.status()["jobs"]["t"]["roles"] if r["kind"] == "constructor"]
+        assert len(socks) == len(constructors)  # the trainer streams only: the loaders stay private
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700 and any(private.iterdir())
+    finally:
+        daemon.stop()
+    assert not shared.exists() and not private.exists(), "the daemon left a socket directory behind"

@@ -179,3 +179,19 @@ def test_reported_fork_bombs_are_refused(tmp_path, edit, key):
 def test_roles_needed_counts_constructors_standbys_and_loaders():
     assert B.roles_needed(dp_size=10, ranks_per_constructor=4, loader_workers=[1, 2], standby=False) == 3 + 3
     assert B.roles_needed(dp_size=10, ranks_per_constructor=4, loader_workers=[1, 2], standby=True) == 6 + 3
+
+
+def test_the_trainer_group_must_exist_and_the_socket_dir_be_absolute(tmp_path):
+    p = tmp_path / "n.toml"
+    p.write_text('[node]\nid = "a"\n')
+    sec = load_node_config(p).security
+    assert sec.trainer_group is None and sec.trainer_gid is None and sec.trainer_socket_dir is None
+    p.write_text('[node]\nid = "a"\n[security]\ntrainer_group = "nogroup"\ntrainer_socket_dir = "/run/x"\n')
+    sec = load_node_config(p).security
+    assert sec.trainer_group == "nogroup" and sec.trainer_gid == 65534 and sec.trainer_socket_dir == Path("/run/x")
+    p.write_text('[node]\nid = "a"\n[security]\ntrainer_group = "no-such-group-here"\n')
+    with pytest.raises(ConfigError, match="security.trainer_group.*no such group"):
+        load_node_config(p)
+    p.write_text('[node]\nid = "a"\n[security]\ntrainer_group = "nogroup"\ntrainer_socket_dir = "run/x"\n')
+    with pytest.raises(ConfigError, match="security.trainer_socket_dir.*absolute"):
+        load_node_config(p)

@@ -71,7 +71,8 @@ def test_staged_install(tmp_path, keys):
     root = tmp_path / "root"
     node_cfg = _config(tmp_path, "node-a")
     proc = _install("--root", str(root), "--config", str(node_cfg), "--keys", str(keys),
-                    "--datasets", "/data/corpus", "--datasets", "/mnt/shared/images", "--prefix", "/srv/fabricd")
+                    "--datasets", "/data/corpus", "--datasets", "/mnt/shared/images", "--prefix", "/srv/fabricd",
+                    "--trainer-group", "ml-trainers")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     assert "fabricd:" in (root / "etc/passwd").read_text()
@@ -100,6 +101,7 @@ def test_staged_install(tmp_path, keys):
     assert (unit_dir / "fabricd.service").read_text() == (ROOT / "systemd/fabricd.service").read_text()
     datasets = (unit_dir / "fabricd.service.d/datasets.conf").read_text()
     assert "ReadOnlyPaths=/data/corpus /mnt/shared/images" in datasets
+    assert (unit_dir / "fabricd.service.d/trainers.conf").read_text() == "[Service]\nSupplementaryGroups=ml-trainers\n"
     prefix = (unit_dir / "fabricd.service.d/prefix.conf").read_text()
     assert "ExecStart=\nExecStart=/srv/fabricd/bin/fabricd run --config /etc/fabricd/fabricd.toml" in prefix
     assert (root / "usr/lib/sysusers.d/fabricd.conf").exists()
@@ -230,6 +232,7 @@ def test_refuses_bad_arguments(tmp_path):
                          (["--keys", str(tmp_path), "--node", "../x"], "node id"),
                          (["--datasets", "relative/dir"], "absolute path"),
                          (["--prefix", "opt/x"], "absolute path"),
+                         (["--trainer-group", "a b"], "not a group name"),
                          (["--bogus"], "unknown option")]:
         proc = _install("--root", root, *args)
         assert proc.returncode != 0 and needle in proc.stderr, (args, proc.stderr)

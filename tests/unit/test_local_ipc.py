@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,56 @@ def test_a_trainer_uses_the_unix_socket_only_where_it_can_connect(tmp_path):
         assert _usable_unix_socket(f"ipc://{path}") == f"ipc://{path}"
     finally:
         server.close()
+
+
+NOGROUP = 65534  # a group that is on every Debian-like machine and that no test process is in
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to a group one is not in takes root")
+def test_the_trainer_directory_is_shared_with_its_group_only_and_removed(tmp_path):
+    record = tmp_path / "trainer_ipc_dir"
+    d = local_ipc.make_shared_dir(NOGROUP, record)
+    assert d is not None and d.name.startswith("fabricd-trainers-")
+    try:
+        st = d.stat()
+        # the group may enter and connect, not create; setgid, so sockets made there are the group's
+        assert stat.S_IMODE(st.st_mode) == 0o2750 and st.st_gid == NOGROUP
+        assert record.read_text().strip() == str(d)
+        tcp = "tcp://127.0.0.1:40002"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(local_ipc.socket_file(d, tcp)))
+            local_ipc.share_socket(d, tcp)
+            f = local_ipc.socket_file(d, tcp).stat()
+            assert stat.S_ISSOCK(f.st_mode) and stat.S_IMODE(f.st_mode) == 0o660 and f.st_gid == NOGROUP
+        finally:
+            sock.close()
+        second = local_ipc.make_shared_dir(NOGROUP, record)  # a restart after a kill removes the first
+        assert second is not None and not d.exists()
+        d = second
+    finally:
+        local_ipc.remove_dir(d)
+
+
+def test_a_trainer_directory_the_group_cannot_be_given_is_not_used(monkeypatch):
+    def refuse(*_):
+        raise PermissionError(1, "Operation not permitted")
+
+    made: list[Path] = []
+    real = local_ipc.make_dir
+    monkeypatch.setattr(local_ipc, "make_dir", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    monkeypatch.setattr(local_ipc.os, "chown", refuse)  # the daemon's user is not in the group
+    assert local_ipc.make_shared_dir(NOGROUP) is None
+    assert len(made) == 1 and made[0] is not None and not made[0].exists()  # nothing left behind
+
+
+def test_the_trainer_directory_goes_to_systemds_runtime_directory(tmp_path, monkeypatch):
+    runtime = Path(tempfile.mkdtemp(prefix="rt-"))  # short: pytest's tmp_path is too deep for sockets
+    try:
+        monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
+        monkeypatch.setattr(local_ipc.os, "chown", lambda *_: None)
+        d = local_ipc.make_shared_dir(os.getgid())
+        assert d is not None and d.parent == runtime
+        local_ipc.remove_dir(d)
+    finally:
+        local_ipc.remove_dir(runtime)
