@@ -205,6 +205,8 @@ def run_benchmark(*, L: Lengths, mode: str, corpus: Path, samples: int, cfg: Ben
     """Every run of the benchmark; returns the report (the JSON line's object)."""
     started = time.monotonic()
     corpus = ensure_corpus(corpus, samples)
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="fabricd-bench-e2e-", dir=workdir))
     # fresh interpreters for the ranks: what a rank holds before its loader is its own, so its
     # growth is loading's, and a DataLoader worker forks from a rank that imported torch itself
