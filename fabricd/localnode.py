@@ -75,7 +75,7 @@ class LocalDaemon:
                  cluster_toml: str = "", heartbeat_s: float = 0.5, host: str = "127.0.0.1",
                  wrap: list[str] | None = None, data_roots: Sequence[str | Path] | None = None,
                  keys_dir: str | Path | None = None, insecure: bool = False, metrics: bool = True,
-                 local_ipc: bool = True, trainer_group: str | None = None) -> None:
+                 local_ipc: bool = True, trainer_group: str | None = None, nice: int = 0) -> None:
         self.workdir = Path(workdir).absolute()
         self.data_roots = [Path(p).absolute() for p in data_roots or default_data_roots(self.workdir)]
         self.insecure = insecure
@@ -92,6 +92,7 @@ class LocalDaemon:
         self.heartbeat_s = heartbeat_s
         self.host = host          # the address it binds and advertises
         self.wrap = wrap or []    # a command prefix, e.g. ip netns exec NS
+        self.nice = nice          # the daemon's (and so its roles') niceness; the packaged unit's is 5
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None
         self.config_path = self.workdir / "fabricd.toml"
@@ -121,7 +122,9 @@ class LocalDaemon:
             ensure_keys(self.keys_dir, [self.node_id])
         self._log_file = open(self.log_path, "ab")
         env = {**os.environ, **self.extra_env}
-        self.proc = subprocess.Popen([*self.wrap, sys.executable, "-m", "fabricd", "run", "--config", str(self.config_path)],
+        niced = ["nice", "-n", str(self.nice)] if self.nice else []
+        self.proc = subprocess.Popen([*self.wrap, *niced, sys.executable, "-m", "fabricd", "run", "--config",
+                                      str(self.config_path)],
                                      stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env)
         deadline = time.monotonic() + timeout
@@ -287,7 +290,7 @@ class LocalCluster:
                  heartbeat_s: float = 0.3, missed_beats: int = 3, extra_env: dict[str, str] | None = None,
                  lab: NetnsLab | None = None, data_roots: Sequence[str | Path] | None = None,
                  keys_dir: str | Path | None = None, insecure: bool = False, metrics: bool = True,
-                 cluster_extra: str = "", local_ipc: bool = True) -> None:
+                 cluster_extra: str = "", local_ipc: bool = True, nice: int = 0) -> None:
         """``cluster_extra``: more ``[cluster]`` keys, as TOML lines (say, the lease backend)."""
         self.workdir = Path(workdir).absolute()
         roots = list(data_roots or default_data_roots(self.workdir))
@@ -304,7 +307,8 @@ class LocalCluster:
                                        log_level=log_level, extra_env=extra_env, port=ports[n], cluster_toml=cluster,
                                        heartbeat_s=heartbeat_s, host=hosts[n],
                                        wrap=lab.command(i, []) if lab else None, data_roots=roots,
-                                       keys_dir=keys_dir, insecure=insecure, metrics=metrics, local_ipc=local_ipc)
+                                       keys_dir=keys_dir, insecure=insecure, metrics=metrics, local_ipc=local_ipc,
+                                       nice=nice)
                         for i, n in enumerate(ids)}
         if not insecure:  # every node's key is in the allow-lists before the first daemon reads them
             ensure_keys(keys_dir, ids)

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-local-ipc", action="store_true",
                     help="the fabric's same-node links (loaders, trainer streams) over TCP with CurveZMQ, as across nodes "
                          "(default: a private Unix socket, plaintext; README: Security)")
+    ap.add_argument("--fabric-nice", type=int, default=0, choices=range(0, 20), metavar="N",
+                    help="run the fabric's daemon (and so its roles) at niceness N, as systemd/fabricd.service does "
+                         "with Nice=5 (default 0: the same as the trainers and the baseline's workers)")
     ap.add_argument("--sweep-sources", default=None, help="source counts (default 5,20,35; quick and tiny: 5,35)")
     ap.add_argument("--sweep-ranks", default=None, help="ranks per host (default RANKS,32; quick and tiny: RANKS)")
     ap.add_argument("--run-timeout", type=float, default=None, help="seconds one run may take (default: by mode)")
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     sources = [int(x) for x in (args.sweep_sources or ("5,35" if short else "5,20,35")).split(",")]
     ranks = [int(x) for x in (args.sweep_ranks or (str(args.ranks) if short else f"{args.ranks},32")).split(",")]
     cfg = BenchConfig(ranks=args.ranks, workers=args.workers, rank_tokens=args.rank_tokens,
-                      compression=args.compression, local_ipc=not args.no_local_ipc)
+                      compression=args.compression, local_ipc=not args.no_local_ipc,
+                      fabric_nice=args.fabric_nice)
     result = run_benchmark(L=L, mode="tiny" if args.tiny else "quick" if args.quick else "full",
                            corpus=args.corpus.absolute(), samples=args.samples, cfg=cfg, sweep_sources=sources,
                            sweep_ranks=ranks, workdir=args.workdir)

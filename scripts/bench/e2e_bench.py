@@ -174,7 +174,8 @@ def side_view(run: dict) -> dict:
 
 def _run(side: str, ctx: Any, job: Job, driver: Any, L: Lengths, work: Path, corpus: Path) -> dict:
     steps = driver.most_steps if isinstance(driver, CalibratingDriver) else driver.phases[-1].end
-    fabric = FabricNode(corpus, job.cfg.loader_workers, job.cfg.local_ipc) if side == "fabric" else None
+    fabric = FabricNode(corpus, job.cfg.loader_workers, job.cfg.local_ipc, nice=job.cfg.fabric_nice) \
+        if side == "fabric" else None
     return run_side(side, ctx=ctx, args=rank_args(side, job, steps), driver=driver, steps=steps, work=work,
                     timeout_s=L.run_timeout_s, fabric=fabric)
 

@@ -155,6 +155,7 @@ class FabricNode:
     corpus: Path
     loader_workers: int = 1
     local_ipc: bool = True  # [security] local_ipc of its daemon
+    nice: int = 0  # the daemon's niceness (its roles inherit it); the packaged unit's is 5
     addresses: list[str] = field(default_factory=list)
     keys: str | None = None
     status: dict = field(default_factory=dict)
@@ -311,7 +312,7 @@ def _start_fabric(node: FabricNode, work: Path, spec_path: Path, timeout: float)
     from fabricd.localnode import TRAINER_KEY, LocalCluster
 
     cluster = LocalCluster(work / "cluster", nodes=1, loader_workers=node.loader_workers, data_roots=[node.corpus],
-                           log_level="WARNING", local_ipc=node.local_ipc)
+                           log_level="WARNING", local_ipc=node.local_ipc, nice=node.nice)
     cluster.start()
     try:
         leader = cluster.leader()

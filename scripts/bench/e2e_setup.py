@@ -58,6 +58,7 @@ class BenchConfig:
     shift_fraction: float = 0.5    # share of every other source's weight moved to the heavy source
     compression: str = ""          # fabric: batch compression ("": the demo job's, auto)
     local_ipc: bool = True         # fabric: same-node links over private Unix sockets (the default)
+    fabric_nice: int = 0           # fabric: the daemon's niceness (0: as the trainers; the packaged unit's is 5)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
