@@ -6,8 +6,9 @@ Every daemon a test starts is stopped at teardown together with every process it
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -219,3 +220,21 @@ def etcd_server(tmp_path_factory) -> Iterator:
         pytest.skip(missing)
     with EtcdServer(tmp_path_factory.mktemp("etcd")) as server:
         yield server
+
+
+def in_forked_child(target: Callable[..., None], *args: Any, timeout: float) -> Any:
+    """Run ``target(*args, out)`` in a forked child (say, one that drops to another user) and
+    return what it put on ``out``; the child is joined, or killed if it does not end."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=target, args=(*args, out))
+    child.start()
+    try:
+        return out.get(timeout=timeout)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join(5)

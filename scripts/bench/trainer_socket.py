@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -39,7 +38,7 @@ from fabric_client.keys import ClientKeys  # noqa: E402
 from fabric_client.machine import machine_id  # noqa: E402
 from fabricd.corpus import make_dataset  # noqa: E402
 from fabricd.localnode import TRAINER_KEY, LocalDaemon  # noqa: E402
-from tests.conftest import write_job  # noqa: E402
+from tests.conftest import in_forked_child, write_job  # noqa: E402
 from tests.integration.test_data_path import submit  # noqa: E402
 
 NOBODY, NOGROUP, OTHER_GID = 65534, 65534, 65533
@@ -81,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         address = daemon.start()
         machine_id()  # cached before the forks: nobody may not read this interpreter's stdlib
-        ctx = mp.get_context("fork")
         for trial in range(args.trials):
             order = ("unix_socket", "tcp_curve") if trial % 2 == 0 else ("tcp_curve", "unix_socket")
             for side in order:
@@ -92,17 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                 submit(daemon, spec)
                 constructor = next(r for r in daemon.status()["jobs"][job]["roles"] if r["kind"] == "constructor")
                 cproc = psutil.Process(constructor["pid"])
-                out = ctx.Queue()
                 groups = [NOGROUP] if side == "unix_socket" else []
-                child = ctx.Process(target=_trainer, args=(address, key_file, job, groups, args.steps, out))
                 c0 = sum(cproc.cpu_times()[:2])
-                child.start()
-                try:
-                    got = out.get(timeout=300)
-                finally:
-                    child.join(10)
-                    if child.is_alive():
-                        child.kill()
+                got = in_forked_child(_trainer, address, key_file, job, groups, args.steps, timeout=300)
                 c1 = sum(cproc.cpu_times()[:2])
                 if isinstance(got, str):
                     raise SystemExit(f"trainer failed:\n{got}")

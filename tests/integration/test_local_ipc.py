@@ -19,7 +19,7 @@ from fabric_client.machine import machine_id
 from fabricd import local_ipc
 from fabricd.localnode import LocalDaemon
 
-from ..conftest import write_job
+from ..conftest import in_forked_child, write_job
 from .test_data_path import assert_exact, consume, expected, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -124,21 +124,10 @@ def _probe_as_nobody(endpoint: str, out) -> None:
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to become another user")
 def test_another_user_cannot_reach_the_unix_socket(tmp_path, tiny_corpus, local_daemon):
-    import multiprocessing as mp
-
     directory, loader_socket = _loader_socket(tmp_path, tiny_corpus, local_daemon)
-    ctx = mp.get_context("fork")
 
     def probe() -> bool:
-        out = ctx.Queue()
-        child = ctx.Process(target=_probe_as_nobody, args=(f"ipc://{loader_socket}", out))
-        child.start()
-        try:
-            return out.get(timeout=30)
-        finally:
-            child.join(10)
-            if child.is_alive():
-                child.kill()
+        return in_forked_child(_probe_as_nobody, f"ipc://{loader_socket}", timeout=30)
 
     os.chmod(loader_socket, 0o777)  # whatever the socket file's own mode, the directory keeps others out
     assert probe() is False, "a process of another user got an answer from the loader's Unix socket"
@@ -168,8 +157,6 @@ def test_trainers_of_the_trainer_group_stream_over_a_socket_shared_with_it(tmp_p
     """[security] trainer_group: a trainer of another user in that group streams over the shared
     Unix socket, one not in it over TCP with CurveZMQ; both get exactly what the oracle says, and
     the loaders' sockets stay in the private directory."""
-    import multiprocessing as mp
-
     nobody, nogroup, other_gid = 65534, 65534, 65533
     daemon = LocalDaemon(tmp_path / "node", node_id="test", trainer_group="nogroup")
     daemon.start()
@@ -182,19 +169,10 @@ def test_trainers_of_the_trainer_group_stream_over_a_socket_shared_with_it(tmp_p
         assert security["trainer_ipc"]["group"] == "nogroup"
         st = shared.stat()
         assert stat.S_IMODE(st.st_mode) == 0o2750 and st.st_gid == nogroup
-        ctx = mp.get_context("fork")
         machine_id()  # cached before the fork: the child, as nobody, cannot read this venv's stdlib
         # rank 0: nobody, in the group as a supplementary one; rank 1: nobody, not in it
         for rank, groups, scheme in ((0, [nogroup], "ipc://"), (1, [], "tcp://")):
-            out = ctx.Queue()
-            child = ctx.Process(target=_consume_as, args=(nobody, other_gid, groups, daemon.address, rank, 2, out))
-            child.start()
-            try:
-                got = out.get(timeout=90)
-            finally:
-                child.join(10)
-                if child.is_alive():
-                    child.kill()
+            got = in_forked_child(_consume_as, nobody, other_gid, groups, daemon.address, rank, 2, timeout=90)
             assert not isinstance(got, BaseException), got
             records, endpoint = got
             assert endpoint.startswith(scheme), (rank, endpoint)
