@@ -208,6 +208,10 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     elif sec:
         click.echo(f"security: CurveZMQ, keys {sec['keys']} in {sec['keys_dir']}; "
                    f"refused handshakes {sec['refused_handshakes']}")
+    if sec.get("local_ipc"):
+        shared = sec.get("trainer_ipc")
+        click.echo(f"same-node links: Unix sockets in {sec['local_ipc']} (plaintext; this user only)"
+                   + (f"; trainers of group {shared['group']}: {shared['dir']}" if shared else ""))
     met = status.get("metrics") or {}
     if met.get("url") or met.get("error"):
         click.echo(f"metrics: {met['url'] or 'NOT SERVED: ' + met['error']}")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,6 +187,11 @@ def test_trainers_of_the_trainer_group_stream_over_a_socket_shared_with_it(tmp_p
         constructors = [r for r in daemon.status()["jobs"]["t"]["roles"] if r["kind"] == "constructor"]
         assert len(socks) == len(constructors)  # the trainer streams only: the loaders stay private
         assert stat.S_IMODE(private.stat().st_mode) == 0o700 and any(private.iterdir())
+        shown = subprocess.run([sys.executable, "-c", "from fabricd.cli import fabricctl_main; fabricctl_main()",
+                                "--address", daemon.address, "status"], capture_output=True, text=True, check=True,
+                               timeout=30).stdout
+        assert f"same-node links: Unix sockets in {private}" in shown
+        assert f"trainers of group nogroup: {shared}" in shown
     finally:
         daemon.stop()
     assert not shared.exists() and not private.exists(), "the daemon left a socket directory behind"
