@@ -200,7 +200,7 @@ class SecurityConfig:
     local_ipc: bool = True  # same-node links (loaders, same-user trainers) over private Unix sockets (fabricd.local_ipc)
     # a group whose members' trainers stream from this node's constructors over Unix sockets shared
     # with it (fabricd.local_ipc; None: only the daemon's user's), and where those sockets go (None:
-    # $RUNTIME_DIRECTORY, else the temp directory)
+    # $RUNTIME_DIRECTORY/trainers under systemd, else the temp directory)
     trainer_group: str | None = None
     trainer_gid: int | None = None
     trainer_socket_dir: Path | None = None

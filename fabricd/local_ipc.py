@@ -25,9 +25,11 @@ names that socket in ``Located.local_endpoint`` when the constructor is its own,
 
 Trainers of another user: the packaged unit runs the daemon as its own user, so the private
 directory keeps every trainer out. ``[security] trainer_group = "G"`` gives the trainer streams a
-directory of their own, made like the private one but shared with the group G (mode 2750, group
-G, sockets 0660), in ``$RUNTIME_DIRECTORY`` (systemd's ``RuntimeDirectory=``, outside the
-service's private /tmp) or ``[security] trainer_socket_dir``: a member of G connects to it,
+directory of their own, made like the private one but shared with the group G (mode 0750, group
+G; its sockets 0666, the directory keeping everyone else out), in ``$RUNTIME_DIRECTORY/trainers``
+(systemd's ``RuntimeDirectory=``, outside the service's private /tmp; the unit's drop-in makes it
+setgid G, since the daemon may not chown there) or ``[security] trainer_socket_dir``: a member
+of G connects to it,
 plaintext. Being in G is then what holding a trainer key is on TCP: it admits to the streams of
 every job on this node that does not name its trainer keys. Source loaders stay in the private
 directory.
@@ -52,11 +54,15 @@ MAX_SOCKET_PATH = 107
 _NAME_BYTES = 8  # hash bytes in a socket's file name: 16 hex digits
 _PREFIX = "fabricd-ipc-"
 _SHARED_PREFIX = "fabricd-trainers-"
-#: The shared directory: the group may enter and find sockets, not create files; setgid, so the
-#: sockets made in it belong to the group.
-SHARED_DIR_MODE = 0o2750
-#: A socket in it: connecting takes write permission on the socket file.
-SHARED_SOCKET_MODE = 0o660
+#: The shared directory: owner and group may enter, nobody else; the group cannot create files.
+SHARED_DIR_MODE = 0o750
+#: A socket in it: connecting takes write permission on the socket file. Anyone's: the directory
+#: (its group and mode) is what keeps others out, as for /tmp/.X11-unix; the socket keeps the
+#: daemon's group (chown is a privileged system call under the packaged unit).
+SHARED_SOCKET_MODE = 0o666
+#: Under systemd, where the shared directory goes: made by the unit's drop-in
+#: (scripts/install.sh --trainer-group G), as root, owned by the daemon, group G, setgid.
+RUNTIME_SUBDIR = "trainers"
 
 
 def make_dir(record: Path | None = None, base: str | None = None, *, prefix: str = _PREFIX) -> Path | None:
@@ -85,16 +91,25 @@ def make_dir(record: Path | None = None, base: str | None = None, *, prefix: str
 
 
 def make_shared_dir(gid: int, record: Path | None = None, base: str | None = None) -> Path | None:
-    """A new directory for trainer streams shared with group ``gid`` (mode 2750, that group), in
-    ``base`` (default: ``$RUNTIME_DIRECTORY``, else the temp directory), or None (logged as an
-    error: the group's trainers then stream over TCP with CurveZMQ) when it cannot be made, e.g.
-    because the daemon's user is not in that group and so cannot give it the directory."""
-    base = base or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    """A new directory for trainer streams shared with group ``gid`` (mode 0750, that group), in
+    ``base`` (default: ``$RUNTIME_DIRECTORY/trainers`` under systemd, else the temp directory),
+    or None (logged as an error: the group's trainers then stream over TCP with CurveZMQ) when it
+    cannot be made.
+
+    The new directory is the group's either by inheritance (``base`` is setgid and the group's,
+    as the packaged unit's drop-in makes ``/run/fabricd/trainers``: there the daemon may not
+    chown) or by a chown (the daemon's user is in the group, or root)."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    base = base or (str(Path(runtime) / RUNTIME_SUBDIR) if runtime else None)
     path = make_dir(record, base, prefix=_SHARED_PREFIX)
     if path is None:
+        log.error("no directory for trainer sockets in %s%s: trainers of other users stream over TCP with "
+                  "CurveZMQ", base or tempfile.gettempdir(),
+                  " (under systemd, scripts/install.sh --trainer-group G makes it)" if runtime else "")
         return None
     try:
-        os.chown(path, -1, gid)
+        if os.stat(path).st_gid != gid:
+            os.chown(path, -1, gid)
         os.chmod(path, SHARED_DIR_MODE)
     except OSError as e:
         log.error("cannot share %s with group %d (%s; is the daemon's user in that group?): trainers of "
@@ -105,8 +120,8 @@ def make_shared_dir(gid: int, record: Path | None = None, base: str | None = Non
 
 
 def share_socket(directory: str | Path, tcp_endpoint: str) -> None:
-    """Let the group of ``directory`` connect to the socket of ``tcp_endpoint`` bound there (the
-    process's umask decided its mode). Raises OSError."""
+    """Let whoever can enter ``directory`` (its owner and group) connect to the socket of
+    ``tcp_endpoint`` bound there (the process's umask decided its mode). Raises OSError."""
     os.chmod(socket_file(directory, tcp_endpoint), SHARED_SOCKET_MODE)
 
 

@@ -19,10 +19,11 @@
 #                     keys generate --dir /etc/fabricd/keys trainer NAME`, `systemctl reload fabricd`)
 #   --node ID         this node's id, to pick its key (default: node.id of the config)
 #   --datasets DIR    a dataset directory the daemon reads (repeatable): ReadOnlyPaths= in a drop-in
-#   --trainer-group G the group of the trainers' users on this node: the daemon joins it
-#                     (SupplementaryGroups= in a drop-in), so that with `[security] trainer_group =
-#                     "G"` in the config it can share its trainer-stream Unix sockets with that
-#                     group (README: Security); the group must exist
+#   --trainer-group G the group of the trainers' users on this node: a drop-in makes the daemon
+#                     join it (SupplementaryGroups=) and makes /run/fabricd/trainers (setgid G) at
+#                     each start, so that with `[security] trainer_group = "G"` in the config it
+#                     shares its trainer-stream Unix sockets with that group (README: Security);
+#                     the group must exist
 #   --prefix DIR      where the virtualenv goes (default /opt/fabricd)
 #   --python EXE      the Python that makes the virtualenv (default python3.11, else python3); with
 #                     --no-package and no virtualenv, the one that reads node.id and makes keys
@@ -321,7 +322,11 @@ if [ ${#DATASETS[@]} -gt 0 ]; then
 fi
 if [ -n "$TRAINER_GROUP" ]; then
     install -d -m 0755 "$DROPIN"
-    printf '[Service]\nSupplementaryGroups=%s\n' "$TRAINER_GROUP" > "$DROPIN/trainers.conf"
+    # the daemon joins the group, and root (the + prefix: no sandbox) makes the directory its
+    # trainer sockets go in, setgid to the group: under the unit's system call filter the daemon
+    # itself may not chown (README: Security)
+    printf '[Service]\nSupplementaryGroups=%s\nExecStartPre=+/usr/bin/install -d -m 2750 -o fabricd -g %s /run/fabricd/trainers\n' \
+        "$TRAINER_GROUP" "$TRAINER_GROUP" > "$DROPIN/trainers.conf"
     say "the daemon joins group $TRAINER_GROUP: set [security] trainer_group = \"$TRAINER_GROUP\" in /etc/fabricd/fabricd.toml"
 fi
 rmdir "$DROPIN" 2>/dev/null || true

@@ -101,7 +101,9 @@ def test_staged_install(tmp_path, keys):
     assert (unit_dir / "fabricd.service").read_text() == (ROOT / "systemd/fabricd.service").read_text()
     datasets = (unit_dir / "fabricd.service.d/datasets.conf").read_text()
     assert "ReadOnlyPaths=/data/corpus /mnt/shared/images" in datasets
-    assert (unit_dir / "fabricd.service.d/trainers.conf").read_text() == "[Service]\nSupplementaryGroups=ml-trainers\n"
+    assert (unit_dir / "fabricd.service.d/trainers.conf").read_text() == (
+        "[Service]\nSupplementaryGroups=ml-trainers\n"
+        "ExecStartPre=+/usr/bin/install -d -m 2750 -o fabricd -g ml-trainers /run/fabricd/trainers\n")
     prefix = (unit_dir / "fabricd.service.d/prefix.conf").read_text()
     assert "ExecStart=\nExecStart=/srv/fabricd/bin/fabricd run --config /etc/fabricd/fabricd.toml" in prefix
     assert (root / "usr/lib/sysusers.d/fabricd.conf").exists()

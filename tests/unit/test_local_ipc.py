@@ -123,6 +123,10 @@ def test_a_trainer_uses_the_unix_socket_only_where_it_can_connect(tmp_path):
 NOGROUP = 65534  # a group that is on every Debian-like machine and that no test process is in
 
 
+def _refuse(*_):  # chown, as the packaged unit's system call filter answers it, or for a non-member
+    raise PermissionError(1, "Operation not permitted")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to a group one is not in takes root")
 def test_the_trainer_directory_is_shared_with_its_group_only_and_removed(tmp_path):
     record = tmp_path / "trainer_ipc_dir"
@@ -130,8 +134,7 @@ def test_the_trainer_directory_is_shared_with_its_group_only_and_removed(tmp_pat
     assert d is not None and d.name.startswith("fabricd-trainers-")
     try:
         st = d.stat()
-        # the group may enter and connect, not create; setgid, so sockets made there are the group's
-        assert stat.S_IMODE(st.st_mode) == 0o2750 and st.st_gid == NOGROUP
+        assert stat.S_IMODE(st.st_mode) == 0o750 and st.st_gid == NOGROUP  # the group may enter, not create
         assert record.read_text().strip() == str(d)
         tcp = "tcp://127.0.0.1:40002"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -139,7 +142,8 @@ def test_the_trainer_directory_is_shared_with_its_group_only_and_removed(tmp_pat
             sock.bind(str(local_ipc.socket_file(d, tcp)))
             local_ipc.share_socket(d, tcp)
             f = local_ipc.socket_file(d, tcp).stat()
-            assert stat.S_ISSOCK(f.st_mode) and stat.S_IMODE(f.st_mode) == 0o660 and f.st_gid == NOGROUP
+            # connectable by whoever can enter the directory: its owner and its group
+            assert stat.S_ISSOCK(f.st_mode) and stat.S_IMODE(f.st_mode) == 0o666
         finally:
             sock.close()
         second = local_ipc.make_shared_dir(NOGROUP, record)  # a restart after a kill removes the first
@@ -150,24 +154,32 @@ def test_the_trainer_directory_is_shared_with_its_group_only_and_removed(tmp_pat
 
 
 def test_a_trainer_directory_the_group_cannot_be_given_is_not_used(monkeypatch):
-    def refuse(*_):
-        raise PermissionError(1, "Operation not permitted")
-
     made: list[Path] = []
     real = local_ipc.make_dir
     monkeypatch.setattr(local_ipc, "make_dir", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
-    monkeypatch.setattr(local_ipc.os, "chown", refuse)  # the daemon's user is not in the group
+    monkeypatch.setattr(local_ipc.os, "chown", _refuse)  # the daemon's user is not in the group
     assert local_ipc.make_shared_dir(NOGROUP) is None
     assert len(made) == 1 and made[0] is not None and not made[0].exists()  # nothing left behind
 
 
-def test_the_trainer_directory_goes_to_systemds_runtime_directory(tmp_path, monkeypatch):
+@pytest.mark.skipif(os.geteuid() != 0, reason="preparing a directory of another group takes root")
+def test_under_systemd_the_directory_is_the_groups_by_the_drop_ins_setgid_parent(monkeypatch):
+    """As the packaged unit runs it: $RUNTIME_DIRECTORY/trainers made by the drop-in (setgid, the
+    group's) and chown denied to the daemon: the new directory is the group's all the same."""
     runtime = Path(tempfile.mkdtemp(prefix="rt-"))  # short: pytest's tmp_path is too deep for sockets
     try:
+        prepared = runtime / local_ipc.RUNTIME_SUBDIR
+        prepared.mkdir()
+        os.chown(prepared, -1, NOGROUP)
+        os.chmod(prepared, 0o2750)
         monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
-        monkeypatch.setattr(local_ipc.os, "chown", lambda *_: None)
-        d = local_ipc.make_shared_dir(os.getgid())
-        assert d is not None and d.parent == runtime
+        monkeypatch.setattr(local_ipc.os, "chown", _refuse)
+        d = local_ipc.make_shared_dir(NOGROUP)
+        assert d is not None and d.parent == prepared
+        st = d.stat()
+        assert st.st_gid == NOGROUP and stat.S_IMODE(st.st_mode) & 0o7777 in (0o750, 0o2750)
         local_ipc.remove_dir(d)
+        prepared.rmdir()  # without the drop-in's directory: no trainer sockets, said in the log
+        assert local_ipc.make_shared_dir(NOGROUP) is None
     finally:
         local_ipc.remove_dir(runtime)
