@@ -350,8 +350,11 @@ def test_credits_come_back_in_chunks_and_all_of_them_before_the_loader_waits(ctx
         with pytest.raises(FabricUnavailable):
             next(it)  # nothing more to come: it waited, and gave every credit back first
         with con.lock:
-            (sub,) = con.delivery.stats()["subscriptions"]
-            assert sub["credits"] == prefetch and con.credited[(0, 0)] == available
+            assert con.credited[(0, 0)] == available
+            # giving up, the loader hung up: the constructor may have dropped the subscription
+            # already (a race with this check); if not, its window is whole again
+            subs = con.delivery.stats()["subscriptions"]
+            assert len(subs) <= 1 and all(sub["credits"] == prefetch for sub in subs), subs
         assert loader.stats["relocations"] == 0
 
 
