@@ -26,6 +26,7 @@ import signal
 import socket
 import time
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -96,8 +97,7 @@ class Daemon:
         # and trainer streams over Unix sockets shared with [security] trainer_group, when set
         sec = cfg.security
         self.trainer_ipc_dir = local_ipc.make_shared_dir(
-            sec.trainer_gid, cfg.state_dir / "trainer_ipc_dir",
-            str(sec.trainer_socket_dir) if sec.trainer_socket_dir else None,
+            sec.trainer_gid, cfg.state_dir / "trainer_ipc_dir", sec.trainer_socket_dir,
         ) if self.ipc_dir is not None and sec.trainer_gid is not None else None
         # what the daemon counts (messages, drops per socket and reason) and its /metrics endpoint
         self.metrics = FabricMetrics(cfg.node_id, __version__)
@@ -118,6 +118,13 @@ class Daemon:
         self.service.reload_hooks.append(lambda _cfg: self.reload_keys())  # SIGHUP: the allow-lists too
 
     # -- setup ----------------------------------------------------------------------------------
+
+    @property
+    def stream_ipc_dir(self) -> Path | None:
+        """Where this daemon's constructors serve trainer streams on Unix sockets
+        (fabricd.local_ipc): the directory shared with ``[security] trainer_group``, else the
+        private one (the daemon's user only), else None."""
+        return self.trainer_ipc_dir or self.ipc_dir
 
     def _bind(self, control: str) -> str:
         if control.startswith("tcp://") and control.rsplit(":", 1)[-1] == "0":

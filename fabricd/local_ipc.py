@@ -29,10 +29,11 @@ directory of their own, made like the private one but shared with the group G (m
 G; its sockets 0666, the directory keeping everyone else out), in ``$RUNTIME_DIRECTORY/trainers``
 (systemd's ``RuntimeDirectory=``, outside the service's private /tmp; the unit's drop-in makes it
 setgid G, since the daemon may not chown there) or ``[security] trainer_socket_dir``: a member
-of G connects to it,
-plaintext. Being in G is then what holding a trainer key is on TCP: it admits to the streams of
-every job on this node that does not name its trainer keys. Source loaders stay in the private
-directory.
+of G connects to it, plaintext. Being in G is then what holding a trainer key is on TCP: it
+admits to the streams of every job on this node that does not name its trainer keys. Source
+loaders stay in the private directory. The daemon names the trainer-stream directory once
+(``Daemon.stream_ipc_dir``: the shared one, else the private one), for ``Locate`` and for its
+constructors (``RoleArgs.extra["stream_ipc_dir"]``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ SHARED_SOCKET_MODE = 0o666
 RUNTIME_SUBDIR = "trainers"
 
 
-def make_dir(record: Path | None = None, base: str | None = None, *, prefix: str = _PREFIX) -> Path | None:
+def make_dir(record: Path | None = None, base: str | Path | None = None, *, prefix: str = _PREFIX) -> Path | None:
     """A new private directory (mode 0700) for this daemon's role sockets, or None (logged) when
     none can be made or its sockets' paths would be too long for a Unix socket.
 
@@ -90,7 +91,7 @@ def make_dir(record: Path | None = None, base: str | None = None, *, prefix: str
     return path
 
 
-def make_shared_dir(gid: int, record: Path | None = None, base: str | None = None) -> Path | None:
+def make_shared_dir(gid: int, record: Path | None = None, base: str | Path | None = None) -> Path | None:
     """A new directory for trainer streams shared with group ``gid`` (mode 0750, that group), in
     ``base`` (default: ``$RUNTIME_DIRECTORY/trainers`` under systemd, else the temp directory),
     or None (logged as an error: the group's trainers then stream over TCP with CurveZMQ) when it
@@ -120,8 +121,9 @@ def make_shared_dir(gid: int, record: Path | None = None, base: str | None = Non
 
 
 def share_socket(directory: str | Path, tcp_endpoint: str) -> None:
-    """Let whoever can enter ``directory`` (its owner and group) connect to the socket of
-    ``tcp_endpoint`` bound there (the process's umask decided its mode). Raises OSError."""
+    """Let whoever can enter ``directory`` connect to the socket of ``tcp_endpoint`` bound there
+    (the process's umask decided its mode): its group too, in the shared directory; in the
+    private one (0700) that is its owner alone all the same. Raises OSError."""
     os.chmod(socket_file(directory, tcp_endpoint), SHARED_SOCKET_MODE)
 
 

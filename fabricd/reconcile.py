@@ -85,7 +85,7 @@ class LocalReconciler:
             job = d.jobs[r.job]
             extra = {**r.extra, "assignment": r.extra, "index_dir": str(d.index_dir),
                      "data_roots": [str(p) for p in d.cfg.data_roots], "ipc_dir": str(d.ipc_dir or ""),
-                     "trainer_ipc_dir": str(d.trainer_ipc_dir or "")}
+                     "stream_ipc_dir": str(d.stream_ipc_dir or "")}
             d.supervisor.start(RoleArgs(
                 kind=r.kind, role_id=rid, daemon=d.local_endpoint, job=r.job,
                 spec_path=str(d.jobs_dir / f"{r.job}.toml"), spec_origin=job.spec.file,

@@ -50,8 +50,7 @@ def locate(daemon: Daemon, _identity: bytes, msg: protocol.Locate, _payload: lis
     if msg.host and msg.dp_size == topo.dp_size and msg.dp_rank < topo.dp_size and msg.mp_rank < topo.mp_size:
         daemon.declared_hosts[(msg.job, msg.dp_rank, msg.mp_rank)] = (msg.host, int(time.time() * 1000))
     found = job.locate(msg)
-    # a constructor of this daemon also serves on a Unix socket (fabricd.local_ipc): in the directory
-    # shared with the trainers' group when there is one, else in its private directory
-    local = local_ipc.local_endpoint(daemon.trainer_ipc_dir or daemon.ipc_dir, found.endpoint) \
+    # a constructor of this daemon also serves on a Unix socket (fabricd.local_ipc)
+    local = local_ipc.local_endpoint(daemon.stream_ipc_dir, found.endpoint) \
         if isinstance(found, protocol.Located) else None
     return msgspec.structs.replace(found, local_endpoint=local) if local else found

@@ -158,21 +158,22 @@ def role_sockets(ctx: zmq.Context, args: RoleArgs) -> SocketFactory:
     return SocketFactory(ctx, max_message_bytes=args.max_message_bytes, ring=ring, keys=ring.client())
 
 
-def local_router(sockets: SocketFactory, args: RoleArgs, tcp_endpoint: str, *, domain: str,
-                 shared: bool = False) -> zmq.Socket | None:
-    """A plaintext ROUTER on the Unix socket of ``tcp_endpoint`` in the daemon's private directory
-    (fabricd.local_ipc): the directory's mode is its access control, so no CurveZMQ. ``shared``
-    (trainer streams): in the directory shared with the trainers' group instead, when the daemon
-    has one, with the socket opened to that group. None when the daemon has no such directory,
-    or (logged; peers then use TCP) when it cannot bind."""
-    directory = (shared and args.extra.get("trainer_ipc_dir")) or args.extra.get("ipc_dir")
+def local_router(sockets: SocketFactory, args: RoleArgs, tcp_endpoint: str, *, domain: str) -> zmq.Socket | None:
+    """A plaintext ROUTER on the Unix socket of ``tcp_endpoint`` in the daemon's directory for
+    ``domain`` (fabricd.local_ipc): ``loader``, the private one; ``stream`` (trainers), the one
+    the daemon names in ``Located.local_endpoint``, shared with ``[security] trainer_group`` when
+    set, the socket open to whoever may enter it. The directory is the access control, so no
+    CurveZMQ. None when the daemon has no such directory, or (logged; peers then use TCP) when
+    it cannot bind."""
+    stream = domain == "stream"
+    directory = args.extra.get("stream_ipc_dir" if stream else "ipc_dir")
     if not directory:
         return None
     sock = sockets.router(domain=domain, local=True)
     endpoint = local_ipc.endpoint_for(directory, tcp_endpoint)
     try:
         sock.bind(endpoint)
-        if directory != args.extra.get("ipc_dir"):
+        if stream:
             local_ipc.share_socket(directory, tcp_endpoint)
     except (zmq.ZMQError, OSError) as e:
         log.warning("cannot serve on %s (%s): same-node peers use TCP", endpoint, e)

@@ -144,8 +144,7 @@ class Constructor:
         # trainers of this host running as the daemon's user (or in [security] trainer_group) may
         # stream over a Unix socket (fabricd.local_ipc), unless the job names the trainer keys it
         # admits: only a key says who
-        local = None if spec.trainers else local_router(self.sockets, args, self.link.endpoint, domain="stream",
-                                                         shared=True)
+        local = None if spec.trainers else local_router(self.sockets, args, self.link.endpoint, domain="stream")
         self.trainers = TrainerSockets([stream] if local is None else [stream, local])
         self.delivery = TrainerDelivery(self.trainers, job=spec.name, fingerprint=args.extra["fingerprint"],
                                         ranks=self.ranks, mp_size=spec.topology.mp_size,
