@@ -23,7 +23,10 @@ _find_python() {
 _needs_install() {
   [ -x "$VENV/bin/python" ] || return 0
   [ -f "$STAMP" ] || return 0
-  for f in "$FABRICD_ROOT/pyproject.toml" "$FABRICD_ROOT/client/pyproject.toml"; do
+  # the planner's C loops are built by the install (in place, for this editable one): a changed
+  # source installs again, or the old build would run
+  for f in "$FABRICD_ROOT/pyproject.toml" "$FABRICD_ROOT/client/pyproject.toml" "$FABRICD_ROOT/setup.py" \
+           "$FABRICD_ROOT/fabricd/planner/_native.c"; do
     [ "$f" -nt "$STAMP" ] && return 0
   done
   # the stamp lists the extras installed, one a line; asking for one not among them installs again

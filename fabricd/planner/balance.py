@@ -6,6 +6,10 @@ ties are broken by index order (stable sorts), never by hashing or timing. Order
 items come from ``stable_order``: stable radix passes over integer keys (a float key is first
 replaced by its ``descending_rank``), several times faster than ``np.lexsort`` and giving the
 same order.
+
+The hottest loops (``stable_order``'s radix passes, LPT's chunks, the micro-batch packing) run in
+C when ``fabricd.planner.native`` has its module, with the same results bit for bit; the numpy
+definitions here are the reference.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import math
 from typing import Callable
 
 import numpy as np
+
+from fabricd.planner import native
 
 __all__ = ["BALANCERS", "balance", "lpt", "karmarkar_karp", "pack_micro_batches", "pack_micro_batches_grouped"]
 
@@ -71,6 +77,11 @@ def _lpt_rounds(costs: np.ndarray, k: int, order: np.ndarray | None = None) -> n
     if order is None:
         order = stable_order(descending_rank(costs))  # = np.argsort(-costs, kind="stable"), by radix
     n = costs.size
+    if native.module is not None:
+        bins = np.empty(n, dtype=np.int32)
+        native.module.lpt_rounds(np.ascontiguousarray(costs, dtype=np.float64),
+                                 np.ascontiguousarray(order, dtype=np.int64), k, bins)
+        return bins
     ranked = costs[order]  # item costs, largest first
     got = np.empty(n, dtype=np.int32)  # the bin of each item, in that order
     loads = np.zeros(k, dtype=np.float64)
@@ -283,6 +294,11 @@ def stable_order(*keys: np.ndarray) -> np.ndarray:
         k = np.asarray(key)
         if k.size and int(k.min()) < 0:
             raise ValueError("stable_order needs non-negative integer keys")
+        if native.module is not None and k.ndim == 1 and k.dtype.kind in "biu":
+            out = np.empty(k.size, dtype=np.int64)
+            native.module.stable_refine(np.ascontiguousarray(k, dtype=np.int64), order, out)
+            order = out
+            continue
         top = int(k.max()) if k.size else 0
         shift = 0
         while True:
@@ -390,6 +406,11 @@ def pack_micro_batches_grouped(
         raise ValueError(f"unit {int(big[0])} has {int(t[big[0]])} tokens, more than the micro-batch capacity {cap}")
     if int(t.min()) < 0:
         raise ValueError(f"token counts must be >= 0, got {int(t.min())}")
+    if native.module is not None:  # the same bins, per group in C
+        order = stable_order(descending_rank(c)) if by_cost is None else np.asarray(by_cost, dtype=np.int64)
+        num = np.empty(G, dtype=np.int32)
+        native.module.pack_grouped(g, t, c, np.ascontiguousarray(order), G, cap, micro, num)
+        return micro, num
     num = (np.bincount(g, minlength=G) > 0).astype(np.int32)
     over = np.bincount(g, weights=t, minlength=G) > cap
     if not over.any():
@@ -404,6 +425,15 @@ def pack_micro_batches_grouped(
     itype = np.int32 if cap < (1 << 30) else np.int64
     rows = np.arange(R)
 
+    if by_cost is None:
+        by_cost_sel = stable_order(descending_rank(cs))
+    elif sel.size == n:
+        by_cost_sel = np.asarray(by_cost, dtype=np.int64)
+    else:  # the items of the packed groups, in the caller's cost order, numbered within ``sel``
+        local = np.full(n, -1, dtype=np.int64)
+        local[sel] = np.arange(sel.size)
+        by_cost_sel = local[np.asarray(by_cost, dtype=np.int64)]
+        by_cost_sel = by_cost_sel[by_cost_sel >= 0]
     # First-fit decreasing by tokens, all groups in lockstep: column p holds the p-th largest item
     # of every group (a group with fewer items is padded with 0-token items, which change nothing).
     # First fit leaves at most one bin at most half full, so it never needs more than 2·sum/cap + 1
@@ -423,15 +453,6 @@ def pack_micro_batches_grouped(
     # Spread cost: LPT by cost over the same number of micro-batches, within the token budget. A bin
     # past a group's count is marked full (cap + 1 tokens); an item with room nowhere goes to bin 0
     # (the group then falls back to first fit), so bin 0 is overfull exactly when a group failed.
-    if by_cost is None:
-        by_cost_sel = stable_order(descending_rank(cs))
-    elif sel.size == n:
-        by_cost_sel = np.asarray(by_cost, dtype=np.int64)
-    else:  # the items of the packed groups, in the caller's cost order, numbered within ``sel``
-        local = np.full(n, -1, dtype=np.int64)
-        local[sel] = np.arange(sel.size)
-        by_cost_sel = local[np.asarray(by_cost, dtype=np.int64)]
-        by_cost_sel = by_cost_sel[by_cost_sel >= 0]
     spread_rank, tok = _lockstep_columns(gi, by_cost_sel[stable_order(gi[by_cost_sel])], ts, cnt, itype)
     cost_cols = np.zeros(tok.shape, dtype=np.float64)
     cost_cols.ravel()[spread_rank] = cs

@@ -53,6 +53,8 @@ import logging
 
 import numpy as np
 
+from fabricd.planner import native
+
 __all__ = ["COMPOSE_MODES", "MAX_DELAY_STEPS", "OUTLIER_SHARE", "compose_window", "composition_dp", "extend_dp_history",
            "check_dp_history", "split_by_step", "step_dtype"]
 
@@ -118,6 +120,12 @@ def split_by_step(where: np.ndarray, W: int, values: np.ndarray | None = None) -
     """Each step's units, in draw order: their indices, or ``values`` at them. A stable counting
     sort of ``where`` by slices (each slice's units sorted by step by radix, appended to their
     steps' lists), so no window-sized index array is made."""
+    if native.module is not None and where.dtype == np.uint8 and values is not None and values.itemsize == 8:
+        out = np.empty(values.size, dtype=values.dtype)
+        counts = np.zeros(W, dtype=np.int64)
+        native.module.split_by_step(np.ascontiguousarray(where), np.ascontiguousarray(values).view(np.int64),
+                                    out.view(np.int64), counts)
+        return np.split(out, np.cumsum(counts)[:-1])  # views of one array, each step's in draw order
     parts: list[list[np.ndarray]] = [[] for _ in range(W)]
     for sl in _slices(where.size):
         w = where[sl]
@@ -136,6 +144,8 @@ def split_by_step(where: np.ndarray, W: int, values: np.ndarray | None = None) -
 def _seq_sum(x: np.ndarray) -> float:
     """``float(np.cumsum(x)[-1])`` (a strictly sequential sum) in slices, carrying the sum so far
     into each slice's first element: the same value, without a window-sized temporary."""
+    if native.module is not None and x.dtype == np.float64:
+        return native.module.seq_sum(np.ascontiguousarray(x))
     total = 0.0
     for sl in _slices(x.size):
         part = x[sl].astype(np.float64)  # a copy
@@ -148,6 +158,9 @@ def _step_sums(where: np.ndarray, weights: np.ndarray | None, W: int) -> np.ndar
     """Per step, the sum of ``weights`` (or the count) of its units: one bincount per slice, the
     slices' partial sums added in slice order (a fixed order: the same on every machine)."""
     out = np.zeros(W, dtype=np.float64 if weights is not None else np.int64)
+    if native.module is not None and where.dtype == np.uint8 and weights is not None:
+        native.module.step_sums(np.ascontiguousarray(where), np.ascontiguousarray(weights, dtype=np.float64), CHUNK, out)
+        return out
     for sl in _slices(where.size):
         out += np.bincount(where[sl], weights=None if weights is None else weights[sl], minlength=W)
     return out
@@ -263,7 +276,13 @@ def _assign(order: np.ndarray, groups: list[tuple[int, int]], z: np.ndarray, W: 
     n_rest = z.size - grouped.size
     scale = bounds[-1] / float(rtotal) if rtotal > 0 and bounds[-1] > 0 else 0.0
     count = np.zeros(W, dtype=np.int64)  # units of each step, counted as they are placed
-    if n_rest and scale > 0:
+    small = (z.dtype.kind == "i" and z.dtype.itemsize <= 4) or (z.dtype.kind == "u" and z.dtype.itemsize <= 2)
+    if n_rest and scale > 0 and native.module is not None and out.dtype == np.uint8 and small:
+        mask = np.zeros(z.size, dtype=np.uint8)
+        mask[grouped] = 1
+        native.module.assign_fill(np.ascontiguousarray(z, dtype=np.int32), mask, np.ascontiguousarray(bounds), scale,
+                                  out, count)
+    elif n_rest and scale > 0:
         carry = 0
         for sl in _slices(z.size):
             rz = z[sl].astype(np.int64)
@@ -306,8 +325,11 @@ def _mean_bound(c: np.ndarray, where: np.ndarray, W: int, dp: int, big: np.ndarr
     np.maximum.at(top, where[big].astype(np.int64), c[big])
     share = total / dp
     if rest_max > 0 and bool((np.maximum(top, share) < rest_max).any()):
-        for sl in _slices(where.size):
-            np.maximum.at(top, where[sl].astype(np.int64), c[sl])
+        if native.module is not None and where.dtype == np.uint8 and c.dtype == np.float64:
+            native.module.step_max(np.ascontiguousarray(where), np.ascontiguousarray(c), top)
+        else:
+            for sl in _slices(where.size):
+                np.maximum.at(top, where[sl].astype(np.int64), c[sl])
     ok = share > 0
     ratio = np.where(ok, np.maximum(top, share) / np.where(ok, share, 1.0), 1.0)
     return float(np.cumsum(ratio)[-1]) / W

@@ -187,6 +187,9 @@ class Planner:
         self._offsets = np.concatenate([[0], np.cumsum([len(s) for s in ordered])]).astype(np.int64)
         self._sample_id = np.concatenate([s.sample_id for s in ordered]).astype(np.int64, copy=False)
         self._piece = np.concatenate([s.piece for s in ordered]).astype(np.int32, copy=False)
+        # each unit's source, in planner order (a gather per step instead of a binary search)
+        self._unit_source = np.repeat(self._seq_to_planner.astype(np.min_scalar_type(max(1, len(ordered)))),
+                                      [len(s) for s in ordered])
         self._tokens = np.concatenate([s.tokens for s in ordered]).astype(np.int32, copy=False)
         self._images = np.concatenate([s.images for s in ordered]).astype(np.int32, copy=False)
         self._patches = self._patches_sq = None  # vision work per unit, when the cost model weighs it
@@ -214,7 +217,6 @@ class Planner:
             row = self._offsets[src] + unit
         else:
             row = self.composed_rows(step, dp)
-            src = np.searchsorted(self._offsets, row, side="right").astype(np.int32) - 1
         tokens = self._tokens[row]
         cost = self._cost(row)
         by_cost = stable_order(self._unit_rank[row])  # = np.argsort(-cost, kind="stable")
@@ -229,7 +231,7 @@ class Planner:
             dp_size=dp,
             rank=rank[order].astype(np.int32, copy=False),
             micro=micro[order].astype(np.int32, copy=False),
-            source=self._seq_to_planner[src[order]],
+            source=self._unit_source[row].astype(np.int32),
             sample_id=self._sample_id[row],
             piece=self._piece[row],
             tokens=tokens[order],

@@ -25,6 +25,7 @@ import numpy as np
 from fabric_client.limits import MAX_STEP
 
 from fabricd.errors import PlanError
+from fabricd.planner import native
 from fabricd.planner.allot import Allotment
 from fabricd.planner.mixture import MixtureSchedule
 from fabricd.planner.units import LONG_SAMPLE_POLICIES, SourceUnits, build_units
@@ -153,6 +154,10 @@ def feistel_permute(index: np.ndarray, n: int, *, seed: int, source: int, epoch:
     ep = np.broadcast_to(np.asarray(epoch, dtype=np.int64), idx.shape).ravel()
     x = idx.ravel().astype(np.uint64)
     keys = _perm_keys(source=source, seed=seed, epochs=ep)
+    if native.module is not None and bits <= 62:  # the same network, index by index, in C
+        native.module.feistel(x, np.stack(keys).ravel() if keys[0].size > 1 else
+                              np.concatenate(keys), bits, n)
+        return x.astype(np.int64).reshape(idx.shape)
     nn = _U64(n)
     if keys[0].size == 1 and 2 * x.size >= (1 << bits):
         # the indices cover much of the domain (a step drawing a small source whole): tabulate

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from fabricd.pack import pack_micro_batch
-from fabricd.planner import CostModel, MixtureSchedule, Planner, SourceUnits, build_units
+from fabricd.planner import CostModel, MixtureSchedule, Planner, SourceUnits, build_units, native
 from fabricd.planner.plan import draws_for_tokens
 
 DEMO_WEIGHTS = {"captions": 0.3, "interleaved": 0.2, "longdocs": 0.15, "code": 0.2, "ocr": 0.15}
@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     result["max_delay_steps"] = MAX_DELAY_STEPS
     result["config"] = {"tokens_per_rank": BUDGET_PER_RANK, "context": 32768, "micro_batch_tokens": MICRO_BATCH_TOKENS,
                         "steps": steps, "origin": origin, "cost": {"attention": DEMO_COST.attention,
-                                                                   "linear": DEMO_COST.linear}}
+                                                                   "linear": DEMO_COST.linear},
+                        "planner_loops": native.describe()}  # "c", or numpy (FABRICD_NATIVE=0, or not built)
     print(json.dumps(result))
     return 0
 

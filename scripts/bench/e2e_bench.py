@@ -31,7 +31,7 @@ from e2e_sampler import mean_step_tokens
 from e2e_setup import (MAX_DELAY_STEPS, BenchConfig, Mixture, bench_sources, ensure_corpus, fabric_job_toml,
                        heaviest_source, job_cost, job_spec, job_units, shifted_weights)
 from e2e_sim import simulate, synthetic_demo
-from fabricd.planner import MixtureSchedule
+from fabricd.planner import MixtureSchedule, native
 from fabricd.planner.plan import draws_for_tokens
 
 __all__ = ["Lengths", "FULL", "QUICK", "TINY", "run_benchmark"]
@@ -309,6 +309,7 @@ def run_benchmark(*, L: Lengths, mode: str, corpus: Path, samples: int, cfg: Ben
                           "tokens_per_step": int(round(job.baseline_tokens_per_step)),
                           "samples_per_step": job.samples_per_step,
                           "compose": "outliers", "max_delay_steps": MAX_DELAY_STEPS,
+                          "planner_loops": native.describe(),
                           "baseline_worker_start_method": PLATFORM_START_METHOD,
                           "baseline_tokens_per_step": round(job.baseline_tokens_per_step, 1),
                           "heavy_source_us_per_token": job.heavy_us_per_token,

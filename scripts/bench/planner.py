@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from balance import DEMO_COST, demo_schedule, demo_sources  # noqa: E402  (sibling bench module)
 
-from fabricd.planner import Planner  # noqa: E402
+from fabricd.planner import Planner, native  # noqa: E402
 
 CASES = ((1024, 8192), (4096, 32768))
 
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch-tokens", type=int, default=32768)
     args = ap.parse_args(argv)
     sources, origin = demo_sources(args.data, args.samples, args.seed)
-    print(f"sources: {origin}; method {args.method}; micro_batch_tokens {args.micro_batch_tokens}")
+    print(f"sources: {origin}; method {args.method}; micro_batch_tokens {args.micro_batch_tokens}; "
+          f"planner loops: {native.describe()}")
     out: dict[str, float] = {}
     for dp, batch in CASES:
         planner = Planner(seed=args.seed, samples_per_step=batch, micro_batch_tokens=args.micro_batch_tokens,
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         out[str(dp)] = round(ms, 2)
         print(f"dp {dp:5d}, samples_per_step {batch:6d}: median {ms:.2f} ms/step "
               f"(min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f}; max micro-batches/rank {int(plan.num_micro.max())})")
-    print(json.dumps({"ms_per_step": out}))
+    print(json.dumps({"ms_per_step": out, "planner_loops": native.describe()}))
     return 0
 
 

@@ -1,0 +1,971 @@
+/* The planner's hot loops in C: the same results as their numpy definitions in
+ * fabricd/planner/balance.py, bit for bit (tests/unit/test_planner_native.py compares them on
+ * random and adversarial inputs), in a fraction of the time at DP sizes in the thousands.
+ *
+ * Optional: fabricd/planner/native.py imports this module when it was built (pip builds it with
+ * the package where a C compiler is found) and FABRICD_NATIVE is not "0"; without it the numpy
+ * definitions run. Every function takes C-contiguous buffers of exact item sizes (the Python
+ * wrappers make them so), checks their lengths, and releases the GIL while it works.
+ *
+ * Plans are a pure function of the job spec, the log and the step on every daemon, with this
+ * module or without: so nothing here may round differently from numpy. Sums are taken in the
+ * order numpy takes them (one addition per item, in item order); comparisons break ties by the
+ * lower index, as numpy's stable sorts and first-occurrence argmin/argmax do; no -ffast-math.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------------------ buffers */
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} Buf;
+
+static int get_buf(PyObject *obj, Buf *b, Py_ssize_t itemsize, int writable, const char *name) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    b->held = 0;
+    if (PyObject_GetBuffer(obj, &b->view, flags) < 0) {
+        return -1;
+    }
+    b->held = 1;
+    if (b->view.itemsize != itemsize || b->view.ndim > 1) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a flat array of %zd-byte items, got itemsize %zd, ndim %d",
+                     name, itemsize, b->view.itemsize, b->view.ndim);
+        return -1;
+    }
+    return 0;
+}
+
+static void release(Buf *b) {
+    if (b->held) {
+        PyBuffer_Release(&b->view);
+        b->held = 0;
+    }
+}
+
+#define LEN(b) ((b).view.len / (b).view.itemsize)
+
+static int check_len(Buf *b, Py_ssize_t n, const char *name) {
+    if (LEN(*b) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd items, got %zd", name, n, LEN(*b));
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------ stable order */
+
+/* out = prior[stable argsort of key[prior]] (prior: the identity when NULL): one key of
+ * stable_order. Keys are non-negative (checked by the caller). LSD radix, 8- or 16-bit digits. */
+static int radix_refine(const int64_t *key, const int64_t *prior, int64_t *out, Py_ssize_t n) {
+    if (n == 0) {
+        return 0;
+    }
+    uint64_t top = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if ((uint64_t)key[i] > top) {
+            top = (uint64_t)key[i];
+        }
+    }
+    /* as few passes as 16-bit digits need, with digits as narrow as that allows (fewer buckets
+     * stay in cache); 8-bit digits for small inputs, where 65536 buckets would cost more than n */
+    int width = 1;
+    while (width < 64 && (top >> width) != 0) {
+        width++;
+    }
+    int most = n > (1 << 16) ? 16 : 8;
+    int passes = (width + most - 1) / most;
+    int bits = (width + passes - 1) / passes;
+    size_t buckets = (size_t)1 << bits;
+    uint64_t mask = buckets - 1;
+    int64_t *tmp = malloc(sizeof(int64_t) * (size_t)n);
+    Py_ssize_t *count = malloc(sizeof(Py_ssize_t) * buckets);
+    if (tmp == NULL || count == NULL) {
+        free(tmp);
+        free(count);
+        return -1;
+    }
+    int64_t *src = out, *dst = tmp;
+    if (prior) {
+        memcpy(src, prior, sizeof(int64_t) * (size_t)n);
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            src[i] = i;
+        }
+    }
+    int shift = 0;
+    do {
+        memset(count, 0, sizeof(Py_ssize_t) * buckets);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            count[((uint64_t)key[src[i]] >> shift) & mask]++;
+        }
+        Py_ssize_t sum = 0;
+        for (size_t d = 0; d < buckets; d++) {
+            Py_ssize_t c = count[d];
+            count[d] = sum;
+            sum += c;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t j = src[i];
+            dst[count[((uint64_t)key[j] >> shift) & mask]++] = j;
+        }
+        int64_t *t = src;
+        src = dst;
+        dst = t;
+        shift += bits;
+    } while (shift < 64 && (top >> shift) != 0);
+    if (src != out) {
+        memcpy(out, src, sizeof(int64_t) * (size_t)n);
+    }
+    free(tmp);
+    free(count);
+    return 0;
+}
+
+static PyObject *py_stable_refine(PyObject *self, PyObject *args) {
+    PyObject *k_obj, *p_obj, *o_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &k_obj, &p_obj, &o_obj)) {
+        return NULL;
+    }
+    Buf k = {0}, p = {0}, o = {0};
+    PyObject *ret = NULL;
+    if (get_buf(k_obj, &k, 8, 0, "key") < 0 || get_buf(o_obj, &o, 8, 1, "out") < 0) {
+        goto done;
+    }
+    Py_ssize_t n = LEN(k);
+    if (check_len(&o, n, "out") < 0) {
+        goto done;
+    }
+    if (p_obj != Py_None && (get_buf(p_obj, &p, 8, 0, "prior") < 0 || check_len(&p, n, "prior") < 0)) {
+        goto done;
+    }
+    const int64_t *key = k.view.buf;
+    const int64_t *prior = p.held ? p.view.buf : NULL;
+    if (prior) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (prior[i] < 0 || prior[i] >= n) {
+                PyErr_SetString(PyExc_ValueError, "prior: not a permutation of the keys' indices");
+                goto done;
+            }
+        }
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = radix_refine(key, prior, o.view.buf, n);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    release(&k);
+    release(&p);
+    release(&o);
+    return ret;
+}
+
+/* -------------------------------------------------------------------------------- LPT rounds */
+
+typedef struct {
+    double load;
+    int32_t bin;
+} Slot;
+
+static inline int slot_less(const Slot *x, const Slot *y) {
+    return x->load < y->load || (x->load == y->load && x->bin < y->bin);
+}
+
+/* Sort a[0:n] by (load, bin), a total order (so any correct sort gives the same result): a merge
+ * sort that skips merging halves already in order, so a nearly sorted input costs about n. */
+static void sort_slots(Slot *a, Slot *tmp, Py_ssize_t n) {
+    if (n < 2) {
+        return;
+    }
+    if (n <= 16) {  /* insertion sort */
+        for (Py_ssize_t i = 1; i < n; i++) {
+            Slot v = a[i];
+            Py_ssize_t j = i;
+            while (j > 0 && slot_less(&v, &a[j - 1])) {
+                a[j] = a[j - 1];
+                j--;
+            }
+            a[j] = v;
+        }
+        return;
+    }
+    Py_ssize_t mid = n / 2;
+    sort_slots(a, tmp, mid);
+    sort_slots(a + mid, tmp, n - mid);
+    if (!slot_less(&a[mid], &a[mid - 1])) {
+        return;
+    }
+    memcpy(tmp, a, sizeof(Slot) * (size_t)mid);
+    Py_ssize_t i = 0, j = mid, o = 0;
+    while (i < mid && j < n) {
+        a[o++] = slot_less(&a[j], &tmp[i]) ? a[j++] : tmp[i++];
+    }
+    while (i < mid) {
+        a[o++] = tmp[i++];
+    }
+}
+
+/* balance.py's _lpt_rounds: bins[order[i]], the bin of the i-th largest item (``order``: the
+ * items by descending cost). The bins are kept in (load, bin) order, as the stable argsort of the loads
+ * gives them each chunk: only the chunk's bins change load, so they are re-sorted and merged
+ * with the rest instead of sorting all k. */
+static int lpt_rounds(const double *costs, const int64_t *order, Py_ssize_t n, Py_ssize_t k, int32_t *bins) {
+    Slot *cur = malloc(sizeof(Slot) * (size_t)k);
+    Slot *nxt = malloc(sizeof(Slot) * (size_t)k);
+    double *x = malloc(sizeof(double) * (size_t)k);  /* the chunk's item costs */
+    if (cur == NULL || nxt == NULL || x == NULL) {
+        free(cur);
+        free(nxt);
+        free(x);
+        return -1;
+    }
+    for (Py_ssize_t b = 0; b < k; b++) {
+        cur[b].load = 0.0;
+        cur[b].bin = (int32_t)b;
+    }
+    Py_ssize_t pos = 0, chunks = 0;
+    Py_ssize_t cap = 4 * ((n + k - 1) / k) + 64;
+    while (pos < n) {
+        Py_ssize_t m = n - pos < k ? n - pos : k;
+        const int64_t *item = order + pos;
+        for (Py_ssize_t i = 0; i < m; i++) {
+            x[i] = costs[item[i]];
+        }
+        Py_ssize_t cut = m;
+        if (chunks < cap && m > 1) {
+            double reach = cur[0].load + x[0];
+            for (Py_ssize_t i = 1; i < m; i++) {
+                if (cur[i].load > reach) {
+                    cut = i;
+                    break;
+                }
+                double r = cur[i].load + x[i];
+                if (r < reach) {
+                    reach = r;
+                }
+            }
+        }
+        for (Py_ssize_t i = 0; i < cut; i++) {
+            bins[item[i]] = cur[i].bin;
+            cur[i].load = cur[i].load + x[i];
+        }
+        /* the first cut slots changed: sort them (their new loads are mostly in order already:
+         * the bins were in order and differ less than the items), merge with the sorted rest */
+        sort_slots(cur, nxt, cut);
+        Py_ssize_t a = 0, b = cut, o = 0;
+        while (a < cut && b < k) {
+            nxt[o++] = slot_less(&cur[b], &cur[a]) ? cur[b++] : cur[a++];
+        }
+        while (a < cut) nxt[o++] = cur[a++];
+        while (b < k) nxt[o++] = cur[b++];
+        Slot *t = cur;
+        cur = nxt;
+        nxt = t;
+        pos += cut;
+        chunks++;
+    }
+    free(cur);
+    free(nxt);
+    free(x);
+    return 0;
+}
+
+static PyObject *py_lpt_rounds(PyObject *self, PyObject *args) {
+    PyObject *c_obj, *o_obj, *b_obj;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "OOnO", &c_obj, &o_obj, &k, &b_obj)) {
+        return NULL;
+    }
+    if (k < 1) {
+        PyErr_SetString(PyExc_ValueError, "k must be >= 1");
+        return NULL;
+    }
+    Buf c = {0}, o = {0}, b = {0};
+    PyObject *ret = NULL;
+    if (get_buf(c_obj, &c, 8, 0, "costs") < 0 || get_buf(o_obj, &o, 8, 0, "order") < 0 ||
+        get_buf(b_obj, &b, 4, 1, "bins") < 0) {
+        goto done;
+    }
+    Py_ssize_t n = LEN(c);
+    if (check_len(&o, n, "order") < 0 || check_len(&b, n, "bins") < 0) {
+        goto done;
+    }
+    const int64_t *ov = o.view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (ov[i] < 0 || ov[i] >= n) {
+            PyErr_SetString(PyExc_ValueError, "order: an index is out of range");
+            goto done;
+        }
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lpt_rounds(c.view.buf, ov, n, k, b.view.buf);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    release(&c);
+    release(&o);
+    release(&b);
+    return ret;
+}
+
+/* ---------------------------------------------------------------------------- micro-batches */
+
+/* One group's two packings (items: its tokens ``t`` and costs ``c`` in first-fit-decreasing
+ * order, ``ffd``; and its items' places in that order, in cost order, ``spread``): first fit
+ * decreasing by tokens, then LPT by cost over the same number of bins within the budget, kept
+ * unless some item found no room (then first fit's bins). Writes each item's bin to bin[] (in
+ * first-fit-decreasing order); returns the bins used. tfill/cfill: scratch of m slots. */
+static Py_ssize_t pack_one(const int64_t *t, const double *c, const int32_t *spread, Py_ssize_t m, int64_t cap,
+                           int32_t *bin, int32_t *spread_bin, int64_t *tfill, double *cfill) {
+    Py_ssize_t open = 0;
+    for (Py_ssize_t p = 0; p < m; p++) {
+        int64_t need = cap - t[p];
+        Py_ssize_t b = 0;
+        while (b < open && tfill[b] > need) b++;
+        if (b == open) {
+            tfill[open++] = 0;
+        }
+        tfill[b] += t[p];
+        bin[p] = (int32_t)b;
+    }
+    Py_ssize_t used = open > 0 ? open : 1;
+    /* spread cost: the least-loaded bin by cost with room for the item, else bin 0 (numpy
+     * keeps full bins out with a penalty of 1e300 that swamps every cost sum, or with inf
+     * where it could not: either way the same choice as inf here) */
+    for (Py_ssize_t b = 0; b < used; b++) {
+        tfill[b] = 0;
+        cfill[b] = 0.0;
+    }
+    for (Py_ssize_t q = 0; q < m; q++) {
+        Py_ssize_t p = spread[q];
+        int64_t need = cap - t[p];
+        Py_ssize_t best = 0;
+        double best_v = 0.0;
+        for (Py_ssize_t b = 0; b < used; b++) {
+            double v = tfill[b] > need ? INFINITY : cfill[b];
+            if (b == 0 || v < best_v) {
+                best = b;
+                best_v = v;
+            }
+        }
+        tfill[best] += t[p];
+        cfill[best] += c[p];
+        spread_bin[p] = (int32_t)best;
+    }
+    if (tfill[0] <= cap) { /* every item found room: the spread stands */
+        memcpy(bin, spread_bin, sizeof(int32_t) * (size_t)m);
+    }
+    return used;
+}
+
+/* A packed group's item as the packing reads it. */
+typedef struct {
+    int64_t t;  /* tokens */
+    double c;   /* cost */
+    int32_t i;  /* index among all items */
+    int32_t g;  /* group */
+} Rec;
+
+/* A record's sort key: its group, or the room it leaves in a micro-batch (cap - tokens). */
+static inline uint64_t rec_key(const Rec *r, int by_group, int64_t cap) {
+    return by_group ? (uint64_t)r->g : (uint64_t)(cap - r->t);
+}
+
+/* Stable LSD counting sort of recs[0:m] by rec_key (at most ``top``), 16-bit digits at most. */
+static int sort_recs(Rec *recs, Rec *tmp, Py_ssize_t m, int by_group, int64_t cap, uint64_t top) {
+    int width = 1;
+    while (width < 64 && (top >> width) != 0) {
+        width++;
+    }
+    int passes = (width + 15) / 16, bits = (width + passes - 1) / passes;
+    size_t buckets = (size_t)1 << bits;
+    uint64_t mask = buckets - 1;
+    Py_ssize_t *count = malloc(sizeof(Py_ssize_t) * buckets);
+    if (count == NULL) {
+        return -1;
+    }
+    Rec *src = recs, *dst = tmp;
+    for (int p = 0, shift = 0; p < passes; p++, shift += bits) {
+        memset(count, 0, sizeof(Py_ssize_t) * buckets);
+        for (Py_ssize_t q = 0; q < m; q++) {
+            count[(rec_key(&src[q], by_group, cap) >> shift) & mask]++;
+        }
+        Py_ssize_t sum = 0;
+        for (size_t d = 0; d < buckets; d++) {
+            Py_ssize_t c = count[d];
+            count[d] = sum;
+            sum += c;
+        }
+        for (Py_ssize_t q = 0; q < m; q++) {
+            dst[count[(rec_key(&src[q], by_group, cap) >> shift) & mask]++] = src[q];
+        }
+        Rec *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != recs) {
+        memcpy(recs, src, sizeof(Rec) * (size_t)m);
+    }
+    free(count);
+    return 0;
+}
+
+/* pack_micro_batches_grouped after its checks: each item's micro-batch and each group's number
+ * of them. The numpy version packs all groups in lockstep; per group the result is the same,
+ * computed here one group at a time over its items laid out contiguously (records carry their
+ * tokens and cost through the sorts, so the packing reads memory in order). */
+static int pack_grouped(const int64_t *g, const int64_t *t, const double *c, const int64_t *by_cost, Py_ssize_t n,
+                        Py_ssize_t G, int64_t cap, int32_t *micro, int32_t *num) {
+    int rc = -1;
+    int64_t *tsum = calloc((size_t)G, sizeof(int64_t));
+    Py_ssize_t *cnt = calloc((size_t)G + 1, sizeof(Py_ssize_t));
+    Py_ssize_t *start = malloc(sizeof(Py_ssize_t) * ((size_t)G + 1));
+    Py_ssize_t *fill = malloc(sizeof(Py_ssize_t) * ((size_t)G + 1));
+    Rec *recs = NULL, *tmp = NULL;
+    int32_t *slot = NULL, *spread = NULL, *bins = NULL, *sbins = NULL;
+    int64_t *gt = NULL, *tfill = NULL;
+    double *gc = NULL, *cfill = NULL;
+    if (tsum == NULL || cnt == NULL || start == NULL || fill == NULL) goto out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        tsum[g[i]] += t[i];
+        cnt[g[i]]++;
+        micro[i] = 0;
+    }
+    Py_ssize_t m = 0, most = 0;
+    for (Py_ssize_t k = 0; k < G; k++) {
+        num[k] = cnt[k] > 0;
+        if (tsum[k] > cap) {
+            m += cnt[k];
+            if (cnt[k] > most) most = cnt[k];
+        }
+    }
+    if (m == 0) { /* every group fits in one micro-batch */
+        rc = 0;
+        goto out;
+    }
+    recs = malloc(sizeof(Rec) * (size_t)m);
+    tmp = malloc(sizeof(Rec) * (size_t)m);
+    slot = malloc(sizeof(int32_t) * (size_t)n);
+    spread = malloc(sizeof(int32_t) * (size_t)m);
+    bins = malloc(sizeof(int32_t) * (size_t)m);
+    sbins = malloc(sizeof(int32_t) * (size_t)m);
+    gt = malloc(sizeof(int64_t) * (size_t)m);
+    gc = malloc(sizeof(double) * (size_t)m);
+    tfill = malloc(sizeof(int64_t) * (size_t)most);
+    cfill = malloc(sizeof(double) * (size_t)most);
+    if (!recs || !tmp || !slot || !spread || !bins || !sbins || !gt || !gc || !tfill || !cfill) goto out;
+    /* the packed groups' items in index order, then in first-fit-decreasing order: by group,
+     * tokens descending, index (stable sorts by cap - tokens, then by group) */
+    Py_ssize_t j = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (tsum[g[i]] > cap) {
+            recs[j].t = t[i];
+            recs[j].c = c[i];
+            recs[j].i = (int32_t)i;
+            recs[j].g = (int32_t)g[i];
+            j++;
+        }
+    }
+    if (sort_recs(recs, tmp, m, 0, cap, (uint64_t)cap) < 0 || sort_recs(recs, tmp, m, 1, cap, (uint64_t)G) < 0) {
+        goto out;
+    }
+    Py_ssize_t s = 0;
+    for (Py_ssize_t k = 0; k < G; k++) {
+        start[k] = s;
+        fill[k] = s;
+        if (tsum[k] > cap) s += cnt[k];
+    }
+    for (Py_ssize_t q = 0; q < m; q++) {
+        gt[q] = recs[q].t;
+        gc[q] = recs[q].c;
+        slot[recs[q].i] = (int32_t)(q - start[recs[q].g]); /* the item's place in its group's list */
+    }
+    /* the cost order within each group: by_cost, filtered to the group, as places in its list */
+    for (Py_ssize_t q = 0; q < n; q++) {
+        int64_t i = by_cost[q];
+        Py_ssize_t k = (Py_ssize_t)g[i];
+        if (tsum[k] > cap) {
+            spread[fill[k]++] = slot[i];
+        }
+    }
+    for (Py_ssize_t k = 0; k < G; k++) {
+        if (tsum[k] <= cap) continue;
+        Py_ssize_t lo = start[k], len = cnt[k];
+        num[k] = (int32_t)pack_one(gt + lo, gc + lo, spread + lo, len, cap, bins + lo, sbins + lo, tfill, cfill);
+        for (Py_ssize_t p = 0; p < len; p++) {
+            micro[recs[lo + p].i] = bins[lo + p];
+        }
+    }
+    rc = 0;
+out:
+    free(tsum); free(cnt); free(start); free(fill); free(recs); free(tmp); free(slot); free(spread); free(bins);
+    free(sbins); free(gt); free(gc); free(tfill); free(cfill);
+    return rc;
+}
+
+static PyObject *py_pack_grouped(PyObject *self, PyObject *args) {
+    PyObject *g_obj, *t_obj, *c_obj, *b_obj, *m_obj, *n_obj;
+    Py_ssize_t G;
+    long long cap;
+    if (!PyArg_ParseTuple(args, "OOOOnLOO", &g_obj, &t_obj, &c_obj, &b_obj, &G, &cap, &m_obj, &n_obj)) {
+        return NULL;
+    }
+    Buf g = {0}, t = {0}, c = {0}, b = {0}, mi = {0}, nu = {0};
+    PyObject *ret = NULL;
+    if (get_buf(g_obj, &g, 8, 0, "group") < 0 || get_buf(t_obj, &t, 8, 0, "tokens") < 0 ||
+        get_buf(c_obj, &c, 8, 0, "costs") < 0 || get_buf(b_obj, &b, 8, 0, "by_cost") < 0 ||
+        get_buf(m_obj, &mi, 4, 1, "micro") < 0 || get_buf(n_obj, &nu, 4, 1, "num") < 0) {
+        goto done;
+    }
+    Py_ssize_t n = LEN(g);
+    if (check_len(&t, n, "tokens") < 0 || check_len(&c, n, "costs") < 0 || check_len(&b, n, "by_cost") < 0 ||
+        check_len(&mi, n, "micro") < 0 || check_len(&nu, G, "num") < 0) {
+        goto done;
+    }
+    if (n >= INT32_MAX || G >= INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "pack_grouped: too many items or groups");
+        goto done;
+    }
+    const int64_t *gv = g.view.buf, *tv = t.view.buf, *bv = b.view.buf;
+    /* the caller checked these; a wrong value here would write out of bounds, so again */
+    char *seen = calloc((size_t)n + 1, 1);
+    if (seen == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const char *bad = NULL;
+    for (Py_ssize_t i = 0; i < n && !bad; i++) {
+        if (gv[i] < 0 || gv[i] >= G) bad = "group ids must lie in [0, G)";
+        else if (tv[i] < 0 || tv[i] > cap) bad = "tokens must lie in [0, capacity]";
+        else if (bv[i] < 0 || bv[i] >= n || seen[bv[i]]++) bad = "by_cost must be a permutation of the items";
+    }
+    free(seen);
+    if (bad) {
+        PyErr_SetString(PyExc_ValueError, bad);
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pack_grouped(gv, tv, c.view.buf, bv, n, G, (int64_t)cap, mi.view.buf, nu.view.buf);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    release(&g);
+    release(&t);
+    release(&c);
+    release(&b);
+    release(&mi);
+    release(&nu);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------------- Feistel */
+
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    return z ^ (z >> 31);
+}
+
+#define ROUNDS 6
+
+/* sequence.py's feistel_permute after its keys are made: x[i] through the network of
+ * ``bits`` bits keyed by keys[r * stride + i * per_item] (r = round), again while >= n (cycle
+ * walking). The same integer operations as the numpy rounds, so the same values. */
+static inline uint64_t feistel_once(uint64_t v, const uint64_t *k, Py_ssize_t stride, int a, int b,
+                                    uint64_t mask_a, uint64_t mask_b) {
+    for (int r = 0; r < ROUNDS; r++) {
+        uint64_t right = v & mask_b;
+        uint64_t f = mix64(right ^ k[r * stride]) & mask_a;
+        v = (right << a) | ((v >> b) ^ f);
+    }
+    return v;
+}
+
+/* Cycle walking, like the numpy version, in rounds over the indices still outside [0, n): each
+ * round's passes are independent (the CPU overlaps them), where walking one index at a time
+ * would wait on its chain of multiplications. */
+static int feistel(uint64_t *x, Py_ssize_t m, const uint64_t *keys, int per_item, int bits, uint64_t n) {
+    int a = bits / 2, b = bits - a;
+    uint64_t mask_a = (UINT64_C(1) << a) - 1, mask_b = (UINT64_C(1) << b) - 1;
+    Py_ssize_t stride = per_item ? m : 1;
+    uint64_t k1[ROUNDS];
+    memcpy(k1, keys, sizeof(k1));
+    Py_ssize_t *out = malloc(sizeof(Py_ssize_t) * (size_t)(m > 0 ? m : 1));
+    if (out == NULL) {
+        return -1;
+    }
+    Py_ssize_t left = 0;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        uint64_t v = per_item ? feistel_once(x[i], keys + i, stride, a, b, mask_a, mask_b)
+                              : feistel_once(x[i], k1, 1, a, b, mask_a, mask_b);
+        x[i] = v;
+        out[left] = i;
+        left += v >= n;
+    }
+    while (left > 0) {
+        Py_ssize_t still = 0;
+        for (Py_ssize_t q = 0; q < left; q++) {
+            Py_ssize_t i = out[q];
+            uint64_t v = per_item ? feistel_once(x[i], keys + i, stride, a, b, mask_a, mask_b)
+                                  : feistel_once(x[i], k1, 1, a, b, mask_a, mask_b);
+            x[i] = v;
+            out[still] = i;
+            still += v >= n;
+        }
+        left = still;
+    }
+    free(out);
+    return 0;
+}
+
+static PyObject *py_feistel(PyObject *self, PyObject *args) {
+    PyObject *x_obj, *k_obj;
+    int bits;
+    unsigned long long n;
+    if (!PyArg_ParseTuple(args, "OOiK", &x_obj, &k_obj, &bits, &n)) {
+        return NULL;
+    }
+    if (bits < 2 || bits > 62 || n < 1 || n > (UINT64_C(1) << bits)) {
+        PyErr_SetString(PyExc_ValueError, "feistel: need 2 <= bits <= 62 and 1 <= n <= 2**bits");
+        return NULL;
+    }
+    Buf x = {0}, k = {0};
+    PyObject *ret = NULL;
+    if (get_buf(x_obj, &x, 8, 1, "x") < 0 || get_buf(k_obj, &k, 8, 0, "keys") < 0) {
+        goto done;
+    }
+    Py_ssize_t m = LEN(x);
+    int per_item;
+    if (LEN(k) == ROUNDS) {
+        per_item = 0;
+    } else if (LEN(k) == (Py_ssize_t)ROUNDS * m) {
+        per_item = 1;
+    } else {
+        PyErr_Format(PyExc_ValueError, "feistel: keys must hold %d or %d x %zd values", ROUNDS, ROUNDS, m);
+        goto done;
+    }
+    const uint64_t *xv = x.view.buf;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        if (xv[i] >= (UINT64_C(1) << bits)) {
+            PyErr_SetString(PyExc_ValueError, "feistel: an index is outside [0, 2**bits)");
+            goto done;
+        }
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = feistel(x.view.buf, m, k.view.buf, per_item, bits, (uint64_t)n);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    release(&x);
+    release(&k);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------------- compose */
+
+/* compose.py's window loops, over a window's units (~10^7 at DP 4096) in one pass each. Its sums
+ * run in a fixed order, per slice of ``chunk`` units and then across slices: so do these. Step
+ * numbers are one byte (every window a spec may ask for; the caller falls back to numpy above). */
+
+/* _seq_sum: the strictly sequential sum. */
+static double seq_sum(const double *x, Py_ssize_t n) {
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        total += x[i];
+    }
+    return total;
+}
+
+/* _step_sums with weights: per slice each step's sum in unit order from 0.0, added to the total
+ * in slice order. ``part``: scratch of W. */
+static void step_sums(const uint8_t *where, const double *w, Py_ssize_t n, Py_ssize_t W, Py_ssize_t chunk,
+                      double *out, double *part) {
+    for (Py_ssize_t s = 0; s < W; s++) {
+        out[s] = 0.0;
+    }
+    for (Py_ssize_t lo = 0; lo < n; lo += chunk) {
+        Py_ssize_t hi = lo + chunk < n ? lo + chunk : n;
+        for (Py_ssize_t s = 0; s < W; s++) {
+            part[s] = 0.0;
+        }
+        for (Py_ssize_t i = lo; i < hi; i++) {
+            part[where[i]] += w[i];
+        }
+        for (Py_ssize_t s = 0; s < W; s++) {
+            out[s] += part[s];
+        }
+    }
+}
+
+/* Each step's largest value (``out`` holds the starting values: max is exact, in any order). */
+static void step_max(const uint8_t *where, const double *c, Py_ssize_t n, double *out) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (c[i] > out[where[i]]) {
+            out[where[i]] = c[i];
+        }
+    }
+}
+
+/* _assign's filling (rule 4): every unit not grouped takes the step of its size's midpoint among
+ * the steps' room (``bounds``: the running sums of the room, rising); grouped units count 0 and
+ * get no step here (the caller sets theirs). count[s] += the units given step s. */
+static void assign_fill(const int32_t *z, const uint8_t *grouped, Py_ssize_t n, const double *bounds, Py_ssize_t W,
+                        double scale, uint8_t *out, int64_t *count) {
+    int64_t csum = 0;
+    Py_ssize_t j = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (grouped[i]) {
+            continue;
+        }
+        int64_t rz = z[i];
+        csum += rz;
+        double mid = ((double)csum - 0.5 * (double)rz) * scale;
+        while (j < W && bounds[j] <= mid) {  /* mid never falls: a walk, not a search */
+            j++;
+        }
+        Py_ssize_t step = j < W - 1 ? j : W - 1;
+        out[i] = (uint8_t)step;
+        count[step]++;
+    }
+}
+
+static int check_steps(const uint8_t *where, Py_ssize_t n, Py_ssize_t W) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (where[i] >= W) {
+            PyErr_SetString(PyExc_ValueError, "a step number is outside the window");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *py_seq_sum(PyObject *self, PyObject *args) {
+    PyObject *x_obj;
+    if (!PyArg_ParseTuple(args, "O", &x_obj)) {
+        return NULL;
+    }
+    Buf x = {0};
+    if (get_buf(x_obj, &x, 8, 0, "x") < 0) {
+        release(&x);
+        return NULL;
+    }
+    double total;
+    Py_BEGIN_ALLOW_THREADS
+    total = seq_sum(x.view.buf, LEN(x));
+    Py_END_ALLOW_THREADS
+    release(&x);
+    return PyFloat_FromDouble(total);
+}
+
+static PyObject *py_step_sums(PyObject *self, PyObject *args) {
+    PyObject *s_obj, *w_obj, *o_obj;
+    Py_ssize_t chunk;
+    if (!PyArg_ParseTuple(args, "OOnO", &s_obj, &w_obj, &chunk, &o_obj)) {
+        return NULL;
+    }
+    Buf st = {0}, w = {0}, o = {0};
+    PyObject *ret = NULL;
+    double *part = NULL;
+    if (get_buf(s_obj, &st, 1, 0, "where") < 0 || get_buf(w_obj, &w, 8, 0, "weights") < 0 ||
+        get_buf(o_obj, &o, 8, 1, "out") < 0 || check_len(&w, LEN(st), "weights") < 0) {
+        goto done;
+    }
+    Py_ssize_t W = LEN(o);
+    if (chunk < 1 || W < 1 || check_steps(st.view.buf, LEN(st), W) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "step_sums: chunk and steps must be >= 1");
+        goto done;
+    }
+    part = malloc(sizeof(double) * (size_t)W);
+    if (part == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    step_sums(st.view.buf, w.view.buf, LEN(st), W, chunk, o.view.buf, part);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(part);
+    release(&st);
+    release(&w);
+    release(&o);
+    return ret;
+}
+
+static PyObject *py_step_max(PyObject *self, PyObject *args) {
+    PyObject *s_obj, *c_obj, *o_obj;
+    if (!PyArg_ParseTuple(args, "OOO", &s_obj, &c_obj, &o_obj)) {
+        return NULL;
+    }
+    Buf st = {0}, c = {0}, o = {0};
+    PyObject *ret = NULL;
+    if (get_buf(s_obj, &st, 1, 0, "where") < 0 || get_buf(c_obj, &c, 8, 0, "values") < 0 ||
+        get_buf(o_obj, &o, 8, 1, "out") < 0 || check_len(&c, LEN(st), "values") < 0 ||
+        check_steps(st.view.buf, LEN(st), LEN(o)) < 0) {
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    step_max(st.view.buf, c.view.buf, LEN(st), o.view.buf);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    release(&st);
+    release(&c);
+    release(&o);
+    return ret;
+}
+
+static PyObject *py_assign_fill(PyObject *self, PyObject *args) {
+    PyObject *z_obj, *g_obj, *b_obj, *o_obj, *n_obj;
+    double scale;
+    if (!PyArg_ParseTuple(args, "OOOdOO", &z_obj, &g_obj, &b_obj, &scale, &o_obj, &n_obj)) {
+        return NULL;
+    }
+    Buf z = {0}, g = {0}, b = {0}, o = {0}, cn = {0};
+    PyObject *ret = NULL;
+    if (get_buf(z_obj, &z, 4, 0, "sizes") < 0 || get_buf(g_obj, &g, 1, 0, "grouped") < 0 ||
+        get_buf(b_obj, &b, 8, 0, "bounds") < 0 || get_buf(o_obj, &o, 1, 1, "out") < 0 ||
+        get_buf(n_obj, &cn, 8, 1, "count") < 0) {
+        goto done;
+    }
+    Py_ssize_t n = LEN(z), W = LEN(b);
+    if (check_len(&g, n, "grouped") < 0 || check_len(&o, n, "out") < 0 || check_len(&cn, W, "count") < 0) {
+        goto done;
+    }
+    if (W < 1 || W > 256) {
+        PyErr_SetString(PyExc_ValueError, "assign_fill: 1 to 256 steps");
+        goto done;
+    }
+    const int32_t *zv = z.view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (zv[i] < 0) {
+            PyErr_SetString(PyExc_ValueError, "assign_fill: sizes must be >= 0");
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    assign_fill(zv, g.view.buf, n, b.view.buf, W, scale, o.view.buf, cn.view.buf);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    release(&z);
+    release(&g);
+    release(&b);
+    release(&o);
+    release(&cn);
+    return ret;
+}
+
+/* split_by_step: values (8-byte items) of each step's units, in unit order, steps one after
+ * the other (a stable counting sort); ``counts``: the units of each step. */
+static PyObject *py_split_by_step(PyObject *self, PyObject *args) {
+    PyObject *s_obj, *v_obj, *o_obj, *n_obj;
+    if (!PyArg_ParseTuple(args, "OOOO", &s_obj, &v_obj, &o_obj, &n_obj)) {
+        return NULL;
+    }
+    Buf st = {0}, v = {0}, o = {0}, cn = {0};
+    PyObject *ret = NULL;
+    Py_ssize_t *at = NULL;
+    if (get_buf(s_obj, &st, 1, 0, "where") < 0 || get_buf(v_obj, &v, 8, 0, "values") < 0 ||
+        get_buf(o_obj, &o, 8, 1, "out") < 0 || get_buf(n_obj, &cn, 8, 1, "counts") < 0) {
+        goto done;
+    }
+    Py_ssize_t n = LEN(st), W = LEN(cn);
+    if (check_len(&v, n, "values") < 0 || check_len(&o, n, "out") < 0 || W < 1 ||
+        check_steps(st.view.buf, n, W) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "split_by_step: steps must be >= 1");
+        goto done;
+    }
+    at = malloc(sizeof(Py_ssize_t) * (size_t)W);
+    if (at == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const uint8_t *sv = st.view.buf;
+    const int64_t *vv = v.view.buf;
+    int64_t *ov = o.view.buf, *counts = cn.view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t s = 0; s < W; s++) counts[s] = 0;
+    for (Py_ssize_t i = 0; i < n; i++) counts[sv[i]]++;
+    Py_ssize_t sum = 0;
+    for (Py_ssize_t s = 0; s < W; s++) {
+        at[s] = sum;
+        sum += counts[s];
+    }
+    for (Py_ssize_t i = 0; i < n; i++) ov[at[sv[i]]++] = vv[i];
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    free(at);
+    release(&st);
+    release(&v);
+    release(&o);
+    release(&cn);
+    return ret;
+}
+
+/* ---------------------------------------------------------------------------------- module */
+
+static PyMethodDef methods[] = {
+    {"stable_refine", py_stable_refine, METH_VARARGS,
+     "stable_refine(key int64[n], prior int64[n] | None, out int64[n]): out = prior[stable argsort of key[prior]]"},
+    {"lpt_rounds", py_lpt_rounds, METH_VARARGS,
+     "lpt_rounds(costs float64[n], order int64[n], k, bins int32[n]): balance.py's _lpt_rounds (order: by descending cost)"},
+    {"pack_grouped", py_pack_grouped, METH_VARARGS,
+     "pack_grouped(group int64[n], tokens int64[n], costs float64[n], by_cost int64[n], G, cap, micro int32[n], "
+     "num int32[G]): balance.py's pack_micro_batches_grouped after its checks"},
+    {"feistel", py_feistel, METH_VARARGS,
+     "feistel(x uint64[m], keys uint64[6] | uint64[6, m], bits, n): sequence.py's Feistel bijection, in place"},
+    {"seq_sum", py_seq_sum, METH_VARARGS, "seq_sum(x float64[n]) -> float: compose.py's _seq_sum"},
+    {"step_sums", py_step_sums, METH_VARARGS,
+     "step_sums(where uint8[n], weights float64[n], chunk, out float64[W]): compose.py's _step_sums with weights"},
+    {"step_max", py_step_max, METH_VARARGS,
+     "step_max(where uint8[n], values float64[n], out float64[W]): out[s] = max(out[s], values of step s)"},
+    {"assign_fill", py_assign_fill, METH_VARARGS,
+     "assign_fill(sizes int32[n], grouped uint8[n], bounds float64[W], scale, out uint8[n], count int64[W]): "
+     "compose.py's _assign filling"},
+    {"split_by_step", py_split_by_step, METH_VARARGS,
+     "split_by_step(where uint8[n], values 8-byte[n], out[n], counts int64[W]): a stable counting sort by step"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_native", "The planner's hot loops in C.", -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    return PyModule_Create(&module);
+}
