@@ -212,6 +212,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         shared = sec.get("trainer_ipc")
         click.echo(f"same-node links: Unix sockets in {sec['local_ipc']} (plaintext; this user only)"
                    + (f"; trainers of group {shared['group']}: {shared['dir']}" if shared else ""))
+    if status.get("planner", "c") != "c":
+        click.echo(f"planner: {status['planner']}")
     met = status.get("metrics") or {}
     if met.get("url") or met.get("error"):
         click.echo(f"metrics: {met['url'] or 'NOT SERVED: ' + met['error']}")

@@ -46,6 +46,7 @@ from .job import JobRuntime, SkipUnit
 from .leadership import Leadership
 from .metrics import SEND_QUEUE_FULL, UNROUTABLE_REPLY, FabricMetrics, MetricsServer
 from .metrics_reading import DaemonReader
+from .planner import native
 from .ratelog import RateLimitedLog, truncate
 from .reconcile import LocalReconciler
 from .roles.supervisor import Supervisor
@@ -141,6 +142,8 @@ class Daemon:
         tmp.write_text(self.local_endpoint + "\n")
         os.replace(tmp, self.cfg.endpoint_file)
         log.info("fabricd %s node %s listening on %s", __version__, self.cfg.node_id, endpoint)
+        if native.module is None:  # the same plans, bit for bit, several times slower at thousands of ranks
+            log.warning("planner: %s", native.describe())
         return endpoint
 
     # -- loop -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import psutil
 
 from . import __version__
 from .cluster.telemetry import NodeTelemetry, RoleProcessTelemetry, RoleView
+from .planner import native
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -49,6 +50,7 @@ def build_status(daemon: Daemon, now: float) -> dict[str, Any]:
     status = {
         "node": daemon.cfg.node_id,
         "version": __version__,
+        "planner": native.describe(),  # "c", or "numpy (why)": the same plans either way
         "endpoint": daemon.bound_endpoint,
         "pid": os.getpid(),
         "uptime_s": round(time.time() - daemon.started, 1),

@@ -207,7 +207,7 @@ if [ "$PACKAGE" = 1 ]; then
     # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
     "$VENV/bin/pip" install --quiet --upgrade $PIP_ARGS "$SRC/client" "$SRC"
     install -m 0644 "$SRC/README.md" "$VENV/README.md"   # the unit's Documentation=
-    say "package installed in $PREFIX"
+    say "package installed in $PREFIX (planner: $("$VENV/bin/python" -c 'from fabricd.planner import native; print(native.describe())'))"
 elif [ -z "$ROOT" ]; then
     [ -x "$VENV/bin/fabricd" ] || die "--no-package: $VENV/bin/fabricd is not installed"
 fi

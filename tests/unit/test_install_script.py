@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from fabric_client.keys import KeyPair, KeyRing, generate
+from fabricd.planner import native
 
 from ..conftest import make_fabric_keys
 
@@ -204,6 +205,7 @@ exec {sys.executable} -S "$@"
                     python=str(base))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "package installed" in proc.stdout and "generated a fabric of one node" in proc.stdout
+    assert f"(planner: {native.describe()})" in proc.stdout
     k = root / "etc/fabricd/keys"
     assert KeyRing(k, "first", credentials=k).names == {"node:first"}
     # without the package step nothing here can make keys: refused, before anything is installed
