@@ -138,7 +138,9 @@ def test_scrape_of_a_daemon_serving_a_job(tmp_path, tiny_corpus, local_daemon):
     ratio, bound = (value(m, "fabricd_plan_balance_max_over_mean", job="t"),
                     value(m, "fabricd_plan_balance_lower_bound", job="t"))
     assert ratio >= bound - 1e-9 and bound >= 1.0
-    assert value(m, "fabricd_job_progress_floor_step", job="t") <= STEPS
+    # the floor counts what constructors sent: a trainer that stops after STEPS may have been sent
+    # up to its credits' worth more (write_job's prefetch, 2 batches of one micro-batch each)
+    assert value(m, "fabricd_job_progress_floor_step", job="t") <= STEPS + 2
 
     # messages: the status document reads the same counters
     status = local_daemon.status()
