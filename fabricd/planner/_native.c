@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,16 +27,26 @@ typedef struct {
     int held;
 } Buf;
 
-static int get_buf(PyObject *obj, Buf *b, Py_ssize_t itemsize, int writable, const char *name) {
+/* A C-contiguous, flat buffer of ``itemsize``-byte items of a kind: 'i' signed integers, 'u'
+ * unsigned, 'f' floating point (numpy arrays of the dtypes the Python wrappers pass). */
+static int get_buf(PyObject *obj, Buf *b, Py_ssize_t itemsize, char kind, int writable, const char *name) {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     b->held = 0;
     if (PyObject_GetBuffer(obj, &b->view, flags) < 0) {
         return -1;
     }
     b->held = 1;
-    if (b->view.itemsize != itemsize || b->view.ndim > 1) {
-        PyErr_Format(PyExc_TypeError, "%s: expected a flat array of %zd-byte items, got itemsize %zd, ndim %d",
-                     name, itemsize, b->view.itemsize, b->view.ndim);
+    const char *f = b->view.format ? b->view.format : "B";
+    if (*f == '@' || *f == '=' || (*f == '<' && PY_LITTLE_ENDIAN) || (*f == '>' && !PY_LITTLE_ENDIAN)) {
+        f++;
+    }
+    const char *codes = kind == 'i' ? "bhilq" : kind == 'u' ? "BHILQ" : "efd";
+    int ok = f[0] != '\0' && f[1] == '\0' && strchr(codes, f[0]) != NULL;
+    if (!ok || b->view.itemsize != itemsize || b->view.ndim > 1) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a flat array of %zd-byte %s, got format '%s', itemsize %zd, "
+                     "ndim %d", name, itemsize,
+                     kind == 'i' ? "signed integers" : kind == 'u' ? "unsigned integers" : "floats",
+                     b->view.format ? b->view.format : "B", b->view.itemsize, b->view.ndim);
         return -1;
     }
     return 0;
@@ -46,6 +57,24 @@ static void release(Buf *b) {
         PyBuffer_Release(&b->view);
         b->held = 0;
     }
+}
+
+/* release(&a), release(&b), ...: the buffers a wrapper held, whatever happened */
+static void release_all(int count, ...) {
+    va_list bufs;
+    va_start(bufs, count);
+    for (int i = 0; i < count; i++) {
+        release(va_arg(bufs, Buf *));
+    }
+    va_end(bufs);
+}
+
+/* A loop's return code as the wrapper's result: None, or MemoryError when it could not allocate. */
+static PyObject *none_or_nomem(int rc) {
+    if (rc < 0) {
+        return PyErr_NoMemory();
+    }
+    Py_RETURN_NONE;
 }
 
 #define LEN(b) ((b).view.len / (b).view.itemsize)
@@ -134,14 +163,14 @@ static PyObject *py_stable_refine(PyObject *self, PyObject *args) {
     }
     Buf k = {0}, p = {0}, o = {0};
     PyObject *ret = NULL;
-    if (get_buf(k_obj, &k, 8, 0, "key") < 0 || get_buf(o_obj, &o, 8, 1, "out") < 0) {
+    if (get_buf(k_obj, &k, 8, 'i', 0, "key") < 0 || get_buf(o_obj, &o, 8, 'i', 1, "out") < 0) {
         goto done;
     }
     Py_ssize_t n = LEN(k);
     if (check_len(&o, n, "out") < 0) {
         goto done;
     }
-    if (p_obj != Py_None && (get_buf(p_obj, &p, 8, 0, "prior") < 0 || check_len(&p, n, "prior") < 0)) {
+    if (p_obj != Py_None && (get_buf(p_obj, &p, 8, 'i', 0, "prior") < 0 || check_len(&p, n, "prior") < 0)) {
         goto done;
     }
     const int64_t *key = k.view.buf;
@@ -158,16 +187,9 @@ static PyObject *py_stable_refine(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rc = radix_refine(key, prior, o.view.buf, n);
     Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_nomem(rc);
 done:
-    release(&k);
-    release(&p);
-    release(&o);
+    release_all(3, &k, &p, &o);
     return ret;
 }
 
@@ -293,8 +315,8 @@ static PyObject *py_lpt_rounds(PyObject *self, PyObject *args) {
     }
     Buf c = {0}, o = {0}, b = {0};
     PyObject *ret = NULL;
-    if (get_buf(c_obj, &c, 8, 0, "costs") < 0 || get_buf(o_obj, &o, 8, 0, "order") < 0 ||
-        get_buf(b_obj, &b, 4, 1, "bins") < 0) {
+    if (get_buf(c_obj, &c, 8, 'f', 0, "costs") < 0 || get_buf(o_obj, &o, 8, 'i', 0, "order") < 0 ||
+        get_buf(b_obj, &b, 4, 'i', 1, "bins") < 0) {
         goto done;
     }
     Py_ssize_t n = LEN(c);
@@ -312,16 +334,9 @@ static PyObject *py_lpt_rounds(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rc = lpt_rounds(c.view.buf, ov, n, k, b.view.buf);
     Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_nomem(rc);
 done:
-    release(&c);
-    release(&o);
-    release(&b);
+    release_all(3, &c, &o, &b);
     return ret;
 }
 
@@ -529,9 +544,9 @@ static PyObject *py_pack_grouped(PyObject *self, PyObject *args) {
     }
     Buf g = {0}, t = {0}, c = {0}, b = {0}, mi = {0}, nu = {0};
     PyObject *ret = NULL;
-    if (get_buf(g_obj, &g, 8, 0, "group") < 0 || get_buf(t_obj, &t, 8, 0, "tokens") < 0 ||
-        get_buf(c_obj, &c, 8, 0, "costs") < 0 || get_buf(b_obj, &b, 8, 0, "by_cost") < 0 ||
-        get_buf(m_obj, &mi, 4, 1, "micro") < 0 || get_buf(n_obj, &nu, 4, 1, "num") < 0) {
+    if (get_buf(g_obj, &g, 8, 'i', 0, "group") < 0 || get_buf(t_obj, &t, 8, 'i', 0, "tokens") < 0 ||
+        get_buf(c_obj, &c, 8, 'f', 0, "costs") < 0 || get_buf(b_obj, &b, 8, 'i', 0, "by_cost") < 0 ||
+        get_buf(m_obj, &mi, 4, 'i', 1, "micro") < 0 || get_buf(n_obj, &nu, 4, 'i', 1, "num") < 0) {
         goto done;
     }
     Py_ssize_t n = LEN(g);
@@ -565,19 +580,9 @@ static PyObject *py_pack_grouped(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rc = pack_grouped(gv, tv, c.view.buf, bv, n, G, (int64_t)cap, mi.view.buf, nu.view.buf);
     Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_nomem(rc);
 done:
-    release(&g);
-    release(&t);
-    release(&c);
-    release(&b);
-    release(&mi);
-    release(&nu);
+    release_all(6, &g, &t, &c, &b, &mi, &nu);
     return ret;
 }
 
@@ -654,7 +659,7 @@ static PyObject *py_feistel(PyObject *self, PyObject *args) {
     }
     Buf x = {0}, k = {0};
     PyObject *ret = NULL;
-    if (get_buf(x_obj, &x, 8, 1, "x") < 0 || get_buf(k_obj, &k, 8, 0, "keys") < 0) {
+    if (get_buf(x_obj, &x, 8, 'u', 1, "x") < 0 || get_buf(k_obj, &k, 8, 'u', 0, "keys") < 0) {
         goto done;
     }
     Py_ssize_t m = LEN(x);
@@ -678,15 +683,9 @@ static PyObject *py_feistel(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rc = feistel(x.view.buf, m, k.view.buf, per_item, bits, (uint64_t)n);
     Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_nomem(rc);
 done:
-    release(&x);
-    release(&k);
+    release_all(2, &x, &k);
     return ret;
 }
 
@@ -774,7 +773,7 @@ static PyObject *py_seq_sum(PyObject *self, PyObject *args) {
         return NULL;
     }
     Buf x = {0};
-    if (get_buf(x_obj, &x, 8, 0, "x") < 0) {
+    if (get_buf(x_obj, &x, 8, 'f', 0, "x") < 0) {
         release(&x);
         return NULL;
     }
@@ -795,8 +794,8 @@ static PyObject *py_step_sums(PyObject *self, PyObject *args) {
     Buf st = {0}, w = {0}, o = {0};
     PyObject *ret = NULL;
     double *part = NULL;
-    if (get_buf(s_obj, &st, 1, 0, "where") < 0 || get_buf(w_obj, &w, 8, 0, "weights") < 0 ||
-        get_buf(o_obj, &o, 8, 1, "out") < 0 || check_len(&w, LEN(st), "weights") < 0) {
+    if (get_buf(s_obj, &st, 1, 'u', 0, "where") < 0 || get_buf(w_obj, &w, 8, 'f', 0, "weights") < 0 ||
+        get_buf(o_obj, &o, 8, 'f', 1, "out") < 0 || check_len(&w, LEN(st), "weights") < 0) {
         goto done;
     }
     Py_ssize_t W = LEN(o);
@@ -812,13 +811,10 @@ static PyObject *py_step_sums(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     step_sums(st.view.buf, w.view.buf, LEN(st), W, chunk, o.view.buf, part);
     Py_END_ALLOW_THREADS
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_nomem(0);
 done:
     free(part);
-    release(&st);
-    release(&w);
-    release(&o);
+    release_all(3, &st, &w, &o);
     return ret;
 }
 
@@ -829,20 +825,17 @@ static PyObject *py_step_max(PyObject *self, PyObject *args) {
     }
     Buf st = {0}, c = {0}, o = {0};
     PyObject *ret = NULL;
-    if (get_buf(s_obj, &st, 1, 0, "where") < 0 || get_buf(c_obj, &c, 8, 0, "values") < 0 ||
-        get_buf(o_obj, &o, 8, 1, "out") < 0 || check_len(&c, LEN(st), "values") < 0 ||
+    if (get_buf(s_obj, &st, 1, 'u', 0, "where") < 0 || get_buf(c_obj, &c, 8, 'f', 0, "values") < 0 ||
+        get_buf(o_obj, &o, 8, 'f', 1, "out") < 0 || check_len(&c, LEN(st), "values") < 0 ||
         check_steps(st.view.buf, LEN(st), LEN(o)) < 0) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
     step_max(st.view.buf, c.view.buf, LEN(st), o.view.buf);
     Py_END_ALLOW_THREADS
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_nomem(0);
 done:
-    release(&st);
-    release(&c);
-    release(&o);
+    release_all(3, &st, &c, &o);
     return ret;
 }
 
@@ -854,9 +847,9 @@ static PyObject *py_assign_fill(PyObject *self, PyObject *args) {
     }
     Buf z = {0}, g = {0}, b = {0}, o = {0}, cn = {0};
     PyObject *ret = NULL;
-    if (get_buf(z_obj, &z, 4, 0, "sizes") < 0 || get_buf(g_obj, &g, 1, 0, "grouped") < 0 ||
-        get_buf(b_obj, &b, 8, 0, "bounds") < 0 || get_buf(o_obj, &o, 1, 1, "out") < 0 ||
-        get_buf(n_obj, &cn, 8, 1, "count") < 0) {
+    if (get_buf(z_obj, &z, 4, 'i', 0, "sizes") < 0 || get_buf(g_obj, &g, 1, 'u', 0, "grouped") < 0 ||
+        get_buf(b_obj, &b, 8, 'f', 0, "bounds") < 0 || get_buf(o_obj, &o, 1, 'u', 1, "out") < 0 ||
+        get_buf(n_obj, &cn, 8, 'i', 1, "count") < 0) {
         goto done;
     }
     Py_ssize_t n = LEN(z), W = LEN(b);
@@ -877,14 +870,9 @@ static PyObject *py_assign_fill(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     assign_fill(zv, g.view.buf, n, b.view.buf, W, scale, o.view.buf, cn.view.buf);
     Py_END_ALLOW_THREADS
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_nomem(0);
 done:
-    release(&z);
-    release(&g);
-    release(&b);
-    release(&o);
-    release(&cn);
+    release_all(5, &z, &g, &b, &o, &cn);
     return ret;
 }
 
@@ -898,8 +886,8 @@ static PyObject *py_split_by_step(PyObject *self, PyObject *args) {
     Buf st = {0}, v = {0}, o = {0}, cn = {0};
     PyObject *ret = NULL;
     Py_ssize_t *at = NULL;
-    if (get_buf(s_obj, &st, 1, 0, "where") < 0 || get_buf(v_obj, &v, 8, 0, "values") < 0 ||
-        get_buf(o_obj, &o, 8, 1, "out") < 0 || get_buf(n_obj, &cn, 8, 1, "counts") < 0) {
+    if (get_buf(s_obj, &st, 1, 'u', 0, "where") < 0 || get_buf(v_obj, &v, 8, 'i', 0, "values") < 0 ||
+        get_buf(o_obj, &o, 8, 'i', 1, "out") < 0 || get_buf(n_obj, &cn, 8, 'i', 1, "counts") < 0) {
         goto done;
     }
     Py_ssize_t n = LEN(st), W = LEN(cn);
@@ -926,14 +914,10 @@ static PyObject *py_split_by_step(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t i = 0; i < n; i++) ov[at[sv[i]]++] = vv[i];
     Py_END_ALLOW_THREADS
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_nomem(0);
 done:
     free(at);
-    release(&st);
-    release(&v);
-    release(&o);
-    release(&cn);
+    release_all(4, &st, &v, &o, &cn);
     return ret;
 }
 

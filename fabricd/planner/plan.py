@@ -294,12 +294,12 @@ class Planner:
         W = self.window
         if self.end_step is not None:  # the segment's last window ends with the segment
             W = min(W, self.end_step - self.start_step - k * self.window)
-        rows = []
-        for s in range(k * self.window, k * self.window + W):
+        B = self.samples_per_step  # every step draws exactly this many: the window's rows, written in place
+        row = np.empty(W * B, dtype=np.int64)
+        for i, s in enumerate(range(k * self.window, k * self.window + W)):
             src, unit = self.sequence.step_units(s)
-            rows.append(self._offsets[src] + unit)
-        row = np.concatenate(rows)
-        drawn = np.repeat(np.arange(W, dtype=step_dtype(W)), [r.size for r in rows])
+            np.add(self._offsets[src], unit, out=row[i * B:(i + 1) * B])
+        drawn = np.repeat(np.arange(W, dtype=step_dtype(W)), B)
         size = self._tokens[row] if self.size_by_tokens else np.ones(row.size, dtype=np.int8)
         where = compose_window(self._cost(row), size, steps=W, dp=dp, drawn=drawn)
         return split_by_step(where, W, values=row)

@@ -204,3 +204,34 @@ def test_composed_windows_are_the_same(monkeypatch: pytest.MonkeyPatch, chunk: i
             for rest_max in (float(cost[big[-1]]), float(cost.max()) * 2):  # the second looks at every unit
                 fast, ref = _both(monkeypatch, compose._mean_bound, cost, where, W, dp, big, rest_max)
                 assert fast == ref
+
+
+def test_the_c_loops_refuse_arrays_of_the_wrong_kind_or_length() -> None:
+    """They trust no caller: a float where integers are due, a short output, an order that
+    indexes past the items, a step outside the window: an exception, never a wild write."""
+    m = native.module
+    n = 10
+    with pytest.raises(TypeError, match="signed integers"):
+        m.stable_refine(np.zeros(n), None, np.empty(n, np.int64))
+    with pytest.raises(ValueError, match="expected 10 items"):
+        m.stable_refine(np.zeros(n, np.int64), None, np.empty(n - 1, np.int64))
+    with pytest.raises(ValueError, match="permutation"):
+        m.stable_refine(np.zeros(n, np.int64), np.full(n, n, np.int64), np.empty(n, np.int64))
+    with pytest.raises(ValueError, match="out of range"):
+        m.lpt_rounds(np.ones(n), np.full(n, -1, np.int64), 3, np.empty(n, np.int32))
+    with pytest.raises(ValueError, match="permutation"):
+        m.pack_grouped(np.zeros(n, np.int64), np.ones(n, np.int64), np.ones(n), np.zeros(n, np.int64), 1, 4,
+                       np.zeros(n, np.int32), np.zeros(1, np.int32))
+    with pytest.raises(ValueError, match="tokens"):
+        m.pack_grouped(np.zeros(n, np.int64), np.full(n, 9, np.int64), np.ones(n), np.arange(n, dtype=np.int64), 1,
+                       4, np.zeros(n, np.int32), np.zeros(1, np.int32))
+    with pytest.raises(TypeError, match="unsigned"):
+        m.feistel(np.zeros(n, np.int64), np.zeros(6, np.uint64), 4, 10)
+    with pytest.raises(ValueError, match="outside"):
+        m.feistel(np.full(n, 99, np.uint64), np.zeros(6, np.uint64), 4, 10)
+    with pytest.raises(ValueError, match="outside the window"):
+        m.step_sums(np.full(n, 3, np.uint8), np.ones(n), 4, np.zeros(3))
+    with pytest.raises(ValueError, match="outside the window"):
+        m.split_by_step(np.full(n, 3, np.uint8), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="contiguous"):
+        m.seq_sum(np.ones((4, 4))[:, 0])
