@@ -57,10 +57,13 @@ def test_tiny_mode_reports_every_key_with_numbers_the_configuration_implies(tmp_
         assert phases["2x"]["scale"] == pytest.approx(4 * phases["0.5x"]["scale"])
         assert phases["1x"]["scale"] == pytest.approx(result["calibration"]["seconds_per_cost"])
         for p in phases.values():
-            assert 0 <= p["wait_frac"] <= 1 and p["tokens_per_s"] > 0 and p["cpu_s_per_mtok"] > 0
+            # CPU is read in clock ticks (10 ms a process): a tiny phase of two steps in ~40 ms can
+            # read 0 (seen on the baseline's), so only the side's phases together must show some
+            assert 0 <= p["wait_frac"] <= 1 and p["tokens_per_s"] > 0 and p["cpu_s_per_mtok"] >= 0
             # the fabric's loader processes, at least one per source, through every phase
             assert (side == "fabric") == ("source_loaders" in p)
             assert side != "fabric" or min(p["source_loaders"]) >= 5
+        assert sum(p["cpu_s"] for p in phases.values()) > 0
     assert result["throughput_ratio"] == pytest.approx(one["fabric"]["tokens_per_s"] / one["baseline"]["tokens_per_s"],
                                                        rel=0.01)
     assert result["fabric_efficiency"] == one["fabric"]["efficiency"] and 0 < result["fabric_efficiency"] < 1.2
