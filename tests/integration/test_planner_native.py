@@ -3,6 +3,7 @@ planning with the C loops computes: daemons with and without the module agree on
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,7 +21,10 @@ pytestmark = [pytest.mark.integration]
 
 @pytest.mark.timeout(240)
 def test_a_daemon_planning_with_numpy_serves_what_the_c_loops_plan(tmp_path, tiny_corpus):
-    assert native.module is not None, f"this process should plan with the C loops: {native.describe()}"
+    if native.module is None:
+        if os.environ.get(native.ENV, "").strip() == "0":
+            pytest.skip(f"{native.ENV}=0: this process plans with numpy too")
+        pytest.fail(f"this process should plan with the C loops: {native.describe()}")
     dp, steps = 10, 3  # above 8 ranks LPT runs in chunks (one of the C loops)
     job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=dp, samples_per_step=40)
     daemon = LocalDaemon(tmp_path / "node", node_id="numpy", extra_env={native.ENV: "0"})
