@@ -89,6 +89,17 @@ static int check_len(Buf *b, Py_ssize_t n, const char *name) {
 
 /* ------------------------------------------------------------------------------ stable order */
 
+/* The digits of an LSD radix sort of keys up to ``top``: as few passes as ``most``-bit digits
+ * need, each digit as narrow as that allows (fewer buckets stay in cache). */
+static void radix_digits(uint64_t top, int most, int *passes, int *bits) {
+    int width = 1;
+    while (width < 64 && (top >> width) != 0) {
+        width++;
+    }
+    *passes = (width + most - 1) / most;
+    *bits = (width + *passes - 1) / *passes;
+}
+
 /* out = prior[stable argsort of key[prior]] (prior: the identity when NULL): one key of
  * stable_order. Keys are non-negative (checked by the caller). LSD radix, 8- or 16-bit digits. */
 static int radix_refine(const int64_t *key, const int64_t *prior, int64_t *out, Py_ssize_t n) {
@@ -101,15 +112,9 @@ static int radix_refine(const int64_t *key, const int64_t *prior, int64_t *out, 
             top = (uint64_t)key[i];
         }
     }
-    /* as few passes as 16-bit digits need, with digits as narrow as that allows (fewer buckets
-     * stay in cache); 8-bit digits for small inputs, where 65536 buckets would cost more than n */
-    int width = 1;
-    while (width < 64 && (top >> width) != 0) {
-        width++;
-    }
-    int most = n > (1 << 16) ? 16 : 8;
-    int passes = (width + most - 1) / most;
-    int bits = (width + passes - 1) / passes;
+    /* 8-bit digits for small inputs, where 65536 buckets would cost more than n */
+    int passes, bits;
+    radix_digits(top, n > (1 << 16) ? 16 : 8, &passes, &bits);
     size_t buckets = (size_t)1 << bits;
     uint64_t mask = buckets - 1;
     int64_t *tmp = malloc(sizeof(int64_t) * (size_t)n);
@@ -127,8 +132,7 @@ static int radix_refine(const int64_t *key, const int64_t *prior, int64_t *out, 
             src[i] = i;
         }
     }
-    int shift = 0;
-    do {
+    for (int p = 0, shift = 0; p < passes; p++, shift += bits) {
         memset(count, 0, sizeof(Py_ssize_t) * buckets);
         for (Py_ssize_t i = 0; i < n; i++) {
             count[((uint64_t)key[src[i]] >> shift) & mask]++;
@@ -146,8 +150,7 @@ static int radix_refine(const int64_t *key, const int64_t *prior, int64_t *out, 
         int64_t *t = src;
         src = dst;
         dst = t;
-        shift += bits;
-    } while (shift < 64 && (top >> shift) != 0);
+    }
     if (src != out) {
         memcpy(out, src, sizeof(int64_t) * (size_t)n);
     }
@@ -405,11 +408,8 @@ static inline uint64_t rec_key(const Rec *r, int by_group, int64_t cap) {
 
 /* Stable LSD counting sort of recs[0:m] by rec_key (at most ``top``), 16-bit digits at most. */
 static int sort_recs(Rec *recs, Rec *tmp, Py_ssize_t m, int by_group, int64_t cap, uint64_t top) {
-    int width = 1;
-    while (width < 64 && (top >> width) != 0) {
-        width++;
-    }
-    int passes = (width + 15) / 16, bits = (width + passes - 1) / passes;
+    int passes, bits;
+    radix_digits(top, 16, &passes, &bits);
     size_t buckets = (size_t)1 << bits;
     uint64_t mask = buckets - 1;
     Py_ssize_t *count = malloc(sizeof(Py_ssize_t) * buckets);

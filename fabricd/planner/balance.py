@@ -425,15 +425,6 @@ def pack_micro_batches_grouped(
     itype = np.int32 if cap < (1 << 30) else np.int64
     rows = np.arange(R)
 
-    if by_cost is None:
-        by_cost_sel = stable_order(descending_rank(cs))
-    elif sel.size == n:
-        by_cost_sel = np.asarray(by_cost, dtype=np.int64)
-    else:  # the items of the packed groups, in the caller's cost order, numbered within ``sel``
-        local = np.full(n, -1, dtype=np.int64)
-        local[sel] = np.arange(sel.size)
-        by_cost_sel = local[np.asarray(by_cost, dtype=np.int64)]
-        by_cost_sel = by_cost_sel[by_cost_sel >= 0]
     # First-fit decreasing by tokens, all groups in lockstep: column p holds the p-th largest item
     # of every group (a group with fewer items is padded with 0-token items, which change nothing).
     # First fit leaves at most one bin at most half full, so it never needs more than 2·sum/cap + 1
@@ -453,6 +444,15 @@ def pack_micro_batches_grouped(
     # Spread cost: LPT by cost over the same number of micro-batches, within the token budget. A bin
     # past a group's count is marked full (cap + 1 tokens); an item with room nowhere goes to bin 0
     # (the group then falls back to first fit), so bin 0 is overfull exactly when a group failed.
+    if by_cost is None:
+        by_cost_sel = stable_order(descending_rank(cs))
+    elif sel.size == n:
+        by_cost_sel = np.asarray(by_cost, dtype=np.int64)
+    else:  # the items of the packed groups, in the caller's cost order, numbered within ``sel``
+        local = np.full(n, -1, dtype=np.int64)
+        local[sel] = np.arange(sel.size)
+        by_cost_sel = local[np.asarray(by_cost, dtype=np.int64)]
+        by_cost_sel = by_cost_sel[by_cost_sel >= 0]
     spread_rank, tok = _lockstep_columns(gi, by_cost_sel[stable_order(gi[by_cost_sel])], ts, cnt, itype)
     cost_cols = np.zeros(tok.shape, dtype=np.float64)
     cost_cols.ravel()[spread_rank] = cs
