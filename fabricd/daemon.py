@@ -41,12 +41,14 @@ from .cluster.log import LogError
 from .cluster.state import StateError
 from .cluster.wire import to_peer
 from .config import NodeConfig
+from .errors import FabricdError
 from .handlers import CALLERS, HANDLERS, caller_kind
 from .job import JobRuntime, SkipUnit
 from .leadership import Leadership
 from .metrics import SEND_QUEUE_FULL, UNROUTABLE_REPLY, FabricMetrics, MetricsServer
 from .metrics_reading import DaemonReader
 from .planner import native
+from .planner.worker import plan_threads
 from .ratelog import RateLimitedLog, truncate
 from .reconcile import LocalReconciler
 from .roles.supervisor import Supervisor
@@ -70,6 +72,10 @@ class Daemon:
 
     def __init__(self, cfg: NodeConfig, notifier: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
+        try:  # threads per job's plan worker: FABRICD_PLAN_THREADS, else a few within this process's cores
+            self.plan_threads = plan_threads()
+        except ValueError as e:
+            raise FabricdError(str(e)) from None
         self.ctx = zmq.Context()
         if cfg.security.insecure:
             self.ring = None

@@ -177,6 +177,9 @@ class SegmentPlans:
         # held, so their ids are nobody else's while the entry lives
         self._heads: OrderedDict[tuple[int, int, int], tuple[SegmentHead | None, JobSpec, SegmentHead]] = OrderedDict()
         self._planners: OrderedDict[tuple[int, int | None], tuple[SegmentHead, Planner]] = OrderedDict()
+        # a segment planner being built → its builder's lock: another thread wanting the same
+        # one waits for it rather than building a second (whose windows would be composed again)
+        self._building: dict[tuple[int, int | None], threading.Lock] = {}
         #: heads computed and segment planners built, over this object's life (tests count them)
         self.counters = {"heads_built": 0, "planners_built": 0}
 
@@ -210,18 +213,36 @@ class SegmentPlans:
         """The planner of steps ``[head.start, end)``: kept, or built now (and kept)."""
         key = (id(head), end)
         with self._lock:
-            hit = self._planners.get(key)
-            if hit is not None and hit[0] is head:
-                self._planners.move_to_end(key)
-                return hit[1]
-        built = _head_planner(head, self.dp_history, end)  # outside the lock: the loop thread may wait on it
-        with self._lock:
-            self.counters["planners_built"] += 1
-            self._planners[key] = (head, built)
-            self._planners.move_to_end(key)
-            while len(self._planners) > self.keep:
-                self._planners.popitem(last=False)
-        return built
+            hit = self._kept(key, head)
+            if hit is not None:
+                return hit
+            building = self._building.setdefault(key, threading.Lock())
+        with building:  # only this segment's builder holds it: the loop thread never waits on another's
+            try:
+                with self._lock:
+                    hit = self._kept(key, head)  # built meanwhile, by the thread this one waited for
+                if hit is not None:
+                    return hit
+                built = _head_planner(head, self.dp_history, end)  # outside self._lock
+                with self._lock:
+                    self.counters["planners_built"] += 1
+                    self._planners[key] = (head, built)
+                    self._planners.move_to_end(key)
+                    while len(self._planners) > self.keep:
+                        self._planners.popitem(last=False)
+                return built
+            finally:
+                with self._lock:
+                    if self._building.get(key) is building:
+                        del self._building[key]
+
+    def _kept(self, key: tuple[int, int | None], head: SegmentHead) -> Planner | None:
+        """The kept planner of ``key`` built from ``head`` (lock held), marked recently used."""
+        hit = self._planners.get(key)
+        if hit is None or hit[0] is not head:
+            return None
+        self._planners.move_to_end(key)
+        return hit[1]
 
     def _head(self, prev: SegmentHead | None, start: int, spec: JobSpec) -> SegmentHead:
         key = (0 if prev is None else id(prev), int(start), id(spec))
@@ -337,8 +358,9 @@ class JobRuntime:
 
     def __init__(self, spec: JobSpec, *, index_dir: Path, directory: RoleDirectory, record_seq: int = -1,
                  data_roots: Sequence[Path] | None = None, dp_history: Sequence[tuple[int, int]] = (),
-                 plan_changes: Sequence[PlanChange] = ()) -> None:
+                 plan_changes: Sequence[PlanChange] = (), plan_threads: int = 1) -> None:
         self.spec = spec
+        self.plan_threads = int(plan_threads)  # the plan worker's threads (the daemon's plan_threads())
         # the log's committed plan changes the planner is built with (see update_plan)
         self.plan_changes: tuple[PlanChange, ...] = tuple(plan_changes)
         self._replanned: tuple[tuple[PlanChange, ...], Planner | SegmentedPlanner] | None = None
@@ -510,7 +532,8 @@ class JobRuntime:
         if self.plan_worker is None:
             self.plan_worker = PlanWorker(self.planner, dp_size, name=self.spec.name, cache_steps=PLAN_CACHE_STEPS,
                                           ahead_steps=PLAN_AHEAD_STEPS, queue_steps=PLAN_QUEUE_STEPS,
-                                          deadline_s=PLAN_DEADLINE_S, counters=self.counters)
+                                          deadline_s=PLAN_DEADLINE_S, counters=self.counters,
+                                          threads=self.plan_threads)
         plan = self.plan_worker.get(req.step)
         if plan is None:
             failed = self.plan_worker.failure(req.step)

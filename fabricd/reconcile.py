@@ -67,7 +67,8 @@ class LocalReconciler:
                 continue
             d.jobs[name] = JobRuntime(spec, index_dir=d.index_dir, directory=d, record_seq=entry.seq,
                                       data_roots=d.cfg.data_roots, dp_history=dp_history_of(entry.extra),
-                                      plan_changes=d.cluster.state.committed_plan_changes(name, commit))
+                                      plan_changes=d.cluster.state.committed_plan_changes(name, commit),
+                                      plan_threads=d.plan_threads)
         for name, job in d.jobs.items():  # steps of a change this log holds uncommitted wait (JobRuntime.plan)
             job.hold_from = d.cluster.state.uncommitted_change_from(name, commit)
 

@@ -1,16 +1,20 @@
-"""Plans computed off the caller's thread: one worker thread per job, a few steps ahead.
+"""Plans computed off the caller's thread: a few worker threads per job, a few steps ahead.
 
 The daemon's control loop must never wait on a plan (a step of 10^7 samples takes tens of
 seconds). ``PlanWorker.get(step)`` answers at once: the cached plan, or None after asking the
-worker for it. The worker plans asked-for steps lowest first, then a few steps past the highest
-step asked for, and keeps the last ``cache_steps`` plans. A plan running past ``deadline_s`` is
-logged and counted (it cannot be interrupted: the planner is pure computation); an exception is
-kept per step and in ``status()``, never lost.
+workers for it. The workers plan asked-for steps lowest first, then a few steps past the highest
+step asked for, and keep the last ``cache_steps`` plans. Each thread plans one step at a time;
+``threads`` of them plan different steps at once (a plan is a pure function of its step, and
+the planner's compiled loops and numpy's release the GIL, so two threads plan about 1.75 steps
+in the time of one at DP 4096). A plan running past ``deadline_s`` is logged and counted (it
+cannot be interrupted: the planner is pure computation); an exception is kept per step and in
+``status()``, never lost.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -23,27 +27,55 @@ from fabric_client.limits import MAX_STEP
 from fabricd.planner.plan import Planner, StepPlan
 from fabricd.planner.quality import StepBalance, step_balance
 
-__all__ = ["PlanWorker"]
+__all__ = ["PlanWorker", "plan_threads"]
 
 log = logging.getLogger(__name__)
 
 _FAILED_KEPT = 32  # most recent failed steps remembered (each is answered with its error)
 BALANCE_KEPT = 16  # the balance of the most recently planned steps, shown by status (fabricctl top)
+MAX_THREADS = 64
+#: threads per job by default: a few, within the cores this process may use
+DEFAULT_MAX_THREADS = 4
+
+
+def plan_threads(environ: "os._Environ[str] | dict[str, str] | None" = None) -> int:
+    """The planning threads a job's worker runs: ``FABRICD_PLAN_THREADS`` when set (1 to
+    MAX_THREADS), else up to DEFAULT_MAX_THREADS, one per core this process may use. Raises
+    ``ValueError`` for a value that is not such a number."""
+    env = os.environ if environ is None else environ
+    raw = env.get("FABRICD_PLAN_THREADS", "").strip()
+    if raw:
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= MAX_THREADS:
+            raise ValueError(f"FABRICD_PLAN_THREADS={raw!r}: expected an integer from 1 to {MAX_THREADS}")
+        return n
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(DEFAULT_MAX_THREADS, cores))
 
 
 class PlanWorker:
-    """Computes ``planner.plan(step, dp_size)`` on a background thread.
+    """Computes ``planner.plan(step, dp_size)`` on ``threads`` background threads.
 
     Promises: ``get``, ``failure`` and ``status`` never block on a computation; at most
     ``queue_steps`` steps wait to be planned (past that the farthest waiting step is dropped: its
     caller asks again); at most ``cache_steps`` plans are kept (least recently used go first);
-    nothing the worker raises escapes it: the error is kept for its step and shown by
-    ``status()``. ``close()`` stops the thread after the plan in progress.
+    no step is planned by two threads at once; nothing the workers raise escapes them: the error
+    is kept for its step and shown by ``status()``. ``close()`` stops the threads after the plans
+    in progress. ``planner.plan`` must be safe to call from several threads at once for
+    ``threads > 1`` (``Planner`` and ``SegmentedPlanner`` are).
     """
 
     def __init__(self, planner: Planner, dp_size: int, *, name: str, cache_steps: int, ahead_steps: int,
                  queue_steps: int, deadline_s: float, counters: MutableMapping[str, Any] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, threads: int = 1) -> None:
+        if isinstance(threads, bool) or int(threads) != threads or not 1 <= int(threads) <= MAX_THREADS:
+            raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
         self.planner = planner
         self.dp_size = int(dp_size)
         self.name = name
@@ -62,13 +94,15 @@ class PlanWorker:
         self._failed: OrderedDict[int, str] = OrderedDict()
         self._balance: OrderedDict[int, StepBalance] = OrderedDict()  # step → its plan's balance
         self._highest = -1
-        self._running: tuple[int, float] | None = None  # (step, started) of the plan in progress
-        self._overdue_counted = False
+        self._running: dict[int, float] = {}  # step → started, of each plan in progress
+        self._overdue_counted: set[int] = set()  # the running steps counted past their deadline
         self._stopped = False
-        self.error: str | None = None  # the last failure (a step's plan, or the thread itself)
+        self.error: str | None = None  # the last failure (a step's plan, or a thread itself)
         self.last_overdue: dict[str, Any] | None = None
-        self._thread = threading.Thread(target=self._run, name=f"plan-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"plan-{name}" + (f"-{i}" if i else ""), daemon=True)
+                         for i in range(int(threads))]
+        for thread in self._threads:
+            thread.start()
 
     # -- the owner's side (never blocks on a computation) ---------------------------------------
 
@@ -84,12 +118,11 @@ class PlanWorker:
             if step in self._failed or self._stopped:
                 return None
             self._highest = max(self._highest, step)
-            running = self._running is not None and self._running[0] == step
-            if not running and step not in self._wanted:
+            if step not in self._running and step not in self._wanted:
                 self._wanted.add(step)
                 if len(self._wanted) > self.queue_steps:
                     self._wanted.discard(max(self._wanted))
-            self._cond.notify()
+            self._cond.notify_all()  # the asked step, and look-ahead past it for idle threads
             return None
 
     def latest_balance(self) -> StepBalance | None:
@@ -104,21 +137,25 @@ class PlanWorker:
             return self._failed.get(int(step))
 
     def status(self) -> dict[str, Any]:
-        """What the worker is doing: the plan in progress and for how long, queue and cache
-        sizes, whether it is alive, and its last error and overdue plan."""
+        """What the workers are doing: the plan in progress longest and for how long (``running``)
+        and the steps of every plan in progress, queue and cache sizes, whether they are alive,
+        and their last error and overdue plan."""
         with self._cond:
             self._check_overdue()
             now = self.clock()
-            running = None if self._running is None else {
-                "step": self._running[0], "running_s": round(now - self._running[1], 3),
-                "overdue": now - self._running[1] > self.deadline_s}
-            return {"alive": self._thread.is_alive() and not self._stopped, "running": running,
+            running = None
+            if self._running:
+                step, started = min(self._running.items(), key=lambda item: (item[1], item[0]))
+                running = {"step": step, "running_s": round(now - started, 3), "overdue": now - started > self.deadline_s}
+            alive = all(thread.is_alive() for thread in self._threads) and not self._stopped
+            return {"alive": alive, "running": running, "running_steps": sorted(self._running),
+                    "threads": len(self._threads),
                     "queued": len(self._wanted), "cached": len(self._cache), "deadline_s": self.deadline_s,
                     "error": self.error, "last_overdue": self.last_overdue,
                     "balance": [msgspec.to_builtins(b) for b in sorted(self._balance.values(), key=lambda b: b.step)]}
 
     def close(self) -> None:
-        """Stop the thread (after the plan in progress, if any) and drop the cache."""
+        """Stop the threads (after the plans in progress, if any) and drop the cache."""
         with self._cond:
             self._stopped = True
             self._wanted.clear()
@@ -126,24 +163,25 @@ class PlanWorker:
             self._cond.notify_all()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for the thread to end; True when it has."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        """Wait for the threads to end (``timeout`` for them all); True when they have."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     # -- the worker thread --------------------------------------------------------------------
 
     def _check_overdue(self) -> None:
-        """Count and log the plan in progress once it runs past the deadline (lock held)."""
-        if self._running is None or self._overdue_counted:
-            return
-        step, started = self._running
-        elapsed = self.clock() - started
-        if elapsed > self.deadline_s:
-            self._overdue_counted = True
-            self.counters["plans_over_deadline"] += 1
-            self.last_overdue = {"step": step, "seconds": round(elapsed, 3), "finished": False}
-            log.warning("job %s: plan of step %d has run %.1f s, past its %.0f s deadline", self.name, step,
-                        elapsed, self.deadline_s)
+        """Count and log each plan in progress once it runs past the deadline (lock held)."""
+        now = self.clock()
+        for step, started in self._running.items():
+            elapsed = now - started
+            if step not in self._overdue_counted and elapsed > self.deadline_s:
+                self._overdue_counted.add(step)
+                self.counters["plans_over_deadline"] += 1
+                self.last_overdue = {"step": step, "seconds": round(elapsed, 3), "finished": False}
+                log.warning("job %s: plan of step %d has run %.1f s, past its %.0f s deadline", self.name, step,
+                            elapsed, self.deadline_s)
 
     def _next(self) -> int | None:
         """The step to plan next (lock held): the lowest asked-for step, else the next look-ahead."""
@@ -156,7 +194,7 @@ class PlanWorker:
         for step in range(self._highest + 1, self._highest + 1 + self.ahead_steps):
             if step > MAX_STEP:
                 return None
-            if step not in self._cache and step not in self._failed:
+            if step not in self._cache and step not in self._failed and step not in self._running:
                 return step
         return None
 
@@ -170,13 +208,13 @@ class PlanWorker:
                         step = self._next()
                     if self._stopped:
                         return
-                    self._running = (step, self.clock())
-                    self._overdue_counted = False
+                    self._running[step] = self.clock()
                 self._plan_one(step)
-        except BaseException as e:  # noqa: BLE001 - the thread itself broke: the owner sees it in status
+        except BaseException as e:  # noqa: BLE001 - a thread itself broke: the owner sees it in status
             with self._cond:
                 self.error = f"plan worker died: {type(e).__name__}: {e}"
                 self._stopped = True
+                self._cond.notify_all()  # the other threads stop too
             log.exception("job %s: plan worker died", self.name)
 
     def _plan_one(self, step: int) -> None:
@@ -192,8 +230,9 @@ class PlanWorker:
         balance = step_balance(plan) if isinstance(plan, StepPlan) else None  # off the clock: not planning time
         with self._cond:
             self._check_overdue()
-            self._running = None
-            if self._overdue_counted:
+            self._running.pop(step, None)
+            if step in self._overdue_counted:
+                self._overdue_counted.discard(step)
                 self.last_overdue = {"step": step, "seconds": round(seconds, 3), "finished": True}
             elif seconds > self.deadline_s:  # ran past the deadline between two looks
                 self.counters["plans_over_deadline"] += 1

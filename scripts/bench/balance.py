@@ -24,7 +24,10 @@ plan, *amortized*: the first step of each window also composes the window (every
 steps), the others reuse it; ``planner_worst_ms`` is that worst single step's wall time (the
 latency a trainer would see if nothing planned ahead; the plan worker does, see
 ``fabricd/planner/worker.py``); ``planner_step_ms`` the median over steps that compose nothing;
-``planner_cpu_ms`` the amortized CPU time of this process (less sensitive to a shared machine).
+``planner_cpu_ms`` the amortized CPU time of this process (less sensitive to a shared machine);
+``planner_worker_ms`` the wall time per step for a job's plan worker to plan the same steps from
+a fresh planner, with 1 thread and with the threads a daemon here would give it
+(``fabricd.planner.worker.plan_threads``): the planning throughput of a leader, side by side.
 
 ``--data DIR`` reads the demo corpus (``DIR/<source>/`` as written by
 ``scripts/make_dataset.py``) through ``fabricd.sources.index.open_index``; without it, or if
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +49,7 @@ import numpy as np
 from fabricd.pack import pack_micro_batch
 from fabricd.planner import CostModel, MixtureSchedule, Planner, SourceUnits, build_units, native
 from fabricd.planner.plan import draws_for_tokens
+from fabricd.planner.worker import PlanWorker, plan_threads
 
 DEMO_WEIGHTS = {"captions": 0.3, "interleaved": 0.2, "longdocs": 0.15, "code": 0.2, "ocr": 0.15}
 #: (max_seq_len, long_samples) per demo source.
@@ -171,6 +176,27 @@ def planner_for(sources: list[SourceUnits], dp: int, compose: str, seed: int) ->
                    dp_history=((0, dp),))
 
 
+def worker_ms(sources: list[SourceUnits], dp: int, steps: int, threads: int, seed: int) -> float:
+    """Wall ms per step for a job's plan worker (``fabricd.planner.worker``) with ``threads``
+    threads to plan steps 0..steps-1 from a fresh composed planner (windows composed included;
+    also the balance it computes per plan, as in a daemon): its throughput, not one plan's
+    latency."""
+    worker = PlanWorker(planner_for(sources, dp, "outliers", seed), dp, name=f"bench-{dp}", cache_steps=steps,
+                        ahead_steps=steps - 1, queue_steps=steps, deadline_s=3600.0, threads=threads)
+    try:
+        t = time.perf_counter()
+        worker.get(0)  # step 0, and the look-ahead: every other step
+        while worker.counters["plans_computed"] + worker.counters["plan_errors"] < steps:
+            time.sleep(0.002)
+        elapsed = time.perf_counter() - t
+        if worker.counters["plan_errors"]:
+            raise SystemExit(f"dp {dp}: the plan worker failed: {worker.status()['error']}")
+    finally:
+        worker.close()
+        worker.join(60)
+    return round(1000 * elapsed / steps, 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="demo corpus directory (DIR/<source>/)")
@@ -188,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {k: {} for k in keys}
     result.update({"composed_recomputed": {}, "fabric_recomputed": {}, "composed_worst_step": {},
                    "composed_lower_bound": {}, "planner_ms": {}, "planner_worst_ms": {},
-                   "planner_step_ms": {}, "planner_cpu_ms": {}, "tokens_per_step_spread": {}})
+                   "planner_step_ms": {}, "planner_cpu_ms": {}, "tokens_per_step_spread": {},
+                   "planner_worker_ms": {}})
+    worker_threads = sorted({1, plan_threads()})
     for dp in DPS:
         t0 = time.perf_counter()
         plain = planner_for(sources, dp, "none", args.seed)
@@ -234,17 +262,20 @@ def main(argv: list[str] | None = None) -> int:
         result["planner_cpu_ms"][d] = round(1000 * float(np.mean(cpu)), 1)
         tok = np.asarray(figs["tok"], dtype=np.float64) / (BUDGET_PER_RANK * dp)
         result["tokens_per_step_spread"][d] = [round(float(tok.min()), 4), round(float(tok.max()), 4)]
+        result["planner_worker_ms"][d] = {str(n): worker_ms(sources, dp, steps, n, args.seed) for n in worker_threads}
         print(f"dp {dp:5d}: naive {mean('nai'):.4f}  fabric {mean('fab'):.4f} (bound {mean('lb'):.4f})  "
               f"composed {mean('comp'):.4f} (worst step {np.max(figs['comp']):.4f}, bound {mean('clb'):.4f})  "
               f"recomputed from cu_seqlens: fabric {mean('fab_re'):.4f} composed {mean('comp_re'):.4f} "
               f"({recompute} steps)  planner {result['planner_ms'][d]} ms/step amortized (worst step "
-              f"{result['planner_worst_ms'][d]}, others {result['planner_step_ms'][d]}, cpu {result['planner_cpu_ms'][d]})  tokens/budget {tok.min():.3f}..{tok.max():.3f}  "
+              f"{result['planner_worst_ms'][d]}, others {result['planner_step_ms'][d]}, cpu {result['planner_cpu_ms'][d]}; "
+              f"plan worker {result['planner_worker_ms'][d]} ms/step by threads)  tokens/budget {tok.min():.3f}..{tok.max():.3f}  "
               f"[{time.perf_counter() - t0:.1f}s, {steps} steps]", flush=True)
     result["max_delay_steps"] = MAX_DELAY_STEPS
     result["config"] = {"tokens_per_rank": BUDGET_PER_RANK, "context": 32768, "micro_batch_tokens": MICRO_BATCH_TOKENS,
                         "steps": steps, "origin": origin, "cost": {"attention": DEMO_COST.attention,
                                                                    "linear": DEMO_COST.linear},
-                        "planner_loops": native.describe()}  # "c", or numpy (FABRICD_NATIVE=0, or not built)
+                        "planner_loops": native.describe(),  # "c", or numpy (FABRICD_NATIVE=0, or not built)
+                        "plan_threads": plan_threads(), "cpus": os.cpu_count()}
     print(json.dumps(result))
     return 0
 

@@ -68,3 +68,10 @@ def test_missing_keys_are_one_line_naming_the_key_and_how_to_make_it(tmp_path):
                           text=True, timeout=45, stdin=subprocess.DEVNULL)
     _one_line(proc, "security.keys_dir", str(tmp_path / "nokeys"), "does not exist", "fabricctl keys generate",
               "insecure = true")
+
+
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_bad_plan_threads_in_the_environment(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("FABRICD_PLAN_THREADS", value)
+    _one_line(_run(tmp_path, "tcp://127.0.0.1:0", tmp_path / "st"), "cannot start", "FABRICD_PLAN_THREADS",
+              repr(value))

@@ -15,7 +15,7 @@ from fabric_client.limits import MAX_STEP
 from fabricd.config import parse_job_spec
 from fabricd.corpus import job_toml, make_dataset
 from fabricd.job import JobRuntime, NoRoles, build_planner, open_sources
-from fabricd.planner.worker import PlanWorker
+from fabricd.planner.worker import PlanWorker, plan_threads
 
 pytestmark = pytest.mark.unit
 
@@ -150,6 +150,113 @@ def test_close_stops_the_thread_after_the_plan_in_progress() -> None:
     p.hold[0].set()
     assert w.join(WAIT_S)
     assert w.get(0) is None and [c[0] for c in p.calls] == [0]
+
+
+def test_threads_plan_different_steps_at_once_and_never_one_step_twice() -> None:
+    p = FakePlanner()
+    for s in (0, 1, 2):
+        p.hold[s] = threading.Event()
+    w = _worker(p, ahead_steps=3, threads=3)
+    try:
+        assert w.get(0) is None
+        _until(lambda: w.status()["running_steps"] == [0, 1, 2], "three steps at once")
+        st = w.status()
+        assert st["threads"] == 3 and st["alive"] and st["running"]["step"] == 0
+        assert w.get(1) is None and w.get(2) is None  # running: not queued again (the look-ahead now ends at 5)
+        assert st["queued"] == 0 and w.status()["queued"] == 0
+        for s in (2, 1, 0):
+            p.hold[s].set()
+        _until(lambda: all(w.get(s) is not None for s in range(6)), "the look-ahead")
+        time.sleep(0.1)  # anything planned twice would be by now
+        assert sorted(c[0] for c in p.calls) == list(range(6))  # each once
+        assert {c[2] for c in p.calls} <= {"plan-j", "plan-j-1", "plan-j-2"}
+        assert len({c[2] for c in p.calls[:3]}) == 3
+        assert [w.get(s) for s in range(6)] == [(s, 4) for s in range(6)]
+        assert w.counters["plans_computed"] == 6 and w.status()["running_steps"] == []
+    finally:
+        w.close()
+    assert w.join(WAIT_S)
+
+
+def test_each_running_plan_past_its_deadline_is_counted_once() -> None:
+    p = FakePlanner()
+    p.hold[0], p.hold[1] = threading.Event(), threading.Event()
+    clock = FakeClock()
+    counters: dict = {}
+    w = _worker(p, ahead_steps=1, deadline_s=30.0, clock=clock, counters=counters, threads=2)
+    try:
+        w.get(0)
+        _until(lambda: w.status()["running_steps"] == [0, 1], "both steps to start")
+        clock.now += 31.0
+        assert w.status()["running"]["overdue"] and counters["plans_over_deadline"] == 2
+        w.status()
+        assert counters["plans_over_deadline"] == 2
+        p.hold[1].set()
+        _until(lambda: w.get(1) is not None, "step 1")
+        assert w.status()["last_overdue"] == {"step": 1, "seconds": 31.0, "finished": True}
+        p.hold[0].set()
+        _until(lambda: w.get(0) is not None, "step 0")
+        assert counters["plans_over_deadline"] == 2
+    finally:
+        w.close()
+
+
+def test_threads_are_bounded_and_the_environment_chooses_them() -> None:
+    with pytest.raises(ValueError, match="threads"):
+        _worker(FakePlanner(), threads=0)
+    assert plan_threads({"FABRICD_PLAN_THREADS": "3"}) == 3
+    assert 1 <= plan_threads({}) <= 4
+    for bad in ("0", "65", "two", "-1"):
+        with pytest.raises(ValueError, match="FABRICD_PLAN_THREADS"):
+            plan_threads({"FABRICD_PLAN_THREADS": bad})
+
+
+def test_threaded_worker_gives_the_planners_plans_across_composition_windows(corpus: Path, tmp_path: Path) -> None:
+    # a composed job (windows of 4 steps): three threads plan steps of the same and of different
+    # windows at once; every plan must equal the one planned alone, in order
+    text = job_toml(corpus, name="pj", seed=4, dp_size=4, samples_per_step=16, prefetch=2)
+    text = text.replace("samples_per_step = 16", "samples_per_step = 16\ncompose = \"outliers\"\nmax_delay_steps = 3")
+    spec = parse_job_spec(text, tmp_path / "pj.toml")
+    assert spec.batch.compose == "outliers"
+    alone = build_planner(spec, open_sources(spec))
+    want = {s: alone.plan(s, 4) for s in range(14)}
+    w = PlanWorker(build_planner(spec, open_sources(spec)), 4, name="pj", cache_steps=32, ahead_steps=13,
+                   queue_steps=32, deadline_s=30.0, threads=3)
+    try:
+        w.get(0)
+        _until(lambda: all(w.get(s) is not None for s in range(14)), "14 steps")
+        for s, plan in want.items():
+            got = w.get(s)
+            for name in ("rank", "micro", "source", "sample_id", "piece", "tokens", "num_micro"):
+                assert np.array_equal(getattr(got, name), getattr(plan, name)), (s, name)
+        assert w.status()["error"] is None
+    finally:
+        w.close()
+    assert w.join(WAIT_S)
+
+
+def test_segment_planners_wanted_by_several_threads_are_built_once(corpus: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import fabricd.job as job_module
+
+    spec = parse_job_spec(job_toml(corpus, name="pj", seed=4, dp_size=4, samples_per_step=16, prefetch=2),
+                          tmp_path / "pj.toml")
+    plans = job_module.SegmentPlans(spec, open_sources(spec))
+    real = job_module._head_planner
+
+    def slow(*args, **kw):
+        time.sleep(0.2)  # long enough for every thread to want it while it is built
+        return real(*args, **kw)
+
+    monkeypatch.setattr(job_module, "_head_planner", slow)
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(plans.planner())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert len(got) == 4 and all(g is got[0] for g in got)
+    assert plans.counters["planners_built"] == 1
 
 
 # --------------------------------------------------------------------------- the job's plan path
