@@ -6,6 +6,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,6 +20,7 @@ from fabricd.planner.compose import (COMPOSE_MODES, MAX_DELAY_STEPS, check_dp_hi
 from fabricd.planner.cost import CostModel
 from fabricd.planner.mixture import MixtureSchedule
 from fabricd.planner.sequence import GlobalSequence, SourceUnits
+from fabricd.planner.threads import plan_threads
 
 __all__ = ["StepPlan", "Planner", "draws_for_tokens"]
 
@@ -100,6 +102,20 @@ def draws_for_tokens(tokens_per_step: int, schedule: MixtureSchedule, sources: S
     if mean <= 0:
         raise PlanError("tokens_per_step needs units with tokens under the mixture's first point")
     return max(1, int(round(int(tokens_per_step) / mean)))
+
+
+#: Windows of at least this many units draw their steps on several threads (smaller ones: the
+#: threads would cost more than they save).
+DRAW_THREADS_FROM = 1 << 18
+
+
+def _draw_threads() -> int:
+    """Threads for a window's draws: ``plan_threads()`` (a bad ``FABRICD_PLAN_THREADS``, which
+    stops a daemon at start, plans on one thread elsewhere, e.g. ``fabricctl expect``)."""
+    try:
+        return plan_threads()
+    except ValueError:
+        return 1
 
 
 class Planner:
@@ -296,9 +312,19 @@ class Planner:
             W = min(W, self.end_step - self.start_step - k * self.window)
         B = self.samples_per_step  # every step draws exactly this many: the window's rows, written in place
         row = np.empty(W * B, dtype=np.int64)
-        for i, s in enumerate(range(k * self.window, k * self.window + W)):
-            src, unit = self.sequence.step_units(s)
+        first = k * self.window
+
+        def draw(i: int) -> None:
+            src, unit = self.sequence.step_units(first + i)
             np.add(self._offsets[src], unit, out=row[i * B:(i + 1) * B])
+
+        threads = min(W, _draw_threads()) if W * B >= DRAW_THREADS_FROM else 1
+        if threads > 1:  # each step's draws into its own slice: the same rows, sooner
+            with ThreadPoolExecutor(threads, thread_name_prefix="plan-draws") as pool:
+                list(pool.map(draw, range(W)))
+        else:
+            for i in range(W):
+                draw(i)
         drawn = np.repeat(np.arange(W, dtype=step_dtype(W)), B)
         size = self._tokens[row] if self.size_by_tokens else np.ones(row.size, dtype=np.int8)
         where = compose_window(self._cost(row), size, steps=W, dp=dp, drawn=drawn)

@@ -14,7 +14,6 @@ cannot be interrupted: the planner is pure computation); an exception is kept pe
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +25,7 @@ from fabric_client.limits import MAX_STEP
 
 from fabricd.planner.plan import Planner, StepPlan
 from fabricd.planner.quality import StepBalance, step_balance
+from fabricd.planner.threads import MAX_THREADS, plan_threads
 
 __all__ = ["PlanWorker", "plan_threads"]
 
@@ -33,32 +33,6 @@ log = logging.getLogger(__name__)
 
 _FAILED_KEPT = 32  # most recent failed steps remembered (each is answered with its error)
 BALANCE_KEPT = 16  # the balance of the most recently planned steps, shown by status (fabricctl top)
-MAX_THREADS = 64
-#: threads per job by default: a few, within the cores this process may use
-DEFAULT_MAX_THREADS = 4
-
-
-def plan_threads(environ: "os._Environ[str] | dict[str, str] | None" = None) -> int:
-    """The planning threads a job's worker runs: ``FABRICD_PLAN_THREADS`` when set (1 to
-    MAX_THREADS), else up to DEFAULT_MAX_THREADS, one per core this process may use. Raises
-    ``ValueError`` for a value that is not such a number."""
-    env = os.environ if environ is None else environ
-    raw = env.get("FABRICD_PLAN_THREADS", "").strip()
-    if raw:
-        try:
-            n = int(raw)
-        except ValueError:
-            n = 0
-        if not 1 <= n <= MAX_THREADS:
-            raise ValueError(f"FABRICD_PLAN_THREADS={raw!r}: expected an integer from 1 to {MAX_THREADS}")
-        return n
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(DEFAULT_MAX_THREADS, cores))
-
-
 class PlanWorker:
     """Computes ``planner.plan(step, dp_size)`` on ``threads`` background threads.
 

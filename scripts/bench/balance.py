@@ -24,7 +24,8 @@ plan, *amortized*: the first step of each window also composes the window (every
 steps), the others reuse it; ``planner_worst_ms`` is that worst single step's wall time (the
 latency a trainer would see if nothing planned ahead; the plan worker does, see
 ``fabricd/planner/worker.py``); ``planner_step_ms`` the median over steps that compose nothing;
-``planner_cpu_ms`` the amortized CPU time of this process (less sensitive to a shared machine);
+``planner_cpu_ms`` the amortized CPU time of this process (less sensitive to a shared machine;
+a window's draws run on ``plan_threads()`` threads, so it may exceed the wall time);
 ``planner_worker_ms`` the wall time per step for a job's plan worker to plan the same steps from
 a fresh planner, with 1 thread and with the threads a daemon here would give it
 (``fabricd.planner.worker.plan_threads``): the planning throughput of a leader, side by side.
@@ -178,9 +179,11 @@ def planner_for(sources: list[SourceUnits], dp: int, compose: str, seed: int) ->
 
 def worker_ms(sources: list[SourceUnits], dp: int, steps: int, threads: int, seed: int) -> float:
     """Wall ms per step for a job's plan worker (``fabricd.planner.worker``) with ``threads``
-    threads to plan steps 0..steps-1 from a fresh composed planner (windows composed included;
-    also the balance it computes per plan, as in a daemon): its throughput, not one plan's
-    latency."""
+    threads (and a window's draws on as many) to plan steps 0..steps-1 from a fresh composed
+    planner (windows composed included; also the balance it computes per plan, as in a daemon):
+    its throughput, not one plan's latency."""
+    before = os.environ.get("FABRICD_PLAN_THREADS")
+    os.environ["FABRICD_PLAN_THREADS"] = str(threads)  # a window's draws too: all of it on ``threads``
     worker = PlanWorker(planner_for(sources, dp, "outliers", seed), dp, name=f"bench-{dp}", cache_steps=steps,
                         ahead_steps=steps - 1, queue_steps=steps, deadline_s=3600.0, threads=threads)
     try:
@@ -194,6 +197,10 @@ def worker_ms(sources: list[SourceUnits], dp: int, steps: int, threads: int, see
     finally:
         worker.close()
         worker.join(60)
+        if before is None:
+            os.environ.pop("FABRICD_PLAN_THREADS", None)
+        else:
+            os.environ["FABRICD_PLAN_THREADS"] = before
     return round(1000 * elapsed / steps, 1)
 
 

@@ -355,3 +355,26 @@ def test_plan_replies_name_committed_skips_and_pending_ones_apart(corpus: Path, 
         assert job.step_skips(5) == (sorted([[code, 1, 0], [code, 3, 0]]), [[ocr, 4, 1]])
     finally:
         job.close()
+
+
+def test_a_window_drawn_on_several_threads_is_the_window_drawn_on_one(specs, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fabricd.planner.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "DRAW_THREADS_FROM", 1)  # this small window too
+    plans = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("FABRICD_PLAN_THREADS", threads)
+        planner = build_planner(specs["composed"], specs["indexes"])
+        drew_on: set[str] = set()
+        real = planner.sequence.step_units
+
+        def spy(step: int, real=real, drew_on=drew_on):
+            drew_on.add(threading.current_thread().name.split("_")[0])
+            return real(step)
+
+        planner.sequence.step_units = spy  # type: ignore[method-assign]
+        plans[threads] = [planner.plan(s, 2) for s in range(10)]  # windows of 4: three composed
+        assert drew_on == ({"MainThread"} if threads == "1" else {"plan-draws"})
+    for one, three in zip(plans["1"], plans["3"]):
+        for name in ("rank", "micro", "source", "sample_id", "piece", "tokens", "num_micro"):
+            assert np.array_equal(getattr(one, name), getattr(three, name)), name
