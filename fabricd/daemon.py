@@ -48,7 +48,7 @@ from .leadership import Leadership
 from .metrics import SEND_QUEUE_FULL, UNROUTABLE_REPLY, FabricMetrics, MetricsServer
 from .metrics_reading import DaemonReader
 from .planner import native
-from .planner.worker import plan_threads
+from .planner.threads import plan_threads
 from .ratelog import RateLimitedLog, truncate
 from .reconcile import LocalReconciler
 from .roles.supervisor import Supervisor

@@ -25,14 +25,16 @@ from fabric_client.limits import MAX_STEP
 
 from fabricd.planner.plan import Planner, StepPlan
 from fabricd.planner.quality import StepBalance, step_balance
-from fabricd.planner.threads import MAX_THREADS, plan_threads
+from fabricd.planner.threads import MAX_THREADS
 
-__all__ = ["PlanWorker", "plan_threads"]
+__all__ = ["PlanWorker"]
 
 log = logging.getLogger(__name__)
 
 _FAILED_KEPT = 32  # most recent failed steps remembered (each is answered with its error)
 BALANCE_KEPT = 16  # the balance of the most recently planned steps, shown by status (fabricctl top)
+
+
 class PlanWorker:
     """Computes ``planner.plan(step, dp_size)`` on ``threads`` background threads.
 

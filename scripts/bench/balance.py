@@ -28,7 +28,7 @@ latency a trainer would see if nothing planned ahead; the plan worker does, see
 a window's draws run on ``plan_threads()`` threads, so it may exceed the wall time);
 ``planner_worker_ms`` the wall time per step for a job's plan worker to plan the same steps from
 a fresh planner, with 1 thread and with the threads a daemon here would give it
-(``fabricd.planner.worker.plan_threads``): the planning throughput of a leader, side by side.
+(``fabricd.planner.threads.plan_threads``): the planning throughput of a leader, side by side.
 
 ``--data DIR`` reads the demo corpus (``DIR/<source>/`` as written by
 ``scripts/make_dataset.py``) through ``fabricd.sources.index.open_index``; without it, or if
@@ -50,7 +50,8 @@ import numpy as np
 from fabricd.pack import pack_micro_batch
 from fabricd.planner import CostModel, MixtureSchedule, Planner, SourceUnits, build_units, native
 from fabricd.planner.plan import draws_for_tokens
-from fabricd.planner.worker import PlanWorker, plan_threads
+from fabricd.planner.threads import plan_threads
+from fabricd.planner.worker import PlanWorker
 
 DEMO_WEIGHTS = {"captions": 0.3, "interleaved": 0.2, "longdocs": 0.15, "code": 0.2, "ocr": 0.15}
 #: (max_seq_len, long_samples) per demo source.

@@ -15,7 +15,8 @@ from fabric_client.limits import MAX_STEP
 from fabricd.config import parse_job_spec
 from fabricd.corpus import job_toml, make_dataset
 from fabricd.job import JobRuntime, NoRoles, build_planner, open_sources
-from fabricd.planner.worker import PlanWorker, plan_threads
+from fabricd.planner.threads import plan_threads
+from fabricd.planner.worker import PlanWorker
 
 pytestmark = pytest.mark.unit
 
@@ -211,16 +212,14 @@ def test_threads_are_bounded_and_the_environment_chooses_them() -> None:
             plan_threads({"FABRICD_PLAN_THREADS": bad})
 
 
-def test_threaded_worker_gives_the_planners_plans_across_composition_windows(corpus: Path, tmp_path: Path) -> None:
+def test_threaded_worker_gives_the_planners_plans_across_composition_windows(specs) -> None:
     # a composed job (windows of 4 steps): three threads plan steps of the same and of different
     # windows at once; every plan must equal the one planned alone, in order
-    text = job_toml(corpus, name="pj", seed=4, dp_size=4, samples_per_step=16, prefetch=2)
-    text = text.replace("samples_per_step = 16", "samples_per_step = 16\ncompose = \"outliers\"\nmax_delay_steps = 3")
-    spec = parse_job_spec(text, tmp_path / "pj.toml")
+    spec = specs["composed"]
     assert spec.batch.compose == "outliers"
-    alone = build_planner(spec, open_sources(spec))
-    want = {s: alone.plan(s, 4) for s in range(14)}
-    w = PlanWorker(build_planner(spec, open_sources(spec)), 4, name="pj", cache_steps=32, ahead_steps=13,
+    alone = build_planner(spec, specs["indexes"])
+    want = {s: alone.plan(s, 2) for s in range(14)}
+    w = PlanWorker(build_planner(spec, specs["indexes"]), 2, name="pj", cache_steps=32, ahead_steps=13,
                    queue_steps=32, deadline_s=30.0, threads=3)
     try:
         w.get(0)
@@ -235,13 +234,10 @@ def test_threaded_worker_gives_the_planners_plans_across_composition_windows(cor
     assert w.join(WAIT_S)
 
 
-def test_segment_planners_wanted_by_several_threads_are_built_once(corpus: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_segment_planners_wanted_by_several_threads_are_built_once(specs, monkeypatch: pytest.MonkeyPatch) -> None:
     import fabricd.job as job_module
 
-    spec = parse_job_spec(job_toml(corpus, name="pj", seed=4, dp_size=4, samples_per_step=16, prefetch=2),
-                          tmp_path / "pj.toml")
-    plans = job_module.SegmentPlans(spec, open_sources(spec))
+    plans = job_module.SegmentPlans(specs["plain"], specs["indexes"])
     real = job_module._head_planner
 
     def slow(*args, **kw):
