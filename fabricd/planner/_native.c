@@ -345,22 +345,71 @@ done:
 
 /* ---------------------------------------------------------------------------- micro-batches */
 
-/* One group's two packings (items: its tokens ``t`` and costs ``c`` in first-fit-decreasing
- * order, ``ffd``; and its items' places in that order, in cost order, ``spread``): first fit
- * decreasing by tokens, then LPT by cost over the same number of bins within the budget, kept
- * unless some item found no room (then first fit's bins). Writes each item's bin to bin[] (in
- * first-fit-decreasing order); returns the bins used. tfill/cfill: scratch of m slots. */
-static Py_ssize_t pack_one(const int64_t *t, const double *c, const int32_t *spread, Py_ssize_t m, int64_t cap,
-                           int32_t *bin, int32_t *spread_bin, int64_t *tfill, double *cfill) {
+/* A packed group's item as the packing reads it. */
+typedef struct {
+    int64_t t;  /* tokens */
+    double c;   /* cost */
+    int64_t i;  /* index among all items */
+} Rec;
+
+/* First-fit-decreasing order: tokens descending, then index (a total order). */
+static inline int ffd_less(const Rec *x, const Rec *y) {
+    return x->t > y->t || (x->t == y->t && x->i < y->i);
+}
+
+/* Sort a[0:n] into first-fit-decreasing order: a merge sort that skips merging halves already
+ * in order, so a group whose cost order is its token order (cost rising with length, as the
+ * cost models make it when images weigh nothing) costs about n comparisons. */
+static void sort_ffd(Rec *a, Rec *tmp, Py_ssize_t n) {
+    if (n < 2) {
+        return;
+    }
+    if (n <= 16) {  /* insertion sort */
+        for (Py_ssize_t i = 1; i < n; i++) {
+            Rec v = a[i];
+            Py_ssize_t j = i;
+            while (j > 0 && ffd_less(&v, &a[j - 1])) {
+                a[j] = a[j - 1];
+                j--;
+            }
+            a[j] = v;
+        }
+        return;
+    }
+    Py_ssize_t mid = n / 2;
+    sort_ffd(a, tmp, mid);
+    sort_ffd(a + mid, tmp, n - mid);
+    if (!ffd_less(&a[mid], &a[mid - 1])) {
+        return;
+    }
+    memcpy(tmp, a, sizeof(Rec) * (size_t)mid);
+    Py_ssize_t i = 0, j = mid, o = 0;
+    while (i < mid && j < n) {
+        a[o++] = ffd_less(&a[j], &tmp[i]) ? a[j++] : tmp[i++];
+    }
+    while (i < mid) {
+        a[o++] = tmp[i++];
+    }
+}
+
+/* One group's two packings, its items ``by_cost`` in descending cost order (ties by index):
+ * first fit decreasing by tokens (over ``ffd``, scratch for the same items in that order), then
+ * LPT by cost over the same number of bins within the budget, kept unless some item found no
+ * room (then first fit's bins). Writes each item's bin to micro[item index]; returns the bins
+ * used. bin/tfill/cfill: scratch of m slots. */
+static Py_ssize_t pack_one(const Rec *by_cost, Rec *ffd, Rec *tmp, Py_ssize_t m, int64_t cap, int32_t *bin,
+                           int64_t *tfill, double *cfill, int32_t *micro) {
+    memcpy(ffd, by_cost, sizeof(Rec) * (size_t)m);
+    sort_ffd(ffd, tmp, m);
     Py_ssize_t open = 0;
     for (Py_ssize_t p = 0; p < m; p++) {
-        int64_t need = cap - t[p];
+        int64_t need = cap - ffd[p].t;
         Py_ssize_t b = 0;
         while (b < open && tfill[b] > need) b++;
         if (b == open) {
             tfill[open++] = 0;
         }
-        tfill[b] += t[p];
+        tfill[b] += ffd[p].t;
         bin[p] = (int32_t)b;
     }
     Py_ssize_t used = open > 0 ? open : 1;
@@ -372,8 +421,7 @@ static Py_ssize_t pack_one(const int64_t *t, const double *c, const int32_t *spr
         cfill[b] = 0.0;
     }
     for (Py_ssize_t q = 0; q < m; q++) {
-        Py_ssize_t p = spread[q];
-        int64_t need = cap - t[p];
+        int64_t need = cap - by_cost[q].t;
         Py_ssize_t best = 0;
         double best_v = 0.0;
         for (Py_ssize_t b = 0; b < used; b++) {
@@ -383,69 +431,23 @@ static Py_ssize_t pack_one(const int64_t *t, const double *c, const int32_t *spr
                 best_v = v;
             }
         }
-        tfill[best] += t[p];
-        cfill[best] += c[p];
-        spread_bin[p] = (int32_t)best;
+        tfill[best] += by_cost[q].t;
+        cfill[best] += by_cost[q].c;
+        micro[by_cost[q].i] = (int32_t)best;
     }
-    if (tfill[0] <= cap) { /* every item found room: the spread stands */
-        memcpy(bin, spread_bin, sizeof(int32_t) * (size_t)m);
+    if (tfill[0] > cap) { /* some item found no room: first fit's bins stand */
+        for (Py_ssize_t p = 0; p < m; p++) {
+            micro[ffd[p].i] = bin[p];
+        }
     }
     return used;
 }
 
-/* A packed group's item as the packing reads it. */
-typedef struct {
-    int64_t t;  /* tokens */
-    double c;   /* cost */
-    int32_t i;  /* index among all items */
-    int32_t g;  /* group */
-} Rec;
-
-/* A record's sort key: its group, or the room it leaves in a micro-batch (cap - tokens). */
-static inline uint64_t rec_key(const Rec *r, int by_group, int64_t cap) {
-    return by_group ? (uint64_t)r->g : (uint64_t)(cap - r->t);
-}
-
-/* Stable LSD counting sort of recs[0:m] by rec_key (at most ``top``), 16-bit digits at most. */
-static int sort_recs(Rec *recs, Rec *tmp, Py_ssize_t m, int by_group, int64_t cap, uint64_t top) {
-    int passes, bits;
-    radix_digits(top, 16, &passes, &bits);
-    size_t buckets = (size_t)1 << bits;
-    uint64_t mask = buckets - 1;
-    Py_ssize_t *count = malloc(sizeof(Py_ssize_t) * buckets);
-    if (count == NULL) {
-        return -1;
-    }
-    Rec *src = recs, *dst = tmp;
-    for (int p = 0, shift = 0; p < passes; p++, shift += bits) {
-        memset(count, 0, sizeof(Py_ssize_t) * buckets);
-        for (Py_ssize_t q = 0; q < m; q++) {
-            count[(rec_key(&src[q], by_group, cap) >> shift) & mask]++;
-        }
-        Py_ssize_t sum = 0;
-        for (size_t d = 0; d < buckets; d++) {
-            Py_ssize_t c = count[d];
-            count[d] = sum;
-            sum += c;
-        }
-        for (Py_ssize_t q = 0; q < m; q++) {
-            dst[count[(rec_key(&src[q], by_group, cap) >> shift) & mask]++] = src[q];
-        }
-        Rec *t = src;
-        src = dst;
-        dst = t;
-    }
-    if (src != recs) {
-        memcpy(recs, src, sizeof(Rec) * (size_t)m);
-    }
-    free(count);
-    return 0;
-}
-
 /* pack_micro_batches_grouped after its checks: each item's micro-batch and each group's number
  * of them. The numpy version packs all groups in lockstep; per group the result is the same,
- * computed here one group at a time over its items laid out contiguously (records carry their
- * tokens and cost through the sorts, so the packing reads memory in order). */
+ * computed here one group at a time: one pass over ``by_cost`` lays every packed group's items
+ * out contiguously in its cost order (records carry their tokens and cost, so the packing reads
+ * memory in order), and each group sorts its own copy into first-fit-decreasing order. */
 static int pack_grouped(const int64_t *g, const int64_t *t, const double *c, const int64_t *by_cost, Py_ssize_t n,
                         Py_ssize_t G, int64_t cap, int32_t *micro, int32_t *num) {
     int rc = -1;
@@ -453,10 +455,10 @@ static int pack_grouped(const int64_t *g, const int64_t *t, const double *c, con
     Py_ssize_t *cnt = calloc((size_t)G + 1, sizeof(Py_ssize_t));
     Py_ssize_t *start = malloc(sizeof(Py_ssize_t) * ((size_t)G + 1));
     Py_ssize_t *fill = malloc(sizeof(Py_ssize_t) * ((size_t)G + 1));
-    Rec *recs = NULL, *tmp = NULL;
-    int32_t *slot = NULL, *spread = NULL, *bins = NULL, *sbins = NULL;
-    int64_t *gt = NULL, *tfill = NULL;
-    double *gc = NULL, *cfill = NULL;
+    Rec *recs = NULL, *ffd = NULL, *tmp = NULL;
+    int32_t *bins = NULL;
+    int64_t *tfill = NULL;
+    double *cfill = NULL;
     if (tsum == NULL || cnt == NULL || start == NULL || fill == NULL) goto out;
     for (Py_ssize_t i = 0; i < n; i++) {
         tsum[g[i]] += t[i];
@@ -466,6 +468,7 @@ static int pack_grouped(const int64_t *g, const int64_t *t, const double *c, con
     Py_ssize_t m = 0, most = 0;
     for (Py_ssize_t k = 0; k < G; k++) {
         num[k] = cnt[k] > 0;
+        start[k] = fill[k] = m;
         if (tsum[k] > cap) {
             m += cnt[k];
             if (cnt[k] > most) most = cnt[k];
@@ -476,62 +479,38 @@ static int pack_grouped(const int64_t *g, const int64_t *t, const double *c, con
         goto out;
     }
     recs = malloc(sizeof(Rec) * (size_t)m);
-    tmp = malloc(sizeof(Rec) * (size_t)m);
-    slot = malloc(sizeof(int32_t) * (size_t)n);
-    spread = malloc(sizeof(int32_t) * (size_t)m);
-    bins = malloc(sizeof(int32_t) * (size_t)m);
-    sbins = malloc(sizeof(int32_t) * (size_t)m);
-    gt = malloc(sizeof(int64_t) * (size_t)m);
-    gc = malloc(sizeof(double) * (size_t)m);
+    ffd = malloc(sizeof(Rec) * (size_t)most);
+    tmp = malloc(sizeof(Rec) * (size_t)most);
+    bins = malloc(sizeof(int32_t) * (size_t)most);
     tfill = malloc(sizeof(int64_t) * (size_t)most);
     cfill = malloc(sizeof(double) * (size_t)most);
-    if (!recs || !tmp || !slot || !spread || !bins || !sbins || !gt || !gc || !tfill || !cfill) goto out;
-    /* the packed groups' items in index order, then in first-fit-decreasing order: by group,
-     * tokens descending, index (stable sorts by cap - tokens, then by group) */
-    Py_ssize_t j = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (tsum[g[i]] > cap) {
-            recs[j].t = t[i];
-            recs[j].c = c[i];
-            recs[j].i = (int32_t)i;
-            recs[j].g = (int32_t)g[i];
-            j++;
-        }
-    }
-    if (sort_recs(recs, tmp, m, 0, cap, (uint64_t)cap) < 0 || sort_recs(recs, tmp, m, 1, cap, (uint64_t)G) < 0) {
-        goto out;
-    }
-    Py_ssize_t s = 0;
-    for (Py_ssize_t k = 0; k < G; k++) {
-        start[k] = s;
-        fill[k] = s;
-        if (tsum[k] > cap) s += cnt[k];
-    }
-    for (Py_ssize_t q = 0; q < m; q++) {
-        gt[q] = recs[q].t;
-        gc[q] = recs[q].c;
-        slot[recs[q].i] = (int32_t)(q - start[recs[q].g]); /* the item's place in its group's list */
-    }
-    /* the cost order within each group: by_cost, filtered to the group, as places in its list */
+    if (!recs || !ffd || !tmp || !bins || !tfill || !cfill) goto out;
+    /* the packed groups' items, each group's in the caller's cost order */
     for (Py_ssize_t q = 0; q < n; q++) {
         int64_t i = by_cost[q];
-        Py_ssize_t k = (Py_ssize_t)g[i];
+        if (q + 16 < n) { /* the reads are random: ask for a later item's while this one is placed */
+            int64_t ahead = by_cost[q + 16];
+            __builtin_prefetch(&g[ahead]);
+            __builtin_prefetch(&t[ahead]);
+            __builtin_prefetch(&c[ahead]);
+        }
+        int64_t k = g[i];
         if (tsum[k] > cap) {
-            spread[fill[k]++] = slot[i];
+            Rec *r = &recs[fill[k]++];
+            r->t = t[i];
+            r->c = c[i];
+            r->i = i;
         }
     }
     for (Py_ssize_t k = 0; k < G; k++) {
-        if (tsum[k] <= cap) continue;
-        Py_ssize_t lo = start[k], len = cnt[k];
-        num[k] = (int32_t)pack_one(gt + lo, gc + lo, spread + lo, len, cap, bins + lo, sbins + lo, tfill, cfill);
-        for (Py_ssize_t p = 0; p < len; p++) {
-            micro[recs[lo + p].i] = bins[lo + p];
+        if (tsum[k] > cap) {
+            num[k] = (int32_t)pack_one(recs + start[k], ffd, tmp, cnt[k], cap, bins, tfill, cfill, micro);
         }
     }
     rc = 0;
 out:
-    free(tsum); free(cnt); free(start); free(fill); free(recs); free(tmp); free(slot); free(spread); free(bins);
-    free(sbins); free(gt); free(gc); free(tfill); free(cfill);
+    free(tsum); free(cnt); free(start); free(fill); free(recs); free(ffd); free(tmp); free(bins); free(tfill);
+    free(cfill);
     return rc;
 }
 
@@ -595,6 +574,8 @@ static inline uint64_t mix64(uint64_t z) {
 }
 
 #define ROUNDS 6
+/* indices a Feistel pass with one set of keys carries at once (more measured no faster) */
+#define LANES 4
 
 /* sequence.py's feistel_permute after its keys are made: x[i] through the network of
  * ``bits`` bits keyed by keys[r * stride + i * per_item] (r = round), again while >= n (cycle
@@ -609,9 +590,24 @@ static inline uint64_t feistel_once(uint64_t v, const uint64_t *k, Py_ssize_t st
     return v;
 }
 
+/* feistel_once on LANES values with one set of keys, round by round: LANES chains of
+ * multiplications side by side, which the CPU overlaps. */
+static inline void feistel_lanes(uint64_t *v, const uint64_t *k, int a, int b, uint64_t mask_a, uint64_t mask_b) {
+    uint64_t w[LANES];
+    memcpy(w, v, sizeof(w));
+    for (int r = 0; r < ROUNDS; r++) {
+        for (int j = 0; j < LANES; j++) {
+            uint64_t right = w[j] & mask_b;
+            uint64_t f = mix64(right ^ k[r]) & mask_a;
+            w[j] = (right << a) | ((w[j] >> b) ^ f);
+        }
+    }
+    memcpy(v, w, sizeof(w));
+}
+
 /* Cycle walking, like the numpy version, in rounds over the indices still outside [0, n): each
- * round's passes are independent (the CPU overlaps them), where walking one index at a time
- * would wait on its chain of multiplications. */
+ * round's passes are independent (the CPU overlaps them; with one set of keys, LANES at a time),
+ * where walking one index at a time would wait on its chain of multiplications. */
 static int feistel(uint64_t *x, Py_ssize_t m, const uint64_t *keys, int per_item, int bits, uint64_t n) {
     int a = bits / 2, b = bits - a;
     uint64_t mask_a = (UINT64_C(1) << a) - 1, mask_b = (UINT64_C(1) << b) - 1;
@@ -622,8 +618,17 @@ static int feistel(uint64_t *x, Py_ssize_t m, const uint64_t *keys, int per_item
     if (out == NULL) {
         return -1;
     }
-    Py_ssize_t left = 0;
-    for (Py_ssize_t i = 0; i < m; i++) {
+    Py_ssize_t left = 0, i = 0;
+    if (!per_item) {
+        for (; i + LANES <= m; i += LANES) {
+            feistel_lanes(x + i, k1, a, b, mask_a, mask_b);
+            for (int j = 0; j < LANES; j++) {
+                out[left] = i + j;
+                left += x[i + j] >= n;
+            }
+        }
+    }
+    for (; i < m; i++) {
         uint64_t v = per_item ? feistel_once(x[i], keys + i, stride, a, b, mask_a, mask_b)
                               : feistel_once(x[i], k1, 1, a, b, mask_a, mask_b);
         x[i] = v;
@@ -631,8 +636,24 @@ static int feistel(uint64_t *x, Py_ssize_t m, const uint64_t *keys, int per_item
         left += v >= n;
     }
     while (left > 0) {
-        Py_ssize_t still = 0;
-        for (Py_ssize_t q = 0; q < left; q++) {
+        Py_ssize_t still = 0, q = 0;
+        if (!per_item) {
+            for (; q + LANES <= left; q += LANES) {
+                Py_ssize_t at[LANES];
+                uint64_t v[LANES];
+                for (int j = 0; j < LANES; j++) {
+                    at[j] = out[q + j];
+                    v[j] = x[at[j]];
+                }
+                feistel_lanes(v, k1, a, b, mask_a, mask_b);
+                for (int j = 0; j < LANES; j++) {
+                    x[at[j]] = v[j];
+                    out[still] = at[j];
+                    still += v[j] >= n;
+                }
+            }
+        }
+        for (; q < left; q++) {
             Py_ssize_t i = out[q];
             uint64_t v = per_item ? feistel_once(x[i], keys + i, stride, a, b, mask_a, mask_b)
                                   : feistel_once(x[i], k1, 1, a, b, mask_a, mask_b);
@@ -705,7 +726,9 @@ static double seq_sum(const double *x, Py_ssize_t n) {
 }
 
 /* _step_sums with weights: per slice each step's sum in unit order from 0.0, added to the total
- * in slice order. ``part``: scratch of W. */
+ * in slice order. ``part``: scratch of W. A run of units of one step (a window's units mostly
+ * come in such runs) is summed in a register: the same additions in the same order, without
+ * waiting on a store and a load of its step's sum for every unit. */
 static void step_sums(const uint8_t *where, const double *w, Py_ssize_t n, Py_ssize_t W, Py_ssize_t chunk,
                       double *out, double *part) {
     for (Py_ssize_t s = 0; s < W; s++) {
@@ -716,8 +739,13 @@ static void step_sums(const uint8_t *where, const double *w, Py_ssize_t n, Py_ss
         for (Py_ssize_t s = 0; s < W; s++) {
             part[s] = 0.0;
         }
-        for (Py_ssize_t i = lo; i < hi; i++) {
-            part[where[i]] += w[i];
+        for (Py_ssize_t i = lo; i < hi;) {
+            uint8_t step = where[i];
+            double sum = part[step];
+            do {
+                sum += w[i++];
+            } while (i < hi && where[i] == step);
+            part[step] = sum;
         }
         for (Py_ssize_t s = 0; s < W; s++) {
             out[s] += part[s];
@@ -741,6 +769,8 @@ static void assign_fill(const int32_t *z, const uint8_t *grouped, Py_ssize_t n, 
                         double scale, uint8_t *out, int64_t *count) {
     int64_t csum = 0;
     Py_ssize_t j = 0;
+    Py_ssize_t step = 0;
+    int64_t placed = 0;  /* units given ``step`` since it was last added to count[] (steps only rise) */
     for (Py_ssize_t i = 0; i < n; i++) {
         if (grouped[i]) {
             continue;
@@ -751,10 +781,16 @@ static void assign_fill(const int32_t *z, const uint8_t *grouped, Py_ssize_t n, 
         while (j < W && bounds[j] <= mid) {  /* mid never falls: a walk, not a search */
             j++;
         }
-        Py_ssize_t step = j < W - 1 ? j : W - 1;
-        out[i] = (uint8_t)step;
-        count[step]++;
+        Py_ssize_t now = j < W - 1 ? j : W - 1;
+        if (now != step) {
+            count[step] += placed;
+            placed = 0;
+            step = now;
+        }
+        out[i] = (uint8_t)now;
+        placed++;
     }
+    count[step] += placed;
 }
 
 static int check_steps(const uint8_t *where, Py_ssize_t n, Py_ssize_t W) {
