@@ -7,7 +7,7 @@ import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -52,16 +52,32 @@ class StepPlan:
     def __len__(self) -> int:
         return int(self.rank.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its arrays (what keeping the plan costs)."""
+        return sum(getattr(self, f.name).nbytes for f in fields(self) if isinstance(getattr(self, f.name), np.ndarray))
+
     def rank_costs(self) -> np.ndarray:
         """float64[dp_size]: total cost of each rank's units."""
         return np.bincount(self.rank, weights=self.cost, minlength=self.dp_size).astype(np.float64)
 
     def for_ranks(self, ranks: Sequence[int]) -> "StepPlan":
-        """The rows of those ranks only (same step, dp_size and num_micro)."""
-        wanted = np.asarray(list(ranks), dtype=np.int64)
-        if wanted.size and (int(wanted.min()) < 0 or int(wanted.max()) >= self.dp_size):
+        """The rows of those ranks only (same step, dp_size and num_micro), in row order.
+
+        A leader answers every constructor's plan request with this (at DP 4096, 512 requests
+        of 8 ranks a step), so it costs the rows it returns, not the plan's: each rank's rows
+        are one run of the rank-sorted rows, found by binary search."""
+        wanted = np.unique(np.asarray(list(ranks), dtype=np.int64))
+        if wanted.size and (int(wanted[0]) < 0 or int(wanted[-1]) >= self.dp_size):
             raise ValueError(f"ranks must lie in [0, {self.dp_size}), got {wanted.tolist()!r}")
-        keep = np.isin(self.rank, wanted)
+        if self._rank_sorted():
+            keys = wanted.astype(self.rank.dtype)  # in the rows' own type: no cast of every row
+            lo = np.searchsorted(self.rank, keys, side="left")
+            size = np.searchsorted(self.rank, keys, side="right") - lo
+            # every wanted rank's run, one after another: lo[j], lo[j] + 1, ... for each j
+            keep = np.arange(int(size.sum()), dtype=np.int64) + np.repeat(lo - (np.cumsum(size) - size), size)
+        else:  # rows not in rank order: only a hand-made plan (the planner sorts its rows)
+            keep = np.flatnonzero(np.isin(self.rank, wanted))
         return StepPlan(
             step=self.step,
             dp_size=self.dp_size,
@@ -74,6 +90,14 @@ class StepPlan:
             cost=self.cost[keep],
             num_micro=self.num_micro,
         )
+
+    def _rank_sorted(self) -> bool:
+        """Whether the rows are in rank order (checked once per plan: a plan is immutable)."""
+        known = self.__dict__.get("_sorted")
+        if known is None:
+            known = bool(self.rank.size < 2 or (self.rank[1:] >= self.rank[:-1]).all())
+            object.__setattr__(self, "_sorted", known)  # a cache, not a field: equal either way
+        return known
 
     def micro_batches(self, rank: int) -> list[np.ndarray]:
         """Row indices of each micro-batch of ``rank``, in micro-batch order."""

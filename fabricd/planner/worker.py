@@ -3,7 +3,8 @@
 The daemon's control loop must never wait on a plan (a step of 10^7 samples takes tens of
 seconds). ``PlanWorker.get(step)`` answers at once: the cached plan, or None after asking the
 workers for it. The workers plan asked-for steps lowest first, then a few steps past the highest
-step asked for, and keep the last ``cache_steps`` plans. Each thread plans one step at a time;
+step asked for, and keep the last ``cache_steps`` plans, at most ``cache_bytes`` of them (a step
+at DP 4096 and 64k tokens a rank is 23 MB of plan: 128 steps would be 3 GB). Each thread plans one step at a time;
 ``threads`` of them plan different steps at once (a plan is a pure function of its step, and
 the planner's compiled loops and numpy's release the GIL, so two threads plan about 1.75 steps
 in the time of one at DP 4096). A plan running past ``deadline_s`` is logged and counted (it
@@ -40,7 +41,8 @@ class PlanWorker:
 
     Promises: ``get``, ``failure`` and ``status`` never block on a computation; at most
     ``queue_steps`` steps wait to be planned (past that the farthest waiting step is dropped: its
-    caller asks again); at most ``cache_steps`` plans are kept (least recently used go first);
+    caller asks again); at most ``cache_steps`` plans, and no more than ``cache_bytes`` of them,
+    are kept (least recently used go first; the newest stays whatever its size);
     no step is planned by two threads at once; nothing the workers raise escapes them: the error
     is kept for its step and shown by ``status()``. ``close()`` stops the threads after the plans
     in progress. ``planner.plan`` must be safe to call from several threads at once for
@@ -49,13 +51,15 @@ class PlanWorker:
 
     def __init__(self, planner: Planner, dp_size: int, *, name: str, cache_steps: int, ahead_steps: int,
                  queue_steps: int, deadline_s: float, counters: MutableMapping[str, Any] | None = None,
-                 clock: Callable[[], float] = time.monotonic, threads: int = 1) -> None:
+                 clock: Callable[[], float] = time.monotonic, threads: int = 1,
+                 cache_bytes: int | None = None) -> None:
         if isinstance(threads, bool) or int(threads) != threads or not 1 <= int(threads) <= MAX_THREADS:
             raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
         self.planner = planner
         self.dp_size = int(dp_size)
         self.name = name
         self.cache_steps = max(1, int(cache_steps))
+        self.cache_bytes = None if cache_bytes is None else max(0, int(cache_bytes))
         self.ahead_steps = max(0, int(ahead_steps))
         self.queue_steps = max(1, int(queue_steps))
         self.deadline_s = float(deadline_s)
@@ -66,6 +70,7 @@ class PlanWorker:
             self.counters.setdefault(key, zero)
         self._cond = threading.Condition()
         self._cache: OrderedDict[int, StepPlan] = OrderedDict()
+        self._cached_bytes = 0  # of the plans in _cache
         self._wanted: set[int] = set()
         self._failed: OrderedDict[int, str] = OrderedDict()
         self._balance: OrderedDict[int, StepBalance] = OrderedDict()  # step → its plan's balance
@@ -126,7 +131,8 @@ class PlanWorker:
             alive = all(thread.is_alive() for thread in self._threads) and not self._stopped
             return {"alive": alive, "running": running, "running_steps": sorted(self._running),
                     "threads": len(self._threads),
-                    "queued": len(self._wanted), "cached": len(self._cache), "deadline_s": self.deadline_s,
+                    "queued": len(self._wanted), "cached": len(self._cache), "cached_bytes": self._cached_bytes,
+                    "deadline_s": self.deadline_s,
                     "error": self.error, "last_overdue": self.last_overdue,
                     "balance": [msgspec.to_builtins(b) for b in sorted(self._balance.values(), key=lambda b: b.step)]}
 
@@ -136,6 +142,7 @@ class PlanWorker:
             self._stopped = True
             self._wanted.clear()
             self._cache.clear()
+            self._cached_bytes = 0
             self._cond.notify_all()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -227,10 +234,13 @@ class PlanWorker:
             self.counters["plans_computed"] += 1
             self.counters["plan_ms_max"] = max(self.counters["plan_ms_max"], round(seconds * 1e3, 2))
             self._cache[step] = plan
+            self._cached_bytes += plan.nbytes if isinstance(plan, StepPlan) else 0
             if balance is not None:
                 self._balance[step] = balance
                 self._balance.move_to_end(step)
                 while len(self._balance) > BALANCE_KEPT:
                     self._balance.popitem(last=False)
-            while len(self._cache) > self.cache_steps:
-                self._cache.popitem(last=False)
+            while len(self._cache) > self.cache_steps or (
+                    self.cache_bytes is not None and self._cached_bytes > self.cache_bytes and len(self._cache) > 1):
+                gone = self._cache.popitem(last=False)[1]
+                self._cached_bytes -= gone.nbytes if isinstance(gone, StepPlan) else 0

@@ -29,6 +29,10 @@ a window's draws run on ``plan_threads()`` threads, so it may exceed the wall ti
 ``planner_worker_ms`` the wall time per step for a job's plan worker to plan the same steps from
 a fresh planner, with 1 thread and with the threads a daemon here would give it
 (``fabricd.planner.threads.plan_threads``): the planning throughput of a leader, side by side.
+``plan_serve_ms``: the leader's other work per step, cutting a planned step into the answers of
+every data constructor (``ceil(dp / 8)`` plan requests of 8 ranks, the default
+``ranks_per_constructor``), as ``JobRuntime.plan_request`` does: ``StepPlan.for_ranks`` and the
+reply's columns (the median of the first ``--recompute-steps`` steps).
 
 ``--data DIR`` reads the demo corpus (``DIR/<source>/`` as written by
 ``scripts/make_dataset.py``) through ``fabricd.sources.index.open_index``; without it, or if
@@ -47,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fabricd.job import PLAN_COLUMNS
 from fabricd.pack import pack_micro_batch
 from fabricd.planner import CostModel, MixtureSchedule, Planner, SourceUnits, build_units, native
 from fabricd.planner.plan import draws_for_tokens
@@ -120,6 +125,17 @@ BUDGET_PER_RANK = 65536
 MICRO_BATCH_TOKENS = 32768
 MAX_DELAY_STEPS = 15
 DPS = (8, 64, 1024, 4096)
+RANKS_PER_CONSTRUCTOR = 8  # the topology default
+
+
+def serve_ms(plan) -> float:
+    """Wall ms to cut ``plan`` into every constructor's plan reply (its rows and columns), as a
+    leader answers the constructors' requests for a step (``JobRuntime.plan_request``)."""
+    t = time.perf_counter()
+    for lo in range(0, plan.dp_size, RANKS_PER_CONSTRUCTOR):
+        part = plan.for_ranks(range(lo, min(plan.dp_size, lo + RANKS_PER_CONSTRUCTOR)))
+        tuple(np.ascontiguousarray(getattr(part, name), dtype) for name, dtype in PLAN_COLUMNS)
+    return 1000 * (time.perf_counter() - t)
 
 
 def naive_rank_costs(sources: list[SourceUnits], weights: np.ndarray, dp: int, budget: int,
@@ -223,14 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     result.update({"composed_recomputed": {}, "fabric_recomputed": {}, "composed_worst_step": {},
                    "composed_lower_bound": {}, "planner_ms": {}, "planner_worst_ms": {},
                    "planner_step_ms": {}, "planner_cpu_ms": {}, "tokens_per_step_spread": {},
-                   "planner_worker_ms": {}})
+                   "planner_worker_ms": {}, "plan_serve_ms": {}})
     worker_threads = sorted({1, plan_threads()})
     for dp in DPS:
         t0 = time.perf_counter()
         plain = planner_for(sources, dp, "none", args.seed)
         comp = planner_for(sources, dp, "outliers", args.seed)
         figs: dict[str, list[float]] = {k: [] for k in ("fab", "fab_re", "comp", "comp_re", "nai", "lb", "clb", "tok")}
-        times, cpu = [], []
+        times, cpu, serve = [], [], []
         recompute = steps if dp <= 64 else min(steps, args.recompute_steps)
         for step in range(steps):
             p = plain.plan(step, dp)
@@ -245,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             figs["comp"].append(cc.max() / cc.mean())
             figs["clb"].append(max(cc.mean(), float(c.cost.max())) / cc.mean())
             figs["tok"].append(int(c.tokens.sum()))
+            if step < args.recompute_steps:
+                serve.append(serve_ms(c))
             if step < recompute:
                 for plan, key, planned in ((p, "fab_re", rc), (c, "comp_re", cc)):
                     re = packed_rank_costs(plan)
@@ -270,13 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         result["planner_cpu_ms"][d] = round(1000 * float(np.mean(cpu)), 1)
         tok = np.asarray(figs["tok"], dtype=np.float64) / (BUDGET_PER_RANK * dp)
         result["tokens_per_step_spread"][d] = [round(float(tok.min()), 4), round(float(tok.max()), 4)]
+        result["plan_serve_ms"][d] = round(float(np.median(serve)), 1)
         result["planner_worker_ms"][d] = {str(n): worker_ms(sources, dp, steps, n, args.seed) for n in worker_threads}
         print(f"dp {dp:5d}: naive {mean('nai'):.4f}  fabric {mean('fab'):.4f} (bound {mean('lb'):.4f})  "
               f"composed {mean('comp'):.4f} (worst step {np.max(figs['comp']):.4f}, bound {mean('clb'):.4f})  "
               f"recomputed from cu_seqlens: fabric {mean('fab_re'):.4f} composed {mean('comp_re'):.4f} "
               f"({recompute} steps)  planner {result['planner_ms'][d]} ms/step amortized (worst step "
               f"{result['planner_worst_ms'][d]}, others {result['planner_step_ms'][d]}, cpu {result['planner_cpu_ms'][d]}; "
-              f"plan worker {result['planner_worker_ms'][d]} ms/step by threads)  tokens/budget {tok.min():.3f}..{tok.max():.3f}  "
+              f"plan worker {result['planner_worker_ms'][d]} ms/step by threads; serving {result['plan_serve_ms'][d]} ms)  tokens/budget {tok.min():.3f}..{tok.max():.3f}  "
               f"[{time.perf_counter() - t0:.1f}s, {steps} steps]", flush=True)
     result["max_delay_steps"] = MAX_DELAY_STEPS
     result["config"] = {"tokens_per_rank": BUDGET_PER_RANK, "context": 32768, "micro_batch_tokens": MICRO_BATCH_TOKENS,

@@ -87,6 +87,42 @@ def test_plan_shape_sorting_and_micro_batches() -> None:
         assert hit.size == 1 and su.tokens[hit[0]] == p.tokens[i]
 
 
+FIELDS = ("rank", "micro", "source", "sample_id", "piece", "tokens", "cost")
+
+
+def _masked(p: StepPlan, ranks) -> dict[str, np.ndarray]:
+    """The rows of ``ranks`` by a mask over every row, in row order: what for_ranks must return."""
+    keep = np.isin(p.rank, np.asarray(list(ranks), dtype=np.int64))
+    return {f: getattr(p, f)[keep] for f in FIELDS}
+
+
+@pytest.mark.unit
+def test_for_ranks_returns_exactly_the_rows_of_those_ranks() -> None:
+    """Any subset of ranks, given in any order, with repeats, with ranks that hold no rows, or
+    none: the same rows as a mask over the whole plan, in row order. A plan whose rows are not in
+    rank order (only a hand-made one) gets the same answer."""
+    p = _planner().plan(3, 16)
+    held = ~np.isin(p.rank, [4, 9])  # a plan where ranks 4 and 9 hold no rows (a composed step can)
+    holey = StepPlan(step=p.step, dp_size=p.dp_size, num_micro=p.num_micro, **{f: getattr(p, f)[held] for f in FIELDS})
+    rng = np.random.default_rng(5)
+    shuffled = rng.permutation(len(p))
+    unsorted = StepPlan(step=p.step, dp_size=p.dp_size, num_micro=p.num_micro,
+                        **{f: getattr(p, f)[shuffled] for f in FIELDS})
+    asks = [[], [0], [15], [4], [9, 4, 9], [5, 5, 2], list(range(16)), list(range(8, 12)),
+            *(rng.integers(0, 16, k).tolist() for k in (1, 3, 7, 20))]
+    for plan in (p, holey, unsorted):
+        for ranks in asks:
+            sub = plan.for_ranks(iter(ranks))  # any iterable, consumed once
+            want = _masked(plan, ranks)
+            for f in FIELDS:
+                assert np.array_equal(getattr(sub, f), want[f]) and getattr(sub, f).dtype == want[f].dtype, (ranks, f)
+            assert np.array_equal(sub.num_micro, plan.num_micro) and sub.step == plan.step
+    with pytest.raises(ValueError, match="ranks must lie in"):
+        p.for_ranks([3, 16])
+    with pytest.raises(ValueError, match="ranks must lie in"):
+        p.for_ranks([-1])
+
+
 @pytest.mark.unit
 def test_plan_is_deterministic_and_balanced() -> None:
     a = _planner().plan(9, 4)

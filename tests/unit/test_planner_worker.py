@@ -15,6 +15,7 @@ from fabric_client.limits import MAX_STEP
 from fabricd.config import parse_job_spec
 from fabricd.corpus import job_toml, make_dataset
 from fabricd.job import JobRuntime, NoRoles, build_planner, open_sources
+from fabricd.planner.plan import StepPlan
 from fabricd.planner.threads import plan_threads
 from fabricd.planner.worker import PlanWorker
 
@@ -93,6 +94,47 @@ def test_queue_and_cache_are_bounded() -> None:
         assert [c[0] for c in p.calls] == [0, 5, 7, 8]  # lowest first
         assert w.status()["cached"] == 2  # least recently used went first
         assert w.get(8) == (8, 4) and w.get(7) == (7, 4)
+    finally:
+        w.close()
+
+
+class SizedPlanner:
+    """Plans of ``rows`` rows each (real StepPlans: the cache weighs their arrays)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def plan(self, step: int, dp_size: int) -> StepPlan:
+        z32, z64 = np.zeros(self.rows, np.int32), np.zeros(self.rows, np.int64)
+        return StepPlan(step=step, dp_size=dp_size, rank=z32, micro=z32, source=z32, sample_id=z64, piece=z32,
+                        tokens=z32, cost=np.zeros(self.rows), num_micro=np.ones(dp_size, np.int32))
+
+
+def test_the_cache_keeps_no_more_bytes_than_its_budget() -> None:
+    """Plans of 100 rows weigh 100 × 36 bytes + the ranks' counts: a budget of 2.5 plans keeps
+    the two most recently used; a plan over the whole budget is still kept alone (the newest)."""
+    one = SizedPlanner(100).plan(0, 4).nbytes
+    assert one == 100 * (4 * 5 + 8 * 2) + 4 * 4
+    w = PlanWorker(SizedPlanner(100), 4, name="j", cache_steps=8, ahead_steps=0, queue_steps=8, deadline_s=30.0,
+                   cache_bytes=int(2.5 * one))
+    try:
+        for s in range(5):
+            w.get(s)
+            _until(lambda: w.get(s) is not None, f"step {s}")
+        assert w.status()["cached"] == 2 and w.status()["cached_bytes"] == 2 * one
+        assert w.get(4) is not None and w.get(3) is not None  # the two newest stayed
+        assert w.get(2) is None  # it left; asked again, it is planned again
+        _until(lambda: w.get(2) is not None, "step 2 again")
+        assert w.status()["cached"] == 2 and w.counters["plans_computed"] == 6
+    finally:
+        w.close()
+    w = PlanWorker(SizedPlanner(100), 4, name="j", cache_steps=8, ahead_steps=0, queue_steps=8, deadline_s=30.0,
+                   cache_bytes=one // 2)
+    try:
+        for s in range(3):
+            w.get(s)
+            _until(lambda: w.get(s) is not None, f"step {s}")
+            assert w.status()["cached"] == 1 and w.status()["cached_bytes"] == one
     finally:
         w.close()
 
