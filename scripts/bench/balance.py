@@ -32,7 +32,7 @@ a fresh planner, with 1 thread and with the threads a daemon here would give it
 ``plan_serve_ms``: the leader's other work per step, cutting a planned step into the answers of
 every data constructor (``ceil(dp / 8)`` plan requests of 8 ranks, the default
 ``ranks_per_constructor``), as ``JobRuntime.plan_request`` does: ``StepPlan.for_ranks`` and the
-reply's columns (the median of the first ``--recompute-steps`` steps).
+reply's columns (the median over steps).
 
 ``--data DIR`` reads the demo corpus (``DIR/<source>/`` as written by
 ``scripts/make_dataset.py``) through ``fabricd.sources.index.open_index``; without it, or if
@@ -261,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             figs["comp"].append(cc.max() / cc.mean())
             figs["clb"].append(max(cc.mean(), float(c.cost.max())) / cc.mean())
             figs["tok"].append(int(c.tokens.sum()))
-            if step < args.recompute_steps:
-                serve.append(serve_ms(c))
+            serve.append(serve_ms(c))
             if step < recompute:
                 for plan, key, planned in ((p, "fab_re", rc), (c, "comp_re", cc)):
                     re = packed_rank_costs(plan)
