@@ -114,6 +114,8 @@ PLAN_STEP = _spec("fabricd_plan_latest_step", "The highest step planned on this 
                   GAUGE, "job")
 BALANCE = _spec("fabricd_plan_balance_max_over_mean",
                 "Max over mean of the DP ranks' estimated cost at the latest planned step.", GAUGE, "job")
+PLAN_CACHE = _spec("fabricd_plan_cache_bytes", "Bytes of plans the job's plan worker keeps for the constructors' "
+                   "requests (at most fabricd.job.PLAN_CACHE_BYTES).", GAUGE, "job")
 BALANCE_BOUND = _spec("fabricd_plan_balance_lower_bound",
                       "What no balancer can beat at that step: max(largest unit, mean share) over the mean.",
                       GAUGE, "job")

@@ -23,7 +23,7 @@ import psutil
 from .cluster.autoscale import pool_bounds
 from .metrics import (
     BALANCE, BALANCE_BOUND, DROPPED, IN_TOUCH, IS_LEADER, LEADER_CHANGES, LEASE_EVENTS, LEASE_TERM, LOCAL_ROLES_UP,
-    LOG_COMMIT, LOG_LAST, PLAN_STEP, POOL_TARGET, POOL_WORKERS, PROGRESS_FLOOR, REPLICA_LAG, ROLE_CPU, ROLE_PSS, ROLE_RESTARTS,
+    LOG_COMMIT, LOG_LAST, PLAN_CACHE, PLAN_STEP, POOL_TARGET, POOL_WORKERS, PROGRESS_FLOOR, REPLICA_LAG, ROLE_CPU, ROLE_PSS, ROLE_RESTARTS,
     ROLE_RSS, ROLES, SKIP_REPORTS, SKIPPED_UNITS, SKIPS_RECORDED, SOURCE_BUSY, SOURCE_FAILED, SOURCE_IN_FLIGHT,
     SOURCE_QUEUED, SOURCE_UNITS, STALE_TERM, TRAINER_BATCHES, TRAINER_WAIT, FabricMetrics, Readings,
 )
@@ -129,6 +129,8 @@ class DaemonReader:
             r[SKIPS_RECORDED][(name,)] = len(state.skipped.get(name, ()))
             # the plan worker computes each plan's balance once (planner.quality)
             balance = job.plan_worker.latest_balance() if job.plan_worker is not None else None
+            if job.plan_worker is not None:
+                r[PLAN_CACHE][(name,)] = job.plan_worker.cached_bytes()
             if balance is not None:
                 r[PLAN_STEP][(name,)] = balance.step
                 r[BALANCE][(name,)] = balance.max_over_mean

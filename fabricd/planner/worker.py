@@ -112,6 +112,11 @@ class PlanWorker:
         with self._cond:
             return self._balance[max(self._balance)] if self._balance else None
 
+    def cached_bytes(self) -> int:
+        """Bytes of the plans kept now (exported as a metric); never blocks on a computation."""
+        with self._cond:
+            return self._cached_bytes
+
     def failure(self, step: int) -> str | None:
         """Why planning ``step`` failed, or None. A failed step is not retried."""
         with self._cond:

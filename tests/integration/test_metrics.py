@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fabric_client import Loader
 from fabricd.config import MetricsConfig
+from fabricd.job import PLAN_CACHE_BYTES
 from fabricd.metrics import CATALOGUE, COUNTER, FabricMetrics, MetricsServer
 
 from ..conftest import keyed_dealer, write_job
@@ -138,6 +139,7 @@ def test_scrape_of_a_daemon_serving_a_job(tmp_path, tiny_corpus, local_daemon):
     ratio, bound = (value(m, "fabricd_plan_balance_max_over_mean", job="t"),
                     value(m, "fabricd_plan_balance_lower_bound", job="t"))
     assert ratio >= bound - 1e-9 and bound >= 1.0
+    assert 0 < value(m, "fabricd_plan_cache_bytes", job="t") <= PLAN_CACHE_BYTES  # the plans its constructors asked for
     # the floor counts what constructors sent: a trainer that stops after STEPS may have been sent
     # up to its credits' worth more (write_job's prefetch, 2 batches of one micro-batch each)
     assert value(m, "fabricd_job_progress_floor_step", job="t") <= STEPS + 2
