@@ -31,7 +31,7 @@ from .cluster.records import PlanChange
 from .plan_changes import describe_change, plan_segments, spec_at
 from .planner.compose import check_dp_history
 from .planner.segments import SegmentHead, SegmentedPlanner, localize_points
-from .planner.plan import draws_for_tokens
+from .planner.plan import StepPlan, draws_for_tokens
 from .planner.units import SourceUnits
 from .planner.worker import PlanWorker
 from .sources.index import SourceIndex, open_index, require_samples, skip_reasons
@@ -58,6 +58,11 @@ PLAN_AHEAD_STEPS = 4
 PLAN_QUEUE_STEPS = 256
 #: A plan running longer than this is logged, counted (plans_over_deadline) and shown in status.
 PLAN_DEADLINE_S = 30.0
+
+
+def plan_columns(part: StepPlan) -> tuple[np.ndarray, ...]:
+    """The ``PlanReply`` frames of a plan's rows: its ``PLAN_COLUMNS``, contiguous, in their wire types."""
+    return tuple(np.ascontiguousarray(getattr(part, name), dtype) for name, dtype in PLAN_COLUMNS)
 
 
 def _by_step(units: Collection[SkipUnit], names: Mapping[str, int]) -> dict[int, list[list[int]]]:
@@ -545,7 +550,7 @@ class JobRuntime:
                 return protocol.ErrorReply(code=protocol.ErrorCode.INTERNAL, reason=f"job {self.spec.name}: {failed}"), ()
             return self._not_ready(f"step {req.step} is being planned")
         part = plan.for_ranks(req.ranks)
-        frames = tuple(np.ascontiguousarray(getattr(part, name), dtype) for name, dtype in PLAN_COLUMNS)
+        frames = plan_columns(part)
         skips, pending = self.step_skips(req.step)
         reply = protocol.PlanReply(job=self.spec.name, step=req.step, dp_size=plan.dp_size, rows=len(part.rank),
                                    columns=[n for n, _ in PLAN_COLUMNS], dtypes=[d for _, d in PLAN_COLUMNS],

@@ -207,39 +207,45 @@ static inline int slot_less(const Slot *x, const Slot *y) {
     return x->load < y->load || (x->load == y->load && x->bin < y->bin);
 }
 
-/* Sort a[0:n] by (load, bin), a total order (so any correct sort gives the same result): a merge
- * sort that skips merging halves already in order, so a nearly sorted input costs about n. */
-static void sort_slots(Slot *a, Slot *tmp, Py_ssize_t n) {
-    if (n < 2) {
-        return;
+/* MERGE_SORT(name, T, less): ``static void name(T *a, T *tmp, Py_ssize_t n)`` sorts a[0:n] by
+ * ``less``, a strict total order (so any correct sort gives the same result): a merge sort that
+ * skips merging halves already in order, so a nearly sorted input costs about n comparisons;
+ * insertion sort below 17 items. ``tmp``: scratch of n / 2 items. */
+#define MERGE_SORT(name, T, less)                                           \
+    static void name(T *a, T *tmp, Py_ssize_t n) {                          \
+        if (n < 2) {                                                        \
+            return;                                                         \
+        }                                                                   \
+        if (n <= 16) {                                                      \
+            for (Py_ssize_t i = 1; i < n; i++) {                            \
+                T v = a[i];                                                 \
+                Py_ssize_t j = i;                                           \
+                while (j > 0 && less(&v, &a[j - 1])) {                      \
+                    a[j] = a[j - 1];                                        \
+                    j--;                                                    \
+                }                                                           \
+                a[j] = v;                                                   \
+            }                                                               \
+            return;                                                         \
+        }                                                                   \
+        Py_ssize_t mid = n / 2;                                             \
+        name(a, tmp, mid);                                                  \
+        name(a + mid, tmp, n - mid);                                        \
+        if (!less(&a[mid], &a[mid - 1])) {                                  \
+            return;                                                         \
+        }                                                                   \
+        memcpy(tmp, a, sizeof(T) * (size_t)mid);                            \
+        Py_ssize_t i = 0, j = mid, o = 0;                                   \
+        while (i < mid && j < n) {                                          \
+            a[o++] = less(&a[j], &tmp[i]) ? a[j++] : tmp[i++];              \
+        }                                                                   \
+        while (i < mid) {                                                   \
+            a[o++] = tmp[i++];                                              \
+        }                                                                   \
     }
-    if (n <= 16) {  /* insertion sort */
-        for (Py_ssize_t i = 1; i < n; i++) {
-            Slot v = a[i];
-            Py_ssize_t j = i;
-            while (j > 0 && slot_less(&v, &a[j - 1])) {
-                a[j] = a[j - 1];
-                j--;
-            }
-            a[j] = v;
-        }
-        return;
-    }
-    Py_ssize_t mid = n / 2;
-    sort_slots(a, tmp, mid);
-    sort_slots(a + mid, tmp, n - mid);
-    if (!slot_less(&a[mid], &a[mid - 1])) {
-        return;
-    }
-    memcpy(tmp, a, sizeof(Slot) * (size_t)mid);
-    Py_ssize_t i = 0, j = mid, o = 0;
-    while (i < mid && j < n) {
-        a[o++] = slot_less(&a[j], &tmp[i]) ? a[j++] : tmp[i++];
-    }
-    while (i < mid) {
-        a[o++] = tmp[i++];
-    }
-}
+
+/* the bins by (load, bin) */
+MERGE_SORT(sort_slots, Slot, slot_less)
 
 /* balance.py's _lpt_rounds: bins[order[i]], the bin of the i-th largest item (``order``: the
  * items by descending cost). The bins are kept in (load, bin) order, as the stable argsort of the loads
@@ -357,40 +363,10 @@ static inline int ffd_less(const Rec *x, const Rec *y) {
     return x->t > y->t || (x->t == y->t && x->i < y->i);
 }
 
-/* Sort a[0:n] into first-fit-decreasing order: a merge sort that skips merging halves already
- * in order, so a group whose cost order is its token order (cost rising with length, as the
- * cost models make it when images weigh nothing) costs about n comparisons. */
-static void sort_ffd(Rec *a, Rec *tmp, Py_ssize_t n) {
-    if (n < 2) {
-        return;
-    }
-    if (n <= 16) {  /* insertion sort */
-        for (Py_ssize_t i = 1; i < n; i++) {
-            Rec v = a[i];
-            Py_ssize_t j = i;
-            while (j > 0 && ffd_less(&v, &a[j - 1])) {
-                a[j] = a[j - 1];
-                j--;
-            }
-            a[j] = v;
-        }
-        return;
-    }
-    Py_ssize_t mid = n / 2;
-    sort_ffd(a, tmp, mid);
-    sort_ffd(a + mid, tmp, n - mid);
-    if (!ffd_less(&a[mid], &a[mid - 1])) {
-        return;
-    }
-    memcpy(tmp, a, sizeof(Rec) * (size_t)mid);
-    Py_ssize_t i = 0, j = mid, o = 0;
-    while (i < mid && j < n) {
-        a[o++] = ffd_less(&a[j], &tmp[i]) ? a[j++] : tmp[i++];
-    }
-    while (i < mid) {
-        a[o++] = tmp[i++];
-    }
-}
+/* A group's items into first-fit-decreasing order; a group whose cost order is its token order
+ * (cost rising with length, as the cost models make it when images weigh nothing) costs about
+ * one comparison an item. */
+MERGE_SORT(sort_ffd, Rec, ffd_less)
 
 /* One group's two packings, its items ``by_cost`` in descending cost order (ties by index):
  * first fit decreasing by tokens (over ``ffd``, scratch for the same items in that order), then
@@ -580,12 +556,15 @@ static inline uint64_t mix64(uint64_t z) {
 /* sequence.py's feistel_permute after its keys are made: x[i] through the network of
  * ``bits`` bits keyed by keys[r * stride + i * per_item] (r = round), again while >= n (cycle
  * walking). The same integer operations as the numpy rounds, so the same values. */
+static inline uint64_t feistel_round(uint64_t v, uint64_t key, int a, int b, uint64_t mask_a, uint64_t mask_b) {
+    uint64_t right = v & mask_b;
+    return (right << a) | ((v >> b) ^ (mix64(right ^ key) & mask_a));
+}
+
 static inline uint64_t feistel_once(uint64_t v, const uint64_t *k, Py_ssize_t stride, int a, int b,
                                     uint64_t mask_a, uint64_t mask_b) {
     for (int r = 0; r < ROUNDS; r++) {
-        uint64_t right = v & mask_b;
-        uint64_t f = mix64(right ^ k[r * stride]) & mask_a;
-        v = (right << a) | ((v >> b) ^ f);
+        v = feistel_round(v, k[r * stride], a, b, mask_a, mask_b);
     }
     return v;
 }
@@ -597,9 +576,7 @@ static inline void feistel_lanes(uint64_t *v, const uint64_t *k, int a, int b, u
     memcpy(w, v, sizeof(w));
     for (int r = 0; r < ROUNDS; r++) {
         for (int j = 0; j < LANES; j++) {
-            uint64_t right = w[j] & mask_b;
-            uint64_t f = mix64(right ^ k[r]) & mask_a;
-            w[j] = (right << a) | ((w[j] >> b) ^ f);
+            w[j] = feistel_round(w[j], k[r], a, b, mask_a, mask_b);
         }
     }
     memcpy(v, w, sizeof(w));

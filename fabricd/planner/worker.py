@@ -36,6 +36,11 @@ _FAILED_KEPT = 32  # most recent failed steps remembered (each is answered with 
 BALANCE_KEPT = 16  # the balance of the most recently planned steps, shown by status (fabricctl top)
 
 
+def _nbytes(plan: Any) -> int:
+    """What keeping a plan costs (anything else a planner returns, as tests' fakes do: nothing)."""
+    return plan.nbytes if isinstance(plan, StepPlan) else 0
+
+
 class PlanWorker:
     """Computes ``planner.plan(step, dp_size)`` on ``threads`` background threads.
 
@@ -70,7 +75,6 @@ class PlanWorker:
             self.counters.setdefault(key, zero)
         self._cond = threading.Condition()
         self._cache: OrderedDict[int, StepPlan] = OrderedDict()
-        self._cached_bytes = 0  # of the plans in _cache
         self._wanted: set[int] = set()
         self._failed: OrderedDict[int, str] = OrderedDict()
         self._balance: OrderedDict[int, StepBalance] = OrderedDict()  # step → its plan's balance
@@ -115,7 +119,11 @@ class PlanWorker:
     def cached_bytes(self) -> int:
         """Bytes of the plans kept now (exported as a metric); never blocks on a computation."""
         with self._cond:
-            return self._cached_bytes
+            return self._cache_size()
+
+    def _cache_size(self) -> int:
+        """Bytes of the cached plans (lock held; at most ``cache_steps`` of them to add up)."""
+        return sum(_nbytes(plan) for plan in self._cache.values())
 
     def failure(self, step: int) -> str | None:
         """Why planning ``step`` failed, or None. A failed step is not retried."""
@@ -136,7 +144,7 @@ class PlanWorker:
             alive = all(thread.is_alive() for thread in self._threads) and not self._stopped
             return {"alive": alive, "running": running, "running_steps": sorted(self._running),
                     "threads": len(self._threads),
-                    "queued": len(self._wanted), "cached": len(self._cache), "cached_bytes": self._cached_bytes,
+                    "queued": len(self._wanted), "cached": len(self._cache), "cached_bytes": self._cache_size(),
                     "deadline_s": self.deadline_s,
                     "error": self.error, "last_overdue": self.last_overdue,
                     "balance": [msgspec.to_builtins(b) for b in sorted(self._balance.values(), key=lambda b: b.step)]}
@@ -147,7 +155,6 @@ class PlanWorker:
             self._stopped = True
             self._wanted.clear()
             self._cache.clear()
-            self._cached_bytes = 0
             self._cond.notify_all()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -239,13 +246,14 @@ class PlanWorker:
             self.counters["plans_computed"] += 1
             self.counters["plan_ms_max"] = max(self.counters["plan_ms_max"], round(seconds * 1e3, 2))
             self._cache[step] = plan
-            self._cached_bytes += plan.nbytes if isinstance(plan, StepPlan) else 0
             if balance is not None:
                 self._balance[step] = balance
                 self._balance.move_to_end(step)
                 while len(self._balance) > BALANCE_KEPT:
                     self._balance.popitem(last=False)
-            while len(self._cache) > self.cache_steps or (
-                    self.cache_bytes is not None and self._cached_bytes > self.cache_bytes and len(self._cache) > 1):
-                gone = self._cache.popitem(last=False)[1]
-                self._cached_bytes -= gone.nbytes if isinstance(gone, StepPlan) else 0
+            while len(self._cache) > self.cache_steps:
+                self._cache.popitem(last=False)
+            if self.cache_bytes is not None:
+                size = self._cache_size()
+                while size > self.cache_bytes and len(self._cache) > 1:
+                    size -= _nbytes(self._cache.popitem(last=False)[1])

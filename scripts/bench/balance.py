@@ -31,7 +31,7 @@ a fresh planner, with 1 thread and with the threads a daemon here would give it
 (``fabricd.planner.threads.plan_threads``): the planning throughput of a leader, side by side.
 ``plan_serve_ms``: the leader's other work per step, cutting a planned step into the answers of
 every data constructor (``ceil(dp / 8)`` plan requests of 8 ranks, the default
-``ranks_per_constructor``), as ``JobRuntime.plan_request`` does: ``StepPlan.for_ranks`` and the
+``ranks_per_constructor``), as ``JobRuntime.plan`` does: ``StepPlan.for_ranks`` and the
 reply's columns (the median over steps).
 
 ``--data DIR`` reads the demo corpus (``DIR/<source>/`` as written by
@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fabricd.job import PLAN_COLUMNS
+from fabricd.job import plan_columns
 from fabricd.pack import pack_micro_batch
 from fabricd.planner import CostModel, MixtureSchedule, Planner, SourceUnits, build_units, native
 from fabricd.planner.plan import draws_for_tokens
@@ -130,11 +130,10 @@ RANKS_PER_CONSTRUCTOR = 8  # the topology default
 
 def serve_ms(plan) -> float:
     """Wall ms to cut ``plan`` into every constructor's plan reply (its rows and columns), as a
-    leader answers the constructors' requests for a step (``JobRuntime.plan_request``)."""
+    leader answers the constructors' requests for a step (``JobRuntime.plan``)."""
     t = time.perf_counter()
     for lo in range(0, plan.dp_size, RANKS_PER_CONSTRUCTOR):
-        part = plan.for_ranks(range(lo, min(plan.dp_size, lo + RANKS_PER_CONSTRUCTOR)))
-        tuple(np.ascontiguousarray(getattr(part, name), dtype) for name, dtype in PLAN_COLUMNS)
+        plan_columns(plan.for_ranks(range(lo, min(plan.dp_size, lo + RANKS_PER_CONSTRUCTOR))))
     return 1000 * (time.perf_counter() - t)
 
 
