@@ -24,8 +24,10 @@ from fabricd.planner.threads import plan_threads
 
 __all__ = ["StepPlan", "Planner", "draws_for_tokens"]
 
-#: Composed windows a planner keeps (the one being planned and the one before, for late requests).
-WINDOW_CACHE = 2
+#: Composed windows a planner keeps: the one being planned, the one before (for late requests) and
+#: the next (composed ahead by the plan worker, ``prepare``). A window at DP 4096 and 64k tokens a
+#: rank is ~80 MB of row numbers.
+WINDOW_CACHE = 3
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +195,8 @@ class Planner:
         if self.start_step < 0 or (self.end_step is not None and self.end_step <= self.start_step):
             raise ValueError(f"a plan segment needs 0 <= start_step < end_step, got [{start_step}, {end_step})")
         self._windows: OrderedDict[tuple[int, int], list[np.ndarray]] = OrderedDict()
-        self._window_lock = threading.Lock()
+        self._window_lock = threading.Lock()  # guards _windows and _composing, never held while composing
+        self._composing: dict[tuple[int, int], threading.Event] = {}  # set when that window is done (or failed)
         if method not in BALANCERS:
             raise ValueError(f"unknown balance method {method!r}; expected one of {sorted(BALANCERS)}")
         if isinstance(micro_batch_tokens, bool) or int(micro_batch_tokens) != micro_batch_tokens or int(micro_batch_tokens) < 1:
@@ -318,17 +321,52 @@ class Planner:
         :mod:`fabricd.planner.compose`); the window is composed once and kept."""
         local = self._local(step)
         k = local // self.window
-        cdp = self.composition_dp(step, dp_size)
-        with self._window_lock:
-            parts = self._windows.get((k, cdp))
-            if parts is None:
-                parts = self._compose(k, cdp)
-                self._windows[(k, cdp)] = parts
+        return self._window(k, self.composition_dp(step, dp_size))[local - k * self.window]
+
+    def prepare(self, step: int, dp_size: int) -> None:
+        """Compose the window holding ``step`` now, if it is not (a plan of any of its steps then
+        finds it ready): the plan worker calls it for the next window while other threads plan
+        this one's steps. Nothing without composition."""
+        if self.compose != "none":
+            self.composed_rows(step, dp_size)
+
+    def next_window(self, step: int) -> int | None:
+        """The first step of the composition window after the one holding ``step``, or None
+        (no composition, or ``step``'s window is the segment's last)."""
+        local = self._local(step)
+        if self.compose == "none":
+            return None
+        nxt = self.start_step + (local // self.window + 1) * self.window
+        return None if self.end_step is not None and nxt >= self.end_step else nxt
+
+    def _window(self, k: int, cdp: int) -> list[np.ndarray]:
+        """The ``k``-th window's steps' rows, composed for ``cdp`` ranks: cached, or composed by
+        this thread, or awaited from the thread composing it. Composing holds no lock, so plans of
+        other windows' steps go on meanwhile; a failed composition is tried again by a waiter
+        (raising the same error in its turn: composing is a pure function)."""
+        key = (k, cdp)
+        while True:
+            with self._window_lock:
+                parts = self._windows.get(key)
+                if parts is not None:
+                    self._windows.move_to_end(key)
+                    return parts
+                busy = self._composing.get(key)
+                if busy is None:
+                    busy = self._composing[key] = threading.Event()
+                    break
+            busy.wait()
+        try:
+            parts = self._compose(k, cdp)
+            with self._window_lock:
+                self._windows[key] = parts
                 while len(self._windows) > WINDOW_CACHE:
                     self._windows.popitem(last=False)
-            else:
-                self._windows.move_to_end((k, cdp))
-        return parts[local - k * self.window]
+            return parts
+        finally:
+            with self._window_lock:
+                del self._composing[key]
+            busy.set()
 
     def _compose(self, k: int, dp: int) -> list[np.ndarray]:
         W = self.window

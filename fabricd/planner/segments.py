@@ -234,6 +234,17 @@ class SegmentedPlanner:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         return self.segment(step).plan(step, dp_size)
 
+    def prepare(self, step: int, dp_size: int) -> None:
+        """See :meth:`Planner.prepare`: the window holding ``step``, in its segment."""
+        self.segment(step).prepare(step, dp_size)
+
+    def next_window(self, step: int) -> int | None:
+        """The first step of the composition window after the one holding ``step`` (the next
+        segment's first step when this window ends its segment), or None without composition."""
+        if self.compose == "none":
+            return None
+        return int(window_bounds(self.starts, self.window, int(step))[1])
+
     def sources_at(self, step: int) -> tuple[SourceUnits, ...]:
         """The units the sources have at ``step`` (a bucket change makes new ones)."""
         return self.heads[self.index(step)].units

@@ -416,3 +416,210 @@ def test_a_window_drawn_on_several_threads_is_the_window_drawn_on_one(specs, mon
     for one, three in zip(plans["1"], plans["3"]):
         for name in ("rank", "micro", "source", "sample_id", "piece", "tokens", "num_micro"):
             assert np.array_equal(getattr(one, name), getattr(three, name)), name
+
+
+# --------------------------------------------------------------------------- composing ahead
+
+
+class WindowedFakePlanner(FakePlanner):
+    """A FakePlanner whose steps fall in windows of ``window`` steps; ``prepare`` records in
+    ``events`` (with each plan) and may be held or fail."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = window
+        self.events: list[tuple[str, int]] = []
+        self.prepared: list[int] = []
+        self.prepare_hold: threading.Event | None = None
+        self.prepare_fails = False
+        self.next_window_fails_from: int | None = None
+
+    def plan(self, step: int, dp_size: int) -> tuple[int, int]:
+        self.events.append(("plan", step))
+        return super().plan(step, dp_size)
+
+    def next_window(self, step: int) -> int:
+        if self.next_window_fails_from is not None and step >= self.next_window_fails_from:
+            raise ValueError(f"step {step} is outside this plan segment")
+        return (step // self.window + 1) * self.window
+
+    def prepare(self, step: int, dp_size: int) -> None:
+        self.events.append(("prepare", step))
+        self.prepared.append(step)
+        if self.prepare_hold is not None:
+            assert self.prepare_hold.wait(WAIT_S)
+        if self.prepare_fails:
+            raise ValueError(f"cannot compose the window of step {step}")
+
+
+def test_a_free_thread_composes_the_next_window_while_another_plans() -> None:
+    p = WindowedFakePlanner(window=4)
+    p.hold[0] = threading.Event()  # step 0's plan runs until released
+    p.prepare_hold = threading.Event()
+    w = _worker(p, threads=2, ahead_steps=2, cache_steps=32)
+    try:
+        w.get(0)
+        # the other thread composes window [4, 8) meanwhile, before the look-ahead (steps 1 and
+        # 2 need step 0's window, which is at hand long before the next one would be)
+        _until(lambda: p.prepared == [4], "window 4 composed ahead")
+        assert w.status()["preparing_window"] == 4 and w.status()["running_steps"] == [0]
+        assert [c[0] for c in p.calls] == [0]
+        p.prepare_hold.set()
+        p.hold[0].set()
+        _until(lambda: all(w.get(s) is not None for s in (0, 1, 2)), "steps 0-2")
+        _until(lambda: w.status()["preparing_window"] is None, "composing done")
+        w.get(5)  # the look-ahead enters window [4, 8): window [8, 12) is composed ahead
+        _until(lambda: all(w.get(s) is not None for s in (5, 6, 7)), "steps 5-7")
+        _until(lambda: p.prepared == [4, 8], "window 8 composed ahead")
+        assert sorted(c[0] for c in p.calls) == [0, 1, 2, 5, 6, 7]  # composing ahead planned no step
+        assert w.status()["error"] is None and w.counters["plan_errors"] == 0
+    finally:
+        p.prepare_hold.set()
+        p.hold[0].set()
+        w.close()
+    assert w.join(WAIT_S)
+
+
+def test_one_thread_composes_ahead_only_after_its_look_ahead() -> None:
+    p = WindowedFakePlanner(window=4)
+    w = _worker(p, threads=1, ahead_steps=2)
+    try:
+        w.get(0)
+        _until(lambda: len(p.events) == 4, "three plans and a window")
+        assert p.events == [("plan", 0), ("plan", 1), ("plan", 2), ("prepare", 4)]
+    finally:
+        w.close()
+    assert w.join(WAIT_S)
+
+
+def test_composing_ahead_that_fails_is_logged_and_the_worker_goes_on() -> None:
+    p = WindowedFakePlanner(window=4)
+    p.prepare_fails = True
+    p.next_window_fails_from = 6  # a step past a segmented planner's range: no window to compose
+    w = _worker(p, threads=2, ahead_steps=2, cache_steps=32)
+    try:
+        w.get(0)
+        _until(lambda: all(w.get(s) is not None for s in (0, 1, 2)), "steps 0-2")
+        _until(lambda: p.prepared == [4], "window 4 tried")
+        w.get(6)
+        _until(lambda: all(w.get(s) is not None for s in (6, 7, 8)), "steps 6-8")
+        st = w.status()
+        assert st["alive"] and st["error"] is None and w.counters["plan_errors"] == 0
+        assert p.prepared == [4]  # next_window raised for the look-ahead from 7 on: nothing composed
+    finally:
+        w.close()
+    assert w.join(WAIT_S)
+
+
+def test_a_window_composed_ahead_is_the_window_and_is_composed_once(specs, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fabricd.planner.plan import Planner
+
+    spec = specs["composed"]
+    composed: list[int] = []
+    real = Planner._compose
+
+    def counted(self, k, dp):
+        composed.append(k)
+        return real(self, k, dp)
+
+    alone = build_planner(spec, specs["indexes"])
+    want = {s: alone.plan(s, 2) for s in range(12)}
+    monkeypatch.setattr(Planner, "_compose", counted)
+    p = build_planner(spec, specs["indexes"])
+    assert p.window == 4
+    assert [p.next_window(s) for s in (0, 3, 4, 7, 8)] == [4, 4, 8, 8, 12]
+    p.prepare(5, 2)
+    p.prepare(6, 2)  # the same window: already composed
+    assert composed == [1]
+    for s in range(4, 8):
+        got = p.plan(s, 2)
+        for name in ("rank", "micro", "source", "sample_id", "piece", "tokens", "num_micro"):
+            assert np.array_equal(getattr(got, name), getattr(want[s], name)), (s, name)
+    assert composed == [1]
+    plain = build_planner(specs["plain"], specs["indexes"])
+    assert plain.next_window(3) is None
+    plain.prepare(3, 2)  # nothing to compose
+
+
+def test_composing_one_window_does_not_hold_up_plans_of_another(specs, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fabricd.planner.plan import Planner
+
+    p = build_planner(specs["composed"], specs["indexes"])
+    alone = build_planner(specs["composed"], specs["indexes"])
+    p.plan(0, 2)  # window [0, 4) composed
+    entered, release = threading.Event(), threading.Event()
+    composed: list[int] = []
+    real = Planner._compose
+
+    def slow(self, k, dp):
+        composed.append(k)
+        if k == 1:
+            entered.set()
+            assert release.wait(WAIT_S)
+        return real(self, k, dp)
+
+    monkeypatch.setattr(Planner, "_compose", slow)
+    results: dict[str, object] = {}
+
+    def run(name, fn):
+        try:
+            results[name] = fn()
+        except BaseException as e:  # noqa: BLE001 - the test asserts on it
+            results[name] = e
+
+    ahead = threading.Thread(target=run, args=("ahead", lambda: p.prepare(4, 2)))
+    ahead.start()
+    try:
+        assert entered.wait(WAIT_S)
+        other = threading.Thread(target=run, args=("step 1", lambda: p.plan(1, 2)))
+        other.start()
+        other.join(WAIT_S)  # window [0, 4) is at hand: its step is planned while [4, 8) composes
+        assert not other.is_alive() and not isinstance(results["step 1"], BaseException)
+        waiter = threading.Thread(target=run, args=("step 5", lambda: p.plan(5, 2)))
+        waiter.start()
+        time.sleep(0.1)
+        assert waiter.is_alive()  # step 5 waits for its window rather than composing it again
+    finally:
+        release.set()
+    ahead.join(WAIT_S)
+    waiter.join(WAIT_S)
+    assert not ahead.is_alive() and not waiter.is_alive()
+    assert composed == [1]
+    for step, key in ((1, "step 1"), (5, "step 5")):
+        assert np.array_equal(results[key].source, alone.plan(step, 2).source)
+        assert np.array_equal(results[key].sample_id, alone.plan(step, 2).sample_id)
+
+
+def test_a_failed_composition_fails_every_step_that_waited_for_it(specs, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fabricd.planner.plan import Planner
+
+    p = build_planner(specs["composed"], specs["indexes"])
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def broken(self, k, dp):
+        calls.append(k)
+        entered.set()
+        assert release.wait(WAIT_S)
+        raise MemoryError("no room for the window")
+
+    monkeypatch.setattr(Planner, "_compose", broken)
+    errors: list[BaseException] = []
+
+    def plan(step):
+        try:
+            p.plan(step, 2)
+        except MemoryError as e:
+            errors.append(e)
+
+    first = threading.Thread(target=plan, args=(0,))
+    first.start()
+    assert entered.wait(WAIT_S)
+    second = threading.Thread(target=plan, args=(1,))
+    second.start()
+    time.sleep(0.05)
+    release.set()
+    first.join(WAIT_S)
+    second.join(WAIT_S)
+    assert len(errors) == 2 and calls == [0, 0]  # the waiter composed again, and failed the same way
+    assert p._composing == {}
