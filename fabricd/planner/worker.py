@@ -85,9 +85,12 @@ class PlanWorker:
         self._running: dict[int, float] = {}  # step → started, of each plan in progress
         self._overdue_counted: set[int] = set()  # the running steps counted past their deadline
         # composing ahead (planners with ``prepare`` and ``next_window``): the first step of the
-        # latest window asked for, and that window's step while a thread composes it
+        # latest window taken, the windows being composed now, and how many windows past the
+        # look-ahead's may be (two from 8 threads on: one composition at a time then bounds the
+        # steps/s; a planner keeps WINDOW_CACHE windows, which two ahead still fit in)
         self._prepared = -1
-        self._preparing: int | None = None
+        self._preparing: set[int] = set()
+        self._prepare_depth = 2 if int(threads) >= 8 else 1
         self._stopped = False
         self.error: str | None = None  # the last failure (a step's plan, or a thread itself)
         self.last_overdue: dict[str, Any] | None = None
@@ -150,7 +153,7 @@ class PlanWorker:
                 running = {"step": step, "running_s": round(now - started, 3), "overdue": now - started > self.deadline_s}
             alive = all(thread.is_alive() for thread in self._threads) and not self._stopped
             return {"alive": alive, "running": running, "running_steps": sorted(self._running),
-                    "threads": len(self._threads), "preparing_window": self._preparing,
+                    "threads": len(self._threads), "preparing_windows": sorted(self._preparing),
                     "queued": len(self._wanted), "cached": len(self._cache), "cached_bytes": self._cache_size(),
                     "deadline_s": self.deadline_s,
                     "error": self.error, "last_overdue": self.last_overdue,
@@ -208,20 +211,28 @@ class PlanWorker:
         return None if ahead is None else ("plan", ahead)
 
     def _next_window(self, step: int) -> int | None:
-        """The first step of the window after the one holding ``step``, when the planner composes
-        windows, none is being composed ahead now and this one was not yet (lock held; marks it
+        """The first step of the next window to compose ahead: among the ``_prepare_depth``
+        windows after the one holding ``step``, the first not yet taken, when the planner composes
+        windows and fewer than ``_prepare_depth`` are being composed now (lock held; marks it
         taken)."""
         next_window = getattr(self.planner, "next_window", None)
-        if next_window is None or self._preparing is not None or step > MAX_STEP:
+        if next_window is None or len(self._preparing) >= self._prepare_depth:
             return None
-        try:
-            window = next_window(step)
-        except Exception:  # noqa: BLE001 - a step past the planner's range: its plan reports that
-            return None
-        if window is None or window <= self._prepared or window > MAX_STEP:
-            return None
-        self._prepared = self._preparing = window
-        return window
+        window = step
+        for _ in range(self._prepare_depth):
+            if window > MAX_STEP:
+                return None
+            try:
+                window = next_window(window)
+            except Exception:  # noqa: BLE001 - a step past the planner's range: its plan reports that
+                return None
+            if window is None or window > MAX_STEP:
+                return None
+            if window > self._prepared:
+                self._prepared = window
+                self._preparing.add(window)
+                return window
+        return None
 
     def _run(self) -> None:
         try:
@@ -257,7 +268,7 @@ class PlanWorker:
                         type(e).__name__, e)
         finally:
             with self._cond:
-                self._preparing = None
+                self._preparing.discard(step)
                 self._cond.notify_all()
 
     def _plan_one(self, step: int) -> None:

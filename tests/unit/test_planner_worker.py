@@ -462,12 +462,12 @@ def test_a_free_thread_composes_the_next_window_while_another_plans() -> None:
         # the other thread composes window [4, 8) meanwhile, before the look-ahead (steps 1 and
         # 2 need step 0's window, which is at hand long before the next one would be)
         _until(lambda: p.prepared == [4], "window 4 composed ahead")
-        assert w.status()["preparing_window"] == 4 and w.status()["running_steps"] == [0]
+        assert w.status()["preparing_windows"] == [4] and w.status()["running_steps"] == [0]
         assert [c[0] for c in p.calls] == [0]
         p.prepare_hold.set()
         p.hold[0].set()
         _until(lambda: all(w.get(s) is not None for s in (0, 1, 2)), "steps 0-2")
-        _until(lambda: w.status()["preparing_window"] is None, "composing done")
+        _until(lambda: w.status()["preparing_windows"] == [], "composing done")
         w.get(5)  # the look-ahead enters window [4, 8): window [8, 12) is composed ahead
         _until(lambda: all(w.get(s) is not None for s in (5, 6, 7)), "steps 5-7")
         _until(lambda: p.prepared == [4, 8], "window 8 composed ahead")
@@ -476,6 +476,25 @@ def test_a_free_thread_composes_the_next_window_while_another_plans() -> None:
     finally:
         p.prepare_hold.set()
         p.hold[0].set()
+        w.close()
+    assert w.join(WAIT_S)
+
+
+def test_eight_threads_compose_two_windows_ahead_at_once_and_no_more() -> None:
+    p = WindowedFakePlanner(window=4)
+    p.prepare_hold = threading.Event()
+    w = _worker(p, threads=8, ahead_steps=2, cache_steps=32)
+    try:
+        w.get(0)
+        _until(lambda: sorted(p.prepared) == [4, 8], "windows 4 and 8 composed ahead")
+        _until(lambda: all(w.get(s) is not None for s in (0, 1, 2)), "steps 0-2")
+        time.sleep(0.05)  # idle threads: none may take a third window, nor one twice
+        assert sorted(p.prepared) == [4, 8] and w.status()["preparing_windows"] == [4, 8]
+        p.prepare_hold.set()
+        w.get(6)  # the look-ahead (7, 8) reaches window [8, 12): the next two are 12 (8 is done)
+        _until(lambda: sorted(p.prepared) == [4, 8, 12, 16], "windows 12 and 16")
+    finally:
+        p.prepare_hold.set()
         w.close()
     assert w.join(WAIT_S)
 
