@@ -24,9 +24,10 @@ from fabricd.planner.threads import plan_threads
 
 __all__ = ["StepPlan", "Planner", "draws_for_tokens"]
 
-#: Composed windows a planner keeps: the one being planned, the one before (for late requests) and
-#: the next (composed ahead by the plan worker, ``prepare``). A window at DP 4096 and 64k tokens a
-#: rank is ~80 MB of row numbers.
+#: Composed windows a planner keeps, least recently used out first: the one being planned, and the
+#: one before (for late requests) or a second one ahead, beside the next one (both composed ahead
+#: by the plan worker: ``prepare``). A window at DP 4096 and 64k tokens a rank is ~80 MB of row
+#: numbers.
 WINDOW_CACHE = 3
 
 log = logging.getLogger(__name__)

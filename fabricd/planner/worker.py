@@ -9,8 +9,9 @@ at DP 4096 and 64k tokens a rank is 23 MB of plan: 128 steps would be 3 GB). Eac
 the planner's compiled loops and numpy's release the GIL, so two threads plan about 1.75 steps
 in the time of one at DP 4096). With step composition, a window's first plan composes the whole
 window (~0.8 s at DP 4096, 16 steps): with more than one thread, a free thread composes the *next*
-window (``planner.prepare``) while the others plan this one's steps, so no step waits for it and
-the composing overlaps planning (with one thread it comes after the look-ahead). A plan running
+window (``planner.prepare``; from 8 threads on, the next two at once) while the others plan this
+one's steps, so no step waits for it and the composing overlaps planning (with one thread it
+comes after the look-ahead). A plan running
 past ``deadline_s`` is logged and counted (it cannot be interrupted: the planner is pure
 computation); an exception is kept per step and in ``status()``, never lost.
 """
