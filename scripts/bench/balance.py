@@ -55,7 +55,7 @@ from fabricd.job import plan_columns
 from fabricd.pack import pack_micro_batch
 from fabricd.planner import CostModel, MixtureSchedule, Planner, SourceUnits, build_units, native
 from fabricd.planner.plan import draws_for_tokens
-from fabricd.planner.threads import plan_threads
+from fabricd.planner.threads import MAX_THREADS, plan_threads
 from fabricd.planner.worker import PlanWorker
 
 DEMO_WEIGHTS = {"captions": 0.3, "interleaved": 0.2, "longdocs": 0.15, "code": 0.2, "ocr": 0.15}
@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=20000, help="synthetic samples per source")
     ap.add_argument("--quick", action="store_true", help="16 steps (one window) per dp size")
+    ap.add_argument("--worker-threads", default="",
+                    help="plan threads to measure planner_worker_ms with, comma-separated (default: 1 and the "
+                         "daemon's default here); a leader's machine with many cores: e.g. 1,4,8,12,16")
     args = ap.parse_args(argv)
     steps = 16 if args.quick else args.steps
     sources, origin = demo_sources(args.data, args.samples, args.seed)
@@ -250,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                    "composed_lower_bound": {}, "planner_ms": {}, "planner_worst_ms": {},
                    "planner_step_ms": {}, "planner_cpu_ms": {}, "tokens_per_step_spread": {},
                    "planner_worker_ms": {}, "plan_serve_ms": {}})
-    worker_threads = sorted({1, plan_threads()})
+    try:
+        worker_threads = sorted({int(n) for n in args.worker_threads.split(",") if n.strip()} or {1, plan_threads()})
+    except ValueError:
+        ap.error(f"--worker-threads: expected comma-separated integers, got {args.worker_threads!r}")
+    if not all(1 <= n <= MAX_THREADS for n in worker_threads):
+        ap.error(f"--worker-threads: each must be 1 to {MAX_THREADS}")
     for dp in DPS:
         t0 = time.perf_counter()
         plain = planner_for(sources, dp, "none", args.seed)
