@@ -50,13 +50,14 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 
 from fabricd.planner import native
 
 __all__ = ["COMPOSE_MODES", "MAX_DELAY_STEPS", "OUTLIER_SHARE", "compose_window", "composition_dp", "extend_dp_history",
-           "check_dp_history", "split_by_step", "step_dtype"]
+           "check_dp_history", "split_by_step", "step_dtype", "window_bounds"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,17 @@ def check_dp_history(history) -> tuple[tuple[int, int], ...]:
         raise ValueError(f"dp_history must be (step, dp_size >= 1) pairs, strictly increasing steps from 0; "
                          f"got {out!r}")
     return out
+
+
+def window_bounds(starts: Sequence[int], window: int, step: int) -> tuple[int, int | None]:
+    """``[lo, hi)`` of the composition window holding ``step`` when segments start at ``starts``
+    (``hi`` None: unbounded, never with ``window`` >= 1)."""
+    i = int(np.searchsorted(np.asarray(starts, dtype=np.int64), step, side="right")) - 1
+    lo = starts[i] + ((step - starts[i]) // window) * window
+    hi = lo + window
+    if i + 1 < len(starts):
+        hi = min(hi, starts[i + 1])
+    return lo, hi
 
 
 def composition_dp(dp_history: tuple[tuple[int, int], ...], window_start: int) -> int:

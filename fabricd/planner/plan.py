@@ -16,7 +16,7 @@ from fabricd.errors import PlanError
 from fabricd.planner.balance import (BALANCERS, balance, descending_rank, pack_micro_batches_grouped,
                                      stable_order)
 from fabricd.planner.compose import (COMPOSE_MODES, MAX_DELAY_STEPS, check_dp_history, compose_window,
-                                     composition_dp, split_by_step, step_dtype)
+                                     composition_dp, split_by_step, step_dtype, window_bounds)
 from fabricd.planner.cost import CostModel
 from fabricd.planner.mixture import MixtureSchedule
 from fabricd.planner.sequence import GlobalSequence, SourceUnits
@@ -334,10 +334,10 @@ class Planner:
     def next_window(self, step: int) -> int | None:
         """The first step of the composition window after the one holding ``step``, or None
         (no composition, or ``step``'s window is the segment's last)."""
-        local = self._local(step)
+        self._local(step)
         if self.compose == "none":
             return None
-        nxt = self.start_step + (local // self.window + 1) * self.window
+        nxt = window_bounds((self.start_step,), self.window, int(step))[1]
         return None if self.end_step is not None and nxt >= self.end_step else nxt
 
     def _window(self, k: int, cdp: int) -> list[np.ndarray]:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from fabricd.errors import PlanError
+from fabricd.planner.compose import window_bounds
 from fabricd.planner.mixture import MixtureSchedule
 from fabricd.planner.plan import Planner, StepPlan
 from fabricd.planner.sequence import GlobalSequence
@@ -94,17 +95,6 @@ def carry_sequence(sequence: GlobalSequence, prev_start: int, ordered: Sequence[
             draws.append(0)
             keys[j] += len(keys)
     return draws, keys
-
-
-def window_bounds(starts: Sequence[int], window: int, step: int) -> tuple[int, int | None]:
-    """``[lo, hi)`` of the composition window holding ``step`` when segments start at ``starts``
-    (``hi`` None: unbounded, never with ``window`` >= 1)."""
-    i = int(np.searchsorted(np.asarray(starts, dtype=np.int64), step, side="right")) - 1
-    lo = starts[i] + ((step - starts[i]) // window) * window
-    hi = lo + window
-    if i + 1 < len(starts):
-        hi = min(hi, starts[i + 1])
-    return lo, hi
 
 
 def first_changeable(starts: Sequence[int], window: int, frontier: int) -> int:

@@ -11,9 +11,9 @@ in the time of one at DP 4096). With step composition, a window's first plan com
 window (~0.8 s at DP 4096, 16 steps): with more than one thread, a free thread composes the *next*
 window (``planner.prepare``; from 8 threads on, the next two at once) while the others plan this
 one's steps, so no step waits for it and the composing overlaps planning (with one thread it
-comes after the look-ahead). A plan running
-past ``deadline_s`` is logged and counted (it cannot be interrupted: the planner is pure
-computation); an exception is kept per step and in ``status()``, never lost.
+comes after the look-ahead). A plan running past ``deadline_s`` is logged and counted (it cannot
+be interrupted: the planner is pure computation); an exception is kept per step and in
+``status()``, never lost.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 from fabric_client.limits import MAX_STEP
 
-from fabricd.planner.plan import Planner, StepPlan
+from fabricd.planner.plan import WINDOW_CACHE, Planner, StepPlan
 from fabricd.planner.quality import StepBalance, step_balance
 from fabricd.planner.threads import MAX_THREADS
 
@@ -87,11 +87,11 @@ class PlanWorker:
         self._overdue_counted: set[int] = set()  # the running steps counted past their deadline
         # composing ahead (planners with ``prepare`` and ``next_window``): the first step of the
         # latest window taken, the windows being composed now, and how many windows past the
-        # look-ahead's may be (two from 8 threads on: one composition at a time then bounds the
-        # steps/s; a planner keeps WINDOW_CACHE windows, which two ahead still fit in)
+        # look-ahead's may be: more from 8 threads on (one composition at a time then bounds the
+        # steps/s), as many as a planner's window cache holds beside the window being planned
         self._prepared = -1
         self._preparing: set[int] = set()
-        self._prepare_depth = 2 if int(threads) >= 8 else 1
+        self._prepare_depth = min(WINDOW_CACHE - 1, 1 + int(threads) // 8)
         self._stopped = False
         self.error: str | None = None  # the last failure (a step's plan, or a thread itself)
         self.last_overdue: dict[str, Any] | None = None
@@ -217,12 +217,10 @@ class PlanWorker:
         windows and fewer than ``_prepare_depth`` are being composed now (lock held; marks it
         taken)."""
         next_window = getattr(self.planner, "next_window", None)
-        if next_window is None or len(self._preparing) >= self._prepare_depth:
+        if next_window is None or len(self._preparing) >= self._prepare_depth or step > MAX_STEP:
             return None
         window = step
         for _ in range(self._prepare_depth):
-            if window > MAX_STEP:
-                return None
             try:
                 window = next_window(window)
             except Exception:  # noqa: BLE001 - a step past the planner's range: its plan reports that

@@ -243,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="plan threads to measure planner_worker_ms with, comma-separated (default: 1 and the "
                          "daemon's default here); a leader's machine with many cores: e.g. 1,4,8,12,16")
     args = ap.parse_args(argv)
+    try:
+        worker_threads = sorted({int(n) for n in args.worker_threads.split(",") if n.strip()} or {1, plan_threads()})
+    except ValueError:
+        ap.error(f"--worker-threads: expected comma-separated integers, got {args.worker_threads!r}")
+    if not all(1 <= n <= MAX_THREADS for n in worker_threads):
+        ap.error(f"--worker-threads: each must be 1 to {MAX_THREADS}")
     steps = 16 if args.quick else args.steps
     sources, origin = demo_sources(args.data, args.samples, args.seed)
     print(f"sources: {origin}: " + ", ".join(f"{s.name}={len(s)} units (max {int(s.tokens.max())} tok)" for s in sources))
@@ -253,12 +259,6 @@ def main(argv: list[str] | None = None) -> int:
                    "composed_lower_bound": {}, "planner_ms": {}, "planner_worst_ms": {},
                    "planner_step_ms": {}, "planner_cpu_ms": {}, "tokens_per_step_spread": {},
                    "planner_worker_ms": {}, "plan_serve_ms": {}})
-    try:
-        worker_threads = sorted({int(n) for n in args.worker_threads.split(",") if n.strip()} or {1, plan_threads()})
-    except ValueError:
-        ap.error(f"--worker-threads: expected comma-separated integers, got {args.worker_threads!r}")
-    if not all(1 <= n <= MAX_THREADS for n in worker_threads):
-        ap.error(f"--worker-threads: each must be 1 to {MAX_THREADS}")
     for dp in DPS:
         t0 = time.perf_counter()
         plain = planner_for(sources, dp, "none", args.seed)

@@ -15,7 +15,7 @@ from fabric_client.limits import MAX_STEP
 from fabricd.config import parse_job_spec
 from fabricd.corpus import job_toml, make_dataset
 from fabricd.job import JobRuntime, NoRoles, build_planner, open_sources
-from fabricd.planner.plan import StepPlan
+from fabricd.planner.plan import Planner, StepPlan
 from fabricd.planner.threads import plan_threads
 from fabricd.planner.worker import PlanWorker
 
@@ -531,8 +531,6 @@ def test_composing_ahead_that_fails_is_logged_and_the_worker_goes_on() -> None:
 
 
 def test_a_window_composed_ahead_is_the_window_and_is_composed_once(specs, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fabricd.planner.plan import Planner
-
     spec = specs["composed"]
     composed: list[int] = []
     real = Planner._compose
@@ -561,8 +559,6 @@ def test_a_window_composed_ahead_is_the_window_and_is_composed_once(specs, monke
 
 
 def test_composing_one_window_does_not_hold_up_plans_of_another(specs, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fabricd.planner.plan import Planner
-
     p = build_planner(specs["composed"], specs["indexes"])
     alone = build_planner(specs["composed"], specs["indexes"])
     p.plan(0, 2)  # window [0, 4) composed
@@ -610,8 +606,6 @@ def test_composing_one_window_does_not_hold_up_plans_of_another(specs, monkeypat
 
 
 def test_a_failed_composition_fails_every_step_that_waited_for_it(specs, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fabricd.planner.plan import Planner
-
     p = build_planner(specs["composed"], specs["indexes"])
     entered, release = threading.Event(), threading.Event()
     calls: list[int] = []
