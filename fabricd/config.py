@@ -534,7 +534,7 @@ class AutoscaleSpec:
     """How the leader resizes source-loader pools (``[autoscale]``; never part of batch content)."""
 
     enabled: bool = True
-    max_workers: int = 0              # per source; 0 = 4 × the source's base pool size
+    max_workers: int = 0              # per source; 0 = 4 × the base pool size, or the cluster's cores when more
     target_utilization: float = 0.7   # busy fraction a pool is sized for
     lookahead_steps: int = 200        # the mixture schedule is read this far ahead of the trainers
     cpu_guard_percent: float = 90.0   # no growth while every daemon's CPU is above this (0: no CPU guard)

@@ -88,7 +88,7 @@ class Daemon:
         self.sock = self.sockets.router(hwm=10000)
         self.bound_endpoint = self._bind(cfg.control)
         self.supervisor = Supervisor(backoff_s=cfg.restart_backoff_s, backoff_max_s=cfg.restart_backoff_max_s)
-        self.cluster = ClusterController(cfg, now=time.monotonic())
+        self.cluster = ClusterController(cfg, now=time.monotonic(), cpus=os.cpu_count() or 0)
         self.peers: dict[str, zmq.Socket] = {}
         for peer in cfg.cluster.peers:
             if peer.node_id != cfg.node_id:

@@ -64,6 +64,7 @@ from .plan_changes import checked, describe_change, plan_segments, spec_at, weig
 from .plan_control import PlanChangeRefused, changeable_from, check_plan_change
 from .online_mixing import ONLINE_ORIGIN, OnlineMixer
 from .planner.online import OdmState
+from .spec_bounds import MAX_ROLES_PER_DAEMON
 
 __all__ = ["PROGRESS_EVERY_S", "MAX_PENDING_SKIPS", "Leadership"]
 
@@ -402,24 +403,29 @@ class Leadership:
             self._autoscaler = (self.cluster.leader_since, PoolAutoscaler())  # fresh each term
         state, members = self.cluster.state, self.cluster.members.members
         counters: dict[str, tuple[float, float]] = {}
+        cpu: dict[str, float] = {}  # role → cores it used since its previous beat
         for node in live:
             for rid, t in members[node].telemetry.role_processes.items():
                 counters[rid] = (float(t.units), float(t.busy_s))
+                cpu[rid] = t.cpu_percent / 100.0
+        cpus = sum(members[n].cpus for n in live)
+        spare_roles = sum(max(0, MAX_ROLES_PER_DAEMON - members[n].telemetry.roles) for n in live)
         readings = []
         for name, job in self._ready_jobs():
             auto = job.spec.autoscale
-            headroom = any(members[n].telemetry.mem_used_percent < MEMORY_GUARD_PERCENT
-                           and (not auto.cpu_guard_percent
-                                or members[n].telemetry.cpu_percent < auto.cpu_guard_percent)
-                           for n in live)
+            guard = auto.cpu_guard_percent or 100.0
+            roomy = [members[n] for n in live if members[n].telemetry.mem_used_percent < MEMORY_GUARD_PERCENT]
+            headroom = any(not auto.cpu_guard_percent or m.telemetry.cpu_percent < guard for m in roomy)
+            spare_cpus = sum(m.cpus * max(0.0, guard - m.telemetry.cpu_percent) / 100.0 for m in roomy)
             weights = weights_now_and_ahead(job.planner.schedule, state.floor_step(name), auto.lookahead_steps)
             for s in job.spec.sources:
-                base, maximum = pool_bounds(job.spec, s.name, self.cfg.loader_workers)
+                base, maximum = pool_bounds(job.spec, s.name, self.cfg.loader_workers, cpus)
                 prefix = loader_prefix(name, s.name)
+                pool = {r: c for r, c in counters.items() if r.startswith(prefix)}
                 readings.append(PoolReading(name, s.name, state.pools.get(name, {}).get(s.name, base), base, maximum,
-                                            {r: c for r, c in counters.items() if r.startswith(prefix)},
-                                            *weights[s.name], target_utilization=auto.target_utilization,
-                                            headroom=headroom))
+                                            pool, *weights[s.name], target_utilization=auto.target_utilization,
+                                            headroom=headroom, spare_cpus=spare_cpus, spare_roles=spare_roles,
+                                            cpu_per_worker=max((cpu[r] for r in pool), default=1.0)))
         out = []
         for r in self._autoscaler[1].evaluate(now, readings):
             log.info("job %s: pool %s %d → %d workers (%s)", r.job, r.source, r.previous, r.size, r.reason)

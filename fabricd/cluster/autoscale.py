@@ -11,12 +11,28 @@ trainers are in the mixture schedule. From the counters' deltas since the last e
   curriculum moves weight onto it. A source whose weight is 0 now gets its share of the job's
   whole rate at its coming weight.
 
-The wanted size is ``ceil(demand / (capacity × target_utilization))``, and at least one more
-worker while the pool is saturated (a saturated pool hides the demand it cannot serve), clamped
-to ``[base, maximum]``. Hysteresis: a pool grows (at most doubling) once ``GROW_AFTER``
-evaluations in a row wanted more and some daemon has headroom (memory and CPU below their
-guards: a worker added where every CPU is busy only adds contention); it shrinks by one worker
-after wanting less for ``SHRINK_AFTER_S``, and again only as long later.
+The wanted size is ``ceil(demand / (capacity × target_utilization))``, clamped to
+``[base, maximum]``. A saturated pool hides the demand it cannot serve, so while it is saturated
+it wants ``max(its size, GROW_STEP)`` more workers (Kubernetes' HPA grows by default by 100 % or
+4 pods, whichever is more): on a node with many cores a pool that starts at one worker reaches
+its size in a few evaluations instead of one worker every few seconds.
+
+How much of that it gets is bounded by the CPU the cluster has to spare. The leader hands in,
+per job, the cores below its CPU guard on the daemons below the memory guard (``spare_cpus``:
+each daemon's cores × (guard − its CPU %)), the role slots left, and per pool the CPU one of its
+workers uses (``cpu_per_worker``, the busiest worker's). Every pool that grows gets its first
+new worker as long as some daemon has headroom and a role slot is left (so a cluster whose
+daemons do not report their cores still sees its pools grow one worker at a time); further
+workers come from the spare cores, one at a time around the growing pools in turn, each costing
+its pool's ``cpu_per_worker``, until the cores or the slots run out. The budget is the cluster's,
+shared by every job evaluated together (each job's own guard decides how much of it that job
+may use).
+
+Hysteresis: a pool grows once ``GROW_AFTER`` evaluations in a row wanted more and some daemon
+has headroom (memory and CPU below their guards: a worker added where every CPU is busy only
+adds contention); a worker just added counts as idle in its first evaluation (its counters only
+set its baseline), so a pool waits to see what its last growth did before growing again. It
+shrinks by one worker after wanting less for ``SHRINK_AFTER_S``, and again only as long later.
 
 Pool sizes change *when* batches arrive, never *what* they contain (the determinism contract).
 """
@@ -30,11 +46,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import JobSpec
+from ..spec_bounds import MAX_WORKERS_PER_SOURCE
 from ..planner import MixtureSchedule
 
 __all__ = [
     "EVALUATE_EVERY_S",
     "GROW_AFTER",
+    "GROW_STEP",
     "SATURATED",
     "SHRINK_AFTER_S",
     "PoolAutoscaler",
@@ -46,18 +64,22 @@ __all__ = [
 
 EVALUATE_EVERY_S = 2.0   # how often the leader evaluates
 GROW_AFTER = 2           # evaluations in a row that want more before a pool grows
+GROW_STEP = 4            # a saturated pool wants max(its size, this) more workers
 SHRINK_AFTER_S = 20.0    # how long a pool must want less before it loses a worker
 SATURATED = 0.9          # utilization above which a pool is short of workers whatever the demand says
 DEAD_BAND = 0.05         # fraction of a worker of demand that does not ask for one more
 _MIN_BUSY_S = 0.05       # busy time below which a capacity measurement is noise
 _SMOOTHING = 0.5         # weight of the newest capacity measurement
+_MIN_WORKER_CPU = 0.05   # cores a worker is charged at least (one waiting on I/O still costs some)
 
 
 @dataclass(frozen=True)
 class PoolReading:
     """One pool at one evaluation: its size, its bounds, its workers' cumulative counters, the
-    source's mixture weight now and (the largest) ahead, the utilization it is sized for, and
-    whether some live daemon has headroom for another worker."""
+    source's mixture weight now and (the largest) ahead, the utilization it is sized for,
+    whether some live daemon has headroom for another worker, and what growing beyond one more
+    worker may spend: the cores its job may still use (``spare_cpus``), the role slots left on
+    the live daemons, and the cores one of its workers uses."""
 
     job: str
     source: str
@@ -69,6 +91,9 @@ class PoolReading:
     weight_ahead: float
     target_utilization: float = 0.7
     headroom: bool = True
+    spare_cpus: float = 0.0
+    spare_roles: int = 1 << 30
+    cpu_per_worker: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -122,12 +147,12 @@ class PoolAutoscaler:
         job_rate: dict[str, float] = {}
         for (job, _), (units, _) in deltas.items():
             job_rate[job] = job_rate.get(job, 0.0) + units / dt
-        out = []
+        decided = []
         for r in readings:
             resize = self._decide(now, dt, r, deltas[(r.job, r.source)], job_rate.get(r.job, 0.0))
             if resize is not None:
-                out.append(resize)
-        return out
+                decided.append((r, resize))
+        return _within_budget(decided)
 
     def _decide(self, now: float, dt: float, r: PoolReading, delta: tuple[float, float],
                 job_rate: float) -> Resize | None:
@@ -150,7 +175,7 @@ class PoolAutoscaler:
             wanted = math.ceil(demand / (pool.capacity * r.target_utilization) - DEAD_BAND)
         saturated = utilization > SATURATED
         if saturated:
-            wanted = max(wanted, r.size + 1)
+            wanted = max(wanted, r.size + max(r.size, GROW_STEP))
         wanted = min(max(wanted, r.base), r.maximum)
         why = (f"demand {demand:.1f} units/s, capacity {pool.capacity or 0:.1f}/worker, "
                f"utilization {utilization:.2f}{' (saturated)' if saturated else ''}")
@@ -159,7 +184,7 @@ class PoolAutoscaler:
             pool.grow_streak += 1
             if pool.grow_streak >= GROW_AFTER and r.headroom:
                 pool.grow_streak = 0
-                return Resize(r.job, r.source, r.size, min(wanted, 2 * r.size), why)
+                return Resize(r.job, r.source, r.size, min(wanted, r.size + max(r.size, GROW_STEP)), why)
             return None
         pool.grow_streak = 0
         if wanted < r.size:
@@ -171,6 +196,44 @@ class PoolAutoscaler:
             return None
         pool.shrink_since = None
         return None
+
+
+def _within_budget(decided: list[tuple[PoolReading, Resize]]) -> list[Resize]:
+    """The resizes decided, each growth trimmed to what the spare cores and role slots allow.
+
+    Every growing pool gets one worker while role slots are left (its job's headroom was checked
+    when it was decided); then one more at a time to each pool still short, in turn (job,
+    source order), while its job's spare cores cover its ``cpu_per_worker`` and a slot is left.
+    Cores and slots spent count against every job: they are the same machines. A pool granted
+    nothing is left out (it asks again at its next evaluation).
+    """
+    growing = sorted(((r, d) for r, d in decided if d.size > d.previous), key=lambda x: (x[1].job, x[1].source))
+    granted = {id(d): d.previous for _, d in growing}
+    spent_cpus, spent_roles = 0.0, 0
+    first = True
+    while True:
+        more = False
+        for r, d in growing:
+            cost = max(r.cpu_per_worker, _MIN_WORKER_CPU)
+            if granted[id(d)] < d.size and spent_roles < r.spare_roles and (first or spent_cpus + cost <= r.spare_cpus):
+                granted[id(d)] += 1
+                spent_cpus += cost
+                spent_roles += 1
+                more = True
+        if not more:
+            break
+        first = False
+    out = []
+    for r, d in decided:
+        if d.size <= d.previous:
+            out.append(d)
+        elif granted[id(d)] == d.size:
+            out.append(d)
+        elif granted[id(d)] > d.previous:
+            out.append(Resize(d.job, d.source, d.previous, granted[id(d)],
+                              f"{d.reason}; {d.size - d.previous} wanted, the spare CPU and role slots allow "
+                              f"{granted[id(d)] - d.previous}"))
+    return out
 
 
 def weights_now_and_ahead(schedule: MixtureSchedule, step: int, lookahead: int) -> dict[str, tuple[float, float]]:
@@ -185,10 +248,15 @@ def weights_now_and_ahead(schedule: MixtureSchedule, step: int, lookahead: int) 
     return {n: (float(w[0, i]), float(w[:, i].max())) for i, n in enumerate(schedule.sources)}
 
 
-def pool_bounds(spec: JobSpec, source: str, default_workers: int) -> tuple[int, int]:
-    """(base, maximum) pool size of ``source``: the configured size, and how far it may grow."""
+def pool_bounds(spec: JobSpec, source: str, default_workers: int, cpus: int = 0) -> tuple[int, int]:
+    """(base, maximum) pool size of ``source``: the configured size, and how far it may grow.
+
+    ``[autoscale] max_workers`` when set; else 4 × the base, or the cores of the cluster's live
+    daemons (``cpus``) when they are more: one source may use a whole node's cores when the
+    others leave them idle (the CPU guard and the spare-core budget stop it when they do not).
+    """
     s = next(x for x in spec.sources if x.name == source)
     base = s.workers or default_workers
     if not spec.autoscale.enabled:
         return base, base
-    return base, max(base, spec.autoscale.max_workers or 4 * base)
+    return base, max(base, spec.autoscale.max_workers or min(MAX_WORKERS_PER_SOURCE, max(4 * base, cpus)))

@@ -50,9 +50,10 @@ class NotLeader(Exception):
 class ClusterController:
     """Lease + membership + log + replication for the daemon ``cfg.node_id``."""
 
-    def __init__(self, cfg: NodeConfig, *, now: float) -> None:
+    def __init__(self, cfg: NodeConfig, *, now: float, cpus: int = 0) -> None:
         c = cfg.cluster
         self.cfg = cfg
+        self.cpus = cpus  # this node's logical CPUs, in every beat (0: not reported)
         self.node = cfg.node_id
         self.incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.peers = [p.node_id for p in c.peers if p.node_id != self.node]
@@ -116,9 +117,9 @@ class ClusterController:
             self._next_beat = now + self.cfg.heartbeat_s
             telemetry, roles = telemetry(), roles()
             beat = MemberBeat(node=self.node, incarnation=self.incarnation, term=self.lease.term,
-                              leader=self.lease.leader or "", telemetry=telemetry, roles=roles)
+                              leader=self.lease.leader or "", telemetry=telemetry, roles=roles, cpus=self.cpus)
             self.members.on_beat(self.node, incarnation=self.incarnation, term=beat.term, leader=beat.leader,
-                                 telemetry=telemetry, roles=roles, now=now)
+                                 telemetry=telemetry, roles=roles, now=now, cpus=self.cpus)
             out += [(p, beat) for p in self.peers]
         self._maybe_compact()
         return out
@@ -126,7 +127,7 @@ class ClusterController:
     def on_peer(self, msg: Any, now: float) -> list[tuple[str, Any]]:
         if isinstance(msg, MemberBeat):
             if self.members.on_beat(msg.node, incarnation=msg.incarnation, term=msg.term, leader=msg.leader or None,
-                                    telemetry=msg.telemetry, roles=msg.roles, now=now):
+                                    telemetry=msg.telemetry, roles=msg.roles, now=now, cpus=msg.cpus):
                 log.warning("member %s restarted (incarnation %s)", msg.node, msg.incarnation)
             return []
         if isinstance(msg, (LogAppend, SnapshotChunk)):

@@ -30,6 +30,10 @@ class MemberBeat:
     leader: OptName
     telemetry: NodeTelemetry
     roles: Annotated[dict[Ident, RoleView], msgspec.Meta(max_length=4096)]
+    #: the node's logical CPUs (what its ``cpu_percent`` is a share of); 0: not reported. Here and
+    #: not in ``telemetry``, whose older decoders refuse a field they do not know: an older peer
+    #: ignores it, and a beat from one reads 0 (the autoscaler then grows one worker at a time).
+    cpus: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] = 0
 
 
 @dataclass
@@ -44,6 +48,7 @@ class MemberView:
     telemetry: NodeTelemetry = field(default_factory=NodeTelemetry)
     roles: dict[str, RoleView] = field(default_factory=dict)
     deaths: int = 0
+    cpus: int = 0
 
 
 class Membership:
@@ -56,14 +61,14 @@ class Membership:
         self._alive: dict[str, bool] = {p: p == self_id for p in peers}
 
     def on_beat(self, node_id: str, *, incarnation: str, term: int, leader: str | None,
-                telemetry: NodeTelemetry, roles: dict[str, RoleView], now: float) -> bool:
+                telemetry: NodeTelemetry, roles: dict[str, RoleView], now: float, cpus: int = 0) -> bool:
         """Record a heartbeat; True when it is a new incarnation (the member restarted)."""
         view = self.members.get(node_id)
         if view is None:
             return False  # not a configured peer: ignored (and counted by the caller)
         restarted = bool(view.incarnation) and view.incarnation != incarnation
         view.last_beat, view.incarnation, view.term, view.leader = now, incarnation, term, leader
-        view.telemetry, view.roles = telemetry, roles
+        view.telemetry, view.roles, view.cpus = telemetry, roles, cpus
         return restarted
 
     def alive(self, node_id: str, now: float) -> bool:
@@ -91,6 +96,6 @@ class Membership:
         return {
             n: {"alive": self.alive(n, now),
                 "last_beat_s_ago": None if v.last_beat is None or n == self.self_id else round(now - v.last_beat, 2),
-                "term": v.term, "leader": v.leader, "telemetry": msgspec.to_builtins(v.telemetry), "deaths": v.deaths}
+                "term": v.term, "leader": v.leader, "telemetry": msgspec.to_builtins(v.telemetry), "cpus": v.cpus, "deaths": v.deaths}
             for n, v in self.members.items()
         }

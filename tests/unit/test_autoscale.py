@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from fabricd.cluster.autoscale import (GROW_AFTER, SHRINK_AFTER_S, PoolAutoscaler, PoolReading, pool_bounds,
-                                       weights_now_and_ahead)
+from fabricd.cluster.autoscale import (GROW_AFTER, GROW_STEP, SHRINK_AFTER_S, PoolAutoscaler, PoolReading,
+                                       pool_bounds, weights_now_and_ahead)
+from fabricd.cluster.placement import loader_id
+from fabricd.cluster.telemetry import NodeTelemetry, RoleProcessTelemetry
 from fabricd.config import load_job_spec
 from fabricd.planner import MixtureSchedule
+from fabricd.spec_bounds import MAX_ROLES_PER_DAEMON, MAX_WORKERS_PER_SOURCE
 
 from ..conftest import write_job
 
@@ -19,9 +22,11 @@ class Pool:
     ``demand`` units per second (served up to what the workers can do)."""
 
     def __init__(self, workers: int, capacity: float, demand: float, base: int = 1, maximum: int = 8,
-                 job: str = "j") -> None:
+                 job: str = "j", source: str = "s", spare_cpus: float = 0.0, cpu_per_worker: float = 1.0,
+                 spare_roles: int = 1 << 30) -> None:
         self.workers, self.capacity, self.demand, self.base, self.maximum = workers, capacity, demand, base, maximum
-        self.job = job
+        self.job, self.source = job, source
+        self.spare_cpus, self.cpu_per_worker, self.spare_roles = spare_cpus, cpu_per_worker, spare_roles
         self.units = {}
         self.busy = {}
         self.weights = (0.5, 0.5)
@@ -30,14 +35,15 @@ class Pool:
     def run(self, dt: float) -> None:
         served = min(self.demand, self.workers * self.capacity)
         for w in range(self.workers):
-            rid = f"{self.job}/loader/s/{w}"
+            rid = f"{self.job}/loader/{self.source}/{w}"
             self.units[rid] = self.units.get(rid, 0.0) + served * dt / self.workers
             self.busy[rid] = self.busy.get(rid, 0.0) + served * dt / self.workers / self.capacity
 
     def reading(self) -> PoolReading:
         counters = {r: (self.units[r], self.busy[r]) for r in self.units if int(r.rsplit("/", 1)[1]) < self.workers}
-        return PoolReading(self.job, "s", self.workers, self.base, self.maximum, counters, *self.weights,
-                           headroom=self.headroom)
+        return PoolReading(self.job, self.source, self.workers, self.base, self.maximum, counters, *self.weights,
+                           headroom=self.headroom, spare_cpus=self.spare_cpus, spare_roles=self.spare_roles,
+                           cpu_per_worker=self.cpu_per_worker)
 
 
 def drive(scaler: PoolAutoscaler, pool: Pool, seconds: float, *, headroom: bool = True, dt: float = 2.0,
@@ -125,3 +131,102 @@ def test_headroom_is_per_job_and_one_evaluation_covers_every_pool():
             grown.append(r.job)
             (a if r.job == "a" else b).workers = r.size
     assert grown and set(grown) == {"b"} and a.workers == 1
+
+
+def test_with_spare_cores_a_saturated_pool_grows_by_its_size_or_grow_step_at_a_time():
+    # 1500 units/s at 100 per worker and a 0.7 target: 22 workers. With 32 spare cores the pool
+    # grows 1 → 1 + GROW_STEP → doubling, then to what the demand it now sees asks for
+    fast = Pool(workers=1, capacity=100.0, demand=1500.0, maximum=64, spare_cpus=32.0)
+    sizes = drive(PoolAutoscaler(), fast, 60)
+    assert sizes[:3] == [1 + GROW_STEP, 2 * (1 + GROW_STEP), 4 * (1 + GROW_STEP)] and fast.workers == 22, sizes
+    # without spare cores (a node that does not report them, or busy ones): one worker at a time
+    slow = Pool(workers=1, capacity=100.0, demand=1500.0, maximum=64)
+    assert drive(PoolAutoscaler(), slow, 60) == list(range(2, 2 + len(drive(PoolAutoscaler(), Pool(
+        workers=1, capacity=100.0, demand=1500.0, maximum=64), 60))))
+    assert slow.workers < 22
+
+
+def test_spare_cores_bound_the_growth_at_the_cost_of_the_pools_workers():
+    def grown(**kw) -> int:
+        pool = Pool(workers=2, capacity=100.0, demand=1000.0, maximum=64, **kw)
+        return drive(PoolAutoscaler(), pool, 2.0 * GROW_AFTER)[0]
+    assert grown(spare_cpus=3.0) == 2 + 3                       # three workers of a core each
+    assert grown(spare_cpus=3.0, cpu_per_worker=0.5) == 2 + 4   # six half-core ones, but GROW_STEP at most
+    assert grown(spare_cpus=0.5) == 2 + 1                       # the first worker: headroom alone grants it
+    assert grown(spare_cpus=30.0, spare_roles=2) == 2 + 2       # no more workers than role slots left
+    assert grown(spare_cpus=0.0, cpu_per_worker=0.0) == 2 + 1   # a worker costs something whatever it reports
+
+
+def test_pools_growing_together_share_the_spare_cores_in_turn():
+    scaler = PoolAutoscaler()
+    pools = [Pool(workers=1, capacity=100.0, demand=1000.0, maximum=64, job=j, source=s, spare_cpus=7.0)
+             for j, s in (("b", "x"), ("a", "y"), ("a", "x"))]
+    grown: dict[tuple[str, str], int] = {}
+    for t in range(0, 2 * GROW_AFTER + 1, 2):
+        for p in pools:
+            p.run(2.0)
+        for r in scaler.evaluate(float(t), [p.reading() for p in pools]):
+            grown[(r.job, r.source)] = r.size - r.previous
+    # 7 cores: one worker each (3), then one each in (job, source) order (3), then a/x again (1)
+    assert grown == {("a", "x"): 3, ("a", "y"): 2, ("b", "x"): 2}, grown
+
+
+def test_the_default_cap_is_the_clusters_cores_when_they_are_more_than_4_x_the_base(tmp_path):
+    spec = load_job_spec(write_job(tmp_path / "j.toml", tmp_path))
+    assert pool_bounds(spec, "captions", 2, cpus=6) == (2, 8)
+    assert pool_bounds(spec, "captions", 2, cpus=64) == (2, 64)
+    assert pool_bounds(spec, "captions", 2, cpus=100_000) == (2, MAX_WORKERS_PER_SOURCE)
+    capped = load_job_spec(write_job(tmp_path / "m.toml", tmp_path, extra="[autoscale]\nmax_workers = 3\n"))
+    assert pool_bounds(capped, "captions", 2, cpus=64) == (2, 3)
+
+
+def test_the_leader_reads_cores_cpu_and_roles_from_the_heartbeats(tmp_path, tiny_corpus):
+    """The leader's readings: the cluster's cores set the cap and, less the CPU in use, the
+    budget; the busiest worker's CPU its cost; a node over the memory guard counts for nothing."""
+    from fabricd.leadership import Leadership
+
+    from .test_cluster_controller import ClusterController, _cfg
+    from .test_plan_changes import ready_runtime
+
+    spec = load_job_spec(write_job(tmp_path / "j.toml", tiny_corpus, name="j", extra="[autoscale]\ncpu_guard_percent = 80\n"))
+    c = ClusterController(_cfg(tmp_path), now=0.0, cpus=16)
+    c.tick(0.0, telemetry=NodeTelemetry, roles=dict)
+    assert c.members.members["a"].cpus == 16
+    c.propose([("job_submitted", {"job": "j", "spec_toml": spec.text, "spec_origin": spec.file,
+                                  "fingerprint": "", "dp_size": 2})], 0.01)
+    runtime = ready_runtime(spec, tmp_path)
+    assert runtime.state == "ready", runtime.error
+    lead = Leadership(c.cfg, c, {"j": runtime}, lambda entries, now: True)
+    me = c.members.members["a"]
+
+    def beat(t: float, cpu_percent: float, mem: float = 50.0) -> list:
+        # every pool: one worker, busy all the time, at 1.5 cores for captions and 0.5 for the others
+        procs = {loader_id("j", s.name, 0): RoleProcessTelemetry(
+            units=int(100 * t), busy_s=t, cpu_percent=150.0 if s.name == "captions" else 50.0)
+            for s in spec.sources}
+        me.telemetry = NodeTelemetry(cpu_percent=cpu_percent, mem_used_percent=mem, roles=60, role_processes=procs)
+        return lead._autoscale(t, ["a"])
+
+    beat(0.0, 30.0)
+    beat(2.0, 30.0)
+    seen = []
+    real = lead._autoscaler[1].evaluate
+
+    def spy(now, readings):
+        readings = list(readings)
+        seen.extend(readings)
+        return real(now, readings)
+    lead._autoscaler[1].evaluate = spy
+    resized = beat(4.0, 30.0)
+    r = {x.source: x for x in seen}
+    assert r["captions"].maximum == 16 and r["captions"].spare_cpus == pytest.approx(16 * 0.5)
+    assert r["captions"].cpu_per_worker == pytest.approx(1.5) and r["code"].cpu_per_worker == pytest.approx(0.5)
+    assert r["captions"].spare_roles == MAX_ROLES_PER_DAEMON - 60
+    # saturated: every pool wants 1 + GROW_STEP; 8 cores and 4 role slots: one worker each (4 slots)
+    grown = {d["source"]: d["workers"] for _, d in resized}
+    assert len(spec.sources) > 4 and sorted(grown.values()) == [2] * 4, grown
+    seen.clear()
+    beat(6.0, 30.0, mem=95.0)
+    assert all(x.spare_cpus == 0.0 and not x.headroom for x in seen)  # the only node is over the memory guard
+    runtime.close()
+    c.log.close()
