@@ -32,7 +32,10 @@ Hysteresis: a pool grows once ``GROW_AFTER`` evaluations in a row wanted more an
 has headroom (memory and CPU below their guards: a worker added where every CPU is busy only
 adds contention); a worker just added counts as idle in its first evaluation (its counters only
 set its baseline), so a pool waits to see what its last growth did before growing again. It
-shrinks by one worker after wanting less for ``SHRINK_AFTER_S``, and again only as long later.
+shrinks after wanting less for ``SHRINK_AFTER_S``, to the largest size it wanted over that time
+(HPA's scale-down stabilization: a burst that grew a pool, such as the constructors filling
+their prefetch at a job's start, is given back at once rather than one worker every 20 s), and
+again only as long later.
 
 Pool sizes change *when* batches arrive, never *what* they contain (the determinism contract).
 """
@@ -110,6 +113,7 @@ class _Pool:
     capacity: float | None = None     # units per busy second per worker (smoothed)
     grow_streak: int = 0
     shrink_since: float | None = None
+    shrink_to: int = 0                # the largest size wanted since shrink_since
 
 
 @dataclass
@@ -189,10 +193,13 @@ class PoolAutoscaler:
         pool.grow_streak = 0
         if wanted < r.size:
             if pool.shrink_since is None:
-                pool.shrink_since = now
-            elif now - pool.shrink_since >= SHRINK_AFTER_S:
-                pool.shrink_since = now
-                return Resize(r.job, r.source, r.size, r.size - 1, why)
+                pool.shrink_since, pool.shrink_to = now, wanted
+                return None
+            pool.shrink_to = max(pool.shrink_to, wanted)
+            if now - pool.shrink_since >= SHRINK_AFTER_S:
+                size = pool.shrink_to
+                pool.shrink_since, pool.shrink_to = now, wanted
+                return Resize(r.job, r.source, r.size, size, f"{why}; at most {size} wanted for {SHRINK_AFTER_S:.0f} s")
             return None
         pool.shrink_since = None
         return None

@@ -76,12 +76,23 @@ def test_growth_waits_for_consecutive_evaluations_and_for_headroom():
     assert drive(PoolAutoscaler(), Pool(workers=1, capacity=100.0, demand=300.0), 60, headroom=False) == []
 
 
-def test_an_idle_pool_shrinks_one_worker_at_a_time_back_to_its_base():
+def test_an_idle_pool_shrinks_back_to_its_base_after_the_hysteresis_delay():
     pool = Pool(workers=4, capacity=100.0, demand=10.0, base=2)
     scaler = PoolAutoscaler()
     assert drive(scaler, pool, SHRINK_AFTER_S - 4) == [], "no shrink before the hysteresis delay"
     sizes = drive(scaler, pool, 3 * SHRINK_AFTER_S, start=SHRINK_AFTER_S - 2)
-    assert sizes == [3, 2] and pool.workers == 2, sizes
+    assert sizes == [2] and pool.workers == 2, sizes
+
+
+def test_a_pool_shrinks_to_the_largest_size_it_wanted_over_the_delay():
+    pool = Pool(workers=12, capacity=100.0, demand=300.0, maximum=16)  # 300/s at 70 per worker: 5 wanted
+    scaler = PoolAutoscaler()
+    sizes = drive(scaler, pool, SHRINK_AFTER_S / 2)
+    pool.demand = 100.0                                                # 2 wanted from here on
+    sizes += drive(scaler, pool, SHRINK_AFTER_S / 2 + 4, start=SHRINK_AFTER_S / 2 + 2)
+    assert sizes == [5], sizes
+    sizes = drive(scaler, pool, 2 * SHRINK_AFTER_S, start=SHRINK_AFTER_S + 8)
+    assert sizes == [2], sizes
 
 
 def test_lookahead_grows_a_pool_before_its_weight_rises():
