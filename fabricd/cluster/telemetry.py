@@ -3,7 +3,9 @@
 The leader places roles and resizes pools from these numbers, so they are validated at decode
 like every other wire field: a peer that sends a negative CPU, a rank outside any job or a list of
 a million trainer positions has its whole heartbeat dropped and counted, and the leader's logic
-only ever reads well-formed values.
+only ever reads well-formed values. A field these records do not know is ignored, not refused:
+it is what a newer daemon adds during a rolling upgrade (an older release refused them, which is
+why a daemon's core count travels in ``MemberBeat.cpus`` rather than here).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ HostDeclaration = tuple[Name, DpRank, MpRank, Name, Count]
 TrainerWait = tuple[DpRank, MpRank, NextStep, Seconds]
 
 
-class RoleProcessTelemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+class RoleProcessTelemetry(msgspec.Struct, frozen=True, omit_defaults=True):
     """One role process: its resources (psutil) and the counters the autoscaler reads."""
 
     rss_mb: Megabytes = 0.0
@@ -47,7 +49,7 @@ class RoleProcessTelemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     trainer_waits: Bounded(TrainerWait, 1 << 16) = []
 
 
-class NodeTelemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class NodeTelemetry(msgspec.Struct, frozen=True):
     """A daemon's machine and role processes, and the trainer host declarations it passes on."""
 
     cpu_percent: Percent = 0.0
@@ -59,7 +61,7 @@ class NodeTelemetry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     trainer_hosts: Bounded(HostDeclaration, 4096) = []
 
 
-class RoleView(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+class RoleView(msgspec.Struct, frozen=True, omit_defaults=True):
     """One role as its daemon's peers see it: where it serves, and which trainers it serves."""
 
     endpoint: Ident | None = None

@@ -161,7 +161,8 @@ def test_membership_liveness_and_restarts():
     VoteRequest(term=2, candidate="a", last_log_term=1, last_log_seq=9, pre_vote=True),
     LeaseAck(term=2, voter="b", renew_id=4, ok=False),
     MemberBeat(node="a", incarnation="x", term=1, leader="", telemetry=NodeTelemetry(cpu_percent=1.0, trainer_hosts=[("j", 1, 0, "h", 5)]),
-               roles={"j/constructor/0": RoleView(endpoint="tcp://h:1", kind="constructor", alive=True, trainers=[(1, 0, 4)])}),
+               roles={"j/constructor/0": RoleView(endpoint="tcp://h:1", kind="constructor", alive=True, trainers=[(1, 0, 4)])},
+               cpus=64),
     LogAppend(term=1, leader="a", prev_seq=0, records=[], commit_seq=0, prev_term=0),
 ])
 def test_peer_messages_round_trip(msg):
@@ -186,12 +187,28 @@ def test_peer_messages_round_trip(msg):
                      "telemetry": {"trainer_hosts": [["j", "0", 0, "h0", 1]]}}),
     ("member_beat", {"node": "a", "incarnation": "x", "term": 1, "leader": "", "roles": {},
                      "telemetry": {"role_processes": 3}}),
+    ("member_beat", {"node": "a", "incarnation": "x", "term": 1, "leader": "", "roles": {}, "telemetry": {},
+                     "cpus": -2}),
     ("no_such_kind", {}),
     ("vote_request", [[[[[]]]]]),
 ])
 def test_malformed_peer_messages_are_protocol_errors(kind, body):
     with pytest.raises(ProtocolError):
         from_peer(protocol.PeerMessage(sender="a", kind=kind, body=msgspec.Raw(json.dumps(body).encode())))
+
+
+def test_a_beat_from_an_older_or_a_newer_peer_is_read():
+    """Rolling upgrades: a beat without the fields this release added reads their defaults, and
+    fields a newer release adds, at any level of the beat, are ignored."""
+    old = {"node": "a", "incarnation": "x", "term": 1, "leader": "", "roles": {}, "telemetry": {"cpu_percent": 5.0}}
+    beat = from_peer(protocol.PeerMessage(sender="a", kind="member_beat", body=msgspec.Raw(json.dumps(old).encode())), [])
+    assert beat.cpus == 0 and beat.telemetry.cpu_percent == 5.0
+    newer = {**old, "cpus": 8, "numa_nodes": 2,
+             "telemetry": {"cpu_percent": 5.0, "gpu_util": [1, 2], "role_processes": {"j/loader/s/0": {"units": 3, "io_wait_s": 1.0}}},
+             "roles": {"j/constructor/0": {"kind": "constructor", "zone": "z"}}}
+    beat = from_peer(protocol.PeerMessage(sender="a", kind="member_beat", body=msgspec.Raw(json.dumps(newer).encode())), [])
+    assert beat.cpus == 8 and beat.telemetry.role_processes["j/loader/s/0"].units == 3
+    assert beat.roles["j/constructor/0"].kind == "constructor"
 
 
 def test_deeply_nested_peer_body_is_a_protocol_error():
