@@ -413,10 +413,15 @@ class Leadership:
         readings = []
         for name, job in self._ready_jobs():
             auto = job.spec.autoscale
-            guard = auto.cpu_guard_percent or 100.0
+            guard = auto.cpu_guard_percent
             roomy = [members[n] for n in live if members[n].telemetry.mem_used_percent < MEMORY_GUARD_PERCENT]
-            headroom = any(not auto.cpu_guard_percent or m.telemetry.cpu_percent < guard for m in roomy)
-            spare_cpus = sum(m.cpus * max(0.0, guard - m.telemetry.cpu_percent) / 100.0 for m in roomy)
+            headroom = any(not guard or m.telemetry.cpu_percent < guard for m in roomy)
+            if not guard:
+                spare_cpus: float | None = math.inf  # no CPU guard: CPU bounds nothing
+            elif all(m.cpus for m in roomy):
+                spare_cpus = sum(m.cpus * max(0.0, guard - m.telemetry.cpu_percent) / 100.0 for m in roomy)
+            else:
+                spare_cpus = None  # a daemon with room that does not report its cores: unknown
             weights = weights_now_and_ahead(job.planner.schedule, state.floor_step(name), auto.lookahead_steps)
             for s in job.spec.sources:
                 base, maximum = pool_bounds(job.spec, s.name, self.cfg.loader_workers, cpus)

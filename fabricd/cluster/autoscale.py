@@ -20,13 +20,13 @@ its size in a few evaluations instead of one worker every few seconds.
 How much of that it gets is bounded by the CPU the cluster has to spare. The leader hands in,
 per job, the cores below its CPU guard on the daemons below the memory guard (``spare_cpus``:
 each daemon's cores × (guard − its CPU %)), the role slots left, and per pool the CPU one of its
-workers uses (``cpu_per_worker``, the busiest worker's). Every pool that grows gets its first
-new worker as long as some daemon has headroom and a role slot is left (so a cluster whose
-daemons do not report their cores still sees its pools grow one worker at a time); further
-workers come from the spare cores, one at a time around the growing pools in turn, each costing
-its pool's ``cpu_per_worker``, until the cores or the slots run out. The budget is the cluster's,
-shared by every job evaluated together (each job's own guard decides how much of it that job
-may use).
+workers uses (``cpu_per_worker``, the busiest worker's). Workers are granted one at a time around
+the growing pools in turn (job, source order), each while its job's spare cores still cover its
+pool's ``cpu_per_worker`` and a role slot is left. The budget is the cluster's, shared by every
+job evaluated together (each job's own guard decides how much of it that job may use). Where a
+daemon with room does not report its cores (an older release, during a rolling upgrade), the
+spare is unknown (``None``) and every growing pool gets one worker, as before the budget
+existed.
 
 Hysteresis: a pool grows once ``GROW_AFTER`` evaluations in a row wanted more and some daemon
 has headroom (memory and CPU below their guards: a worker added where every CPU is busy only
@@ -94,7 +94,7 @@ class PoolReading:
     weight_ahead: float
     target_utilization: float = 0.7
     headroom: bool = True
-    spare_cpus: float = 0.0
+    spare_cpus: float | None = None   # None: unknown (a daemon with room does not report its cores)
     spare_roles: int = 1 << 30
     cpu_per_worker: float = 1.0
 
@@ -208,33 +208,35 @@ class PoolAutoscaler:
 def _within_budget(decided: list[tuple[PoolReading, Resize]]) -> list[Resize]:
     """The resizes decided, each growth trimmed to what the spare cores and role slots allow.
 
-    Every growing pool gets one worker while role slots are left (its job's headroom was checked
-    when it was decided); then one more at a time to each pool still short, in turn (job,
-    source order), while its job's spare cores cover its ``cpu_per_worker`` and a slot is left.
-    Cores and slots spent count against every job: they are the same machines. A pool granted
-    nothing is left out (it asks again at its next evaluation).
+    One worker at a time to each pool still short, in turn (job, source order), while its job's
+    spare cores cover its ``cpu_per_worker`` and a role slot is left; where the spare is unknown,
+    one worker (its job's headroom was checked when it was decided) while slots are left. Cores
+    and slots spent count against every job: they are the same machines. A pool granted nothing
+    is left out (it asks again at a later evaluation).
     """
     growing = sorted(((r, d) for r, d in decided if d.size > d.previous), key=lambda x: (x[1].job, x[1].source))
     granted = {id(d): d.previous for _, d in growing}
     spent_cpus, spent_roles = 0.0, 0
-    first = True
     while True:
         more = False
         for r, d in growing:
             cost = max(r.cpu_per_worker, _MIN_WORKER_CPU)
-            if granted[id(d)] < d.size and spent_roles < r.spare_roles and (first or spent_cpus + cost <= r.spare_cpus):
-                granted[id(d)] += 1
-                spent_cpus += cost
-                spent_roles += 1
-                more = True
+            if granted[id(d)] >= d.size or spent_roles >= r.spare_roles:
+                continue
+            if r.spare_cpus is None:
+                if granted[id(d)] > d.previous:
+                    continue  # unknown spare: one worker each
+            elif spent_cpus + cost > r.spare_cpus:
+                continue
+            granted[id(d)] += 1
+            spent_cpus += cost
+            spent_roles += 1
+            more = True
         if not more:
             break
-        first = False
     out = []
     for r, d in decided:
-        if d.size <= d.previous:
-            out.append(d)
-        elif granted[id(d)] == d.size:
+        if d.size <= d.previous or granted[id(d)] == d.size:
             out.append(d)
         elif granted[id(d)] > d.previous:
             out.append(Resize(d.job, d.source, d.previous, granted[id(d)],

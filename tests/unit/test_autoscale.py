@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from fabricd.cluster.autoscale import (GROW_AFTER, GROW_STEP, SHRINK_AFTER_S, PoolAutoscaler, PoolReading,
@@ -22,7 +24,7 @@ class Pool:
     ``demand`` units per second (served up to what the workers can do)."""
 
     def __init__(self, workers: int, capacity: float, demand: float, base: int = 1, maximum: int = 8,
-                 job: str = "j", source: str = "s", spare_cpus: float = 0.0, cpu_per_worker: float = 1.0,
+                 job: str = "j", source: str = "s", spare_cpus: float | None = None, cpu_per_worker: float = 1.0,
                  spare_roles: int = 1 << 30) -> None:
         self.workers, self.capacity, self.demand, self.base, self.maximum = workers, capacity, demand, base, maximum
         self.job, self.source = job, source
@@ -150,7 +152,7 @@ def test_with_spare_cores_a_saturated_pool_grows_by_its_size_or_grow_step_at_a_t
     fast = Pool(workers=1, capacity=100.0, demand=1500.0, maximum=64, spare_cpus=32.0)
     sizes = drive(PoolAutoscaler(), fast, 60)
     assert sizes[:3] == [1 + GROW_STEP, 2 * (1 + GROW_STEP), 4 * (1 + GROW_STEP)] and fast.workers == 22, sizes
-    # without spare cores (a node that does not report them, or busy ones): one worker at a time
+    # spare cores unknown (a daemon that does not report them): one worker at a time
     slow = Pool(workers=1, capacity=100.0, demand=1500.0, maximum=64)
     assert drive(PoolAutoscaler(), slow, 60) == list(range(2, 2 + len(drive(PoolAutoscaler(), Pool(
         workers=1, capacity=100.0, demand=1500.0, maximum=64), 60))))
@@ -160,12 +162,16 @@ def test_with_spare_cores_a_saturated_pool_grows_by_its_size_or_grow_step_at_a_t
 def test_spare_cores_bound_the_growth_at_the_cost_of_the_pools_workers():
     def grown(**kw) -> int:
         pool = Pool(workers=2, capacity=100.0, demand=1000.0, maximum=64, **kw)
-        return drive(PoolAutoscaler(), pool, 2.0 * GROW_AFTER)[0]
+        sizes = drive(PoolAutoscaler(), pool, 2.0 * GROW_AFTER)
+        return sizes[0] if sizes else 2
     assert grown(spare_cpus=3.0) == 2 + 3                       # three workers of a core each
     assert grown(spare_cpus=3.0, cpu_per_worker=0.5) == 2 + 4   # six half-core ones, but GROW_STEP at most
-    assert grown(spare_cpus=0.5) == 2 + 1                       # the first worker: headroom alone grants it
+    assert grown(spare_cpus=0.5) == 2                           # not even one worker's core to spare
     assert grown(spare_cpus=30.0, spare_roles=2) == 2 + 2       # no more workers than role slots left
-    assert grown(spare_cpus=0.0, cpu_per_worker=0.0) == 2 + 1   # a worker costs something whatever it reports
+    assert grown(spare_cpus=0.1, cpu_per_worker=0.0) == 2 + 2   # a worker costs something whatever it reports
+    assert grown(spare_cpus=None) == 2 + 1                      # spare unknown: one worker
+    assert grown(spare_cpus=math.inf) == 2 + 4                  # no CPU guard: the whole step
+    assert grown(spare_cpus=None, spare_roles=0) == 2           # ... while a role slot is left
 
 
 def test_pools_growing_together_share_the_spare_cores_in_turn():
@@ -239,5 +245,68 @@ def test_the_leader_reads_cores_cpu_and_roles_from_the_heartbeats(tmp_path, tiny
     seen.clear()
     beat(6.0, 30.0, mem=95.0)
     assert all(x.spare_cpus == 0.0 and not x.headroom for x in seen)  # the only node is over the memory guard
+    seen.clear()
+    me.cpus = 0  # a daemon of an older release: no cores in its beat
+    beat(8.0, 30.0)
+    assert all(x.spare_cpus is None and x.headroom and x.maximum == 4 for x in seen)
     runtime.close()
     c.log.close()
+
+
+class Node:
+    """Pools on one node of ``cores`` cores: a worker busy for a second uses a core for a second;
+    when the pools' busy workers want more cores than the node has, every worker slows alike.
+    Reports the node's CPU % and each pool's busiest worker's CPU, as heartbeats do."""
+
+    def __init__(self, cores: int, pools: list[Pool], other_cores: float = 0.0) -> None:
+        self.cores, self.pools, self.other = cores, pools, other_cores
+        self.cpu_percent = 0.0
+
+    def run(self, dt: float) -> None:
+        want = {id(p): min(p.demand / p.capacity, p.workers) for p in self.pools}  # busy workers each wants
+        total = sum(want.values()) + self.other
+        slow = min(1.0, self.cores / total) if total else 1.0
+        for p in self.pools:
+            busy = want[id(p)] * slow  # cores this pool gets
+            served = busy * p.capacity
+            for w in range(p.workers):
+                rid = f"{p.job}/loader/{p.source}/{w}"
+                p.units[rid] = p.units.get(rid, 0.0) + served * dt / p.workers
+                p.busy[rid] = p.busy.get(rid, 0.0) + want[id(p)] * dt / p.workers  # busy: running or runnable
+            p.cpu_per_worker = busy / p.workers
+        self.cpu_percent = 100.0 * min(1.0, total * slow / self.cores)
+        for p in self.pools:
+            p.spare_cpus = self.cores * max(0.0, 90.0 - self.cpu_percent) / 100.0
+            p.headroom = self.cpu_percent < 90.0
+
+
+def test_on_a_16_core_node_five_saturated_pools_fill_the_cores_in_a_few_evaluations_and_stop_at_the_guard():
+    """The 16-core end-to-end case: five pools of one worker, each asked for far more than the
+    node can do. They grow to what the CPU guard allows within a few growths, and no further."""
+    pools = [Pool(workers=1, capacity=100.0, demand=1000.0, maximum=16, source=s)
+             for s in ("captions", "code", "interleaved", "longdocs", "ocr")]
+    node = Node(16, pools, other_cores=2.0)  # the trainers' share
+    scaler = PoolAutoscaler()
+    totals = []
+    for t in range(0, 61, 2):
+        node.run(2.0)
+        for r in scaler.evaluate(float(t), [p.reading() for p in pools]):
+            next(p for p in pools if p.source == r.source).workers = r.size
+        totals.append(sum(p.workers for p in pools))
+    # 16 cores, 2 of them the trainers', a 90% guard: at most 12.4 loader cores. The first growth
+    # (the second evaluation with a measurement) takes the whole spare: 7 cores at 44% busy
+    assert totals[:3] == [5, 5, 12] and set(totals[3:]) == {12}, totals
+    assert node.cpu_percent <= 90.0
+    assert max(p.workers for p in pools) - min(p.workers for p in pools) <= 1, [p.workers for p in pools]
+    # where the spare is unknown, one worker a pool a growth: slower, and past the guard
+    for p in pools:
+        p.workers, p.units, p.busy = 1, {}, {}
+    scaler, unknown = PoolAutoscaler(), []
+    for t in range(0, 61, 2):
+        node.run(2.0)
+        for p in pools:
+            p.spare_cpus = None
+        for r in scaler.evaluate(float(t), [p.reading() for p in pools]):
+            next(p for p in pools if p.source == r.source).workers = r.size
+        unknown.append(sum(p.workers for p in pools))
+    assert unknown[2] == 10 and unknown[-1] == 15 and node.cpu_percent == 100.0, unknown
