@@ -406,10 +406,11 @@ def _fork_role(args_json: str, sock: socket.socket) -> int:
         code = 1
         try:
             os.close(r)
+            me = os.getpid()  # not the role's getppid(): this process may have exited by then
             role = os.fork()
             if role == 0:
                 os.close(w)
-                _become_role(args_json, sock, os.getppid())  # never returns
+                _become_role(args_json, sock, me)  # never returns
             os.write(w, str(role).encode())
             code = 0
         finally:

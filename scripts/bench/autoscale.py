@@ -100,6 +100,8 @@ def phase(work: Path, corpus: Path, *, autoscale: bool, args: argparse.Namespace
         if errors:
             raise RuntimeError(f"trainer failed: {errors[0]!r}")
         job = daemon.status()["jobs"]["bench"]
+        resizes = [line.split("job bench: ", 1)[1] for line in daemon.tail(100_000).splitlines()
+                   if "job bench: pool " in line and "workers (" in line]
         pools = Counter(r["source"] for r in job["roles"] if r["kind"] == "source_loader")
 
     def steps_done(d: int, t: float) -> int:  # steps whose last micro-batch reached rank d by time t
@@ -118,6 +120,7 @@ def phase(work: Path, corpus: Path, *, autoscale: bool, args: argparse.Namespace
         "pool_sizes": dict(sorted(pools.items())),
         "loader_workers_over_time": sizes,
         "grown_s": sizes[-1][0] if len(sizes) > 1 else 0.0,
+        "resizes": resizes,  # the leader's log: each resize and why
         "lost": sum(1 for k in want if k not in seen),
         "duplicated": sum(n - 1 for n in seen.values() if n > 1),
         "mismatched": sum(1 for k, c in got if want.get(k) != c),
