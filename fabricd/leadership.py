@@ -370,6 +370,7 @@ class Leadership:
         load = Counter(r.node for r in state.roles.values())
         cpu = {n: v.telemetry.cpu_percent for n, v in members.items()}
         memory = {n: v.telemetry.mem_used_percent for n, v in members.items()}
+        cores = {n: v.cpus for n, v in members.items()}
         on_host = nodes_by_host({p.node_id: {p.node_id, p.control.rsplit(":", 1)[0].split("://")[-1],
                                              members[p.node_id].telemetry.hostname or p.node_id}
                                  for p in self.cfg.cluster.peers if p.node_id in members})
@@ -385,7 +386,8 @@ class Leadership:
             # a role whose arguments changed (a new fingerprint, say) is placed afresh
             current = {rid: r.node for rid, r in state.roles.items()
                        if r.job == name and rid in wants and r.extra == wants[rid].extra}
-            moves = place_roles(list(wants.values()), live=live, current=current, load=load, cpu=cpu, memory=memory)
+            moves = place_roles(list(wants.values()), live=live, current=current, load=load, cpu=cpu, memory=memory,
+                                cores=cores)
             for rid, node in moves.items():
                 want = wants[rid]
                 entries.append(("role_assigned", {"role_id": rid, "job": name, "kind": want.kind, "node": node,

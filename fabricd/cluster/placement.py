@@ -132,18 +132,23 @@ def wanted_roles(spec: JobSpec, *, fingerprint: str, default_workers: int, stand
 
 def place_roles(wants: Sequence[RoleWant], *, live: Sequence[str], current: Mapping[str, str],
                 load: Mapping[str, int], cpu: Mapping[str, float] | None = None,
-                memory: Mapping[str, float] | None = None) -> dict[str, str]:
+                memory: Mapping[str, float] | None = None, cores: Mapping[str, int] | None = None) -> dict[str, str]:
     """role_id → node for every wanted role whose placement must change.
 
     That is a role that is new, on a dead node, or away from its preferred daemons while one of
     them is alive; and a role that a preferred twin (same ``spread_key``) just joined on its node,
     when another node has none of that key. ``current`` is the existing placement (role_id →
     node), ``load`` the number of roles each daemon already runs (all jobs), ``cpu`` and
-    ``memory`` each daemon's CPU and memory use in percent (telemetry).
+    ``memory`` each daemon's CPU and memory use in percent (telemetry), ``cores`` each daemon's
+    logical CPUs. When every live daemon reports its cores, roles are counted per core: a pool's
+    workers and a daemon's roles go where they are fewest for its cores, so a 48-core daemon
+    takes six workers for an 8-core one's one (a pool still spans daemons first: a daemon with
+    none of its workers comes before any with one). Otherwise (or with equal cores) by count.
     """
     if not live:
         return {}
     cpu, memory = cpu or {}, memory or {}
+    per = {n: cores[n] for n in live} if cores and all(cores.get(n, 0) > 0 for n in live) else {n: 1 for n in live}
     count = Counter({n: load.get(n, 0) for n in live})
     spread: dict[str, Counter] = {}
     placed = dict(current)
@@ -155,7 +160,8 @@ def place_roles(wants: Sequence[RoleWant], *, live: Sequence[str], current: Mapp
     def choose(w: RoleWant, candidates: list[str]) -> str:
         same = spread.setdefault(w.spread_key, Counter())
         roomy = [n for n in candidates if memory.get(n, 0.0) < MEMORY_GUARD_PERCENT] or candidates
-        return min(roomy, key=lambda n: (same[n], count[n], cpu.get(n, 0.0), memory.get(n, 0.0), n))
+        return min(roomy, key=lambda n: (same[n] / per.get(n, 1), count[n] / per.get(n, 1), cpu.get(n, 0.0),
+                                         memory.get(n, 0.0), n))
 
     moves: dict[str, str] = {}
 

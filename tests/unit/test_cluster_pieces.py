@@ -57,6 +57,22 @@ def test_placement_spreads_pools_and_keeps_live_roles(tmp_path):
     assert set(moved.values()) <= {"a", "c"}
 
 
+def test_placement_counts_roles_per_core_when_every_daemon_reports_its_cores(tmp_path):
+    spec = _spec(tmp_path, dp_size=2)
+    wants = [w for w in wanted_roles(spec, fingerprint="fp", default_workers=7, standby=False)
+             if w.role_id.startswith("t/loader/captions/")]
+    assert len(wants) == 7
+    placed = place_roles(wants, live=["big", "small"], current={}, load={}, cores={"big": 48, "small": 8})
+    # per core: 6/48 = 1/8; the pool still spans both daemons
+    assert sorted(placed.values()).count("big") == 6 and list(placed.values()).count("small") == 1
+    # a daemon that does not report its cores: by count, as before
+    by_count = place_roles(wants, live=["big", "small"], current={}, load={}, cores={"big": 48, "small": 0})
+    assert sorted(list(by_count.values()).count(n) for n in ("big", "small")) == [3, 4]
+    # equal cores: the same placement as without them
+    assert place_roles(wants, live=["a", "b"], current={}, load={}, cores={"a": 16, "b": 16}) == \
+        place_roles(wants, live=["a", "b"], current={}, load={})
+
+
 def test_placement_prefers_constructor_nodes_of_the_job(tmp_path):
     spec = _spec(tmp_path, dp_size=2, extra="")
     spec = spec.__class__(**{**spec.__dict__, "topology": spec.topology.__class__(
