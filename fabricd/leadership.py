@@ -404,12 +404,15 @@ class Leadership:
         if self._autoscaler is None or self._autoscaler[0] != self.cluster.leader_since:
             self._autoscaler = (self.cluster.leader_since, PoolAutoscaler())  # fresh each term
         state, members = self.cluster.state, self.cluster.members.members
-        counters: dict[str, tuple[float, float]] = {}
-        cpu: dict[str, float] = {}  # role → cores it used since its previous beat
+        # per pool (a loader's id less its worker number: ``loader_prefix``), its workers' counters
+        # and the cores the busiest used since its previous beat; one pass over the role processes
+        counters: dict[str, dict[str, tuple[float, float]]] = {}
+        busiest: dict[str, float] = {}
         for node in live:
             for rid, t in members[node].telemetry.role_processes.items():
-                counters[rid] = (float(t.units), float(t.busy_s))
-                cpu[rid] = t.cpu_percent / 100.0
+                prefix = rid.rsplit("/", 1)[0] + "/"
+                counters.setdefault(prefix, {})[rid] = (float(t.units), float(t.busy_s))
+                busiest[prefix] = max(busiest.get(prefix, 0.0), t.cpu_percent / 100.0)
         cpus = sum(members[n].cpus for n in live)
         spare_roles = sum(max(0, MAX_ROLES_PER_DAEMON - members[n].telemetry.roles) for n in live)
         readings = []
@@ -428,11 +431,11 @@ class Leadership:
             for s in job.spec.sources:
                 base, maximum = pool_bounds(job.spec, s.name, self.cfg.loader_workers, cpus)
                 prefix = loader_prefix(name, s.name)
-                pool = {r: c for r, c in counters.items() if r.startswith(prefix)}
                 readings.append(PoolReading(name, s.name, state.pools.get(name, {}).get(s.name, base), base, maximum,
-                                            pool, *weights[s.name], target_utilization=auto.target_utilization,
-                                            headroom=headroom, spare_cpus=spare_cpus, spare_roles=spare_roles,
-                                            cpu_per_worker=max((cpu[r] for r in pool), default=1.0)))
+                                            counters.get(prefix, {}), *weights[s.name],
+                                            target_utilization=auto.target_utilization, headroom=headroom,
+                                            spare_cpus=spare_cpus, spare_roles=spare_roles,
+                                            cpu_per_worker=busiest.get(prefix, 1.0)))
         out = []
         for r in self._autoscaler[1].evaluate(now, readings):
             log.info("job %s: pool %s %d → %d workers (%s)", r.job, r.source, r.previous, r.size, r.reason)

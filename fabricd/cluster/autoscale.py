@@ -178,8 +178,9 @@ class PoolAutoscaler:
         else:  # within DEAD_BAND of a whole worker counts as enough: no flapping on rounding noise
             wanted = math.ceil(demand / (pool.capacity * r.target_utilization) - DEAD_BAND)
         saturated = utilization > SATURATED
+        most = r.size + max(r.size, GROW_STEP)  # the largest growth in one evaluation
         if saturated:
-            wanted = max(wanted, r.size + max(r.size, GROW_STEP))
+            wanted = max(wanted, most)
         wanted = min(max(wanted, r.base), r.maximum)
         why = (f"demand {demand:.1f} units/s, capacity {pool.capacity or 0:.1f}/worker, "
                f"utilization {utilization:.2f}{' (saturated)' if saturated else ''}")
@@ -188,7 +189,7 @@ class PoolAutoscaler:
             pool.grow_streak += 1
             if pool.grow_streak >= GROW_AFTER and r.headroom:
                 pool.grow_streak = 0
-                return Resize(r.job, r.source, r.size, min(wanted, r.size + max(r.size, GROW_STEP)), why)
+                return Resize(r.job, r.source, r.size, min(wanted, most), why)
             return None
         pool.grow_streak = 0
         if wanted < r.size:
@@ -214,34 +215,35 @@ def _within_budget(decided: list[tuple[PoolReading, Resize]]) -> list[Resize]:
     and slots spent count against every job: they are the same machines. A pool granted nothing
     is left out (it asks again at a later evaluation).
     """
-    growing = sorted(((r, d) for r, d in decided if d.size > d.previous), key=lambda x: (x[1].job, x[1].source))
-    granted = {id(d): d.previous for _, d in growing}
+    granted = [d.previous for _, d in decided]
+    growing = sorted((i for i, (_, d) in enumerate(decided) if d.size > d.previous),
+                     key=lambda i: (decided[i][1].job, decided[i][1].source))
     spent_cpus, spent_roles = 0.0, 0
-    while True:
+    more = True
+    while more:
         more = False
-        for r, d in growing:
+        for i in growing:
+            r, d = decided[i]
             cost = max(r.cpu_per_worker, _MIN_WORKER_CPU)
-            if granted[id(d)] >= d.size or spent_roles >= r.spare_roles:
+            if granted[i] >= d.size or spent_roles >= r.spare_roles:
                 continue
             if r.spare_cpus is None:
-                if granted[id(d)] > d.previous:
+                if granted[i] > d.previous:
                     continue  # unknown spare: one worker each
             elif spent_cpus + cost > r.spare_cpus:
                 continue
-            granted[id(d)] += 1
+            granted[i] += 1
             spent_cpus += cost
             spent_roles += 1
             more = True
-        if not more:
-            break
     out = []
-    for r, d in decided:
-        if d.size <= d.previous or granted[id(d)] == d.size:
+    for (_, d), size in zip(decided, granted):
+        if d.size <= d.previous or size == d.size:
             out.append(d)
-        elif granted[id(d)] > d.previous:
-            out.append(Resize(d.job, d.source, d.previous, granted[id(d)],
+        elif size > d.previous:
+            out.append(Resize(d.job, d.source, d.previous, size,
                               f"{d.reason}; {d.size - d.previous} wanted, the spare CPU and role slots allow "
-                              f"{granted[id(d)] - d.previous}"))
+                              f"{size - d.previous}"))
     return out
 
 

@@ -160,8 +160,7 @@ def place_roles(wants: Sequence[RoleWant], *, live: Sequence[str], current: Mapp
     def choose(w: RoleWant, candidates: list[str]) -> str:
         same = spread.setdefault(w.spread_key, Counter())
         roomy = [n for n in candidates if memory.get(n, 0.0) < MEMORY_GUARD_PERCENT] or candidates
-        return min(roomy, key=lambda n: (same[n] / per.get(n, 1), count[n] / per.get(n, 1), cpu.get(n, 0.0),
-                                         memory.get(n, 0.0), n))
+        return min(roomy, key=lambda n: (same[n] / per[n], count[n] / per[n], cpu.get(n, 0.0), memory.get(n, 0.0), n))
 
     moves: dict[str, str] = {}
 

@@ -79,9 +79,9 @@ def check_dp_history(history) -> tuple[tuple[int, int], ...]:
     return out
 
 
-def window_bounds(starts: Sequence[int], window: int, step: int) -> tuple[int, int | None]:
-    """``[lo, hi)`` of the composition window holding ``step`` when segments start at ``starts``
-    (``hi`` None: unbounded, never with ``window`` >= 1)."""
+def window_bounds(starts: Sequence[int], window: int, step: int) -> tuple[int, int]:
+    """``[lo, hi)`` of the composition window holding ``step`` (``window`` >= 1 steps) when
+    segments start at ``starts``: a window ends at its length or at the next segment's start."""
     i = int(np.searchsorted(np.asarray(starts, dtype=np.int64), step, side="right")) - 1
     lo = starts[i] + ((step - starts[i]) // window) * window
     hi = lo + window

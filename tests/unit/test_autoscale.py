@@ -280,33 +280,35 @@ class Node:
             p.headroom = self.cpu_percent < 90.0
 
 
+def _grow_on(node: Node, *, unknown_spare: bool = False) -> list[int]:
+    """Evaluate ``node``'s pools every 2 s for 60 s, from one worker each, applying resizes; the
+    pools' total workers after each evaluation. ``unknown_spare``: as if no daemon reported cores."""
+    for p in node.pools:
+        p.workers, p.units, p.busy = 1, {}, {}
+    scaler, totals = PoolAutoscaler(), []
+    for t in range(0, 61, 2):
+        node.run(2.0)
+        if unknown_spare:
+            for p in node.pools:
+                p.spare_cpus = None
+        for r in scaler.evaluate(float(t), [p.reading() for p in node.pools]):
+            next(p for p in node.pools if p.source == r.source).workers = r.size
+        totals.append(sum(p.workers for p in node.pools))
+    return totals
+
+
 def test_on_a_16_core_node_five_saturated_pools_fill_the_cores_in_a_few_evaluations_and_stop_at_the_guard():
     """The 16-core end-to-end case: five pools of one worker, each asked for far more than the
     node can do. They grow to what the CPU guard allows within a few growths, and no further."""
     pools = [Pool(workers=1, capacity=100.0, demand=1000.0, maximum=16, source=s)
              for s in ("captions", "code", "interleaved", "longdocs", "ocr")]
     node = Node(16, pools, other_cores=2.0)  # the trainers' share
-    scaler = PoolAutoscaler()
-    totals = []
-    for t in range(0, 61, 2):
-        node.run(2.0)
-        for r in scaler.evaluate(float(t), [p.reading() for p in pools]):
-            next(p for p in pools if p.source == r.source).workers = r.size
-        totals.append(sum(p.workers for p in pools))
+    totals = _grow_on(node)
     # 16 cores, 2 of them the trainers', a 90% guard: at most 12.4 loader cores. The first growth
     # (the second evaluation with a measurement) takes the whole spare: 7 cores at 44% busy
     assert totals[:3] == [5, 5, 12] and set(totals[3:]) == {12}, totals
     assert node.cpu_percent <= 90.0
     assert max(p.workers for p in pools) - min(p.workers for p in pools) <= 1, [p.workers for p in pools]
     # where the spare is unknown, one worker a pool a growth: slower, and past the guard
-    for p in pools:
-        p.workers, p.units, p.busy = 1, {}, {}
-    scaler, unknown = PoolAutoscaler(), []
-    for t in range(0, 61, 2):
-        node.run(2.0)
-        for p in pools:
-            p.spare_cpus = None
-        for r in scaler.evaluate(float(t), [p.reading() for p in pools]):
-            next(p for p in pools if p.source == r.source).workers = r.size
-        unknown.append(sum(p.workers for p in pools))
+    unknown = _grow_on(node, unknown_spare=True)
     assert unknown[2] == 10 and unknown[-1] == 15 and node.cpu_percent == 100.0, unknown
