@@ -110,15 +110,17 @@ def decode_load_reply(reply: protocol.LoadReply, frames: Sequence[Any]) -> list[
     if (any(len(off) != n + 1 or off[0] != 0 or off[-1] != size or np.any(np.diff(off) < 0) for off, size in offsets)
             or len(img_len) != len(starts) or len(grids) != len(starts)):
         raise ProtocolError(protocol.ErrorCode.MALFORMED, "load_reply offsets do not match its frames")
-    out: list[SampleData | str] = []
     failed = {int(i): str(reason) for i, reason in reply.errors}
+    native = len(shape) == 1
+    bad = _first_inconsistent(n, failed, tok_off, tgt_off, img_off, px_off, starts, img_len, grids, native)
+    out: list[SampleData | str] = []
     for i in range(n):
         if i in failed:
             out.append(failed[i])
             continue
         t0, t1 = tok_off[i], tok_off[i + 1]
         g0, g1 = tgt_off[i], tgt_off[i + 1]
-        if g1 != g0 and g1 - g0 != t1 - t0:
+        if i == bad and g1 != g0 and g1 - g0 != t1 - t0:
             raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {i}: targets do not match its tokens")
         unit = SampleData(
             input_ids=ids[t0:t1],
@@ -128,11 +130,38 @@ def decode_load_reply(reply: protocol.LoadReply, frames: Sequence[Any]) -> list[
             image_grid=grids[img_off[i]:img_off[i + 1]],
             targets=targets[g0:g1] if g1 != g0 else None,
         )
-        problem = _unit_problem(unit, len(shape) == 1)
-        if problem:
-            raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {i}: {problem}")
+        if i == bad:
+            raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {i}: {_unit_problem(unit, native)}")
         out.append(unit)
     return out
+
+
+def _first_inconsistent(n: int, failed: dict[int, str], tok_off: np.ndarray, tgt_off: np.ndarray,
+                        img_off: np.ndarray, px_off: np.ndarray, starts: np.ndarray, img_len: np.ndarray,
+                        grids: np.ndarray, native: bool) -> int | None:
+    """The first unit (not a failed one) that is inconsistent in itself, or None: its targets are
+    neither absent nor one per token, or :func:`_unit_problem` finds something. The checks of
+    ``_unit_problem``, for every unit of the reply at once; the offsets are already checked."""
+    if n == 0:
+        return None
+    tokens = np.diff(tok_off)
+    own = np.diff(tgt_off)
+    images = np.diff(img_off)
+    owner = np.repeat(np.arange(n), images)  # the unit of each image
+    if native:  # each unit's patches: its images' grids' products, summed in int64 as _unit_problem does
+        per_image = np.zeros(len(grids) + 1, np.int64)
+        np.cumsum(np.prod(grids, axis=1, dtype=np.int64), out=per_image[1:])
+        rows = per_image[img_off[1:]] - per_image[img_off[:-1]]
+    else:
+        rows = images
+    ends = starts.astype(np.int64) + img_len
+    image_bad = (starts < 0) | (img_len < 0) | (ends > tokens[owner])
+    bad = (((own != 0) & (own != tokens)) | (np.diff(px_off) != rows)
+           | (np.bincount(owner, weights=image_bad, minlength=n) > 0))
+    if failed:
+        bad[[i for i in failed if 0 <= i < n]] = False
+    hits = np.flatnonzero(bad)
+    return int(hits[0]) if hits.size else None
 
 
 def _unit_problem(unit: SampleData, native: bool) -> str | None:

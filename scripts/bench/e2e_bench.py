@@ -60,7 +60,7 @@ class Lengths:
 
 FULL = Lengths(free=8, cal=14, main=24, shift=30, sweep=12, warm=4, tail=2, tries=4, sim_steps=2 * (MAX_DELAY_STEPS + 1),
                run_timeout_s=1800)
-QUICK = Lengths(free=2, cal=6, main=4, shift=6, sweep=3, warm=2, tail=2, tries=2, sim_steps=MAX_DELAY_STEPS + 1,
+QUICK = Lengths(free=4, cal=8, main=8, shift=6, sweep=3, warm=2, tail=2, tries=2, sim_steps=MAX_DELAY_STEPS + 1,
                 run_timeout_s=400)
 TINY = Lengths(free=2, cal=5, main=5, shift=6, sweep=3, warm=1, tail=2, tries=1, sim_steps=2, run_timeout_s=150)
 
@@ -155,6 +155,9 @@ def print_run(label: str, run: dict) -> None:
           f"{m['by_group_mb']}", flush=True)
     if run["pools_at_end"]:
         print(f"  source-loader pools at the end: {run['pools_at_end']}", flush=True)
+    if (c := run.get("constructor_cpu")) is not None:
+        print(f"  constructors ({c['constructors']}): {c['process_ms_per_step']} ms of CPU per delivered step, "
+              f"{c['main_thread_ms_per_step']} ms of it on their main threads", flush=True)
     for p in run["phases"]:
         eff = "  -  " if p["efficiency"] is None else f"{p['efficiency']:.3f}"
         print(f"  {p['phase']:>5s}: {p['steps_per_s']:6.3f} steps/s {p['tokens_per_s']:8.0f} tok/s  eff {eff}  "
@@ -166,7 +169,7 @@ def print_run(label: str, run: dict) -> None:
 
 def side_view(run: dict) -> dict:
     out = {k: run[k] for k in ("ready_s", "first_step_s", "wall_s", "cpu_total_s", "cpu_by_group_s", "memory",
-                               "pools_at_end")}
+                               "pools_at_end", "constructor_cpu")}
     out["phases"] = [{k: (round(v, 4) if k == "step_s" else v) for k, v in p.items() if k != "mean_max_rank_cost"}
                      for p in run["phases"]]
     return out
@@ -192,6 +195,8 @@ def _sweep_point(sources: int, ranks: int, runs: dict) -> dict:
                      "loading_processes": run["memory"]["loading_processes"],
                      "cpu_s_per_mtok": p["cpu_s_per_mtok"], "first_step_s": run["first_step_s"],
                      "other_cores_busy": p["other_cores_busy"]}
+        if run.get("constructor_cpu") is not None:
+            out[side]["constructor_cpu"] = run["constructor_cpu"]
     b, f = out.get("baseline", {}), out.get("fabric", {})
     held = b.get("memory_mb", b.get("memory_mb_at_stop"))  # stopped for memory: what it held then, a lower bound
     out["memory_ratio"] = round(held / f["memory_mb"], 3) if held and f.get("memory_mb") else None

@@ -173,10 +173,15 @@ class LoadingProcesses:
         self.procs: dict[int, psutil.Process] = {}
         self.cpu_last: dict[int, float] = {}
         self.cpu_base: dict[int, float] = {}  # at the start, for processes that existed then
+        # constructors' main threads alone (their ZeroMQ I/O threads run beside them): what bounds
+        # the steps/s one constructor can build is its main thread's CPU per step
+        self.main_last: dict[int, float] = {}
+        self.main_base: dict[int, float] = {}
         self.refreshed = 0.0
         self.refresh()
         self.cpu()
         self.cpu_base = dict(self.cpu_last)
+        self.main_base = dict(self.main_last)
 
     def refresh(self) -> None:
         self.refreshed = time.monotonic()
@@ -202,9 +207,24 @@ class LoadingProcesses:
             try:
                 t = p.cpu_times()
                 self.cpu_last[pid] = t.user + t.system
+                if self.groups.get(pid) == "constructors":
+                    main = next((th for th in p.threads() if th.id == pid), None)
+                    if main is not None:
+                        self.main_last[pid] = main.user_time + main.system_time
             except psutil.NoSuchProcess:
                 pass
         return float(sum(self.cpu_last.values()))
+
+    def constructor_cpu(self, steps: int) -> dict[str, float] | None:
+        """The constructors' CPU per delivered step, in ms: their processes' and their main
+        threads' (every constructor together; None without constructors or steps)."""
+        procs = [pid for pid, g in self.groups.items() if g == "constructors" and pid in self.cpu_last]
+        if not procs or steps <= 0:
+            return None
+        process = sum(self.cpu_last[pid] - self.cpu_base.get(pid, 0.0) for pid in procs)
+        main = sum(self.main_last.get(pid, 0.0) - self.main_base.get(pid, 0.0) for pid in procs)
+        return {"constructors": len(procs), "process_ms_per_step": round(1000 * process / steps, 1),
+                "main_thread_ms_per_step": round(1000 * main / steps, 1)}
 
     def alive(self, group: str) -> int:
         """Processes of ``group`` running now (as of the last refresh: a fabric's loader pools
@@ -424,6 +444,7 @@ def run_side(side: str, *, ctx: Any, args: RankArgs, driver: Driver, steps: int,
             if g != "trainers":
                 memory["by_group_mb"][g] = round(memory["by_group_mb"].get(g, 0.0) + v / 2**20, 1)
         cpu_groups = loading.cpu_by_group()
+        constructor_cpu = loading.constructor_cpu(end)
         if cluster is not None:
             fabric.status = cluster.status(cluster.leader(timeout=10)) or {}
         stats, step_end = ctl.stat_array(), np.frombuffer(ctl.step_end, np.float64).copy()
@@ -443,7 +464,8 @@ def run_side(side: str, *, ctx: Any, args: RankArgs, driver: Driver, steps: int,
     for role in ((fabric.status if fabric else {}).get("jobs", {}).get("e2e", {}).get("roles", [])):
         if role.get("kind") == "source_loader" and role.get("alive"):
             pools[role["source"]] = pools.get(role["source"], 0) + 1
-    return {"side": side, "pools_at_end": pools, "cpu_by_group_s": cpu_groups, "ready_s": round(ready_s, 1), "first_step_s": round(float(step_end[0] - loaders_at), 1),
+    return {"side": side, "pools_at_end": pools, "cpu_by_group_s": cpu_groups, "constructor_cpu": constructor_cpu,
+            "ready_s": round(ready_s, 1), "first_step_s": round(float(step_end[0] - loaders_at), 1),
             "wall_s": round(time.monotonic() - started, 1), "cpu_total_s": round(float(cpu[end - 1] - cpu_start), 1),
             "phases": phases, "memory": memory, "stats": stats[:, :end], "step_end": step_end[:end],
             "driver": driver}

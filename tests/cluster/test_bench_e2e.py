@@ -102,6 +102,11 @@ def test_tiny_mode_reports_every_key_with_numbers_the_configuration_implies(tmp_
     groups = result["sides"]["fabric"]["memory"]["by_group_mb"]
     assert {"daemon", "source_loaders", "constructors"} <= set(groups)
     assert set(result["sides"]["baseline"]["memory"]["by_group_mb"]) == {"workers"}
+    # the constructor's CPU per delivered step, its main thread's part of it apart (the baseline has none)
+    built = result["sides"]["fabric"]["constructor_cpu"]
+    assert built["constructors"] == 1
+    assert 0 < built["main_thread_ms_per_step"] <= built["process_ms_per_step"]
+    assert result["sides"]["baseline"]["constructor_cpu"] is None
 
     # nothing it started outlived it
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(work) in " ".join(p.info["cmdline"] or ())]

@@ -253,3 +253,57 @@ def test_a_spawned_rank_gives_its_dataloader_workers_the_interpreters_default_st
     default = multiprocessing.get_all_start_methods()[0]
     assert before == "spawn"  # what a spawned process inherits: the bug this guards against
     assert chosen == after == default
+
+
+def test_constructor_cpu_counts_its_main_thread_apart_from_its_other_threads(tmp_path):
+    """``LoadingProcesses.constructor_cpu``: a constructor's CPU per step, and the part its main
+    thread spent (what bounds the steps/s one constructor builds; ZeroMQ's I/O thread runs beside
+    it). A process named like a constructor burns ~0.3 s on a second thread, then ~0.3 s on its
+    main thread."""
+    import subprocess
+    import time
+
+    import psutil
+    from e2e_run import LoadingProcesses
+
+    from fabricd.localnode import kill_processes
+
+    go, done = tmp_path / "go", tmp_path / "done"
+    script = (
+        "import os, threading, time\n"
+        "from fabricd.roles.base import set_process_name\n"
+        "set_process_name('fd-constructor')\n"
+        "def burn(s):\n"
+        "    end = time.thread_time() + s\n"
+        "    while time.thread_time() < end: pass\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        "t = threading.Thread(target=burn, args=(0.3,)); t.start(); t.join()\n"
+        "burn(0.3)\n"
+        f"open({str(done)!r}, 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               f"p = subprocess.Popen([sys.executable, '-c', {script!r}]); time.sleep(60)"],
+                              stdin=subprocess.DEVNULL)
+    root = psutil.Process(parent.pid)
+    try:
+        deadline = time.monotonic() + 30
+        while not [c for c in root.children() if c.name() == "fd-constructor"]:
+            assert time.monotonic() < deadline, "the child did not name itself"
+            time.sleep(0.01)
+        lp = LoadingProcesses([], [parent.pid])
+        assert lp.constructor_cpu(10)["constructors"] == 1
+        go.write_text("")
+        while not done.exists():
+            assert time.monotonic() < deadline, "the child did not burn its CPU"
+            time.sleep(0.01)
+        lp.cpu()
+        got = lp.constructor_cpu(10)  # ms per step over 10 steps
+        assert 45 <= got["process_ms_per_step"] <= 90, got
+        assert 20 <= got["main_thread_ms_per_step"] <= 45, got
+        assert got["main_thread_ms_per_step"] < got["process_ms_per_step"] - 20, got
+        assert lp.constructor_cpu(0) is None
+        assert LoadingProcesses([], []).constructor_cpu(10) is None
+    finally:
+        kill_processes(root.children(recursive=True) + [root], timeout=10)
+        parent.wait(timeout=10)

@@ -417,3 +417,75 @@ def test_inconsistent_unit_is_malformed_at_decode(case: str) -> None:
         unit = SampleData(unit.input_ids, np.array([25], np.int32), unit.pixels, unit.image_lengths, unit.image_grid)
     msg, payload = protocol.decode(encode_load_reply(_request(1), [unit], images))
     _malformed(msg, payload)
+
+
+def _first_problem_per_unit(msg: protocol.LoadReply, payload: list) -> str | None:
+    """The per-unit rule the decoder vectorizes, one unit at a time: the message of the first
+    unit (not a failed one) whose targets or images are inconsistent, or None."""
+    from fabricd.roles.sample_wire import _unit_problem
+    b = [np.frombuffer(f, t) for f, t in zip(payload, (np.int32, np.int64, np.int32, np.int64, np.uint8, np.int64,
+                                                        np.int32, np.int32, np.int32, np.int64))]
+    ids, tok, starts, img, px, pxo, lens, grids, tg, tgo = b
+    native = len(msg.pixel_shape) == 1
+    px = px.reshape(-1, *msg.pixel_shape)
+    grids = grids.reshape(-1, 3)
+    failed = {int(i) for i, _ in msg.errors}
+    for i in range(msg.count):
+        if i in failed:
+            continue
+        if tgo[i + 1] != tgo[i] and tgo[i + 1] - tgo[i] != tok[i + 1] - tok[i]:
+            return f"load_reply unit {i}: targets do not match its tokens"
+        unit = SampleData(ids[tok[i]:tok[i + 1]], starts[img[i]:img[i + 1]], px[pxo[i]:pxo[i + 1]],
+                          lens[img[i]:img[i + 1]], grids[img[i]:img[i + 1]])
+        if (problem := _unit_problem(unit, native)) is not None:
+            return f"load_reply unit {i}: {problem}"
+    return None
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_inconsistent_units_found_as_one_at_a_time(native: bool) -> None:
+    """The decoder checks every unit of a reply at once; it refuses exactly the replies, and
+    names exactly the unit and the problem, that checking one unit at a time does: random
+    replies with failed slots, whose starts, lengths, grids, targets and pixel rows are pushed
+    out of shape one field at a time (the frames stay well-formed)."""
+    rng = np.random.default_rng(11 + native)
+    images = NATIVE if native else FIXED
+    seen = {"refused": 0, "decoded": 0}
+    for _ in range(400):
+        n = int(rng.integers(1, 6))
+        results = []
+        for i in range(n):
+            if rng.random() < 0.2:
+                results.append(SampleError("src-b", i, "unreadable"))
+            elif native:
+                results.append(_native_unit(rng, 40, [(2, 2 * int(rng.integers(1, 4)))] * int(rng.integers(0, 3)),
+                                            targets=bool(rng.random() < 0.5)))
+            else:
+                k = int(rng.integers(0, 3))
+                results.append(_fixed_unit(rng, 30, sorted(rng.choice(20, k, replace=False).tolist()),
+                                           targets=bool(rng.random() < 0.5)))
+        msg, payload = protocol.decode(encode_load_reply(_request(n), results, images))
+        payload = [bytearray(bytes(memoryview(f))) for f in payload]
+        field = int(rng.choice([2, 6, 7, 9, 5]))  # starts, lengths, grids, target offsets, pixel offsets
+        arr = np.frombuffer(payload[field], np.int32 if field in (2, 6, 7) else np.int64)
+        if arr.size and rng.random() < 0.8:
+            arr = arr.copy()
+            j = int(rng.integers(0, arr.size))
+            if field in (5, 9):  # an interior offset only, so the offsets stay in order and in bounds
+                if 0 < j < arr.size - 1:
+                    arr[j] = int(rng.integers(arr[j - 1], arr[j + 1] + 1))
+            else:
+                arr[j] = int(rng.integers(-3, 45))
+            payload[field] = bytearray(arr.tobytes())
+        payload = [bytes(f) for f in payload]
+        want = _first_problem_per_unit(msg, payload)
+        try:
+            decode_load_reply(msg, payload)
+        except ProtocolError as e:
+            assert e.code == protocol.ErrorCode.MALFORMED
+            assert want is not None and e.reason == want, (e.reason, want)
+            seen["refused"] += 1
+        else:
+            assert want is None
+            seen["decoded"] += 1
+    assert seen["refused"] > 50 and seen["decoded"] > 50, seen
