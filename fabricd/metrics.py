@@ -100,6 +100,10 @@ SOURCE_FAILED = _spec("fabricd_source_units_failed", "Units this daemon's source
                       COUNTER, "job", "source")
 SOURCE_BUSY = _spec("fabricd_source_busy_seconds", "Seconds this daemon's source loaders spent serving requests.",
                     COUNTER, "job", "source")
+CONSTRUCTOR_BUSY = _spec("fabricd_constructor_busy_seconds",
+                        "Seconds a data constructor of this daemon spent working, not waiting on its sockets "
+                        "(rate() near 1: its one thread is the limit; lower ranks_per_constructor).",
+                        COUNTER, "job", "role")
 # trainers
 TRAINER_BATCHES = _spec("fabricd_trainer_batches_delivered",
                         "Micro-batches this daemon's constructors sent to a trainer (trainer = dpD/mpM).",

@@ -22,7 +22,7 @@ import psutil
 
 from .cluster.autoscale import pool_bounds
 from .metrics import (
-    BALANCE, BALANCE_BOUND, DROPPED, IN_TOUCH, IS_LEADER, LEADER_CHANGES, LEASE_EVENTS, LEASE_TERM, LOCAL_ROLES_UP,
+    BALANCE, BALANCE_BOUND, CONSTRUCTOR_BUSY, DROPPED, IN_TOUCH, IS_LEADER, LEADER_CHANGES, LEASE_EVENTS, LEASE_TERM, LOCAL_ROLES_UP,
     LOG_COMMIT, LOG_LAST, PLAN_CACHE, PLAN_STEP, POOL_TARGET, POOL_WORKERS, PROGRESS_FLOOR, REPLICA_LAG, ROLE_CPU, ROLE_PSS, ROLE_RESTARTS,
     ROLE_RSS, ROLES, SKIP_REPORTS, SKIPPED_UNITS, SKIPS_RECORDED, SOURCE_BUSY, SOURCE_FAILED, SOURCE_IN_FLIGHT,
     SOURCE_QUEUED, SOURCE_UNITS, STALE_TERM, TRAINER_BATCHES, TRAINER_WAIT, FabricMetrics, Readings,
@@ -53,6 +53,7 @@ def feed_role_stats(metrics: FabricMetrics, role: RoleProcess) -> None:
         socket = "loader"
     else:
         metrics.feed(SKIPPED_UNITS, source, (job,), st.skipped_units)
+        metrics.feed(CONSTRUCTOR_BUSY, source, (job, role.role_id), st.busy_s)
         for dp, mp, sent, wait_s in st.delivered:
             metrics.feed(TRAINER_BATCHES, source, (job, trainer_label(dp, mp)), sent)
             metrics.feed(TRAINER_WAIT, source, (job, trainer_label(dp, mp)), wait_s)

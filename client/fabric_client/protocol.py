@@ -390,8 +390,9 @@ class TrainerPosition(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
     """A role process's heartbeat counters. Every role sends the fields it keeps (constructors:
-    builds and delivery; source loaders: requests, units, busy seconds); the rest stay at their
-    defaults. Counters a newer role adds are ignored by an older daemon, never an error."""
+    builds, delivery and busy seconds; source loaders: requests, units, busy seconds); the rest
+    stay at their defaults. Counters a newer role adds are ignored by an older daemon, never an
+    error."""
 
     # constructors
     ranks: Bounded(DpRank, MAX_DP_SIZE) = []
@@ -436,6 +437,8 @@ class RoleCounters(msgspec.Struct, frozen=True, omit_defaults=True):
     requests: Count = 0
     units: Count = 0
     failed_units: Count = 0
+    #: source loaders: seconds spent serving requests; constructors: seconds their loop spent not
+    #: waiting on its sockets (building, packing, sending)
     busy_s: Seconds = 0.0
     # every role
     malformed: Count = 0

@@ -173,10 +173,14 @@ class Constructor:
 
     def run(self, stop: StopFlag) -> None:
         log.info("constructor %s for ranks %s serving on %s", self.args.role_id, self.ranks, self.link.endpoint)
+        started, waited = time.monotonic(), 0.0  # waited: in poll, with nothing to do
         while not stop.should_stop():
             now = time.monotonic()
+            # busy_s: the loop's time not waiting on its sockets. One thread packs, encodes and
+            # sends every batch of its ranks: near 1 s per second, it is the job's limit
             self.link.beat(lambda: {**self.stats, **self.delivery.stats(), "builds": len(self.builds),
-                                    "load_queues": self._load_queues(), **self._loader_links()})
+                                    "load_queues": self._load_queues(), **self._loader_links(),
+                                    "busy_s": round(max(0.0, now - started - waited), 3)})
             if now >= self.next_pools:
                 self.next_pools = now + POOLS_REFRESH_S
                 self.link.send(protocol.PoolsRequest(job=self.spec.name))
@@ -188,7 +192,10 @@ class Constructor:
             self._chase_skips(now)
             self._dispatch(now)
             self.delivery.pump(self._lookup)
-            for sock in dict(self.poller.poll(20)):
+            polled = time.monotonic()
+            ready = dict(self.poller.poll(20))
+            waited += time.monotonic() - polled
+            for sock in ready:
                 self._on_readable(sock)
 
     def close(self) -> None:

@@ -61,6 +61,7 @@ def consume(address: str, dp_rank: int, dp_size: int) -> tuple[int, int, float]:
 @pytest.mark.timeout(180)
 def test_scrape_of_a_daemon_serving_a_job(tmp_path, tiny_corpus, local_daemon):
     job_file = write_job(tmp_path / "job.toml", tiny_corpus, dp_size=2)
+    submitted = time.monotonic()
     submit(local_daemon, job_file)
     got = {d: consume(local_daemon.address, d, 2) for d in range(2)}
     sock = keyed_dealer("node", "test")  # two malformed messages: dropped, counted per reason
@@ -127,6 +128,9 @@ def test_scrape_of_a_daemon_serving_a_job(tmp_path, tiny_corpus, local_daemon):
         assert 0 < value(m, "fabricd_role_proportional_memory_bytes", **labels) \
             <= value(m, "fabricd_role_resident_memory_bytes", **labels)
         assert value(m, "fabricd_role_cpu_seconds", **labels) > 0
+        if r["kind"] == "constructor":  # its loop's time not waiting on its sockets: some, far from all of it
+            busy = value(m, "fabricd_constructor_busy_seconds", job="t", role=r["id"])
+            assert 0 < busy < 0.5 * (time.monotonic() - submitted), busy
     assert value(m, "fabricd_role_cpu_seconds", job="", role="daemon", kind="daemon") > 0
 
     # lease, log, planning

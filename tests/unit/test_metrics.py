@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fabric_client import protocol
 from fabricd.metrics import (
-    CATALOGUE, COUNTER, DROPPED, SOURCE_UNITS, TRAINER_BATCHES, TRAINER_WAIT, UNROUTABLE_REPLY, CounterFeed,
+    CATALOGUE, CONSTRUCTOR_BUSY, COUNTER, DROPPED, SOURCE_UNITS, TRAINER_BATCHES, TRAINER_WAIT, UNROUTABLE_REPLY, CounterFeed,
     FabricMetrics,
 )
 from fabricd.metrics_reading import feed_role_stats
@@ -109,13 +109,16 @@ def _role(kind: str, pid: int, **stats) -> RoleProcess:
 
 def test_role_stats_feed_trainers_sources_and_drops_across_a_restart():
     m = FabricMetrics("a", "0")
-    feed_role_stats(m, _role("constructor", 10, delivered=[(0, 0, 4, 0.5), (1, 0, 3, 0.25)], malformed=1))
-    feed_role_stats(m, _role("constructor", 10, delivered=[(0, 0, 6, 0.75), (1, 0, 3, 0.25)], malformed=1))
-    feed_role_stats(m, _role("constructor", 11, delivered=[(0, 0, 2, 0.5)]))  # restarted: counts from 0
+    feed_role_stats(m, _role("constructor", 10, delivered=[(0, 0, 4, 0.5), (1, 0, 3, 0.25)], malformed=1,
+                             busy_s=2.0))
+    feed_role_stats(m, _role("constructor", 10, delivered=[(0, 0, 6, 0.75), (1, 0, 3, 0.25)], malformed=1,
+                             busy_s=2.5))
+    feed_role_stats(m, _role("constructor", 11, delivered=[(0, 0, 2, 0.5)], busy_s=0.25))  # restarted: counts from 0
     feed_role_stats(m, _role("source_loader", 12, source="s", units=40, busy_s=1.0, forbidden=2))
     assert m.feeds[TRAINER_BATCHES].totals == {("j", "dp0/mp0"): 8, ("j", "dp1/mp0"): 3}
     assert m.feeds[TRAINER_WAIT].totals == {("j", "dp0/mp0"): 1.25, ("j", "dp1/mp0"): 0.25}
     assert m.feeds[SOURCE_UNITS].totals == {("j", "s"): 40}
+    assert m.feeds[CONSTRUCTOR_BUSY].totals == {("j", "j/constructor/0"): 2.75}  # the loaders' busy time is not in it
     assert m.feeds[DROPPED].totals == {("stream", "malformed"): 1, ("stream", "forbidden"): 0,
                                        ("loader", "malformed"): 0, ("loader", "forbidden"): 2}
     assert all(spec.kind == COUNTER for spec in m.feeds)
