@@ -67,6 +67,9 @@ class Rates:
     batches: float | None = None
     units: float | None = None
     tokens: float | None = None
+    #: the busiest constructor's share of the interval spent working (its ``busy_s``), in percent:
+    #: one thread builds every batch of its ranks, so near 100 it is the job's limit
+    constructor_busy_pct: float | None = None
 
 
 @dataclass(frozen=True)
@@ -117,13 +120,13 @@ def role_telemetry(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def counter_delta(now: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]], roles: list[str],
-                  key: str) -> int:
+                  key: str) -> float:
     """How much counter ``key`` grew over ``roles`` between two telemetry maps; a role whose
     counter went down restarted and counts from zero."""
-    total = 0
+    total = 0.0
     for rid in roles:
-        cur = int(now.get(rid, {}).get(key, 0))
-        old = int(before.get(rid, {}).get(key, 0))
+        cur = float(now.get(rid, {}).get(key, 0))
+        old = float(before.get(rid, {}).get(key, 0))
         total += cur - old if cur >= old else cur
     return total
 
@@ -169,9 +172,12 @@ def job_view(name: str, job: dict[str, Any], tel: dict[str, dict[str, Any]],
                f"constructors={topo.get('constructors', '-')}  fingerprint={job.get('fingerprint') or '-'}")
     if job.get("error"):
         summary += f"  error: {job['error']}"
+    busy = [counter_delta(tel, before, [c], "busy_s") for c in constructors if c in tel]
+    busiest = _rate(100.0 * max(busy), ok_dt) if busy else None  # heartbeats lag the snapshot: capped at 100
     rates = Rates(batches=_rate(counter_delta(tel, before, constructors, "batches_sent"), ok_dt),
                   units=_rate(counter_delta(tel, before, [r["id"] for r in loaders], "units"), ok_dt),
-                  tokens=_rate(counter_delta(tel, before, constructors, "tokens_sent"), ok_dt))
+                  tokens=_rate(counter_delta(tel, before, constructors, "tokens_sent"), ok_dt),
+                  constructor_busy_pct=None if busiest is None else min(100.0, busiest))
     balance = list((job.get("planning") or {}).get("balance", []))
     return JobView(name=name, summary=summary, pools=pools, trainers=trainers[:TRAINER_ROWS],
                    trainers_hidden=max(0, len(trainers) - TRAINER_ROWS), floor=int(job.get("progress_floor") or 0),
@@ -233,8 +239,10 @@ def _members_table(status: dict[str, Any]) -> Table:
 def _job_tables(view: JobView) -> RenderableType:
     parts: list[RenderableType] = [Text.assemble((f"job {view.name}", "bold cyan"), f"  {view.summary}")]
     r = view.rates
-    parts.append(Text(f"  rates: {_num(r.batches)} batches/s  {_num(r.units)} units/s  "
-                      f"{_num(r.tokens, '{:,.0f}')} tokens/s"))
+    busy = r.constructor_busy_pct
+    parts.append(Text.assemble(f"  rates: {_num(r.batches)} batches/s  {_num(r.units)} units/s  "
+                               f"{_num(r.tokens, '{:,.0f}')} tokens/s  busiest constructor ",
+                               (f"{_num(busy, '{:.0f}')}% busy", "bold red" if busy is not None and busy >= 90 else "")))
     pools = Table(title="pools", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
     for col in ("source", "workers", "queue", "units", "units/s"):
         pools.add_column(col, justify="left" if col == "source" else "right")

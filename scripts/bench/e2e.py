@@ -76,11 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fabric-nice", type=int, default=0, choices=range(0, 20), metavar="N",
                     help="run the fabric's daemon (and so its roles) at niceness N, as systemd/fabricd.service does "
                          "with Nice=5 (default 0: the same as the trainers and the baseline's workers)")
+    ap.add_argument("--ranks-per-constructor", type=int, default=8, metavar="N",
+                    help="the fabric's [topology] ranks_per_constructor (default 8, the job default: one constructor "
+                         "for a host's 8 ranks; on many cores, 4 or 2 share the batch building over more processes)")
     ap.add_argument("--sweep-sources", default=None, help="source counts (default 5,20,35; quick and tiny: 5,35)")
     ap.add_argument("--sweep-ranks", default=None, help="ranks per host (default RANKS,32; quick and tiny: RANKS)")
     ap.add_argument("--run-timeout", type=float, default=None, help="seconds one run may take (default: by mode)")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the runs' directories under this directory")
     args = ap.parse_args(argv)
+    if args.ranks_per_constructor < 1:
+        ap.error(f"--ranks-per-constructor {args.ranks_per_constructor}: must be at least 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # imported here: the ranks are spawned, and each re-imports this file as its main module
     from e2e_bench import FULL, QUICK, TINY, run_benchmark, summary_line
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ranks = [int(x) for x in (args.sweep_ranks or (str(args.ranks) if short else f"{args.ranks},32")).split(",")]
     cfg = BenchConfig(ranks=args.ranks, workers=args.workers, rank_tokens=args.rank_tokens,
                       compression=args.compression, local_ipc=not args.no_local_ipc,
-                      fabric_nice=args.fabric_nice)
+                      fabric_nice=args.fabric_nice, ranks_per_constructor=args.ranks_per_constructor)
     result = run_benchmark(L=L, mode="tiny" if args.tiny else "quick" if args.quick else "full",
                            corpus=args.corpus.absolute(), samples=args.samples, cfg=cfg, sweep_sources=sources,
                            sweep_ranks=ranks, workdir=args.workdir)

@@ -19,12 +19,12 @@ pytestmark = pytest.mark.unit
 
 
 def status_doc(*, units: int, batches: int, tokens: int, wait_s: float, step: int, cpu: float = 12.0,
-               term: int = 7) -> dict[str, Any]:
+               term: int = 7, busy_s: float = 0.0) -> dict[str, Any]:
     """A status document as ``build_status`` makes it (the fields top reads), for one job ``j``
     of two sources on two nodes: node ``a`` answered, ``b`` is known from its heartbeat."""
     loader = {"rss_mb": 90.0, "cpu_percent": 1.0, "units": units, "requests": 3, "busy_s": 0.5}
     constructor = {"rss_mb": 80.0, "cpu_percent": 2.0, "built_batches": batches, "batches_sent": batches,
-                   "tokens_sent": tokens, "load_queue": {"text": 3, "img": 0},
+                   "tokens_sent": tokens, "load_queue": {"text": 3, "img": 0}, "busy_s": busy_s,
                    "trainer_waits": [[0, 0, step, wait_s], [1, 0, step + 5, 0.0]]}
     tel_a = {"cpu_percent": cpu, "mem_used_percent": 41.0, "mem_available_mb": 2048, "roles": 2,
              "role_processes": {"j/loader/text/0": loader, "j/constructor/0": constructor}}
@@ -61,9 +61,12 @@ def line_with(frame: str, *words: str) -> str:
 
 
 def test_a_frame_shows_leader_members_pools_trainers_balance_and_rates() -> None:
-    before = Snapshot(at=1000.0, status=status_doc(units=100, batches=10, tokens=1_000, wait_s=1.0, step=40))
-    now = Snapshot(at=1002.0, status=status_doc(units=300, batches=50, tokens=9_000, wait_s=2.0, step=42))
+    before = Snapshot(at=1000.0, status=status_doc(units=100, batches=10, tokens=1_000, wait_s=1.0, step=40,
+                                                   busy_s=3.0))
+    now = Snapshot(at=1002.0, status=status_doc(units=300, batches=50, tokens=9_000, wait_s=2.0, step=42,
+                                                busy_s=4.5))
     frame = text(render(now, before))
+    assert "busiest constructor 75% busy" in frame  # 1.5 s of the last 2 s working
     assert "leader b" in frame and "term 7" in frame and "answered by a" in frame
     assert line_with(frame, "a ", "alive").split()[2] == "12"  # its own, current telemetry, not the beat's 99
     assert line_with(frame, "b ", "alive leader").split()[3] == "88"
@@ -81,10 +84,30 @@ def test_a_frame_shows_leader_members_pools_trainers_balance_and_rates() -> None
 def test_the_first_frame_has_no_rates_and_a_restarted_role_counts_from_zero() -> None:
     only = Snapshot(at=5.0, status=status_doc(units=100, batches=10, tokens=10, wait_s=0.0, step=3))
     frame = text(render(only, None))
-    assert "rates: - batches/s  - units/s  - tokens/s" in frame
+    assert "rates: - batches/s  - units/s  - tokens/s  busiest constructor -% busy" in frame
     old = {"r": {"units": 500}, "s": {"units": 10}}
     new = {"r": {"units": 20}, "s": {"units": 15}, "t": {"units": 4}}  # r restarted, t is new
     assert counter_delta(new, old, ["r", "s", "t"], "units") == 20 + 5 + 4
+
+
+def test_the_busiest_constructor_is_shown_and_flagged_near_its_limit() -> None:
+    def tel(busy: dict[str, float]) -> dict[str, Any]:
+        doc = status_doc(units=1, batches=1, tokens=1, wait_s=0.0, step=3)
+        roles = doc["jobs"]["j"]["roles"]
+        for c, b in busy.items():
+            doc["telemetry"]["role_processes"][c] = {"busy_s": b}
+            if c not in {r["id"] for r in roles}:
+                roles.append({"id": c, "kind": "constructor", "node": "a", "alive": True, "source": None})
+        return doc
+
+    before = Snapshot(at=10.0, status=tel({"j/constructor/0": 1.0, "j/constructor/1": 7.0}))
+    now = Snapshot(at=12.0, status=tel({"j/constructor/0": 1.5, "j/constructor/1": 0.9}))  # 1 restarted: 0.9 s
+    assert "busiest constructor 45% busy" in text(render(now, before))
+    now = Snapshot(at=12.0, status=tel({"j/constructor/0": 3.0, "j/constructor/1": 7.5}))  # 2 s of 2 s
+    view = job_view("j", now.status["jobs"]["j"], now.status["telemetry"]["role_processes"],
+                    before.status["telemetry"]["role_processes"], 2.0)
+    assert view.rates.constructor_busy_pct == 100.0
+    assert "busiest constructor 100% busy" in text(render(now, before))
 
 
 def test_unreachable_says_since_when_over_the_last_answer_and_clears_when_it_answers() -> None:
