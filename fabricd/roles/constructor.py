@@ -173,7 +173,7 @@ class Constructor:
 
     def run(self, stop: StopFlag) -> None:
         log.info("constructor %s for ranks %s serving on %s", self.args.role_id, self.ranks, self.link.endpoint)
-        started, waited = time.monotonic(), 0.0  # waited: in poll, with nothing to do
+        started, waited = time.monotonic(), 0.0  # waited: seconds spent in poll
         while not stop.should_stop():
             now = time.monotonic()
             # busy_s: the loop's time not waiting on its sockets. One thread packs, encodes and
