@@ -55,6 +55,7 @@ from .cluster.placement import (
     loader_prefix,
     nodes_by_host,
     place_roles,
+    pool_prefix,
     wanted_roles,
 )
 from .config import NodeConfig
@@ -404,13 +405,13 @@ class Leadership:
         if self._autoscaler is None or self._autoscaler[0] != self.cluster.leader_since:
             self._autoscaler = (self.cluster.leader_since, PoolAutoscaler())  # fresh each term
         state, members = self.cluster.state, self.cluster.members.members
-        # per pool (a loader's id less its worker number: ``loader_prefix``), its workers' counters
+        # per pool (``pool_prefix`` of a loader's id: its ``loader_prefix``), its workers' counters
         # and the cores the busiest used since its previous beat; one pass over the role processes
         counters: dict[str, dict[str, tuple[float, float]]] = {}
         busiest: dict[str, float] = {}
         for node in live:
             for rid, t in members[node].telemetry.role_processes.items():
-                prefix = rid.rsplit("/", 1)[0] + "/"
+                prefix = pool_prefix(rid)
                 counters.setdefault(prefix, {})[rid] = (float(t.units), float(t.busy_s))
                 busiest[prefix] = max(busiest.get(prefix, 0.0), t.cpu_percent / 100.0)
         cpus = sum(members[n].cpus for n in live)

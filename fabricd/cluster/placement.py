@@ -34,6 +34,7 @@ __all__ = [
     "local_changes",
     "nodes_by_host",
     "place_roles",
+    "pool_prefix",
     "wanted_roles",
 ]
 
@@ -49,6 +50,13 @@ def loader_id(job: str, source: str, worker: int) -> str:
 def loader_prefix(job: str, source: str) -> str:
     """What every role id of ``source``'s loader pool in ``job`` starts with."""
     return f"{job}/loader/{source}/"
+
+
+def pool_prefix(role_id: str) -> str:
+    """A role id less its last part: for a source loader, its pool's :func:`loader_prefix`
+    (``""`` for an id without one, which no pool has)."""
+    head, sep, _ = role_id.rpartition("/")
+    return head + sep
 
 
 def constructor_id(job: str, group: int, *, standby: bool = False) -> str:

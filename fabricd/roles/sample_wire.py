@@ -112,29 +112,25 @@ def decode_load_reply(reply: protocol.LoadReply, frames: Sequence[Any]) -> list[
         raise ProtocolError(protocol.ErrorCode.MALFORMED, "load_reply offsets do not match its frames")
     failed = {int(i): str(reason) for i, reason in reply.errors}
     native = len(shape) == 1
-    bad = _first_inconsistent(n, failed, tok_off, tgt_off, img_off, px_off, starts, img_len, grids, native)
-    out: list[SampleData | str] = []
-    for i in range(n):
-        if i in failed:
-            out.append(failed[i])
-            continue
-        t0, t1 = tok_off[i], tok_off[i + 1]
+
+    def unit(i: int) -> SampleData:
         g0, g1 = tgt_off[i], tgt_off[i + 1]
-        if i == bad and g1 != g0 and g1 - g0 != t1 - t0:
-            raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {i}: targets do not match its tokens")
-        unit = SampleData(
-            input_ids=ids[t0:t1],
+        return SampleData(
+            input_ids=ids[tok_off[i]:tok_off[i + 1]],
             image_starts=starts[img_off[i]:img_off[i + 1]],
             pixels=px[px_off[i]:px_off[i + 1]],
             image_lengths=img_len[img_off[i]:img_off[i + 1]],
             image_grid=grids[img_off[i]:img_off[i + 1]],
             targets=targets[g0:g1] if g1 != g0 else None,
         )
-        if i == bad:
-            raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {i}: {_unit_problem(unit, native)}")
-        out.append(unit)
-    return out
 
+    bad = _first_inconsistent(n, failed, tok_off, tgt_off, img_off, px_off, starts, img_len, grids, native)
+    if bad is not None:  # said as the per-unit check says it: the targets first, then the rest
+        own, tokens = tgt_off[bad + 1] - tgt_off[bad], tok_off[bad + 1] - tok_off[bad]
+        problem = ("targets do not match its tokens" if own and own != tokens
+                   else _unit_problem(unit(bad), native))
+        raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {bad}: {problem}")
+    return [failed[i] if i in failed else unit(i) for i in range(n)]
 
 def _first_inconsistent(n: int, failed: dict[int, str], tok_off: np.ndarray, tgt_off: np.ndarray,
                         img_off: np.ndarray, px_off: np.ndarray, starts: np.ndarray, img_len: np.ndarray,

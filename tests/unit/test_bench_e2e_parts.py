@@ -189,6 +189,15 @@ def test_settle_steps_counts_the_steps_until_waits_beyond_the_pre_shift_ones_sto
     assert settle_steps(shift, before, stats)["settle_steps"] == 9  # the 0.25 s wait at step 20 now counts
 
 
+def _wait(cond, deadline: float, what: str) -> None:
+    """Poll ``cond()`` until it is true; fail with ``what`` past ``deadline`` (monotonic)."""
+    import time
+
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def test_a_role_forked_before_it_names_itself_is_counted_in_its_kinds_group_once_named(tmp_path):
     """A role forked from the template is still ``fd-template`` for a moment: the harness must not
     leave its CPU and memory under ``roles_other`` for the rest of the run."""
@@ -215,16 +224,13 @@ def test_a_role_forked_before_it_names_itself_is_counted_in_its_kinds_group_once
     parent = psutil.Process(root.pid)
     try:
         deadline = time.monotonic() + 30
-        while not [c for c in parent.children() if c.name() == "fd-template"]:
-            assert time.monotonic() < deadline, "the forked child did not name itself"
-            time.sleep(0.01)
+        _wait(lambda: [c for c in parent.children() if c.name() == "fd-template"], deadline,
+              "the forked child did not name itself")
         (child,) = parent.children()
         lp = LoadingProcesses([], [root.pid])  # sees it first under its template name
         assert lp.groups[child.pid] == "roles_other"
         go.write_text("")
-        while child.name() != "fd-loader":
-            assert time.monotonic() < deadline, "the child did not rename itself"
-            time.sleep(0.01)
+        _wait(lambda: child.name() == "fd-loader", deadline, "the child did not rename itself")
         lp.refresh()
         assert lp.groups[child.pid] == "source_loaders"
     finally:
@@ -288,15 +294,12 @@ def test_constructor_cpu_counts_its_main_thread_apart_from_its_other_threads(tmp
     root = psutil.Process(parent.pid)
     try:
         deadline = time.monotonic() + 30
-        while not [c for c in root.children() if c.name() == "fd-constructor"]:
-            assert time.monotonic() < deadline, "the child did not name itself"
-            time.sleep(0.01)
+        _wait(lambda: [c for c in root.children() if c.name() == "fd-constructor"], deadline,
+              "the child did not name itself")
         lp = LoadingProcesses([], [parent.pid])
         assert lp.constructor_cpu(10)["constructors"] == 1
         go.write_text("")
-        while not done.exists():
-            assert time.monotonic() < deadline, "the child did not burn its CPU"
-            time.sleep(0.01)
+        _wait(done.exists, deadline, "the child did not burn its CPU")
         lp.cpu()
         got = lp.constructor_cpu(10)  # ms per step over 10 steps
         assert 45 <= got["process_ms_per_step"] <= 90, got

@@ -73,6 +73,16 @@ def test_placement_counts_roles_per_core_when_every_daemon_reports_its_cores(tmp
         place_roles(wants, live=["a", "b"], current={}, load={})
 
 
+def test_pool_prefix_is_the_pool_of_a_loader_and_no_pool_of_anything_else():
+    from fabricd.cluster.placement import constructor_id, loader_id, loader_prefix, pool_prefix
+
+    for job, source in (("t", "captions"), ("job-a", "s_1")):
+        assert pool_prefix(loader_id(job, source, 12)) == loader_prefix(job, source)
+    pools = {loader_prefix("t", s) for s in ("captions", "code")}
+    for rid in (constructor_id("t", 0), constructor_id("t", 3, standby=True), "daemon", ""):
+        assert pool_prefix(rid) not in pools
+
+
 def test_placement_prefers_constructor_nodes_of_the_job(tmp_path):
     spec = _spec(tmp_path, dp_size=2, extra="")
     spec = spec.__class__(**{**spec.__dict__, "topology": spec.topology.__class__(
