@@ -65,7 +65,7 @@ from .plan_changes import checked, describe_change, plan_segments, spec_at, weig
 from .plan_control import PlanChangeRefused, changeable_from, check_plan_change
 from .online_mixing import ONLINE_ORIGIN, OnlineMixer
 from .planner.online import OdmState
-from .spec_bounds import MAX_ROLES_PER_DAEMON
+from .spec_bounds import role_slots
 
 __all__ = ["PROGRESS_EVERY_S", "MAX_PENDING_SKIPS", "Leadership"]
 
@@ -415,7 +415,7 @@ class Leadership:
                 counters.setdefault(prefix, {})[rid] = (float(t.units), float(t.busy_s))
                 busiest[prefix] = max(busiest.get(prefix, 0.0), t.cpu_percent / 100.0)
         cpus = sum(members[n].cpus for n in live)
-        spare_roles = sum(max(0, MAX_ROLES_PER_DAEMON - members[n].telemetry.roles) for n in live)
+        spare_roles = sum(max(0, role_slots(members[n].cpus) - members[n].telemetry.roles) for n in live)
         readings = []
         for name, job in self._ready_jobs():
             auto = job.spec.autoscale

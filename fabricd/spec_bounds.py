@@ -24,7 +24,9 @@ bound                                  value                   applies to
 ``MAX_WORKERS_PER_SOURCE``             256                     ``sources[].workers``, ``autoscale.max_workers``
 ``MAX_MIXTURE_POINTS``                 4,096                   number of ``[[mixture.points]]``
 ``fabric_client.limits.MAX_STEP``      2^40                    ``mixture.points[].step``
-``MAX_ROLES_PER_DAEMON``               64                      roles a job needs ÷ daemons (checked at submit)
+``MAX_ROLES_PER_DAEMON``               64                      roles a job needs ÷ daemons (checked at submit);
+                                                               a daemon's role slots for pool growth, or its
+                                                               cores where more (:func:`role_slots`)
 =====================================  ======================  =============================================
 
 The roles a job needs are its data constructors (``ceil(dp_size / ranks_per_constructor)``,
@@ -59,9 +61,11 @@ __all__ = [
     "MAX_WORKERS_PER_SOURCE",
     "MAX_MIXTURE_POINTS",
     "MAX_ROLES_PER_DAEMON",
+    "MAX_ROLE_SLOTS",
     "MIN_PERIOD_S",
     "MAX_PERIOD_S",
     "roles_needed",
+    "role_slots",
 ]
 
 #: Largest job spec text, in bytes (the spec is stored in the log and on every daemon).
@@ -89,10 +93,20 @@ MAX_WORKERS_PER_SOURCE = 256
 MAX_MIXTURE_POINTS = 4096
 #: Most role processes a job may need per daemon of the cluster it is submitted to.
 MAX_ROLES_PER_DAEMON = 64
+#: Most role processes the autoscaler fills a daemon to, however many cores it reports.
+MAX_ROLE_SLOTS = 1024
 #: Shortest heartbeat or lease period a node config may set, in seconds.
 MIN_PERIOD_S = 0.01
 #: Longest heartbeat or lease period a node config may set, in seconds.
 MAX_PERIOD_S = 3600.0
+
+
+def role_slots(cpus: int) -> int:
+    """Role processes the autoscaler may grow a daemon's pools to: ``MAX_ROLES_PER_DAEMON``, or
+    one per core on a node with more (at most ``MAX_ROLE_SLOTS``). A fixed 64 would keep loaders
+    off most of a 192-core node's cores, where per-rank DataLoaders (8 ranks x 16 workers) run
+    128 processes. ``cpus``: what the daemon reports (0 when it does not)."""
+    return max(MAX_ROLES_PER_DAEMON, min(int(cpus), MAX_ROLE_SLOTS))
 
 
 def roles_needed(*, dp_size: int, ranks_per_constructor: int, loader_workers: list[int], standby: bool) -> int:

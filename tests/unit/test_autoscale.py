@@ -12,7 +12,7 @@ from fabricd.cluster.placement import loader_id
 from fabricd.cluster.telemetry import NodeTelemetry, RoleProcessTelemetry
 from fabricd.config import load_job_spec
 from fabricd.planner import MixtureSchedule
-from fabricd.spec_bounds import MAX_ROLES_PER_DAEMON, MAX_WORKERS_PER_SOURCE
+from fabricd.spec_bounds import MAX_ROLE_SLOTS, MAX_ROLES_PER_DAEMON, MAX_WORKERS_PER_SOURCE, role_slots
 
 from ..conftest import write_job
 
@@ -188,6 +188,12 @@ def test_pools_growing_together_share_the_spare_cores_in_turn():
     assert grown == {("a", "x"): 3, ("a", "y"): 2, ("b", "x"): 2}, grown
 
 
+def test_a_daemon_has_a_role_slot_per_core_when_it_has_more_cores_than_the_fixed_bound():
+    assert role_slots(0) == role_slots(16) == MAX_ROLES_PER_DAEMON  # unreported, or fewer cores
+    assert role_slots(192) == 192
+    assert role_slots(10**9) == MAX_ROLE_SLOTS  # a beat's count never lets pools grow without bound
+
+
 def test_the_default_cap_is_the_clusters_cores_when_they_are_more_than_4_x_the_base(tmp_path):
     spec = load_job_spec(write_job(tmp_path / "j.toml", tmp_path))
     assert pool_bounds(spec, "captions", 2, cpus=6) == (2, 8)
@@ -245,6 +251,10 @@ def test_the_leader_reads_cores_cpu_and_roles_from_the_heartbeats(tmp_path, tiny
     seen.clear()
     beat(6.0, 30.0, mem=95.0)
     assert all(x.spare_cpus == 0.0 and not x.headroom for x in seen)  # the only node is over the memory guard
+    seen.clear()
+    me.cpus = 128  # a big node: a slot per core, not MAX_ROLES_PER_DAEMON
+    beat(7.0, 30.0)
+    assert seen and all(x.spare_roles == 128 - 60 for x in seen)
     seen.clear()
     me.cpus = 0  # a daemon of an older release: no cores in its beat
     beat(8.0, 30.0)
