@@ -541,6 +541,78 @@ done:
     return ret;
 }
 
+/* ------------------------------------------------------------------------- rows by rank, micro */
+
+/* The plan's final row order: a stable counting sort of the rows by (rank, micro), i.e.
+ * stable_order(rank * M + micro), and the sorted rank and micro columns, written run by run
+ * instead of gathered. ``counts``: scratch of G * M slots. */
+static void group_order(const int32_t *rank, const int32_t *micro, Py_ssize_t n, Py_ssize_t M, Py_ssize_t *counts,
+                        Py_ssize_t buckets, int64_t *order, int32_t *rank_out, int32_t *micro_out) {
+    memset(counts, 0, sizeof(Py_ssize_t) * (size_t)buckets);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        counts[(Py_ssize_t)rank[i] * M + micro[i]]++;
+    }
+    Py_ssize_t sum = 0;
+    for (Py_ssize_t b = 0; b < buckets; b++) {
+        Py_ssize_t c = counts[b];
+        int32_t r = (int32_t)(b / M), m = (int32_t)(b % M);
+        for (Py_ssize_t j = sum; j < sum + c; j++) {
+            rank_out[j] = r;
+            micro_out[j] = m;
+        }
+        counts[b] = sum;
+        sum += c;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        order[counts[(Py_ssize_t)rank[i] * M + micro[i]]++] = i;
+    }
+}
+
+static PyObject *py_group_order(PyObject *self, PyObject *args) {
+    PyObject *r_obj, *m_obj, *o_obj, *ro_obj, *mo_obj;
+    Py_ssize_t G, M;
+    if (!PyArg_ParseTuple(args, "OOnnOOO", &r_obj, &m_obj, &G, &M, &o_obj, &ro_obj, &mo_obj)) {
+        return NULL;
+    }
+    if (G < 1 || M < 1 || G > (Py_ssize_t)1 << 31 || M > (Py_ssize_t)1 << 31 || G > ((Py_ssize_t)1 << 40) / M) {
+        PyErr_SetString(PyExc_ValueError, "group_order: G and M must be >= 1 and G * M at most 2**40");
+        return NULL;
+    }
+    Buf r = {0}, m = {0}, o = {0}, ro = {0}, mo = {0};
+    PyObject *ret = NULL;
+    Py_ssize_t *counts = NULL;
+    if (get_buf(r_obj, &r, 4, 'i', 0, "rank") < 0 || get_buf(m_obj, &m, 4, 'i', 0, "micro") < 0 ||
+        get_buf(o_obj, &o, 8, 'i', 1, "order") < 0 || get_buf(ro_obj, &ro, 4, 'i', 1, "rank_out") < 0 ||
+        get_buf(mo_obj, &mo, 4, 'i', 1, "micro_out") < 0) {
+        goto done;
+    }
+    Py_ssize_t n = LEN(r);
+    if (check_len(&m, n, "micro") < 0 || check_len(&o, n, "order") < 0 || check_len(&ro, n, "rank_out") < 0 ||
+        check_len(&mo, n, "micro_out") < 0) {
+        goto done;
+    }
+    const int32_t *rv = r.view.buf, *mv = m.view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (rv[i] < 0 || rv[i] >= G || mv[i] < 0 || mv[i] >= M) {
+            PyErr_SetString(PyExc_ValueError, "group_order: ranks must lie in [0, G) and micro-batches in [0, M)");
+            goto done;
+        }
+    }
+    counts = malloc(sizeof(Py_ssize_t) * (size_t)(G * M));
+    if (counts == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    group_order(rv, mv, n, M, counts, G * M, o.view.buf, ro.view.buf, mo.view.buf);
+    Py_END_ALLOW_THREADS
+    ret = none_or_nomem(0);
+done:
+    free(counts);
+    release_all(5, &r, &m, &o, &ro, &mo);
+    return ret;
+}
+
 /* ------------------------------------------------------------------------------- Feistel */
 
 static inline uint64_t mix64(uint64_t z) {
@@ -944,6 +1016,9 @@ static PyMethodDef methods[] = {
     {"pack_grouped", py_pack_grouped, METH_VARARGS,
      "pack_grouped(group int64[n], tokens int64[n], costs float64[n], by_cost int64[n], G, cap, micro int32[n], "
      "num int32[G]): balance.py's pack_micro_batches_grouped after its checks"},
+    {"group_order", py_group_order, METH_VARARGS,
+     "group_order(rank int32[n], micro int32[n], G, M, order int64[n], rank_out int32[n], micro_out int32[n]): "
+     "balance.py's rows_by_rank_and_micro"},
     {"feistel", py_feistel, METH_VARARGS,
      "feistel(x uint64[m], keys uint64[6] | uint64[6, m], bits, n): sequence.py's Feistel bijection, in place"},
     {"seq_sum", py_seq_sum, METH_VARARGS, "seq_sum(x float64[n]) -> float: compose.py's _seq_sum"},

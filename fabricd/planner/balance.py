@@ -283,6 +283,34 @@ def balance(costs: np.ndarray, num_bins: int, method: str = "lpt", *, order: np.
 
 # --------------------------------------------------------------------------- micro-batches
 
+#: Most (rank, micro-batch) pairs ``rows_by_rank_and_micro`` counts in one pass in C (a counter
+#: each: 32 MiB); past it, radix passes (``stable_order``).
+_GROUP_ORDER_MAX_BUCKETS = 1 << 22
+
+
+def rows_by_rank_and_micro(rank: np.ndarray, micro: np.ndarray, num_ranks: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                         np.ndarray]:
+    """A plan's final row order, by rank, then micro-batch, then row (``np.lexsort((micro,
+    rank))``, int64), and the rank and micro-batch columns in that order (int32). Ranks lie in
+    ``[0, num_ranks)``, micro-batches are >= 0. In C: one counting sort, the two columns written
+    run by run rather than gathered."""
+    r = np.ascontiguousarray(rank, dtype=np.int32)
+    m = np.ascontiguousarray(micro, dtype=np.int32)
+    if r.shape != m.shape or r.ndim != 1:
+        raise ValueError(f"rank and micro must be 1-d and of one length, got {r.shape} and {m.shape}")
+    if not r.size:
+        return np.zeros(0, np.int64), r.copy(), m.copy()
+    if int(r.min()) < 0 or int(r.max()) >= num_ranks or int(m.min()) < 0:
+        raise ValueError(f"ranks must lie in [0, {num_ranks}) and micro-batches be >= 0")
+    M = int(m.max()) + 1
+    if native.module is not None and num_ranks * M <= _GROUP_ORDER_MAX_BUCKETS:
+        order = np.empty(r.size, dtype=np.int64)
+        r_out, m_out = np.empty_like(r), np.empty_like(m)
+        native.module.group_order(r, m, int(num_ranks), M, order, r_out, m_out)
+        return order, r_out, m_out
+    order = stable_order(r.astype(np.int64) * M + m)  # M > every micro: the key orders by (rank, micro)
+    return order, r[order], m[order]
+
 
 def stable_order(*keys: np.ndarray) -> np.ndarray:
     """``np.lexsort(keys)`` (the last key primary, ties by index) for keys of non-negative

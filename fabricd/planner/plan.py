@@ -14,7 +14,7 @@ import numpy as np
 
 from fabricd.errors import PlanError
 from fabricd.planner.balance import (BALANCERS, balance, descending_rank, pack_micro_batches_grouped,
-                                     stable_order)
+                                     rows_by_rank_and_micro, stable_order)
 from fabricd.planner.compose import (COMPOSE_MODES, MAX_DELAY_STEPS, check_dp_history, compose_window,
                                      composition_dp, split_by_step, step_dtype, window_bounds)
 from fabricd.planner.cost import CostModel
@@ -267,14 +267,13 @@ class Planner:
         rank = balance(cost, dp, self.method, order=by_cost)
         micro, num_micro = pack_micro_batches_grouped(rank, dp, tokens, cost, self.micro_batch_tokens,
                                                       by_cost=by_cost)
-        # = np.lexsort((np.arange(n), micro, rank)), by radix over one key (one pass up to 2**16)
-        order = stable_order(rank.astype(np.int64) * (int(num_micro.max()) + 1) + micro)
+        order, rank, micro = rows_by_rank_and_micro(rank, micro, dp)  # = np.lexsort((micro, rank))
         row = row[order]
         return StepPlan(
             step=int(step),
             dp_size=dp,
-            rank=rank[order].astype(np.int32, copy=False),
-            micro=micro[order].astype(np.int32, copy=False),
+            rank=rank,
+            micro=micro,
             source=self._unit_source[row].astype(np.int32),
             sample_id=self._sample_id[row],
             piece=self._piece[row],

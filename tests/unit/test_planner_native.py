@@ -9,12 +9,14 @@ token counts), many and few groups, and each branch of the numpy code.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from fabricd.planner import native
-from fabricd.planner.balance import _lpt_rounds, balance, pack_micro_batches_grouped, stable_order
+from fabricd.planner.balance import (_lpt_rounds, balance, pack_micro_batches_grouped, rows_by_rank_and_micro,
+                                     stable_order)
 
 pytestmark = pytest.mark.unit
 
@@ -62,6 +64,29 @@ def test_stable_order_equals_lexsort(monkeypatch: pytest.MonkeyPatch, n: int) ->
         assert _equal(fast, ref)
     with pytest.raises(ValueError):
         stable_order(np.array([3, -1]))
+
+
+@pytest.mark.parametrize("n,ranks,micros", [(0, 1, 1), (1, 1, 1), (50, 3, 1), (5000, 64, 4), (70_000, 4096, 3),
+                                             (3000, 7, 200)])
+def test_rows_by_rank_and_micro_equal_lexsort(monkeypatch: pytest.MonkeyPatch, n: int, ranks: int, micros: int) -> None:
+    """The plan's final order and columns: C's counting sort, the radix passes past its bucket
+    cap, and numpy's lexsort all agree (ties, i.e. rows of one micro-batch, stay in row order)."""
+    rng = np.random.default_rng(n + ranks)
+    rank = rng.integers(0, ranks, n).astype(np.int32)
+    micro = rng.integers(0, micros, n).astype(np.int32)
+    want = np.lexsort((micro, rank))
+    fast, ref = _both(monkeypatch, rows_by_rank_and_micro, rank, micro, ranks)
+    with monkeypatch.context() as m:
+        m.setattr(sys.modules["fabricd.planner.balance"], "_GROUP_ORDER_MAX_BUCKETS", 1)  # the C module present, the buckets too many
+        capped = rows_by_rank_and_micro(rank, micro, ranks)
+    for got in (fast, ref, capped):
+        order, r, mi = got
+        assert order.dtype == np.int64 and r.dtype == mi.dtype == np.int32
+        assert np.array_equal(order, want) and np.array_equal(r, rank[want]) and np.array_equal(mi, micro[want])
+    with pytest.raises(ValueError, match="ranks must lie"):
+        rows_by_rank_and_micro(np.array([0, 3], np.int32), np.zeros(2, np.int32), 3)
+    with pytest.raises(ValueError, match="ranks must lie"):
+        rows_by_rank_and_micro(np.array([0, 1], np.int32), np.array([0, -1], np.int32), 3)
 
 
 def test_stable_order_of_a_2d_key_is_numpys(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,3 +260,12 @@ def test_the_c_loops_refuse_arrays_of_the_wrong_kind_or_length() -> None:
         m.split_by_step(np.full(n, 3, np.uint8), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(3, np.int64))
     with pytest.raises(ValueError, match="contiguous"):
         m.seq_sum(np.ones((4, 4))[:, 0])
+    with pytest.raises(ValueError, match="ranks must lie"):
+        m.group_order(np.full(n, 2, np.int32), np.zeros(n, np.int32), 2, 1, np.empty(n, np.int64),
+                      np.empty(n, np.int32), np.empty(n, np.int32))
+    with pytest.raises(ValueError, match="expected 10 items"):
+        m.group_order(np.zeros(n, np.int32), np.zeros(n, np.int32), 2, 1, np.empty(n, np.int64),
+                      np.empty(n - 1, np.int32), np.empty(n, np.int32))
+    with pytest.raises(ValueError, match="G and M"):
+        m.group_order(np.zeros(n, np.int32), np.zeros(n, np.int32), 0, 1, np.empty(n, np.int64),
+                      np.empty(n, np.int32), np.empty(n, np.int32))
