@@ -116,12 +116,14 @@ def _refine(costs: np.ndarray, bins: np.ndarray, k: int, rounds: int = _REFINE_R
         return bins
     bins = bins.copy()
     n = costs.size
+    loads = np.bincount(bins, weights=costs, minlength=k)
     # Exactly rounded (fsum over the per-bin sums): no platform-dependent reduction order.
-    mean = math.fsum(np.bincount(bins, weights=costs, minlength=k).tolist()) / k
+    mean = math.fsum(loads.tolist()) / k
     # No assignment can beat this; stop once within a hair of it.
     good_enough = max(mean, float(costs.max())) * (1.0 + _REFINE_TOLERANCE)
-    for _ in range(rounds):
-        loads = np.bincount(bins, weights=costs, minlength=k)
+    for r in range(rounds):
+        if r:
+            loads = np.bincount(bins, weights=costs, minlength=k)
         if float(loads.max()) <= good_enough:
             break
         cnt = np.bincount(bins, minlength=k)
