@@ -3,7 +3,8 @@
 Parsing a spec (:mod:`fabricd.config`) checks the spec alone. Admission checks what needs the
 cluster or the filesystem, cheaply enough to run in the daemon's request loop:
 
-* the roles the job needs fit the cluster: at most ``MAX_ROLES_PER_DAEMON`` per daemon
+* the roles the job needs fit the cluster: at most ``MAX_ROLES_PER_DAEMON`` per daemon, or one
+  per core on a daemon that reported more cores
   (:func:`fabricd.spec_bounds.roles_needed`);
 * every source path resolves inside the node's ``data_roots`` (:mod:`fabricd.sources.roots`),
   before anything else about it is looked at; the refusal names the path and the roots;
@@ -28,14 +29,14 @@ failed) or just report on it (it is indexing or serving).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .config import JobSpec, NodeConfig
 from .errors import ConfigError
 from .sources.formats import BY_EXTENSION, REGISTRY
 from .sources.roots import outside_roots
-from .spec_bounds import MAX_ROLES_PER_DAEMON, roles_needed
+from .spec_bounds import MAX_ROLES_PER_DAEMON, role_slots, roles_needed
 
 __all__ = ["SUBMIT_SCAN_ENTRIES", "SUBMIT_CHECKED_FILES", "check_submission", "check_roles", "check_sources",
            "check_data_file", "check_tokenizer", "is_retry"]
@@ -48,9 +49,10 @@ _MAX_FILES_PER_SOURCE = 16
 _MIN_ENTRIES_PER_SOURCE = 200
 
 
-def check_submission(spec: JobSpec, cfg: NodeConfig) -> None:
-    """Everything admission checks (see the module docstring). Raises ConfigError."""
-    check_roles(spec, cfg)
+def check_submission(spec: JobSpec, cfg: NodeConfig, cores: Mapping[str, int] | None = None) -> None:
+    """Everything admission checks (see the module docstring). Raises ConfigError. ``cores``: the
+    logical CPUs each daemon reported (node id → count; see :func:`check_roles`)."""
+    check_roles(spec, cfg, cores)
     check_sources(spec, roots=cfg.data_roots)
     check_tokenizer(spec, roots=cfg.data_roots)
 
@@ -70,20 +72,25 @@ def check_tokenizer(spec: JobSpec, roots: Sequence[Path] | None = None) -> None:
         raise ConfigError(spec.file, key, str(tok.path), f"tokenizer: {problem}")
 
 
-def check_roles(spec: JobSpec, cfg: NodeConfig) -> None:
-    """Refuse a job needing more than ``MAX_ROLES_PER_DAEMON`` roles per daemon of this cluster."""
+def check_roles(spec: JobSpec, cfg: NodeConfig, cores: Mapping[str, int] | None = None) -> None:
+    """Refuse a job needing more role processes than the cluster's daemons have slots: each
+    ``MAX_ROLES_PER_DAEMON``, or one per core where its heartbeat reported more cores
+    (:func:`~fabricd.spec_bounds.role_slots`; ``cores``: node id → logical CPUs, 0 or absent when
+    not reported)."""
     daemons = len(cfg.cluster.peers)
     topo = spec.topology
     workers = [s.workers or cfg.loader_workers for s in spec.sources]
     need = roles_needed(dp_size=topo.dp_size, ranks_per_constructor=topo.ranks_per_constructor,
                         loader_workers=workers, standby=daemons > 1)
-    allowed = MAX_ROLES_PER_DAEMON * daemons
+    cores = cores or {}
+    allowed = sum(role_slots(cores.get(p.node_id, 0)) for p in cfg.cluster.peers)
     if need > allowed:
         raise ConfigError(spec.file, "topology.dp_size", topo.dp_size,
                           f"the job needs {need} role processes ({need - sum(workers)} data constructors for "
                           f"ranks_per_constructor = {topo.ranks_per_constructor}, {sum(workers)} source-loader "
                           f"workers) but {daemons} daemon(s) run at most MAX_ROLES_PER_DAEMON "
-                          f"({MAX_ROLES_PER_DAEMON}) each ({allowed}); raise ranks_per_constructor or add daemons")
+                          f"({MAX_ROLES_PER_DAEMON}) each, or one per core where they have more ({allowed} "
+                          f"in all); raise ranks_per_constructor or add daemons")
 
 
 def check_sources(spec: JobSpec, roots: Sequence[Path] | None = None) -> None:

@@ -24,9 +24,9 @@ bound                                  value                   applies to
 ``MAX_WORKERS_PER_SOURCE``             256                     ``sources[].workers``, ``autoscale.max_workers``
 ``MAX_MIXTURE_POINTS``                 4,096                   number of ``[[mixture.points]]``
 ``fabric_client.limits.MAX_STEP``      2^40                    ``mixture.points[].step``
-``MAX_ROLES_PER_DAEMON``               64                      roles a job needs ÷ daemons (checked at submit);
-                                                               a daemon's role slots for pool growth, or its
-                                                               cores where more (:func:`role_slots`)
+``MAX_ROLES_PER_DAEMON``               64                      a daemon's role slots (what a job needs at submit,
+                                                               what pools grow to), or its cores where more
+                                                               (:func:`role_slots`)
 =====================================  ======================  =============================================
 
 The roles a job needs are its data constructors (``ceil(dp_size / ranks_per_constructor)``,
@@ -102,8 +102,8 @@ MAX_PERIOD_S = 3600.0
 
 
 def role_slots(cpus: int) -> int:
-    """Role processes the autoscaler may grow a daemon's pools to: ``MAX_ROLES_PER_DAEMON``, or
-    one per core on a node with more (at most ``MAX_ROLE_SLOTS``). A fixed 64 would keep loaders
+    """Role processes a daemon has room for, at submit and when pools grow: ``MAX_ROLES_PER_DAEMON``,
+    or one per core on a node with more (at most ``MAX_ROLE_SLOTS``). A fixed 64 would keep loaders
     off most of a 192-core node's cores, where per-rank DataLoaders (8 ranks x 16 workers) run
     128 processes. ``cpus``: what the daemon reports (0 when it does not)."""
     return max(MAX_ROLES_PER_DAEMON, min(int(cpus), MAX_ROLE_SLOTS))

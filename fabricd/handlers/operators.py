@@ -42,7 +42,8 @@ def submit(daemon: Daemon, _identity: bytes, msg: protocol.SubmitJob, _payload: 
     if not daemon.cluster.is_leader(now):
         return daemon.not_leader()
     try:
-        check_submission(spec, daemon.cfg)  # roles per daemon, source paths and formats
+        cores = {node: view.cpus for node, view in daemon.cluster.members.members.items()}
+        check_submission(spec, daemon.cfg, cores)  # roles per daemon (or core), source paths and formats
     except ConfigError as e:
         return protocol.ErrorReply(code=protocol.ErrorCode.INVALID_SPEC, reason=str(e))
     current = daemon.cluster.state.jobs.get(spec.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from fabric_client import protocol
 from fabric_client.errors import RemoteError
 from fabricd.localnode import LocalDaemon
+from fabricd.spec_bounds import role_slots
 
 from ..conftest import one_source_job
 
@@ -80,3 +82,20 @@ def test_submit_outside_data_roots_is_refused_and_escaping_images_are_skipped(tm
     delivered = {sid for _, _, units, _ in records for _, sid, _ in units}
     assert delivered and not delivered & bad
     assert sum(b.skipped for b in want.values()) > 0
+
+
+@pytest.mark.timeout(120)
+def test_a_job_needing_more_roles_than_the_daemon_has_slots_is_refused(tmp_path):
+    """The leader counts its own reported cores: 64 slots here, or one per core on a bigger node."""
+    roots = tmp_path / "data"
+    jsonl_source(roots / "pages", png(tmp_path / "secret.png", shade=7))
+    slots = role_slots(os.cpu_count() or 0)
+    text = job_text(roots / "pages", "wide").replace("dp_size = 1", f"dp_size = {slots}") \
+        .replace("samples_per_step = 4", f"samples_per_step = {slots}")  # slots constructors and a loader
+    with LocalDaemon(tmp_path / "node", node_id="wide", data_roots=[roots]) as daemon:
+        with daemon.client() as client, pytest.raises(RemoteError) as info:
+            client.request(protocol.SubmitJob(spec_toml=text, spec_path=str(tmp_path / "wide.toml")))
+        assert info.value.code == "invalid_spec"
+        assert f"the job needs {slots + 1} role processes" in info.value.reason
+        assert f"({slots} in all)" in info.value.reason
+        assert "wide" not in daemon.status()["jobs"]

@@ -135,6 +135,23 @@ def test_check_roles_bound(tmp_path):
     check_roles(spec(tmp_path, data, dp_size=4096, rpc=64), three)  # a big job with sane grouping
 
 
+def test_check_roles_counts_a_slot_per_core_on_daemons_that_report_more_cores(tmp_path):
+    data = write_parquet(tmp_path / "a.parquet", ["x"])
+    one = node_cfg(tmp_path, peers=1, loader_workers=1)
+    node = one.cluster.peers[0].node_id
+    big = spec(tmp_path, data, dp_size=150)  # 150 constructors and a loader: more than 64 slots
+    with pytest.raises(ConfigError):
+        check_roles(big, one)  # no cores known: MAX_ROLES_PER_DAEMON
+    with pytest.raises(ConfigError):
+        check_roles(big, one, {node: 16})  # fewer cores than the fixed bound
+    check_roles(big, one, {node: 192})  # a 192-core node: 192 slots
+    with pytest.raises(ConfigError) as info:
+        check_roles(big, one, {node: 128})
+    assert "(128 in all)" in str(info.value)
+    with pytest.raises(ConfigError):
+        check_roles(big, one, {"another-node": 192})  # cores of a daemon outside this cluster count for nothing
+
+
 def test_is_retry():
     assert is_retry("failed")
     assert not is_retry("indexing") and not is_retry("ready") and not is_retry(None)
