@@ -121,9 +121,7 @@ def _refine(costs: np.ndarray, bins: np.ndarray, k: int, rounds: int = _REFINE_R
     mean = math.fsum(loads.tolist()) / k
     # No assignment can beat this; stop once within a hair of it.
     good_enough = max(mean, float(costs.max())) * (1.0 + _REFINE_TOLERANCE)
-    for r in range(rounds):
-        if r:
-            loads = np.bincount(bins, weights=costs, minlength=k)
+    for _ in range(rounds):
         if float(loads.max()) <= good_enough:
             break
         cnt = np.bincount(bins, minlength=k)
@@ -160,10 +158,11 @@ def _refine(costs: np.ndarray, bins: np.ndarray, k: int, rounds: int = _REFINE_R
         new = bins.copy()
         new[hi[hi >= 0]] = la[hi >= 0]
         new[li[li >= 0]] = ha[li >= 0]
-        new_max = float(np.bincount(new, weights=costs, minlength=k).max())
+        new_loads = np.bincount(new, weights=costs, minlength=k)
+        new_max = float(new_loads.max())
         if new_max > old_max:
             break
-        bins = new
+        bins, loads = new, new_loads
         if new_max == old_max and not (act & (heavy == asc[-1])).any():
             break
     return bins

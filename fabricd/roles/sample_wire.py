@@ -125,11 +125,8 @@ def decode_load_reply(reply: protocol.LoadReply, frames: Sequence[Any]) -> list[
         )
 
     bad = _first_inconsistent(n, failed, tok_off, tgt_off, img_off, px_off, starts, img_len, grids, native)
-    if bad is not None:  # said as the per-unit check says it: the targets first, then the rest
-        own, tokens = tgt_off[bad + 1] - tgt_off[bad], tok_off[bad + 1] - tok_off[bad]
-        problem = ("targets do not match its tokens" if own and own != tokens
-                   else _unit_problem(unit(bad), native))
-        raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {bad}: {problem}")
+    if bad is not None:  # said as the per-unit check says it
+        raise ProtocolError(protocol.ErrorCode.MALFORMED, f"load_reply unit {bad}: {_unit_problem(unit(bad), native)}")
     return [failed[i] if i in failed else unit(i) for i in range(n)]
 
 def _first_inconsistent(n: int, failed: dict[int, str], tok_off: np.ndarray, tgt_off: np.ndarray,
@@ -163,6 +160,8 @@ def _first_inconsistent(n: int, failed: dict[int, str], tok_off: np.ndarray, tgt
 def _unit_problem(unit: SampleData, native: bool) -> str | None:
     """Why one decoded unit is inconsistent in itself (what packing it would trip over), or None."""
     k, n = len(unit.image_starts), len(unit.input_ids)
+    if unit.targets is not None and len(unit.targets) != n:
+        return "targets do not match its tokens"
     rows = int(np.prod(unit.image_grid, axis=1, dtype=np.int64).sum()) if native else k
     if unit.pixels.shape[0] != rows:
         return f"{unit.pixels.shape[0]} pixel rows for {k} images ({rows} expected)"
